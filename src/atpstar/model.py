@@ -1,0 +1,168 @@
+"""The wrapped model: sizes, tokenizer, and layer-by-layer forward passes with a ``Run``.
+
+Shape letters: B batch, T positions, D d_model, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+
+from .errors import AtpstarError, InputError
+from .families import Family, embed, family_of, get_path, sizes_of
+from .nodes import Sizes
+from .runner import ACTIVE_RUN, Run, atpstar_attention
+
+ATTN_IMPLEMENTATION = "atpstar"
+
+
+class Model:
+    """A ``transformers`` causal LM prepared for patching and attribution.
+
+    Attributes:
+        hf_model: the underlying ``transformers`` model (never copied).
+        tokenizer: its tokenizer, or None.
+        model_id: a name for reports (hub id, folder or class name).
+        n_layers, n_heads, n_kv_heads, d_head, d_mlp, d_model: sizes.
+    """
+
+    def __init__(self, hf_model: Any, tokenizer: Any = None, model_id: str | None = None) -> None:
+        if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
+            raise InputError(f"expected a transformers causal LM (torch.nn.Module with .config); got {type(hf_model).__name__}")
+        self.family: Family = family_of(hf_model)
+        if hf_model.training:
+            hf_model.eval()
+            warnings.warn("atpstar: the model was in training mode; switched it to eval mode (dropout off)", stacklevel=3)
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.model_id = model_id or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
+        self.sizes: Sizes = sizes_of(hf_model.config)
+        base = get_path(hf_model, self.family.base)
+        self._layers = list(get_path(base, self.family.layers))
+        self._final_norm = get_path(base, self.family.final_norm)
+        self._rotary = get_path(base, self.family.rotary) if self.family.rotary else None
+        self._attention_modules = [get_path(layer, self.family.attention) for layer in self._layers]
+        self._mlp_out_modules = [get_path(layer, self.family.mlp_out) for layer in self._layers]
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_IMPLEMENTATION, atpstar_attention)
+
+    # Sizes -----------------------------------------------------------------------------------
+    n_layers = property(lambda self: self.sizes.n_layers)
+    n_heads = property(lambda self: self.sizes.n_heads)
+    n_kv_heads = property(lambda self: self.sizes.n_kv_heads)
+    d_head = property(lambda self: self.sizes.d_head)
+    d_mlp = property(lambda self: self.sizes.d_mlp)
+    d_model = property(lambda self: self.sizes.d_model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    def __repr__(self) -> str:
+        s = self.sizes
+        return (
+            f"Model({self.model_id!r}, family={self.family.name}, layers={s.n_layers}, heads={s.n_heads}, "
+            f"kv_heads={s.n_kv_heads}, d_head={s.d_head}, d_mlp={s.d_mlp}, dtype={self.dtype})"
+        )
+
+    # Checks ----------------------------------------------------------------------------------
+    def check_ready(self, tokens: torch.Tensor) -> None:
+        """Refuse a model in training mode or token ids it cannot embed."""
+        if self.hf_model.training:
+            raise InputError(
+                "the model is in training mode (dropout makes patching effects noise); call model.hf_model.eval()"
+            )
+        vocab = self.hf_model.get_input_embeddings().num_embeddings
+        if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+            raise InputError(f"token ids must lie in [0, {vocab}); got range [{int(tokens.min())}, {int(tokens.max())}]")
+        max_pos = getattr(self.hf_model.config, "max_position_embeddings", None) or getattr(self.hf_model.config, "n_positions", None)
+        if max_pos is not None and tokens.shape[-1] > max_pos:
+            raise InputError(f"prompts have {tokens.shape[-1]} tokens; the model takes at most {max_pos}")
+
+    # Forward passes --------------------------------------------------------------------------
+    @contextmanager
+    def engaged(self, run: Run) -> Iterator[None]:
+        """Route attention and MLP neurons through ``run``; restore everything afterwards, also on error."""
+        for layer, module in enumerate(self._attention_modules):
+            run.layer_of_attention[id(module)] = layer
+        config = self.hf_model.config
+        saved_impl = config._attn_implementation
+        saved_grad = [p.requires_grad for p in self.hf_model.parameters()]
+        handles = []
+        token = ACTIVE_RUN.set(run)
+        try:
+            config._attn_implementation = ATTN_IMPLEMENTATION
+            for p in self.hf_model.parameters():
+                p.requires_grad_(False)  # no parameter gradients, and autograd saves less
+            if "neuron" in run.record or run.patch is not None:
+                for layer, module in enumerate(self._mlp_out_modules):
+                    handles.append(module.register_forward_pre_hook(partial(_neuron_hook, layer, run)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, flag in zip(self.hf_model.parameters(), saved_grad):
+                p.requires_grad_(flag)
+            config._attn_implementation = saved_impl
+            ACTIVE_RUN.reset(token)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Residual stream entering layer 0: tokens [B, T] -> [B, T, D]."""
+        return embed(self.family, self.hf_model, tokens.to(self.device))
+
+    def run_layers(self, hidden: torch.Tensor, run: Run) -> torch.Tensor:
+        """Run layers ``run.start_layer``.. on hidden [B, T', D] at positions ``run.start_pos``..; -> [B, T', D]."""
+        n_pos = hidden.shape[1]
+        position_ids = torch.arange(run.start_pos, run.start_pos + n_pos, device=hidden.device)[None]
+        kwargs: dict[str, Any] = {"attention_mask": None}
+        if self._rotary is not None:
+            kwargs["position_ids"] = position_ids
+            kwargs["position_embeddings"] = self._rotary(hidden, position_ids)
+        if "resid_pre" in run.record:
+            run.records["resid_pre"] = [None] * (self.n_layers + 1)
+        with self.engaged(run):
+            for layer in range(run.start_layer, self.n_layers):
+                if "resid_pre" in run.record:
+                    run.records["resid_pre"][layer] = hidden
+                out = self._layers[layer](hidden, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                if run.drop_layer == layer:
+                    out = hidden + (out - hidden.to(out.device)).detach()
+                hidden = out
+        if "resid_pre" in run.record:
+            run.records["resid_pre"][self.n_layers] = hidden  # resid_post of the last layer
+        return hidden
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the final residual stream: [..., D] -> [..., V]."""
+        normed = self._final_norm(hidden)
+        head = self.hf_model.get_output_embeddings()
+        return head(normed.to(head.weight.device))
+
+    def logits(self, tokens: torch.Tensor, run: Run | None = None) -> torch.Tensor:
+        """All-position logits of a full forward pass: tokens [B, T] -> [B, T, V] (for checks)."""
+        run = run or Run(self.n_layers)
+        return self.unembed(self.run_layers(self.embed(tokens), run))
+
+
+def _neuron_hook(layer: int, run: Run, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (run.site(layer, "neuron", args[0]),) + tuple(args[1:])
+
+
+def as_model(model: Any) -> Model:
+    """Accept a ``Model`` or a raw ``transformers`` model."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return Model(model)
+    raise InputError(f"expected an atpstar.Model or a transformers model; got {type(model).__name__} (use atpstar.load_model)")
