@@ -1,0 +1,163 @@
+"""Exact activation patching: many patched nodes per forward, each forward started late.
+
+A patched forward for a node at layer l and position t starts at layer l from the cached base
+residual stream and computes only positions >= t0 (the smallest patched position in the batch):
+a causal model cannot change earlier positions, whose keys/values come from the cache. Only the
+last position goes through the unembedding (metrics are last-position).
+
+Shape letters: P pairs, B batch, L layers, H heads, K kv-heads, T positions, E d_head, D d_model, M d_mlp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cost import Cost
+from .model import Model
+from .pairs import PromptPairs
+from .runner import Run
+
+# The runner site each node type replaces.
+SITE_OF: dict[str, str] = {"neuron": "neuron", "query": "q", "key": "k", "value": "v", "head": "z"}
+
+
+@dataclass
+class PatchCache:
+    """Base-run state every patched forward starts from, and the source activations patched in.
+
+    Attributes:
+        resid: per layer, base residual stream entering it [P, T, D].
+        keys, values: per layer, base post-rotary keys/values [P, K, T, E].
+        source: node type -> per layer source activation ([P, H|K, T, E], or [P, T, M] for neurons).
+        base_metric: [P] metric of the unpatched base run.
+    """
+
+    resid: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    source: dict[str, list[torch.Tensor]]
+    base_metric: torch.Tensor
+    pairs: PromptPairs
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.base_metric.shape[0])
+
+
+def prepare(model: Model, pairs: PromptPairs, direction: str, node_types: list[str], cost: Cost) -> PatchCache:
+    """Run the base and source prompts once each and cache what patched forwards need (2P forwards)."""
+    base_tokens, source_tokens = pairs.base_and_source(direction)
+    with torch.inference_mode():
+        base_run = Run(model.n_layers, record=("resid_pre", "k", "v"))
+        final = model.run_layers(model.embed(base_tokens), base_run)
+        base_logits = model.unembed(final[:, -1])
+        base_metric = pairs.evaluate_metric(base_logits, torch.arange(pairs.n_pairs, device=base_logits.device))
+        sites = [SITE_OF[t] for t in node_types]
+        source_run = Run(model.n_layers, record=sites)
+        model.run_layers(model.embed(source_tokens), source_run)
+    cost.add_forward(2 * pairs.n_pairs)
+    source = {t: source_run.records[SITE_OF[t]] for t in node_types}
+    resid = base_run.records["resid_pre"][: model.n_layers]
+    return PatchCache(resid, base_run.records["k"], base_run.records["v"], source, base_metric, pairs)
+
+
+def metric_after(model: Model, cache: PatchCache, run: Run, pair_index: torch.Tensor) -> torch.Tensor:
+    """Metric change [B] of a patched forward described by ``run`` for base pairs ``pair_index`` [B]."""
+    layer, t0 = run.start_layer, run.start_pos
+    run.prefix_kv = {
+        l: (cache.keys[l][pair_index, :, :t0], cache.values[l][pair_index, :, :t0]) for l in range(layer, model.n_layers)
+    } if t0 > 0 else {}
+    hidden = cache.resid[layer][pair_index, t0:]  # [B, T', D]
+    final = model.run_layers(hidden, run)
+    logits = model.unembed(final[:, -1])  # [B, V]
+    return cache.pairs.evaluate_metric(logits, pair_index.to(logits.device)) - cache.base_metric[pair_index].to(logits.device)
+
+
+def patch_single_nodes(
+    model: Model,
+    cache: PatchCache,
+    node_type: str,
+    layer: int,
+    pair_index: torch.Tensor,
+    unit_index: torch.Tensor,
+    pos_index: torch.Tensor,
+    cost: Cost,
+) -> torch.Tensor:
+    """Effects [B] of patching one node per batch element, all at ``layer``.
+
+    Args:
+        pair_index: [B] the pair of each element.
+        unit_index: [B] head (query/head), kv head (key/value) or neuron index.
+        pos_index: [B] position.
+    """
+    site = SITE_OF[node_type]
+    t0 = int(pos_index.min())
+    source = cache.source[node_type][layer]
+    values = source[pair_index, pos_index, unit_index] if node_type == "neuron" else source[pair_index, unit_index, pos_index]
+    batch = torch.arange(pair_index.shape[0])
+    local_pos = pos_index - t0
+
+    def patch(at_layer: int, at_site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
+        if at_layer != layer or at_site != site:
+            return x
+        index = (batch, local_pos, unit_index) if node_type == "neuron" else (batch, unit_index, local_pos)
+        return x.index_put(tuple(i.to(x.device) for i in index), values.to(x.device, x.dtype))
+
+    run = Run(model.n_layers, patch=patch, start_layer=layer, start_pos=t0)
+    with torch.inference_mode():
+        effect = metric_after(model, cache, run, pair_index)
+    cost.add_forward(len(pair_index), start_layer=layer, n_layers=model.n_layers)
+    return effect
+
+
+def patch_masks(
+    model: Model, cache: PatchCache, masks: dict[str, torch.Tensor], pair_index: torch.Tensor, cost: Cost
+) -> torch.Tensor:
+    """Metric change [B] when every node set in ``masks`` is patched jointly, one node set per element.
+
+    Args:
+        masks: node type -> bool [B, *layout] (layouts as in ``nodes``); types may be omitted.
+        pair_index: [B] the pair each node set is patched on.
+    """
+    active = {t: m for t, m in masks.items() if bool(m.any())}
+    if not active:
+        return torch.zeros(len(pair_index), dtype=cache.base_metric.dtype)
+    layers = [int(torch.nonzero(m.transpose(0, 1).flatten(1).any(1))[0]) for m in active.values()]
+    start_layer = min(layers)
+    start_pos = min(_first_pos(t, m) for t, m in active.items())
+    by_site = {SITE_OF[t]: (t, m) for t, m in active.items()}
+
+    def patch(layer: int, site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
+        if site not in by_site:
+            return x
+        node_type, mask = by_site[site]
+        source = cache.source[node_type][layer][pair_index]
+        if node_type == "neuron":
+            chosen = mask[:, layer, start_pos:]  # [B, T', M]
+            return torch.where(chosen.to(x.device), source[:, start_pos:].to(x.device, x.dtype), x)
+        chosen = mask[:, layer, :, start_pos:, None]  # [B, H|K, T', 1]
+        return torch.where(chosen.to(x.device), source[:, :, start_pos:].to(x.device, x.dtype), x)
+
+    run = Run(model.n_layers, patch=patch, start_layer=start_layer, start_pos=start_pos)
+    with torch.inference_mode():
+        effect = metric_after(model, cache, run, pair_index)
+    cost.add_forward(len(pair_index), start_layer=start_layer, n_layers=model.n_layers)
+    return effect
+
+
+def _first_pos(node_type: str, mask: torch.Tensor) -> int:
+    """Smallest position set anywhere in a [B, *layout] mask."""
+    pos_dim = 2 if node_type == "neuron" else 3
+    other = [d for d in range(mask.ndim) if d != pos_dim]
+    return int(torch.nonzero(mask.permute(pos_dim, *other).flatten(1).any(1))[0])
+
+
+def element_bytes(model: Model, seq_len: int) -> int:
+    """Rough memory of one patched forward element (activations of one layer plus the KV prefix)."""
+    s = model.sizes
+    item = torch.finfo(model.dtype).bits // 8
+    per_layer = seq_len * (6 * s.d_model + 3 * s.d_mlp + 3 * s.n_heads * seq_len + 4 * s.n_heads * s.d_head)
+    prefix = 2 * s.n_layers * s.n_kv_heads * seq_len * s.d_head
+    return (per_layer + prefix) * item

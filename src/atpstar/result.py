@@ -1,0 +1,174 @@
+"""``Attribution``: per-node results of one method on one set of prompt pairs.
+
+Layouts per node type (see ``nodes``): ``per_pair[t]`` is [P, *layout], ``scores[t]`` is [*layout].
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .cost import Cost
+from .errors import InputError
+from .nodes import check_node_types, node_name
+
+FORMAT_VERSION = 1
+
+
+class RankedNode(NamedTuple):
+    node_type: str
+    index: tuple[int, ...]
+    name: str
+    score: float
+
+
+@dataclass
+class Attribution:
+    """What a method found, with everything needed to trust and reproduce it.
+
+    Attributes:
+        method: method id (e.g. ``"atp*"``).
+        options: the method's options as given.
+        direction: ``"noising"`` or ``"denoising"``.
+        metric: metric name.
+        model_id: the model it ran on.
+        per_pair: node type -> [P, *layout] signed per-pair effect or estimate.
+        scores: node type -> [*layout] aggregate over pairs used for ranking (by absolute value).
+        aggregation: how ``scores`` came from ``per_pair`` (``"mean"`` or ``"mean_abs"``).
+        cost: passes run.
+        extras: further tensors (e.g. Subsampling variances), keyed by ``"<name>/<node type>"``.
+        info: further facts (seeds, completeness, package version).
+    """
+
+    method: str
+    options: dict[str, Any]
+    direction: str
+    metric: str
+    model_id: str
+    per_pair: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor]
+    aggregation: str
+    cost: Cost
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def node_types(self) -> list[str]:
+        return list(self.scores)
+
+    @property
+    def n_pairs(self) -> int:
+        return int(next(iter(self.per_pair.values())).shape[0])
+
+    def order(self, node_types: list[str] | None = None, k: int | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Nodes by decreasing ``|scores|``: (types, type_index [N], flat_index [N]) into ``scores[types[i]].flatten()``.
+
+        Ties keep the order of node types and layout (stable sort), so rankings are reproducible.
+        """
+        types = self.node_types if node_types is None else check_node_types(node_types)
+        flat = torch.cat([self.scores[t].abs().flatten().double() for t in types])
+        type_index = torch.cat([torch.full((self.scores[t].numel(),), i) for i, t in enumerate(types)])
+        offsets = torch.cat([torch.arange(self.scores[t].numel()) for t in types])
+        ranked = torch.sort(flat, descending=True, stable=True).indices
+        if k is not None:
+            ranked = ranked[:k]
+        return types, type_index[ranked], offsets[ranked]
+
+    def top(self, k: int = 20, node_types: list[str] | None = None) -> list[RankedNode]:
+        """The k nodes with the largest ``|scores|`` across the node types, largest first."""
+        types, type_index, flat_index = self.order(node_types, k)
+        ranked = []
+        for type_i, position in zip(type_index.tolist(), flat_index.tolist()):
+            node_type = types[type_i]
+            shape = self.scores[node_type].shape
+            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(position), shape))
+            ranked.append(RankedNode(node_type, index, node_name(node_type, index), float(self.scores[node_type][index])))
+        return ranked
+
+    def to_rows(self, k: int | None = None) -> list[dict[str, Any]]:
+        """Tidy table: one row per node (top k, or all), with TransformerLens-style names."""
+        k = sum(s.numel() for s in self.scores.values()) if k is None else k
+        rows = []
+        for rank, node in enumerate(self.top(k), start=1):
+            row: dict[str, Any] = {"rank": rank, "name": node.name, "node_type": node.node_type}
+            keys = ("layer", "pos", "index") if node.node_type == "neuron" else ("layer", "head", "pos")
+            row.update(dict(zip(keys, node.index)))
+            row["score"] = node.score
+            rows.append(row)
+        return rows
+
+    def to_csv(self, path: str | Path, k: int | None = None) -> None:
+        rows = self.to_rows(k)
+        fields = ["rank", "name", "node_type", "layer", "head", "pos", "index", "score"]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path.safetensors`` (tensors) and ``path.json`` (everything else)."""
+        base = Path(path).with_suffix("")
+        tensors = {f"per_pair/{t}": v.contiguous() for t, v in self.per_pair.items()}
+        tensors.update({f"scores/{t}": v.contiguous() for t, v in self.scores.items()})
+        tensors.update({f"extras/{k}": v.contiguous() for k, v in self.extras.items()})
+        save_file(tensors, str(base) + ".safetensors")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "options": _jsonable(self.options),
+            "direction": self.direction,
+            "metric": self.metric,
+            "model_id": self.model_id,
+            "aggregation": self.aggregation,
+            "cost": self.cost.to_dict(),
+            "node_types": self.node_types,
+            "info": _jsonable(self.info),
+        }
+        Path(str(base) + ".json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Attribution:
+        base = Path(path).with_suffix("")
+        meta_path, tensor_path = Path(str(base) + ".json"), Path(str(base) + ".safetensors")
+        if not meta_path.exists() or not tensor_path.exists():
+            raise InputError(f"no saved attribution at {base}: need {meta_path.name} and {tensor_path.name}")
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(tensor_path))
+        per_pair = {t: tensors[f"per_pair/{t}"] for t in meta["node_types"]}
+        scores = {t: tensors[f"scores/{t}"] for t in meta["node_types"]}
+        extras = {k[len("extras/"):]: v for k, v in tensors.items() if k.startswith("extras/")}
+        return cls(
+            meta["method"], meta["options"], meta["direction"], meta["metric"], meta["model_id"], per_pair, scores,
+            meta["aggregation"], Cost.from_dict(meta["cost"]), extras, meta["info"],
+        )
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{t}: {list(v.shape)}" for t, v in self.per_pair.items())
+        return f"Attribution(method={self.method!r}, direction={self.direction!r}, metric={self.metric!r}, {shapes}, cost={self.cost})"
+
+
+def aggregate(per_pair: dict[str, torch.Tensor], aggregation: str) -> dict[str, torch.Tensor]:
+    """Scores from per-pair values: ``"mean"`` (signed, for exact effects) or ``"mean_abs"`` (estimates)."""
+    if aggregation == "mean":
+        return {t: v.mean(0) for t, v in per_pair.items()}
+    if aggregation == "mean_abs":
+        return {t: v.abs().mean(0) for t, v in per_pair.items()}
+    raise InputError(f"unknown aggregation {aggregation!r}; choose 'mean' or 'mean_abs'")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return repr(value)
