@@ -53,9 +53,10 @@ MIN_COUNTRIES = 2
 def cities(tokenizer: Any, n: int, seed: int = 0) -> PromptPairs:
     """City -> country prompt pairs with the logit-difference metric.
 
-    Filtering rule, per tokenizer: a fact is kept if its country with a leading space is one token
-    and its prompt has the most common token length among those facts (for BPE tokenizers these
-    are the single-token cities), so all prompts share one length. Each pair draws a clean fact and
+    Filtering rule, per tokenizer: a fact is kept if its country with a leading space is one known
+    token, its prompt has no unknown token, and its prompt has the most common token length among
+    those facts (ties: the shorter), so all prompts share one length. For SmolLM2 that keeps 44 of
+    88 facts (cities of two tokens at the start of a sentence). Each pair draws a clean fact and
     a noise fact of a different country, uniformly.
 
     Args:
@@ -92,17 +93,17 @@ def usable_facts(tokenizer: Any) -> list[tuple[str, str]]:
     unk = getattr(tokenizer, "unk_token_id", None)
     encoded = {city: tokenizer.encode(TEMPLATE.format(city=city), add_special_tokens=False) for city, _ in facts}
     facts = [(city, country) for city, country in facts if unk is None or unk not in encoded[city]]
-    if facts:
-        counts = Counter(len(encoded[city]) for city, _ in facts)
-        best = max(counts.values())
-        # Ties go to the shorter length: shorter prompts mean fewer nodes to attribute.
-        length = min(size for size, count in counts.items() if count == best)
+    # The most common prompt length keeps the most facts (ties: the shorter, fewer nodes to attribute). At the
+    # start of a sentence BPE tokenizers split most city names in two, so this is rarely the shortest length.
+    counts = Counter(len(encoded[city]) for city, _ in facts)
+    if counts:
+        length = min(counts, key=lambda size: (-counts[size], size))
         facts = [(city, country) for city, country in facts if len(encoded[city]) == length]
     n_countries = len({country for _, country in facts})
     if n_countries < MIN_COUNTRIES:
         raise InputError(
             f"only {n_countries} countries have usable facts for this tokenizer (country one token with a leading "
-            f"space, city prompts of one common length); at least {MIN_COUNTRIES} are needed. Use a tokenizer "
+            f"space, city prompts of the most common length); at least {MIN_COUNTRIES} are needed. Use a tokenizer "
             "with a natural-language vocabulary (e.g. SmolLM2's)."
         )
     return facts

@@ -30,7 +30,7 @@ TEMPLATES: tuple[str, ...] = (
     "After the lunch, {A} and {B} went to the {PLACE}. {S2} gave a {OBJECT} to",
     "Afterwards, {A} and {B} went to the {PLACE}. {S2} gave a {OBJECT} to",
     "When {A} and {B} got a {OBJECT} at the {PLACE}, {S2} decided to give it to",
-    "Friends {A} and {B} found a {OBJECT} at the {PLACE}. {S2} gave it to",
+    "When {A} and {B} got a {OBJECT} at the {PLACE}, {S2} decided to give the {OBJECT} to",
 )
 
 PLACES: tuple[str, ...] = (
