@@ -15,6 +15,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .api import attribute
+from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
 from .errors import AtpstarError, InputError, UnsupportedModelError
 from .loading import load_model
@@ -23,6 +24,7 @@ from .model import Model
 from .nodes import NODE_TYPES
 from .pairs import PromptPairs
 from .result import Attribution
+from .verify import Verification, verify
 
 __all__ = [
     "METHODS",
@@ -30,10 +32,14 @@ __all__ = [
     "AtpstarError",
     "Attribution",
     "Cost",
+    "FalseNegativeBound",
     "InputError",
     "Model",
     "PromptPairs",
     "UnsupportedModelError",
+    "Verification",
     "attribute",
+    "false_negative_bound",
     "load_model",
+    "verify",
 ]

@@ -85,24 +85,52 @@ def patch_single_nodes(
     pos_index: torch.Tensor,
     cost: Cost,
 ) -> torch.Tensor:
-    """Effects [B] of patching one node per batch element, all at ``layer``.
+    """Effects [B] of patching one node per batch element, all of one type at ``layer``.
 
     Args:
         pair_index: [B] the pair of each element.
         unit_index: [B] head (query/head), kv head (key/value) or neuron index.
         pos_index: [B] position.
     """
-    site = SITE_OF[node_type]
+    type_index = torch.zeros_like(pair_index)
+    return patch_node_batch(model, cache, layer, [node_type], type_index, pair_index, unit_index, pos_index, cost)
+
+
+def patch_node_batch(
+    model: Model,
+    cache: PatchCache,
+    layer: int,
+    node_types: list[str],
+    type_index: torch.Tensor,
+    pair_index: torch.Tensor,
+    unit_index: torch.Tensor,
+    pos_index: torch.Tensor,
+    cost: Cost,
+) -> torch.Tensor:
+    """Effects [B] of patching one node per batch element; elements may mix node types of one layer.
+
+    Args:
+        node_types: the types ``type_index`` refers to.
+        type_index: [B] index into ``node_types`` of each element's type.
+        pair_index, unit_index, pos_index: [B] pair, head/kv-head/neuron, and position of each element.
+    """
     t0 = int(pos_index.min())
-    source = cache.source[node_type][layer]
-    values = source[pair_index, pos_index, unit_index] if node_type == "neuron" else source[pair_index, unit_index, pos_index]
-    batch = torch.arange(pair_index.shape[0])
-    local_pos = pos_index - t0
+    patches: dict[str, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
+    for i, node_type in enumerate(node_types):
+        rows = torch.nonzero(type_index == i)[:, 0]
+        if len(rows) == 0:
+            continue
+        pair, unit, pos = pair_index[rows], unit_index[rows], pos_index[rows]
+        source = cache.source[node_type][layer]
+        if node_type == "neuron":
+            patches[SITE_OF[node_type]] = ((rows, pos - t0, unit), source[pair, pos, unit])
+        else:
+            patches[SITE_OF[node_type]] = ((rows, unit, pos - t0), source[pair, unit, pos])
 
     def patch(at_layer: int, at_site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
-        if at_layer != layer or at_site != site:
+        if at_layer != layer or at_site not in patches:
             return x
-        index = (batch, local_pos, unit_index) if node_type == "neuron" else (batch, unit_index, local_pos)
+        index, values = patches[at_site]
         return x.index_put(tuple(i.to(x.device) for i in index), values.to(x.device, x.dtype))
 
     run = Run(model.n_layers, patch=patch, start_layer=layer, start_pos=t0)
@@ -110,6 +138,23 @@ def patch_single_nodes(
         effect = metric_after(model, cache, run, pair_index)
     cost.add_forward(len(pair_index), start_layer=layer, n_layers=model.n_layers)
     return effect
+
+
+def plan_chunks(pos_index: torch.Tensor, max_batch: int, min_tokens: int, seq_len: int) -> list[slice]:
+    """Split elements sorted by position into batches: a new batch starts at a position change once
+    the current one holds ``min_tokens`` token-rows (later starts save compute), or at ``max_batch``."""
+    chunks, start, tokens = [], 0, 0
+    positions = pos_index.tolist()
+    for i, pos in enumerate(positions):
+        full = i - start >= max_batch
+        worth_splitting = i > start and pos != positions[i - 1] and tokens >= min_tokens
+        if full or worth_splitting:
+            chunks.append(slice(start, i))
+            start, tokens = i, 0
+        tokens += seq_len - positions[start]
+    if start < len(positions):
+        chunks.append(slice(start, len(positions)))
+    return chunks
 
 
 def patch_masks(

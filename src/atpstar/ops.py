@@ -88,3 +88,119 @@ def key_fix(
 def graddrop_combine(per_layer_abs_sum: torch.Tensor, n_layers: int) -> torch.Tensor:
     """ĉ_GD = Σ_l |Î_l| / (L - 1), given the sum over dropped layers of absolute estimates."""
     return per_layer_abs_sum / (n_layers - 1)
+
+
+# Subsampling statistics and the Welch bound (spec §7, §9) -------------------------------------------------
+
+
+def welford_merge(
+    count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+    batch_count: torch.Tensor, batch_mean: torch.Tensor, batch_m2: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge running (count, mean, M2) with a batch's (count, mean, M2), elementwise (Chan et al.'s
+    parallel form of Welford's update; M2 = Σ (x - mean)²). Groups with count 0 keep mean 0, M2 0."""
+    total = count + batch_count
+    safe = total.clamp(min=1)
+    delta = batch_mean - mean
+    new_mean = mean + delta * batch_count / safe
+    new_m2 = m2 + batch_m2 + delta.square() * count * batch_count / safe
+    return total, new_mean, new_m2
+
+
+def _betacf(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, max_iter: int = 10000) -> torch.Tensor:
+    """Continued fraction of the incomplete beta function (modified Lentz), elementwise, float64."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c = torch.ones_like(x)
+    d = 1.0 - qab * x / qap
+    d = torch.where(d.abs() < tiny, torch.full_like(d, tiny), d)
+    d = 1.0 / d
+    h = d.clone()
+    for m in range(1, max_iter + 1):
+        m2 = 2.0 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = torch.where(d.abs() < tiny, torch.full_like(d, tiny), d)
+        c = 1.0 + aa / c
+        c = torch.where(c.abs() < tiny, torch.full_like(c, tiny), c)
+        d = 1.0 / d
+        h = h * d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = torch.where(d.abs() < tiny, torch.full_like(d, tiny), d)
+        c = 1.0 + aa / c
+        c = torch.where(c.abs() < tiny, torch.full_like(c, tiny), c)
+        d = 1.0 / d
+        step = d * c
+        h = h * step
+        if bool(((step - 1.0).abs() < 1e-15).all()):
+            break
+    return h
+
+
+def betainc(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Regularised incomplete beta I_x(a, b), elementwise in float64 (torch has none; scipy is not a dependency)."""
+    a, b, x = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float64) for v in (a, b, x)))
+    x = x.clamp(0.0, 1.0)
+    inner = (x > 0) & (x < 1)
+    xs = torch.where(inner, x, torch.full_like(x, 0.5))
+    log_front = (torch.lgamma(a + b) - torch.lgamma(a) - torch.lgamma(b) + a * torch.log(xs) + b * torch.log1p(-xs))
+    # The continued fraction converges fast for x < (a + 1) / (a + b + 2); otherwise use I_x(a,b) = 1 - I_{1-x}(b,a).
+    direct = xs < (a + 1.0) / (a + b + 2.0)
+    aa, bb, xx = torch.where(direct, a, b), torch.where(direct, b, a), torch.where(direct, xs, 1.0 - xs)
+    value = torch.exp(log_front) * _betacf(aa, bb, xx) / aa
+    value = torch.where(direct, value, 1.0 - value)
+    return torch.where(inner, value, torch.where(x <= 0, torch.zeros_like(x), torch.ones_like(x)))
+
+
+def student_t_cdf(t: torch.Tensor, df: torch.Tensor) -> torch.Tensor:
+    """P(T <= t) for Student's t with ``df`` degrees of freedom (real, > 0), elementwise, float64."""
+    t, df = torch.broadcast_tensors(torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(df, dtype=torch.float64))
+    tail = 0.5 * betainc(df / 2.0, torch.full_like(df, 0.5), df / (df + t.square()))  # P(T > |t|)
+    return torch.where(t >= 0, 1.0 - tail, tail)
+
+
+def student_t_quantile(prob: float, df: torch.Tensor) -> torch.Tensor:
+    """The ``prob`` quantile (prob in (0.5, 1)) of Student's t per entry of ``df``, by bisection on the CDF.
+
+    Exact to ~1e-12 relative; the tail probability 1 - prob may be tiny (1e-12), as union bounds need.
+    """
+    df = torch.as_tensor(df, dtype=torch.float64)
+    tail = torch.full_like(df, 1.0 - prob)
+    # The t quantile is below the Cauchy one (df = 1), tan(pi (prob - 1/2)), for every df >= 1;
+    # for df < 1 grow the bracket until it holds.
+    high = torch.full_like(df, float(torch.tan(torch.tensor(torch.pi * (prob - 0.5), dtype=torch.float64))) + 1.0)
+    for _ in range(200):
+        short = 0.5 * betainc(df / 2.0, torch.full_like(df, 0.5), df / (df + high.square())) > tail  # P(T > high)
+        if not bool(short.any()):
+            break
+        high = torch.where(short, high * 4.0, high)
+    low = torch.zeros_like(df)
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        above = 0.5 * betainc(df / 2.0, torch.full_like(df, 0.5), df / (df + mid.square())) > tail
+        low, high = torch.where(above, mid, low), torch.where(above, high, mid)
+        if bool(((high - low) <= 1e-13 * high.clamp(min=1.0)).all()):
+            break
+    return 0.5 * (low + high)
+
+
+def welch_se_df(variances: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard error and Welch–Satterthwaite degrees of freedom of a weighted sum of group means.
+
+    For ĉ = (1/G') Σ_g ± mean_g over independent groups g (in/out groups of every pair), the scale factor
+    cancels in df: se² ∝ Σ_g s_g²/n_g, df = (Σ_g s_g²/n_g)² / Σ_g (s_g²/n_g)² / (n_g - 1).
+
+    Args:
+        variances: [G, ...] unbiased sample variances s_g² per group.
+        counts: [G, ...] sample counts n_g per group (each >= 2 for a finite answer).
+
+    Returns:
+        (sqrt(Σ_g s_g²/n_g) [...], df [...]); df is inf where every variance is 0 and nan where a count is < 2.
+    """
+    terms = variances / counts  # [G, ...]
+    total = terms.sum(0)
+    denom = (terms.square() / (counts - 1)).sum(0)
+    df = torch.where(denom > 0, total.square() / denom.clamp(min=1e-300), torch.full_like(total, float("inf")))
+    df = torch.where((counts < 2).any(0), torch.full_like(df, float("nan")), df)
+    return total.sqrt(), df

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..cost import Cost
-from ..engine import PatchCache, element_bytes, patch_single_nodes, prepare
+from ..engine import element_bytes, patch_node_batch, plan_chunks, prepare
 from ..errors import InputError
 from ..model import Model
 from ..nodes import node_shape
@@ -32,15 +32,19 @@ class ActivationPatching(Method):
         memory_gb: memory budget for one batch of patched forwards.
         checkpoint: a file path; partial results are saved there as they complete (and on
             interrupt), and a rerun with the same path, model and pairs resumes from them.
+        min_chunk_tokens: a batch may end at a change of patched position once it holds this many
+            token-rows; smaller batches start later (less compute), larger ones use the hardware better.
     """
 
     exact = True
     aggregation = "mean"
 
-    def __init__(self, *, batch_size: int | None = None, memory_gb: float = 1.0, checkpoint: str | None = None) -> None:
+    def __init__(self, *, batch_size: int | None = None, memory_gb: float = 1.0, checkpoint: str | None = None,
+                 min_chunk_tokens: int = 2048) -> None:
         self.batch_size = batch_size
         self.memory_gb = memory_gb
         self.checkpoint = checkpoint
+        self.min_chunk_tokens = min_chunk_tokens
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -59,18 +63,16 @@ class ActivationPatching(Method):
         last_save = time.monotonic()
         try:
             with progress_bar(total, "activation patching", progress) as bar:
-                for node_type in node_types:
-                    for layer in range(model.n_layers):
-                        todo = _pending(node_type, done[node_type], layer)
-                        for start in range(0, todo.shape[0], batch):
-                            chunk = todo[start : start + batch]
-                            pair_i, unit_i, pos_i = _split(node_type, chunk)
-                            effect = patch_single_nodes(model, cache, node_type, layer, pair_i, unit_i, pos_i, cost)
-                            _store(node_type, effects[node_type], done[node_type], layer, pair_i, unit_i, pos_i, effect)
-                            bar.update(len(chunk))
-                            if self.checkpoint and time.monotonic() - last_save > 30:
-                                _save_checkpoint(self.checkpoint, key, effects, done)
-                                last_save = time.monotonic()
+                for layer in range(model.n_layers):
+                    type_i, pair_i, unit_i, pos_i = _pending(node_types, done, layer)
+                    for chunk in plan_chunks(pos_i, batch, self.min_chunk_tokens, pairs.seq_len):
+                        parts = (type_i[chunk], pair_i[chunk], unit_i[chunk], pos_i[chunk])
+                        effect = patch_node_batch(model, cache, layer, node_types, *parts, cost)
+                        _store(node_types, effects, done, layer, *parts, effect)
+                        bar.update(len(parts[0]))
+                        if self.checkpoint and time.monotonic() - last_save > 30:
+                            _save_checkpoint(self.checkpoint, key, effects, done)
+                            last_save = time.monotonic()
         except BaseException:
             if self.checkpoint:
                 _save_checkpoint(self.checkpoint, key, effects, done)
@@ -80,25 +82,30 @@ class ActivationPatching(Method):
         return effects, {}, {"base_metric": cache.base_metric.tolist()}
 
 
-def _pending(node_type: str, done: torch.Tensor, layer: int) -> torch.Tensor:
-    """[N, 3] (pair, a, b) indices of unfinished nodes at ``layer``, sorted by position so batches start late."""
-    remaining = torch.nonzero(~done[:, layer])  # [N, 3]: neuron (pair, pos, unit), others (pair, unit, pos)
-    pos_col = 1 if node_type == "neuron" else 2
-    return remaining[torch.sort(remaining[:, pos_col], stable=True).indices]
+def _pending(node_types: list[str], done: dict[str, torch.Tensor], layer: int) -> tuple[torch.Tensor, ...]:
+    """Unfinished nodes of all types at ``layer`` as (type, pair, unit, pos) [N] each, sorted by position
+    so batches can start late."""
+    parts = []
+    for i, node_type in enumerate(node_types):
+        remaining = torch.nonzero(~done[node_type][:, layer])  # neuron rows (pair, pos, unit); others (pair, unit, pos)
+        pair, a, b = remaining.unbind(1)
+        unit, pos = (b, a) if node_type == "neuron" else (a, b)
+        parts.append(torch.stack([torch.full_like(pair, i), pair, unit, pos], 1))
+    stacked = torch.cat(parts)
+    stacked = stacked[torch.sort(stacked[:, 3], stable=True).indices]
+    return tuple(stacked.unbind(1))
 
 
-def _split(node_type: str, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if node_type == "neuron":
-        return chunk[:, 0], chunk[:, 2], chunk[:, 1]
-    return chunk[:, 0], chunk[:, 1], chunk[:, 2]
-
-
-def _store(node_type: str, effects: torch.Tensor, done: torch.Tensor, layer: int, pair_i: torch.Tensor,
-           unit_i: torch.Tensor, pos_i: torch.Tensor, effect: torch.Tensor) -> None:
-    layer_i = torch.full_like(pair_i, layer)
-    index = (pair_i, layer_i, pos_i, unit_i) if node_type == "neuron" else (pair_i, layer_i, unit_i, pos_i)
-    effects[index] = effect.to(effects.dtype).cpu()
-    done[index] = True
+def _store(node_types: list[str], effects: dict[str, torch.Tensor], done: dict[str, torch.Tensor], layer: int,
+           type_i: torch.Tensor, pair_i: torch.Tensor, unit_i: torch.Tensor, pos_i: torch.Tensor,
+           effect: torch.Tensor) -> None:
+    for i, node_type in enumerate(node_types):
+        rows = type_i == i
+        pair, unit, pos = pair_i[rows], unit_i[rows], pos_i[rows]
+        layer_i = torch.full_like(pair, layer)
+        index = (pair, layer_i, pos, unit) if node_type == "neuron" else (pair, layer_i, unit, pos)
+        effects[node_type][index] = effect[rows].to(effects[node_type].dtype).cpu()
+        done[node_type][index] = True
 
 
 def _load_checkpoint(path: str | None, key: str, model: Model, pairs: PromptPairs, node_types: list[str],

@@ -20,8 +20,8 @@ from ..errors import InputError
 from ..pairs import PromptPairs
 from ._common import check_count, check_seed, single_token_words
 
-# Templates use {IO}, {S} (first clause, order fixed per prompt by ABBA/BABA), {S2} (the repeated
-# subject), {PLACE} and {OBJECT}. Each prompt stops right before the indirect object.
+# Slots: {A} and {B} are the two names of the first clause (IO then subject in ABBA order, subject then
+# IO in BABA order), {S2} the repeated subject, {PLACE} and {OBJECT}. Prompts stop before the IO.
 TEMPLATES: tuple[str, ...] = (
     "When {A} and {B} went to the {PLACE}, {S2} gave a {OBJECT} to",
     "Then, {A} and {B} went to the {PLACE}. {S2} gave a {OBJECT} to",

@@ -1,0 +1,230 @@
+"""A bound on the false negatives left after verification (spec §9).
+
+Subsampling runs over the unverified nodes only (verified nodes are never patched). Per node n,
+ĉ(n) = mean over pairs of (mean_in - mean_out) estimates c(n) = mean over pairs of the effect, with
+standard error se(n) from the in/out sample variances of every pair and Welch–Satterthwaite degrees
+of freedom df(n). Over the N unverified nodes, with a union bound:
+
+(a) per node the two-sided (1 - α/N) Welch interval ĉ ± t_{1-α/(2N), ⌊df⌋} se; with probability at
+    least 1 - α every interval holds, so max_n |c(n)| <= max_n (|ĉ(n)| + t se(n)). Rounding df down
+    widens each interval (conservative, as is usual for Welch intervals).
+(b) per node the p-value of H0: |c(n)| >= θ (two one-sided tests at c = θ and c = -θ), and
+    P(some unverified |c(n)| >= θ) is bounded by min(1, Σ_n p_n) in the frequentist sense: if some
+    node had |c(n)| >= θ, data this far below θ would be seen with at most that probability.
+
+Cost: 2P full forwards and ``samples`` × P patched forwards (as Subsampling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .cost import Cost
+from .engine import prepare
+from .errors import InputError
+from .methods.subsampling import SubsamplingStats, check_options, subsample
+from .model import as_model
+from .nodes import check_node_types, node_name, node_shape
+from .ops import student_t_cdf, student_t_quantile, welch_se_df
+from .pairs import PromptPairs, check_direction
+from .verify import Verification
+
+ASSUMPTION = (
+    "Assumes node effects are close to additive: the bound is about the quantity Subsampling estimates, "
+    "mean_in - mean_out over random joint patches of the unverified nodes, which equals each node's "
+    "single-node effect c(n) (mean over these prompt pairs) only when effects add up; interactions "
+    "between nodes can hide effects the bound does not see. Welch intervals also assume near-normal "
+    "sample means."
+)
+
+
+@dataclass
+class FalseNegativeBound:
+    """How large an effect could still hide among the unverified nodes.
+
+    Attributes:
+        max_effect_upper: (1 - alpha) upper confidence bound on max |c(n)| over unverified nodes
+            (inf when some node had fewer than 2 samples in or out on some pair; 0 when none is left).
+        prob_upper: upper bound on the probability that some unverified node has |c(n)| >= theta
+            (nan when theta is None).
+        theta: the effect size of ``prob_upper``.
+        alpha: confidence level of ``max_effect_upper``.
+        n_unverified: number of nodes the bound covers.
+        worst_node: ``(node_type, index)`` attaining ``max_effect_upper`` (None when none is left).
+        assumption: the assumption the bound rests on (say it with the numbers).
+        cost: passes run (the Subsampling over unverified nodes).
+        estimate, upper: node type -> [*layout] ĉ(n) and its upper bound on |c(n)| (nan at verified nodes).
+        direction: ``"noising"`` or ``"denoising"``.
+    """
+
+    max_effect_upper: float
+    prob_upper: float
+    theta: float | None
+    alpha: float
+    n_unverified: int
+    worst_node: tuple[str, tuple[int, ...]] | None
+    assumption: str
+    cost: Cost
+    direction: str
+    estimate: dict[str, torch.Tensor] = field(default_factory=dict)
+    upper: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        worst = "" if self.worst_node is None else f" (at {node_name(*self.worst_node)})"
+        prob = "" if self.theta is None else f"; P(some unverified |c| >= {self.theta:g}) <= {self.prob_upper:.3g}"
+        return (f"{self.n_unverified} unverified nodes ({self.direction}): max |c| <= {self.max_effect_upper:.4g} "
+                f"with confidence {1 - self.alpha:g}{worst}{prob}. {self.assumption}")
+
+
+def false_negative_bound(
+    model: Any,
+    pairs: PromptPairs,
+    verified: Verification | list[tuple[str, tuple[int, ...]]],
+    *,
+    theta: float | None = None,
+    samples: int = 256,
+    p: float = 0.5,
+    alpha: float = 0.05,
+    seed: int = 0,
+    direction: str | None = None,
+    nodes: Any = None,
+    batch_size: int | None = None,
+    memory_gb: float = 1.0,
+    progress: bool = False,
+) -> FalseNegativeBound:
+    """Bound the largest effect among the nodes verification did not reach.
+
+    Args:
+        model: an ``atpstar.Model`` or a ``transformers`` causal LM.
+        pairs: the prompt pairs (c(n) is the mean effect over them).
+        verified: a ``Verification`` (from ``atpstar.verify``) or a list of ``(node_type, index)``.
+        theta: effect size for the probability bound (b); None leaves ``prob_upper`` nan.
+        samples: Subsampling samples per pair (random design; each node in with probability ``p``).
+        p: inclusion probability of Subsampling.
+        alpha: 1 - confidence of the bound (a).
+        seed: Subsampling seed.
+        direction: ``"noising"`` or ``"denoising"``; None takes the Verification's, else ``"noising"``.
+        nodes: node types the population consists of; None takes ``verified.node_types`` (required when
+            ``verified`` is a plain list).
+        batch_size, memory_gb: batching of the patched forwards (as Subsampling).
+        progress: show a progress bar.
+
+    Returns:
+        ``FalseNegativeBound`` with ``max_effect_upper``, ``prob_upper``, ``assumption``, ``n_unverified``, ``cost``.
+
+    Raises:
+        InputError: bad options, missing node types, or verified nodes outside the layout.
+    """
+    model = as_model(model)
+    if not isinstance(pairs, PromptPairs):
+        raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
+    if isinstance(verified, Verification):
+        node_list = verified.nodes
+        node_types = check_node_types(verified.node_types if nodes is None else nodes)
+        direction = verified.direction if direction is None else direction
+    elif isinstance(verified, (list, tuple)):
+        node_list = [(t, tuple(int(i) for i in index)) for t, index in verified]
+        if nodes is None:
+            raise InputError("verified is a plain list of nodes: pass nodes=[...] with the node types the bound covers")
+        node_types = check_node_types(nodes)
+    else:
+        raise InputError(f"verified must be an atpstar Verification or a list of (node_type, index); got {type(verified).__name__}")
+    direction = check_direction("noising" if direction is None else direction)
+    check_options(samples, p, "random", batch_size, memory_gb)
+    if not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
+        raise InputError(f"alpha must lie strictly between 0 and 1; got {alpha!r}")
+    if theta is not None and (not isinstance(theta, (int, float)) or theta <= 0):
+        raise InputError(f"theta must be a positive number or None; got {theta!r}")
+    shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
+    exclude = {t: torch.zeros(shape, dtype=torch.bool) for t, shape in shapes.items()}
+    for t, index in node_list:
+        if t not in shapes:
+            continue  # a verified node outside the bounded population changes nothing
+        if len(index) != len(shapes[t]) or any(not 0 <= i < n for i, n in zip(index, shapes[t])):
+            raise InputError(f"verified node {t} {index} lies outside the layout {shapes[t]} of this model and prompt length")
+        exclude[t][index] = True
+    model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+
+    cost = Cost()
+    cache = prepare(model, pairs, direction, node_types, cost)
+    stats = subsample(model, cache, node_types, samples=samples, p=p, seed=seed, design="random", cost=cost,
+                      batch_size=batch_size, memory_gb=memory_gb, exclude=exclude, progress=progress)
+    keep = torch.cat([~exclude[t].reshape(-1) for t in node_types])
+    n_unverified = int(keep.sum())
+    estimate, upper, prob_terms = _node_bounds(stats, keep, n_unverified, alpha, theta)
+
+    if n_unverified == 0:
+        max_upper, worst = 0.0, None
+    else:
+        flat_upper = torch.where(keep, upper, torch.full_like(upper, -1.0))
+        max_upper = float(flat_upper.max())
+        worst = _unflatten(int(flat_upper.argmax()), node_types, shapes)
+    prob_upper = float("nan") if theta is None else min(1.0, float(prob_terms[keep].sum()))
+    return FalseNegativeBound(
+        max_effect_upper=max_upper,
+        prob_upper=prob_upper,
+        theta=theta,
+        alpha=alpha,
+        n_unverified=n_unverified,
+        worst_node=worst,
+        assumption=ASSUMPTION,
+        cost=cost,
+        direction=direction,
+        estimate=_per_type(torch.where(keep, estimate, torch.full_like(estimate, float("nan"))), node_types, shapes),
+        upper=_per_type(torch.where(keep, upper, torch.full_like(upper, float("nan"))), node_types, shapes),
+        info={"samples": samples, "p": p, "seed": seed, "n_pairs": pairs.n_pairs, "n_verified": len(node_list)},
+    )
+
+
+def _node_bounds(stats: SubsamplingStats, keep: torch.Tensor, n_unverified: int, alpha: float,
+                 theta: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per flat node: ĉ [N], upper bound on |c| [N], p-value of |c| >= theta [N]."""
+    n_pairs = stats.values["count_in"].shape[0]
+    diff = stats.flat("mean_in") - stats.flat("mean_out")  # [P, N]
+    estimate = diff.mean(0)
+    variances = torch.cat([stats.flat("var_in"), stats.flat("var_out")])  # [2P, N]
+    counts = torch.cat([stats.flat("count_in"), stats.flat("count_out")])  # [2P, N]
+    root, df = welch_se_df(variances, counts.clamp(min=1))
+    df = torch.where((counts < 2).any(0), torch.full_like(df, float("nan")), df)
+    se = root / n_pairs
+    usable = torch.isfinite(df) & (se > 0)
+    upper = torch.full_like(estimate, float("inf"))
+    upper = torch.where(se == 0, estimate.abs(), upper)  # every sample equal: no spread to bound
+    upper = torch.where(torch.isnan(df), torch.full_like(upper, float("inf")), upper)
+    if bool((usable & keep).any()):
+        tail = alpha / (2 * max(n_unverified, 1))
+        floor_df = df[usable & keep].floor().clamp(min=1.0, max=1e7)
+        levels, inverse = torch.unique(floor_df, return_inverse=True)
+        quantile = student_t_quantile(1.0 - tail, levels)[inverse]
+        upper[usable & keep] = estimate[usable & keep].abs() + quantile * se[usable & keep]
+    prob = torch.ones_like(estimate)
+    if theta is not None:
+        prob = torch.where((se == 0) & ~torch.isnan(df), (estimate.abs() >= theta).double(), prob)
+        if bool(usable.any()):
+            e, s, d = estimate[usable], se[usable], df[usable]
+            at_plus = student_t_cdf((e - theta) / s, d)  # P(ĉ this low | c = θ)
+            at_minus = 1.0 - student_t_cdf((e + theta) / s, d)  # P(ĉ this high | c = -θ)
+            prob[usable] = torch.maximum(at_plus, at_minus)
+    return estimate, upper, prob
+
+
+def _per_type(flat: torch.Tensor, node_types: list[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    out, start = {}, 0
+    for t in node_types:
+        size = int(torch.Size(shapes[t]).numel())
+        out[t] = flat[start : start + size].reshape(shapes[t])
+        start += size
+    return out
+
+
+def _unflatten(position: int, node_types: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[str, tuple[int, ...]]:
+    for t in node_types:
+        size = int(torch.Size(shapes[t]).numel())
+        if position < size:
+            return t, tuple(int(i) for i in torch.unravel_index(torch.tensor(position), shapes[t]))
+        position -= size
+    raise IndexError(position)

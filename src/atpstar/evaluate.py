@@ -1,0 +1,343 @@
+"""Cost of verified recall: how much an estimator plus verification costs to find the true top-K (spec §8).
+
+An estimator ranks the nodes; nodes are then verified by exact patching in that order. The cost of
+verified recall at K is the estimator's own cost (forward-pass equivalents, one backward = 2
+forwards) plus the number of verifications until every one of the true top-K nodes (by |effect|
+from exhaustive patching) has been verified. An oracle ordering costs exactly K.
+
+Vectorised: with ``rank[n]`` the position of node n in the estimator's order and ``true_order`` the
+nodes by decreasing true |effect|, ``cost(K) = own + max(rank[true_order[:K]]) + 1`` is a cumulative
+maximum, and recall@K (true top-K inside the estimated top-K) counts the i < K with
+``rank[true_order[i]] < K``, a cumulative histogram of ``max(i, rank[true_order[i]])``.
+
+Ties in the estimate keep the stable layout order, as ``Attribution.order`` does.
+
+Two settings:
+
+- ``"distribution"``: ranks by the aggregate ``scores`` of truth and estimate.
+- ``"per_pair"``: each pair alone (the paper's single-prompt-pair setting), ranked by that pair's
+  ``|per_pair|``; the method's own cost per pair is its total cost / P. Curves are summarised by the
+  geometric mean over pairs, with min, max and quartiles.
+
+Shape letters: P pairs, N nodes (all selected node types, flattened), K ranks 1..K_max.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .nodes import check_node_types
+from .result import Attribution
+
+SETTINGS: tuple[str, ...] = ("distribution", "per_pair")
+DEFAULT_K_MAX = 1000
+# A true effect below this fraction of the largest one counts as zero: ranking among zero-effect
+# nodes is arbitrary, so K stops at the number of nodes with a non-zero effect.
+ZERO_EFFECT = 1e-6
+FORMAT_VERSION = 1
+
+
+def verified_recall_cost(
+    true_abs: torch.Tensor, estimate_abs: torch.Tensor, own_cost: float, k_max: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cost of verified recall and recall for K = 1..k_max on one ranking problem.
+
+    Args:
+        true_abs: [N] true |effect| of each node.
+        estimate_abs: [N] the estimator's |score| of each node (ranking: descending, stable).
+        own_cost: the estimator's own cost in forward-pass equivalents.
+        k_max: largest K (at most N).
+
+    Returns:
+        (cost [k_max], recall [k_max]): ``cost[K-1]`` = own_cost + verifications needed for the true
+        top-K; ``recall[K-1]`` = fraction of the true top-K among the estimator's top-K.
+
+    Example:
+        >>> cost, recall = verified_recall_cost(torch.tensor([3., 2, 1]), torch.tensor([1., 3, 2]), 0.0, 3)
+        >>> cost.tolist()
+        [3.0, 3.0, 3.0]
+    """
+    if true_abs.shape != estimate_abs.shape or true_abs.ndim != 1:
+        raise InputError(f"truth and estimate must cover the same nodes; got {tuple(true_abs.shape)} and {tuple(estimate_abs.shape)}")
+    n = true_abs.numel()
+    if not 1 <= k_max <= n:
+        raise InputError(f"k_max must be in [1, {n}] (the number of nodes); got {k_max}")
+    method_order = torch.sort(estimate_abs.double(), descending=True, stable=True).indices  # [N]
+    rank = torch.empty(n, dtype=torch.long)
+    rank[method_order] = torch.arange(n)
+    true_top = torch.sort(true_abs.double(), descending=True, stable=True).indices[:k_max]  # [K]
+    true_rank = rank[true_top]  # [K] position of the i-th true node in the method's order
+    cost = own_cost + torch.cummax(true_rank, 0).values.double() + 1.0
+    # Node i of the true order counts towards recall@K once K > i and K > its rank.
+    first_k = torch.maximum(true_rank, torch.arange(k_max))  # [K] 0-based K index from which it counts
+    counts = torch.bincount(first_k[first_k < k_max], minlength=k_max).cumsum(0).double()
+    recall = counts / torch.arange(1, k_max + 1, dtype=torch.double)
+    return cost.numpy(), recall.numpy()
+
+
+@dataclass
+class MethodCurve:
+    """One method's cost-of-verified-recall curve in one setting.
+
+    Attributes:
+        method: method id.
+        forward, backward: the method's own passes (total over all pairs).
+        own_cost: own cost in forward equivalents charged to each ranking problem (per pair: total / P).
+        cost: [K] cost of verified recall (per-pair setting: geometric mean over pairs).
+        recall: [K] recall of the true top-K within the estimated top-K (per pair: mean over pairs).
+        cost_min, cost_q25, cost_q75, cost_max: [K] spread over pairs (per-pair setting only).
+        options: the method's options.
+    """
+
+    method: str
+    forward: float
+    backward: float
+    own_cost: float
+    cost: np.ndarray
+    recall: np.ndarray
+    cost_min: np.ndarray | None = None
+    cost_q25: np.ndarray | None = None
+    cost_q75: np.ndarray | None = None
+    cost_max: np.ndarray | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def verifications(self) -> np.ndarray:
+        """[K] cost minus the method's own cost: patching forwards spent verifying."""
+        return self.cost - self.own_cost
+
+
+@dataclass
+class Evaluation:
+    """Cost-of-verified-recall curves of several methods against one exhaustive ground truth.
+
+    Attributes:
+        setting: ``"distribution"`` or ``"per_pair"``.
+        k: [K] the ranks 1..K_max (the oracle's cost is ``k`` itself).
+        curves: method id -> ``MethodCurve``.
+        node_types, n_nodes, n_pairs, model_id, metric, direction: what was compared.
+        truth_cost: forward equivalents of the exhaustive ground truth (over all pairs).
+    """
+
+    setting: str
+    k: np.ndarray
+    curves: dict[str, MethodCurve]
+    node_types: list[str]
+    n_nodes: int
+    n_pairs: int
+    model_id: str
+    metric: str
+    direction: str
+    truth_cost: float
+
+    @property
+    def k_max(self) -> int:
+        return int(self.k[-1])
+
+    def report_ks(self, count: int = 5) -> list[int]:
+        """A few log-spaced K values for tables (1, 10, 100, ..., K_max)."""
+        ks = sorted({1, *(10**i for i in range(1, 7) if 10**i < self.k_max), self.k_max})
+        return ks if len(ks) <= count else [*ks[: count - 1], self.k_max]
+
+    def relative_cost(self, method: str) -> float:
+        """Geometric mean over log-spaced K of cost(K) / K: one number per method, lower is better."""
+        curve = self.curves[method]
+        ks = np.unique(np.round(np.logspace(0, math.log10(self.k_max), 25)).astype(int))
+        return float(np.exp(np.mean(np.log(curve.cost[ks - 1] / ks))))
+
+    def ranking(self) -> list[str]:
+        """Method ids from cheapest to most expensive by ``relative_cost``."""
+        return sorted(self.curves, key=self.relative_cost)
+
+    def to_rows(self, ks: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """One row per method: own passes, cost and recall at a few K, relative cost to the oracle."""
+        ks = list(ks) if ks is not None else self.report_ks()
+        rows = []
+        for method in self.ranking():
+            curve = self.curves[method]
+            row: dict[str, Any] = {
+                "method": method,
+                "forward": round(curve.forward, 2),
+                "backward": round(curve.backward, 2),
+                "own_cost": round(curve.own_cost, 2),
+            }
+            for k in ks:
+                row[f"cost@{k}"] = round(float(curve.cost[k - 1]), 1)
+            for k in ks:
+                row[f"recall@{k}"] = round(float(curve.recall[k - 1]), 3)
+            row["cost/oracle"] = round(self.relative_cost(method), 2)
+            rows.append(row)
+        return rows
+
+    def to_markdown(self, ks: Sequence[int] | None = None) -> str:
+        rows = self.to_rows(ks)
+        if not rows:
+            return ""
+        header = list(rows[0])
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in rows]
+        return "\n".join(lines)
+
+    def to_csv(self, path: str | Path, ks: Sequence[int] | None = None) -> None:
+        import csv
+
+        rows = self.to_rows(ks)
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["method"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        curves = {}
+        for method, curve in self.curves.items():
+            data: dict[str, Any] = {
+                "forward": curve.forward, "backward": curve.backward, "own_cost": curve.own_cost,
+                "options": curve.options,
+            }
+            for name in ("cost", "recall", "cost_min", "cost_q25", "cost_q75", "cost_max"):
+                value = getattr(curve, name)
+                data[name] = None if value is None else [float(v) for v in value]
+            curves[method] = data
+        return {
+            "format_version": FORMAT_VERSION, "setting": self.setting, "k_max": self.k_max,
+            "node_types": self.node_types, "n_nodes": self.n_nodes, "n_pairs": self.n_pairs,
+            "model_id": self.model_id, "metric": self.metric, "direction": self.direction,
+            "truth_cost": self.truth_cost, "curves": curves,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the evaluation as JSON (``path``, ``.json`` added if missing)."""
+        path = Path(path)
+        path = path if path.suffix == ".json" else Path(str(path) + ".json")
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Evaluation:
+        path = Path(path)
+        path = path if path.suffix == ".json" else Path(str(path) + ".json")
+        if not path.is_file():
+            raise InputError(f"no saved evaluation at {path}")
+        data = json.loads(path.read_text())
+        curves = {}
+        for method, c in data["curves"].items():
+            arrays = {name: None if c[name] is None else np.asarray(c[name], dtype=float)
+                      for name in ("cost", "recall", "cost_min", "cost_q25", "cost_q75", "cost_max")}
+            curves[method] = MethodCurve(method, c["forward"], c["backward"], c["own_cost"], options=c["options"], **arrays)  # type: ignore[arg-type]
+        return cls(data["setting"], np.arange(1, data["k_max"] + 1), curves, data["node_types"], data["n_nodes"],
+                   data["n_pairs"], data["model_id"], data["metric"], data["direction"], data["truth_cost"])
+
+
+def evaluate(
+    truth: Attribution,
+    estimates: Sequence[Attribution] | dict[str, Attribution],
+    setting: str = "distribution",
+    node_types: Sequence[str] | None = None,
+    k_max: int | None = None,
+) -> Evaluation:
+    """Cost of verified recall of each estimate against an exhaustive ground truth.
+
+    Args:
+        truth: exact effects (method ``activation_patching``); ``scores`` = mean signed effect.
+        estimates: results of other methods on the same model, pairs, direction and node types;
+            a dict gives each its label (default: the method id).
+        setting: ``"distribution"`` (aggregate scores) or ``"per_pair"`` (each pair alone,
+            geometric mean over pairs).
+        node_types: restrict the comparison to these node types (default: the truth's).
+        k_max: largest K; default min(1000, nodes with a non-zero true effect).
+
+    Returns:
+        ``Evaluation`` with one ``MethodCurve`` per estimate.
+
+    Raises:
+        InputError: the truth is not exact, or an estimate does not match it.
+
+    Example:
+        >>> ev = evaluate(truth, [atp, atp_star], setting="per_pair")  # doctest: +SKIP
+        >>> print(ev.to_markdown())  # doctest: +SKIP
+    """
+    if setting not in SETTINGS:
+        raise InputError(f"unknown setting {setting!r}; choose one of {list(SETTINGS)}")
+    if truth.method != "activation_patching":
+        raise InputError(f"the ground truth must come from method 'activation_patching'; got {truth.method!r}")
+    labelled = dict(estimates) if isinstance(estimates, dict) else {e.method: e for e in estimates}
+    if not labelled:
+        raise InputError("evaluate needs at least one estimate")
+    types = check_node_types(list(node_types) if node_types is not None else truth.node_types)
+    for label, estimate in labelled.items():
+        _check_match(truth, estimate, label, types)
+    n_pairs = truth.n_pairs
+
+    if setting == "distribution":
+        truth_abs = [_flat(truth.scores, types).abs()]
+        own_share = 1.0
+    else:
+        truth_abs = [_flat(truth.per_pair, types, pair).abs() for pair in range(n_pairs)]
+        own_share = 1.0 / n_pairs
+    n_nodes = truth_abs[0].numel()
+    limit = min(_nonzero(t) for t in truth_abs)
+    if limit == 0:
+        raise InputError("every true effect is zero: the clean and noise prompts make no difference to the metric")
+    k_max = min(DEFAULT_K_MAX, limit) if k_max is None else k_max
+    if not 1 <= k_max <= n_nodes:
+        raise InputError(f"k_max must be in [1, {n_nodes}] (the number of nodes); got {k_max}")
+
+    curves = {}
+    for label, estimate in labelled.items():
+        own = estimate.cost.forward_equivalents * own_share
+        if setting == "distribution":
+            cost, recall = verified_recall_cost(truth_abs[0], _flat(estimate.scores, types).abs(), own, k_max)
+            curves[label] = MethodCurve(label, estimate.cost.forward, estimate.cost.backward, own, cost, recall,
+                                        options=dict(estimate.options))
+            continue
+        per_pair = [verified_recall_cost(truth_abs[p], _flat(estimate.per_pair, types, p).abs(), own, k_max)
+                    for p in range(n_pairs)]
+        costs = np.stack([c for c, _ in per_pair])  # [P, K]
+        recalls = np.stack([r for _, r in per_pair])  # [P, K]
+        curves[label] = MethodCurve(
+            label, estimate.cost.forward, estimate.cost.backward, own,
+            cost=np.exp(np.log(costs).mean(0)), recall=recalls.mean(0),
+            cost_min=costs.min(0), cost_q25=np.quantile(costs, 0.25, axis=0),
+            cost_q75=np.quantile(costs, 0.75, axis=0), cost_max=costs.max(0), options=dict(estimate.options),
+        )
+    return Evaluation(setting, np.arange(1, k_max + 1), curves, types, n_nodes, n_pairs, truth.model_id,
+                      truth.metric, truth.direction, truth.cost.forward_equivalents)
+
+
+def _flat(tensors: dict[str, torch.Tensor], types: list[str], pair: int | None = None) -> torch.Tensor:
+    """[N] all nodes of ``types`` (one pair's, or the aggregate), in node-type then layout order."""
+    return torch.cat([(tensors[t] if pair is None else tensors[t][pair]).flatten().double() for t in types])
+
+
+def _nonzero(true_abs: torch.Tensor) -> int:
+    top = float(true_abs.max())
+    return int((true_abs > ZERO_EFFECT * top).sum()) if top > 0 else 0
+
+
+def _check_match(truth: Attribution, estimate: Attribution, label: str, types: list[str]) -> None:
+    missing = [t for t in types if t not in truth.scores or t not in estimate.scores]
+    if missing:
+        raise InputError(f"node types {missing} are missing from the ground truth or from estimate {label!r}")
+    if estimate.direction != truth.direction:
+        raise InputError(f"estimate {label!r} is {estimate.direction} but the ground truth is {truth.direction}")
+    if estimate.n_pairs != truth.n_pairs:
+        raise InputError(f"estimate {label!r} has {estimate.n_pairs} pairs but the ground truth has {truth.n_pairs}")
+    for t in types:
+        if estimate.per_pair[t].shape != truth.per_pair[t].shape:
+            raise InputError(
+                f"estimate {label!r} node type {t!r} has shape {tuple(estimate.per_pair[t].shape)} but the ground "
+                f"truth has {tuple(truth.per_pair[t].shape)}: not the same model or prompt pairs"
+            )
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)

@@ -1,0 +1,120 @@
+"""Hierarchical: patch coarse blocks, split the ones with large |effect|, recurse to single nodes (spec §7).
+
+Group testing over the flattened per-layer layout of each node type: the roots are whole layers of
+one node type; a block whose mean over pairs of |effect| is large is split into ``branching``
+contiguous children, which are patched in turn. A node's score is the effect of the finest block
+containing it that was patched. Same cancellation weakness as Blocks; cost adapts to sparsity.
+Cost: 2P full forwards, then per patched block and pair one forward started at its layer ((L - l) / L).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from typing import Any
+
+import torch
+
+from ..cost import Cost
+from ..engine import prepare
+from ..errors import InputError
+from ..model import Model
+from ..nodes import node_shape
+from ..pairs import PromptPairs
+from ..progress import progress_bar
+from .base import Method, register
+from .blocks import Block, _per_layer, check_batching, patch_blocks
+
+
+@register("hierarchical")
+class Hierarchical(Method):
+    """Hierarchical group testing: split blocks with large |effect| until single nodes.
+
+    Splitting is decided on the mean over pairs of |block effect| (the same aggregation as
+    ``scores``), so every pair sees the same blocks. ``per_pair[t]`` [P, *layout] is the signed
+    effect, on each pair, of the finest patched block containing the node: a single node reached at
+    the bottom has its exact effect; a node never reached keeps the effect of its last (coarsest
+    unsplit) block, which over-states it when the block holds other effects.
+
+    Args:
+        branching: children per split block (contiguous, sizes differing by at most one).
+        threshold: split a block only when its mean |effect| exceeds this; None: no threshold.
+        budget: at most this many block patches per pair, roots included (the roots, one per layer and
+            node type, are always patched); blocks are split largest mean |effect| first. None: no
+            limit when ``threshold`` is given; with neither given, ``budget`` is a tenth of the
+            number of nodes (a tenth of exhaustive patching's cost).
+        batch_size: patched forwards per batch; None picks it from ``memory_gb``. Blocks are split in
+            rounds of up to ``batch_size // P`` children, largest first; with a ``budget`` the exact
+            set of split blocks can therefore depend on ``batch_size`` (ties to the budget edge).
+        memory_gb: memory budget for one batch.
+    """
+
+    aggregation = "mean_abs"
+
+    def __init__(self, *, branching: int = 4, threshold: float | None = None, budget: int | None = None,
+                 batch_size: int | None = None, memory_gb: float = 1.0) -> None:
+        self.branching = branching
+        self.threshold = threshold
+        self.budget = budget
+        self.batch_size = batch_size
+        self.memory_gb = memory_gb
+
+    def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
+        if not isinstance(self.branching, int) or isinstance(self.branching, bool) or self.branching < 2:
+            raise InputError(f"branching must be an integer >= 2; got {self.branching!r}")
+        if self.threshold is not None and (not isinstance(self.threshold, (int, float)) or self.threshold < 0):
+            raise InputError(f"threshold must be a number >= 0 or None; got {self.threshold!r}")
+        if self.budget is not None and (not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1):
+            raise InputError(f"budget must be an integer >= 1 or None; got {self.budget!r}")
+        check_batching(self.batch_size, self.memory_gb)
+
+    def _attribute(
+        self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        cache = prepare(model, pairs, direction, node_types, cost)
+        n_pairs = pairs.n_pairs
+        shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
+        n_nodes = sum(model.n_layers * _per_layer(shapes[t]) for t in node_types)
+        budget = self.budget
+        if budget is None and self.threshold is None:
+            budget = math.ceil(n_nodes / 10)
+        per_pair = {t: torch.zeros(n_pairs, model.n_layers, _per_layer(shapes[t]), dtype=model.dtype) for t in node_types}
+        round_size = max(self.branching, (self.batch_size or 256 * n_pairs) // n_pairs)
+        heap: list[tuple[float, int, Block]] = []
+        patched = 0
+        tie = itertools.count()  # equal effects split in creation order
+
+        def run(blocks: list[Block], bar: Any) -> None:
+            nonlocal patched
+            effects = patch_blocks(model, cache, blocks, shapes, self.batch_size, self.memory_gb, cost, bar.update)
+            patched += len(blocks)
+            for block, effect in zip(blocks, effects):
+                per_pair[block.node_type][:, block.layer, block.start : block.stop] = effect[:, None].to(model.dtype)
+                size = float(effect.abs().mean())
+                if block.size > 1 and (self.threshold is None or size > self.threshold):
+                    heapq.heappush(heap, (-size, next(tie), block))
+
+        roots = [Block(t, layer, 0, _per_layer(shapes[t])) for t in node_types for layer in range(model.n_layers)]
+        with progress_bar(0, "hierarchical", progress) as bar:
+            run(roots, bar)
+            while heap:
+                children: list[Block] = []
+                while heap and len(children) < round_size:
+                    split = _split(heap[0][2], self.branching)
+                    if budget is not None and patched + len(children) + len(split) > budget:
+                        heap.clear()
+                        break
+                    heapq.heappop(heap)
+                    children += split
+                if children:
+                    run(children, bar)
+        out = {t: v.reshape(n_pairs, *shapes[t]) for t, v in per_pair.items()}  # [P, L, R] -> [P, *layout]
+        return out, {}, {"blocks_patched": patched, "budget": budget, "base_metric": cache.base_metric.tolist()}
+
+
+def _split(block: Block, branching: int) -> list[Block]:
+    """``branching`` contiguous children of nearly equal size (fewer when the block is smaller)."""
+    parts = min(branching, block.size)
+    bounds = [block.start + (block.size * k) // parts for k in range(parts + 1)]
+    return [Block(block.node_type, block.layer, lo, hi) for lo, hi in zip(bounds, bounds[1:])]

@@ -1,0 +1,239 @@
+"""Subsampling (the paper's Algorithm 1): ĉ(n) = mean_in(n) - mean_out(n) over random jointly patched subsets.
+
+Per pair and sample, draw a subset S of the nodes (each in with probability ``p``), patch all of S at
+once and record Δ = L(patched) - L(base). Per node, online (Welford) counts, means and variances of Δ
+over the samples where it was in and where it was out. Exact for additive effects with a balanced
+design. Spec §7; §9 builds the false-negative bound on the same statistics (``atpstar.bound``).
+Cost: 2P full forwards (base and source runs), then ``samples`` × P patched forwards, each started
+at the lowest layer patched in its batch (counted (L - l) / L; with many nodes per subset, layer 0).
+
+Shape letters: P pairs, B batch, N nodes (all requested node types, flattened).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..cost import Cost
+from ..engine import PatchCache, element_bytes, patch_masks, prepare
+from ..errors import InputError
+from ..model import Model
+from ..nodes import node_shape
+from ..ops import welford_merge
+from ..pairs import PromptPairs
+from ..progress import progress_bar
+from .base import Method, register
+
+DESIGNS: tuple[str, ...] = ("random", "balanced")
+STATS: tuple[str, ...] = ("count_in", "mean_in", "var_in", "count_out", "mean_out", "var_out")
+
+
+@register("subsampling")
+class Subsampling(Method):
+    """Subsampling: patch random node subsets jointly; ĉ(n) = mean Δ with n patched - mean Δ without.
+
+    ``per_pair[t]`` [P, *layout] is ``mean_in - mean_out`` per pair (0 where a node was never in, or
+    never out, of a sample); ``scores`` the mean of its absolute value over pairs. ``extras`` holds,
+    per node type, ``count_in/<t>``, ``mean_in/<t>``, ``var_in/<t>`` (unbiased; 0 below 2 samples) and
+    the same for ``out``, each [P, *layout] float64, for the Welch bound of spec §9.
+
+    Args:
+        samples: subsets drawn per prompt pair (forwards per pair).
+        p: probability that a node is in a subset. Larger p gives lower variance for additive effects
+            (best at 0.5); smaller p keeps subsets closer to single-node patches when effects interact.
+        seed: random seed. Subset (pair j, sample s) depends only on (seed, j, s), so results do not
+            depend on ``batch_size``.
+        design: ``"random"`` (each node in independently with probability p; Algorithm 1) or
+            ``"balanced"`` (rows of a Sylvester-Hadamard matrix: node n gets a code c_n in 1..samples-1
+            and is in sample s iff popcount(s & c_n) is odd, so every node is in exactly half the
+            samples and any two nodes with distinct codes are in together in exactly a quarter; the
+            estimate is then exact for additive effects). ``"balanced"`` needs p = 0.5 and ``samples``
+            a power of two; codes are distinct (seeded permutation) when there are fewer than
+            ``samples`` nodes, otherwise drawn at random, and nodes sharing a code are confounded.
+            The same design is used for every pair. Its samples are not independent: do not use its
+            variances for confidence intervals.
+        batch_size: patched forwards per batch; None picks it from ``memory_gb``.
+        memory_gb: memory budget for one batch (activations, masks and statistics).
+    """
+
+    seeded = True
+    aggregation = "mean_abs"
+
+    def __init__(self, *, samples: int = 256, p: float = 0.5, seed: int = 0, design: str = "random",
+                 batch_size: int | None = None, memory_gb: float = 1.0) -> None:
+        self.samples = samples
+        self.p = p
+        self.seed = seed
+        self.design = design
+        self.batch_size = batch_size
+        self.memory_gb = memory_gb
+
+    def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
+        check_options(self.samples, self.p, self.design, self.batch_size, self.memory_gb)
+
+    def _attribute(
+        self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        cache = prepare(model, pairs, direction, node_types, cost)
+        stats = subsample(model, cache, node_types, samples=self.samples, p=self.p, seed=self.seed, design=self.design,
+                          batch_size=self.batch_size, memory_gb=self.memory_gb, cost=cost, progress=progress)
+        per_pair = {t: stats.estimate(t).to(model.dtype) for t in node_types}
+        extras = {f"{name}/{t}": stats.get(name, t) for t in node_types for name in STATS}
+        return per_pair, extras, {"base_metric": cache.base_metric.tolist()}
+
+
+def check_options(samples: Any, p: Any, design: Any, batch_size: Any, memory_gb: Any) -> None:
+    """Raise ``InputError`` for bad Subsampling options (before any forward pass)."""
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 2:
+        raise InputError(f"samples must be an integer >= 2; got {samples!r}")
+    if not isinstance(p, (int, float)) or not 0.0 < float(p) < 1.0:
+        raise InputError(f"p must be a probability strictly between 0 and 1; got {p!r}")
+    if design not in DESIGNS:
+        raise InputError(f"unknown design {design!r}; choose one of {list(DESIGNS)}")
+    if design == "balanced":
+        if samples & (samples - 1):
+            raise InputError(f"design='balanced' needs samples to be a power of two; got {samples} (try {1 << samples.bit_length()})")
+        if float(p) != 0.5:
+            raise InputError(f"design='balanced' puts every node in exactly half the samples, so p must be 0.5; got {p}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}")
+    if not isinstance(memory_gb, (int, float)) or memory_gb <= 0:
+        raise InputError(f"memory_gb must be positive; got {memory_gb!r}")
+
+
+@dataclass
+class SubsamplingStats:
+    """Running in/out statistics per pair and node, flattened over node types.
+
+    Attributes:
+        shapes: node type -> per-pair layout; the flat node axis concatenates the types in this order.
+        values: statistic name (``STATS``, with ``m2_in``/``m2_out`` instead of variances) -> [P, N] float64.
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    values: dict[str, torch.Tensor]
+
+    def _span(self, node_type: str) -> slice:
+        start = 0
+        for t, shape in self.shapes.items():
+            size = int(torch.Size(shape).numel())
+            if t == node_type:
+                return slice(start, start + size)
+            start += size
+        raise KeyError(node_type)
+
+    def flat(self, name: str) -> torch.Tensor:
+        """Statistic ``name`` (one of ``STATS``) over all nodes: [P, N] float64."""
+        if name in ("var_in", "var_out"):
+            side = name[4:]
+            count = self.values[f"count_{side}"]
+            return torch.where(count >= 2, self.values[f"m2_{side}"] / (count - 1).clamp(min=1), torch.zeros_like(count))
+        return self.values[name]
+
+    def get(self, name: str, node_type: str) -> torch.Tensor:
+        """Statistic ``name`` for one node type: [P, *layout]."""
+        value = self.flat(name)[:, self._span(node_type)]
+        value = value.reshape(value.shape[0], *self.shapes[node_type])
+        return value.long() if name.startswith("count") else value
+
+    def estimate(self, node_type: str) -> torch.Tensor:
+        """mean_in - mean_out per pair, 0 where either side has no sample: [P, *layout] float64."""
+        seen = (self.get("count_in", node_type) > 0) & (self.get("count_out", node_type) > 0)
+        diff = self.get("mean_in", node_type) - self.get("mean_out", node_type)
+        return torch.where(seen, diff, torch.zeros_like(diff))
+
+
+def subsample(
+    model: Model,
+    cache: PatchCache,
+    node_types: list[str],
+    *,
+    samples: int,
+    p: float,
+    seed: int,
+    design: str,
+    cost: Cost,
+    batch_size: int | None = None,
+    memory_gb: float = 1.0,
+    exclude: dict[str, torch.Tensor] | None = None,
+    progress: bool = False,
+) -> SubsamplingStats:
+    """Run Algorithm 1 on every pair of ``cache`` and return the in/out statistics.
+
+    Args:
+        exclude: node type -> bool [*layout]; these nodes are never patched (their statistics are
+            meaningless). Used by the false-negative bound to leave verified nodes alone.
+    """
+    n_pairs = cache.n_pairs
+    seq_len = cache.pairs.seq_len
+    shapes = {t: node_shape(t, model.sizes, seq_len) for t in node_types}
+    n_nodes = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    keep = torch.ones(n_nodes, dtype=torch.bool)
+    if exclude is not None:
+        keep = torch.cat([~exclude[t].reshape(-1) if t in exclude else torch.ones(int(torch.Size(shapes[t]).numel()),
+                          dtype=torch.bool) for t in node_types])
+    # Per element: the forward's activations plus masks and float64 statistics work space over N nodes.
+    per_element = element_bytes(model, seq_len) + n_nodes * 40
+    batch = batch_size or max(1, int(memory_gb * 2**30 // per_element))
+    codes = _balanced_codes(n_nodes, samples, seed) if design == "balanced" else None
+    values = {name: torch.zeros(n_pairs, n_nodes, dtype=torch.float64)
+              for name in ("count_in", "mean_in", "m2_in", "count_out", "mean_out", "m2_out")}
+    total = samples * n_pairs
+    with progress_bar(total, "subsampling", progress) as bar:
+        for start in range(0, total, batch):
+            element = torch.arange(start, min(start + batch, total))
+            pair_index, sample_index = element % n_pairs, element // n_pairs
+            if codes is None:
+                chosen = torch.stack([_random_subset(n_nodes, p, seed, int(j), int(s))
+                                      for j, s in zip(pair_index, sample_index)])  # [B, N]
+            else:
+                chosen = _balanced_subset(codes, sample_index)
+            chosen &= keep
+            masks, offset = {}, 0
+            for t in node_types:
+                size = int(torch.Size(shapes[t]).numel())
+                masks[t] = chosen[:, offset : offset + size].reshape(len(element), *shapes[t])
+                offset += size
+            delta = patch_masks(model, cache, masks, pair_index, cost).detach().double().cpu()  # [B]
+            _update(values, chosen, delta, pair_index, n_pairs)
+            bar.update(len(element))
+    return SubsamplingStats(shapes, values)
+
+
+def _update(values: dict[str, torch.Tensor], chosen: torch.Tensor, delta: torch.Tensor, pair_index: torch.Tensor,
+            n_pairs: int) -> None:
+    """Merge one batch of samples into the running per-pair, per-node statistics."""
+    onehot = torch.nn.functional.one_hot(pair_index, n_pairs).double()  # [B, P]
+    for side, member in (("in", chosen.double()), ("out", (~chosen).double())):
+        count = onehot.T @ member  # [P, N]
+        mean = (onehot.T @ (member * delta[:, None])) / count.clamp(min=1)
+        m2 = onehot.T @ (member * (delta[:, None] - mean[pair_index]).square())
+        merged = welford_merge(values[f"count_{side}"], values[f"mean_{side}"], values[f"m2_{side}"], count, mean, m2)
+        values[f"count_{side}"], values[f"mean_{side}"], values[f"m2_{side}"] = merged
+
+
+def _random_subset(n_nodes: int, p: float, seed: int, pair: int, sample: int) -> torch.Tensor:
+    """Subset of sample ``sample`` on pair ``pair``: bool [N], from its own generator (batch-independent)."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + pair) * 1_000_033 + sample)
+    return torch.rand(n_nodes, generator=generator, dtype=torch.float64) < p
+
+
+def _balanced_codes(n_nodes: int, samples: int, seed: int) -> torch.Tensor:
+    """Hadamard column codes in 1..samples-1 per node: [N] int64 (distinct when N < samples)."""
+    generator = torch.Generator().manual_seed(seed)
+    if n_nodes < samples:
+        return torch.randperm(samples - 1, generator=generator)[:n_nodes] + 1
+    return torch.randint(1, samples, (n_nodes,), generator=generator)
+
+
+def _balanced_subset(codes: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+    """Node n is in sample s iff popcount(s & code_n) is odd (Sylvester-Hadamard entry -1): bool [B, N]."""
+    bits = sample_index[:, None] & codes[None, :]  # [B, N]
+    parity = torch.zeros_like(bits)
+    while bool(bits.any()):
+        parity ^= bits & 1
+        bits = bits >> 1
+    return parity.bool()

@@ -1,0 +1,199 @@
+"""Verification: exact activation patching of nodes in the order an estimate ranks them (spec §8).
+
+Estimators are pre-filters: ``verify`` takes their ranking (largest ``|score|`` first, across the
+estimate's node types) and patches the nodes one by one, exactly, on every pair, until ``budget``
+nodes are verified or the estimate's score falls below ``threshold``. Both stopping rules depend only
+on the estimate, so the verified set is known up front and patching is batched by layer behind the
+scenes; the result lists nodes in estimate order.
+Cost: 2P full forwards (base and source runs), then one forward per verified node and pair started at
+the node's layer, counted (L - l) / L.
+
+Shape letters: P pairs, N verified nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .cost import Cost
+from .engine import element_bytes, patch_single_nodes, prepare
+from .errors import InputError
+from .model import as_model
+from .nodes import node_name, node_shape
+from .pairs import PromptPairs, check_direction
+from .progress import progress_bar
+from .result import Attribution
+
+
+@dataclass
+class Verification:
+    """Exact effects of the nodes an estimate ranked highest, in its order.
+
+    Attributes:
+        nodes: ``(node_type, index)`` per verified node, index in the per-pair layout without the pair
+            axis (``(layer, pos, neuron)`` for neurons, ``(layer, head, pos)`` otherwise).
+        effects: [N, P] exact signed effect of each node on each pair.
+        estimate_scores: [N] the estimate's score of each node (its ranking key is the absolute value).
+        node_types: the estimate's node types (the population the verified nodes were drawn from).
+        direction, metric, model_id: as in ``Attribution``.
+        cost: passes run by the verification alone (not the estimate's).
+        base_metric: [P] metric of the unpatched base run.
+    """
+
+    nodes: list[tuple[str, tuple[int, ...]]]
+    effects: torch.Tensor
+    estimate_scores: torch.Tensor
+    node_types: list[str]
+    direction: str
+    metric: str
+    model_id: str
+    cost: Cost
+    base_metric: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_verified(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def mean_effects(self) -> torch.Tensor:
+        """[N] c(n) = mean over pairs of the exact effect."""
+        return self.effects.mean(1)
+
+    @property
+    def names(self) -> list[str]:
+        """TransformerLens-style name per verified node."""
+        return [node_name(t, index) for t, index in self.nodes]
+
+    def masks(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """node type -> bool [*layout], True at verified nodes, for every type in ``shapes``."""
+        out = {t: torch.zeros(shape, dtype=torch.bool) for t, shape in shapes.items()}
+        for t, index in self.nodes:
+            if t in out:
+                out[t][index] = True
+        return out
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One row per verified node, in verification order."""
+        rows = []
+        for rank, ((t, index), name) in enumerate(zip(self.nodes, self.names), start=1):
+            keys = ("layer", "pos", "index") if t == "neuron" else ("layer", "head", "pos")
+            row: dict[str, Any] = {"rank": rank, "name": name, "node_type": t, **dict(zip(keys, index))}
+            row["estimate_score"] = float(self.estimate_scores[rank - 1])
+            row["effect"] = float(self.mean_effects[rank - 1])
+            rows.append(row)
+        return rows
+
+    def __repr__(self) -> str:
+        return f"Verification(n_verified={self.n_verified}, direction={self.direction!r}, metric={self.metric!r}, cost={self.cost})"
+
+
+def verify(
+    model: Any,
+    pairs: PromptPairs,
+    estimate: Attribution,
+    budget: int | None = None,
+    threshold: float | None = None,
+    direction: str | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Verification:
+    """Patch nodes exactly, one at a time, in the order of ``estimate`` (largest ``|score|`` first).
+
+    Args:
+        model: an ``atpstar.Model`` or a ``transformers`` causal LM.
+        pairs: the prompt pairs to verify on (their layout must match the estimate's).
+        estimate: any ``Attribution``; its ``scores`` give the order (``estimate.order()``).
+        budget: verify at most this many nodes; None: no limit.
+        threshold: verify only nodes with ``|score| >= threshold``; None: no limit. With neither, every
+            node of the estimate is verified (exhaustive patching in estimate order).
+        direction: ``"noising"`` or ``"denoising"``; None takes ``estimate.direction``.
+        batch_size: patched forwards per batch; None fits a 1 GB budget.
+        progress: show a progress bar.
+
+    Returns:
+        ``Verification`` with ``nodes``, ``effects`` [N, P], ``mean_effects``, ``names``, ``cost``.
+
+    Raises:
+        InputError: bad estimate, budget, threshold, direction or batch size.
+    """
+    model = as_model(model)
+    if not isinstance(estimate, Attribution):
+        raise InputError(f"estimate must be an atpstar.Attribution (from attribute); got {type(estimate).__name__}")
+    if not isinstance(pairs, PromptPairs):
+        raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
+    direction = check_direction(estimate.direction if direction is None else direction)
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
+        raise InputError(f"budget must be an integer >= 0 or None; got {budget!r}")
+    if threshold is not None and (not isinstance(threshold, (int, float)) or threshold < 0):
+        raise InputError(f"threshold must be a number >= 0 or None; got {threshold!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}")
+    node_types = estimate.node_types
+    for t in node_types:
+        want = node_shape(t, model.sizes, pairs.seq_len)
+        if tuple(estimate.scores[t].shape) != want:
+            raise InputError(
+                f"estimate scores for {t!r} have shape {tuple(estimate.scores[t].shape)}, but this model and these "
+                f"pairs give {want}; verify with the model and prompt length the estimate was made for"
+            )
+    model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+
+    types, type_index, flat_index = estimate.order()
+    ranked_scores = torch.cat([estimate.scores[t].flatten().double() for t in types])
+    offsets = torch.tensor([0] + [estimate.scores[t].numel() for t in types]).cumsum(0)
+    ranked_scores = ranked_scores[offsets[type_index] + flat_index]  # [all nodes] in estimate order
+    n_verify = len(ranked_scores)
+    if threshold is not None:
+        n_verify = int((ranked_scores.abs() >= threshold).sum())  # sorted by |score|: a prefix
+    if budget is not None:
+        n_verify = min(n_verify, budget)
+
+    cost = Cost()
+    cache = prepare(model, pairs, direction, node_types, cost)
+    n_pairs = pairs.n_pairs
+    effects = torch.zeros(n_verify, n_pairs, dtype=torch.float64)
+    batch = batch_size or max(1, int(2**30 // element_bytes(model, pairs.seq_len)))
+    nodes: list[tuple[str, tuple[int, ...]]] = []
+    layout_index: dict[str, torch.Tensor] = {}
+    for i, t in enumerate(types):
+        rank = torch.nonzero(type_index[:n_verify] == i)[:, 0]  # [n_t] positions in verification order
+        index = torch.stack(torch.unravel_index(flat_index[rank], estimate.scores[t].shape), 1)  # [n_t, 3]
+        layout_index[t] = torch.cat([rank[:, None], index], 1)
+    for rank in range(n_verify):
+        t = types[int(type_index[rank])]
+        shape = estimate.scores[t].shape
+        nodes.append((t, tuple(int(v) for v in torch.unravel_index(flat_index[rank], shape))))
+
+    with progress_bar(n_verify * n_pairs, "verify", progress) as bar:
+        for t in types:
+            rows = layout_index[t]  # [n_t, 4]: rank, layer, a, b
+            for layer in torch.unique(rows[:, 1]).tolist():
+                group = rows[rows[:, 1] == layer]
+                rank = group[:, 0].repeat_interleave(n_pairs)  # one element per (node, pair)
+                pair_i = torch.arange(n_pairs).repeat(len(group))
+                a, b = group[:, 2].repeat_interleave(n_pairs), group[:, 3].repeat_interleave(n_pairs)
+                unit_i, pos_i = (b, a) if t == "neuron" else (a, b)
+                order = torch.sort(pos_i, stable=True).indices  # late positions together: later starts
+                for start in range(0, len(order), batch):
+                    chunk = order[start : start + batch]
+                    effect = patch_single_nodes(model, cache, t, int(layer), pair_i[chunk], unit_i[chunk], pos_i[chunk], cost)
+                    effects[rank[chunk], pair_i[chunk]] = effect.detach().double().cpu()
+                    bar.update(len(chunk))
+
+    return Verification(
+        nodes=nodes,
+        effects=effects,
+        estimate_scores=ranked_scores[:n_verify].clone(),
+        node_types=list(node_types),
+        direction=direction,
+        metric=pairs.metric_name,
+        model_id=model.model_id,
+        cost=cost,
+        base_metric=cache.base_metric.detach().double().cpu(),
+        info={"estimate_method": estimate.method, "budget": budget, "threshold": threshold,
+              "n_nodes": int(len(ranked_scores))},
+    )

@@ -1,0 +1,109 @@
+"""Slow brute-force oracles for the QK fix and GradDrop (loops, one softmax per changed row).
+
+They use atpstar's layer-by-layer ``Run`` only to read base/source q, k, patterns and gradients
+(the runner itself is checked against plain hooks in ``hooks``); all the math is redone naively:
+
+- query fix: for one query, recompute its softmax row with the source query, Σ (A' - A) G;
+- key fix: for one key, recompute every row that sees it with the source key, Σ (A' - A) G,
+  summed over the query heads of its kv group;
+- GradDrop: L separate backward passes, each with one layer's residual write detached
+  (``Run(drop_layer=l)``), Σ_l |Î_l| / (L - 1).
+
+Shape letters: P pairs, L layers, H heads, K kv heads, T positions, E d_head, M d_mlp.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from atpstar.runner import Run
+
+from .hooks import metric_of
+
+SITE = {"neuron": "neuron", "query": "q", "key": "k", "value": "v", "head": "z"}
+SITES = ("q", "k", "v", "z", "neuron", "pattern")
+
+
+def query_fix(q_source: torch.Tensor, k_base: torch.Tensor, pattern: torch.Tensor, grad: torch.Tensor,
+              scaling: float) -> torch.Tensor:
+    """q_source [H, T, E], k_base [K, T, E], pattern/grad [H, T, T] -> [H, T]."""
+    n_heads, n_pos = q_source.shape[:2]
+    group = n_heads // k_base.shape[0]
+    out = torch.zeros(n_heads, n_pos, dtype=q_source.dtype)
+    for h in range(n_heads):
+        for t in range(n_pos):
+            new = torch.softmax(k_base[h // group, : t + 1] @ q_source[h, t] * scaling, -1)
+            out[h, t] = ((new - pattern[h, t, : t + 1]) * grad[h, t, : t + 1]).sum()
+    return out
+
+
+def key_fix(q_base: torch.Tensor, k_base: torch.Tensor, k_source: torch.Tensor, grad: torch.Tensor,
+            scaling: float) -> torch.Tensor:
+    """q_base [H, T, E], k_base/k_source [K, T, E], grad [H, T, T] -> [K, T] (summed over the group's heads)."""
+    n_heads, n_pos = q_base.shape[:2]
+    n_kv = k_base.shape[0]
+    group = n_heads // n_kv
+    out = torch.zeros(n_kv, n_pos, dtype=q_base.dtype)
+    for g in range(n_kv):
+        for s in range(n_pos):
+            keys = k_base[g].clone()
+            keys[s] = k_source[g, s]
+            for h in range(g * group, (g + 1) * group):
+                for t in range(s, n_pos):
+                    old = torch.softmax(k_base[g, : t + 1] @ q_base[h, t] * scaling, -1)
+                    new = torch.softmax(keys[: t + 1] @ q_base[h, t] * scaling, -1)
+                    out[g, s] += ((new - old) * grad[h, t, : t + 1]).sum()
+    return out
+
+
+def records(model: Any, tokens: torch.Tensor, pairs: Any = None, drop_layer: int | None = None) -> tuple[Run, dict]:
+    """A run on ``tokens`` recording all sites; with ``pairs``, also d metric / d site (with one layer dropped)."""
+    run = Run(model.n_layers, record=SITES, drop_layer=drop_layer)
+    if pairs is None:
+        with torch.no_grad():
+            model.run_layers(model.embed(tokens), run)
+        return run, {}
+    with torch.enable_grad():
+        hidden = model.embed(tokens).detach().requires_grad_(True)
+        final = model.run_layers(hidden, run)
+        metric = metric_of(model.unembed(final[:, -1]), pairs.answer, pairs.distractor, pairs.metric)
+        keys = [(site, layer) for site in SITES for layer in range(model.n_layers)]
+        grads = torch.autograd.grad(metric.sum(), [run.records[s][l] for s, l in keys], allow_unused=True)
+    return run, {key: (torch.zeros_like(run.records[key[0]][key[1]]) if g is None else g) for key, g in zip(keys, grads)}
+
+
+def atp(model: Any, pairs: Any, node_types, direction: str = "noising", qk_fix: bool = False,
+        drop_layer: int | None = None) -> dict[str, torch.Tensor]:
+    """Per-pair AtP (optionally with the brute-force QK fix, optionally with a dropped layer): [P, *layout]."""
+    base_tokens, source_tokens = (pairs.clean, pairs.noise) if direction == "noising" else (pairs.noise, pairs.clean)
+    source, _ = records(model, source_tokens)
+    base, grads = records(model, base_tokens, pairs, drop_layer)
+    out: dict[str, torch.Tensor] = {}
+    for t in node_types:
+        per_layer = []
+        for layer in range(model.n_layers):
+            scaling = base.scaling[layer]
+            src = source.records[SITE[t]][layer]
+            ref = base.records[SITE[t]][layer].detach()
+            if qk_fix and t == "query":
+                est = torch.stack([
+                    query_fix(src[p], base.records["k"][layer][p].detach(), base.records["pattern"][layer][p].detach(),
+                              grads[("pattern", layer)][p], scaling) for p in range(pairs.n_pairs)])
+            elif qk_fix and t == "key":
+                est = torch.stack([
+                    key_fix(base.records["q"][layer][p].detach(), ref[p], src[p], grads[("pattern", layer)][p], scaling)
+                    for p in range(pairs.n_pairs)])
+            else:
+                prod = (src - ref) * grads[(SITE[t], layer)]
+                est = prod if t == "neuron" else prod.sum(-1)  # [P, T, M] or [P, U, T]
+            per_layer.append(est)
+        out[t] = torch.stack(per_layer, 1)
+    return out
+
+
+def graddrop(model: Any, pairs: Any, node_types, direction: str = "noising", qk_fix: bool = False) -> dict[str, torch.Tensor]:
+    """Σ_l |Î_l| / (L - 1) with L separate dropped backward passes."""
+    terms = [atp(model, pairs, node_types, direction, qk_fix, drop_layer=l) for l in range(model.n_layers)]
+    return {t: sum(term[t].abs() for term in terms) / (model.n_layers - 1) for t in node_types}

@@ -1,0 +1,156 @@
+"""ops: the vectorised QK fix against a per-row softmax recomputation, including saturated extremes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import brute
+
+from atpstar.ops import causal_scores, graddrop_combine, key_fix, query_fix
+
+REL = 1e-6
+
+
+def brute_query(q_source, k_base, pattern, grad, scaling):
+    return torch.stack([brute.query_fix(q_source[b], k_base[b], pattern[b], grad[b], scaling) for b in range(len(q_source))])
+
+
+def brute_key(q_base, k_base, k_source, grad, scaling):
+    return torch.stack([brute.key_fix(q_base[b], k_base[b], k_source[b], grad[b], scaling) for b in range(len(q_base))])
+
+
+def pattern_of(q, k, scaling):
+    return torch.softmax(causal_scores(q, k, scaling), -1)
+
+
+def assert_elementwise(actual, expected, rel=REL, floor=1e-9):
+    """|actual - expected| <= rel (|expected| + floor): relative even for ~1e-9 values; floor absorbs round-off on zeros."""
+    assert actual.shape == expected.shape
+    assert torch.isfinite(actual).all(), "NaN/inf in the fix"
+    bound = rel * expected.abs() + rel * floor
+    assert bool(((actual - expected).abs() <= bound).all()), (actual, expected)
+
+
+def assert_close_scaled(actual, expected, rel=REL):
+    assert actual.shape == expected.shape
+    assert torch.isfinite(actual).all(), "NaN/inf in the fix"
+    assert float((actual - expected).abs().max()) <= rel * float(expected.abs().max()) + 1e-15
+
+
+def random_inputs(seed, heads=4, kv_heads=2, positions=6, d_head=3, q_scale=1.0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)  # noqa: E731
+    q_base = rand(2, heads, positions, d_head) * q_scale
+    q_source = q_base + rand(2, heads, positions, d_head) * q_scale
+    k_base = rand(2, kv_heads, positions, d_head) * q_scale
+    k_source = k_base + rand(2, kv_heads, positions, d_head) * q_scale
+    grad = rand(2, heads, positions, positions)
+    return q_base, q_source, k_base, k_source, grad
+
+
+@pytest.mark.parametrize("q_scale", [1.0, 6.0])  # 6: many rows saturated (probabilities ~1 and ~1e-20)
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_fixes_match_brute_force_on_random_tensors(q_scale, heads, kv_heads):
+    q_base, q_source, k_base, k_source, grad = random_inputs(int(q_scale) + heads + kv_heads, heads, kv_heads, q_scale=q_scale)
+    scaling = 3**-0.5
+    pattern = pattern_of(q_base, k_base, scaling)
+    assert_close_scaled(query_fix(q_source, k_base, pattern, grad, scaling), brute_query(q_source, k_base, pattern, grad, scaling))
+    assert_close_scaled(key_fix(q_base, k_base, k_source, grad, scaling), brute_key(q_base, k_base, k_source, grad, scaling))
+
+
+def test_masked_gradient_entries_are_ignored():
+    q_base, q_source, k_base, k_source, grad = random_inputs(3)
+    pattern = pattern_of(q_base, k_base, 0.5)
+    garbage = grad + torch.full_like(grad, 1e6).triu(1)  # only above the diagonal: masked entries
+    assert_close_scaled(key_fix(q_base, k_base, k_source, garbage, 0.5), key_fix(q_base, k_base, k_source, grad, 0.5), 1e-12)
+    assert_close_scaled(query_fix(q_source, k_base, pattern, garbage, 0.5), query_fix(q_source, k_base, pattern, grad, 0.5), 1e-12)
+
+
+def _one_dim(keys, keys_source, positions, seed=0):
+    """E = 1, q = 1 at every position, scaling 1: S[t, s] = k_s, Δ[t, s] = k_s(source) - k_s(base)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.ones(1, 1, positions, 1, dtype=torch.float64)
+    k_base = torch.tensor(keys, dtype=torch.float64).view(1, 1, positions, 1)
+    k_source = torch.tensor(keys_source, dtype=torch.float64).view(1, 1, positions, 1)
+    grad = torch.randn(1, 1, positions, positions, generator=gen, dtype=torch.float64)
+    return q, k_base, k_source, grad
+
+
+def test_key_fix_tiny_probability_large_positive_change():
+    """a ~ 1e-30 and Δ = +50: AtP sees ~0, the exact change is ~e^-19; never clamp small probabilities."""
+    q, k_base, k_source, grad = _one_dim([0.0, -69.0, 0.3, -0.2, 0.1], [0.0, -19.0, 0.3, -0.2, 0.1], 5)
+    expected = brute_key(q, k_base, k_source, grad, 1.0)
+    actual = key_fix(q, k_base, k_source, grad, 1.0)
+    assert float(expected[0, 0, 1].abs()) > 1e-10
+    assert_elementwise(actual, expected)
+
+
+def test_key_fix_dominant_key_large_negative_change():
+    """a = 1 to float64 precision (others ~e^-40) and Δ = -50: the key loses almost all its weight."""
+    q, k_base, k_source, grad = _one_dim([0.0, 40.0, 0.0, 0.5, -1.0], [0.0, -10.0, 0.0, 0.5, -1.0], 5)
+    pattern = pattern_of(q, k_base, 1.0)
+    assert float(pattern[0, 0, 2, 1]) == 1.0  # saturated to exactly 1
+    expected = brute_key(q, k_base, k_source, grad, 1.0)
+    actual = key_fix(q, k_base, k_source, grad, 1.0)
+    assert float(expected[0, 0, 1].abs()) > 0.1
+    assert_elementwise(actual, expected)
+
+
+def test_key_fix_dominant_key_small_change():
+    """a ≈ 1 - 1e-17 with a small Δ: the change is ~1e-17 and must not be lost to 1 - a = 0."""
+    q, k_base, k_source, grad = _one_dim([0.0, 40.0, 0.0], [0.0, 40.5, 0.0], 3)
+    expected_row = []
+    for t in (1, 2):
+        scores = k_base[0, 0, : t + 1, 0].clone()
+        old = torch.softmax(scores, 0)
+        new_scores = scores.clone()
+        new_scores[1] += 0.5
+        new = torch.softmax(new_scores, 0)
+        # old/new of the small entries are accurate in float64 (no cancellation); the big one by complement.
+        change = torch.cat([new[:1] - old[:1], -(new[:1] - old[:1] + (new[2:] - old[2:]).sum()).view(1), new[2:] - old[2:]])
+        expected_row.append((change * grad[0, 0, t, : t + 1]).sum())
+    expected = torch.stack(expected_row).sum()
+    actual = key_fix(q, k_base, k_source, grad, 1.0)[0, 0, 1]
+    assert abs(float(expected)) > 1e-20
+    assert abs(float(actual - expected)) <= 1e-6 * abs(float(expected))
+
+
+def test_single_visible_key_contributes_nothing():
+    """Row 0 sees only key 0 (probability exactly 1): changing that key or query changes nothing there."""
+    q = torch.randn(1, 1, 1, 2, dtype=torch.float64)
+    k_base = torch.randn(1, 1, 1, 2, dtype=torch.float64)
+    k_source = k_base + 100.0
+    grad = torch.randn(1, 1, 1, 1, dtype=torch.float64)
+    pattern = pattern_of(q, k_base, 1.0)
+    assert float(pattern) == 1.0
+    assert float(key_fix(q, k_base, k_source, grad, 1.0)) == 0.0
+    assert float(query_fix(q * -50, k_base, pattern, grad, 1.0)) == 0.0
+
+
+def test_query_fix_saturated_rows():
+    """A source query that flips which key a saturated row attends to: the change is ~1 per row."""
+    q, k_base, _, grad = _one_dim([0.0, 1.0, -1.0, 2.0], [0.0] * 4, 4)
+    q_base = q * 60.0  # rows one-hot on their largest key
+    q_source = q * -60.0  # one-hot on their smallest key
+    pattern = pattern_of(q_base, k_base, 1.0)
+    expected = brute_query(q_source, k_base, pattern, grad, 1.0)
+    actual = query_fix(q_source, k_base, pattern, grad, 1.0)
+    assert float(expected.abs().max()) > 0.1
+    assert_elementwise(actual, expected)
+
+
+def test_ties_and_float32_stay_finite():
+    q = torch.ones(1, 2, 4, 1)
+    k_base = torch.zeros(1, 1, 4, 1)  # every row uniform: ties for the dominant key
+    k_source = torch.tensor([80.0, -80.0, 30.0, 0.0]).view(1, 1, 4, 1)
+    grad = torch.randn(1, 2, 4, 4)
+    expected = brute_key(q.double(), k_base.double(), k_source.double(), grad.double(), 1.0)
+    actual = key_fix(q, k_base, k_source, grad, 1.0)
+    assert actual.dtype == torch.float32
+    assert torch.isfinite(actual).all()
+    assert float((actual.double() - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+
+
+def test_graddrop_combine():
+    total = torch.tensor([0.0, 3.0, 6.0])
+    assert torch.equal(graddrop_combine(total, 4), total / 3)
