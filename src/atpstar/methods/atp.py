@@ -25,10 +25,10 @@ from ..runner import Run
 from .base import Method, register
 
 
-@register("atp", qk_fix=False, grad_drop=False)
-@register("atp+qkfix", qk_fix=True, grad_drop=False)
-@register("atp+graddrop", qk_fix=False, grad_drop=True)
 @register("atp*", qk_fix=True, grad_drop=True)
+@register("atp+graddrop", qk_fix=False, grad_drop=True)
+@register("atp+qkfix", qk_fix=True, grad_drop=False)
+@register("atp", qk_fix=False, grad_drop=False)  # decorators apply bottom-up: this order lists atp first
 class AttributionPatching(Method):
     """AtP and its fixes; the method ids fix ``qk_fix`` and ``grad_drop``.
 

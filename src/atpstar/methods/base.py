@@ -28,6 +28,7 @@ class Method:
     exact: ClassVar[bool] = False  # computes true effects rather than estimates
     needs_gradients: ClassVar[bool] = False
     seeded: ClassVar[bool] = False
+    pairs_interact: ClassVar[bool] = False  # a pair's result depends on the other pairs in the call
     aggregation: ClassVar[str] = "mean_abs"
 
     def get_options(self) -> dict[str, Any]:

@@ -51,6 +51,7 @@ class Hierarchical(Method):
     """
 
     aggregation = "mean_abs"
+    pairs_interact = True  # splits follow the mean over pairs
 
     def __init__(self, *, branching: int = 4, threshold: float | None = None, budget: int | None = None,
                  batch_size: int | None = None, memory_gb: float = 1.0) -> None:
