@@ -69,14 +69,16 @@ def test_run_writes_results_csv_plots_report(tiny, tmp_path, capsys) -> None:
 def test_compare_reuses_ground_truth(tiny, tmp_path, capsys) -> None:
     model, pairs = tiny
     out = tmp_path / "cmp"
-    args = ["compare", "--model", str(model), "--task", str(pairs), "--methods", "atp,atp*", "--nodes", "qkv",
+    args = ["compare", "--model", str(model), "--task", str(pairs), "--methods", "atp,atp*,subsampling,blocks,hierarchical",
+            "--option", "subsampling:samples=16", "--option", "blocks:block_size=4", "--nodes", "qkv",
             "--out", str(out), "--no-progress", "--k-max", "5"]
     assert main(args) == 0
     for name in ("ground_truth.json", "ground_truth.safetensors", "comparison_per_pair.md", "comparison_distribution.csv",
                  "evaluation_per_pair.json", "cost_curves_per_pair.png", "estimate_vs_truth.svg", "report.html",
                  "estimates/atp_star.json"):
         assert (out / name).is_file(), name
-    assert "| atp" in (out / "comparison_per_pair.md").read_text()
+    table = (out / "comparison_per_pair.md").read_text()
+    assert all(f"| {m} |" in table for m in ("atp", "atp*", "subsampling", "blocks", "hierarchical"))
     printed = capsys.readouterr()
     assert "cost@1" in printed.out
     assert main(args + ["--no-plots"]) == 0

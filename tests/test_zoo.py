@@ -26,7 +26,7 @@ def test_builtin_names():
 
 
 def test_toy_is_small_gpt_neox_in_eval_mode(toy):
-    hf_model, tokenizer = toy
+    hf_model, _ = toy
     config = hf_model.config
     assert config.model_type == "gpt_neox" and config.use_parallel_residual
     assert config.num_hidden_layers == 2 and config.num_attention_heads == 4

@@ -254,11 +254,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import tasks
 
     start = time.monotonic()
+    nodes = parse_nodes(args.nodes)
     out = _out_dir(args)
     model = _load_model(args)
     pairs = tasks.ioi(model.tokenizer, args.pairs, seed=args.seed)
     task = f"ioi ({pairs.n_pairs} pairs, seed {args.seed}, metric {pairs.metric_name})"
-    estimate = _attribute(model, pairs, "atp*", parse_nodes(args.nodes), {}, args)
+    estimate = _attribute(model, pairs, "atp*", nodes, {}, args)
     verified = _verify(model, pairs, estimate, args.budget, None, args) if args.budget > 0 else None
     bound = None
     if verified is not None and args.bound_samples > 0:
@@ -268,12 +269,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .methods import build_method
+
     start = time.monotonic()
+    nodes = parse_nodes(args.nodes)
+    options = parse_options(args.option, [args.method])[args.method]
+    build_method(args.method, **options)  # unknown ids and options fail before the model loads
     out = _out_dir(args)
     model = _load_model(args)
     pairs, task = load_task(model, args)
-    options = parse_options(args.option, [args.method])[args.method]
-    estimate = _attribute(model, pairs, args.method, parse_nodes(args.nodes), options, args)
+    estimate = _attribute(model, pairs, args.method, nodes, options, args)
     verified = _verify(model, pairs, estimate, args.verify, None, args) if args.verify > 0 else None
     _finish_run(args, out, model, pairs, task, estimate, verified, None, start, title=f"atpstar run: {args.method}")
     return 0
@@ -333,6 +338,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise InputError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
     options = parse_options(args.option, methods)
     nodes = parse_nodes(args.nodes)
+    from .methods import build_method
+
+    for method in methods:
+        build_method(method, **options[method])  # bad options fail before the model loads
     model = _load_model(args)
     pairs, task = load_task(model, args)
     truth = _cached_or_run(out / "ground_truth", model, pairs, "activation_patching", nodes,

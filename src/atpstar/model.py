@@ -38,7 +38,7 @@ class Model:
         if hf_model.training:
             hf_model.eval()
             warnings.warn("atpstar: the model was in training mode; switched it to eval mode (dropout off)", stacklevel=3)
-        self.hf_model = hf_model
+        self.hf_model: Any = hf_model
         self.tokenizer = tokenizer
         self.model_id = model_id or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
         self.sizes: Sizes = sizes_of(hf_model.config)
@@ -95,7 +95,7 @@ class Model:
         """Route attention and MLP neurons through ``run``; restore everything afterwards, also on error."""
         for layer, module in enumerate(self._attention_modules):
             run.layer_of_attention[id(module)] = layer
-        config = self.hf_model.config
+        config: Any = self.hf_model.config
         saved_impl = config._attn_implementation
         saved_grad = [p.requires_grad for p in self.hf_model.parameters()]
         handles = []

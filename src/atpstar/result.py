@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 
 class RankedNode(NamedTuple):
     node_type: str
-    index: tuple[int, ...]
+    index: tuple[int, ...]  # type: ignore[assignment]  # shadows tuple.index; the name users expect
     name: str
     score: float
 

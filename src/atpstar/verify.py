@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .cost import Cost
-from .engine import element_bytes, patch_single_nodes, prepare
+from .engine import MIN_CHUNK_TOKENS, element_bytes, patch_single_nodes, plan_chunks, prepare
 from .errors import InputError
 from .model import as_model
 from .nodes import node_name, node_shape
@@ -163,10 +163,10 @@ def verify(
         rank = torch.nonzero(type_index[:n_verify] == i)[:, 0]  # [n_t] positions in verification order
         index = torch.stack(torch.unravel_index(flat_index[rank], estimate.scores[t].shape), 1)  # [n_t, 3]
         layout_index[t] = torch.cat([rank[:, None], index], 1)
-    for rank in range(n_verify):
-        t = types[int(type_index[rank])]
+    for position in range(n_verify):
+        t = types[int(type_index[position])]
         shape = estimate.scores[t].shape
-        nodes.append((t, tuple(int(v) for v in torch.unravel_index(flat_index[rank], shape))))
+        nodes.append((t, tuple(int(v) for v in torch.unravel_index(flat_index[position], shape))))
 
     with progress_bar(n_verify * n_pairs, "verify", progress) as bar:
         for t in types:
@@ -178,8 +178,8 @@ def verify(
                 a, b = group[:, 2].repeat_interleave(n_pairs), group[:, 3].repeat_interleave(n_pairs)
                 unit_i, pos_i = (b, a) if t == "neuron" else (a, b)
                 order = torch.sort(pos_i, stable=True).indices  # late positions together: later starts
-                for start in range(0, len(order), batch):
-                    chunk = order[start : start + batch]
+                for part in plan_chunks(pos_i[order], batch, MIN_CHUNK_TOKENS, pairs.seq_len):
+                    chunk = order[part]
                     effect = patch_single_nodes(model, cache, t, int(layer), pair_i[chunk], unit_i[chunk], pos_i[chunk], cost)
                     effects[rank[chunk], pair_i[chunk]] = effect.detach().double().cpu()
                     bar.update(len(chunk))

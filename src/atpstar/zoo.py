@@ -132,6 +132,7 @@ def _convert_smollm2(folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     # The temp folder sits next to the target so the final rename stays on one file system.
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-135m-", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the finished cache should read like any other folder
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

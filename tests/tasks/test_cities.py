@@ -6,12 +6,11 @@ import importlib
 
 import pytest
 import torch
+from tasks_helpers import clean_metric, word_tokenizer
 
 from atpstar.errors import InputError
 from atpstar.tasks import cities
 from atpstar.tasks.cities import CITY_COUNTRY, TEMPLATE, usable_facts
-
-from tasks_helpers import clean_metric, word_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tasks_helpers import clean_metric, noise_metric
 
 from atpstar.errors import InputError
 from atpstar.tasks import ioi
 from atpstar.tasks.ioi import TEMPLATES
-
-from tasks_helpers import clean_metric, noise_metric
 
 
 def test_shapes_and_roles(toy):

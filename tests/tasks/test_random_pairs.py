@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tasks_helpers import clean_metric
 
 from atpstar.errors import InputError
 from atpstar.tasks import random_pairs
-
-from tasks_helpers import clean_metric
 
 
 def test_shapes_and_metric(toy):

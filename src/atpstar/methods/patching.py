@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..cost import Cost
-from ..engine import element_bytes, patch_node_batch, plan_chunks, prepare
+from ..engine import MIN_CHUNK_TOKENS, element_bytes, patch_node_batch, plan_chunks, prepare
 from ..errors import InputError
 from ..model import Model
 from ..nodes import node_shape
@@ -40,7 +40,7 @@ class ActivationPatching(Method):
     aggregation = "mean"
 
     def __init__(self, *, batch_size: int | None = None, memory_gb: float = 1.0, checkpoint: str | None = None,
-                 min_chunk_tokens: int = 2048) -> None:
+                 min_chunk_tokens: int = MIN_CHUNK_TOKENS) -> None:
         self.batch_size = batch_size
         self.memory_gb = memory_gb
         self.checkpoint = checkpoint

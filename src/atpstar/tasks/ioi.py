@@ -105,11 +105,11 @@ def ioi(
     for _ in range(n):
         text = rng.choice(templates)
         place, obj = rng.choice(places), rng.choice(objects)
-        io, subject, *others = rng.sample(usable_names, 5)
+        io, subject, noise_a, noise_b, noise_s2 = rng.sample(usable_names, 5)
         abba = rng.random() < 0.5 if order == "mixed" else order == "ABBA"
         first, second = (io, subject) if abba else (subject, io)
         clean.append(_fill(text, first, second, subject, place, obj))
-        noise.append(_fill(text, *others, place, obj))
+        noise.append(_fill(text, noise_a, noise_b, noise_s2, place, obj))
         answer.append(" " + io)
         distractor.append(" " + subject)
     return PromptPairs.from_text(tokenizer, clean, noise, answer, distractor, metric="logit_diff")
