@@ -59,11 +59,14 @@ import transformers as tf  # noqa: E402
 import atpstar  # noqa: E402
 
 
+ROTARY_PCT = 0.25  # transformers 5 moves it into config.rope_parameters; keep our own copy to print
+
+
 def neox_config() -> tf.GPTNeoXConfig:
     """Pythia-70m's shape."""
     return tf.GPTNeoXConfig(
         num_hidden_layers=6, num_attention_heads=8, hidden_size=512, intermediate_size=2048,
-        vocab_size=50304, rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=2048,
+        vocab_size=50304, rotary_pct=ROTARY_PCT, use_parallel_residual=True, max_position_embeddings=2048,
         attention_dropout=0.0, hidden_dropout=0.0,
     )
 
@@ -239,13 +242,14 @@ def main() -> None:
         for name, fn in runners.items():
             seconds, values[name] = timed(fn)
             times[name].append(seconds)
+            print(f"  {name}: {seconds:.3f} s", flush=True)
     median = {name: statistics.median(ts) for name, ts in times.items()}
 
     shape = tuple(values["atpstar exact"].shape)
     n_nodes = values["atpstar exact"].numel()
     print(f"\nModel: GPT-NeoX, Pythia-70m shape, random weights ({n_params:.1f}M params: "
           f"{config.num_hidden_layers} layers, d_model {config.hidden_size}, {config.num_attention_heads} heads, "
-          f"rotary_pct {config.rotary_pct}, parallel residual), float32, CPU, "
+          f"rotary_pct {ROTARY_PCT}, parallel residual), float32, CPU, "
           f"torch.set_num_threads({torch.get_num_threads()}).")
     print(f"One pair of {args.seq} random tokens; metric logit_diff (clean {clean_metric:+.4f}, corrupted "
           f"{corrupted_metric:+.4f}); direction denoising; head nodes [L, H, T] = {shape} = {n_nodes} nodes.")

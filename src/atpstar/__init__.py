@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import tasks, zoo
 from .api import attribute
 from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
@@ -41,5 +42,7 @@ __all__ = [
     "attribute",
     "false_negative_bound",
     "load_model",
+    "tasks",
     "verify",
+    "zoo",
 ]

@@ -396,6 +396,11 @@ def _out_dir(args: argparse.Namespace) -> Path:
 def _load_model(args: argparse.Namespace) -> Any:
     from .loading import load_model
 
+    task = getattr(args, "task", None)  # a bad task name or missing file fails before the model loads
+    if task is not None and not (task.endswith(".jsonl") or Path(task).is_file()) and task not in TASKS:
+        raise InputError(f"unknown task {task!r}; choose one of {list(TASKS)} or give a .jsonl file of prompt pairs")
+    if task is not None and task.endswith(".jsonl") and not Path(task).is_file():
+        raise InputError(f"prompt pair file {task} does not exist")
     say(f"loading model {args.model}")
     return load_model(args.model, dtype=args.dtype, device=args.device)
 

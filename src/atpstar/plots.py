@@ -51,7 +51,7 @@ def plot_cost_curves(evaluation: Evaluation, stem: str | Path, title: str | None
     """Cost of verified recall against K, log-log, one curve per method, with the oracle (cost = K).
 
     In the per-pair setting the curve is the geometric mean over pairs and the band spans the
-    quartiles (light band: min to max).
+    quartiles over pairs (a lighter band spans min to max when at most three methods are shown).
 
     Args:
         evaluation: from ``atpstar.evaluate.evaluate``.
@@ -70,10 +70,11 @@ def plot_cost_curves(evaluation: Evaluation, stem: str | Path, title: str | None
         color = f"C{i % 10}"
         label = f"{method} (own {curve.own_cost:.3g})"
         ax.plot(k, curve.cost, color=color, linewidth=1.8, label=label, drawstyle="steps-post")
-        if curve.cost_q25 is not None and curve.cost_q75 is not None:
-            ax.fill_between(k, curve.cost_q25, curve.cost_q75, color=color, alpha=0.25, step="post", linewidth=0)
-        if curve.cost_min is not None and curve.cost_max is not None and evaluation.n_pairs > 1:
-            ax.fill_between(k, curve.cost_min, curve.cost_max, color=color, alpha=0.08, step="post", linewidth=0)
+        if curve.cost_q25 is not None and curve.cost_q75 is not None and evaluation.n_pairs > 1:
+            ax.fill_between(k, curve.cost_q25, curve.cost_q75, color=color, alpha=0.18, step="post", linewidth=0)
+        # The min..max band only while it stays legible.
+        if curve.cost_min is not None and curve.cost_max is not None and evaluation.n_pairs > 1 and len(evaluation.curves) <= 3:
+            ax.fill_between(k, curve.cost_min, curve.cost_max, color=color, alpha=0.07, step="post", linewidth=0)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("K (true top-K nodes verified)")
@@ -81,7 +82,7 @@ def plot_cost_curves(evaluation: Evaluation, stem: str | Path, title: str | None
     ax.set_ylabel(f"cost of verified recall\n(forward-pass equivalents, {what})")
     ax.set_title(title or f"{evaluation.model_id}: {', '.join(evaluation.node_types)} ({evaluation.setting})", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     return _save(fig, stem)
 
 
