@@ -541,8 +541,8 @@ def _finish_run(args: argparse.Namespace, out: Path, model: Any, pairs: Any, tas
     path = write_report(out / "report.html", [estimate], title=title, task=task, facts=facts, verified=verified,
                         bound=bound, images=images, top=args.top, prompts=_prompts(model, pairs))
     print_top(estimate, verified, args.top)
-    say(f"wrote {out}/ (estimate.json/.safetensors, top_nodes.csv, plots, {path.name}) in "
-        f"{time.monotonic() - start:.1f} s")
+    written = sorted(p.name for p in out.iterdir() if p.is_file())
+    say(f"wrote {out}/ ({', '.join(written)}) in {time.monotonic() - start:.1f} s")
 
 
 def print_top(estimate: Any, verified: Any, top: int) -> None:
