@@ -18,7 +18,9 @@ from . import tasks, zoo
 from .api import attribute
 from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
+from .evaluate import Evaluation, evaluate
 from .errors import AtpstarError, InputError, UnsupportedModelError
+from .jsonl import read_pairs_jsonl
 from .loading import load_model
 from .methods import METHODS
 from .model import Model
@@ -33,6 +35,7 @@ __all__ = [
     "AtpstarError",
     "Attribution",
     "Cost",
+    "Evaluation",
     "FalseNegativeBound",
     "InputError",
     "Model",
@@ -40,8 +43,10 @@ __all__ = [
     "UnsupportedModelError",
     "Verification",
     "attribute",
+    "evaluate",
     "false_negative_bound",
     "load_model",
+    "read_pairs_jsonl",
     "tasks",
     "verify",
     "zoo",

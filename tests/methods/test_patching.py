@@ -79,3 +79,17 @@ def test_base_metric_recorded(hf_model):
         logits = ref(pairs.clean).logits[:, -1]
     expected = hooks.metric_of(logits, pairs.answer, pairs.distractor, "logit_diff")
     assert_rel_close(torch.tensor(result.info["base_metric"], dtype=torch.float64), expected, 1e-10, "base metric")
+
+
+def test_layers_option_patches_only_those_layers():
+    hf = build_hf("gpt_neox")
+    pairs = make_pairs(n_pairs=2, seq_len=5)
+    full = atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["head", "neuron"])
+    part = atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["head", "neuron"], layers=[1])
+    assert part.info["layers"] == [1]
+    for t in ("head", "neuron"):
+        assert_rel_close(part.per_pair[t][:, 1], full.per_pair[t][:, 1], REL, t)
+        assert float(part.per_pair[t][:, 0].abs().max()) == 0.0
+    assert part.cost.forward < full.cost.forward
+    with pytest.raises(atpstar.InputError, match="layers"):
+        atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["head"], layers=[7])

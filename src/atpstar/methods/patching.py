@@ -34,23 +34,29 @@ class ActivationPatching(Method):
             interrupt), and a rerun with the same path, model and pairs resumes from them.
         min_chunk_tokens: a batch may end at a change of patched position once it holds this many
             token-rows; smaller batches start later (less compute), larger ones use the hardware better.
+        layers: patch only the nodes of these layers (None: all). Nodes of other layers are not
+            patched: their ``per_pair`` is 0 and ``info["layers"]`` lists the layers that were.
     """
 
     exact = True
     aggregation = "mean"
 
     def __init__(self, *, batch_size: int | None = None, memory_gb: float = 1.0, checkpoint: str | None = None,
-                 min_chunk_tokens: int = MIN_CHUNK_TOKENS) -> None:
+                 min_chunk_tokens: int = MIN_CHUNK_TOKENS, layers: list[int] | None = None) -> None:
         self.batch_size = batch_size
         self.memory_gb = memory_gb
         self.checkpoint = checkpoint
         self.min_chunk_tokens = min_chunk_tokens
+        self.layers = None if layers is None else list(layers)
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if self.batch_size is not None and self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1 or None; got {self.batch_size}")
         if self.memory_gb <= 0:
             raise InputError(f"memory_gb must be positive; got {self.memory_gb}")
+        if self.layers is not None and (not self.layers or any(
+                not isinstance(l, int) or not 0 <= l < model.n_layers for l in self.layers)):
+            raise InputError(f"layers must be a non-empty list of layer indices in [0, {model.n_layers}); got {self.layers}")
 
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
@@ -59,11 +65,12 @@ class ActivationPatching(Method):
         batch = self.batch_size or max(1, int(self.memory_gb * 2**30 // element_bytes(model, pairs.seq_len)))
         key = f"{model.model_id}|{pairs.fingerprint()}|{direction}"
         effects, done = _load_checkpoint(self.checkpoint, key, model, pairs, node_types, cache.base_metric.dtype)
-        total = sum(int((~d).sum()) for d in done.values())
+        layers = sorted(set(self.layers)) if self.layers is not None else list(range(model.n_layers))
+        total = sum(int((~d[:, layers]).sum()) for d in done.values())
         last_save = time.monotonic()
         try:
             with progress_bar(total, "activation patching", progress) as bar:
-                for layer in range(model.n_layers):
+                for layer in layers:
                     type_i, pair_i, unit_i, pos_i = _pending(node_types, done, layer)
                     for chunk in plan_chunks(pos_i, batch, self.min_chunk_tokens, pairs.seq_len):
                         parts = (type_i[chunk], pair_i[chunk], unit_i[chunk], pos_i[chunk])
@@ -79,7 +86,7 @@ class ActivationPatching(Method):
             raise
         if self.checkpoint:
             _save_checkpoint(self.checkpoint, key, effects, done)
-        return effects, {}, {"base_metric": cache.base_metric.tolist()}
+        return effects, {}, {"base_metric": cache.base_metric.tolist(), "layers": layers}
 
 
 def _pending(node_types: list[str], done: dict[str, torch.Tensor], layer: int) -> tuple[torch.Tensor, ...]:
