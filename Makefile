@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/atpstar demo
 
 test: $(STAMP)
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 reproduce: $(STAMP)

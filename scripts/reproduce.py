@@ -8,10 +8,10 @@ Whether the paper's ordering (AtP* <= AtP < alternatives in cost) holds is compu
 Settings: SmolLM2-135M attention nodes (query, key, value) on IOI-PP and CITY-PP pairs, SmolLM2 neurons
 of a few layers, and the toy model(s) on all node types when they are installed.
 
-Restricting the ground truth to some layers: ``activation_patching`` has no ``layers=`` option, so
-this script pre-writes its resumable checkpoint with every node outside the chosen layers marked
-done (effect 0); the sweep then patches only the chosen layers. Estimates are computed over all
-layers and then sliced to the same layers (their cost is the full cost).
+Restricting the ground truth to some layers: ``activation_patching`` runs with ``layers=`` set to the
+setting's layers, so only their nodes are patched (the others get effect 0), and with ``checkpoint=``
+so an interrupted sweep resumes. Estimates are computed over all layers and then sliced to the same
+layers (their cost is the full cost).
 
 Run:  PYTHONPATH=src python scripts/reproduce.py [--quick] [--out docs]
 (--quick: about 5-10 minutes on 2 CPU cores; the full run takes hours.)
@@ -30,8 +30,6 @@ import torch
 import atpstar
 from atpstar import tasks
 from atpstar.evaluate import Evaluation, evaluate
-from atpstar.methods.patching import _save_checkpoint
-from atpstar.nodes import node_shape
 from atpstar.result import Attribution
 
 ATP_FAMILY = ("atp", "atp+qkfix", "atp*")
@@ -96,17 +94,9 @@ def ground_truth(model, pairs, setting: Setting, folder: Path) -> Attribution:
         if saved.info.get("pairs_fingerprint") == pairs.fingerprint():
             return saved
     checkpoint = folder / "ground_truth.ckpt.safetensors"
-    if setting.layers is not None and not checkpoint.exists():
-        key = f"{model.model_id}|{pairs.fingerprint()}|noising"
-        effects, done = {}, {}
-        for t in setting.nodes:
-            shape = (pairs.n_pairs, *node_shape(t, model.sizes, pairs.seq_len))
-            effects[t] = torch.zeros(shape, dtype=model.dtype)
-            done[t] = torch.ones(shape, dtype=torch.bool)
-            done[t][:, setting.layers] = False
-        _save_checkpoint(str(checkpoint), key, effects, done)
     started = time.monotonic()
-    truth = atpstar.attribute(model, pairs, "activation_patching", setting.nodes, checkpoint=str(checkpoint), progress=True)
+    truth = atpstar.attribute(model, pairs, "activation_patching", setting.nodes, layers=setting.layers,
+                              checkpoint=str(checkpoint), progress=True)
     truth.info.update(wall_s=time.monotonic() - started, pairs_fingerprint=pairs.fingerprint())
     truth.save(base)
     return truth
@@ -206,9 +196,11 @@ def ordering(ev: Evaluation) -> dict:
         parts.append("no alternative method was available, so AtP < alternatives is untested")
     parts.append(f"cheapest overall: {ev.ranking()[0]} ({cost[ev.ranking()[0]]:.3g})")
     holds = star_le_atp and atp_lt_alt is not False
-    text = ("the paper's ordering **holds**: " if holds else "the paper's ordering **does not hold**: ") + "; ".join(parts) + "."
+    text = ("the paper's ordering **holds**: " if holds else "the paper's ordering **does not hold**: ")
+    text += "; ".join(parts) + "."
     if failures_k:
-        text += " Exceptions at individual K: " + "; ".join(failures_k[:8]) + ("; …" if len(failures_k) > 8 else "") + "."
+        text += (" Exceptions at individual K: " + "; ".join(failures_k[:8]) + ("; …" if len(failures_k) > 8 else "")
+                 + ".")
     return {"holds": holds, "star_le_atp": star_le_atp, "atp_lt_alternatives": atp_lt_alt, "text": text,
             "best": ev.ranking()[0]}
 
@@ -219,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs", help="folder for results.md and figures/ (default docs)")
     parser.add_argument("--cache", default="out/reproduce",
                         help="folder for the resumable ground truths (default out/reproduce)")
-    parser.add_argument("--only", default=None, help="run only settings whose name contains this text (writes results_only.md)")
+    parser.add_argument("--only", default=None,
+                        help="run only settings whose name contains this text (writes results_only.md)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     figures = out / "figures"
@@ -238,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and args.only not in setting.name:
             continue
         try:
-            section, verdicts = run_setting(setting, out, figures, Path(args.cache) / ('quick' if args.quick else 'full'), models)
+            cache = Path(args.cache) / ("quick" if args.quick else "full")
+            section, verdicts = run_setting(setting, out, figures, cache, models)
         except atpstar.AtpstarError as err:
             section, verdicts = [f"## {setting.name}", "", f"Skipped: {err}", ""], {}
         lines += section
@@ -246,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             versus = {True: "yes", False: "no", None: "n/a"}[verdict["atp_lt_alternatives"]]
             summary.append(f"| {setting.name} | {mode} | {'yes' if verdict['star_le_atp'] else 'no'} | {versus} | "
                            f"{verdict['best']} |")
-    lines[4:4] = ["## Summary", "", "| setting | ranking | AtP* ≤ AtP | AtP < alternatives | cheapest |", "|---|---|---|---|---|",
+    lines[4:4] = ["## Summary", "", "| setting | ranking | AtP* ≤ AtP | AtP < alternatives | cheapest |",
+                  "|---|---|---|---|---|",
                   *summary, "", f"Total wall time {time.monotonic() - started:.0f} s.", ""]
     target = out / ("results_only.md" if args.only else "results.md")  # a partial run never clobbers results.md
     target.write_text("\n".join(lines) + "\n")

@@ -89,3 +89,26 @@ def test_bad_input(setting):
     longer = atpstar.PromptPairs(torch.zeros(1, 7, dtype=torch.long), torch.ones(1, 7, dtype=torch.long), [1], [2])
     with pytest.raises(atpstar.InputError, match="shape"):
         verify(model, longer, estimate, budget=3)
+
+
+def test_save_load_round_trip(setting, tmp_path):
+    model, pairs, _, estimate = setting
+    result = verify(model, pairs, estimate, budget=7)
+    result.info["pairs_fingerprint"] = pairs.fingerprint()
+    result.save(tmp_path / "sub" / "verified")
+    assert (tmp_path / "sub" / "verified.json").is_file() and (tmp_path / "sub" / "verified.safetensors").is_file()
+    for path in (tmp_path / "sub" / "verified", str(tmp_path / "sub" / "verified.json")):
+        loaded = Verification.load(path)
+        assert isinstance(loaded, Verification)
+        assert loaded.nodes == result.nodes and loaded.names == result.names
+        torch.testing.assert_close(loaded.effects, result.effects, rtol=0, atol=0)
+        torch.testing.assert_close(loaded.estimate_scores, result.estimate_scores, rtol=0, atol=0)
+        torch.testing.assert_close(loaded.base_metric, result.base_metric, rtol=0, atol=0)
+        assert (loaded.node_types, loaded.direction, loaded.metric, loaded.model_id) == \
+            (result.node_types, result.direction, result.metric, result.model_id)
+        assert loaded.cost == result.cost and loaded.info == result.info
+    with pytest.raises(atpstar.InputError, match="no saved verification"):
+        Verification.load(tmp_path / "missing")
+    (tmp_path / "sub" / "verified.json").write_text('{"nodes": []}')
+    with pytest.raises(atpstar.InputError, match="format"):
+        Verification.load(tmp_path / "sub" / "verified")

@@ -13,10 +13,13 @@ Shape letters: P pairs, N verified nodes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .cost import Cost
 from .engine import MIN_CHUNK_TOKENS, element_bytes, patch_single_nodes, plan_chunks, prepare
@@ -25,7 +28,9 @@ from .model import as_model
 from .nodes import node_name, node_shape
 from .pairs import PromptPairs, check_direction
 from .progress import progress_bar
-from .result import Attribution
+from .result import Attribution, _jsonable
+
+FORMAT_VERSION = 1
 
 
 @dataclass
@@ -87,8 +92,73 @@ class Verification:
             rows.append(row)
         return rows
 
+    def save(self, path: str | Path) -> None:
+        """Write ``path.safetensors`` (effects, estimate scores, base metric) and ``path.json`` (the rest).
+
+        Args:
+            path: file path without extension (a ``.json`` or ``.safetensors`` suffix is dropped).
+        """
+        base = _base_path(path)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        nodes = [(t, tuple(int(i) for i in index)) for t, index in self.nodes]
+        tensors = {
+            "effects": torch.as_tensor(self.effects).contiguous(),  # [N, P]
+            "estimate_scores": torch.as_tensor(self.estimate_scores).contiguous(),  # [N]
+            "base_metric": torch.as_tensor(self.base_metric).contiguous(),  # [P]
+        }
+        save_file(tensors, str(base) + ".safetensors")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "nodes": [[t, list(index)] for t, index in nodes],
+            "names": [node_name(t, index) for t, index in nodes],
+            "node_types": list(self.node_types),
+            "direction": self.direction,
+            "metric": self.metric,
+            "model_id": self.model_id,
+            "cost": self.cost.to_dict(),
+            "info": _jsonable(self.info),
+        }
+        Path(str(base) + ".json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Verification:
+        """Read a verification written by ``save`` (``path`` with or without ``.json``/``.safetensors``).
+
+        Raises:
+            InputError: the files are missing or were not written by ``Verification.save``.
+        """
+        base = _base_path(path)
+        meta_path, tensor_path = Path(str(base) + ".json"), Path(str(base) + ".safetensors")
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise InputError(f"no saved verification at {base}: need {meta_path.name} and {tensor_path.name} "
+                             "(written by Verification.save or 'atpstar verify')")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise InputError(f"{meta_path} is not a verification saved in format {FORMAT_VERSION} (got "
+                             f"{meta.get('format_version')!r}); run 'atpstar verify' again to rewrite it")
+        tensors = load_file(str(tensor_path))
+        return cls(
+            nodes=[(t, tuple(int(i) for i in index)) for t, index in meta["nodes"]],
+            effects=tensors["effects"],
+            estimate_scores=tensors["estimate_scores"],
+            node_types=list(meta["node_types"]),
+            direction=meta["direction"],
+            metric=meta["metric"],
+            model_id=meta["model_id"],
+            cost=Cost.from_dict(meta["cost"]),
+            base_metric=tensors["base_metric"],
+            info=meta["info"],
+        )
+
     def __repr__(self) -> str:
-        return f"Verification(n_verified={self.n_verified}, direction={self.direction!r}, metric={self.metric!r}, cost={self.cost})"
+        return (f"Verification(n_verified={self.n_verified}, direction={self.direction!r}, metric={self.metric!r}, "
+                f"cost={self.cost})")
+
+
+def _base_path(path: str | Path) -> Path:
+    """``path`` without a ``.json`` or ``.safetensors`` suffix (other dots are part of the name)."""
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
 
 
 def verify(
@@ -180,7 +250,8 @@ def verify(
                 order = torch.sort(pos_i, stable=True).indices  # late positions together: later starts
                 for part in plan_chunks(pos_i[order], batch, MIN_CHUNK_TOKENS, pairs.seq_len):
                     chunk = order[part]
-                    effect = patch_single_nodes(model, cache, t, int(layer), pair_i[chunk], unit_i[chunk], pos_i[chunk], cost)
+                    effect = patch_single_nodes(model, cache, t, int(layer), pair_i[chunk], unit_i[chunk],
+                                                pos_i[chunk], cost)
                     effects[rank[chunk], pair_i[chunk]] = effect.detach().double().cpu()
                     bar.update(len(chunk))
 

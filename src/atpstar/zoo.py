@@ -69,7 +69,7 @@ def toy_dir(name: str = TOY_FOLDER) -> Path:
     """The package folder holding a committed toy model."""
     from importlib.resources import files
 
-    return Path(str(files("atpstar").joinpath("zoo_data", name)))
+    return Path(str(files("atpstar") / "zoo_data" / name))
 
 
 def _load_toy_ioi(dtype: torch.dtype) -> tuple[Any, Any]:

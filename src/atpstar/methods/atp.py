@@ -36,6 +36,10 @@ class AttributionPatching(Method):
     Σ_l |Î_l| / (L - 1) (non-negative) for ``atp+graddrop`` and ``atp*``. ``scores`` is the mean of
     absolute per-pair values.
 
+    GradDrop needs depth: a node at layer m scores m·|Î_AtP| plus its terms for dropped layers above
+    it, so a layer-0 node whose only route to the metric runs through layer 1 scores 0 in a 2-layer
+    model (true of the formula, not an approximation). Prefer ``atp+qkfix`` on very shallow models.
+
     Args:
         batch_size: prompt pairs per forward/backward; None picks it from ``memory_gb``.
         memory_gb: memory budget for one batch's autograd graph.

@@ -1,0 +1,198 @@
+"""One function per ``atpstar`` command, each taking the parsed arguments and returning the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+from ..errors import InputError
+from .common import (
+    bound_unverified,
+    cached_or_run,
+    check_same_pairs,
+    load_model,
+    load_task,
+    out_dir,
+    parse_nodes,
+    parse_options,
+    plain,
+    run_method,
+    say,
+    verify_and_save,
+)
+from .output import finish_run, prompts, tokens
+
+DESCRIPTIONS = {
+    "activation_patching": "exact: patch every node alone, one forward per node and pair (the ground truth)",
+    "atp": "attribution patching: first-order estimate, 2 forwards + 1 backward per pair",
+    "atp+qkfix": "AtP with the softmax recomputed exactly for queries and keys (attention saturation fix)",
+    "atp+graddrop": "AtP averaged over backward passes with one layer's residual write dropped (cancellation fix)",
+    "atp*": "AtP + QK fix + GradDrop, the paper's method (about 2 forwards + L/2+1 backwards per pair)",
+    "subsampling": "patch random node subsets jointly; estimate = mean effect with the node in - mean without",
+    "blocks": "patch fixed blocks of nodes jointly; each node scored by its block's |effect|",
+    "hierarchical": "group testing: patch coarse blocks, split those with a large |effect|, down to single nodes",
+}
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..zoo import BUILTIN_MODELS
+
+    width = max(len(name) for name in BUILTIN_MODELS)
+    for name, description in BUILTIN_MODELS.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from ..methods import METHODS
+
+    names = [m for m in DESCRIPTIONS if m in METHODS] + sorted(m for m in METHODS if m not in DESCRIPTIONS)
+    width = max(len(name) for name in names)
+    for name in names:
+        doc = (METHODS[name].cls.__doc__ or "").strip().splitlines()
+        print(f"{name:<{width}}  {DESCRIPTIONS.get(name) or (doc[0] if doc else '')}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .. import tasks
+
+    start = time.monotonic()
+    nodes = parse_nodes(args.nodes)
+    out = out_dir(args)
+    model = load_model(args)
+    pairs = tasks.ioi(model.tokenizer, args.pairs, seed=args.seed)
+    task = f"ioi ({pairs.n_pairs} pairs, seed {args.seed}, metric {pairs.metric_name})"
+    estimate = run_method(model, pairs, "atp*", nodes, {}, args)
+    verified = verify_and_save(model, pairs, estimate, args.budget, None, args) if args.budget > 0 else None
+    bound = None
+    if verified is not None and args.bound_samples > 0:
+        bound = bound_unverified(model, pairs, verified, None, args.bound_samples, 0.5, 0.05, args.seed, args)
+    finish_run(args, out, model, pairs, task, estimate, verified, bound, start, title="atpstar demo")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..methods import build_method
+
+    start = time.monotonic()
+    nodes = parse_nodes(args.nodes)
+    options = parse_options(args.option, [args.method])[args.method]
+    build_method(args.method, **options)  # unknown ids and options fail before the model loads
+    out = out_dir(args)
+    model = load_model(args)
+    pairs, task = load_task(model, args)
+    estimate = run_method(model, pairs, args.method, nodes, options, args)
+    verified = verify_and_save(model, pairs, estimate, args.verify, None, args) if args.verify > 0 else None
+    finish_run(args, out, model, pairs, task, estimate, verified, None, start, title=f"atpstar run: {args.method}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ..result import Attribution
+
+    start = time.monotonic()
+    estimate = Attribution.load(args.estimate)
+    out = out_dir(args)
+    model = load_model(args)
+    pairs, task = load_task(model, args)
+    check_same_pairs(estimate.info, pairs, f"estimate {args.estimate}")
+    if estimate.direction != args.direction:
+        raise InputError(f"estimate {args.estimate} is {estimate.direction}; pass --direction {estimate.direction}")
+    verified = verify_and_save(model, pairs, estimate, args.budget, args.threshold, args)
+    finish_run(args, out, model, pairs, task, estimate, verified, None, start, title="atpstar verify",
+               save_estimate=False)
+    return 0
+
+
+def cmd_bound(args: argparse.Namespace) -> int:
+    from ..report import _public_fields, write_report
+    from ..verify import Verification
+
+    start = time.monotonic()
+    verified = Verification.load(args.verified)
+    out = out_dir(args)
+    model = load_model(args)
+    pairs, task = load_task(model, args)
+    check_same_pairs(verified.info, pairs, f"verification {args.verified}")
+    bound = bound_unverified(model, pairs, verified, args.theta, args.samples, args.p, args.alpha, args.bound_seed,
+                             args)
+    facts = {k: v for k, v in _public_fields(bound).items()}
+    (out / "bound.json").write_text(json.dumps({k: plain(v) for k, v in facts.items()} |
+                                               {"assumption": getattr(bound, "assumption", "")}, indent=2))
+    for key, value in facts.items():
+        print(f"{key}: {plain(value)}")
+    if getattr(bound, "assumption", ""):
+        print(f"assumption: {bound.assumption}")
+    path = write_report(out / "report.html", [], title="atpstar bound", task=task, verified=verified, bound=bound,
+                        facts={"model": model.model_id, "wall time": f"{time.monotonic() - start:.1f} s"})
+    say(f"wrote {out / 'bound.json'} and {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate
+    from ..methods import METHODS, build_method
+    from ..report import write_report
+
+    start = time.monotonic()
+    out = out_dir(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise InputError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
+    options = parse_options(args.option, methods)
+    nodes = parse_nodes(args.nodes)
+    for method in methods:
+        build_method(method, **options[method])  # bad options fail before the model loads
+    model = load_model(args)
+    pairs, task = load_task(model, args)
+    truth = cached_or_run(out / "ground_truth", model, pairs, "activation_patching", nodes,
+                          {"checkpoint": str(out / "ground_truth.ckpt.safetensors")}, args)
+    estimates = {m: cached_or_run(out / "estimates" / _file_name(m), model, pairs, m, nodes, options[m], args)
+                 for m in methods}
+    settings = ["per_pair", "distribution"] if args.setting == "both" else [args.setting]
+    evaluations, images = [], []
+    for setting in settings:
+        ev = evaluate(truth, estimates, setting=setting, node_types=nodes, k_max=args.k_max)
+        evaluations.append(ev)
+        ev.save(out / f"evaluation_{setting}.json")
+        ev.to_csv(out / f"comparison_{setting}.csv")
+        (out / f"comparison_{setting}.md").write_text(ev.to_markdown() + "\n")
+        print(f"\n## cost of verified recall: {setting} ({', '.join(nodes)}, K max {ev.k_max})\n")
+        print(ev.to_markdown())
+        if not args.no_plots:
+            from ..plots import plot_cost_curves
+
+            images.append((f"Cost of verified recall ({setting})",
+                           plot_cost_curves(ev, out / f"cost_curves_{setting}")[0]))
+    if not args.no_plots:
+        from ..plots import plot_estimate_vs_truth, plot_heatmaps
+
+        shown = [estimates[m] for m in ("atp", "atp*") if m in estimates] or list(estimates.values())[:2]
+        images.append(("|estimate| against |exact effect| per pair; points far below the diagonal are false "
+                       "negatives",
+                       plot_estimate_vs_truth(truth, shown, out / "estimate_vs_truth", node_types=nodes)[0]))
+        images.append(("Exact contributions (ground truth)",
+                       plot_heatmaps(truth, out / "heatmaps_truth", node_types=nodes, tokens=tokens(model, pairs))[0]))
+    truth.to_csv(out / "top_nodes_truth.csv", k=min(1000, sum(truth.scores[t].numel() for t in nodes)))
+    facts = {f"wall time {name}": f"{a.info.get('wall_s', 0):.1f} s"
+             for name, a in [("ground truth", truth), *estimates.items()]}
+    facts["total wall time"] = f"{time.monotonic() - start:.1f} s"
+    path = write_report(out / "report.html", [truth, *estimates.values()], title="atpstar compare", task=task,
+                        facts=facts, evaluations=evaluations, images=images, top=args.top,
+                        prompts=prompts(model, pairs))
+    say(f"wrote {path}")
+    return 0
+
+
+def _file_name(method: str) -> str:
+    return method.replace("*", "_star").replace("+", "_")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "demo": cmd_demo, "run": cmd_run, "compare": cmd_compare, "verify": cmd_verify, "bound": cmd_bound,
+    "models": cmd_models, "methods": cmd_methods,
+}
