@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/atpstar demo
 
 test: $(STAMP)
+	$(PY) -m ruff check src
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 

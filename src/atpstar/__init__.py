@@ -18,8 +18,8 @@ from . import tasks, zoo
 from .api import attribute
 from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
-from .evaluate import Evaluation, evaluate
 from .errors import AtpstarError, InputError, UnsupportedModelError
+from .evaluate import Evaluation, evaluate
 from .jsonl import read_pairs_jsonl
 from .loading import load_model
 from .methods import METHODS

@@ -76,8 +76,10 @@ class FalseNegativeBound:
     def __str__(self) -> str:
         worst = "" if self.worst_node is None else f" (at {node_name(*self.worst_node)})"
         prob = "" if self.theta is None else f"; P(some unverified |c| >= {self.theta:g}) <= {self.prob_upper:.3g}"
-        return (f"{self.n_unverified} unverified nodes ({self.direction}): max |c| <= {self.max_effect_upper:.4g} "
-                f"with confidence {1 - self.alpha:g}{worst}{prob}. {self.assumption}")
+        return (
+            f"{self.n_unverified} unverified nodes ({self.direction}): max |c| <= {self.max_effect_upper:.4g} "
+            f"with confidence {1 - self.alpha:g}{worst}{prob}. {self.assumption}"
+        )
 
 
 def false_negative_bound(
@@ -132,7 +134,9 @@ def false_negative_bound(
             raise InputError("verified is a plain list of nodes: pass nodes=[...] with the node types the bound covers")
         node_types = check_node_types(nodes)
     else:
-        raise InputError(f"verified must be an atpstar Verification or a list of (node_type, index); got {type(verified).__name__}")
+        raise InputError(
+            f"verified must be an atpstar Verification or a list of (node_type, index); got {type(verified).__name__}"
+        )
     direction = check_direction("noising" if direction is None else direction)
     check_options(samples, p, "random", batch_size, memory_gb)
     if not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
@@ -145,14 +149,28 @@ def false_negative_bound(
         if t not in shapes:
             continue  # a verified node outside the bounded population changes nothing
         if len(index) != len(shapes[t]) or any(not 0 <= i < n for i, n in zip(index, shapes[t])):
-            raise InputError(f"verified node {t} {index} lies outside the layout {shapes[t]} of this model and prompt length")
+            raise InputError(
+                f"verified node {t} {index} lies outside the layout {shapes[t]} of this model and prompt length"
+            )
         exclude[t][index] = True
     model.check_ready(torch.cat([pairs.clean, pairs.noise]))
 
     cost = Cost()
     cache = prepare(model, pairs, direction, node_types, cost)
-    stats = subsample(model, cache, node_types, samples=samples, p=p, seed=seed, design="random", cost=cost,
-                      batch_size=batch_size, memory_gb=memory_gb, exclude=exclude, progress=progress)
+    stats = subsample(
+        model,
+        cache,
+        node_types,
+        samples=samples,
+        p=p,
+        seed=seed,
+        design="random",
+        cost=cost,
+        batch_size=batch_size,
+        memory_gb=memory_gb,
+        exclude=exclude,
+        progress=progress,
+    )
     keep = torch.cat([~exclude[t].reshape(-1) for t in node_types])
     n_unverified = int(keep.sum())
     estimate, upper, prob_terms = _node_bounds(stats, keep, n_unverified, alpha, theta)
@@ -180,8 +198,9 @@ def false_negative_bound(
     )
 
 
-def _node_bounds(stats: SubsamplingStats, keep: torch.Tensor, n_unverified: int, alpha: float,
-                 theta: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _node_bounds(
+    stats: SubsamplingStats, keep: torch.Tensor, n_unverified: int, alpha: float, theta: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per flat node: ĉ [N], upper bound on |c| [N], p-value of |c| >= theta [N]."""
     n_pairs = stats.values["count_in"].shape[0]
     diff = stats.flat("mean_in") - stats.flat("mean_out")  # [P, N]

@@ -69,13 +69,20 @@ def prepare(model: Model, pairs: PromptPairs, direction: str, node_types: list[s
 def metric_after(model: Model, cache: PatchCache, run: Run, pair_index: torch.Tensor) -> torch.Tensor:
     """Metric change [B] of a patched forward described by ``run`` for base pairs ``pair_index`` [B]."""
     layer, t0 = run.start_layer, run.start_pos
-    run.prefix_kv = {
-        l: (cache.keys[l][pair_index, :, :t0], cache.values[l][pair_index, :, :t0]) for l in range(layer, model.n_layers)
-    } if t0 > 0 else {}
+    run.prefix_kv = (
+        {
+            later: (cache.keys[later][pair_index, :, :t0], cache.values[later][pair_index, :, :t0])
+            for later in range(layer, model.n_layers)
+        }
+        if t0 > 0
+        else {}
+    )
     hidden = cache.resid[layer][pair_index, t0:]  # [B, T', D]
     final = model.run_layers(hidden, run)
     logits = model.unembed(final[:, -1])  # [B, V]
-    return cache.pairs.evaluate_metric(logits, pair_index.to(logits.device)) - cache.base_metric[pair_index].to(logits.device)
+    return cache.pairs.evaluate_metric(logits, pair_index.to(logits.device)) - cache.base_metric[pair_index].to(
+        logits.device
+    )
 
 
 def patch_single_nodes(

@@ -69,7 +69,9 @@ def verified_recall_cost(
         [3.0, 3.0, 3.0]
     """
     if true_abs.shape != estimate_abs.shape or true_abs.ndim != 1:
-        raise InputError(f"truth and estimate must cover the same nodes; got {tuple(true_abs.shape)} and {tuple(estimate_abs.shape)}")
+        raise InputError(
+            f"truth and estimate must cover the same nodes; got {tuple(true_abs.shape)} and {tuple(estimate_abs.shape)}"
+        )
     n = true_abs.numel()
     if not 1 <= k_max <= n:
         raise InputError(f"k_max must be in [1, {n}] (the number of nodes); got {k_max}")
@@ -201,7 +203,9 @@ class Evaluation:
         curves = {}
         for method, curve in self.curves.items():
             data: dict[str, Any] = {
-                "forward": curve.forward, "backward": curve.backward, "own_cost": curve.own_cost,
+                "forward": curve.forward,
+                "backward": curve.backward,
+                "own_cost": curve.own_cost,
                 "options": curve.options,
             }
             for name in ("cost", "recall", "cost_min", "cost_q25", "cost_q75", "cost_max"):
@@ -209,10 +213,17 @@ class Evaluation:
                 data[name] = None if value is None else [float(v) for v in value]
             curves[method] = data
         return {
-            "format_version": FORMAT_VERSION, "setting": self.setting, "k_max": self.k_max,
-            "node_types": self.node_types, "n_nodes": self.n_nodes, "n_pairs": self.n_pairs,
-            "model_id": self.model_id, "metric": self.metric, "direction": self.direction,
-            "truth_cost": self.truth_cost, "curves": curves,
+            "format_version": FORMAT_VERSION,
+            "setting": self.setting,
+            "k_max": self.k_max,
+            "node_types": self.node_types,
+            "n_nodes": self.n_nodes,
+            "n_pairs": self.n_pairs,
+            "model_id": self.model_id,
+            "metric": self.metric,
+            "direction": self.direction,
+            "truth_cost": self.truth_cost,
+            "curves": curves,
         }
 
     def save(self, path: str | Path) -> None:
@@ -230,11 +241,30 @@ class Evaluation:
         data = json.loads(path.read_text())
         curves = {}
         for method, c in data["curves"].items():
-            arrays = {name: None if c[name] is None else np.asarray(c[name], dtype=float)
-                      for name in ("cost", "recall", "cost_min", "cost_q25", "cost_q75", "cost_max")}
-            curves[method] = MethodCurve(method, c["forward"], c["backward"], c["own_cost"], options=c["options"], **arrays)  # type: ignore[arg-type]
-        return cls(data["setting"], np.arange(1, data["k_max"] + 1), curves, data["node_types"], data["n_nodes"],
-                   data["n_pairs"], data["model_id"], data["metric"], data["direction"], data["truth_cost"])
+            arrays = {
+                name: None if c[name] is None else np.asarray(c[name], dtype=float)
+                for name in ("cost", "recall", "cost_min", "cost_q25", "cost_q75", "cost_max")
+            }
+            curves[method] = MethodCurve(
+                method,
+                c["forward"],
+                c["backward"],
+                c["own_cost"],
+                options=c["options"],
+                **arrays,  # type: ignore[arg-type]
+            )
+        return cls(
+            data["setting"],
+            np.arange(1, data["k_max"] + 1),
+            curves,
+            data["node_types"],
+            data["n_nodes"],
+            data["n_pairs"],
+            data["model_id"],
+            data["metric"],
+            data["direction"],
+            data["truth_cost"],
+        )
 
 
 def evaluate(
@@ -296,21 +326,41 @@ def evaluate(
         own = estimate.cost.forward_equivalents * own_share
         if setting == "distribution":
             cost, recall = verified_recall_cost(truth_abs[0], _flat(estimate.scores, types).abs(), own, k_max)
-            curves[label] = MethodCurve(label, estimate.cost.forward, estimate.cost.backward, own, cost, recall,
-                                        options=dict(estimate.options))
+            curves[label] = MethodCurve(
+                label, estimate.cost.forward, estimate.cost.backward, own, cost, recall, options=dict(estimate.options)
+            )
             continue
-        per_pair = [verified_recall_cost(truth_abs[p], _flat(estimate.per_pair, types, p).abs(), own, k_max)
-                    for p in range(n_pairs)]
+        per_pair = [
+            verified_recall_cost(truth_abs[p], _flat(estimate.per_pair, types, p).abs(), own, k_max)
+            for p in range(n_pairs)
+        ]
         costs = np.stack([c for c, _ in per_pair])  # [P, K]
         recalls = np.stack([r for _, r in per_pair])  # [P, K]
         curves[label] = MethodCurve(
-            label, estimate.cost.forward, estimate.cost.backward, own,
-            cost=np.exp(np.log(costs).mean(0)), recall=recalls.mean(0),
-            cost_min=costs.min(0), cost_q25=np.quantile(costs, 0.25, axis=0),
-            cost_q75=np.quantile(costs, 0.75, axis=0), cost_max=costs.max(0), options=dict(estimate.options),
+            label,
+            estimate.cost.forward,
+            estimate.cost.backward,
+            own,
+            cost=np.exp(np.log(costs).mean(0)),
+            recall=recalls.mean(0),
+            cost_min=costs.min(0),
+            cost_q25=np.quantile(costs, 0.25, axis=0),
+            cost_q75=np.quantile(costs, 0.75, axis=0),
+            cost_max=costs.max(0),
+            options=dict(estimate.options),
         )
-    return Evaluation(setting, np.arange(1, k_max + 1), curves, types, n_nodes, n_pairs, truth.model_id,
-                      truth.metric, truth.direction, truth.cost.forward_equivalents)
+    return Evaluation(
+        setting,
+        np.arange(1, k_max + 1),
+        curves,
+        types,
+        n_nodes,
+        n_pairs,
+        truth.model_id,
+        truth.metric,
+        truth.direction,
+        truth.cost.forward_equivalents,
+    )
 
 
 def _flat(tensors: dict[str, torch.Tensor], types: list[str], pair: int | None = None) -> torch.Tensor:

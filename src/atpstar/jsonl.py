@@ -94,10 +94,14 @@ def _parse(path: Path, number: int, line: str) -> dict[str, str]:
     except json.JSONDecodeError as err:
         raise InputError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from err
     if not isinstance(record, dict):
-        raise InputError(f"{path}:{number}: expected a JSON object with keys {list(REQUIRED)}; got {type(record).__name__}")
+        raise InputError(
+            f"{path}:{number}: expected a JSON object with keys {list(REQUIRED)}; got {type(record).__name__}"
+        )
     missing = [k for k in REQUIRED if k not in record]
     if missing:
-        raise InputError(f"{path}:{number}: missing key(s) {missing}; each line needs {list(REQUIRED)} (and optionally 'distractor')")
+        raise InputError(
+            f"{path}:{number}: missing key(s) {missing}; each line needs {list(REQUIRED)} (and optionally 'distractor')"
+        )
     unknown = sorted(set(record) - set(REQUIRED) - set(OPTIONAL))
     if unknown:
         raise InputError(f"{path}:{number}: unknown key(s) {unknown}; allowed: {list(REQUIRED + OPTIONAL)}")
@@ -120,5 +124,7 @@ def _single(tokenizer: Any, text: str, what: str, path: Path, number: int) -> in
         )
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is not None and ids[0] == unk:
-        raise InputError(f"{path}:{number}: {what} {text!r} is not in the tokenizer's vocabulary (it maps to the unknown token)")
+        raise InputError(
+            f"{path}:{number}: {what} {text!r} is not in the tokenizer's vocabulary (it maps to the unknown token)"
+        )
     return ids[0]

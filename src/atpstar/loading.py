@@ -38,7 +38,9 @@ def load_model(
     if isinstance(model, torch.nn.Module):
         return Model(model, tokenizer)
     if not isinstance(model, (str, os.PathLike)):
-        raise InputError(f"model must be a transformers model, a folder, a hub id or a built-in name; got {type(model).__name__}")
+        raise InputError(
+            f"model must be a transformers model, a folder, a hub id or a built-in name; got {type(model).__name__}"
+        )
     name = str(model)
     torch_dtype = _dtype(dtype)
     from . import zoo

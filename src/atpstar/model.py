@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .errors import AtpstarError, InputError
+from .errors import InputError
 from .families import Family, embed, family_of, get_path, sizes_of
 from .nodes import Sizes
 from .runner import ACTIVE_RUN, Run, atpstar_attention
@@ -33,11 +33,15 @@ class Model:
 
     def __init__(self, hf_model: Any, tokenizer: Any = None, model_id: str | None = None) -> None:
         if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
-            raise InputError(f"expected a transformers causal LM (torch.nn.Module with .config); got {type(hf_model).__name__}")
+            raise InputError(
+                f"expected a transformers causal LM (torch.nn.Module with .config); got {type(hf_model).__name__}"
+            )
         self.family: Family = family_of(hf_model)
         if hf_model.training:
             hf_model.eval()
-            warnings.warn("atpstar: the model was in training mode; switched it to eval mode (dropout off)", stacklevel=3)
+            warnings.warn(
+                "atpstar: the model was in training mode; switched it to eval mode (dropout off)", stacklevel=3
+            )
         self.hf_model: Any = hf_model
         self.tokenizer = tokenizer
         self.model_id = model_id or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
@@ -84,8 +88,12 @@ class Model:
             )
         vocab = self.hf_model.get_input_embeddings().num_embeddings
         if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
-            raise InputError(f"token ids must lie in [0, {vocab}); got range [{int(tokens.min())}, {int(tokens.max())}]")
-        max_pos = getattr(self.hf_model.config, "max_position_embeddings", None) or getattr(self.hf_model.config, "n_positions", None)
+            raise InputError(
+                f"token ids must lie in [0, {vocab}); got range [{int(tokens.min())}, {int(tokens.max())}]"
+            )
+        max_pos = getattr(self.hf_model.config, "max_position_embeddings", None) or getattr(
+            self.hf_model.config, "n_positions", None
+        )
         if max_pos is not None and tokens.shape[-1] > max_pos:
             raise InputError(f"prompts have {tokens.shape[-1]} tokens; the model takes at most {max_pos}")
 
@@ -165,4 +173,6 @@ def as_model(model: Any) -> Model:
         return model
     if isinstance(model, torch.nn.Module):
         return Model(model)
-    raise InputError(f"expected an atpstar.Model or a transformers model; got {type(model).__name__} (use atpstar.load_model)")
+    raise InputError(
+        f"expected an atpstar.Model or a transformers model; got {type(model).__name__} (use atpstar.load_model)"
+    )

@@ -94,8 +94,12 @@ def graddrop_combine(per_layer_abs_sum: torch.Tensor, n_layers: int) -> torch.Te
 
 
 def welford_merge(
-    count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
-    batch_count: torch.Tensor, batch_mean: torch.Tensor, batch_m2: torch.Tensor,
+    count: torch.Tensor,
+    mean: torch.Tensor,
+    m2: torch.Tensor,
+    batch_count: torch.Tensor,
+    batch_mean: torch.Tensor,
+    batch_m2: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge running (count, mean, M2) with a batch's (count, mean, M2), elementwise (Chan et al.'s
     parallel form of Welford's update; M2 = Σ (x - mean)²). Groups with count 0 keep mean 0, M2 0."""
@@ -144,7 +148,7 @@ def betainc(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     x = x.clamp(0.0, 1.0)
     inner = (x > 0) & (x < 1)
     xs = torch.where(inner, x, torch.full_like(x, 0.5))
-    log_front = (torch.lgamma(a + b) - torch.lgamma(a) - torch.lgamma(b) + a * torch.log(xs) + b * torch.log1p(-xs))
+    log_front = torch.lgamma(a + b) - torch.lgamma(a) - torch.lgamma(b) + a * torch.log(xs) + b * torch.log1p(-xs)
     # The continued fraction converges fast for x < (a + 1) / (a + b + 2); otherwise use I_x(a,b) = 1 - I_{1-x}(b,a).
     direct = xs < (a + 1.0) / (a + b + 2.0)
     aa, bb, xx = torch.where(direct, a, b), torch.where(direct, b, a), torch.where(direct, xs, 1.0 - xs)

@@ -28,7 +28,9 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError as err:
-        raise AtpstarError("plots need matplotlib; install it with: pip install 'atpstar[plots]' (or pip install matplotlib)") from err
+        raise AtpstarError(
+            "plots need matplotlib; install it with: pip install 'atpstar[plots]' (or pip install matplotlib)"
+        ) from err
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -73,14 +75,21 @@ def plot_cost_curves(evaluation: Evaluation, stem: str | Path, title: str | None
         if curve.cost_q25 is not None and curve.cost_q75 is not None and evaluation.n_pairs > 1:
             ax.fill_between(k, curve.cost_q25, curve.cost_q75, color=color, alpha=0.18, step="post", linewidth=0)
         # The min..max band only while it stays legible.
-        if curve.cost_min is not None and curve.cost_max is not None and evaluation.n_pairs > 1 and len(evaluation.curves) <= 3:
+        if (
+            curve.cost_min is not None
+            and curve.cost_max is not None
+            and evaluation.n_pairs > 1
+            and len(evaluation.curves) <= 3
+        ):
             ax.fill_between(k, curve.cost_min, curve.cost_max, color=color, alpha=0.07, step="post", linewidth=0)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("K (true top-K nodes verified)")
     what = "geometric mean over pairs" if evaluation.setting == "per_pair" else "distribution"
     ax.set_ylabel(f"cost of verified recall\n(forward-pass equivalents, {what})")
-    ax.set_title(title or f"{evaluation.model_id}: {', '.join(evaluation.node_types)} ({evaluation.setting})", fontsize=10)
+    ax.set_title(
+        title or f"{evaluation.model_id}: {', '.join(evaluation.node_types)} ({evaluation.setting})", fontsize=10
+    )
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     return _save(fig, stem)
@@ -112,12 +121,15 @@ def plot_estimate_vs_truth(
     """
     if not estimates:
         raise InputError("plot_estimate_vs_truth needs at least one estimate")
-    types = check_node_types(list(node_types)) if node_types is not None else [
-        t for t in truth.node_types if all(t in e.scores for e in estimates)
-    ]
+    types = (
+        check_node_types(list(node_types))
+        if node_types is not None
+        else [t for t in truth.node_types if all(t in e.scores for e in estimates)]
+    )
     plt = _pyplot()
-    fig, axes = plt.subplots(len(types), len(estimates), figsize=(3.2 * len(estimates) + 0.6, 2.9 * len(types)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(types), len(estimates), figsize=(3.2 * len(estimates) + 0.6, 2.9 * len(types)), squeeze=False
+    )
     gen = np.random.default_rng(seed)
     for row, node_type in enumerate(types):
         x_all = (truth.per_pair[node_type] if per_pair else truth.scores[node_type]).abs().flatten().double().numpy()
@@ -134,8 +146,16 @@ def plot_estimate_vs_truth(
             low = y <= floor
             ax.scatter(np.maximum(x[~low], floor), y[~low], s=4, alpha=0.4, color=f"C{col}", linewidths=0)
             if low.any():
-                ax.scatter(np.maximum(x[low], floor), np.full(int(low.sum()), floor), s=10, marker="v", color="C3",
-                           alpha=0.5, linewidths=0, label=f"|estimate| ≈ 0 ({int(low.sum())})")
+                ax.scatter(
+                    np.maximum(x[low], floor),
+                    np.full(int(low.sum()), floor),
+                    s=10,
+                    marker="v",
+                    color="C3",
+                    alpha=0.5,
+                    linewidths=0,
+                    label=f"|estimate| ≈ 0 ({int(low.sum())})",
+                )
                 ax.legend(fontsize=6, loc="upper left")
             ax.plot([floor, top], [floor, top], color="black", linewidth=0.8, linestyle="--")
             ax.set_xscale("log")
@@ -148,7 +168,9 @@ def plot_estimate_vs_truth(
             if col == 0:
                 ax.set_ylabel("|estimate|", fontsize=8)
             ax.tick_params(labelsize=7)
-    fig.suptitle(f"estimate vs exact effect ({'per pair' if per_pair else 'aggregate'}, {truth.direction})", fontsize=10)
+    fig.suptitle(
+        f"estimate vs exact effect ({'per pair' if per_pair else 'aggregate'}, {truth.direction})", fontsize=10
+    )
     fig.tight_layout()
     return _save(fig, stem)
 
@@ -195,8 +217,9 @@ def plot_heatmaps(
     plt = _pyplot()
     n_layers = attribution.scores[types[0]].shape[0]
     height = max(2.4, 0.09 * n_layers + 1.6)
-    fig, axes = plt.subplots(len(types), 2, figsize=(12, height * len(types)), squeeze=False,
-                             gridspec_kw={"width_ratios": [3, 1]})
+    fig, axes = plt.subplots(
+        len(types), 2, figsize=(12, height * len(types)), squeeze=False, gridspec_kw={"width_ratios": [3, 1]}
+    )
     for row, node_type in enumerate(types):
         maps = contribution_maps(attribution, node_type)
         for col, name in enumerate(("layer x pos", "layer x head")):
@@ -228,8 +251,14 @@ def _int_ticks(size: int, most: int = 16) -> list[int]:
     return list(range(0, size, step))
 
 
-def plot_verified(nodes: Sequence[tuple[str, tuple[int, ...]]], effects: torch.Tensor, estimate: Attribution,
-                  stem: str | Path, names: Sequence[str] | None = None, top: int = 30) -> list[Path]:
+def plot_verified(
+    nodes: Sequence[tuple[str, tuple[int, ...]]],
+    effects: torch.Tensor,
+    estimate: Attribution,
+    stem: str | Path,
+    names: Sequence[str] | None = None,
+    top: int = 30,
+) -> list[Path]:
     """Bar chart of verified exact effects (mean over pairs, with min/max whiskers) for the first ``top`` nodes.
 
     Args:

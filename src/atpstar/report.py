@@ -75,7 +75,9 @@ def write_report(
     parts.append(_summary(estimates, task, facts or {}))
     if prompts:
         rows = "".join(f"<tr><td class='name'>{_e(c)}</td><td class='name'>{_e(n)}</td></tr>" for c, n in prompts)
-        parts.append(f"<h2>Example prompts</h2><table><tr><th class='name'>clean</th><th class='name'>noise</th></tr>{rows}</table>")
+        parts.append(
+            f"<h2>Example prompts</h2><table><tr><th class='name'>clean</th><th class='name'>noise</th></tr>{rows}</table>"
+        )
     if estimates:
         parts.append(_methods_table(estimates, verified))
         parts.append(_top_table(estimates[0], verified, top))
@@ -88,8 +90,10 @@ def write_report(
     for caption, image in images:
         parts.append(_figure(caption, Path(image)))
     body = "\n".join(p for p in parts if p)
-    page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
-            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
+    page = (
+        f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+        f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n"
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
@@ -104,8 +108,10 @@ def _summary(estimates: Sequence[Attribution], task: str, facts: dict[str, Any])
         lines["task"] = task or "(not given)"
         lines["prompt pairs"] = f"{first.n_pairs} (length {first.info.get('seq_len', '?')} tokens)"
         lines["direction"] = first.direction + (
-            " (clean run is the base, noise activations patched in)" if first.direction == "noising"
-            else " (noise run is the base, clean activations patched in)")
+            " (clean run is the base, noise activations patched in)"
+            if first.direction == "noising"
+            else " (noise run is the base, clean activations patched in)"
+        )
         lines["metric"] = first.metric
         lines["node types"] = ", ".join(first.node_types)
         lines["nodes per pair"] = f"{sum(v[0].numel() for v in first.per_pair.values()):,}"
@@ -120,16 +126,24 @@ def _methods_table(estimates: Sequence[Attribution], verified: Any) -> str:
     rows = []
     for e in estimates:
         options = ", ".join(f"{k}={v}" for k, v in e.options.items() if v is not None and k != "checkpoint")
-        rows.append(f"<tr><td class='name'>{_e(e.method)}</td><td class='name'>{_e(options)}</td>"
-                    f"<td>{e.cost.forward:.1f}</td><td>{e.cost.backward:.1f}</td><td>{e.cost.forward_equivalents:.1f}</td></tr>")
+        rows.append(
+            f"<tr><td class='name'>{_e(e.method)}</td><td class='name'>{_e(options)}</td>"
+            f"<td>{e.cost.forward:.1f}</td><td>{e.cost.backward:.1f}</td><td>{e.cost.forward_equivalents:.1f}</td></tr>"
+        )
     if verified is not None and getattr(verified, "cost", None) is not None:
         c = verified.cost
-        rows.append(f"<tr><td class='name'>verification</td><td class='name'>{len(verified.nodes)} nodes</td>"
-                    f"<td>{c.forward:.1f}</td><td>{c.backward:.1f}</td><td>{c.forward_equivalents:.1f}</td></tr>")
-    head = ("<tr><th class='name'>method</th><th class='name'>options</th><th>forward passes</th>"
-            "<th>backward passes</th><th>forward equivalents</th></tr>")
-    return (f"<h2>Methods and cost</h2><p>Passes over single prompts; a backward counts as 2 forwards; a "
-            f"forward started at layer l of L counts (L − l)/L.</p><table>{head}{''.join(rows)}</table>")
+        rows.append(
+            f"<tr><td class='name'>verification</td><td class='name'>{len(verified.nodes)} nodes</td>"
+            f"<td>{c.forward:.1f}</td><td>{c.backward:.1f}</td><td>{c.forward_equivalents:.1f}</td></tr>"
+        )
+    head = (
+        "<tr><th class='name'>method</th><th class='name'>options</th><th>forward passes</th>"
+        "<th>backward passes</th><th>forward equivalents</th></tr>"
+    )
+    return (
+        f"<h2>Methods and cost</h2><p>Passes over single prompts; a backward counts as 2 forwards; a "
+        f"forward started at layer l of L counts (L − l)/L.</p><table>{head}{''.join(rows)}</table>"
+    )
 
 
 def verified_lookup(verified: Any) -> dict[tuple[str, tuple[int, ...]], torch.Tensor]:
@@ -144,16 +158,23 @@ def _top_table(estimate: Attribution, verified: Any, top: int) -> str:
     head += "<th>verified effect (mean)</th><th>min</th><th>max</th></tr>" if lookup else "</tr>"
     rows = []
     for rank, node in enumerate(estimate.top(top), start=1):
-        cells = (f"<td>{rank}</td><td class='name'>{_e(node.name)}</td><td class='name'>{node.node_type}</td>"
-                 f"<td>{node.score:.4g}</td>")
+        cells = (
+            f"<td>{rank}</td><td class='name'>{_e(node.name)}</td><td class='name'>{node.node_type}</td>"
+            f"<td>{node.score:.4g}</td>"
+        )
         if lookup:
             effect = lookup.get((node.node_type, node.index))
-            cells += ("<td>–</td><td>–</td><td>–</td>" if effect is None else
-                      f"<td>{float(effect.mean()):.4g}</td><td>{float(effect.min()):.4g}</td><td>{float(effect.max()):.4g}</td>")
+            cells += (
+                "<td>–</td><td>–</td><td>–</td>"
+                if effect is None
+                else f"<td>{float(effect.mean()):.4g}</td><td>{float(effect.min()):.4g}</td><td>{float(effect.max()):.4g}</td>"
+            )
         rows.append(f"<tr>{cells}</tr>")
     what = "mean |estimate| over pairs" if estimate.aggregation == "mean_abs" else "mean signed effect over pairs"
-    return (f"<h2>Top {top} nodes by {_e(estimate.method)}</h2><p>Score: {what}. Names follow TransformerLens "
-            f"hook names.</p><table>{head}{''.join(rows)}</table>")
+    return (
+        f"<h2>Top {top} nodes by {_e(estimate.method)}</h2><p>Score: {what}. Names follow TransformerLens "
+        f"hook names.</p><table>{head}{''.join(rows)}</table>"
+    )
 
 
 def _verified_table(verified: Any, top: int) -> str:
@@ -165,11 +186,15 @@ def _verified_table(verified: Any, top: int) -> str:
     rows = []
     for rank, row in enumerate(order, start=1):
         node_type, index = verified.nodes[row]
-        rows.append(f"<tr><td>{rank}</td><td class='name'>{_e(node_name(node_type, tuple(index)))}</td>"
-                    f"<td>{row + 1}</td><td>{float(mean[row]):.4g}</td></tr>")
+        rows.append(
+            f"<tr><td>{rank}</td><td class='name'>{_e(node_name(node_type, tuple(index)))}</td>"
+            f"<td>{row + 1}</td><td>{float(mean[row]):.4g}</td></tr>"
+        )
     head = "<tr><th>rank</th><th class='name'>node</th><th>verified as</th><th>exact effect (mean over pairs)</th></tr>"
-    return (f"<h2>Verified effects</h2><p>{len(verified.nodes)} nodes patched exactly, in estimate order; "
-            f"here sorted by |exact effect|.</p><table>{head}{''.join(rows)}</table>")
+    return (
+        f"<h2>Verified effects</h2><p>{len(verified.nodes)} nodes patched exactly, in estimate order; "
+        f"here sorted by |exact effect|.</p><table>{head}{''.join(rows)}</table>"
+    )
 
 
 def _bound_section(bound: Any) -> str:
@@ -185,21 +210,30 @@ def _evaluation_section(evaluation: Evaluation) -> str:
     if not rows:
         return ""
     header = "".join(f"<th class='name'>{_e(h)}</th>" if h == "method" else f"<th>{_e(h)}</th>" for h in rows[0])
-    body = "".join("<tr>" + "".join(
-        f"<td class='name'>{_e(v)}</td>" if k == "method" else f"<td>{_e(_short(v))}</td>" for k, v in row.items()
-    ) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td class='name'>{_e(v)}</td>" if k == "method" else f"<td>{_e(_short(v))}</td>" for k, v in row.items()
+        )
+        + "</tr>"
+        for row in rows
+    )
     what = "geometric mean over single prompt pairs" if evaluation.setting == "per_pair" else "aggregate over pairs"
-    return (f"<h2>Cost of verified recall — {evaluation.setting} ({', '.join(evaluation.node_types)})</h2>"
-            f"<p>Forward-pass equivalents (own cost + verifications) until the true top-K nodes are verified; "
-            f"{what}; oracle = K. cost/oracle: geometric mean of cost(K)/K over log-spaced K. "
-            f"{evaluation.n_nodes:,} nodes; exhaustive ground truth cost {evaluation.truth_cost:,.0f} "
-            f"forward equivalents.</p><table><tr>{header}</tr>{body}</table>")
+    return (
+        f"<h2>Cost of verified recall — {evaluation.setting} ({', '.join(evaluation.node_types)})</h2>"
+        f"<p>Forward-pass equivalents (own cost + verifications) until the true top-K nodes are verified; "
+        f"{what}; oracle = K. cost/oracle: geometric mean of cost(K)/K over log-spaced K. "
+        f"{evaluation.n_nodes:,} nodes; exhaustive ground truth cost {evaluation.truth_cost:,.0f} "
+        f"forward equivalents.</p><table><tr>{header}</tr>{body}</table>"
+    )
 
 
 def _figure(caption: str, image: Path) -> str:
     data = base64.b64encode(image.read_bytes()).decode("ascii")
-    return (f"<figure><img alt='{_e(caption)}' src='data:image/png;base64,{data}'>"
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
+    return (
+        f"<figure><img alt='{_e(caption)}' src='data:image/png;base64,{data}'>"
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+    )
 
 
 def _public_fields(obj: Any) -> dict[str, Any]:

@@ -66,7 +66,9 @@ class Attribution:
     def n_pairs(self) -> int:
         return int(next(iter(self.per_pair.values())).shape[0])
 
-    def order(self, node_types: list[str] | None = None, k: int | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    def order(
+        self, node_types: list[str] | None = None, k: int | None = None
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """Nodes by decreasing ``|scores|``: (types, type_index [N], flat_index [N]) into ``scores[types[i]].flatten()``.
 
         Ties keep the order of node types and layout (stable sort), so rankings are reproducible.
@@ -88,7 +90,9 @@ class Attribution:
             node_type = types[type_i]
             shape = self.scores[node_type].shape
             index = tuple(int(i) for i in torch.unravel_index(torch.tensor(position), shape))
-            ranked.append(RankedNode(node_type, index, node_name(node_type, index), float(self.scores[node_type][index])))
+            ranked.append(
+                RankedNode(node_type, index, node_name(node_type, index), float(self.scores[node_type][index]))
+            )
         return ranked
 
     def to_rows(self, k: int | None = None) -> list[dict[str, Any]]:
@@ -142,10 +146,19 @@ class Attribution:
         tensors = load_file(str(tensor_path))
         per_pair = {t: tensors[f"per_pair/{t}"] for t in meta["node_types"]}
         scores = {t: tensors[f"scores/{t}"] for t in meta["node_types"]}
-        extras = {k[len("extras/"):]: v for k, v in tensors.items() if k.startswith("extras/")}
+        extras = {k[len("extras/") :]: v for k, v in tensors.items() if k.startswith("extras/")}
         return cls(
-            meta["method"], meta["options"], meta["direction"], meta["metric"], meta["model_id"], per_pair, scores,
-            meta["aggregation"], Cost.from_dict(meta["cost"]), extras, meta["info"],
+            meta["method"],
+            meta["options"],
+            meta["direction"],
+            meta["metric"],
+            meta["model_id"],
+            per_pair,
+            scores,
+            meta["aggregation"],
+            Cost.from_dict(meta["cost"]),
+            extras,
+            meta["info"],
         )
 
     def __repr__(self) -> str:

@@ -67,7 +67,9 @@ class Run:
             self.records[name][layer] = x
         return x
 
-    def attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.site(layer, "q", query)
         k = self.site(layer, "k", key)
         v = self.site(layer, "v", value)

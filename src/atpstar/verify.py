@@ -130,12 +130,16 @@ class Verification:
         base = _base_path(path)
         meta_path, tensor_path = Path(str(base) + ".json"), Path(str(base) + ".safetensors")
         if not meta_path.is_file() or not tensor_path.is_file():
-            raise InputError(f"no saved verification at {base}: need {meta_path.name} and {tensor_path.name} "
-                             "(written by Verification.save or 'atpstar verify')")
+            raise InputError(
+                f"no saved verification at {base}: need {meta_path.name} and {tensor_path.name} "
+                "(written by Verification.save or 'atpstar verify')"
+            )
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
-            raise InputError(f"{meta_path} is not a verification saved in format {FORMAT_VERSION} (got "
-                             f"{meta.get('format_version')!r}); run 'atpstar verify' again to rewrite it")
+            raise InputError(
+                f"{meta_path} is not a verification saved in format {FORMAT_VERSION} (got "
+                f"{meta.get('format_version')!r}); run 'atpstar verify' again to rewrite it"
+            )
         tensors = load_file(str(tensor_path))
         return cls(
             nodes=[(t, tuple(int(i) for i in index)) for t, index in meta["nodes"]],
@@ -151,8 +155,10 @@ class Verification:
         )
 
     def __repr__(self) -> str:
-        return (f"Verification(n_verified={self.n_verified}, direction={self.direction!r}, metric={self.metric!r}, "
-                f"cost={self.cost})")
+        return (
+            f"Verification(n_verified={self.n_verified}, direction={self.direction!r}, metric={self.metric!r}, "
+            f"cost={self.cost})"
+        )
 
 
 def _base_path(path: str | Path) -> Path:
@@ -250,8 +256,9 @@ def verify(
                 order = torch.sort(pos_i, stable=True).indices  # late positions together: later starts
                 for part in plan_chunks(pos_i[order], batch, MIN_CHUNK_TOKENS, pairs.seq_len):
                     chunk = order[part]
-                    effect = patch_single_nodes(model, cache, t, int(layer), pair_i[chunk], unit_i[chunk],
-                                                pos_i[chunk], cost)
+                    effect = patch_single_nodes(
+                        model, cache, t, int(layer), pair_i[chunk], unit_i[chunk], pos_i[chunk], cost
+                    )
                     effects[rank[chunk], pair_i[chunk]] = effect.detach().double().cpu()
                     bar.update(len(chunk))
 
@@ -265,6 +272,10 @@ def verify(
         model_id=model.model_id,
         cost=cost,
         base_metric=cache.base_metric.detach().double().cpu(),
-        info={"estimate_method": estimate.method, "budget": budget, "threshold": threshold,
-              "n_nodes": int(len(ranked_scores))},
+        info={
+            "estimate_method": estimate.method,
+            "budget": budget,
+            "threshold": threshold,
+            "n_nodes": int(len(ranked_scores)),
+        },
     )

@@ -77,9 +77,7 @@ def _load_toy_ioi(dtype: torch.dtype) -> tuple[Any, Any]:
 
     folder = toy_dir()
     if not (folder / "config.json").is_file():
-        raise InputError(
-            f"toy model files are missing from {folder}; reinstall atpstar or run scripts/train_toy.py"
-        )
+        raise InputError(f"toy model files are missing from {folder}; reinstall atpstar or run scripts/train_toy.py")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     return model.eval(), tokenizer

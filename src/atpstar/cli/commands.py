@@ -102,8 +102,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if estimate.direction != args.direction:
         raise InputError(f"estimate {args.estimate} is {estimate.direction}; pass --direction {estimate.direction}")
     verified = verify_and_save(model, pairs, estimate, args.budget, args.threshold, args)
-    finish_run(args, out, model, pairs, task, estimate, verified, None, start, title="atpstar verify",
-               save_estimate=False)
+    finish_run(
+        args, out, model, pairs, task, estimate, verified, None, start, title="atpstar verify", save_estimate=False
+    )
     return 0
 
 
@@ -117,17 +118,26 @@ def cmd_bound(args: argparse.Namespace) -> int:
     model = load_model(args)
     pairs, task = load_task(model, args)
     check_same_pairs(verified.info, pairs, f"verification {args.verified}")
-    bound = bound_unverified(model, pairs, verified, args.theta, args.samples, args.p, args.alpha, args.bound_seed,
-                             args)
+    bound = bound_unverified(
+        model, pairs, verified, args.theta, args.samples, args.p, args.alpha, args.bound_seed, args
+    )
     facts = {k: v for k, v in _public_fields(bound).items()}
-    (out / "bound.json").write_text(json.dumps({k: plain(v) for k, v in facts.items()} |
-                                               {"assumption": getattr(bound, "assumption", "")}, indent=2))
+    (out / "bound.json").write_text(
+        json.dumps({k: plain(v) for k, v in facts.items()} | {"assumption": getattr(bound, "assumption", "")}, indent=2)
+    )
     for key, value in facts.items():
         print(f"{key}: {plain(value)}")
     if getattr(bound, "assumption", ""):
         print(f"assumption: {bound.assumption}")
-    path = write_report(out / "report.html", [], title="atpstar bound", task=task, verified=verified, bound=bound,
-                        facts={"model": model.model_id, "wall time": f"{time.monotonic() - start:.1f} s"})
+    path = write_report(
+        out / "report.html",
+        [],
+        title="atpstar bound",
+        task=task,
+        verified=verified,
+        bound=bound,
+        facts={"model": model.model_id, "wall time": f"{time.monotonic() - start:.1f} s"},
+    )
     say(f"wrote {out / 'bound.json'} and {path}")
     return 0
 
@@ -149,10 +159,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
         build_method(method, **options[method])  # bad options fail before the model loads
     model = load_model(args)
     pairs, task = load_task(model, args)
-    truth = cached_or_run(out / "ground_truth", model, pairs, "activation_patching", nodes,
-                          {"checkpoint": str(out / "ground_truth.ckpt.safetensors")}, args)
-    estimates = {m: cached_or_run(out / "estimates" / _file_name(m), model, pairs, m, nodes, options[m], args)
-                 for m in methods}
+    truth = cached_or_run(
+        out / "ground_truth",
+        model,
+        pairs,
+        "activation_patching",
+        nodes,
+        {"checkpoint": str(out / "ground_truth.ckpt.safetensors")},
+        args,
+    )
+    estimates = {
+        m: cached_or_run(out / "estimates" / _file_name(m), model, pairs, m, nodes, options[m], args) for m in methods
+    }
     settings = ["per_pair", "distribution"] if args.setting == "both" else [args.setting]
     evaluations, images = [], []
     for setting in settings:
@@ -166,24 +184,42 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if not args.no_plots:
             from ..plots import plot_cost_curves
 
-            images.append((f"Cost of verified recall ({setting})",
-                           plot_cost_curves(ev, out / f"cost_curves_{setting}")[0]))
+            images.append(
+                (f"Cost of verified recall ({setting})", plot_cost_curves(ev, out / f"cost_curves_{setting}")[0])
+            )
     if not args.no_plots:
         from ..plots import plot_estimate_vs_truth, plot_heatmaps
 
         shown = [estimates[m] for m in ("atp", "atp*") if m in estimates] or list(estimates.values())[:2]
-        images.append(("|estimate| against |exact effect| per pair; points far below the diagonal are false "
-                       "negatives",
-                       plot_estimate_vs_truth(truth, shown, out / "estimate_vs_truth", node_types=nodes)[0]))
-        images.append(("Exact contributions (ground truth)",
-                       plot_heatmaps(truth, out / "heatmaps_truth", node_types=nodes, tokens=tokens(model, pairs))[0]))
+        images.append(
+            (
+                "|estimate| against |exact effect| per pair; points far below the diagonal are false negatives",
+                plot_estimate_vs_truth(truth, shown, out / "estimate_vs_truth", node_types=nodes)[0],
+            )
+        )
+        images.append(
+            (
+                "Exact contributions (ground truth)",
+                plot_heatmaps(truth, out / "heatmaps_truth", node_types=nodes, tokens=tokens(model, pairs))[0],
+            )
+        )
     truth.to_csv(out / "top_nodes_truth.csv", k=min(1000, sum(truth.scores[t].numel() for t in nodes)))
-    facts = {f"wall time {name}": f"{a.info.get('wall_s', 0):.1f} s"
-             for name, a in [("ground truth", truth), *estimates.items()]}
+    facts = {
+        f"wall time {name}": f"{a.info.get('wall_s', 0):.1f} s"
+        for name, a in [("ground truth", truth), *estimates.items()]
+    }
     facts["total wall time"] = f"{time.monotonic() - start:.1f} s"
-    path = write_report(out / "report.html", [truth, *estimates.values()], title="atpstar compare", task=task,
-                        facts=facts, evaluations=evaluations, images=images, top=args.top,
-                        prompts=prompts(model, pairs))
+    path = write_report(
+        out / "report.html",
+        [truth, *estimates.values()],
+        title="atpstar compare",
+        task=task,
+        facts=facts,
+        evaluations=evaluations,
+        images=images,
+        top=args.top,
+        prompts=prompts(model, pairs),
+    )
     say(f"wrote {path}")
     return 0
 
@@ -193,6 +229,11 @@ def _file_name(method: str) -> str:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "demo": cmd_demo, "run": cmd_run, "compare": cmd_compare, "verify": cmd_verify, "bound": cmd_bound,
-    "models": cmd_models, "methods": cmd_methods,
+    "demo": cmd_demo,
+    "run": cmd_run,
+    "compare": cmd_compare,
+    "verify": cmd_verify,
+    "bound": cmd_bound,
+    "models": cmd_models,
+    "methods": cmd_methods,
 }

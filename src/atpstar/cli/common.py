@@ -14,8 +14,11 @@ from typing import Any
 from ..errors import InputError
 
 TASKS = ("ioi", "cities", "random")
-NODE_GROUPS = {"all": ["neuron", "query", "key", "value", "head"], "attention": ["query", "key", "value", "head"],
-               "qkv": ["query", "key", "value"]}
+NODE_GROUPS = {
+    "all": ["neuron", "query", "key", "value", "head"],
+    "attention": ["query", "key", "value", "head"],
+    "qkv": ["query", "key", "value"],
+}
 
 
 def parse_nodes(text: str) -> list[str]:
@@ -102,8 +105,9 @@ def check_same_pairs(info: dict[str, Any], pairs: Any, what: str) -> None:
         raise InputError(f"{what} was computed on other prompt pairs; pass the same --task, --n-pairs and --seed")
 
 
-def run_method(model: Any, pairs: Any, method: str, nodes: list[str], options: dict[str, Any],
-               args: argparse.Namespace) -> Any:
+def run_method(
+    model: Any, pairs: Any, method: str, nodes: list[str], options: dict[str, Any], args: argparse.Namespace
+) -> Any:
     """``atpstar.attribute`` with the wall time and the pairs' fingerprint recorded in ``info``."""
     from ..api import attribute as run
 
@@ -116,17 +120,23 @@ def run_method(model: Any, pairs: Any, method: str, nodes: list[str], options: d
     return result
 
 
-def cached_or_run(base: Path, model: Any, pairs: Any, method: str, nodes: list[str], options: dict[str, Any],
-                  args: argparse.Namespace) -> Any:
+def cached_or_run(
+    base: Path, model: Any, pairs: Any, method: str, nodes: list[str], options: dict[str, Any], args: argparse.Namespace
+) -> Any:
     """A result saved at ``base`` for the same pairs, direction, nodes and options, else a fresh one (saved)."""
     from ..result import Attribution, _jsonable
 
     if not args.recompute and Path(str(base) + ".json").is_file():
         saved = Attribution.load(base)
-        same_options = {k: v for k, v in saved.options.items() if k != "checkpoint"} == \
-            {k: v for k, v in _jsonable({**saved.options, **options}).items() if k != "checkpoint"}
-        if (saved.info.get("pairs_fingerprint") == pairs.fingerprint() and saved.direction == args.direction
-                and set(nodes) <= set(saved.node_types) and same_options):
+        same_options = {k: v for k, v in saved.options.items() if k != "checkpoint"} == {
+            k: v for k, v in _jsonable({**saved.options, **options}).items() if k != "checkpoint"
+        }
+        if (
+            saved.info.get("pairs_fingerprint") == pairs.fingerprint()
+            and saved.direction == args.direction
+            and set(nodes) <= set(saved.node_types)
+            and same_options
+        ):
             say(f"reusing {base}.json ({method})")
             return saved
         say(f"{base}.json was computed for other pairs, direction, nodes or options: recomputing")
@@ -136,31 +146,55 @@ def cached_or_run(base: Path, model: Any, pairs: Any, method: str, nodes: list[s
     return result
 
 
-def verify_and_save(model: Any, pairs: Any, estimate: Any, budget: int, threshold: float | None,
-                    args: argparse.Namespace) -> Any:
+def verify_and_save(
+    model: Any, pairs: Any, estimate: Any, budget: int, threshold: float | None, args: argparse.Namespace
+) -> Any:
     """``atpstar.verify``, saved to ``OUT/verified`` with the pairs' fingerprint and the wall time in ``info``."""
     from ..verify import verify as run
 
     say(f"verifying up to {budget} nodes by exact patching")
     started = time.monotonic()
     result = run(model, pairs, estimate, budget=budget, threshold=threshold, progress=not args.no_progress)
-    result.info.update(pairs_fingerprint=pairs.fingerprint(), n_pairs=pairs.n_pairs, seq_len=pairs.seq_len,
-                       wall_s=time.monotonic() - started)
+    result.info.update(
+        pairs_fingerprint=pairs.fingerprint(),
+        n_pairs=pairs.n_pairs,
+        seq_len=pairs.seq_len,
+        wall_s=time.monotonic() - started,
+    )
     result.save(Path(args.out) / "verified")
     say(f"verified {len(result.nodes)} nodes: {result.cost} in {time.monotonic() - started:.1f} s")
     return result
 
 
-def bound_unverified(model: Any, pairs: Any, verified: Any, theta: float | None, samples: int, p: float,
-                     alpha: float, seed: int, args: argparse.Namespace) -> Any:
+def bound_unverified(
+    model: Any,
+    pairs: Any,
+    verified: Any,
+    theta: float | None,
+    samples: int,
+    p: float,
+    alpha: float,
+    seed: int,
+    args: argparse.Namespace,
+) -> Any:
     """``atpstar.false_negative_bound`` over the nodes ``verified`` left out."""
     from ..bound import false_negative_bound
 
     say(f"bounding the unverified nodes with {samples} subsampling samples per pair")
     started = time.monotonic()
-    result = false_negative_bound(model, pairs, list(verified.nodes), nodes=verified.node_types, theta=theta,
-                                  samples=samples, p=p, alpha=alpha, seed=seed, direction=verified.direction,
-                                  progress=not args.no_progress)
+    result = false_negative_bound(
+        model,
+        pairs,
+        list(verified.nodes),
+        nodes=verified.node_types,
+        theta=theta,
+        samples=samples,
+        p=p,
+        alpha=alpha,
+        seed=seed,
+        direction=verified.direction,
+        progress=not args.no_progress,
+    )
     say(f"bound: {result.cost} in {time.monotonic() - started:.1f} s")
     return result
 

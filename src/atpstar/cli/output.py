@@ -10,8 +10,19 @@ from typing import Any
 from .common import say
 
 
-def finish_run(args: argparse.Namespace, out: Path, model: Any, pairs: Any, task: str, estimate: Any, verified: Any,
-               bound: Any, start: float, title: str, save_estimate: bool = True) -> None:
+def finish_run(
+    args: argparse.Namespace,
+    out: Path,
+    model: Any,
+    pairs: Any,
+    task: str,
+    estimate: Any,
+    verified: Any,
+    bound: Any,
+    start: float,
+    title: str,
+    save_estimate: bool = True,
+) -> None:
     """Save the estimate, CSV, plots and report; print the top-nodes table."""
     if save_estimate:
         estimate.save(out / "estimate")
@@ -20,17 +31,37 @@ def finish_run(args: argparse.Namespace, out: Path, model: Any, pairs: Any, task
     if not args.no_plots:
         from ..plots import plot_heatmaps, plot_verified
 
-        images.append((f"{estimate.method} contributions", plot_heatmaps(estimate, out / "heatmaps",
-                                                                          tokens=tokens(model, pairs))[0]))
+        images.append(
+            (
+                f"{estimate.method} contributions",
+                plot_heatmaps(estimate, out / "heatmaps", tokens=tokens(model, pairs))[0],
+            )
+        )
         if verified is not None and len(verified.nodes):
-            images.append(("Verified exact effects", plot_verified(verified.nodes, verified.effects, estimate,
-                                                                   out / "verified", top=args.top)[0]))
+            images.append(
+                (
+                    "Verified exact effects",
+                    plot_verified(verified.nodes, verified.effects, estimate, out / "verified", top=args.top)[0],
+                )
+            )
     from ..report import write_report
 
-    facts = {f"wall time {estimate.method}": f"{estimate.info.get('wall_s', 0):.1f} s",
-             "total wall time": f"{time.monotonic() - start:.1f} s"}
-    write_report(out / "report.html", [estimate], title=title, task=task, facts=facts, verified=verified,
-                 bound=bound, images=images, top=args.top, prompts=prompts(model, pairs))
+    facts = {
+        f"wall time {estimate.method}": f"{estimate.info.get('wall_s', 0):.1f} s",
+        "total wall time": f"{time.monotonic() - start:.1f} s",
+    }
+    write_report(
+        out / "report.html",
+        [estimate],
+        title=title,
+        task=task,
+        facts=facts,
+        verified=verified,
+        bound=bound,
+        images=images,
+        top=args.top,
+        prompts=prompts(model, pairs),
+    )
     print_top(estimate, verified, args.top)
     written = sorted(p.name for p in out.iterdir() if p.is_file())
     say(f"wrote {out}/ ({', '.join(written)}) in {time.monotonic() - start:.1f} s")
@@ -66,5 +97,7 @@ def prompts(model: Any, pairs: Any, count: int = 3) -> list[tuple[str, str]]:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         return []
-    return [(tokenizer.decode(pairs.clean[i].tolist()), tokenizer.decode(pairs.noise[i].tolist()))
-            for i in range(min(count, pairs.n_pairs))]
+    return [
+        (tokenizer.decode(pairs.clean[i].tolist()), tokenizer.decode(pairs.noise[i].tolist()))
+        for i in range(min(count, pairs.n_pairs))
+    ]

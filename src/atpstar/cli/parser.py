@@ -11,85 +11,141 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="atpstar",
         description="Find the components of a transformer LM that cause a behaviour: exact activation patching, "
-                    "attribution patching (AtP) and AtP* (Kramár et al. 2024).",
+        "attribution patching (AtP) and AtP* (Kramár et al. 2024).",
         epilog="Run 'atpstar COMMAND --help' for the options of one command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="AtP* on the built-in SmolLM2-135M with IOI prompts, top nodes verified",
-                          description="The main job on the built-in default: SmolLM2-135M on IOI prompt pairs, AtP* "
-                                      "over all node types, the top components verified by exact activation "
-                                      "patching, a table printed and report.html written (~2 min on 2 CPU cores).")
+    demo = sub.add_parser(
+        "demo",
+        help="AtP* on the built-in SmolLM2-135M with IOI prompts, top nodes verified",
+        description="The main job on the built-in default: SmolLM2-135M on IOI prompt pairs, AtP* "
+        "over all node types, the top components verified by exact activation "
+        "patching, a table printed and report.html written (~2 min on 2 CPU cores).",
+    )
     _model_args(demo, default_model="smollm2-135m")
     demo.add_argument("--pairs", type=int, default=4, metavar="N", help="number of IOI prompt pairs (default 4)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the prompt draw (default 0)")
-    demo.add_argument("--nodes", default="all", help="node types: all, attention, qkv, or a comma list of "
-                      "neuron,query,key,value,head (default all)")
-    demo.add_argument("--budget", type=int, default=50, metavar="N",
-                      help="nodes to verify by exact patching, in AtP* order (default 50)")
-    demo.add_argument("--bound-samples", type=int, default=0, metavar="N",
-                      help="if > 0, also bound the unverified nodes' effects with N subsampling samples "
-                           "(default 0: off)")
+    demo.add_argument(
+        "--nodes",
+        default="all",
+        help="node types: all, attention, qkv, or a comma list of neuron,query,key,value,head (default all)",
+    )
+    demo.add_argument(
+        "--budget",
+        type=int,
+        default=50,
+        metavar="N",
+        help="nodes to verify by exact patching, in AtP* order (default 50)",
+    )
+    demo.add_argument(
+        "--bound-samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="if > 0, also bound the unverified nodes' effects with N subsampling samples (default 0: off)",
+    )
     _output_args(demo, "out/demo")
 
-    run = sub.add_parser("run", help="one attribution method on a model and task",
-                         description="Run one method, save the result (estimate.json + estimate.safetensors), "
-                                     "a CSV of top nodes, heatmaps and report.html.")
+    run = sub.add_parser(
+        "run",
+        help="one attribution method on a model and task",
+        description="Run one method, save the result (estimate.json + estimate.safetensors), "
+        "a CSV of top nodes, heatmaps and report.html.",
+    )
     _model_args(run)
     _task_args(run)
     run.add_argument("--method", default="atp*", help="method id (see 'atpstar methods'; default atp*)")
     run.add_argument("--nodes", default="all", help="node types: all, attention, qkv, or a comma list (default all)")
-    run.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                     help="a method option, repeatable, e.g. --option samples=128 (values parsed as JSON when "
-                          "they can be)")
-    run.add_argument("--verify", type=int, default=0, metavar="N",
-                     help="also verify the top N nodes exactly (default 0)")
+    run.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, repeatable, e.g. --option samples=128 (values parsed as JSON when they can be)",
+    )
+    run.add_argument(
+        "--verify", type=int, default=0, metavar="N", help="also verify the top N nodes exactly (default 0)"
+    )
     _output_args(run, "out/run")
 
-    compare = sub.add_parser("compare", help="compare methods by cost of verified recall against exhaustive patching",
-                             description="Compute (or reuse from --out) the exhaustive ground truth by activation "
-                                         "patching, run each method, and write cost-of-verified-recall tables "
-                                         "(markdown + CSV), plots and report.html. The ground truth is checkpointed "
-                                         "to OUT/ground_truth.ckpt.safetensors and resumes when interrupted; "
-                                         "results already in OUT are reused unless --recompute.")
+    compare = sub.add_parser(
+        "compare",
+        help="compare methods by cost of verified recall against exhaustive patching",
+        description="Compute (or reuse from --out) the exhaustive ground truth by activation "
+        "patching, run each method, and write cost-of-verified-recall tables "
+        "(markdown + CSV), plots and report.html. The ground truth is checkpointed "
+        "to OUT/ground_truth.ckpt.safetensors and resumes when interrupted; "
+        "results already in OUT are reused unless --recompute.",
+    )
     _model_args(compare)
     _task_args(compare)
-    compare.add_argument("--methods", default=COMPARE_DEFAULT,
-                         help=f"comma list of method ids (default {COMPARE_DEFAULT})")
-    compare.add_argument("--nodes", default="attention",
-                         help="node types: all, attention, qkv, or a comma list (default attention)")
-    compare.add_argument("--option", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
-                         help="a method option, repeatable; METHOD: limits it to one method, e.g. "
-                              "--option blocks:block_size=8")
-    compare.add_argument("--setting", choices=["per_pair", "distribution", "both"], default="both",
-                         help="rank nodes per single prompt pair (geometric mean over pairs), over the distribution "
-                              "of pairs, or both (default both)")
-    compare.add_argument("--k-max", type=int, default=None, metavar="K",
-                         help="largest K on the curves (default min(1000, nodes with non-zero effect))")
+    compare.add_argument(
+        "--methods", default=COMPARE_DEFAULT, help=f"comma list of method ids (default {COMPARE_DEFAULT})"
+    )
+    compare.add_argument(
+        "--nodes", default="attention", help="node types: all, attention, qkv, or a comma list (default attention)"
+    )
+    compare.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="[METHOD:]KEY=VALUE",
+        help="a method option, repeatable; METHOD: limits it to one method, e.g. --option blocks:block_size=8",
+    )
+    compare.add_argument(
+        "--setting",
+        choices=["per_pair", "distribution", "both"],
+        default="both",
+        help="rank nodes per single prompt pair (geometric mean over pairs), over the distribution "
+        "of pairs, or both (default both)",
+    )
+    compare.add_argument(
+        "--k-max",
+        type=int,
+        default=None,
+        metavar="K",
+        help="largest K on the curves (default min(1000, nodes with non-zero effect))",
+    )
     compare.add_argument("--recompute", action="store_true", help="ignore results saved in --out and compute again")
     _output_args(compare, "out/compare")
 
-    verify = sub.add_parser("verify", help="verify an estimate's top nodes by exact activation patching",
-                            description="Patch the nodes of a saved estimate in its ranking order, exactly, and save "
-                                        "the exact effects (verified.json + verified.safetensors) for 'atpstar bound'.")
+    verify = sub.add_parser(
+        "verify",
+        help="verify an estimate's top nodes by exact activation patching",
+        description="Patch the nodes of a saved estimate in its ranking order, exactly, and save "
+        "the exact effects (verified.json + verified.safetensors) for 'atpstar bound'.",
+    )
     _model_args(verify)
     _task_args(verify)
-    verify.add_argument("--estimate", required=True, metavar="PATH",
-                        help="saved estimate without extension, e.g. out/run/estimate (from 'atpstar run')")
+    verify.add_argument(
+        "--estimate",
+        required=True,
+        metavar="PATH",
+        help="saved estimate without extension, e.g. out/run/estimate (from 'atpstar run')",
+    )
     verify.add_argument("--budget", type=int, default=50, metavar="N", help="nodes to verify (default 50)")
-    verify.add_argument("--threshold", type=float, default=None,
-                        help="also stop once an estimate's |score| falls below this value")
+    verify.add_argument(
+        "--threshold", type=float, default=None, help="also stop once an estimate's |score| falls below this value"
+    )
     _output_args(verify, "out/verify")
 
-    bound = sub.add_parser("bound", help="bound the effects of the nodes left unverified",
-                           description="Run subsampling over the unverified nodes only and report an upper confidence "
-                                       "bound on the largest remaining |effect| and a union bound on the probability "
-                                       "that some remaining node has |effect| >= theta (assumes near-additive "
-                                       "effects).")
+    bound = sub.add_parser(
+        "bound",
+        help="bound the effects of the nodes left unverified",
+        description="Run subsampling over the unverified nodes only and report an upper confidence "
+        "bound on the largest remaining |effect| and a union bound on the probability "
+        "that some remaining node has |effect| >= theta (assumes near-additive "
+        "effects).",
+    )
     _model_args(bound)
     _task_args(bound)
-    bound.add_argument("--verified", required=True, metavar="PATH",
-                       help="saved verification without extension, e.g. out/verify/verified (from 'atpstar verify')")
+    bound.add_argument(
+        "--verified",
+        required=True,
+        metavar="PATH",
+        help="saved verification without extension, e.g. out/verify/verified (from 'atpstar verify')",
+    )
     bound.add_argument("--theta", type=float, required=True, help="effect size the union bound is about")
     bound.add_argument("--samples", type=int, default=256, help="subsampling samples per pair (default 256)")
     bound.add_argument("--p", type=float, default=0.5, help="probability a node is in a sample (default 0.5)")
@@ -110,19 +166,27 @@ def _model_args(parser: argparse.ArgumentParser, default_model: str | None = Non
         parser.add_argument("--model", required=True, help=help_text)
     parser.add_argument("--dtype", default="float32", help="dtype to compute in: float32 (default), float64, bfloat16")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument("--direction", choices=["noising", "denoising"], default="noising",
-                        help="noising: patch noise activations into the clean run (the paper's, default); "
-                             "denoising: patch clean activations into the noise run")
+    parser.add_argument(
+        "--direction",
+        choices=["noising", "denoising"],
+        default="noising",
+        help="noising: patch noise activations into the clean run (the paper's, default); "
+        "denoising: patch clean activations into the noise run",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def _task_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True,
-                        help="ioi, cities, random (pairs of model samples, metric: log-prob of the clean next "
-                             "token), or a .jsonl file with one {\"clean\", \"noise\", \"answer\", \"distractor\"} "
-                             "object per line (distractor optional: metric logprob instead of logit difference)")
-    parser.add_argument("--n-pairs", type=int, default=4, metavar="N",
-                        help="prompt pairs for ioi/cities/random (default 4)")
+    parser.add_argument(
+        "--task",
+        required=True,
+        help="ioi, cities, random (pairs of model samples, metric: log-prob of the clean next "
+        'token), or a .jsonl file with one {"clean", "noise", "answer", "distractor"} '
+        "object per line (distractor optional: metric logprob instead of logit difference)",
+    )
+    parser.add_argument(
+        "--n-pairs", type=int, default=4, metavar="N", help="prompt pairs for ioi/cities/random (default 4)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt draw (default 0)")
     parser.add_argument("--seq-len", type=int, default=16, help="prompt length for --task random (default 16)")
 

@@ -47,8 +47,9 @@ class AttributionPatching(Method):
 
     needs_gradients = True
 
-    def __init__(self, *, qk_fix: bool = False, grad_drop: bool = False, batch_size: int | None = None,
-                 memory_gb: float = 2.0) -> None:
+    def __init__(
+        self, *, qk_fix: bool = False, grad_drop: bool = False, batch_size: int | None = None, memory_gb: float = 2.0
+    ) -> None:
         self.qk_fix = qk_fix
         self.grad_drop = grad_drop
         self.batch_size = batch_size
@@ -63,7 +64,10 @@ class AttributionPatching(Method):
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        out = {t: torch.zeros(pairs.n_pairs, *node_shape(t, model.sizes, pairs.seq_len), dtype=model.dtype) for t in node_types}
+        out = {
+            t: torch.zeros(pairs.n_pairs, *node_shape(t, model.sizes, pairs.seq_len), dtype=model.dtype)
+            for t in node_types
+        }
         batch = self.batch_size or _auto_batch(model, pairs.seq_len, self.memory_gb)
         with progress_bar(pairs.n_pairs, self.id, progress) as bar:
             for start in range(0, pairs.n_pairs, batch):
@@ -73,8 +77,9 @@ class AttributionPatching(Method):
                 bar.update(len(index))
         return out, {}, {}
 
-    def _estimate(self, model: Model, pairs: PromptPairs, index: torch.Tensor, node_types: list[str],
-                  direction: str, cost: Cost) -> dict[str, torch.Tensor]:
+    def _estimate(
+        self, model: Model, pairs: PromptPairs, index: torch.Tensor, node_types: list[str], direction: str, cost: Cost
+    ) -> dict[str, torch.Tensor]:
         """Per-pair estimates for the pairs ``index``: node type -> [b, *layout]."""
         base_tokens, source_tokens = (tokens[index] for tokens in pairs.base_and_source(direction))
         fix = self.qk_fix and bool({"query", "key"} & set(node_types))
@@ -98,11 +103,24 @@ class AttributionPatching(Method):
             plain = self._per_layer(model, base, source, node_types, by_site, range(n_layers), fix)
             if not self.grad_drop:
                 return {t: torch.stack(v, 1) for t, v in plain.items()}
-            return self._graddrop(model, base, source, node_types, targets, tensors, plain, grads[len(tensors):], fix, cost, b)
+            return self._graddrop(
+                model, base, source, node_types, targets, tensors, plain, grads[len(tensors) :], fix, cost, b
+            )
 
-    def _graddrop(self, model: Model, base: Run, source: Run, node_types: list[str], targets: list[tuple[int, str]],
-                  tensors: list[torch.Tensor], plain: dict[str, list[torch.Tensor]], resid_grads: tuple[Any, ...],
-                  fix: bool, cost: Cost, b: int) -> dict[str, torch.Tensor]:
+    def _graddrop(
+        self,
+        model: Model,
+        base: Run,
+        source: Run,
+        node_types: list[str],
+        targets: list[tuple[int, str]],
+        tensors: list[torch.Tensor],
+        plain: dict[str, list[torch.Tensor]],
+        resid_grads: tuple[Any, ...],
+        fix: bool,
+        cost: Cost,
+        b: int,
+    ) -> dict[str, torch.Tensor]:
         """Σ_l |Î_l| / (L - 1): for layers above l the plain estimate, at l zero, below l a partial backward.
 
         The gradient reaching resid_pre_l with layer l's write dropped is the ordinary gradient at
@@ -114,8 +132,13 @@ class AttributionPatching(Method):
         for drop in range(1, n_layers):
             below = [i for i, (layer, _) in enumerate(targets) if layer < drop]
             seed = resid_grads[drop]  # ∂L/∂resid_post_drop
-            grads = torch.autograd.grad(base.records["resid_pre"][drop], [tensors[i] for i in below],
-                                        grad_outputs=seed, retain_graph=drop < n_layers - 1, allow_unused=True)
+            grads = torch.autograd.grad(
+                base.records["resid_pre"][drop],
+                [tensors[i] for i in below],
+                grad_outputs=seed,
+                retain_graph=drop < n_layers - 1,
+                allow_unused=True,
+            )
             cost.add_backward(b, layers_covered=drop, n_layers=n_layers)
             by_site = {targets[i]: _or_zero(g, tensors[i]) for i, g in zip(below, grads)}
             dropped = self._per_layer(model, base, source, node_types, by_site, range(drop), fix)
@@ -133,20 +156,37 @@ class AttributionPatching(Method):
                 sites.append(site)
         return sites
 
-    def _per_layer(self, model: Model, base: Run, source: Run, node_types: list[str],
-                   grads: dict[tuple[int, str], torch.Tensor], layers: range, fix: bool) -> dict[str, list[torch.Tensor]]:
+    def _per_layer(
+        self,
+        model: Model,
+        base: Run,
+        source: Run,
+        node_types: list[str],
+        grads: dict[tuple[int, str], torch.Tensor],
+        layers: range,
+        fix: bool,
+    ) -> dict[str, list[torch.Tensor]]:
         """Estimates per node type, one [b, ...] tensor per layer in ``layers``, from gradients at sites."""
         out: dict[str, list[torch.Tensor]] = {t: [] for t in node_types}
         with torch.no_grad():
             for layer in layers:
                 for t in node_types:
                     if fix and t == "query":
-                        est = query_fix(source.records["q"][layer], base.records["k"][layer].detach(),
-                                        base.records["pattern"][layer].detach(), grads[(layer, "pattern")],
-                                        base.scaling[layer])
+                        est = query_fix(
+                            source.records["q"][layer],
+                            base.records["k"][layer].detach(),
+                            base.records["pattern"][layer].detach(),
+                            grads[(layer, "pattern")],
+                            base.scaling[layer],
+                        )
                     elif fix and t == "key":
-                        est = key_fix(base.records["q"][layer].detach(), base.records["k"][layer].detach(),
-                                      source.records["k"][layer], grads[(layer, "pattern")], base.scaling[layer])
+                        est = key_fix(
+                            base.records["q"][layer].detach(),
+                            base.records["k"][layer].detach(),
+                            source.records["k"][layer],
+                            grads[(layer, "pattern")],
+                            base.scaling[layer],
+                        )
                     else:
                         site = SITE_OF[t]
                         diff = source.records[site][layer] - base.records[site][layer].detach()

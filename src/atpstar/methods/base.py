@@ -63,7 +63,9 @@ class Method:
         node_types = check_node_types(nodes)
         missing = [t for t in node_types if t not in self.node_types]
         if missing:
-            raise InputError(f"method {self.id!r} does not support node types {missing}; it supports {list(self.node_types)}")
+            raise InputError(
+                f"method {self.id!r} does not support node types {missing}; it supports {list(self.node_types)}"
+            )
         if not isinstance(pairs, PromptPairs):
             raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
         check_direction(direction)

@@ -76,7 +76,9 @@ class Blocks(Method):
         ]
         with progress_bar(len(blocks) * pairs.n_pairs, "blocks", progress) as bar:
             effects = patch_blocks(model, cache, blocks, shapes, self.batch_size, self.memory_gb, cost, bar.update)
-        per_pair = {t: torch.zeros(pairs.n_pairs, model.n_layers, _per_layer(shapes[t]), dtype=model.dtype) for t in node_types}
+        per_pair = {
+            t: torch.zeros(pairs.n_pairs, model.n_layers, _per_layer(shapes[t]), dtype=model.dtype) for t in node_types
+        }
         for block, effect in zip(blocks, effects):
             per_pair[block.node_type][:, block.layer, block.start : block.stop] = effect[:, None].to(model.dtype)
         per_pair = {t: v.reshape(pairs.n_pairs, *shapes[t]) for t, v in per_pair.items()}  # [P, L, R] -> [P, *layout]

@@ -53,8 +53,15 @@ class Hierarchical(Method):
     aggregation = "mean_abs"
     pairs_interact = True  # splits follow the mean over pairs
 
-    def __init__(self, *, branching: int = 4, threshold: float | None = None, budget: int | None = None,
-                 batch_size: int | None = None, memory_gb: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        branching: int = 4,
+        threshold: float | None = None,
+        budget: int | None = None,
+        batch_size: int | None = None,
+        memory_gb: float = 1.0,
+    ) -> None:
         self.branching = branching
         self.threshold = threshold
         self.budget = budget
@@ -66,7 +73,9 @@ class Hierarchical(Method):
             raise InputError(f"branching must be an integer >= 2; got {self.branching!r}")
         if self.threshold is not None and (not isinstance(self.threshold, (int, float)) or self.threshold < 0):
             raise InputError(f"threshold must be a number >= 0 or None; got {self.threshold!r}")
-        if self.budget is not None and (not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1):
+        if self.budget is not None and (
+            not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1
+        ):
             raise InputError(f"budget must be an integer >= 1 or None; got {self.budget!r}")
         check_batching(self.batch_size, self.memory_gb)
 
@@ -80,7 +89,9 @@ class Hierarchical(Method):
         budget = self.budget
         if budget is None and self.threshold is None:
             budget = math.ceil(n_nodes / 10)
-        per_pair = {t: torch.zeros(n_pairs, model.n_layers, _per_layer(shapes[t]), dtype=model.dtype) for t in node_types}
+        per_pair = {
+            t: torch.zeros(n_pairs, model.n_layers, _per_layer(shapes[t]), dtype=model.dtype) for t in node_types
+        }
         round_size = max(self.branching, (self.batch_size or 256 * n_pairs) // n_pairs)
         heap: list[tuple[float, int, Block]] = []
         patched = 0

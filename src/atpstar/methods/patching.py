@@ -41,8 +41,15 @@ class ActivationPatching(Method):
     exact = True
     aggregation = "mean"
 
-    def __init__(self, *, batch_size: int | None = None, memory_gb: float = 1.0, checkpoint: str | None = None,
-                 min_chunk_tokens: int = MIN_CHUNK_TOKENS, layers: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        batch_size: int | None = None,
+        memory_gb: float = 1.0,
+        checkpoint: str | None = None,
+        min_chunk_tokens: int = MIN_CHUNK_TOKENS,
+        layers: list[int] | None = None,
+    ) -> None:
         self.batch_size = batch_size
         self.memory_gb = memory_gb
         self.checkpoint = checkpoint
@@ -54,9 +61,12 @@ class ActivationPatching(Method):
             raise InputError(f"batch_size must be >= 1 or None; got {self.batch_size}")
         if self.memory_gb <= 0:
             raise InputError(f"memory_gb must be positive; got {self.memory_gb}")
-        if self.layers is not None and (not self.layers or any(
-                not isinstance(l, int) or not 0 <= l < model.n_layers for l in self.layers)):
-            raise InputError(f"layers must be a non-empty list of layer indices in [0, {model.n_layers}); got {self.layers}")
+        if self.layers is not None and (
+            not self.layers or any(not isinstance(i, int) or not 0 <= i < model.n_layers for i in self.layers)
+        ):
+            raise InputError(
+                f"layers must be a non-empty list of layer indices in [0, {model.n_layers}); got {self.layers}"
+            )
 
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
@@ -103,9 +113,17 @@ def _pending(node_types: list[str], done: dict[str, torch.Tensor], layer: int) -
     return tuple(stacked.unbind(1))
 
 
-def _store(node_types: list[str], effects: dict[str, torch.Tensor], done: dict[str, torch.Tensor], layer: int,
-           type_i: torch.Tensor, pair_i: torch.Tensor, unit_i: torch.Tensor, pos_i: torch.Tensor,
-           effect: torch.Tensor) -> None:
+def _store(
+    node_types: list[str],
+    effects: dict[str, torch.Tensor],
+    done: dict[str, torch.Tensor],
+    layer: int,
+    type_i: torch.Tensor,
+    pair_i: torch.Tensor,
+    unit_i: torch.Tensor,
+    pos_i: torch.Tensor,
+    effect: torch.Tensor,
+) -> None:
     for i, node_type in enumerate(node_types):
         rows = type_i == i
         pair, unit, pos = pair_i[rows], unit_i[rows], pos_i[rows]
@@ -115,9 +133,12 @@ def _store(node_types: list[str], effects: dict[str, torch.Tensor], done: dict[s
         done[node_type][index] = True
 
 
-def _load_checkpoint(path: str | None, key: str, model: Model, pairs: PromptPairs, node_types: list[str],
-                     dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    effects = {t: torch.zeros(pairs.n_pairs, *node_shape(t, model.sizes, pairs.seq_len), dtype=dtype) for t in node_types}
+def _load_checkpoint(
+    path: str | None, key: str, model: Model, pairs: PromptPairs, node_types: list[str], dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    effects = {
+        t: torch.zeros(pairs.n_pairs, *node_shape(t, model.sizes, pairs.seq_len), dtype=dtype) for t in node_types
+    }
     done = {t: torch.zeros(e.shape, dtype=torch.bool) for t, e in effects.items()}
     if path and Path(path).exists():
         saved = load_file(path)

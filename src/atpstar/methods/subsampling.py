@@ -62,8 +62,16 @@ class Subsampling(Method):
     seeded = True
     aggregation = "mean_abs"
 
-    def __init__(self, *, samples: int = 256, p: float = 0.5, seed: int = 0, design: str = "random",
-                 batch_size: int | None = None, memory_gb: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        samples: int = 256,
+        p: float = 0.5,
+        seed: int = 0,
+        design: str = "random",
+        batch_size: int | None = None,
+        memory_gb: float = 1.0,
+    ) -> None:
         self.samples = samples
         self.p = p
         self.seed = seed
@@ -78,8 +86,19 @@ class Subsampling(Method):
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         cache = prepare(model, pairs, direction, node_types, cost)
-        stats = subsample(model, cache, node_types, samples=self.samples, p=self.p, seed=self.seed, design=self.design,
-                          batch_size=self.batch_size, memory_gb=self.memory_gb, cost=cost, progress=progress)
+        stats = subsample(
+            model,
+            cache,
+            node_types,
+            samples=self.samples,
+            p=self.p,
+            seed=self.seed,
+            design=self.design,
+            batch_size=self.batch_size,
+            memory_gb=self.memory_gb,
+            cost=cost,
+            progress=progress,
+        )
         per_pair = {t: stats.estimate(t).to(model.dtype) for t in node_types}
         extras = {f"{name}/{t}": stats.get(name, t) for t in node_types for name in STATS}
         return per_pair, extras, {"base_metric": cache.base_metric.tolist()}
@@ -95,9 +114,13 @@ def check_options(samples: Any, p: Any, design: Any, batch_size: Any, memory_gb:
         raise InputError(f"unknown design {design!r}; choose one of {list(DESIGNS)}")
     if design == "balanced":
         if samples & (samples - 1):
-            raise InputError(f"design='balanced' needs samples to be a power of two; got {samples} (try {1 << samples.bit_length()})")
+            raise InputError(
+                f"design='balanced' needs samples to be a power of two; got {samples} (try {1 << samples.bit_length()})"
+            )
         if float(p) != 0.5:
-            raise InputError(f"design='balanced' puts every node in exactly half the samples, so p must be 0.5; got {p}")
+            raise InputError(
+                f"design='balanced' puts every node in exactly half the samples, so p must be 0.5; got {p}"
+            )
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise InputError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}")
     if not isinstance(memory_gb, (int, float)) or memory_gb <= 0:
@@ -130,7 +153,9 @@ class SubsamplingStats:
         if name in ("var_in", "var_out"):
             side = name[4:]
             count = self.values[f"count_{side}"]
-            return torch.where(count >= 2, self.values[f"m2_{side}"] / (count - 1).clamp(min=1), torch.zeros_like(count))
+            return torch.where(
+                count >= 2, self.values[f"m2_{side}"] / (count - 1).clamp(min=1), torch.zeros_like(count)
+            )
         return self.values[name]
 
     def get(self, name: str, node_type: str) -> torch.Tensor:
@@ -173,22 +198,31 @@ def subsample(
     n_nodes = sum(int(torch.Size(s).numel()) for s in shapes.values())
     keep = torch.ones(n_nodes, dtype=torch.bool)
     if exclude is not None:
-        keep = torch.cat([~exclude[t].reshape(-1) if t in exclude else torch.ones(int(torch.Size(shapes[t]).numel()),
-                          dtype=torch.bool) for t in node_types])
+        keep = torch.cat(
+            [
+                ~exclude[t].reshape(-1)
+                if t in exclude
+                else torch.ones(int(torch.Size(shapes[t]).numel()), dtype=torch.bool)
+                for t in node_types
+            ]
+        )
     # Per element: the forward's activations plus masks and float64 statistics work space over N nodes.
     per_element = element_bytes(model, seq_len) + n_nodes * 40
     batch = batch_size or max(1, int(memory_gb * 2**30 // per_element))
     codes = _balanced_codes(n_nodes, samples, seed) if design == "balanced" else None
-    values = {name: torch.zeros(n_pairs, n_nodes, dtype=torch.float64)
-              for name in ("count_in", "mean_in", "m2_in", "count_out", "mean_out", "m2_out")}
+    values = {
+        name: torch.zeros(n_pairs, n_nodes, dtype=torch.float64)
+        for name in ("count_in", "mean_in", "m2_in", "count_out", "mean_out", "m2_out")
+    }
     total = samples * n_pairs
     with progress_bar(total, "subsampling", progress) as bar:
         for start in range(0, total, batch):
             element = torch.arange(start, min(start + batch, total))
             pair_index, sample_index = element % n_pairs, element // n_pairs
             if codes is None:
-                chosen = torch.stack([_random_subset(n_nodes, p, seed, int(j), int(s))
-                                      for j, s in zip(pair_index, sample_index)])  # [B, N]
+                chosen = torch.stack(
+                    [_random_subset(n_nodes, p, seed, int(j), int(s)) for j, s in zip(pair_index, sample_index)]
+                )  # [B, N]
             else:
                 chosen = _balanced_subset(codes, sample_index)
             chosen &= keep
@@ -203,8 +237,9 @@ def subsample(
     return SubsamplingStats(shapes, values)
 
 
-def _update(values: dict[str, torch.Tensor], chosen: torch.Tensor, delta: torch.Tensor, pair_index: torch.Tensor,
-            n_pairs: int) -> None:
+def _update(
+    values: dict[str, torch.Tensor], chosen: torch.Tensor, delta: torch.Tensor, pair_index: torch.Tensor, n_pairs: int
+) -> None:
     """Merge one batch of samples into the running per-pair, per-node statistics."""
     onehot = torch.nn.functional.one_hot(pair_index, n_pairs).double()  # [B, P]
     for side, member in (("in", chosen.double()), ("out", (~chosen).double())):
