@@ -10,8 +10,9 @@ from tqdm.auto import tqdm
 
 
 @contextmanager
-def progress_bar(total: int, description: str, enabled: bool) -> Iterator[Any]:
-    bar = tqdm(total=total, desc=description, disable=not enabled, unit="node", dynamic_ncols=True)
+def progress_bar(total: int, description: str, enabled: bool, unit: str = "node") -> Iterator[Any]:
+    """A tqdm bar counting ``unit``s (``total`` 0: unknown length); closed also on error or interrupt."""
+    bar = tqdm(total=total or None, desc=description, disable=not enabled, unit=unit, dynamic_ncols=True)
     try:
         yield bar
     finally:

@@ -69,7 +69,7 @@ class AttributionPatching(Method):
             for t in node_types
         }
         batch = self.batch_size or _auto_batch(model, pairs.seq_len, self.memory_gb)
-        with progress_bar(pairs.n_pairs, self.id, progress) as bar:
+        with progress_bar(pairs.n_pairs, self.id, progress, unit="pair") as bar:
             for start in range(0, pairs.n_pairs, batch):
                 index = torch.arange(start, min(start + batch, pairs.n_pairs))
                 for t, value in self._estimate(model, pairs, index, node_types, direction, cost).items():

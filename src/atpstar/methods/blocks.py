@@ -74,7 +74,7 @@ class Blocks(Method):
             for layer in range(model.n_layers)
             for start in range(0, _per_layer(shapes[t]), self.block_size)
         ]
-        with progress_bar(len(blocks) * pairs.n_pairs, "blocks", progress) as bar:
+        with progress_bar(len(blocks) * pairs.n_pairs, "blocks", progress, unit="block") as bar:
             effects = patch_blocks(model, cache, blocks, shapes, self.batch_size, self.memory_gb, cost, bar.update)
         per_pair = {
             t: torch.zeros(pairs.n_pairs, model.n_layers, _per_layer(shapes[t]), dtype=model.dtype) for t in node_types

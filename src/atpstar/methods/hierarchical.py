@@ -108,7 +108,7 @@ class Hierarchical(Method):
                     heapq.heappush(heap, (-size, next(tie), block))
 
         roots = [Block(t, layer, 0, _per_layer(shapes[t])) for t in node_types for layer in range(model.n_layers)]
-        with progress_bar(0, "hierarchical", progress) as bar:
+        with progress_bar(0, "hierarchical", progress, unit="block") as bar:
             run(roots, bar)
             while heap:
                 children: list[Block] = []

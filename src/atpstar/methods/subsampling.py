@@ -215,7 +215,7 @@ def subsample(
         for name in ("count_in", "mean_in", "m2_in", "count_out", "mean_out", "m2_out")
     }
     total = samples * n_pairs
-    with progress_bar(total, "subsampling", progress) as bar:
+    with progress_bar(total, "subsampling", progress, unit="sample") as bar:
         for start in range(0, total, batch):
             element = torch.arange(start, min(start + batch, total))
             pair_index, sample_index = element % n_pairs, element // n_pairs
