@@ -6,33 +6,12 @@ import math
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 import atpstar
+from reference.toys import sparse_additive_toy
 from atpstar.bound import false_negative_bound
 from atpstar.ops import betainc, student_t_cdf, student_t_quantile, welch_se_df, welford_merge
 from atpstar.verify import verify
-
-
-def additive_toy(planted: bool, n_pairs: int = 2, seq_len: int = 4, seed: int = 0):
-    """1-layer parallel-residual GPT-NeoX without final norm, float64: neuron effects add up exactly.
-    ``planted``: MLP output columns scaled 1e-3 except neurons 5 (x50) and 11 (x-30)."""
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=16, max_position_embeddings=16, use_parallel_residual=True,
-                           hidden_dropout=0.0, attention_dropout=0.0, initializer_range=0.3)
-    hf_model = GPTNeoXForCausalLM(config).double().eval()
-    hf_model.gpt_neox.final_layer_norm = torch.nn.Identity()
-    if planted:
-        with torch.no_grad():
-            weight = hf_model.gpt_neox.layers[0].mlp.dense_4h_to_h.weight  # [D, M]
-            scale = torch.full((weight.shape[1],), 1e-3, dtype=weight.dtype)
-            scale[5], scale[11] = 50.0, -30.0
-            weight *= scale
-    g = torch.Generator().manual_seed(seed + 1)
-    tokens = lambda *shape: torch.randint(0, 30, shape, generator=g)  # noqa: E731
-    pairs = atpstar.PromptPairs(tokens(n_pairs, seq_len), tokens(n_pairs, seq_len), tokens(n_pairs), tokens(n_pairs))
-    return atpstar.Model(hf_model), pairs
 
 
 # Pure statistics -----------------------------------------------------------------------------------------
@@ -82,7 +61,7 @@ def test_welch_se_and_df_match_the_two_sample_formula():
 
 @pytest.fixture(scope="module")
 def planted():
-    model, pairs = additive_toy(planted=True)
+    model, pairs = sparse_additive_toy(planted=True)
     truth = atpstar.attribute(model, pairs, "activation_patching", nodes=["neuron"])
     return model, pairs, truth
 
@@ -127,7 +106,7 @@ def test_plain_list_needs_node_types_and_verified_nodes_are_never_patched(plante
 def test_bound_holds_over_seeds():
     """(a) must cover the true largest unverified |c(n)| at rate >= 1 - alpha; on this additive toy
     (all 64 neurons of a dense 1-layer model, top 3 verified) 20 seeds at alpha = 0.05 must give >= 18."""
-    model, pairs = additive_toy(planted=False)
+    model, pairs = sparse_additive_toy(planted=False)
     truth = atpstar.attribute(model, pairs, "activation_patching", nodes=["neuron"])
     verified = verify(model, pairs, truth, budget=3)
     largest_left = float(truth.scores["neuron"].abs().flatten().sort(descending=True).values[3])

@@ -4,31 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 import atpstar
-import atpstar.methods.hierarchical  # noqa: F401  (registration, until methods/__init__ imports it)
-
-
-def sparse_additive_toy(n_layers: int = 1, n_pairs: int = 2, seq_len: int = 4, seed: int = 0):
-    """Parallel-residual GPT-NeoX without final norm, float64; MLP output columns scaled 1e-3 except
-    planted neurons 5 (x50) and 11 (x-30). With one layer neuron effects add up exactly."""
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(vocab_size=30, hidden_size=8, num_hidden_layers=n_layers, num_attention_heads=2,
-                           intermediate_size=16, max_position_embeddings=16, use_parallel_residual=True,
-                           hidden_dropout=0.0, attention_dropout=0.0, initializer_range=0.3)
-    hf_model = GPTNeoXForCausalLM(config).double().eval()
-    hf_model.gpt_neox.final_layer_norm = torch.nn.Identity()
-    with torch.no_grad():
-        for layer in hf_model.gpt_neox.layers:
-            weight = layer.mlp.dense_4h_to_h.weight  # [D, M]
-            scale = torch.full((weight.shape[1],), 1e-3, dtype=weight.dtype)
-            scale[5], scale[11] = 50.0, -30.0
-            weight *= scale
-    g = torch.Generator().manual_seed(seed + 1)
-    tokens = lambda *shape: torch.randint(0, 30, shape, generator=g)  # noqa: E731
-    pairs = atpstar.PromptPairs(tokens(n_pairs, seq_len), tokens(n_pairs, seq_len), tokens(n_pairs), tokens(n_pairs))
-    return atpstar.Model(hf_model), pairs
+from reference.toys import sparse_additive_toy
 
 
 def test_threshold_finds_planted_nodes_with_exact_effects_and_honest_cost():

@@ -7,7 +7,6 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 import atpstar
-import atpstar.methods.subsampling  # noqa: F401  (registration, until methods/__init__ imports it)
 from atpstar import engine
 from atpstar.cost import Cost
 from atpstar.engine import SITE_OF
