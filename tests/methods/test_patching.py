@@ -93,3 +93,36 @@ def test_layers_option_patches_only_those_layers():
     assert part.cost.forward < full.cost.forward
     with pytest.raises(atpstar.InputError, match="layers"):
         atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["head"], layers=[7])
+
+
+def test_interrupted_sweep_resumes_from_checkpoint(tmp_path, monkeypatch):
+    """An interrupt keeps finished nodes in the checkpoint; a rerun patches only the rest."""
+    import atpstar.methods.patching as patching_module
+
+    hf = build_hf("llama")
+    pairs = make_pairs(n_pairs=2, seq_len=5)
+    full = atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["key", "head"], batch_size=4)
+    checkpoint = str(tmp_path / "sweep.safetensors")
+    real_patch = patching_module.patch_node_batch
+    calls = {"n": 0}
+
+    def interrupt_on_fourth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_patch(*args, **kwargs)
+
+    monkeypatch.setattr(patching_module, "patch_node_batch", interrupt_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["key", "head"], batch_size=4,
+                          checkpoint=checkpoint)
+    monkeypatch.setattr(patching_module, "patch_node_batch", real_patch)
+    resumed = atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["key", "head"], batch_size=4,
+                                checkpoint=checkpoint)
+    for t in ("key", "head"):
+        assert_rel_close(resumed.per_pair[t], full.per_pair[t], REL, t)
+    assert resumed.cost.forward < full.cost.forward  # three batches were not redone
+
+    other = make_pairs(n_pairs=2, seq_len=5, seed=7)
+    with pytest.raises(atpstar.InputError, match="checkpoint"):
+        atpstar.attribute(load(hf), other, method="activation_patching", nodes=["key", "head"], checkpoint=checkpoint)
