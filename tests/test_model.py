@@ -166,3 +166,23 @@ def test_saturated_heads_are_saturated(family_name):
     assert float(pattern.max(-1).values.max()) > 1 - 1e-9  # some row is one-hot to float64 precision
     visible = torch.ones(pattern.shape[-2:], dtype=torch.bool).tril(1)
     assert float(pattern[..., visible].min()) < 1e-10
+
+
+def test_gemma2_soft_capping_family_refused_with_supported_list():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    with pytest.raises(atpstar.UnsupportedModelError) as err:
+        atpstar.load_model(Gemma2ForCausalLM(cfg))
+    assert "gemma2" in str(err.value) and "llama" in str(err.value) and "gpt_neox" in str(err.value)
+
+
+def test_soft_capping_refused_even_in_a_supported_family():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    cfg.attn_logit_softcapping = 50.0
+    with pytest.raises(atpstar.UnsupportedModelError, match="soft-capping"):
+        atpstar.load_model(LlamaForCausalLM(cfg))
