@@ -20,7 +20,7 @@ from .pairs import PromptPairs
 from .runner import Run
 
 # A batch of patched forwards may end at a change of position once it holds this many token-rows.
-MIN_CHUNK_TOKENS = 2048
+MIN_CHUNK_TOKENS = 512
 
 # The runner site each node type replaces.
 SITE_OF: dict[str, str] = {"neuron": "neuron", "query": "q", "key": "k", "value": "v", "head": "z"}
