@@ -10,6 +10,7 @@ Shape letters: P pairs, B batch, L layers, H heads, K kv-heads, T positions, E d
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,32 @@ def patch_node_batch(
         effect = metric_after(model, cache, run, pair_index)
     cost.add_forward(len(pair_index), start_layer=layer, n_layers=model.n_layers)
     return effect
+
+
+def sweep_layer(
+    model: Model,
+    cache: PatchCache,
+    layer: int,
+    node_types: list[str],
+    nodes: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    max_batch: int,
+    cost: Cost,
+    min_tokens: int = MIN_CHUNK_TOKENS,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Exact effects of single nodes at one layer, batched by position so batches start late.
+
+    Args:
+        nodes: (type_index, pair_index, unit_index, pos_index), each [N], as ``patch_node_batch`` takes.
+
+    Yields:
+        (element indices [B] into the N nodes, their effects [B]) as each batch completes.
+    """
+    type_index, pair_index, unit_index, pos_index = nodes
+    order = torch.sort(pos_index, stable=True).indices
+    for part in plan_chunks(pos_index[order], max_batch, min_tokens, cache.pairs.seq_len):
+        chunk = order[part]
+        parts = (type_index[chunk], pair_index[chunk], unit_index[chunk], pos_index[chunk])
+        yield chunk, patch_node_batch(model, cache, layer, node_types, *parts, cost)
 
 
 def plan_chunks(pos_index: torch.Tensor, max_batch: int, min_tokens: int, seq_len: int) -> list[slice]:

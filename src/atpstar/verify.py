@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .cost import Cost
-from .engine import MIN_CHUNK_TOKENS, element_bytes, patch_single_nodes, plan_chunks, prepare
+from .engine import element_bytes, prepare, sweep_layer
 from .errors import InputError
 from .model import as_model
 from .nodes import node_name, node_shape
@@ -234,33 +234,27 @@ def verify(
     effects = torch.zeros(n_verify, n_pairs, dtype=torch.float64)
     batch = batch_size or max(1, int(2**30 // element_bytes(model, pairs.seq_len)))
     nodes: list[tuple[str, tuple[int, ...]]] = []
-    layout_index: dict[str, torch.Tensor] = {}
-    for i, t in enumerate(types):
-        rank = torch.nonzero(type_index[:n_verify] == i)[:, 0]  # [n_t] positions in verification order
-        index = torch.stack(torch.unravel_index(flat_index[rank], estimate.scores[t].shape), 1)  # [n_t, 3]
-        layout_index[t] = torch.cat([rank[:, None], index], 1)
     for position in range(n_verify):
         t = types[int(type_index[position])]
         shape = estimate.scores[t].shape
         nodes.append((t, tuple(int(v) for v in torch.unravel_index(flat_index[position], shape))))
+    # One element per (verified node, pair): rank in verification order, then the engine's node tuple.
+    ranks = torch.arange(n_verify).repeat_interleave(n_pairs)
+    pair_i = torch.arange(n_pairs).repeat(n_verify)
+    type_i = type_index[:n_verify].repeat_interleave(n_pairs)
+    index = torch.tensor([node[1] for node in nodes], dtype=torch.long).reshape(n_verify, 3)
+    layer_i = index[:, 0].repeat_interleave(n_pairs)
+    is_neuron = torch.tensor([t == "neuron" for t, _ in nodes], dtype=torch.bool).repeat_interleave(n_pairs)
+    a, b = index[:, 1].repeat_interleave(n_pairs), index[:, 2].repeat_interleave(n_pairs)
+    unit_i, pos_i = torch.where(is_neuron, b, a), torch.where(is_neuron, a, b)  # neuron layout is (pos, unit)
 
     with progress_bar(n_verify * n_pairs, "verify", progress) as bar:
-        for t in types:
-            rows = layout_index[t]  # [n_t, 4]: rank, layer, a, b
-            for layer in torch.unique(rows[:, 1]).tolist():
-                group = rows[rows[:, 1] == layer]
-                rank = group[:, 0].repeat_interleave(n_pairs)  # one element per (node, pair)
-                pair_i = torch.arange(n_pairs).repeat(len(group))
-                a, b = group[:, 2].repeat_interleave(n_pairs), group[:, 3].repeat_interleave(n_pairs)
-                unit_i, pos_i = (b, a) if t == "neuron" else (a, b)
-                order = torch.sort(pos_i, stable=True).indices  # late positions together: later starts
-                for part in plan_chunks(pos_i[order], batch, MIN_CHUNK_TOKENS, pairs.seq_len):
-                    chunk = order[part]
-                    effect = patch_single_nodes(
-                        model, cache, t, int(layer), pair_i[chunk], unit_i[chunk], pos_i[chunk], cost
-                    )
-                    effects[rank[chunk], pair_i[chunk]] = effect.detach().double().cpu()
-                    bar.update(len(chunk))
+        for layer in torch.unique(layer_i).tolist():
+            rows = torch.nonzero(layer_i == layer)[:, 0]
+            group = (type_i[rows], pair_i[rows], unit_i[rows], pos_i[rows])
+            for chunk, effect in sweep_layer(model, cache, int(layer), types, group, batch, cost):
+                effects[ranks[rows[chunk]], pair_i[rows[chunk]]] = effect.detach().double().cpu()
+                bar.update(len(chunk))
 
     return Verification(
         nodes=nodes,

@@ -97,13 +97,13 @@ def test_layers_option_patches_only_those_layers():
 
 def test_interrupted_sweep_resumes_from_checkpoint(tmp_path, monkeypatch):
     """An interrupt keeps finished nodes in the checkpoint; a rerun patches only the rest."""
-    import atpstar.methods.patching as patching_module
+    import atpstar.engine as engine_module
 
     hf = build_hf("llama")
     pairs = make_pairs(n_pairs=2, seq_len=5)
     full = atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["key", "head"], batch_size=4)
     checkpoint = str(tmp_path / "sweep.safetensors")
-    real_patch = patching_module.patch_node_batch
+    real_patch = engine_module.patch_node_batch
     calls = {"n": 0}
 
     def interrupt_on_fourth(*args, **kwargs):
@@ -112,11 +112,11 @@ def test_interrupted_sweep_resumes_from_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_patch(*args, **kwargs)
 
-    monkeypatch.setattr(patching_module, "patch_node_batch", interrupt_on_fourth)
+    monkeypatch.setattr(engine_module, "patch_node_batch", interrupt_on_fourth)
     with pytest.raises(KeyboardInterrupt):
         atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["key", "head"], batch_size=4,
                           checkpoint=checkpoint)
-    monkeypatch.setattr(patching_module, "patch_node_batch", real_patch)
+    monkeypatch.setattr(engine_module, "patch_node_batch", real_patch)
     resumed = atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["key", "head"], batch_size=4,
                                 checkpoint=checkpoint)
     for t in ("key", "head"):

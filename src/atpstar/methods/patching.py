@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..cost import Cost
-from ..engine import MIN_CHUNK_TOKENS, element_bytes, patch_node_batch, plan_chunks, prepare
+from ..engine import MIN_CHUNK_TOKENS, element_bytes, prepare, sweep_layer
 from ..errors import InputError
 from ..model import Model
 from ..nodes import node_shape
@@ -81,12 +81,12 @@ class ActivationPatching(Method):
         try:
             with progress_bar(total, "activation patching", progress) as bar:
                 for layer in layers:
-                    type_i, pair_i, unit_i, pos_i = _pending(node_types, done, layer)
-                    for chunk in plan_chunks(pos_i, batch, self.min_chunk_tokens, pairs.seq_len):
-                        parts = (type_i[chunk], pair_i[chunk], unit_i[chunk], pos_i[chunk])
-                        effect = patch_node_batch(model, cache, layer, node_types, *parts, cost)
-                        _store(node_types, effects, done, layer, *parts, effect)
-                        bar.update(len(parts[0]))
+                    pending = _pending(node_types, done, layer)
+                    sweep = sweep_layer(model, cache, layer, node_types, pending, batch, cost, self.min_chunk_tokens)
+                    for chunk, effect in sweep:
+                        type_i, pair_i, unit_i, pos_i = (part[chunk] for part in pending)
+                        _store(node_types, effects, done, layer, type_i, pair_i, unit_i, pos_i, effect)
+                        bar.update(len(chunk))
                         if self.checkpoint and time.monotonic() - last_save > 30:
                             _save_checkpoint(self.checkpoint, key, effects, done)
                             last_save = time.monotonic()
@@ -99,18 +99,18 @@ class ActivationPatching(Method):
         return effects, {}, {"base_metric": cache.base_metric.tolist(), "layers": layers}
 
 
-def _pending(node_types: list[str], done: dict[str, torch.Tensor], layer: int) -> tuple[torch.Tensor, ...]:
-    """Unfinished nodes of all types at ``layer`` as (type, pair, unit, pos) [N] each, sorted by position
-    so batches can start late."""
+def _pending(
+    node_types: list[str], done: dict[str, torch.Tensor], layer: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unfinished nodes of all types at ``layer`` as (type, pair, unit, pos) [N] each."""
     parts = []
     for i, node_type in enumerate(node_types):
         remaining = torch.nonzero(~done[node_type][:, layer])  # neuron rows (pair, pos, unit); others (pair, unit, pos)
         pair, a, b = remaining.unbind(1)
         unit, pos = (b, a) if node_type == "neuron" else (a, b)
         parts.append(torch.stack([torch.full_like(pair, i), pair, unit, pos], 1))
-    stacked = torch.cat(parts)
-    stacked = stacked[torch.sort(stacked[:, 3], stable=True).indices]
-    return tuple(stacked.unbind(1))
+    type_i, pair_i, unit_i, pos_i = torch.cat(parts).unbind(1)
+    return type_i, pair_i, unit_i, pos_i
 
 
 def _store(
