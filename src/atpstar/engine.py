@@ -70,14 +70,16 @@ def prepare(model: Model, pairs: PromptPairs, direction: str, node_types: list[s
 def metric_after(model: Model, cache: PatchCache, run: Run, pair_index: torch.Tensor) -> torch.Tensor:
     """Metric change [B] of a patched forward described by ``run`` for base pairs ``pair_index`` [B]."""
     layer, t0 = run.start_layer, run.start_pos
-    run.prefix_kv = (
-        {
-            later: (cache.keys[later][pair_index, :, :t0], cache.values[later][pair_index, :, :t0])
-            for later in range(layer, model.n_layers)
-        }
-        if t0 > 0
-        else {}
-    )
+    run.prefix_kv = {}
+    if t0 > 0:
+        for later in range(layer, model.n_layers):
+            # A sliding-window layer's queries >= t0 see no key before t0 - window + 1: keep only those.
+            window = model.attention_args[later].window
+            first = 0 if window is None else max(0, t0 - window + 1)
+            run.prefix_kv[later] = (
+                cache.keys[later][pair_index, :, first:t0],  # [B, K, t0 - first, E]
+                cache.values[later][pair_index, :, first:t0],
+            )
     hidden = cache.resid[layer][pair_index, t0:]  # [B, T', D]
     final = model.run_layers(hidden, run)
     logits = model.unembed(final[:, -1])  # [B, V]

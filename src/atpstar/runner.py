@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from .errors import AtpstarError
+from .families import LayerAttention
+from .ops import attention_pattern, expand_kv
 
 # q, k, v: [B, H|K, T', E]; pattern: [B, H, T', T]; z: [B, H, T', E]; neuron: [B, T', M]
 SITES: tuple[str, ...] = ("q", "k", "v", "pattern", "z", "neuron")
@@ -59,6 +61,7 @@ class Run:
         self.drop_layer = drop_layer
         self.scaling: dict[int, float] = {}
         self.layer_of_attention: dict[int, int] = {}
+        self.attention_args: list[LayerAttention] = []
 
     def site(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
         if self.patch is not None:
@@ -68,42 +71,22 @@ class Run:
         return x
 
     def attention(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, args: LayerAttention
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.site(layer, "q", query)
         k = self.site(layer, "k", key)
         v = self.site(layer, "v", value)
         if self.start_pos > 0:
             prefix_k, prefix_v = self.prefix_kv[layer]
-            k = torch.cat([prefix_k.to(k.device, k.dtype), k], dim=2)  # [B, K, T, E]
+            # The prefix may be trimmed to the layer's window: keys are the last S positions up to the last query.
+            k = torch.cat([prefix_k.to(k.device, k.dtype), k], dim=2)  # [B, K, S, E]
             v = torch.cat([prefix_v.to(v.device, v.dtype), v], dim=2)
-        self.scaling[layer] = scaling
-        pattern = attention_pattern(q, k, scaling, self.start_pos)
+        self.scaling[layer] = args.scaling
+        pattern = attention_pattern(q, k, args.scaling, args.softcap, args.window)  # [B, H, T', S]
         pattern = self.site(layer, "pattern", pattern)
         z = torch.matmul(pattern, expand_kv(v, q.shape[1]))  # [B, H, T', E]
         z = self.site(layer, "z", z)
         return z.transpose(1, 2).contiguous(), pattern
-
-
-def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[B, K, T, E] -> [B, H, T, E]: query head h reads kv head h // (H / K), as transformers' repeat_kv."""
-    groups = n_heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def attention_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, start_pos: int = 0) -> torch.Tensor:
-    """Causal softmax(q kᵀ · scaling): q [B, H, T', E], k [B, K, T, E] -> [B, H, T', T].
-
-    Softmax runs in float32 for half-precision inputs (as the models' eager attention does) and in
-    the input precision otherwise, so float64 runs stay float64.
-    """
-    scores = torch.matmul(q, expand_kv(k, q.shape[1]).transpose(-1, -2)) * scaling
-    n_q, n_k = scores.shape[-2], scores.shape[-1]
-    query_pos = torch.arange(start_pos, start_pos + n_q, device=scores.device)[:, None]
-    visible = torch.arange(n_k, device=scores.device)[None, :] <= query_pos  # [T', T]
-    compute_dtype = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
-    scores = scores.to(compute_dtype).masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1).to(q.dtype)
 
 
 def atpstar_attention(
@@ -124,6 +107,25 @@ def atpstar_attention(
             "call the model through atpstar (attribute/verify), or reset config._attn_implementation"
         )
     layer = run.layer_of_attention[id(module)]
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    return run.attention(layer, query, key, value, float(scaling))
+    args = run.attention_args[layer]
+    _check_arguments(layer, args, scaling, kwargs)
+    return run.attention(layer, query, key, value, args)
+
+
+def _check_arguments(layer: int, args: LayerAttention, scaling: float | None, kwargs: dict[str, Any]) -> None:
+    """The model's own attention arguments must be what the family table computes; refuse any other."""
+    passed: dict[str, Any] = {
+        "scaling": args.scaling if scaling is None else float(scaling),
+        "sliding_window": kwargs.get("sliding_window"),
+        "softcap": kwargs.get("softcap"),
+    }
+    expected = {"scaling": args.scaling, "sliding_window": args.window, "softcap": args.softcap}
+    for name, value in passed.items():
+        if value != expected[name]:
+            raise AtpstarError(
+                f"layer {layer}: the model passes {name}={value!r} to attention but the family table computes "
+                f"{expected[name]!r}; atpstar refuses to compute a different attention (please report this model)"
+            )
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise AtpstarError(f"layer {layer}: attention sinks ({name}) are not implemented")

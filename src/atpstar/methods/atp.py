@@ -170,6 +170,7 @@ class AttributionPatching(Method):
         out: dict[str, list[torch.Tensor]] = {t: [] for t in node_types}
         with torch.no_grad():
             for layer in layers:
+                args = model.attention_args[layer]  # scaling, soft-cap and window of this layer's scores
                 for t in node_types:
                     if fix and t == "query":
                         est = query_fix(
@@ -177,7 +178,9 @@ class AttributionPatching(Method):
                             base.records["k"][layer].detach(),
                             base.records["pattern"][layer].detach(),
                             grads[(layer, "pattern")],
-                            base.scaling[layer],
+                            args.scaling,
+                            args.softcap,
+                            args.window,
                         )
                     elif fix and t == "key":
                         est = key_fix(
@@ -185,7 +188,9 @@ class AttributionPatching(Method):
                             base.records["k"][layer].detach(),
                             source.records["k"][layer],
                             grads[(layer, "pattern")],
-                            base.scaling[layer],
+                            args.scaling,
+                            args.softcap,
+                            args.window,
                         )
                     else:
                         site = SITE_OF[t]
