@@ -60,6 +60,8 @@ class Model:
         )
         cap = getattr(hf_model.config, family.logit_softcap, None) if family.logit_softcap else None
         self.logit_softcap: float | None = float(cap) if cap else None
+        # The attention function is handed the module; this finds its layer.
+        self._layer_of_attention = {id(module): layer for layer, module in enumerate(self._attention_modules)}
         from transformers import AttentionInterface
 
         AttentionInterface.register(ATTN_IMPLEMENTATION, atpstar_attention)
@@ -71,6 +73,11 @@ class Model:
     d_head = property(lambda self: self.sizes.d_head)
     d_mlp = property(lambda self: self.sizes.d_mlp)
     d_model = property(lambda self: self.sizes.d_model)
+
+    @property
+    def layer_modules(self) -> list[torch.nn.Module]:
+        """The decoder layers, in order (for module hooks in tools and tests; do not modify)."""
+        return list(self._layers)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -109,14 +116,11 @@ class Model:
     @contextmanager
     def engaged(self, run: Run) -> Iterator[None]:
         """Route attention and MLP neurons through ``run``; restore everything afterwards, also on error."""
-        for layer, module in enumerate(self._attention_modules):
-            run.layer_of_attention[id(module)] = layer
-        run.attention_args = list(self.attention_args)
         config: Any = self.hf_model.config
         saved_impl = config._attn_implementation
         saved_grad = [p.requires_grad for p in self.hf_model.parameters()]
         handles = []
-        token = ACTIVE_RUN.set(run)
+        token = ACTIVE_RUN.set((run, self._layer_of_attention, self.attention_args))
         try:
             config._attn_implementation = ATTN_IMPLEMENTATION
             for p in self.hf_model.parameters():
@@ -149,21 +153,14 @@ class Model:
                 # Gemma-3 keeps one table per layer type (local and global bases); others have one.
                 extra = () if table is None else (table,)
                 rotary_tables[table] = self._rotary(hidden, position_ids, *extra)
-        if "resid_pre" in run.record:
-            run.records["resid_pre"] = [None] * (self.n_layers + 1)
         with self.engaged(run):
             for layer in range(run.start_layer, self.n_layers):
-                if "resid_pre" in run.record:
-                    run.records["resid_pre"][layer] = hidden
+                run.resid(layer, hidden)
                 if self._rotary is not None:
                     kwargs["position_embeddings"] = rotary_tables[self.attention_args[layer].rotary]
                 out = self._layers[layer](hidden, **kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                if run.drop_layer == layer:
-                    out = hidden + (out - hidden.to(out.device)).detach()
-                hidden = out
-        if "resid_pre" in run.record:
-            run.records["resid_pre"][self.n_layers] = hidden  # resid_post of the last layer
+                hidden = out[0] if isinstance(out, tuple) else out
+        run.resid(self.n_layers, hidden)  # resid_post of the last layer
         return hidden
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
