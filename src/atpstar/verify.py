@@ -25,7 +25,7 @@ from .cost import Cost
 from .engine import PatchCache, element_bytes, prepare, sweep_layer
 from .errors import InputError
 from .model import Model, as_model
-from .nodes import node_name, node_shape
+from .nodes import NODE_TABLE, NodeLayout, index_columns, node_name, node_shape
 from .pairs import PromptPairs, check_direction
 from .progress import progress_bar
 from .result import Attribution, _jsonable
@@ -73,20 +73,11 @@ class Verification:
         """TransformerLens-style name per verified node."""
         return [node_name(t, index) for t, index in self.nodes]
 
-    def masks(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-        """node type -> bool [*layout], True at verified nodes, for every type in ``shapes``."""
-        out = {t: torch.zeros(shape, dtype=torch.bool) for t, shape in shapes.items()}
-        for t, index in self.nodes:
-            if t in out:
-                out[t][index] = True
-        return out
-
     def to_rows(self) -> list[dict[str, Any]]:
         """One row per verified node, in verification order."""
         rows = []
         for rank, ((t, index), name) in enumerate(zip(self.nodes, self.names), start=1):
-            keys = ("layer", "pos", "index") if t == "neuron" else ("layer", "head", "pos")
-            row: dict[str, Any] = {"rank": rank, "name": name, "node_type": t, **dict(zip(keys, index))}
+            row: dict[str, Any] = {"rank": rank, "name": name, "node_type": t, **index_columns(t, index)}
             row["estimate_score"] = float(self.estimate_scores[rank - 1])
             row["effect"] = float(self.mean_effects[rank - 1])
             rows.append(row)
@@ -228,26 +219,27 @@ def verify(
     model.check_ready(torch.cat([pairs.clean, pairs.noise]))
 
     types, type_index, flat_index = estimate.order()
-    ranked_scores = torch.cat([estimate.scores[t].flatten().double() for t in types])
-    offsets = torch.tensor([0] + [estimate.scores[t].numel() for t in types]).cumsum(0)
-    ranked_scores = ranked_scores[offsets[type_index] + flat_index]  # [all nodes] in estimate order
+    layout = NodeLayout.like(estimate.scores, types)
+    flat_scores = layout.flatten({t: estimate.scores[t].double() for t in types})  # [N] in layout order
+    ranked_scores = flat_scores[layout.position(type_index, flat_index)]  # [N] in estimate order
     n_verify = len(ranked_scores)
     if threshold is not None:
         n_verify = int((ranked_scores.abs() >= threshold).sum())  # sorted by |score|: a prefix
     if budget is not None:
         n_verify = min(n_verify, budget)
 
-    nodes: list[tuple[str, tuple[int, ...]]] = []
-    for position in range(n_verify):
-        t = types[int(type_index[position])]
-        shape = estimate.scores[t].shape
-        nodes.append((t, tuple(int(v) for v in torch.unravel_index(flat_index[position], shape))))
-    index = torch.tensor([node[1] for node in nodes], dtype=torch.long).reshape(n_verify, 3)
-    is_neuron = torch.tensor([t == "neuron" for t, _ in nodes], dtype=torch.bool)
-    unit_i = torch.where(is_neuron, index[:, 2], index[:, 1])  # neuron layout is (layer, pos, unit)
-    pos_i = torch.where(is_neuron, index[:, 1], index[:, 2])
-    ranked = (type_index[:n_verify].clone(), index[:, 0].clone(), unit_i, pos_i)
     batch = batch_size or max(1, int(2**30 // element_bytes(model, pairs.seq_len)))
+    nodes = [layout.locate(int(p)) for p in layout.position(type_index[:n_verify], flat_index[:n_verify])]
+    index = torch.tensor([node[1] for node in nodes], dtype=torch.long).reshape(n_verify, 3)  # [n, (layer, a, b)]
+    unit_axis = torch.tensor([NODE_TABLE[t].unit_axis for t, _ in nodes], dtype=torch.long).reshape(n_verify, 1)
+    pos_axis = torch.tensor([NODE_TABLE[t].pos_axis for t, _ in nodes], dtype=torch.long).reshape(n_verify, 1)
+    # Per verified node, in rank order: (type index, layer, head/kv-head/neuron, position), each [n].
+    ranked = (
+        type_index[:n_verify].clone(),
+        index[:, 0].clone(),
+        index.gather(1, unit_axis)[:, 0],
+        index.gather(1, pos_axis)[:, 0],
+    )
 
     cost = Cost()
     info: dict[str, Any] = {}

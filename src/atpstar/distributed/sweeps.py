@@ -21,7 +21,7 @@ import torch
 from ..cost import Cost
 from ..methods.subsampling import SubsamplingStats, keep_mask, sample_batch
 from ..model import Model
-from ..nodes import node_shape
+from ..nodes import NodeLayout, node_shape
 from ..ops import welford_merge
 from ..pairs import PromptPairs
 from ..progress import progress_bar
@@ -224,8 +224,8 @@ def subsample_on(
     cost: Cost,
 ) -> tuple[SubsamplingStats, torch.Tensor, dict[str, int]]:
     """Subsampling as ranges of samples merged with Welford's parallel update: (stats, base metric [P], info)."""
-    shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
-    keep = keep_mask(shapes, exclude)
+    layout = NodeLayout.of(node_types, model.sizes, pairs.seq_len)
+    keep = keep_mask(layout, exclude)
     batch = batch_size or sample_batch(model, pairs.seq_len, len(keep), memory_gb)
     sweep = Sweep("samples", pairs, direction, list(node_types), {**sampling, "batch": batch}, {"keep": keep})
     total = sampling["samples"] * pairs.n_pairs
@@ -239,7 +239,7 @@ def subsample_on(
             merged = welford_merge(*(values[n] for n in names), *(result.tensors[n] for n in names))
             values.update(zip(names, merged))
     sum_costs(results, cost)
-    return SubsamplingStats(shapes, values), results[0].tensors["base_metric"], info
+    return SubsamplingStats(layout.shapes, values), results[0].tensors["base_metric"], info
 
 
 # Blocks and Hierarchical ----------------------------------------------------------------------

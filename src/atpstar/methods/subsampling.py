@@ -21,7 +21,7 @@ from ..cost import Cost
 from ..engine import PatchCache, element_bytes, patch_masks, prepare
 from ..errors import InputError
 from ..model import Model
-from ..nodes import node_shape
+from ..nodes import NodeLayout
 from ..ops import welford_merge
 from ..pairs import PromptPairs
 from ..progress import progress_bar
@@ -165,14 +165,9 @@ class SubsamplingStats:
     shapes: dict[str, tuple[int, ...]]
     values: dict[str, torch.Tensor]
 
-    def _span(self, node_type: str) -> slice:
-        start = 0
-        for t, shape in self.shapes.items():
-            size = int(torch.Size(shape).numel())
-            if t == node_type:
-                return slice(start, start + size)
-            start += size
-        raise KeyError(node_type)
+    @property
+    def layout(self) -> NodeLayout:
+        return NodeLayout(self.shapes)
 
     def flat(self, name: str) -> torch.Tensor:
         """Statistic ``name`` (one of ``STATS``) over all nodes: [P, N] float64."""
@@ -186,8 +181,7 @@ class SubsamplingStats:
 
     def get(self, name: str, node_type: str) -> torch.Tensor:
         """Statistic ``name`` for one node type: [P, *layout]."""
-        value = self.flat(name)[:, self._span(node_type)]
-        value = value.reshape(value.shape[0], *self.shapes[node_type])
+        value = self.layout.unflatten(self.flat(name))[node_type]  # [P, N] -> [P, *layout]
         return value.long() if name.startswith("count") else value
 
     def estimate(self, node_type: str) -> torch.Tensor:
@@ -219,28 +213,23 @@ def subsample(
             meaningless). Used by the false-negative bound to leave verified nodes alone.
     """
     seq_len = cache.pairs.seq_len
-    shapes = {t: node_shape(t, model.sizes, seq_len) for t in node_types}
-    keep = keep_mask(shapes, exclude)
-    batch = batch_size or sample_batch(model, seq_len, len(keep), memory_gb)
+    layout = NodeLayout.of(node_types, model.sizes, seq_len)
+    keep = keep_mask(layout, exclude)
+    batch = batch_size or sample_batch(model, seq_len, layout.size, memory_gb)
     total = samples * cache.n_pairs
     with progress_bar(total, "subsampling", progress, unit="sample") as bar:
         values = subsample_range(
             model, cache, node_types, 0, total, samples=samples, p=p, seed=seed, design=design, batch=batch,
             keep=keep, cost=cost, advance=bar.update,
         )  # fmt: skip
-    return SubsamplingStats(shapes, values)
+    return SubsamplingStats(layout.shapes, values)
 
 
-def keep_mask(shapes: dict[str, tuple[int, ...]], exclude: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    """bool [N] over all nodes (types in ``shapes`` order): False where ``exclude`` marks a node."""
-    return torch.cat(
-        [
-            ~exclude[t].reshape(-1)
-            if exclude is not None and t in exclude
-            else torch.ones(int(torch.Size(shape).numel()), dtype=torch.bool)
-            for t, shape in shapes.items()
-        ]
-    )
+def keep_mask(layout: NodeLayout, exclude: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """bool [N] over the layout's nodes: False where ``exclude`` (node type -> bool [*layout]) marks one."""
+    if exclude is not None and any(t in exclude for t in layout.node_types):
+        return ~layout.flatten(exclude, fill=False)  # [N]
+    return torch.ones(layout.size, dtype=torch.bool)
 
 
 def sample_batch(model: Model, seq_len: int, n_nodes: int, memory_gb: float) -> int:
@@ -272,8 +261,8 @@ def subsample_range(
         ``count_in``, ``mean_in``, ``m2_in`` and the same for ``out``, each [P, N] float64.
     """
     n_pairs = cache.n_pairs
-    shapes = {t: node_shape(t, model.sizes, cache.pairs.seq_len) for t in node_types}
-    n_nodes = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    layout = NodeLayout.of(node_types, model.sizes, cache.pairs.seq_len)
+    n_nodes = layout.size
     keep = torch.ones(n_nodes, dtype=torch.bool) if keep is None else keep
     codes = _balanced_codes(n_nodes, samples, seed) if design == "balanced" else None
     values = {
@@ -290,11 +279,7 @@ def subsample_range(
         else:
             chosen = _balanced_subset(codes, sample_index)
         chosen &= keep
-        masks, offset = {}, 0
-        for t in node_types:
-            size = int(torch.Size(shapes[t]).numel())
-            masks[t] = chosen[:, offset : offset + size].reshape(len(element), *shapes[t])
-            offset += size
+        masks = layout.unflatten(chosen)  # [B, N] -> {t: [B, *layout]}
         delta = patch_masks(model, cache, masks, pair_index, cost).detach().double().cpu()  # [B]
         _update(values, chosen, delta, pair_index, n_pairs)
         if advance is not None:
