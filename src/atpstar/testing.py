@@ -145,7 +145,7 @@ def contract(
 def check_capabilities(c: Contract) -> None:
     cls = c.cls
     assert isinstance(cls.summary, str) and cls.summary.strip(), f"{cls.__name__}: declare a one-line summary"
-    for flag in ("exact", "needs_gradients", "seeded", "pairs_interact", "cost_is_bound"):
+    for flag in ("exact", "needs_gradients", "seeded", "pairs_interact", "cost_is_bound", "distributable"):
         assert isinstance(getattr(cls, flag), bool), f"{cls.__name__}.{flag} must be a bool"
     assert c.node_types and set(cls.node_types) <= set(NODE_TYPES), f"{cls.__name__}.node_types: {cls.node_types}"
     assert cls.aggregation in ("mean", "mean_abs"), f"{cls.__name__}.aggregation: {cls.aggregation!r}"
