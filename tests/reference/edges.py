@@ -32,9 +32,9 @@ NORMS = {"gpt2": ("ln_1", "ln_2", "ln_f"), "gpt_neox": ("input_layernorm", "post
          "llama": ("input_layernorm", "post_attention_layernorm", "norm")}
 
 
-def ungrouped_copy(hf_model: Any) -> Any:
+def ungrouped_copy(hf_model: Any, attn_implementation: str = "sdpa") -> Any:
     """A reference copy whose every query head has its own key/value projection (same function)."""
-    ref = reference_copy(hf_model)
+    ref = reference_copy(hf_model, attn_implementation)
     cfg = ref.config
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
@@ -101,7 +101,7 @@ def _patch_projection(ref: Any, layer_module: Any, kind: str, out: torch.Tensor,
 
 def receiver_metric(ref: Any, tokens: torch.Tensor, answer: torch.Tensor, distractor: torch.Tensor, metric: Any,
                     receivers: list[tuple[str, int, int]], shifts: torch.Tensor, drop_layer: int | None = None,
-                    hidden0: torch.Tensor | None = None) -> torch.Tensor:
+                    hidden0: torch.Tensor | None = None, keep: dict | None = None) -> torch.Tensor:
     """Metric [N] of N copies of the base prompt; copy i has receiver receivers[i] = (kind, layer, head)
     (kind in q, k, v, m, logits) reading its input plus shifts[i] [T, D]."""
     n = len(receivers)
@@ -173,7 +173,10 @@ def receiver_metric(ref: Any, tokens: torch.Tensor, answer: torch.Tensor, distra
                     handles.append(getattr(layer.self_attn, f"{c}_proj").register_forward_hook(qkv_hook(l, c)))
             handles.append(getattr(layer, NORMS[kind_name][1]).register_forward_pre_hook(mlp_pre(l)))
         handles.append(_final_norm(ref).register_forward_pre_hook(final_pre))
-        logits = ref(tokens[None].expand(n, -1)).logits[:, -1]
+        output = ref(tokens[None].expand(n, -1), output_attentions=keep is not None)
+        logits = output.logits[:, -1]
+        if keep is not None:
+            keep["attentions"] = output.attentions  # per layer [N, H, T, T]
     finally:
         for handle in handles:
             handle.remove()
@@ -263,3 +266,44 @@ def _ig_points(ref: Any, base: torch.Tensor, source: torch.Tensor, steps: int) -
         handle.remove()
     e_base, e_source = captured[0], captured[1]
     return [e_source + (k / steps) * (e_base - e_source) for k in range(steps)]
+
+
+def qk_fix_references(hf_model: Any, model: Any, pairs: Any, edge_names: list[str], sender_names: list[str],
+                      drop_layer: int | None = None) -> dict[int, torch.Tensor]:
+    """QK-fix value [P] of every edge into a query or key receiver: Σ (A' - A) · ∂L/∂A over the head's pattern.
+
+    A' comes from transformers' eager attention (an ungrouped copy, ``output_attentions``) with the receiver's
+    projection recomputed from norm(x + Δ_s); A and ∂L/∂A (with ``drop_layer`` detached) from atpstar's
+    runner, whose patterns are checked against the model elsewhere. Eager softmax of GPT-NeoX/Llama runs in
+    float32, so agreement is ~1e-7, not 1e-14.
+    """
+    from atpstar.runner import Run
+
+    ref = ungrouped_copy(hf_model, "eager")
+    base_all, source_all = pairs.clean, pairs.noise
+    chosen = [i for i, e in enumerate(edge_names) if e.endswith("<q>") or e.endswith("<k>")]
+    receivers = [receiver_spec(edge_names[i].split("->")[1]) for i in chosen]
+    senders = [sender_names.index(edge_names[i].split("->")[0]) for i in chosen]
+    out = {i: torch.zeros(pairs.n_pairs, dtype=torch.float64) for i in chosen}
+    for p in range(pairs.n_pairs):
+        base, source = base_all[p], source_all[p]
+        delta = sender_outputs(ref, source) - sender_outputs(ref, base)
+        keep: dict = {}
+        with torch.no_grad():
+            receiver_metric(ref, base, pairs.answer[p:p + 1], pairs.distractor[p:p + 1], pairs.metric, receivers,
+                            delta[senders], keep=keep)
+        with torch.enable_grad():
+            hidden = model.embed(base[None]).detach().requires_grad_(True)
+            run = Run(model.n_layers, record=("pattern",), drop_layer=drop_layer)
+            final = model.run_layers(hidden, run)
+            metric = metric_of(model.unembed(final[:, -1]), pairs.answer[p:p + 1], pairs.distractor[p:p + 1], pairs.metric)
+            grads = torch.autograd.grad(metric.sum(), run.records["pattern"], allow_unused=True)
+        for j, i in enumerate(chosen):
+            kind, layer, head = receivers[j]
+            grad = grads[layer]
+            if grad is None:
+                continue
+            new = keep["attentions"][layer][j, head]  # [T, T]
+            old = run.records["pattern"][layer][0, head].detach()
+            out[i][p] = ((new - old) * grad[0, head]).sum()
+    return out

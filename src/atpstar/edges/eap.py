@@ -54,7 +54,12 @@ def edge_scores(graph: EdgeGraph, delta: torch.Tensor, grads: torch.Tensor, posi
 
 
 def gradient_run(
-    model: Model, pairs: PromptPairs, index: torch.Tensor, hidden: torch.Tensor, w_out: list[torch.Tensor], record: tuple[str, ...] = ()
+    model: Model,
+    pairs: PromptPairs,
+    index: torch.Tensor,
+    hidden: torch.Tensor,
+    w_out: list[torch.Tensor],
+    record: tuple[str, ...] = (),
 ) -> tuple[SenderRun, torch.Tensor]:
     """A differentiable forward from embeddings hidden [B, T, D]: (the run, metric [B])."""
     hidden = hidden.detach().requires_grad_(True)
@@ -127,9 +132,10 @@ def eap(
         return edge_scores(graph, source - base, grads, positions)
 
 
-def _count_copies(model: Model, cost: Cost, b: int) -> None:
-    """The per-layer copies of norm + q/k/v projections: 3H prompts through every layer's q/k/v share."""
-    passes = 3 * model.n_heads * b * qkv_share(model)
+def _count_copies(model: Model, cost: Cost, b: int, fraction: float = 1.0) -> None:
+    """The per-layer copies of norm + q/k/v projections: 3H prompts through the q/k/v share of
+    ``fraction`` of the layers."""
+    passes = 3 * model.n_heads * b * qkv_share(model) * fraction
     cost.forward += passes
     cost.backward += passes
 

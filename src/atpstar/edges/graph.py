@@ -126,6 +126,14 @@ class EdgeGraph:
         """[..., S, R] -> [..., N] in edge order."""
         return matrix[..., self.sender_index, self.receiver_index]
 
+    def describe(self) -> dict[str, Any]:
+        """What rebuilds this graph (kept in ``Attribution.info["edge_graph"]``)."""
+        return {"n_layers": self.n_layers, "n_heads": self.n_heads, "parallel": self.parallel}
+
+    @classmethod
+    def from_description(cls, data: dict[str, Any]) -> EdgeGraph:
+        return cls(int(data["n_layers"]), int(data["n_heads"]), bool(data["parallel"]))
+
     def cfg(self, d_model: int) -> dict[str, Any]:
         """MIB's graph ``cfg`` block."""
         return {

@@ -124,7 +124,9 @@ def mlp_hooks(model: Model, on_input: MlpInFn | None = None, on_output: MlpOutFn
                 norm = parts(model, layer)[1]
                 handles.append(norm.register_forward_pre_hook(partial(_input_hook, layer, on_input)))
             if on_output is not None:
-                handles.append(model._mlp_out_modules[layer].register_forward_hook(partial(_output_hook, layer, on_output)))
+                handles.append(
+                    model._mlp_out_modules[layer].register_forward_hook(partial(_output_hook, layer, on_output))
+                )
         yield
     finally:
         for handle in handles:

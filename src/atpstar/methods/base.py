@@ -11,7 +11,7 @@ from .. import __version__
 from ..cost import Cost
 from ..errors import InputError
 from ..model import Model, as_model
-from ..nodes import NODE_TYPES, check_node_types
+from ..nodes import EDGE_TYPE, NODE_TYPES, check_node_types
 from ..pairs import PromptPairs, check_direction
 from ..result import Attribution, aggregate
 
@@ -48,7 +48,10 @@ class Method:
         Args:
             model: an ``atpstar.Model`` (from ``load_model``) or a ``transformers`` causal LM.
             pairs: the prompt pairs and their metric.
-            nodes: node types, any of ``neuron``, ``query``, ``key``, ``value``, ``head``.
+            nodes: node types, any of ``neuron``, ``query``, ``key``, ``value``, ``head``, and ``edge``
+                (the MIB/EAP-IG edge graph, ``per_pair["edge"]`` [P, N] in ``atpstar.edge_names`` order;
+                methods with edges: ``activation_patching``, ``atp``, ``atp+qkfix``, ``atp+graddrop``,
+                ``atp*``, ``atp+ig``).
             direction: ``"noising"`` (patch noise into the clean run, the paper's) or ``"denoising"``
                 (patch clean into the noise run; what TransformerLens' tools compute).
             progress: show a progress bar.
@@ -72,7 +75,15 @@ class Method:
         model.check_ready(torch.cat([pairs.clean, pairs.noise]))
         self._validate(model, pairs, node_types)
         cost = Cost()
-        per_pair, extras, info = self._attribute(model, pairs, node_types, direction, cost, progress)
+        plain = [t for t in node_types if t != EDGE_TYPE]
+        per_pair, extras, info = (
+            self._attribute(model, pairs, plain, direction, cost, progress) if plain else ({}, {}, {})
+        )
+        if EDGE_TYPE in node_types:
+            from ..edges.graph import graph_of
+
+            per_pair[EDGE_TYPE], edge_info = self._attribute_edges(model, pairs, direction, cost, progress)
+            info = {**info, **edge_info, "edge_graph": graph_of(model).describe()}
         return Attribution(
             method=self.id,
             options=self.get_options(),
@@ -93,6 +104,12 @@ class Method:
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        raise NotImplementedError
+
+    def _attribute_edges(
+        self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Edge results [P, N] and facts for ``info`` (methods that list ``edge`` in ``node_types``)."""
         raise NotImplementedError
 
 

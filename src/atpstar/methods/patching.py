@@ -17,7 +17,7 @@ from ..cost import Cost
 from ..engine import MIN_CHUNK_TOKENS, element_bytes, prepare, sweep_layer
 from ..errors import InputError
 from ..model import Model
-from ..nodes import node_shape
+from ..nodes import ALL_TYPES, node_shape
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from .base import Method, register
@@ -40,6 +40,7 @@ class ActivationPatching(Method):
 
     exact = True
     aggregation = "mean"
+    node_types = ALL_TYPES  # edges: exact edge patching (``atpstar.edges.patching``)
 
     def __init__(
         self,
@@ -57,6 +58,8 @@ class ActivationPatching(Method):
         self.layers = None if layers is None else list(layers)
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
+        if self.layers is not None and "edge" in node_types:
+            raise InputError("layers= restricts node patching only; ask for edges in a call without it")
         if self.batch_size is not None and self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1 or None; got {self.batch_size}")
         if self.memory_gb <= 0:
@@ -67,6 +70,17 @@ class ActivationPatching(Method):
             raise InputError(
                 f"layers must be a non-empty list of layer indices in [0, {model.n_layers}); got {self.layers}"
             )
+
+    def _attribute_edges(
+        self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        from ..edges.sweep import exact_edges
+
+        checkpoint = f"{self.checkpoint}.edges" if self.checkpoint else None
+        effects, info = exact_edges(
+            model, pairs, direction, cost, progress, self.batch_size, self.memory_gb, checkpoint
+        )
+        return effects, {"edge_base_metric": info["base_metric"]}
 
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
