@@ -279,6 +279,8 @@ def qk_fix_references(hf_model: Any, model: Any, pairs: Any, edge_names: list[st
     """
     from atpstar.runner import Run
 
+    from .brute import dropped_layer
+
     ref = ungrouped_copy(hf_model, "eager")
     base_all, source_all = pairs.clean, pairs.noise
     chosen = [i for i, e in enumerate(edge_names) if e.endswith("<q>") or e.endswith("<k>")]
@@ -292,9 +294,9 @@ def qk_fix_references(hf_model: Any, model: Any, pairs: Any, edge_names: list[st
         with torch.no_grad():
             receiver_metric(ref, base, pairs.answer[p:p + 1], pairs.distractor[p:p + 1], pairs.metric, receivers,
                             delta[senders], keep=keep)
-        with torch.enable_grad():
+        with torch.enable_grad(), dropped_layer(model, drop_layer):
             hidden = model.embed(base[None]).detach().requires_grad_(True)
-            run = Run(model.n_layers, record=("pattern",), drop_layer=drop_layer)
+            run = Run(model.n_layers, record=("pattern",))
             final = model.run_layers(hidden, run)
             metric = metric_of(model.unembed(final[:, -1]), pairs.answer[p:p + 1], pairs.distractor[p:p + 1], pairs.metric)
             grads = torch.autograd.grad(metric.sum(), run.records["pattern"], allow_unused=True)

@@ -14,10 +14,9 @@ from typing import Any
 import torch
 
 from ..cost import Cost
-from ..engine import SITE_OF
 from ..errors import InputError
 from ..model import Model
-from ..nodes import ALL_TYPES, node_shape
+from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..runner import Run
@@ -79,7 +78,7 @@ class IntegratedGradients(Method):
         self, model: Model, pairs: PromptPairs, index: torch.Tensor, node_types: list[str], direction: str, cost: Cost
     ) -> dict[str, torch.Tensor]:
         base_tokens, source_tokens = (tokens[index] for tokens in pairs.base_and_source(direction))
-        sites = sorted({SITE_OF[t] for t in node_types})
+        sites = sorted({NODE_TABLE[t].site for t in node_types})
         n_layers, b = model.n_layers, len(index)
         with torch.no_grad():
             base_embed, source_embed = model.embed(base_tokens), model.embed(source_tokens)
@@ -95,7 +94,7 @@ class IntegratedGradients(Method):
                 final = model.run_layers(point, run)
                 metric = pairs.evaluate_metric(model.unembed(final[:, -1]), index.to(final.device))
                 keys = [(layer, site) for layer in range(n_layers) for site in sites]
-                tensors = [run.records[site][layer] for layer, site in keys]
+                tensors = [run.get(site, layer) for layer, site in keys]
                 grads = torch.autograd.grad(metric.sum(), tensors, allow_unused=True)
             cost.add_forward(b)
             cost.add_backward(b)
@@ -105,11 +104,11 @@ class IntegratedGradients(Method):
         out = {}
         with torch.no_grad():
             for t in node_types:
-                site = SITE_OF[t]
+                row = NODE_TABLE[t]
                 per_layer = []
                 for layer in range(n_layers):
-                    diff = source.records[site][layer] - base.records[site][layer]
-                    prod = diff * total[(layer, site)] / self.ig_steps
-                    per_layer.append(prod if t == "neuron" else prod.sum(-1))  # [B, T, M] or [B, H|K, T]
+                    diff = source.get(row.site, layer) - base.get(row.site, layer)
+                    prod = diff * total[(layer, row.site)] / self.ig_steps
+                    per_layer.append(prod.sum(-1) if row.vector else prod)  # [B, H|K, T] or [B, T, M]
                 out[t] = torch.stack(per_layer, 1)
         return out
