@@ -23,7 +23,10 @@ from ..runner import Run
 from .base import Method, register
 
 
-@register("atp+ig")
+@register(
+    "atp+ig",
+    summary="AtP with gradients averaged over inputs interpolated from source to base (EAP-IG on edges)",
+)
 class IntegratedGradients(Method):
     """AtP whose gradient is averaged along the input path from the source to the base prompt.
 
