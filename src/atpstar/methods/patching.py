@@ -6,7 +6,9 @@ node's layer, counted (L - l) / L.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,10 @@ from ..progress import progress_bar
 from .base import Method, register
 
 
-@register("activation_patching")
+@register(
+    "activation_patching",
+    summary="exact: patch every node alone, one forward per node and pair (the ground truth)",
+)
 class ActivationPatching(Method):
     """The ground truth: patch every node on its own.
 
@@ -57,6 +62,17 @@ class ActivationPatching(Method):
         self.checkpoint = checkpoint
         self.min_chunk_tokens = min_chunk_tokens
         self.layers = None if layers is None else list(layers)
+
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """2P full forwards, then one forward per node and pair of the patched layers, counted (L - l) / L."""
+        cost = Cost()
+        cost.add_forward(2 * pairs.n_pairs)
+        layers = sorted(set(self.layers)) if self.layers is not None else range(model.n_layers)
+        for t in node_types:
+            per_layer = math.prod(node_shape(t, model.sizes, pairs.seq_len)[1:])
+            for layer in layers:
+                cost.add_forward(pairs.n_pairs * per_layer, start_layer=layer, n_layers=model.n_layers)
+        return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if self.batch_size is not None and self.batch_size < 1:
