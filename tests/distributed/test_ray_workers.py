@@ -144,3 +144,17 @@ def test_cli_runs_verifies_and_bounds_on_workers(ray_cluster, tmp_path, capsys):
     assert main(["bound", *common, "--verified", str(tmp_path / "v" / "verified"), "--theta", "0.05",
                  "--samples", "8", "--out", str(tmp_path / "b")]) == 0
     assert "max_effect_upper" in capsys.readouterr().out
+
+
+def squared_margin(logits, answer, distractor):
+    """A user metric in a module the workers cannot import (this test file is not on their path)."""
+    rows = torch.arange(len(answer))
+    return (logits[rows, answer] - logits[rows, distractor]) ** 2
+
+
+def test_metric_from_a_module_workers_cannot_import(ray_cluster, setting):
+    model, _ = setting["gpt2"]
+    pairs = make_pairs(n_pairs=2, seq_len=5, metric=squared_margin)
+    expected = atpstar.attribute(model, pairs, "activation_patching", nodes=["head"])
+    result = atpstar.attribute(model, pairs, "activation_patching", nodes=["head"], workers=2)
+    _same(result, expected, "custom metric")

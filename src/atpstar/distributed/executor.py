@@ -102,7 +102,10 @@ class RayExecutor:
         self.source = source_for(model)
 
     def map(self, sweep: Sweep, jobs: list[tuple[int, Unit]], on_result: OnResult) -> int:
+        from .source import pickle_by_value
+
         ray = self.ray
+        pickle_by_value(sweep.pairs.metric)
         sweep_ref = ray.put(sweep)
         queue = sorted(jobs, key=lambda job: -job[1].weight)  # biggest first: less waiting at the end
         attempts: dict[int, int] = {}

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,23 @@ class ModelSource:
 
 _SHIPPED: dict[tuple[Any, ...], ModelSource] = {}
 
+# Modules every worker can import; anything else (a test file, a notebook helper, a script's module)
+# is pickled by value so workers need not import it.
+_LIBRARIES = {"torch", "transformers", "atpstar", "accelerate", "numpy", "safetensors", "tokenizers", "builtins"}
+
+
+def pickle_by_value(*objects: Any) -> None:
+    """Have Ray pickle the user-defined classes and functions among ``objects`` (e.g. a custom metric or a
+    module swapped into the model) by value, not by a reference to a module workers may not import."""
+    from ray import cloudpickle
+
+    for obj in objects:
+        name = getattr(obj, "__module__", None)
+        if not name or name == "__main__" or name.split(".")[0] in _LIBRARIES:
+            continue  # __main__ is pickled by value already
+        if name in sys.modules:
+            cloudpickle.register_pickle_by_value(sys.modules[name])
+
 
 def source_for(model: Model) -> ModelSource:
     """The cheapest way for workers to get ``model`` (weights are put into the object store once
@@ -99,6 +117,7 @@ def source_for(model: Model) -> ModelSource:
         state = {k: v.detach().cpu() for k, v in hf_model.state_dict().items()}
         source = ModelSource(key=key, model_id=model.model_id, config=hf_model.config, weights=ray.put(state))
     else:
+        pickle_by_value(*{type(m) for m in hf_model.modules()})
         source = ModelSource(key=key, model_id=model.model_id, module=ray.put(hf_model))
     _SHIPPED.clear()  # keep one shipped model alive in the object store at a time
     _SHIPPED[signature] = source
