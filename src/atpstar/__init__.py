@@ -15,18 +15,20 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import tasks, zoo
-from .api import attribute
+from .api import attribute, predict_memory
 from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
 from .errors import AtpstarError, InputError, UnsupportedModelError
 from .evaluate import Evaluation, evaluate
 from .jsonl import read_pairs_jsonl
 from .loading import load_model
+from .memory import MemoryPlan
 from .methods import METHODS
 from .model import Model
 from .nodes import NODE_TYPES
 from .pairs import PromptPairs
 from .result import Attribution
+from .sink import read_per_pair
 from .verify import Verification, verify
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "Evaluation",
     "FalseNegativeBound",
     "InputError",
+    "MemoryPlan",
     "Model",
     "PromptPairs",
     "UnsupportedModelError",
@@ -46,7 +49,9 @@ __all__ = [
     "evaluate",
     "false_negative_bound",
     "load_model",
+    "predict_memory",
     "read_pairs_jsonl",
+    "read_per_pair",
     "tasks",
     "verify",
     "zoo",

@@ -17,6 +17,7 @@ from .devices import execution_device
 from .errors import InputError
 from .families import Family, embed, family_of, get_path, sizes_of
 from .nodes import Sizes
+from .ops import upcast
 from .runner import ACTIVE_RUN, Run, atpstar_attention
 
 ATTN_IMPLEMENTATION = "atpstar"
@@ -164,10 +165,10 @@ class Model:
         return hidden
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from the final residual stream: [..., D] -> [..., V]."""
+        """Logits from the final residual stream: [..., D] -> [..., V] (float32 for half-precision models)."""
         normed = self._final_norm(hidden)
         head = self.hf_model.get_output_embeddings()
-        return head(normed.to(execution_device(head)))
+        return upcast(head(normed.to(execution_device(head))))  # float32 for half models: metrics need the digits
 
     def logits(self, tokens: torch.Tensor, run: Run | None = None) -> torch.Tensor:
         """All-position logits of a full forward pass: tokens [B, T] -> [B, T, V] (for checks)."""

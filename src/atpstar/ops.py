@@ -10,6 +10,20 @@ import torch
 from .runner import expand_kv
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype estimates are computed and kept in: float32 for half-precision models, else the model's own.
+
+    bfloat16 keeps 8 bits of mantissa: differences of nearby activations and sums over d_head or over
+    layers lose most of their digits, so half-precision activations and gradients are upcast first.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``accumulation_dtype(x.dtype)`` (no copy for float32/float64)."""
+    return x.to(accumulation_dtype(x.dtype))
+
+
 def causal_scores(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention logits with the causal mask as -inf: q [B, H, T, E], k [B, K, S, E] -> [B, H, T, S]."""
     scores = torch.matmul(q, expand_kv(k, q.shape[1]).transpose(-1, -2)) * scaling

@@ -10,10 +10,12 @@ import torch
 from .. import __version__
 from ..cost import Cost
 from ..errors import InputError
+from ..memory import MemoryPlan, announce
 from ..model import Model, as_model
 from ..nodes import NODE_TYPES, check_node_types
 from ..pairs import PromptPairs, check_direction
 from ..result import Attribution, aggregate
+from ..sink import PerPairSink
 
 
 class Method:
@@ -71,8 +73,16 @@ class Method:
         check_direction(direction)
         model.check_ready(torch.cat([pairs.clean, pairs.noise]))
         self._validate(model, pairs, node_types)
+        plan = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types)
+        if plan is not None:
+            announce(plan, progress)
         cost = Cost()
-        per_pair, extras, info = self._attribute(model, pairs, node_types, direction, cost, progress)
+        results, extras, info = self._attribute(model, pairs, node_types, direction, cost, progress)
+        if isinstance(results, PerPairSink):  # results kept batch by batch (keep="top"/"disk"): exact running scores
+            per_pair, scores = results.per_pair(), results.scores(self.aggregation)
+            info = {**results.info(), **info}
+        else:
+            per_pair, scores = results, aggregate(results, self.aggregation)
         return Attribution(
             method=self.id,
             options=self.get_options(),
@@ -80,19 +90,34 @@ class Method:
             metric=pairs.metric_name,
             model_id=model.model_id,
             per_pair=per_pair,
-            scores=aggregate(per_pair, self.aggregation),
+            scores=scores,
             aggregation=self.aggregation,
             cost=cost,
             extras=extras,
-            info={"atpstar_version": __version__, "n_pairs": pairs.n_pairs, "seq_len": pairs.seq_len, **info},
+            info={
+                "atpstar_version": __version__,
+                "n_pairs": pairs.n_pairs,
+                "seq_len": pairs.seq_len,
+                **({"memory": plan.to_dict()} if plan is not None else {}),
+                **info,
+            },
         )
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         """Check method options against the model and pairs (before any pass)."""
 
+    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan | None:
+        """Predicted peak memory and the batch that fits ``memory_gb`` (None: this method makes no prediction).
+
+        Raises:
+            InputError: what the run must hold does not fit in ``memory_gb``.
+        """
+        return None
+
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    ) -> tuple[dict[str, torch.Tensor] | PerPairSink, dict[str, torch.Tensor], dict[str, Any]]:
+        """(per_pair, or a sink that received it batch by batch; extras; info)."""
         raise NotImplementedError
 
 

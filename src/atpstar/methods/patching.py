@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..cost import Cost
-from ..engine import MIN_CHUNK_TOKENS, element_bytes, prepare, sweep_layer
+from ..engine import MIN_CHUNK_TOKENS, prepare, sweep_layer
 from ..errors import InputError
+from ..memory import MemoryPlan, layout_elems, patching_plan
 from ..model import Model
 from ..nodes import layout_index, node_shape, unit_and_pos
 from ..pairs import PromptPairs
@@ -68,11 +69,29 @@ class ActivationPatching(Method):
                 f"layers must be a non-empty list of layer indices in [0, {model.n_layers}); got {self.layers}"
             )
 
+    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+        n_layers = len(self.layers) if self.layers is not None else model.n_layers
+        nodes = layout_elems(model, node_types, seq_len)
+        item = torch.finfo(model.dtype).bits // 8
+        return patching_plan(
+            model,
+            self.id,
+            n_pairs,
+            seq_len,
+            node_types,
+            n_items=n_pairs * nodes * n_layers // model.n_layers,
+            run_bytes=0,
+            item_extra=0,
+            batch_size=self.batch_size,
+            memory_gb=self.memory_gb,
+            results_bytes=n_pairs * nodes * (item + 1),  # effects and the done mask
+        )
+
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        batch = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types).batch
         cache = prepare(model, pairs, direction, node_types, cost)
-        batch = self.batch_size or max(1, int(self.memory_gb * 2**30 // element_bytes(model, pairs.seq_len)))
         key = f"{model.model_id}|{pairs.fingerprint()}|{direction}"
         effects, done = _load_checkpoint(self.checkpoint, key, model, pairs, node_types, cache.base_metric.dtype)
         layers = sorted(set(self.layers)) if self.layers is not None else list(range(model.n_layers))

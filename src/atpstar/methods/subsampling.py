@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
+from ..batching import BatchGuard
 from ..cost import Cost
-from ..engine import PatchCache, element_bytes, patch_masks, prepare
+from ..engine import PatchCache, patch_masks, prepare
 from ..errors import InputError
+from ..memory import MemoryPlan, layout_elems, patched_forward_bytes, patching_plan
 from ..model import Model
 from ..nodes import NodeLayout
 from ..ops import welford_merge
@@ -29,6 +31,9 @@ from .base import Method, register
 
 DESIGNS: tuple[str, ...] = ("random", "balanced")
 STATS: tuple[str, ...] = ("count_in", "mean_in", "var_in", "count_out", "mean_out", "var_out")
+STATS_BYTES = 6 * 8  # per pair and node: running (count, mean, M2) in and out, float64
+ELEMENT_BYTES_PER_NODE = 40  # per patched forward and node: its mask and the batch's statistics work space
+EXTRAS_BYTES = 8 * 8  # per pair and node: the returned estimate and six statistics (float64)
 
 
 @register("subsampling")
@@ -81,6 +86,22 @@ class Subsampling(Method):
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         check_options(self.samples, self.p, self.design, self.batch_size, self.memory_gb)
+
+    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+        nodes = layout_elems(model, node_types, seq_len)
+        return patching_plan(
+            model,
+            self.id,
+            n_pairs,
+            seq_len,
+            node_types,
+            n_items=n_pairs * self.samples,
+            run_bytes=STATS_BYTES * n_pairs * nodes,
+            item_extra=ELEMENT_BYTES_PER_NODE * nodes,
+            batch_size=self.batch_size,
+            memory_gb=self.memory_gb,
+            results_bytes=EXTRAS_BYTES * n_pairs * nodes,
+        )
 
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
@@ -193,9 +214,12 @@ def subsample(
     keep = torch.ones(n_nodes, dtype=torch.bool)
     if exclude is not None and any(t in exclude for t in node_types):
         keep = ~layout.flatten(exclude, fill=False)  # [N]
-    # Per element: the forward's activations plus masks and float64 statistics work space over N nodes.
-    per_element = element_bytes(model, seq_len) + n_nodes * 40
-    batch = batch_size or max(1, int(memory_gb * 2**30 // per_element))
+    # Per element: the forward's activations plus masks and float64 statistics work space over N nodes,
+    # next to the running statistics of every pair and node (memory.patching_plan for the whole run).
+    per_element = patched_forward_bytes(model, seq_len) + n_nodes * ELEMENT_BYTES_PER_NODE
+    room = memory_gb * 2**30 - STATS_BYTES * n_pairs * n_nodes
+    batch = batch_size or max(1, int(room // per_element))
+    guard = BatchGuard("subsampling: patched forwards", model.device)
     codes = _balanced_codes(n_nodes, samples, seed) if design == "balanced" else None
     values = {
         name: torch.zeros(n_pairs, n_nodes, dtype=torch.float64)
@@ -214,7 +238,7 @@ def subsample(
                 chosen = _balanced_subset(codes, sample_index)
             chosen &= keep
             masks = layout.unflatten(chosen)  # [B, N] -> {t: [B, *layout]}
-            delta = patch_masks(model, cache, masks, pair_index, cost).detach().double().cpu()  # [B]
+            delta = patch_masks(model, cache, masks, pair_index, cost, guard).detach().double().cpu()  # [B]
             _update(values, chosen, delta, pair_index, n_pairs)
             bar.update(len(element))
     return SubsamplingStats(layout.shapes, values)
