@@ -77,12 +77,7 @@ def _from_pretrained(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
         ) from err
     from .families import family_of
 
-    class _Probe:  # check the family before downloading weights
-        pass
-
-    probe = _Probe()
-    probe.config = config  # type: ignore[attr-defined]
-    family_of(probe)
+    family_of(config)  # check the family before downloading weights
     hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)

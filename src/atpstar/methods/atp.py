@@ -9,6 +9,7 @@ counted l / L (about L/2 backwards in all), the exact cheap scheme of §5.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from ..batching import BatchGuard
 from ..cost import Cost
 from ..errors import InputError
+from ..families import LayerAttention
 from ..gradients import GradientStep, SiteGrads, atp_estimate, gradient_step
 from ..memory import MemoryPlan, gradient_plan
 from ..model import Model
@@ -140,14 +142,14 @@ class AttributionPatching(Method):
             grad_drop=self.grad_drop,
         )
         n_layers = model.n_layers
-        plain = self._per_layer(step, node_types, step.grads, range(n_layers), fix)
+        plain = self._per_layer(step, model.attention_args, node_types, step.grads, range(n_layers), fix)
         if not self.grad_drop:
             return {t: _stack(v) for t, v in plain.items()}  # L x [b, *layout[1:]] -> [b, *layout]
         # ĉ = Σ_l |Î_l| / (L - 1). A node at layer m keeps its plain estimate when any of the m layers
         # below it is dropped, and scores 0 when its own layer is; layers above it need a partial backward.
         total = {t: [m * est.abs() for m, est in enumerate(plain[t])] for t in node_types}
         for drop, grads in step.dropped():
-            dropped = self._per_layer(step, node_types, grads, range(drop), fix)
+            dropped = self._per_layer(step, model.attention_args, node_types, grads, range(drop), fix)
             for t in node_types:
                 for m in range(drop):
                     total[t][m] = total[t][m] + dropped[t][m].abs()
@@ -155,13 +157,19 @@ class AttributionPatching(Method):
 
     @staticmethod
     def _per_layer(
-        step: GradientStep, node_types: list[str], grads: SiteGrads, layers: range, fix: bool
+        step: GradientStep,
+        attention_args: Sequence[LayerAttention],
+        node_types: list[str],
+        grads: SiteGrads,
+        layers: range,
+        fix: bool,
     ) -> dict[str, list[torch.Tensor]]:
         """Estimates per node type, one [b, *layout[1:]] tensor per layer in ``layers``, from gradients at sites."""
         out: dict[str, list[torch.Tensor]] = {t: [] for t in node_types}
         base, source = step.base, step.source
         with torch.no_grad():
             for layer in layers:
+                args = attention_args[layer]  # scaling, soft-cap and window of this layer's scores
                 for t in node_types:
                     if fix and t == "query":
                         est = query_fix(
@@ -169,7 +177,9 @@ class AttributionPatching(Method):
                             upcast(base.get("k", layer).detach()),  # [b, K, T, E]
                             upcast(base.get("pattern", layer).detach()),  # [b, H, T, T]
                             upcast(grads[(layer, "pattern")]),
-                            base.scaling[layer],
+                            args.scaling,
+                            args.softcap,
+                            args.window,
                         )  # [b, H, T]
                     elif fix and t == "key":
                         est = key_fix(
@@ -177,7 +187,9 @@ class AttributionPatching(Method):
                             upcast(base.get("k", layer).detach()),
                             upcast(source.get("k", layer)),
                             upcast(grads[(layer, "pattern")]),
-                            base.scaling[layer],
+                            args.scaling,
+                            args.softcap,
+                            args.window,
                         )  # [b, K, T]
                     else:
                         est = atp_estimate(step, t, layer, grads)  # [b, T, M] or [b, H|K, T]
