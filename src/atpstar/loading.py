@@ -51,7 +51,11 @@ def load_model(
         hf_model, loaded_tokenizer = _from_pretrained(name, torch_dtype)
     if device is not None:
         hf_model = hf_model.to(device)
-    return Model(hf_model, tokenizer if tokenizer is not None else loaded_tokenizer, model_id=name)
+    wrapped = Model(hf_model, tokenizer if tokenizer is not None else loaded_tokenizer, model_id=name)
+    from .distributed.source import record_loaded
+
+    record_loaded(wrapped, name, torch_dtype)  # Ray workers load the same name instead of receiving weights
+    return wrapped
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..cost import Cost
-from ..engine import MIN_CHUNK_TOKENS, prepare, sweep_layer
+from ..engine import MIN_CHUNK_TOKENS, PatchCache, prepare, sweep_layer
 from ..errors import InputError
 from ..memory import MemoryPlan, layout_elems, patching_plan
 from ..model import Model
@@ -32,7 +32,8 @@ class ActivationPatching(Method):
         batch_size: patched forwards per batch; None picks it from ``memory_gb``.
         memory_gb: memory budget for one batch of patched forwards.
         checkpoint: a file path; partial results are saved there as they complete (and on
-            interrupt), and a rerun with the same path, model and pairs resumes from them.
+            interrupt), and a rerun with the same path, model and pairs resumes from them. With
+            ``workers=``, a folder holding one file per finished work unit (pair block x layer).
         min_chunk_tokens: a batch may end at a change of patched position once it holds this many
             token-rows; smaller batches start later (less compute), larger ones use the hardware better.
         layers: patch only the nodes of these layers (None: all). Nodes of other layers are not
@@ -41,6 +42,7 @@ class ActivationPatching(Method):
 
     exact = True
     aggregation = "mean"
+    distributable = True
 
     def __init__(
         self,
@@ -87,10 +89,25 @@ class ActivationPatching(Method):
             results_bytes=n_pairs * nodes * (item + 1),  # effects and the done mask
         )
 
+    def _batch(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> int:
+        return self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types).batch
+
+    def _attribute_on(
+        self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        from ..distributed.sweeps import patch_on
+
+        layers = sorted(set(self.layers)) if self.layers is not None else list(range(model.n_layers))
+        options = {"batch": self._batch(model, pairs, node_types), "min_chunk_tokens": self.min_chunk_tokens}
+        effects, base_metric, info = patch_on(
+            executor, model, pairs, node_types, direction, layers, options, self.checkpoint, cost
+        )
+        return effects, {}, {"base_metric": base_metric.tolist(), "layers": layers, **info}
+
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        batch = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types).batch
+        batch = self._batch(model, pairs, node_types)
         cache = prepare(model, pairs, direction, node_types, cost)
         key = f"{model.model_id}|{pairs.fingerprint()}|{direction}"
         effects, done = _load_checkpoint(self.checkpoint, key, model, pairs, node_types, cache.base_metric.dtype)
@@ -116,6 +133,36 @@ class ActivationPatching(Method):
         if self.checkpoint:
             _save_checkpoint(self.checkpoint, key, effects, done)
         return effects, {}, {"base_metric": cache.base_metric.tolist(), "layers": layers}
+
+
+def patch_layers(
+    model: Model,
+    cache: PatchCache,
+    node_types: list[str],
+    layers: list[int],
+    batch: int,
+    cost: Cost,
+    min_chunk_tokens: int = MIN_CHUNK_TOKENS,
+    advance: Any = None,
+) -> dict[str, torch.Tensor]:
+    """Exact effects of every node of ``layers`` on every pair of ``cache`` (one work unit's share).
+
+    Returns:
+        node type -> [P, len(layers), *rest of layout] (layers in the order given).
+    """
+    effects = {
+        t: torch.zeros(cache.n_pairs, *node_shape(t, model.sizes, cache.pairs.seq_len), dtype=cache.base_metric.dtype)
+        for t in node_types
+    }
+    done = {t: torch.zeros(e.shape, dtype=torch.bool) for t, e in effects.items()}
+    for layer in layers:
+        pending = _pending(node_types, done, layer)
+        for chunk, effect in sweep_layer(model, cache, layer, node_types, pending, batch, cost, min_chunk_tokens):
+            type_i, pair_i, unit_i, pos_i = (part[chunk] for part in pending)
+            _store(node_types, effects, done, layer, type_i, pair_i, unit_i, pos_i, effect)
+            if advance is not None:
+                advance(len(chunk))
+    return {t: e[:, layers].cpu() for t, e in effects.items()}  # [P, L_unit, ...]
 
 
 def _pending(
