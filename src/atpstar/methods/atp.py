@@ -9,7 +9,7 @@ counted l / L (about L/2 backwards in all), the exact cheap scheme of §5.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from ..families import LayerAttention
 from ..gradients import GradientStep, SiteGrads, atp_estimate, gradient_step
 from ..memory import MemoryPlan, gradient_plan
 from ..model import Model
-from ..nodes import NODE_TABLE, node_shape
+from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
 from ..ops import accumulation_dtype, graddrop_combine, key_fix, query_fix, upcast
 from ..pairs import PromptPairs
 from ..progress import progress_bar
@@ -29,10 +29,30 @@ from ..sink import PerPairSink, check_keep
 from .base import Method, register
 
 
-@register("atp*", qk_fix=True, grad_drop=True)
-@register("atp+graddrop", qk_fix=False, grad_drop=True)
-@register("atp+qkfix", qk_fix=True, grad_drop=False)
-@register("atp", qk_fix=False, grad_drop=False)  # decorators apply bottom-up: this order lists atp first
+@register(
+    "atp*",
+    summary="AtP + QK fix + GradDrop, the paper's method (about 2 forwards + L/2+1 backwards per pair)",
+    qk_fix=True,
+    grad_drop=True,
+)
+@register(
+    "atp+graddrop",
+    summary="AtP averaged over backward passes with one layer's residual write dropped (cancellation fix)",
+    qk_fix=False,
+    grad_drop=True,
+)
+@register(
+    "atp+qkfix",
+    summary="AtP with the softmax recomputed exactly for queries and keys (attention saturation fix)",
+    qk_fix=True,
+    grad_drop=False,
+)
+@register(  # decorators apply bottom-up: this order lists atp first
+    "atp",
+    summary="attribution patching: first-order estimate, 2 forwards + 1 backward per pair",
+    qk_fix=False,
+    grad_drop=False,
+)
 class AttributionPatching(Method):
     """AtP and its fixes; the method ids fix ``qk_fix`` and ``grad_drop``.
 
@@ -62,6 +82,7 @@ class AttributionPatching(Method):
     """
 
     needs_gradients = True
+    node_types = ALL_TYPES  # edges: EAP and its QK-fix / GradDrop / AtP* forms (``atpstar.edges``)
 
     def __init__(
         self,
@@ -81,6 +102,16 @@ class AttributionPatching(Method):
         self.keep = keep
         self.top_k = top_k
         self.out_dir = out_dir
+
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """2 forwards and 1 backward per pair; GradDrop adds a partial backward from each layer l >= 1, counted l / L."""
+        cost = Cost()
+        cost.add_forward(2 * pairs.n_pairs)
+        cost.add_backward(pairs.n_pairs)
+        if self.grad_drop:
+            for layer in range(1, model.n_layers):
+                cost.add_backward(pairs.n_pairs, layers_covered=layer, n_layers=model.n_layers)
+        return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if self.grad_drop and model.n_layers < 2:
@@ -123,6 +154,15 @@ class AttributionPatching(Method):
             guard.run(pairs.n_pairs, step)
         info = {"oom_retries": guard.retries} if guard.retries else {}
         return (sink.per_pair() if self.keep == "all" else sink), {}, info
+
+    def _attribute_edges(
+        self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        from ..edges.sweep import estimate_edges
+
+        return estimate_edges(
+            model, pairs, direction, cost, progress, self.batch_size, self.memory_gb, self.qk_fix, self.grad_drop
+        )
 
     def _estimate(
         self, model: Model, pairs: PromptPairs, index: torch.Tensor, node_types: list[str], direction: str, cost: Cost
@@ -201,3 +241,10 @@ def _stack(per_layer: list[torch.Tensor]) -> torch.Tensor:
     """L x [b, ...] -> [b, L, ...] on the first layer's device (layers of a dispatched model differ)."""
     device = per_layer[0].device
     return torch.stack([est.to(device) for est in per_layer], 1)
+
+
+def _auto_batch(model: Model, seq_len: int, memory_gb: float) -> int:
+    """Pairs per gradient step within ``memory_gb`` (the autograd graph of one pair, ``memory.graph_bytes_per_pair``)."""
+    from ..memory import GB, graph_bytes_per_pair
+
+    return max(1, int(memory_gb * GB // (2 * graph_bytes_per_pair(model, seq_len))))
