@@ -241,10 +241,3 @@ def _stack(per_layer: list[torch.Tensor]) -> torch.Tensor:
     """L x [b, ...] -> [b, L, ...] on the first layer's device (layers of a dispatched model differ)."""
     device = per_layer[0].device
     return torch.stack([est.to(device) for est in per_layer], 1)
-
-
-def _auto_batch(model: Model, seq_len: int, memory_gb: float) -> int:
-    """Pairs per gradient step within ``memory_gb`` (the autograd graph of one pair, ``memory.graph_bytes_per_pair``)."""
-    from ..memory import GB, graph_bytes_per_pair
-
-    return max(1, int(memory_gb * GB // (2 * graph_bytes_per_pair(model, seq_len))))
