@@ -188,11 +188,17 @@ class AttributionPatching(Method):
         # ĉ = Σ_l |Î_l| / (L - 1). A node at layer m keeps its plain estimate when any of the m layers
         # below it is dropped, and scores 0 when its own layer is; layers above it need a partial backward.
         total = {t: [m * est.abs() for m, est in enumerate(plain[t])] for t in node_types}
+        # Memory: the full gradients and plain estimates are not needed from here on; each dropped layer's
+        # gradients are released before the next partial backward (the loop variable would keep them).
+        del plain
+        step.grads.clear()
         for drop, grads in step.dropped():
             dropped = self._per_layer(step, model.attention_args, node_types, grads, range(drop), fix)
+            grads.clear()
             for t in node_types:
                 for m in range(drop):
-                    total[t][m] = total[t][m] + dropped[t][m].abs()
+                    total[t][m].add_(dropped[t][m].abs())
+            del dropped
         return {t: graddrop_combine(_stack(v), n_layers) for t, v in total.items()}  # [b, *layout]
 
     @staticmethod
