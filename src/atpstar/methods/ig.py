@@ -9,6 +9,7 @@ Shape letters: B batch, L layers, H heads, K kv-heads, T positions, E d_head, M 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -43,6 +44,10 @@ class IntegratedGradients(Method):
         self.ig_steps = ig_steps
         self.batch_size = batch_size
         self.memory_gb = memory_gb
+
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """2 forwards per pair, then ``ig_steps`` forwards and backwards per pair."""
+        return Cost(forward=(2 + self.ig_steps) * pairs.n_pairs, backward=self.ig_steps * pairs.n_pairs)
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if not isinstance(self.ig_steps, int) or self.ig_steps < 1:
