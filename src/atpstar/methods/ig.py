@@ -46,8 +46,18 @@ class IntegratedGradients(Method):
         self.memory_gb = memory_gb
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
-        """2 forwards per pair, then ``ig_steps`` forwards and backwards per pair."""
-        return Cost(forward=(2 + self.ig_steps) * pairs.n_pairs, backward=self.ig_steps * pairs.n_pairs)
+        """Nodes: 2P + mP forwards, mP backwards. Edges: (2 + m)P forwards and mP backwards, plus per
+        gradient pass the receiver copies (3H x q/k/v weight share, forward and backward, per pair)."""
+        from ..edges.sites import qkv_share
+
+        n, m = pairs.n_pairs, self.ig_steps
+        cost = Cost()
+        if any(t != "edge" for t in node_types):
+            cost = cost + Cost(forward=(2 + m) * n, backward=m * n)
+        if "edge" in node_types:
+            copies = 3 * model.n_heads * qkv_share(model) * m * n
+            cost = cost + Cost(forward=(2 + m) * n + copies, backward=m * n + copies)
+        return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if not isinstance(self.ig_steps, int) or self.ig_steps < 1:
