@@ -122,7 +122,7 @@ class Method:
             from ..edges.graph import graph_of
 
             per_pair[EDGE_TYPE], edge_info = self._attribute_edges(model, pairs, direction, cost, progress)
-            info = {**info, **edge_info, "edge_graph": graph_of(model).describe()}
+            info = {**info, **edge_info, "edge_graph": {**graph_of(model).describe(), "d_model": model.d_model}}
         return Attribution(
             method=self.id,
             options=self.get_options(),
