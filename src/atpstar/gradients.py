@@ -22,15 +22,16 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .cost import Cost
 from .model import Model
-from .nodes import NODE_TABLE
+from .nodes import NODE_TABLE, node_shape
 from .pairs import PromptPairs
+from .progress import progress_bar
 from .runner import Run
 
 # (layer, runner site) -> ∂metric/∂activation, shaped like the recorded activation ([b, H|K, T, E], ...).
@@ -126,6 +127,31 @@ def gradient_step(
         cost.add_backward(n_pairs)
     by_site = {key: _or_zero(g, t) for key, g, t in zip(targets, grads, tensors)}
     return GradientStep(source, base, metric, by_site, targets, tuple(grads[len(tensors) :]), cost)
+
+
+def over_pair_batches(
+    model: Model,
+    pairs: PromptPairs,
+    node_types: list[str],
+    batch: int,
+    estimate: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    label: str,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """Collect ``estimate(index)`` (node type -> [b, *layout]) over batches of ``batch`` pairs: -> [P, *layout] each.
+
+    Results land on the CPU in the model's dtype; a progress bar named ``label`` counts pairs.
+    """
+    out = {
+        t: torch.zeros(pairs.n_pairs, *node_shape(t, model.sizes, pairs.seq_len), dtype=model.dtype) for t in node_types
+    }
+    with progress_bar(pairs.n_pairs, label, progress, unit="pair") as bar:
+        for start in range(0, pairs.n_pairs, batch):
+            index = torch.arange(start, min(start + batch, pairs.n_pairs))
+            for t, value in estimate(index).items():
+                out[t][index] = value.detach().to(out[t].dtype).cpu()
+            bar.update(len(index))
+    return out
 
 
 def atp_estimate(step: GradientStep, node_type: str, layer: int, grads: SiteGrads) -> torch.Tensor:

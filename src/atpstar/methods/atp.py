@@ -17,12 +17,11 @@ import torch
 from ..cost import Cost
 from ..errors import InputError
 from ..families import LayerAttention
-from ..gradients import GradientStep, SiteGrads, atp_estimate, gradient_step
+from ..gradients import GradientStep, SiteGrads, atp_estimate, gradient_step, over_pair_batches
 from ..model import Model
-from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
+from ..nodes import ALL_TYPES, NODE_TABLE
 from ..ops import graddrop_combine, key_fix, query_fix
 from ..pairs import PromptPairs
-from ..progress import progress_bar
 from .base import Method, register
 
 
@@ -96,18 +95,12 @@ class AttributionPatching(Method):
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        out = {
-            t: torch.zeros(pairs.n_pairs, *node_shape(t, model.sizes, pairs.seq_len), dtype=model.dtype)
-            for t in node_types
-        }
         batch = self.batch_size or _auto_batch(model, pairs.seq_len, self.memory_gb)
-        with progress_bar(pairs.n_pairs, self.id, progress, unit="pair") as bar:
-            for start in range(0, pairs.n_pairs, batch):
-                index = torch.arange(start, min(start + batch, pairs.n_pairs))
-                for t, value in self._estimate(model, pairs, index, node_types, direction, cost).items():
-                    out[t][index] = value.detach().to(out[t].dtype).cpu()
-                bar.update(len(index))
-        return out, {}, {}
+
+        def estimate(index: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self._estimate(model, pairs, index, node_types, direction, cost)
+
+        return over_pair_batches(model, pairs, node_types, batch, estimate, self.id, progress), {}, {}
 
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool

@@ -16,10 +16,10 @@ import torch
 
 from ..cost import Cost
 from ..errors import InputError
+from ..gradients import over_pair_batches
 from ..model import Model
-from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
+from ..nodes import ALL_TYPES, NODE_TABLE
 from ..pairs import PromptPairs
-from ..progress import progress_bar
 from ..runner import Run
 from .base import Method, register
 
@@ -79,17 +79,12 @@ class IntegratedGradients(Method):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         from .atp import _auto_batch
 
-        out = {
-            t: torch.zeros(pairs.n_pairs, *node_shape(t, model.sizes, pairs.seq_len), dtype=model.dtype)
-            for t in node_types
-        }
         batch = self.batch_size or _auto_batch(model, pairs.seq_len, self.memory_gb)
-        with progress_bar(pairs.n_pairs, self.id, progress, unit="pair") as bar:
-            for start in range(0, pairs.n_pairs, batch):
-                index = torch.arange(start, min(start + batch, pairs.n_pairs))
-                for t, value in self._estimate(model, pairs, index, node_types, direction, cost).items():
-                    out[t][index] = value.to(out[t].dtype).cpu()
-                bar.update(len(index))
+
+        def estimate(index: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self._estimate(model, pairs, index, node_types, direction, cost)
+
+        out = over_pair_batches(model, pairs, node_types, batch, estimate, self.id, progress)
         return out, {}, {}
 
     def _estimate(
