@@ -22,16 +22,16 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .cost import Cost
 from .model import Model
-from .nodes import NODE_TABLE, node_shape
+from .nodes import NODE_TABLE
+from .ops import upcast
 from .pairs import PromptPairs
-from .progress import progress_bar
 from .runner import Run
 
 # (layer, runner site) -> ∂metric/∂activation, shaped like the recorded activation ([b, H|K, T, E], ...).
@@ -129,31 +129,6 @@ def gradient_step(
     return GradientStep(source, base, metric, by_site, targets, tuple(grads[len(tensors) :]), cost)
 
 
-def over_pair_batches(
-    model: Model,
-    pairs: PromptPairs,
-    node_types: list[str],
-    batch: int,
-    estimate: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-    label: str,
-    progress: bool,
-) -> dict[str, torch.Tensor]:
-    """Collect ``estimate(index)`` (node type -> [b, *layout]) over batches of ``batch`` pairs: -> [P, *layout] each.
-
-    Results land on the CPU in the model's dtype; a progress bar named ``label`` counts pairs.
-    """
-    out = {
-        t: torch.zeros(pairs.n_pairs, *node_shape(t, model.sizes, pairs.seq_len), dtype=model.dtype) for t in node_types
-    }
-    with progress_bar(pairs.n_pairs, label, progress, unit="pair") as bar:
-        for start in range(0, pairs.n_pairs, batch):
-            index = torch.arange(start, min(start + batch, pairs.n_pairs))
-            for t, value in estimate(index).items():
-                out[t][index] = value.detach().to(out[t].dtype).cpu()
-            bar.update(len(index))
-    return out
-
-
 def atp_estimate(step: GradientStep, node_type: str, layer: int, grads: SiteGrads) -> torch.Tensor:
     """Î_AtP of every node of ``node_type`` at ``layer``: (source - base) · grad, [b, *layout[1:]].
 
@@ -162,8 +137,9 @@ def atp_estimate(step: GradientStep, node_type: str, layer: int, grads: SiteGrad
     """
     row = NODE_TABLE[node_type]
     with torch.no_grad():
-        diff = step.source.get(row.site, layer) - step.base.get(row.site, layer).detach()
-        prod = diff * grads[(layer, row.site)]  # [b, T, M] or [b, H|K, T, E]
+        # Half-precision activations and gradients are upcast first (ops.accumulation_dtype).
+        diff = upcast(step.source.get(row.site, layer)) - upcast(step.base.get(row.site, layer).detach())
+        prod = diff * upcast(grads[(layer, row.site)])  # [b, T, M] or [b, H|K, T, E]
         return prod.sum(-1) if row.vector else prod  # [b, T, M] or [b, H|K, T]
 
 

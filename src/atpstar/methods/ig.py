@@ -16,10 +16,11 @@ import torch
 
 from ..cost import Cost
 from ..errors import InputError
-from ..gradients import over_pair_batches
+from ..memory import MemoryPlan, gradient_plan
 from ..model import Model
-from ..nodes import ALL_TYPES, NODE_TABLE
+from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
 from ..pairs import PromptPairs
+from ..progress import progress_bar
 from ..runner import Run
 from .base import Method, register
 
@@ -65,6 +66,22 @@ class IntegratedGradients(Method):
         if self.batch_size is not None and self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1 or None; got {self.batch_size}")
 
+    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+        # One interpolation step at a time: AtP's gradient step (an extra recorded run is within its margin).
+        return gradient_plan(
+            model,
+            self.id,
+            n_pairs,
+            seq_len,
+            node_types,
+            qk_fix=False,
+            grad_drop=False,
+            keep="all",
+            top_k=1,
+            batch_size=self.batch_size,
+            memory_gb=self.memory_gb,
+        )
+
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
     ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -77,14 +94,17 @@ class IntegratedGradients(Method):
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        from .atp import _auto_batch
-
-        batch = self.batch_size or _auto_batch(model, pairs.seq_len, self.memory_gb)
-
-        def estimate(index: torch.Tensor) -> dict[str, torch.Tensor]:
-            return self._estimate(model, pairs, index, node_types, direction, cost)
-
-        out = over_pair_batches(model, pairs, node_types, batch, estimate, self.id, progress)
+        out = {
+            t: torch.zeros(pairs.n_pairs, *node_shape(t, model.sizes, pairs.seq_len), dtype=model.dtype)
+            for t in node_types
+        }
+        batch = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types).batch
+        with progress_bar(pairs.n_pairs, self.id, progress, unit="pair") as bar:
+            for start in range(0, pairs.n_pairs, batch):
+                index = torch.arange(start, min(start + batch, pairs.n_pairs))
+                for t, value in self._estimate(model, pairs, index, node_types, direction, cost).items():
+                    out[t][index] = value.to(out[t].dtype).cpu()
+                bar.update(len(index))
         return out, {}, {}
 
     def _estimate(
