@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from .cost import Cost
 from .errors import InputError
 from .nodes import INDEX_COLUMNS, NodeLayout, check_node_types, index_columns, node_name
+from .sink import per_pair_from, per_pair_tensors
 
 FORMAT_VERSION = 1
 
@@ -145,7 +146,7 @@ class Attribution:
     def save(self, path: str | Path) -> None:
         """Write ``path.safetensors`` (tensors) and ``path.json`` (everything else)."""
         base = Path(path).with_suffix("")
-        tensors = {f"per_pair/{t}": v.contiguous() for t, v in self.per_pair.items()}
+        tensors = {k: v for t, value in self.per_pair.items() for k, v in per_pair_tensors(t, value).items()}
         tensors.update({f"scores/{t}": v.contiguous() for t, v in self.scores.items()})
         tensors.update({f"extras/{k}": v.contiguous() for k, v in self.extras.items()})
         save_file(tensors, str(base) + ".safetensors")
@@ -171,7 +172,7 @@ class Attribution:
             raise InputError(f"no saved attribution at {base}: need {meta_path.name} and {tensor_path.name}")
         meta = json.loads(meta_path.read_text())
         tensors = load_file(str(tensor_path))
-        per_pair = {t: tensors[f"per_pair/{t}"] for t in meta["node_types"]}
+        per_pair = {t: per_pair_from(tensors, t) for t in meta["node_types"]}
         scores = {t: tensors[f"scores/{t}"] for t in meta["node_types"]}
         extras = {k[len("extras/") :]: v for k, v in tensors.items() if k.startswith("extras/")}
         return cls(
