@@ -25,7 +25,7 @@ from .cost import Cost
 from .engine import PatchCache, element_bytes, prepare, sweep_layer
 from .errors import InputError
 from .model import Model, as_model
-from .nodes import NODE_TABLE, NodeLayout, index_columns, node_name, node_shape
+from .nodes import NodeLayout, index_columns, node_name, node_shape, unit_and_pos
 from .pairs import PromptPairs, check_direction
 from .progress import progress_bar
 from .result import Attribution, _jsonable
@@ -244,16 +244,10 @@ def verify(
 
     batch = batch_size or max(1, int(2**30 // element_bytes(model, pairs.seq_len)))
     nodes = [layout.locate(int(p)) for p in layout.position(type_index[:n_verify], flat_index[:n_verify])]
-    index = torch.tensor([node[1] for node in nodes], dtype=torch.long).reshape(n_verify, 3)  # [n, (layer, a, b)]
-    unit_axis = torch.tensor([NODE_TABLE[t].unit_axis for t, _ in nodes], dtype=torch.long).reshape(n_verify, 1)
-    pos_axis = torch.tensor([NODE_TABLE[t].pos_axis for t, _ in nodes], dtype=torch.long).reshape(n_verify, 1)
     # Per verified node, in rank order: (type index, layer, head/kv-head/neuron, position), each [n].
-    ranked = (
-        type_index[:n_verify].clone(),
-        index[:, 0].clone(),
-        index.gather(1, unit_axis)[:, 0],
-        index.gather(1, pos_axis)[:, 0],
-    )
+    parts = torch.tensor([(index[0], *unit_and_pos(t, index)) for t, index in nodes], dtype=torch.long)
+    layer_i, unit_i, pos_i = parts.reshape(n_verify, 3).unbind(1)  # [n, 3] -> 3 x [n]
+    ranked = (type_index[:n_verify].clone(), layer_i, unit_i, pos_i)
 
     cost = Cost()
     info: dict[str, Any] = {}
