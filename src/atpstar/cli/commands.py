@@ -11,7 +11,7 @@ from ..errors import InputError
 from .common import (
     bound_unverified,
     cached_or_run,
-    check_same_pairs,
+    check_saved,
     load_model,
     load_task,
     out_dir,
@@ -98,9 +98,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     out = out_dir(args)
     model = load_model(args)
     pairs, task = load_task(model, args)
-    check_same_pairs(estimate.info, pairs, f"estimate {args.estimate}")
-    if estimate.direction != args.direction:
-        raise InputError(f"estimate {args.estimate} is {estimate.direction}; pass --direction {estimate.direction}")
+    check_saved(estimate.identity, model, pairs, args.direction, f"estimate {args.estimate}")
     verified = verify_and_save(model, pairs, estimate, args.budget, args.threshold, args)
     finish_run(
         args, out, model, pairs, task, estimate, verified, None, start, title="atpstar verify", save_estimate=False
@@ -117,7 +115,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
     out = out_dir(args)
     model = load_model(args)
     pairs, task = load_task(model, args)
-    check_same_pairs(verified.info, pairs, f"verification {args.verified}")
+    check_saved(verified.identity, model, pairs, args.direction, f"verification {args.verified}")
     bound = bound_unverified(
         model, pairs, verified, args.theta, args.samples, args.p, args.alpha, args.bound_seed, args
     )

@@ -98,11 +98,18 @@ def load_task(model: Any, args: argparse.Namespace) -> tuple[Any, str]:
     return pairs, f"{task} ({pairs.n_pairs} pairs, seed {args.seed}, metric {pairs.metric_name})"
 
 
-def check_same_pairs(info: dict[str, Any], pairs: Any, what: str) -> None:
-    """Refuse a saved result whose ``info["pairs_fingerprint"]`` is not that of ``pairs``."""
-    saved = info.get("pairs_fingerprint")
-    if saved is not None and saved != pairs.fingerprint():
-        raise InputError(f"{what} was computed on other prompt pairs; pass the same --task, --n-pairs and --seed")
+def check_saved(saved_identity: dict[str, Any] | None, model: Any, pairs: Any, direction: str, what: str) -> None:
+    """Refuse a saved estimate or verification made with another model, tokenizer, prompt pairs or metric."""
+    from ..fingerprint import MODEL_FIELDS, check_identity, identity
+
+    current = identity(model, pairs, direction)
+    check_identity(
+        saved_identity,
+        current,
+        what,
+        "Pass the --model, --task, --n-pairs, --seed and --direction it was made with.",
+        fields=(*MODEL_FIELDS, "pairs", "metric", "direction"),
+    )
 
 
 def run_method(
@@ -123,25 +130,44 @@ def run_method(
 def cached_or_run(
     base: Path, model: Any, pairs: Any, method: str, nodes: list[str], options: dict[str, Any], args: argparse.Namespace
 ) -> Any:
-    """A result saved at ``base`` for the same pairs, direction, nodes and options, else a fresh one (saved)."""
-    from ..result import Attribution, _jsonable
+    """The result saved at ``base`` if it was made by the same computation, else a fresh one (saved).
 
-    if not args.recompute and Path(str(base) + ".json").is_file():
-        saved = Attribution.load(base)
-        same_options = {k: v for k, v in saved.options.items() if k != "checkpoint"} == {
-            k: v for k, v in _jsonable({**saved.options, **options}).items() if k != "checkpoint"
-        }
-        if (
-            saved.info.get("pairs_fingerprint") == pairs.fingerprint()
-            and saved.direction == args.direction
-            and set(nodes) <= set(saved.node_types)
-            and same_options
-        ):
-            say(f"reusing {base}.json ({method})")
-            return saved
-        say(f"{base}.json was computed for other pairs, direction, nodes or options: recomputing")
+    A saved result of another computation (other weights, dtype, tokenizer, pairs, metric, direction,
+    method options or version) is refused, naming what differs: ``--recompute`` discards it. A
+    corrupt one is reported and recomputed.
+    """
+    from ..errors import CorruptFileError
+    from ..fingerprint import RESULT_FIELDS, check_identity, identity
+    from ..persist import bundle_exists, remove_bundle
+    from ..result import Attribution
+
+    if args.recompute and bundle_exists(base):
+        say(f"--recompute: discarding {base}.json")
+        remove_bundle(base)
+    if bundle_exists(base):
+        try:
+            saved = Attribution.load(base)
+        except CorruptFileError as err:
+            say(f"warning: {err}; computing it again")
+            remove_bundle(base)
+        else:
+            from ..methods import build_method
+
+            full_options = build_method(method, **options).get_options()
+            current = identity(model, pairs, args.direction, nodes, method, full_options)
+            check_identity(
+                saved.identity,
+                current,
+                f"saved result {base}.json ({method})",
+                "Pass --recompute to discard it, or choose another --out.",
+                fields=RESULT_FIELDS,
+            )
+            missing = [t for t in nodes if t not in saved.node_types]
+            if not missing:
+                say(f"reusing {base}.json ({method})")
+                return saved
+            say(f"{base}.json lacks node types {missing}: computing again")
     result = run_method(model, pairs, method, nodes, options, args)
-    base.parent.mkdir(parents=True, exist_ok=True)
     result.save(base)
     return result
 
@@ -200,18 +226,7 @@ def bound_unverified(
 
 
 def plain(value: Any) -> Any:
-    """``value`` as JSON-ready data: tensors as lists, unknown objects as their ``str``."""
-    try:
-        import torch
+    """``value`` as JSON-ready data (``persist.to_jsonable``)."""
+    from ..persist import to_jsonable
 
-        if isinstance(value, torch.Tensor):
-            return value.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    return str(value)
+    return to_jsonable(value)

@@ -10,10 +10,12 @@ import torch
 from .. import __version__
 from ..cost import Cost
 from ..errors import InputError
+from ..fingerprint import identity
 from ..model import Model, as_model
 from ..nodes import NODE_TYPES, check_node_types
 from ..pairs import PromptPairs, check_direction
 from ..result import Attribution, aggregate
+from ..validate import warn_non_finite
 
 
 class Method:
@@ -73,9 +75,12 @@ class Method:
         self._validate(model, pairs, node_types)
         cost = Cost()
         per_pair, extras, info = self._attribute(model, pairs, node_types, direction, cost, progress)
+        warn_non_finite(per_pair, f"the {self.id} result")
+        options = self.get_options()
+        made_by = identity(model, pairs, direction, node_types, self.id, options)
         return Attribution(
             method=self.id,
-            options=self.get_options(),
+            options=options,
             direction=direction,
             metric=pairs.metric_name,
             model_id=model.model_id,
@@ -84,7 +89,13 @@ class Method:
             aggregation=self.aggregation,
             cost=cost,
             extras=extras,
-            info={"atpstar_version": __version__, "n_pairs": pairs.n_pairs, "seq_len": pairs.seq_len, **info},
+            info={
+                "atpstar_version": __version__,
+                "n_pairs": pairs.n_pairs,
+                "seq_len": pairs.seq_len,
+                **info,
+                "identity": made_by,
+            },
         )
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
