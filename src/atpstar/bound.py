@@ -27,7 +27,7 @@ from .engine import prepare
 from .errors import InputError
 from .methods.subsampling import SubsamplingStats, check_options, subsample
 from .model import as_model
-from .nodes import check_node_types, node_name, node_shape
+from .nodes import NodeLayout, check_node_types, node_name
 from .ops import student_t_cdf, student_t_quantile, welch_se_df
 from .pairs import PromptPairs, check_direction
 from .verify import Verification
@@ -143,7 +143,8 @@ def false_negative_bound(
         raise InputError(f"alpha must lie strictly between 0 and 1; got {alpha!r}")
     if theta is not None and (not isinstance(theta, (int, float)) or theta <= 0):
         raise InputError(f"theta must be a positive number or None; got {theta!r}")
-    shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
+    layout = NodeLayout.of(node_types, model.sizes, pairs.seq_len)
+    shapes = layout.shapes
     exclude = {t: torch.zeros(shape, dtype=torch.bool) for t, shape in shapes.items()}
     for t, index in node_list:
         if t not in shapes:
@@ -171,7 +172,7 @@ def false_negative_bound(
         exclude=exclude,
         progress=progress,
     )
-    keep = torch.cat([~exclude[t].reshape(-1) for t in node_types])
+    keep = ~layout.flatten(exclude)  # [N]
     n_unverified = int(keep.sum())
     estimate, upper, prob_terms = _node_bounds(stats, keep, n_unverified, alpha, theta)
 
@@ -180,7 +181,7 @@ def false_negative_bound(
     else:
         flat_upper = torch.where(keep, upper, torch.full_like(upper, -1.0))
         max_upper = float(flat_upper.max())
-        worst = _unflatten(int(flat_upper.argmax()), node_types, shapes)
+        worst = layout.locate(int(flat_upper.argmax()))
     prob_upper = float("nan") if theta is None else min(1.0, float(prob_terms[keep].sum()))
     return FalseNegativeBound(
         max_effect_upper=max_upper,
@@ -192,8 +193,8 @@ def false_negative_bound(
         assumption=ASSUMPTION,
         cost=cost,
         direction=direction,
-        estimate=_per_type(torch.where(keep, estimate, torch.full_like(estimate, float("nan"))), node_types, shapes),
-        upper=_per_type(torch.where(keep, upper, torch.full_like(upper, float("nan"))), node_types, shapes),
+        estimate=layout.unflatten(torch.where(keep, estimate, torch.full_like(estimate, float("nan")))),
+        upper=layout.unflatten(torch.where(keep, upper, torch.full_like(upper, float("nan")))),
         info={"samples": samples, "p": p, "seed": seed, "n_pairs": pairs.n_pairs, "n_verified": len(node_list)},
     )
 
@@ -229,21 +230,3 @@ def _node_bounds(
             at_minus = 1.0 - student_t_cdf((e + theta) / s, d)  # P(ĉ this high | c = -θ)
             prob[usable] = torch.maximum(at_plus, at_minus)
     return estimate, upper, prob
-
-
-def _per_type(flat: torch.Tensor, node_types: list[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    out, start = {}, 0
-    for t in node_types:
-        size = int(torch.Size(shapes[t]).numel())
-        out[t] = flat[start : start + size].reshape(shapes[t])
-        start += size
-    return out
-
-
-def _unflatten(position: int, node_types: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[str, tuple[int, ...]]:
-    for t in node_types:
-        size = int(torch.Size(shapes[t]).numel())
-        if position < size:
-            return t, tuple(int(i) for i in torch.unravel_index(torch.tensor(position), shapes[t]))
-        position -= size
-    raise IndexError(position)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .nodes import check_node_types
+from .nodes import NodeLayout, check_node_types
 from .result import Attribution
 
 SETTINGS: tuple[str, ...] = ("distribution", "per_pair")
@@ -365,7 +365,8 @@ def evaluate(
 
 def _flat(tensors: dict[str, torch.Tensor], types: list[str], pair: int | None = None) -> torch.Tensor:
     """[N] all nodes of ``types`` (one pair's, or the aggregate), in node-type then layout order."""
-    return torch.cat([(tensors[t] if pair is None else tensors[t][pair]).flatten().double() for t in types])
+    chosen = {t: (tensors[t] if pair is None else tensors[t][pair]).double() for t in types}
+    return NodeLayout.like(chosen, types).flatten(chosen)
 
 
 def _nonzero(true_abs: torch.Tensor) -> int:

@@ -52,6 +52,8 @@ class Model:
         self._rotary = get_path(base, self.family.rotary) if self.family.rotary else None
         self._attention_modules = [get_path(layer, self.family.attention) for layer in self._layers]
         self._mlp_out_modules = [get_path(layer, self.family.mlp_out) for layer in self._layers]
+        # The attention function is handed the module; this finds its layer.
+        self._layer_of_attention = {id(module): layer for layer, module in enumerate(self._attention_modules)}
         from transformers import AttentionInterface
 
         AttentionInterface.register(ATTN_IMPLEMENTATION, atpstar_attention)
@@ -63,6 +65,11 @@ class Model:
     d_head = property(lambda self: self.sizes.d_head)
     d_mlp = property(lambda self: self.sizes.d_mlp)
     d_model = property(lambda self: self.sizes.d_model)
+
+    @property
+    def layer_modules(self) -> list[torch.nn.Module]:
+        """The decoder layers, in order (for module hooks in tools and tests; do not modify)."""
+        return list(self._layers)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -101,13 +108,11 @@ class Model:
     @contextmanager
     def engaged(self, run: Run) -> Iterator[None]:
         """Route attention and MLP neurons through ``run``; restore everything afterwards, also on error."""
-        for layer, module in enumerate(self._attention_modules):
-            run.layer_of_attention[id(module)] = layer
         config: Any = self.hf_model.config
         saved_impl = config._attn_implementation
         saved_grad = [p.requires_grad for p in self.hf_model.parameters()]
         handles = []
-        token = ACTIVE_RUN.set(run)
+        token = ACTIVE_RUN.set((run, self._layer_of_attention))
         try:
             config._attn_implementation = ATTN_IMPLEMENTATION
             for p in self.hf_model.parameters():
@@ -136,19 +141,12 @@ class Model:
         if self._rotary is not None:
             kwargs["position_ids"] = position_ids
             kwargs["position_embeddings"] = self._rotary(hidden, position_ids)
-        if "resid_pre" in run.record:
-            run.records["resid_pre"] = [None] * (self.n_layers + 1)
         with self.engaged(run):
             for layer in range(run.start_layer, self.n_layers):
-                if "resid_pre" in run.record:
-                    run.records["resid_pre"][layer] = hidden
+                run.resid(layer, hidden)
                 out = self._layers[layer](hidden, **kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                if run.drop_layer == layer:
-                    out = hidden + (out - hidden.to(out.device)).detach()
-                hidden = out
-        if "resid_pre" in run.record:
-            run.records["resid_pre"][self.n_layers] = hidden  # resid_post of the last layer
+                hidden = out[0] if isinstance(out, tuple) else out
+        run.resid(self.n_layers, hidden)  # resid_post of the last layer
         return hidden
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:

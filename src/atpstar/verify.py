@@ -24,7 +24,7 @@ from .engine import element_bytes, prepare, sweep_layer
 from .errors import CorruptFileError, InputError
 from .fingerprint import MODEL_FIELDS, check_identity, identity
 from .model import as_model
-from .nodes import node_name, node_shape
+from .nodes import NODE_TABLE, NodeLayout, index_columns, node_name, node_shape
 from .pairs import PromptPairs, check_direction
 from .persist import bundle_base, load_bundle, save_bundle
 from .progress import progress_bar
@@ -74,20 +74,11 @@ class Verification:
         """TransformerLens-style name per verified node."""
         return [node_name(t, index) for t, index in self.nodes]
 
-    def masks(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-        """node type -> bool [*layout], True at verified nodes, for every type in ``shapes``."""
-        out = {t: torch.zeros(shape, dtype=torch.bool) for t, shape in shapes.items()}
-        for t, index in self.nodes:
-            if t in out:
-                out[t][index] = True
-        return out
-
     def to_rows(self) -> list[dict[str, Any]]:
         """One row per verified node, in verification order."""
         rows = []
         for rank, ((t, index), name) in enumerate(zip(self.nodes, self.names), start=1):
-            keys = ("layer", "pos", "index") if t == "neuron" else ("layer", "head", "pos")
-            row: dict[str, Any] = {"rank": rank, "name": name, "node_type": t, **dict(zip(keys, index))}
+            row: dict[str, Any] = {"rank": rank, "name": name, "node_type": t, **index_columns(t, index)}
             row["estimate_score"] = float(self.estimate_scores[rank - 1])
             row["effect"] = float(self.mean_effects[rank - 1])
             rows.append(row)
@@ -214,9 +205,9 @@ def verify(
     )
 
     types, type_index, flat_index = estimate.order()
-    ranked_scores = torch.cat([estimate.scores[t].flatten().double() for t in types])
-    offsets = torch.tensor([0] + [estimate.scores[t].numel() for t in types]).cumsum(0)
-    ranked_scores = ranked_scores[offsets[type_index] + flat_index]  # [all nodes] in estimate order
+    layout = NodeLayout.like(estimate.scores, types)
+    flat_scores = layout.flatten({t: estimate.scores[t].double() for t in types})  # [N] in layout order
+    ranked_scores = flat_scores[layout.position(type_index, flat_index)]  # [N] in estimate order
     n_verify = len(ranked_scores)
     if threshold is not None:
         n_verify = int((ranked_scores.abs() >= threshold).sum())  # sorted by |score|: a prefix
@@ -228,20 +219,17 @@ def verify(
     n_pairs = pairs.n_pairs
     effects = torch.zeros(n_verify, n_pairs, dtype=torch.float64)
     batch = batch_for_memory(batch_size, 1.0, element_bytes(model, pairs.seq_len))
-    nodes: list[tuple[str, tuple[int, ...]]] = []
-    for position in range(n_verify):
-        t = types[int(type_index[position])]
-        shape = estimate.scores[t].shape
-        nodes.append((t, tuple(int(v) for v in torch.unravel_index(flat_index[position], shape))))
+    nodes = [layout.locate(int(p)) for p in layout.position(type_index[:n_verify], flat_index[:n_verify])]
     # One element per (verified node, pair): rank in verification order, then the engine's node tuple.
     ranks = torch.arange(n_verify).repeat_interleave(n_pairs)
     pair_i = torch.arange(n_pairs).repeat(n_verify)
     type_i = type_index[:n_verify].repeat_interleave(n_pairs)
-    index = torch.tensor([node[1] for node in nodes], dtype=torch.long).reshape(n_verify, 3)
+    index = torch.tensor([node[1] for node in nodes], dtype=torch.long).reshape(n_verify, 3)  # [n, (layer, a, b)]
+    unit_axis = torch.tensor([NODE_TABLE[t].unit_axis for t, _ in nodes], dtype=torch.long).reshape(n_verify, 1)
+    pos_axis = torch.tensor([NODE_TABLE[t].pos_axis for t, _ in nodes], dtype=torch.long).reshape(n_verify, 1)
     layer_i = index[:, 0].repeat_interleave(n_pairs)
-    is_neuron = torch.tensor([t == "neuron" for t, _ in nodes], dtype=torch.bool).repeat_interleave(n_pairs)
-    a, b = index[:, 1].repeat_interleave(n_pairs), index[:, 2].repeat_interleave(n_pairs)
-    unit_i, pos_i = torch.where(is_neuron, b, a), torch.where(is_neuron, a, b)  # neuron layout is (pos, unit)
+    unit_i = index.gather(1, unit_axis)[:, 0].repeat_interleave(n_pairs)  # [n * P]
+    pos_i = index.gather(1, pos_axis)[:, 0].repeat_interleave(n_pairs)  # [n * P]
 
     with progress_bar(n_verify * n_pairs, "verify", progress) as bar:
         for layer in torch.unique(layer_i).tolist():

@@ -7,13 +7,15 @@ They use atpstar's layer-by-layer ``Run`` only to read base/source q, k, pattern
 - key fix: for one key, recompute every row that sees it with the source key, Σ (A' - A) G,
   summed over the query heads of its kv group;
 - GradDrop: L separate backward passes, each with one layer's residual write detached
-  (``Run(drop_layer=l)``), Σ_l |Î_l| / (L - 1).
+  (a forward hook, ``dropped_layer``), Σ_l |Î_l| / (L - 1).
 
 Shape letters: P pairs, L layers, H heads, K kv heads, T positions, E d_head, M d_mlp.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -58,14 +60,33 @@ def key_fix(q_base: torch.Tensor, k_base: torch.Tensor, k_source: torch.Tensor, 
     return out
 
 
+@contextmanager
+def dropped_layer(model: Any, layer: int | None) -> Iterator[None]:
+    """Hold ``layer``'s residual write constant in the backward graph: out = x + (out - x).detach()."""
+    if layer is None:
+        yield
+        return
+
+    def drop(module: torch.nn.Module, args: tuple, out: Any) -> Any:
+        hidden = out[0] if isinstance(out, tuple) else out
+        kept = args[0] + (hidden - args[0].to(hidden.device)).detach()
+        return (kept, *out[1:]) if isinstance(out, tuple) else kept
+
+    handle = model.layer_modules[layer].register_forward_hook(drop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def records(model: Any, tokens: torch.Tensor, pairs: Any = None, drop_layer: int | None = None) -> tuple[Run, dict]:
     """A run on ``tokens`` recording all sites; with ``pairs``, also d metric / d site (with one layer dropped)."""
-    run = Run(model.n_layers, record=SITES, drop_layer=drop_layer)
+    run = Run(model.n_layers, record=SITES)
     if pairs is None:
         with torch.no_grad():
             model.run_layers(model.embed(tokens), run)
         return run, {}
-    with torch.enable_grad():
+    with torch.enable_grad(), dropped_layer(model, drop_layer):
         hidden = model.embed(tokens).detach().requires_grad_(True)
         final = model.run_layers(hidden, run)
         metric = metric_of(model.unembed(final[:, -1]), pairs.answer, pairs.distractor, pairs.metric)

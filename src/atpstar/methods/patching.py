@@ -17,7 +17,7 @@ from ..cost import Cost
 from ..engine import MIN_CHUNK_TOKENS, element_bytes, prepare, sweep_layer
 from ..errors import InputError
 from ..model import Model
-from ..nodes import node_shape
+from ..nodes import layout_index, node_shape, unit_and_pos
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from .base import Method, register
@@ -105,9 +105,9 @@ def _pending(
     """Unfinished nodes of all types at ``layer`` as (type, pair, unit, pos) [N] each."""
     parts = []
     for i, node_type in enumerate(node_types):
-        remaining = torch.nonzero(~done[node_type][:, layer])  # neuron rows (pair, pos, unit); others (pair, unit, pos)
+        remaining = torch.nonzero(~done[node_type][:, layer])  # [n, 3] rows (pair, *layout[1:])
         pair, a, b = remaining.unbind(1)
-        unit, pos = (b, a) if node_type == "neuron" else (a, b)
+        unit, pos = unit_and_pos(node_type, (layer, a, b))
         parts.append(torch.stack([torch.full_like(pair, i), pair, unit, pos], 1))
     type_i, pair_i, unit_i, pos_i = torch.cat(parts).unbind(1)
     return type_i, pair_i, unit_i, pos_i
@@ -128,7 +128,7 @@ def _store(
         rows = type_i == i
         pair, unit, pos = pair_i[rows], unit_i[rows], pos_i[rows]
         layer_i = torch.full_like(pair, layer)
-        index = (pair, layer_i, pos, unit) if node_type == "neuron" else (pair, layer_i, unit, pos)
+        index = (pair, *layout_index(node_type, layer_i, unit, pos))
         effects[node_type][index] = effect[rows].to(effects[node_type].dtype).cpu()
         done[node_type][index] = True
 

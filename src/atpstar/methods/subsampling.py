@@ -21,7 +21,7 @@ from ..cost import Cost
 from ..engine import PatchCache, element_bytes, patch_masks, prepare
 from ..errors import InputError
 from ..model import Model
-from ..nodes import node_shape
+from ..nodes import NodeLayout
 from ..ops import welford_merge
 from ..pairs import PromptPairs
 from ..progress import progress_bar
@@ -139,14 +139,9 @@ class SubsamplingStats:
     shapes: dict[str, tuple[int, ...]]
     values: dict[str, torch.Tensor]
 
-    def _span(self, node_type: str) -> slice:
-        start = 0
-        for t, shape in self.shapes.items():
-            size = int(torch.Size(shape).numel())
-            if t == node_type:
-                return slice(start, start + size)
-            start += size
-        raise KeyError(node_type)
+    @property
+    def layout(self) -> NodeLayout:
+        return NodeLayout(self.shapes)
 
     def flat(self, name: str) -> torch.Tensor:
         """Statistic ``name`` (one of ``STATS``) over all nodes: [P, N] float64."""
@@ -160,8 +155,7 @@ class SubsamplingStats:
 
     def get(self, name: str, node_type: str) -> torch.Tensor:
         """Statistic ``name`` for one node type: [P, *layout]."""
-        value = self.flat(name)[:, self._span(node_type)]
-        value = value.reshape(value.shape[0], *self.shapes[node_type])
+        value = self.layout.unflatten(self.flat(name))[node_type]  # [P, N] -> [P, *layout]
         return value.long() if name.startswith("count") else value
 
     def estimate(self, node_type: str) -> torch.Tensor:
@@ -194,18 +188,11 @@ def subsample(
     """
     n_pairs = cache.n_pairs
     seq_len = cache.pairs.seq_len
-    shapes = {t: node_shape(t, model.sizes, seq_len) for t in node_types}
-    n_nodes = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    layout = NodeLayout.of(node_types, model.sizes, seq_len)
+    n_nodes = layout.size
     keep = torch.ones(n_nodes, dtype=torch.bool)
-    if exclude is not None:
-        keep = torch.cat(
-            [
-                ~exclude[t].reshape(-1)
-                if t in exclude
-                else torch.ones(int(torch.Size(shapes[t]).numel()), dtype=torch.bool)
-                for t in node_types
-            ]
-        )
+    if exclude is not None and any(t in exclude for t in node_types):
+        keep = ~layout.flatten(exclude, fill=False)  # [N]
     # Per element: the forward's activations plus masks and float64 statistics work space over N nodes.
     per_element = element_bytes(model, seq_len) + n_nodes * 40
     batch = batch_size or max(1, int(memory_gb * 2**30 // per_element))
@@ -226,15 +213,11 @@ def subsample(
             else:
                 chosen = _balanced_subset(codes, sample_index)
             chosen &= keep
-            masks, offset = {}, 0
-            for t in node_types:
-                size = int(torch.Size(shapes[t]).numel())
-                masks[t] = chosen[:, offset : offset + size].reshape(len(element), *shapes[t])
-                offset += size
+            masks = layout.unflatten(chosen)  # [B, N] -> {t: [B, *layout]}
             delta = patch_masks(model, cache, masks, pair_index, cost).detach().double().cpu()  # [B]
             _update(values, chosen, delta, pair_index, n_pairs)
             bar.update(len(element))
-    return SubsamplingStats(shapes, values)
+    return SubsamplingStats(layout.shapes, values)
 
 
 def _update(
