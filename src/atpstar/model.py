@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .devices import execution_device
 from .errors import InputError
 from .families import Family, embed, family_of, get_path, sizes_of
 from .nodes import Sizes
@@ -77,7 +78,17 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where token ids go in: the input embedding's (execution) device."""
+        return execution_device(self.hf_model.get_input_embeddings())
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Where layer ``layer`` computes (differs per layer for models dispatched with ``device_map``)."""
+        return execution_device(self._layers[layer])
+
+    @property
+    def output_device(self) -> torch.device:
+        """Where the logits are computed: the unembedding's (execution) device."""
+        return execution_device(self.hf_model.get_output_embeddings())
 
     def __repr__(self) -> str:
         s = self.sizes
@@ -125,7 +136,10 @@ class Model:
             for handle in handles:
                 handle.remove()
             for p, flag in zip(self.hf_model.parameters(), saved_grad):
-                p.requires_grad_(flag)
+                # accelerate re-creates offloaded (meta) parameters at each call, as inference tensors
+                # when the call ran under inference_mode; those accept the flag only inside it.
+                with torch.inference_mode(p.is_inference()):
+                    p.requires_grad_(flag)
             config._attn_implementation = saved_impl
             ACTIVE_RUN.reset(token)
 
@@ -153,7 +167,7 @@ class Model:
         """Logits from the final residual stream: [..., D] -> [..., V]."""
         normed = self._final_norm(hidden)
         head = self.hf_model.get_output_embeddings()
-        return head(normed.to(head.weight.device))
+        return head(normed.to(execution_device(head)))
 
     def logits(self, tokens: torch.Tensor, run: Run | None = None) -> torch.Tensor:
         """All-position logits of a full forward pass: tokens [B, T] -> [B, T, V] (for checks)."""
