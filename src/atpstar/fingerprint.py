@@ -19,12 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-from .errors import IdentityMismatchError
+from .errors import IdentityMismatchError, UnsupportedModelError
 
 # Fields that decide the numbers of a result on given prompt pairs (``check_identity`` default).
 MODEL_FIELDS = ("weights", "model_config", "tokenizer")
@@ -42,8 +42,7 @@ def weights_hash(hf_model: torch.nn.Module) -> str:
         return cached
     digest = hashlib.sha256()
     with torch.no_grad():
-        for name, param in hf_model.named_parameters():
-            values = param.detach()
+        for name, values in _parameters(hf_model):
             values = values.float() if values.is_floating_point() else values
             digest.update(f"{name}:{tuple(values.shape)}:{values.dtype};".encode())
             # [numel * itemsize] raw bytes of the values
@@ -51,6 +50,23 @@ def weights_hash(hf_model: torch.nn.Module) -> str:
     value = digest.hexdigest()[:16]
     _WEIGHTS_CACHE[hf_model] = value
     return value
+
+
+def _parameters(hf_model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, values) of every parameter; weights offloaded by accelerate (meta tensors) are read from the
+    offload hook's weights map, where accelerate keeps them on CPU or disk."""
+    for module_name, module in hf_model.named_modules():
+        for local, param in module.named_parameters(recurse=False):
+            values = param.detach()
+            if values.device.type == "meta":
+                weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+                if weights_map is None or local not in weights_map:
+                    raise UnsupportedModelError(
+                        f"weight {module_name}.{local} is on the meta device and no offload hook holds its values; "
+                        "load the model with its weights (device_map/offload through accelerate are supported)"
+                    )
+                values = weights_map[local]
+            yield f"{module_name}.{local}" if module_name else local, values
 
 
 def config_hash(config: Any) -> str:
