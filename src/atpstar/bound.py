@@ -30,6 +30,7 @@ from .model import as_model
 from .nodes import NodeLayout, check_node_types, node_name
 from .ops import student_t_cdf, student_t_quantile, welch_se_df
 from .pairs import PromptPairs, check_direction
+from .validate import check_pairs_fit
 from .verify import Verification
 
 ASSUMPTION = (
@@ -154,7 +155,7 @@ def false_negative_bound(
                 f"verified node {t} {index} lies outside the layout {shapes[t]} of this model and prompt length"
             )
         exclude[t][index] = True
-    model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+    check_pairs_fit(model, pairs)
 
     cost = Cost()
     cache = prepare(model, pairs, direction, node_types, cost)

@@ -12,7 +12,7 @@ from typing import Any, Union
 import torch
 
 from .errors import InputError
-from .validate import check_finite_metric, check_single_token
+from .validate import check_finite_metric, check_known_tokens, check_single_token
 
 # A user metric receives the last-position logits [B, V] and the answer/distractor token ids [B]
 # (distractor may be None) and returns one value per prompt [B].
@@ -38,7 +38,13 @@ _BUILTIN: dict[str, MetricFn] = {"logit_diff": logit_diff, "logprob": logprob}
 
 
 def _as_tokens(name: str, value: Any, ndim: int) -> torch.Tensor:
-    tensor = torch.as_tensor(value)
+    try:
+        tensor = torch.as_tensor(value)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise InputError(
+            f"{name} must be a rectangular array of integer token ids (every prompt the same length); got "
+            f"{type(value).__name__} that torch cannot convert ({err})"
+        ) from err
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
         raise InputError(f"{name} must hold integer token ids; got dtype {tensor.dtype}")
     if tensor.ndim != ndim:
@@ -114,6 +120,8 @@ class PromptPairs:
         clean_ids = [tokenizer.encode(text, add_special_tokens=False) for text in clean]
         noise_ids = [tokenizer.encode(text, add_special_tokens=False) for text in noise]
         for i, (c, n) in enumerate(zip(clean_ids, noise_ids)):
+            check_known_tokens(tokenizer, c, clean[i], "clean prompt", f"pair {i}: ")
+            check_known_tokens(tokenizer, n, noise[i], "noise prompt", f"pair {i}: ")
             if len(c) != len(n):
                 raise InputError(
                     f"pair {i}: clean has {len(c)} tokens and noise has {len(n)}; they must be equal "

@@ -134,6 +134,63 @@ def load_bundle(path: str | Path, kind: str) -> tuple[dict[str, Any], dict[str, 
     return meta, tensors
 
 
+def save_tensors(path: str | Path, kind: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file holding ``tensors`` and ``meta`` (in its header), with a hash of the tensors; atomic."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {
+        "atpstar_kind": kind,
+        "format_version": str(FORMAT_VERSION),
+        "meta": json.dumps(to_jsonable(meta)),
+        "tensors_sha256": _tensors_sha256(tensors),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+
+
+def load_tensors(path: str | Path, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(meta, tensors) of a file written by ``save_tensors``.
+
+    Raises:
+        InputError: the file does not exist.
+        CorruptFileError: truncated or corrupt, another kind, another format version.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no saved {kind} at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except Exception as err:  # safetensors raises its own error types for unreadable files
+        raise CorruptFileError(f"{path} is not a readable safetensors file (truncated or corrupt: {err})") from err
+    if header.get("atpstar_kind") != kind:
+        raise CorruptFileError(f"{path} holds {header.get('atpstar_kind') or 'something else'}, not a saved {kind}")
+    if header.get("format_version") != str(FORMAT_VERSION):
+        raise CorruptFileError(
+            f"{path} is in format version {header.get('format_version')!r}; this atpstar reads version {FORMAT_VERSION}"
+        )
+    if header.get("tensors_sha256") != _tensors_sha256(tensors):
+        raise CorruptFileError(f"{path}: its tensors do not match their recorded hash (corrupt)")
+    try:
+        meta = json.loads(header.get("meta", ""))
+    except json.JSONDecodeError as err:
+        raise CorruptFileError(f"{path}: unreadable metadata ({err})") from err
+    return meta, tensors
+
+
+def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        value = tensors[key].contiguous()
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())  # [numel * itemsize] raw bytes
+    return digest.hexdigest()
+
+
 def save_json(path: str | Path, kind: str, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON with its kind and the format version, atomically."""
     record = {"kind": kind, "format_version": FORMAT_VERSION}

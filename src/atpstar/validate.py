@@ -169,3 +169,54 @@ def warn_non_finite(tensors: dict[str, torch.Tensor], what: str) -> int:
             stacklevel=3,
         )
     return count
+
+
+def check_device(device: str | torch.device) -> None:
+    """Refuse a device string torch does not know, or a device this machine does not have."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise InputError(f"device {device!r} is not a torch device; use e.g. cpu, cuda, cuda:1, mps") from err
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device}: no CUDA GPU is available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise InputError(f"device {device}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"device {device}: atpstar runs on cpu, cuda or mps")
+
+
+def check_finite_options(what: str, options: dict[str, Any]) -> None:
+    """Refuse NaN and infinite numbers anywhere in ``options`` (nested lists and dicts included)."""
+    for key, value in options.items():
+        if _has_non_finite(value):
+            raise InputError(f"{what}{key}={value!r}: options must be finite numbers (no NaN or inf)")
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    return False
+
+
+def check_pairs_fit(model: Any, pairs: Any) -> None:
+    """Refuse prompt pairs the model cannot run: training mode, prompt ids outside the vocabulary,
+    prompts beyond the position limit, answer/distractor ids outside the output vocabulary."""
+    model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+    if torch.equal(pairs.clean, pairs.noise):
+        raise InputError(
+            "clean and noise prompts are identical in every pair: patching changes nothing and every effect is 0; "
+            "give noise prompts that differ from the clean ones"
+        )
+    head = model.hf_model.get_output_embeddings()
+    n_logits = getattr(head, "out_features", None) or getattr(model.hf_model.config, "vocab_size", None)
+    if n_logits is not None:
+        check_token_ids("answer", pairs.answer, int(n_logits))
+        if pairs.distractor is not None:
+            check_token_ids("distractor", pairs.distractor, int(n_logits))

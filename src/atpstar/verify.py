@@ -29,7 +29,7 @@ from .pairs import PromptPairs, check_direction
 from .persist import bundle_base, load_bundle, save_bundle
 from .progress import progress_bar
 from .result import Attribution
-from .validate import batch_for_memory, check_batch_size, check_count, check_number
+from .validate import batch_for_memory, check_batch_size, check_count, check_number, check_pairs_fit
 
 KIND = "verification"
 
@@ -194,7 +194,7 @@ def verify(
                 f"estimate scores for {t!r} have shape {tuple(estimate.scores[t].shape)}, but this model and these "
                 f"pairs give {want}; verify with the model and prompt length the estimate was made for"
             )
-    model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+    check_pairs_fit(model, pairs)
     current = identity(model, pairs, direction, node_types, "verify", {"budget": budget, "threshold": threshold})
     check_identity(
         estimate.identity,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable
 
 from ..errors import InputError
+from ..nodes import node_shape
+from .checks import check_option_values
 from .common import (
     bound_unverified,
     cached_or_run,
@@ -18,6 +21,7 @@ from .common import (
     parse_nodes,
     parse_options,
     plain,
+    resumable,
     run_method,
     say,
     verify_and_save,
@@ -80,13 +84,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     nodes = parse_nodes(args.nodes)
     options = parse_options(args.option, [args.method])[args.method]
+    check_option_values({args.method: options})
     build_method(args.method, **options)  # unknown ids and options fail before the model loads
     out = out_dir(args)
+    checkpoint = None
+    if args.method == "activation_patching" and "checkpoint" not in options:
+        checkpoint = resumable(out / "estimate.ckpt.safetensors")  # an interrupted sweep resumes on rerun
+        options["checkpoint"] = str(checkpoint)
     model = load_model(args)
     pairs, task = load_task(model, args)
     estimate = run_method(model, pairs, args.method, nodes, options, args)
     verified = verify_and_save(model, pairs, estimate, args.verify, None, args) if args.verify > 0 else None
     finish_run(args, out, model, pairs, task, estimate, verified, None, start, title=f"atpstar run: {args.method}")
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # the estimate is saved; the partial sweep is no longer needed
     return 0
 
 
@@ -152,18 +163,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if unknown or not methods:
         raise InputError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
     options = parse_options(args.option, methods)
+    check_option_values(options)
     nodes = parse_nodes(args.nodes)
     for method in methods:
         build_method(method, **options[method])  # bad options fail before the model loads
+    checkpoint = out / "ground_truth.ckpt.safetensors"
+    if args.recompute and checkpoint.exists():
+        say(f"--recompute: discarding {checkpoint}")
+        checkpoint.unlink()
     model = load_model(args)
     pairs, task = load_task(model, args)
+    n_nodes = sum(math.prod(node_shape(t, model.sizes, pairs.seq_len)) for t in nodes)
+    if args.k_max is not None and args.k_max > n_nodes:
+        raise InputError(f"--k-max {args.k_max} is more than the {n_nodes} nodes of types {nodes}; lower it")
     truth = cached_or_run(
         out / "ground_truth",
         model,
         pairs,
         "activation_patching",
         nodes,
-        {"checkpoint": str(out / "ground_truth.ckpt.safetensors")},
+        {"checkpoint": str(resumable(checkpoint))},
         args,
     )
     estimates = {

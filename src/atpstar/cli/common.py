@@ -49,6 +49,24 @@ def parse_options(items: Sequence[str], methods: Sequence[str]) -> dict[str, dic
     return options
 
 
+# What this process saved that a rerun of the same command reuses (for a true interrupt message).
+RESUMABLE: list[Path] = []
+
+
+def resumable(path: Path) -> Path:
+    """Record ``path`` as a file a rerun resumes from or reuses; returns it."""
+    RESUMABLE.append(Path(path))
+    return Path(path)
+
+
+def interrupt_note() -> str:
+    """What an interrupted command kept: the checkpoints and results a rerun picks up, or nothing."""
+    kept = [str(p) for p in dict.fromkeys(RESUMABLE) if p.exists()]
+    if not kept:
+        return "nothing was saved; rerunning starts from the beginning"
+    return f"finished work is saved in {', '.join(kept)}; rerun the same command to resume"
+
+
 def say(message: str) -> None:
     """Progress messages go to stderr so stdout holds only the results."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -89,13 +107,33 @@ def load_task(model: Any, args: argparse.Namespace) -> tuple[Any, str]:
         return pairs, f"{task} ({pairs.n_pairs} pairs, metric {pairs.metric_name})"
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; choose one of {list(TASKS)} or give a .jsonl file of prompt pairs")
+    check_activation_memory(model, args.n_pairs, args.seq_len if task == "random" else 8)
     if task == "random":
+        from ..validate import check_length
+
+        check_length(args.seq_len, max_positions(model), "--seq-len: prompts")
         pairs = tasks.random_pairs(model, args.n_pairs, args.seq_len, seed=args.seed)
     else:
         if model.tokenizer is None:
             raise InputError(f"task {task!r} needs the model's tokenizer, but the model has none")
         pairs = getattr(tasks, task)(model.tokenizer, args.n_pairs, seed=args.seed)
     return pairs, f"{task} ({pairs.n_pairs} pairs, seed {args.seed}, metric {pairs.metric_name})"
+
+
+def max_positions(model: Any) -> int | None:
+    """The model's position limit from its config, or None if it has none."""
+    config = model.hf_model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_activation_memory(model: Any, n_pairs: int, seq_len: int) -> None:
+    """Refuse a prompt set whose clean and noise activations alone cannot fit in this machine's memory."""
+    from ..validate import check_memory
+
+    s = model.sizes
+    per_token = s.n_layers * (4 * s.n_heads * s.d_head + s.d_mlp + 2 * s.d_model)  # q, k, v, z, neurons, writes
+    needed = 2 * n_pairs * seq_len * per_token * model.dtype.itemsize
+    check_memory(needed, f"caching activations of {n_pairs} prompt pairs", "use fewer pairs (--n-pairs)", model.device)
 
 
 def check_saved(saved_identity: dict[str, Any] | None, model: Any, pairs: Any, direction: str, what: str) -> None:
@@ -169,6 +207,7 @@ def cached_or_run(
             say(f"{base}.json lacks node types {missing}: computing again")
     result = run_method(model, pairs, method, nodes, options, args)
     result.save(base)
+    resumable(Path(str(base) + ".json"))
     return result
 
 

@@ -15,7 +15,7 @@ from ..model import Model, as_model
 from ..nodes import NODE_TYPES, check_node_types
 from ..pairs import PromptPairs, check_direction
 from ..result import Attribution, aggregate
-from ..validate import warn_non_finite
+from ..validate import check_finite_options, check_pairs_fit, warn_non_finite
 
 
 class Method:
@@ -71,7 +71,8 @@ class Method:
         if not isinstance(pairs, PromptPairs):
             raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
         check_direction(direction)
-        model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+        check_pairs_fit(model, pairs)
+        check_finite_options(f"method {self.id!r} option ", self.get_options())
         self._validate(model, pairs, node_types)
         cost = Cost()
         per_pair, extras, info = self._attribute(model, pairs, node_types, direction, cost, progress)
