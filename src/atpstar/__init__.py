@@ -12,8 +12,6 @@ Example:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from . import tasks, zoo
 from .api import attribute
 from .bound import FalseNegativeBound, false_negative_bound
@@ -28,6 +26,7 @@ from .nodes import NODE_TYPES
 from .pairs import PromptPairs
 from .result import Attribution
 from .verify import Verification, verify
+from .version import __version__
 
 __all__ = [
     "METHODS",
@@ -42,6 +41,7 @@ __all__ = [
     "PromptPairs",
     "UnsupportedModelError",
     "Verification",
+    "__version__",
     "attribute",
     "evaluate",
     "false_negative_bound",

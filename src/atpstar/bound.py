@@ -98,6 +98,9 @@ def false_negative_bound(
     batch_size: int | None = None,
     memory_gb: float = 1.0,
     progress: bool = False,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    checkpoint: str | None = None,
 ) -> FalseNegativeBound:
     """Bound the largest effect among the nodes verification did not reach.
 
@@ -115,6 +118,11 @@ def false_negative_bound(
             ``verified`` is a plain list).
         batch_size, memory_gb: batching of the patched forwards (as Subsampling).
         progress: show a progress bar.
+        workers: run the Subsampling on this many Ray workers, in ranges of samples whose statistics
+            merge (``pip install 'atpstar[distributed]'``); None: in-process.
+        ray_address: None starts a local Ray instance; ``"auto"`` joins a running cluster.
+        checkpoint: a folder; each finished range of samples is saved there, and a rerun with the
+            same folder, model, pairs and options resumes from them (also in-process).
 
     Returns:
         ``FalseNegativeBound`` with ``max_effect_upper``, ``prob_upper``, ``assumption``, ``n_unverified``, ``cost``.
@@ -158,21 +166,32 @@ def false_negative_bound(
     check_pairs_fit(model, pairs)
 
     cost = Cost()
-    cache = prepare(model, pairs, direction, node_types, cost)
-    stats = subsample(
-        model,
-        cache,
-        node_types,
-        samples=samples,
-        p=p,
-        seed=seed,
-        design="random",
-        cost=cost,
-        batch_size=batch_size,
-        memory_gb=memory_gb,
-        exclude=exclude,
-        progress=progress,
-    )
+    run_info: dict[str, Any] = {}
+    if workers is None and ray_address is None and checkpoint is None:
+        cache = prepare(model, pairs, direction, node_types, cost)
+        stats = subsample(
+            model,
+            cache,
+            node_types,
+            samples=samples,
+            p=p,
+            seed=seed,
+            design="random",
+            cost=cost,
+            batch_size=batch_size,
+            memory_gb=memory_gb,
+            exclude=exclude,
+            progress=progress,
+        )
+    else:  # the same Subsampling as work units over ranges of samples (atpstar.distributed)
+        from .distributed import executor_for
+        from .distributed.sweeps import subsample_on
+
+        executor = executor_for(model, workers, ray_address, progress)
+        sampling = {"samples": samples, "p": p, "seed": seed, "design": "random"}
+        stats, _, run_info = subsample_on(
+            executor, model, pairs, node_types, direction, sampling, batch_size, memory_gb, exclude, checkpoint, cost
+        )
     keep = ~layout.flatten(exclude)  # [N]
     n_unverified = int(keep.sum())
     estimate, upper, prob_terms = _node_bounds(stats, keep, n_unverified, alpha, theta)
@@ -196,7 +215,14 @@ def false_negative_bound(
         direction=direction,
         estimate=layout.unflatten(torch.where(keep, estimate, torch.full_like(estimate, float("nan")))),
         upper=layout.unflatten(torch.where(keep, upper, torch.full_like(upper, float("nan")))),
-        info={"samples": samples, "p": p, "seed": seed, "n_pairs": pairs.n_pairs, "n_verified": len(node_list)},
+        info={
+            "samples": samples,
+            "p": p,
+            "seed": seed,
+            "n_pairs": pairs.n_pairs,
+            "n_verified": len(node_list),
+            **run_info,
+        },
     )
 
 

@@ -69,14 +69,16 @@ def metric_after(
 ) -> torch.Tensor:
     """Metric change [B] for base pairs ``pair_index`` [B] of a forward patched by ``patch``, started at
     ``layer`` and position ``t0`` from the cached base run."""
-    prefix_kv = (
-        {
-            later: (cache.keys[later][pair_index, :, :t0], cache.values[later][pair_index, :, :t0])  # [B, K, t0, E]
-            for later in range(layer, model.n_layers)
-        }
-        if t0 > 0
-        else {}
-    )
+    prefix_kv = {}
+    if t0 > 0:
+        for later in range(layer, model.n_layers):
+            # A sliding-window layer's queries >= t0 see no key before t0 - window + 1: keep only those.
+            window = model.attention_args[later].window
+            first = 0 if window is None else max(0, t0 - window + 1)
+            prefix_kv[later] = (
+                cache.keys[later][pair_index, :, first:t0],  # [B, K, t0 - first, E]
+                cache.values[later][pair_index, :, first:t0],
+            )
     run = Run(model.n_layers, patch=patch, start_layer=layer, start_pos=t0, prefix_kv=prefix_kv)
     hidden = cache.resid[layer][pair_index, t0:]  # [B, T', D]
     final = model.run_layers(hidden, run)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .methods.base import METHODS
 from .nodes import NodeLayout, check_node_types
 from .result import Attribution
 
@@ -267,6 +268,24 @@ class Evaluation:
         )
 
 
+def _check_complete(truth: Attribution, types: list[str]) -> None:
+    """Refuse a ground truth that patched only part of the nodes (``layers=``, or missing node types)."""
+    missing = [t for t in types if t not in truth.per_pair]
+    if missing:
+        raise InputError(
+            f"the ground truth has no effects for node types {missing} (it covers {truth.node_types}); run "
+            "activation_patching with those node types, or compare on the truth's node types only"
+        )
+    n_layers = int(truth.per_pair[types[0]].shape[1])
+    layers = truth.info.get("layers")
+    if layers is not None and sorted(set(layers)) != list(range(n_layers)):
+        raise InputError(
+            f"the ground truth covers only layers {sorted(set(layers))} of {n_layers} (activation_patching with "
+            "layers=...): nodes of other layers were never patched, so recall against it would be wrong. Run "
+            "activation_patching over all layers (layers=None; a checkpoint lets it resume)"
+        )
+
+
 def evaluate(
     truth: Attribution,
     estimates: Sequence[Attribution] | dict[str, Attribution],
@@ -277,7 +296,8 @@ def evaluate(
     """Cost of verified recall of each estimate against an exhaustive ground truth.
 
     Args:
-        truth: exact effects (method ``activation_patching``); ``scores`` = mean signed effect.
+        truth: exact effects (a method with ``exact = True``, e.g. ``activation_patching``); ``scores`` =
+            mean signed effect.
         estimates: results of other methods on the same model, pairs, direction and node types;
             a dict gives each its label (default: the method id).
         setting: ``"distribution"`` (aggregate scores) or ``"per_pair"`` (each pair alone,
@@ -297,12 +317,14 @@ def evaluate(
     """
     if setting not in SETTINGS:
         raise InputError(f"unknown setting {setting!r}; choose one of {list(SETTINGS)}")
-    if truth.method != "activation_patching":
-        raise InputError(f"the ground truth must come from method 'activation_patching'; got {truth.method!r}")
+    if truth.method not in METHODS or not METHODS[truth.method].cls.exact:
+        exact = [m for m, entry in METHODS.items() if entry.cls.exact]
+        raise InputError(f"the ground truth must come from an exact method ({', '.join(exact)}); got {truth.method!r}")
     labelled = dict(estimates) if isinstance(estimates, dict) else {e.method: e for e in estimates}
     if not labelled:
         raise InputError("evaluate needs at least one estimate")
     types = check_node_types(list(node_types) if node_types is not None else truth.node_types)
+    _check_complete(truth, types)
     for label, estimate in labelled.items():
         _check_match(truth, estimate, label, types)
     n_pairs = truth.n_pairs

@@ -10,7 +10,7 @@ Shape letters: B batch, H heads, K kv-heads, T positions (T' = T - start_pos), E
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any
@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from .errors import AtpstarError
+from .families import LayerAttention
+from .ops import attention_pattern, expand_kv
 
 # q, k, v: [B, H|K, T', E]; pattern: [B, H, T', T]; z: [B, H, T', E]; neuron: [B, T', M]
 SITES: tuple[str, ...] = ("q", "k", "v", "pattern", "z", "neuron")
@@ -25,8 +27,11 @@ SITES: tuple[str, ...] = ("q", "k", "v", "pattern", "z", "neuron")
 # A patch receives (layer, site, activation, run) and returns the activation to use instead.
 PatchFn = Callable[[int, str, torch.Tensor, "Run"], torch.Tensor]
 
-# The run being computed and its model's attention modules (id -> layer), set by ``Model.engaged``.
-ACTIVE_RUN: ContextVar[tuple[Run, Mapping[int, int]] | None] = ContextVar("atpstar_active_run", default=None)
+# The run being computed, its model's attention modules (id -> layer) and each layer's attention
+# arguments, set by ``Model.engaged``.
+ACTIVE_RUN: ContextVar[tuple[Run, Mapping[int, int], Sequence[LayerAttention]] | None] = ContextVar(
+    "atpstar_active_run", default=None
+)
 
 
 class Run:
@@ -97,7 +102,7 @@ class Run:
             self._records["resid_pre"][layer] = hidden
 
     def attention(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, args: LayerAttention
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of one layer from post-rotary q [B, H, T', E], k/v [B, K, T', E]: (z [B, T', H, E], pattern)."""
         q = self.site(layer, "q", query)
@@ -105,35 +110,15 @@ class Run:
         v = self.site(layer, "v", value)
         if self.start_pos > 0:
             prefix_k, prefix_v = self.prefix_kv[layer]
-            k = torch.cat([prefix_k.to(k.device, k.dtype), k], dim=2)  # [B, K, T, E]
+            # The prefix may be trimmed to the layer's window: keys are the last S positions up to the last query.
+            k = torch.cat([prefix_k.to(k.device, k.dtype), k], dim=2)  # [B, K, S, E]
             v = torch.cat([prefix_v.to(v.device, v.dtype), v], dim=2)
-        self._scaling[layer] = scaling
-        pattern = attention_pattern(q, k, scaling, self.start_pos)
+        self._scaling[layer] = args.scaling
+        pattern = attention_pattern(q, k, args.scaling, args.softcap, args.window)  # [B, H, T', S]
         pattern = self.site(layer, "pattern", pattern)
         z = torch.matmul(pattern, expand_kv(v, q.shape[1]))  # [B, H, T', E]
         z = self.site(layer, "z", z)
         return z.transpose(1, 2).contiguous(), pattern  # [B, T', H, E]
-
-
-def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[B, K, T, E] -> [B, H, T, E]: query head h reads kv head h // (H / K), as transformers' repeat_kv."""
-    groups = n_heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def attention_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, start_pos: int = 0) -> torch.Tensor:
-    """Causal softmax(q kᵀ · scaling): q [B, H, T', E], k [B, K, T, E] -> [B, H, T', T].
-
-    Softmax runs in float32 for half-precision inputs (as the models' eager attention does) and in
-    the input precision otherwise, so float64 runs stay float64.
-    """
-    scores = torch.matmul(q, expand_kv(k, q.shape[1]).transpose(-1, -2)) * scaling
-    n_q, n_k = scores.shape[-2], scores.shape[-1]
-    query_pos = torch.arange(start_pos, start_pos + n_q, device=scores.device)[:, None]
-    visible = torch.arange(n_k, device=scores.device)[None, :] <= query_pos  # [T', T]
-    compute_dtype = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
-    scores = scores.to(compute_dtype).masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1).to(q.dtype)
 
 
 def atpstar_attention(
@@ -153,8 +138,27 @@ def atpstar_attention(
             "attention implementation 'atpstar' was called outside an atpstar run; "
             "call the model through atpstar (attribute/verify), or reset config._attn_implementation"
         )
-    run, layer_of_module = active
+    run, layer_of_module, attention_args = active
     layer = layer_of_module[id(module)]
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    return run.attention(layer, query, key, value, float(scaling))
+    args = attention_args[layer]
+    _check_arguments(layer, args, scaling, kwargs)
+    return run.attention(layer, query, key, value, args)
+
+
+def _check_arguments(layer: int, args: LayerAttention, scaling: float | None, kwargs: dict[str, Any]) -> None:
+    """The model's own attention arguments must be what the family table computes; refuse any other."""
+    passed: dict[str, Any] = {
+        "scaling": args.scaling if scaling is None else float(scaling),
+        "sliding_window": kwargs.get("sliding_window"),
+        "softcap": kwargs.get("softcap"),
+    }
+    expected = {"scaling": args.scaling, "sliding_window": args.window, "softcap": args.softcap}
+    for name, value in passed.items():
+        if value != expected[name]:
+            raise AtpstarError(
+                f"layer {layer}: the model passes {name}={value!r} to attention but the family table computes "
+                f"{expected[name]!r}; atpstar refuses to compute a different attention (please report this model)"
+            )
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise AtpstarError(f"layer {layer}: attention sinks ({name}) are not implemented")

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from .cost import Cost
-from .engine import element_bytes, prepare, sweep_layer
+from .engine import PatchCache, element_bytes, prepare, sweep_layer
 from .errors import CorruptFileError, InputError
 from .fingerprint import MODEL_FIELDS, check_identity, identity
-from .model import as_model
+from .model import Model, as_model
 from .nodes import NODE_TABLE, NodeLayout, index_columns, node_name, node_shape
 from .pairs import PromptPairs, check_direction
 from .persist import bundle_base, load_bundle, save_bundle
@@ -157,6 +157,10 @@ def verify(
     direction: str | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    *,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    checkpoint: str | None = None,
 ) -> Verification:
     """Patch nodes exactly, one at a time, in the order of ``estimate`` (largest ``|score|`` first).
 
@@ -170,6 +174,11 @@ def verify(
         direction: ``"noising"`` or ``"denoising"``; None takes ``estimate.direction``.
         batch_size: patched forwards per batch; None fits a 1 GB budget.
         progress: show a progress bar.
+        workers: verify on this many Ray workers, in windows of ranks (``pip install
+            'atpstar[distributed]'``); None: in-process.
+        ray_address: None starts a local Ray instance; ``"auto"`` joins a running cluster.
+        checkpoint: a folder; each finished window of ranks is saved there, and a rerun with the same
+            folder, model, pairs and estimate resumes from them (also in-process).
 
     Returns:
         ``Verification`` with ``nodes``, ``effects`` [N, P], ``mean_effects``, ``names``, ``cost``.
@@ -214,30 +223,34 @@ def verify(
     if budget is not None:
         n_verify = min(n_verify, budget)
 
-    cost = Cost()
-    cache = prepare(model, pairs, direction, node_types, cost)
-    n_pairs = pairs.n_pairs
-    effects = torch.zeros(n_verify, n_pairs, dtype=torch.float64)
     batch = batch_for_memory(batch_size, 1.0, element_bytes(model, pairs.seq_len))
     nodes = [layout.locate(int(p)) for p in layout.position(type_index[:n_verify], flat_index[:n_verify])]
-    # One element per (verified node, pair): rank in verification order, then the engine's node tuple.
-    ranks = torch.arange(n_verify).repeat_interleave(n_pairs)
-    pair_i = torch.arange(n_pairs).repeat(n_verify)
-    type_i = type_index[:n_verify].repeat_interleave(n_pairs)
     index = torch.tensor([node[1] for node in nodes], dtype=torch.long).reshape(n_verify, 3)  # [n, (layer, a, b)]
     unit_axis = torch.tensor([NODE_TABLE[t].unit_axis for t, _ in nodes], dtype=torch.long).reshape(n_verify, 1)
     pos_axis = torch.tensor([NODE_TABLE[t].pos_axis for t, _ in nodes], dtype=torch.long).reshape(n_verify, 1)
-    layer_i = index[:, 0].repeat_interleave(n_pairs)
-    unit_i = index.gather(1, unit_axis)[:, 0].repeat_interleave(n_pairs)  # [n * P]
-    pos_i = index.gather(1, pos_axis)[:, 0].repeat_interleave(n_pairs)  # [n * P]
+    # Per verified node, in rank order: (type index, layer, head/kv-head/neuron, position), each [n].
+    ranked = (
+        type_index[:n_verify].clone(),
+        index[:, 0].clone(),
+        index.gather(1, unit_axis)[:, 0],
+        index.gather(1, pos_axis)[:, 0],
+    )
 
-    with progress_bar(n_verify * n_pairs, "verify", progress) as bar:
-        for layer in torch.unique(layer_i).tolist():
-            rows = torch.nonzero(layer_i == layer)[:, 0]
-            group = (type_i[rows], pair_i[rows], unit_i[rows], pos_i[rows])
-            for chunk, effect in sweep_layer(model, cache, int(layer), types, group, batch, cost):
-                effects[ranks[rows[chunk]], pair_i[rows[chunk]]] = effect.detach().double().cpu()
-                bar.update(len(chunk))
+    cost = Cost()
+    info: dict[str, Any] = {}
+    if workers is None and ray_address is None and checkpoint is None:
+        cache = prepare(model, pairs, direction, node_types, cost)
+        with progress_bar(n_verify * pairs.n_pairs, "verify", progress) as bar:
+            effects = patch_ranked(model, cache, types, ranked, batch, cost, bar.update)
+        base_metric = cache.base_metric
+    else:
+        from .distributed import executor_for
+        from .distributed.sweeps import verify_on
+
+        executor = executor_for(model, workers, ray_address, progress)
+        effects, base_metric, info = verify_on(
+            executor, model, pairs, types, direction, ranked, batch, checkpoint, cost
+        )
 
     return Verification(
         nodes=nodes,
@@ -248,13 +261,46 @@ def verify(
         metric=pairs.metric_name,
         model_id=model.model_id,
         cost=cost,
-        base_metric=cache.base_metric.detach().double().cpu(),
+        base_metric=base_metric.detach().double().cpu(),
         info={
             "estimate_method": estimate.method,
             "budget": budget,
             "threshold": threshold,
             "n_nodes": int(len(ranked_scores)),
+            **info,
             "identity": current,
             "estimate_identity": estimate.identity,
         },
     )
+
+
+def patch_ranked(
+    model: Model,
+    cache: PatchCache,
+    node_types: list[str],
+    ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    batch: int,
+    cost: Cost,
+    advance: Any = None,
+) -> torch.Tensor:
+    """Exact effects [N, P] float64 of N listed nodes on every pair of ``cache``, batched by layer.
+
+    Args:
+        ranked: (type index into ``node_types``, layer, head/kv-head/neuron, position), each [N].
+    """
+    type_index, layer_index, unit_index, pos_index = ranked
+    n_nodes, n_pairs = len(type_index), cache.n_pairs
+    effects = torch.zeros(n_nodes, n_pairs, dtype=torch.float64)
+    # One element per (node, pair): the node's rank, then the engine's node tuple.
+    ranks = torch.arange(n_nodes).repeat_interleave(n_pairs)
+    pair_i = torch.arange(n_pairs).repeat(n_nodes)
+    type_i, layer_i = type_index.repeat_interleave(n_pairs), layer_index.repeat_interleave(n_pairs)
+    unit_i, pos_i = unit_index.repeat_interleave(n_pairs), pos_index.repeat_interleave(n_pairs)
+    for layer in torch.unique(layer_i).tolist():
+        rows = torch.nonzero(layer_i == layer)[:, 0]
+        group = (type_i[rows], pair_i[rows], unit_i[rows], pos_i[rows])
+        for chunk, effect in sweep_layer(model, cache, int(layer), node_types, group, batch, cost):
+            effects[ranks[rows[chunk]], pair_i[rows[chunk]]] = effect.detach().double().cpu()
+            if advance is not None:
+                advance(len(chunk))
+    return effects

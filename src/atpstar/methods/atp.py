@@ -9,12 +9,14 @@ counted l / L (about L/2 backwards in all), the exact cheap scheme of §5.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ..cost import Cost
 from ..errors import InputError
+from ..families import LayerAttention
 from ..gradients import GradientStep, SiteGrads, atp_estimate, gradient_step
 from ..model import Model
 from ..nodes import NODE_TABLE, node_shape
@@ -24,10 +26,30 @@ from ..progress import progress_bar
 from .base import Method, register
 
 
-@register("atp*", qk_fix=True, grad_drop=True)
-@register("atp+graddrop", qk_fix=False, grad_drop=True)
-@register("atp+qkfix", qk_fix=True, grad_drop=False)
-@register("atp", qk_fix=False, grad_drop=False)  # decorators apply bottom-up: this order lists atp first
+@register(
+    "atp*",
+    summary="AtP + QK fix + GradDrop, the paper's method (about 2 forwards + L/2+1 backwards per pair)",
+    qk_fix=True,
+    grad_drop=True,
+)
+@register(
+    "atp+graddrop",
+    summary="AtP averaged over backward passes with one layer's residual write dropped (cancellation fix)",
+    qk_fix=False,
+    grad_drop=True,
+)
+@register(
+    "atp+qkfix",
+    summary="AtP with the softmax recomputed exactly for queries and keys (attention saturation fix)",
+    qk_fix=True,
+    grad_drop=False,
+)
+@register(  # decorators apply bottom-up: this order lists atp first
+    "atp",
+    summary="attribution patching: first-order estimate, 2 forwards + 1 backward per pair",
+    qk_fix=False,
+    grad_drop=False,
+)
 class AttributionPatching(Method):
     """AtP and its fixes; the method ids fix ``qk_fix`` and ``grad_drop``.
 
@@ -53,6 +75,16 @@ class AttributionPatching(Method):
         self.grad_drop = grad_drop
         self.batch_size = batch_size
         self.memory_gb = memory_gb
+
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """2 forwards and 1 backward per pair; GradDrop adds a partial backward from each layer l >= 1, counted l / L."""
+        cost = Cost()
+        cost.add_forward(2 * pairs.n_pairs)
+        cost.add_backward(pairs.n_pairs)
+        if self.grad_drop:
+            for layer in range(1, model.n_layers):
+                cost.add_backward(pairs.n_pairs, layers_covered=layer, n_layers=model.n_layers)
+        return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if self.grad_drop and model.n_layers < 2:
@@ -94,14 +126,14 @@ class AttributionPatching(Method):
             grad_drop=self.grad_drop,
         )
         n_layers = model.n_layers
-        plain = self._per_layer(step, node_types, step.grads, range(n_layers), fix)
+        plain = self._per_layer(step, model.attention_args, node_types, step.grads, range(n_layers), fix)
         if not self.grad_drop:
             return {t: torch.stack(v, 1) for t, v in plain.items()}  # L x [b, *layout[1:]] -> [b, *layout]
         # ĉ = Σ_l |Î_l| / (L - 1). A node at layer m keeps its plain estimate when any of the m layers
         # below it is dropped, and scores 0 when its own layer is; layers above it need a partial backward.
         total = {t: [m * est.abs() for m, est in enumerate(plain[t])] for t in node_types}
         for drop, grads in step.dropped():
-            dropped = self._per_layer(step, node_types, grads, range(drop), fix)
+            dropped = self._per_layer(step, model.attention_args, node_types, grads, range(drop), fix)
             for t in node_types:
                 for m in range(drop):
                     total[t][m] = total[t][m] + dropped[t][m].abs()
@@ -109,13 +141,19 @@ class AttributionPatching(Method):
 
     @staticmethod
     def _per_layer(
-        step: GradientStep, node_types: list[str], grads: SiteGrads, layers: range, fix: bool
+        step: GradientStep,
+        attention_args: Sequence[LayerAttention],
+        node_types: list[str],
+        grads: SiteGrads,
+        layers: range,
+        fix: bool,
     ) -> dict[str, list[torch.Tensor]]:
         """Estimates per node type, one [b, *layout[1:]] tensor per layer in ``layers``, from gradients at sites."""
         out: dict[str, list[torch.Tensor]] = {t: [] for t in node_types}
         base, source = step.base, step.source
         with torch.no_grad():
             for layer in layers:
+                args = attention_args[layer]  # scaling, soft-cap and window of this layer's scores
                 for t in node_types:
                     if fix and t == "query":
                         est = query_fix(
@@ -123,7 +161,9 @@ class AttributionPatching(Method):
                             base.get("k", layer).detach(),  # [b, K, T, E]
                             base.get("pattern", layer).detach(),  # [b, H, T, T]
                             grads[(layer, "pattern")],
-                            base.scaling[layer],
+                            args.scaling,
+                            args.softcap,
+                            args.window,
                         )  # [b, H, T]
                     elif fix and t == "key":
                         est = key_fix(
@@ -131,7 +171,9 @@ class AttributionPatching(Method):
                             base.get("k", layer).detach(),
                             source.get("k", layer),
                             grads[(layer, "pattern")],
-                            base.scaling[layer],
+                            args.scaling,
+                            args.softcap,
+                            args.window,
                         )  # [b, K, T]
                     else:
                         est = atp_estimate(step, t, layer, grads)  # [b, T, M] or [b, H|K, T]

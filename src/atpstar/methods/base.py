@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from .. import __version__
 from ..cost import Cost
 from ..errors import InputError
 from ..fingerprint import identity
@@ -16,22 +16,39 @@ from ..nodes import NODE_TYPES, check_node_types
 from ..pairs import PromptPairs, check_direction
 from ..result import Attribution, aggregate
 from ..validate import check_finite_options, check_pairs_fit, warn_non_finite
+from ..version import __version__
 
 
 class Method:
     """One attribution method. Constructor arguments are its options (keyword-only, with defaults).
 
-    Subclasses set the capability flags and implement ``_attribute``; ``attribute`` validates
-    everything first, so no forward pass runs on bad input.
+    Subclasses declare their capabilities (the class variables below), implement ``_attribute`` and
+    ``expected_cost``; ``attribute`` validates everything first, so no forward pass runs on bad
+    input. ``atpstar.testing.check_method(cls)`` runs the contract every registered method meets.
     """
 
     id: ClassVar[str] = ""
-    node_types: ClassVar[tuple[str, ...]] = NODE_TYPES
-    exact: ClassVar[bool] = False  # computes true effects rather than estimates
-    needs_gradients: ClassVar[bool] = False
-    seeded: ClassVar[bool] = False
+    summary: ClassVar[str] = ""  # one line for method tables (``atpstar methods``); set per id by ``register``
+    node_types: ClassVar[tuple[str, ...]] = NODE_TYPES  # node types it can score
+    exact: ClassVar[bool] = False  # computes true effects (usable as ground truth) rather than estimates
+    needs_gradients: ClassVar[bool] = False  # runs backward passes through the model
+    seeded: ClassVar[bool] = False  # results depend on a ``seed`` option
     pairs_interact: ClassVar[bool] = False  # a pair's result depends on the other pairs in the call
-    aggregation: ClassVar[str] = "mean_abs"
+    aggregation: ClassVar[str] = "mean_abs"  # how ``scores`` come from ``per_pair`` (``result.aggregate``)
+    cost_is_bound: ClassVar[bool] = False  # ``expected_cost`` is an upper bound, not the exact count
+    distributable: ClassVar[bool] = False  # runs as work units on Ray workers (``workers=``)
+
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """The documented cost of a call, in passes over single prompts (see ``atpstar.cost``).
+
+        Args:
+            model, pairs, node_types: as given to ``attribute``.
+            info: the result's ``info`` (methods whose work adapts to the data count it there).
+
+        Returns:
+            The exact ``Cost`` the call reports, or an upper bound when ``cost_is_bound``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not document its cost (expected_cost)")
 
     def get_options(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -44,6 +61,8 @@ class Method:
         *,
         direction: str = "noising",
         progress: bool = False,
+        workers: int | None = None,
+        ray_address: str | None = None,
     ) -> Attribution:
         """Attribute the metric of ``pairs`` to every node of the requested types.
 
@@ -54,6 +73,10 @@ class Method:
             direction: ``"noising"`` (patch noise into the clean run, the paper's) or ``"denoising"``
                 (patch clean into the noise run; what TransformerLens' tools compute).
             progress: show a progress bar.
+            workers: run the sweep as work units on this many Ray workers (methods with
+                ``distributable``); None runs in-process.
+            ray_address: the Ray cluster for ``workers``: None starts a local one, ``"auto"`` joins
+                the running cluster, or an address such as ``"ray://head:10001"``.
 
         Returns:
             An ``Attribution`` with ``per_pair[t]`` of shape [P, *layout] for each node type.
@@ -74,8 +97,21 @@ class Method:
         check_pairs_fit(model, pairs)
         check_finite_options(f"method {self.id!r} option ", self.get_options())
         self._validate(model, pairs, node_types)
+        executor = None
+        if workers is not None or ray_address is not None:
+            if not self.distributable:
+                raise InputError(
+                    f"method {self.id!r} does not run on workers; drop workers=/ray_address= (methods that do: "
+                    f"{', '.join(m for m, r in METHODS.items() if r.cls.distributable)})"
+                )
+            from ..distributed import executor_for
+
+            executor = executor_for(model, workers, ray_address, progress)
         cost = Cost()
-        per_pair, extras, info = self._attribute(model, pairs, node_types, direction, cost, progress)
+        if executor is None:
+            per_pair, extras, info = self._attribute(model, pairs, node_types, direction, cost, progress)
+        else:
+            per_pair, extras, info = self._attribute_on(executor, model, pairs, node_types, direction, cost)
         warn_non_finite(per_pair, f"the {self.id} result")
         options = self.get_options()
         made_by = identity(model, pairs, direction, node_types, self.id, options)
@@ -107,6 +143,12 @@ class Method:
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         raise NotImplementedError
 
+    def _attribute_on(
+        self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        """``_attribute`` as work units run by ``executor`` (``atpstar.distributed``); same numbers."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Registered:
@@ -126,23 +168,30 @@ class Registered:
 METHODS: dict[str, Registered] = {}
 
 
-def register(method_id: str, **presets: Any):  # type: ignore[no-untyped-def]
-    """Class decorator: add ``cls`` to ``METHODS`` under ``method_id`` with preset options."""
+def register(method_id: str, *, summary: str, **presets: Any):  # type: ignore[no-untyped-def]
+    """Class decorator: add ``cls`` to ``METHODS`` under ``method_id`` with preset options.
+
+    Args:
+        method_id: the id users pass as ``method=``.
+        summary: one line saying what the computation does, for method tables.
+        presets: options this id fixes (several ids may share one class).
+    """
 
     def decorate(cls: type[Method]) -> type[Method]:
         if method_id in METHODS:
             raise RuntimeError(f"method id {method_id!r} registered twice")
-        METHODS[method_id] = Registered(_with_id(cls, method_id) if presets else cls, presets)
+        METHODS[method_id] = Registered(_with_id(cls, method_id, summary) if presets else cls, presets)
         if not presets:
-            cls.id = method_id
+            cls.id, cls.summary = method_id, summary
         return cls
 
     return decorate
 
 
-def _with_id(cls: type[Method], method_id: str) -> type[Method]:
+def _with_id(cls: type[Method], method_id: str, summary: str) -> type[Method]:
     """A subclass that carries the preset id, so results name the computation that ran."""
-    return type(cls.__name__, (cls,), {"id": method_id, "__module__": cls.__module__, "__doc__": cls.__doc__})
+    namespace = {"id": method_id, "summary": summary, "__module__": cls.__module__, "__doc__": cls.__doc__}
+    return type(cls.__name__, (cls,), namespace)
 
 
 def build_method(method: str, **options: Any) -> Method:

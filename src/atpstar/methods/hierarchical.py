@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,7 +28,10 @@ from .base import Method, register
 from .blocks import Block, _per_layer, check_batching, patch_blocks
 
 
-@register("hierarchical")
+@register(
+    "hierarchical",
+    summary="group testing: patch coarse blocks, split those with a large |effect|, down to single nodes",
+)
 class Hierarchical(Method):
     """Hierarchical group testing: split blocks with large |effect| until single nodes.
 
@@ -52,6 +56,8 @@ class Hierarchical(Method):
 
     aggregation = "mean_abs"
     pairs_interact = True  # splits follow the mean over pairs
+    cost_is_bound = True  # which blocks get split (and at which layers) depends on the effects
+    distributable = True
 
     def __init__(
         self,
@@ -68,6 +74,10 @@ class Hierarchical(Method):
         self.batch_size = batch_size
         self.memory_gb = memory_gb
 
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """At most 2P full forwards and one forward per patched block and pair (``info["blocks_patched"]``)."""
+        return Cost(forward=2 * pairs.n_pairs + pairs.n_pairs * int(info["blocks_patched"]))
+
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if not isinstance(self.branching, int) or isinstance(self.branching, bool) or self.branching < 2:
             raise InputError(f"branching must be an integer >= 2; got {self.branching!r}")
@@ -83,6 +93,29 @@ class Hierarchical(Method):
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         cache = prepare(model, pairs, direction, node_types, cost)
+        shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
+
+        def patch(blocks: list[Block], bar: Any) -> torch.Tensor:
+            return patch_blocks(model, cache, blocks, shapes, self.batch_size, self.memory_gb, cost, bar.update)
+
+        per_pair, info = self._search(model, pairs, node_types, patch, progress)
+        return per_pair, {}, {**info, "base_metric": cache.base_metric.tolist()}
+
+    def _attribute_on(
+        self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        from ..distributed.sweeps import BlockPatcher
+
+        patcher = BlockPatcher(executor, pairs, node_types, direction, self.batch_size, self.memory_gb, cost)
+        per_pair, info = self._search(
+            model, pairs, node_types, lambda blocks, bar: patcher(blocks, advance=bar.update), executor.progress
+        )
+        return per_pair, {}, {**info, "base_metric": patcher.base_metric.tolist(), **patcher.info}
+
+    def _search(
+        self, model: Model, pairs: PromptPairs, node_types: list[str], patch: Any, progress: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Split blocks down from whole layers; ``patch(blocks, bar)`` gives their effects [n_blocks, P]."""
         n_pairs = pairs.n_pairs
         shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
         n_nodes = sum(model.n_layers * _per_layer(shapes[t]) for t in node_types)
@@ -99,7 +132,7 @@ class Hierarchical(Method):
 
         def run(blocks: list[Block], bar: Any) -> None:
             nonlocal patched
-            effects = patch_blocks(model, cache, blocks, shapes, self.batch_size, self.memory_gb, cost, bar.update)
+            effects = patch(blocks, bar)
             patched += len(blocks)
             for block, effect in zip(blocks, effects):
                 per_pair[block.node_type][:, block.layer, block.start : block.stop] = effect[:, None].to(model.dtype)
@@ -122,7 +155,7 @@ class Hierarchical(Method):
                 if children:
                     run(children, bar)
         out = {t: v.reshape(n_pairs, *shapes[t]) for t, v in per_pair.items()}  # [P, L, R] -> [P, *layout]
-        return out, {}, {"blocks_patched": patched, "budget": budget, "base_metric": cache.base_metric.tolist()}
+        return out, {"blocks_patched": patched, "budget": budget}
 
 
 def _split(block: Block, branching: int) -> list[Block]:

@@ -6,13 +6,15 @@ node's layer, counted (L - l) / L.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from ..cost import Cost
-from ..engine import MIN_CHUNK_TOKENS, element_bytes, prepare, sweep_layer
+from ..engine import MIN_CHUNK_TOKENS, PatchCache, element_bytes, prepare, sweep_layer
 from ..errors import InputError
 from ..fingerprint import identity
 from ..model import Model
@@ -23,7 +25,10 @@ from ..validate import batch_for_memory, check_batch_size, check_count, check_me
 from .base import Method, register
 
 
-@register("activation_patching")
+@register(
+    "activation_patching",
+    summary="exact: patch every node alone, one forward per node and pair (the ground truth)",
+)
 class ActivationPatching(Method):
     """The ground truth: patch every node on its own.
 
@@ -31,7 +36,8 @@ class ActivationPatching(Method):
         batch_size: patched forwards per batch; None picks it from ``memory_gb``.
         memory_gb: memory budget for one batch of patched forwards.
         checkpoint: a file path; partial results are saved there as they complete (and on
-            interrupt), and a rerun with the same path, model and pairs resumes from them.
+            interrupt), and a rerun with the same path, model and pairs resumes from them. With
+            ``workers=``, a folder holding one file per finished work unit (pair block x layer).
         min_chunk_tokens: a batch may end at a change of patched position once it holds this many
             token-rows; smaller batches start later (less compute), larger ones use the hardware better.
         layers: patch only the nodes of these layers (None: all). Nodes of other layers are not
@@ -40,6 +46,7 @@ class ActivationPatching(Method):
 
     exact = True
     aggregation = "mean"
+    distributable = True
 
     def __init__(
         self,
@@ -56,6 +63,17 @@ class ActivationPatching(Method):
         self.min_chunk_tokens = min_chunk_tokens
         self.layers = None if layers is None else list(layers)
 
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """2P full forwards, then one forward per node and pair of the patched layers, counted (L - l) / L."""
+        cost = Cost()
+        cost.add_forward(2 * pairs.n_pairs)
+        layers = sorted(set(self.layers)) if self.layers is not None else range(model.n_layers)
+        for t in node_types:
+            per_layer = math.prod(node_shape(t, model.sizes, pairs.seq_len)[1:])
+            for layer in layers:
+                cost.add_forward(pairs.n_pairs * per_layer, start_layer=layer, n_layers=model.n_layers)
+        return cost
+
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         check_batch_size(self.batch_size)
         check_memory_gb(self.memory_gb)
@@ -67,11 +85,26 @@ class ActivationPatching(Method):
                 f"layers must be a non-empty list of layer indices in [0, {model.n_layers}); got {self.layers}"
             )
 
+    def _batch(self, model: Model, pairs: PromptPairs) -> int:
+        return batch_for_memory(self.batch_size, self.memory_gb, element_bytes(model, pairs.seq_len))
+
+    def _attribute_on(
+        self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        from ..distributed.sweeps import patch_on
+
+        layers = sorted(set(self.layers)) if self.layers is not None else list(range(model.n_layers))
+        options = {"batch": self._batch(model, pairs), "min_chunk_tokens": self.min_chunk_tokens}
+        effects, base_metric, info = patch_on(
+            executor, model, pairs, node_types, direction, layers, options, self.checkpoint, cost
+        )
+        return effects, {}, {"base_metric": base_metric.tolist(), "layers": layers, **info}
+
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         cache = prepare(model, pairs, direction, node_types, cost)
-        batch = batch_for_memory(self.batch_size, self.memory_gb, element_bytes(model, pairs.seq_len))
+        batch = self._batch(model, pairs)
         made_by = identity(model, pairs, direction, node_types, self.id, self.get_options())
         effects, done, prior = _resume(self.checkpoint, made_by, model, pairs, node_types, cache.base_metric.dtype)
         prepared = Cost(cost.forward, cost.backward)  # base and source runs: paid again on every resume
@@ -109,6 +142,36 @@ class ActivationPatching(Method):
         if prior.forward_equivalents > 0:
             info["resumed_from"] = str(self.checkpoint)
         return effects, {}, info
+
+
+def patch_layers(
+    model: Model,
+    cache: PatchCache,
+    node_types: list[str],
+    layers: list[int],
+    batch: int,
+    cost: Cost,
+    min_chunk_tokens: int = MIN_CHUNK_TOKENS,
+    advance: Any = None,
+) -> dict[str, torch.Tensor]:
+    """Exact effects of every node of ``layers`` on every pair of ``cache`` (one work unit's share).
+
+    Returns:
+        node type -> [P, len(layers), *rest of layout] (layers in the order given).
+    """
+    effects = {
+        t: torch.zeros(cache.n_pairs, *node_shape(t, model.sizes, cache.pairs.seq_len), dtype=cache.base_metric.dtype)
+        for t in node_types
+    }
+    done = {t: torch.zeros(e.shape, dtype=torch.bool) for t, e in effects.items()}
+    for layer in layers:
+        pending = _pending(node_types, done, layer)
+        for chunk, effect in sweep_layer(model, cache, layer, node_types, pending, batch, cost, min_chunk_tokens):
+            type_i, pair_i, unit_i, pos_i = (part[chunk] for part in pending)
+            _store(node_types, effects, done, layer, type_i, pair_i, unit_i, pos_i, effect)
+            if advance is not None:
+                advance(len(chunk))
+    return {t: e[:, layers].cpu() for t, e in effects.items()}  # [P, L_unit, ...]
 
 
 def _pending(

@@ -12,6 +12,7 @@ Shape letters: P pairs, B batch, N nodes (all requested node types, flattened).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,10 @@ DESIGNS: tuple[str, ...] = ("random", "balanced")
 STATS: tuple[str, ...] = ("count_in", "mean_in", "var_in", "count_out", "mean_out", "var_out")
 
 
-@register("subsampling")
+@register(
+    "subsampling",
+    summary="patch random node subsets jointly; estimate = mean effect with the node in - mean without",
+)
 class Subsampling(Method):
     """Subsampling: patch random node subsets jointly; ĉ(n) = mean Δ with n patched - mean Δ without.
 
@@ -61,6 +65,8 @@ class Subsampling(Method):
 
     seeded = True
     aggregation = "mean_abs"
+    cost_is_bound = True  # each batch starts at its lowest patched layer, which the random subsets decide
+    distributable = True
 
     def __init__(
         self,
@@ -78,6 +84,10 @@ class Subsampling(Method):
         self.design = design
         self.batch_size = batch_size
         self.memory_gb = memory_gb
+
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """At most 2P full forwards and ``samples`` x P patched forwards."""
+        return Cost(forward=2 * pairs.n_pairs + self.samples * pairs.n_pairs)
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         check_options(self.samples, self.p, self.design, self.batch_size, self.memory_gb)
@@ -99,9 +109,34 @@ class Subsampling(Method):
             cost=cost,
             progress=progress,
         )
+        return self._finish(model, node_types, stats, {"base_metric": cache.base_metric.tolist()})
+
+    def _attribute_on(
+        self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        from ..distributed.sweeps import subsample_on
+
+        stats, base_metric, info = subsample_on(
+            executor,
+            model,
+            pairs,
+            node_types,
+            direction,
+            {"samples": self.samples, "p": self.p, "seed": self.seed, "design": self.design},
+            self.batch_size,
+            self.memory_gb,
+            None,
+            None,
+            cost,
+        )
+        return self._finish(model, node_types, stats, {"base_metric": base_metric.tolist(), **info})
+
+    def _finish(
+        self, model: Model, node_types: list[str], stats: SubsamplingStats, info: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         per_pair = {t: stats.estimate(t).to(model.dtype) for t in node_types}
         extras = {f"{name}/{t}": stats.get(name, t) for t in node_types for name in STATS}
-        return per_pair, extras, {"base_metric": cache.base_metric.tolist()}
+        return per_pair, extras, info
 
 
 def check_options(samples: Any, p: Any, design: Any, batch_size: Any, memory_gb: Any) -> None:
@@ -186,38 +221,79 @@ def subsample(
         exclude: node type -> bool [*layout]; these nodes are never patched (their statistics are
             meaningless). Used by the false-negative bound to leave verified nodes alone.
     """
-    n_pairs = cache.n_pairs
     seq_len = cache.pairs.seq_len
     layout = NodeLayout.of(node_types, model.sizes, seq_len)
+    keep = keep_mask(layout, exclude)
+    batch = batch_size or sample_batch(model, seq_len, layout.size, memory_gb)
+    total = samples * cache.n_pairs
+    with progress_bar(total, "subsampling", progress, unit="sample") as bar:
+        values = subsample_range(
+            model, cache, node_types, 0, total, samples=samples, p=p, seed=seed, design=design, batch=batch,
+            keep=keep, cost=cost, advance=bar.update,
+        )  # fmt: skip
+    return SubsamplingStats(layout.shapes, values)
+
+
+def keep_mask(layout: NodeLayout, exclude: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """bool [N] over the layout's nodes: False where ``exclude`` (node type -> bool [*layout]) marks one."""
+    if exclude is not None and any(t in exclude for t in layout.node_types):
+        return ~layout.flatten(exclude, fill=False)  # [N]
+    return torch.ones(layout.size, dtype=torch.bool)
+
+
+def sample_batch(model: Model, seq_len: int, n_nodes: int, memory_gb: float) -> int:
+    """Samples per batch within ``memory_gb``: the forward's activations plus masks and float64
+    statistics work space over the N nodes, per element."""
+    return max(1, int(memory_gb * 2**30 // (element_bytes(model, seq_len) + n_nodes * 40)))
+
+
+def subsample_range(
+    model: Model,
+    cache: PatchCache,
+    node_types: list[str],
+    start: int,
+    stop: int,
+    *,
+    samples: int,
+    p: float,
+    seed: int,
+    design: str,
+    batch: int,
+    keep: torch.Tensor | None,
+    cost: Cost,
+    advance: Any = None,
+) -> dict[str, torch.Tensor]:
+    """Statistics of elements ``start``..``stop``-1 (element = sample x P + pair) in batches of
+    ``batch`` from ``start``; ranges merge with ``ops.welford_merge`` (a work unit's share).
+
+    Returns:
+        ``count_in``, ``mean_in``, ``m2_in`` and the same for ``out``, each [P, N] float64.
+    """
+    n_pairs = cache.n_pairs
+    layout = NodeLayout.of(node_types, model.sizes, cache.pairs.seq_len)
     n_nodes = layout.size
-    keep = torch.ones(n_nodes, dtype=torch.bool)
-    if exclude is not None and any(t in exclude for t in node_types):
-        keep = ~layout.flatten(exclude, fill=False)  # [N]
-    # Per element: the forward's activations plus masks and float64 statistics work space over N nodes.
-    per_element = element_bytes(model, seq_len) + n_nodes * 40
-    batch = batch_size or max(1, int(memory_gb * 2**30 // per_element))
+    keep = torch.ones(n_nodes, dtype=torch.bool) if keep is None else keep
     codes = _balanced_codes(n_nodes, samples, seed) if design == "balanced" else None
     values = {
         name: torch.zeros(n_pairs, n_nodes, dtype=torch.float64)
         for name in ("count_in", "mean_in", "m2_in", "count_out", "mean_out", "m2_out")
     }
-    total = samples * n_pairs
-    with progress_bar(total, "subsampling", progress, unit="sample") as bar:
-        for start in range(0, total, batch):
-            element = torch.arange(start, min(start + batch, total))
-            pair_index, sample_index = element % n_pairs, element // n_pairs
-            if codes is None:
-                chosen = torch.stack(
-                    [_random_subset(n_nodes, p, seed, int(j), int(s)) for j, s in zip(pair_index, sample_index)]
-                )  # [B, N]
-            else:
-                chosen = _balanced_subset(codes, sample_index)
-            chosen &= keep
-            masks = layout.unflatten(chosen)  # [B, N] -> {t: [B, *layout]}
-            delta = patch_masks(model, cache, masks, pair_index, cost).detach().double().cpu()  # [B]
-            _update(values, chosen, delta, pair_index, n_pairs)
-            bar.update(len(element))
-    return SubsamplingStats(layout.shapes, values)
+    for first in range(start, stop, batch):
+        element = torch.arange(first, min(first + batch, stop))
+        pair_index, sample_index = element % n_pairs, element // n_pairs
+        if codes is None:
+            chosen = torch.stack(
+                [_random_subset(n_nodes, p, seed, int(j), int(s)) for j, s in zip(pair_index, sample_index)]
+            )  # [B, N]
+        else:
+            chosen = _balanced_subset(codes, sample_index)
+        chosen &= keep
+        masks = layout.unflatten(chosen)  # [B, N] -> {t: [B, *layout]}
+        delta = patch_masks(model, cache, masks, pair_index, cost).detach().double().cpu()  # [B]
+        _update(values, chosen, delta, pair_index, n_pairs)
+        if advance is not None:
+            advance(len(element))
+    return values
 
 
 def _update(
