@@ -16,6 +16,7 @@ from . import tasks, zoo
 from .api import attribute
 from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
+from .edges import EdgeGraph, edge_names
 from .errors import AtpstarError, InputError, UnsupportedModelError
 from .evaluate import Evaluation, evaluate
 from .jsonl import read_pairs_jsonl
@@ -34,6 +35,7 @@ __all__ = [
     "AtpstarError",
     "Attribution",
     "Cost",
+    "EdgeGraph",
     "Evaluation",
     "FalseNegativeBound",
     "InputError",
@@ -43,6 +45,7 @@ __all__ = [
     "Verification",
     "__version__",
     "attribute",
+    "edge_names",
     "evaluate",
     "false_negative_bound",
     "load_model",

@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..families import LayerAttention
 from ..gradients import GradientStep, SiteGrads, atp_estimate, gradient_step
 from ..model import Model
-from ..nodes import NODE_TABLE, node_shape
+from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
 from ..ops import graddrop_combine, key_fix, query_fix
 from ..pairs import PromptPairs
 from ..progress import progress_bar
@@ -67,6 +67,7 @@ class AttributionPatching(Method):
     """
 
     needs_gradients = True
+    node_types = ALL_TYPES  # edges: EAP and its QK-fix / GradDrop / AtP* forms (``atpstar.edges``)
 
     def __init__(
         self, *, qk_fix: bool = False, grad_drop: bool = False, batch_size: int | None = None, memory_gb: float = 2.0
@@ -107,6 +108,15 @@ class AttributionPatching(Method):
                     out[t][index] = value.detach().to(out[t].dtype).cpu()
                 bar.update(len(index))
         return out, {}, {}
+
+    def _attribute_edges(
+        self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        from ..edges.sweep import estimate_edges
+
+        return estimate_edges(
+            model, pairs, direction, cost, progress, self.batch_size, self.memory_gb, self.qk_fix, self.grad_drop
+        )
 
     def _estimate(
         self, model: Model, pairs: PromptPairs, index: torch.Tensor, node_types: list[str], direction: str, cost: Cost

@@ -12,7 +12,7 @@ from ..cost import Cost
 from ..errors import InputError
 from ..fingerprint import identity
 from ..model import Model, as_model
-from ..nodes import NODE_TYPES, check_node_types
+from ..nodes import EDGE_TYPE, NODE_TYPES, check_node_types
 from ..pairs import PromptPairs, check_direction
 from ..result import Attribution, aggregate
 from ..validate import check_finite_options, check_pairs_fit, warn_non_finite
@@ -69,7 +69,10 @@ class Method:
         Args:
             model: an ``atpstar.Model`` (from ``load_model``) or a ``transformers`` causal LM.
             pairs: the prompt pairs and their metric.
-            nodes: node types, any of ``neuron``, ``query``, ``key``, ``value``, ``head``.
+            nodes: node types, any of ``neuron``, ``query``, ``key``, ``value``, ``head``, and ``edge``
+                (the MIB/EAP-IG edge graph, ``per_pair["edge"]`` [P, N] in ``atpstar.edge_names`` order;
+                methods with edges: ``activation_patching``, ``atp``, ``atp+qkfix``, ``atp+graddrop``,
+                ``atp*``, ``atp+ig``).
             direction: ``"noising"`` (patch noise into the clean run, the paper's) or ``"denoising"``
                 (patch clean into the noise run; what TransformerLens' tools compute).
             progress: show a progress bar.
@@ -98,6 +101,8 @@ class Method:
         check_finite_options(f"method {self.id!r} option ", self.get_options())
         self._validate(model, pairs, node_types)
         executor = None
+        if (workers is not None or ray_address is not None) and EDGE_TYPE in node_types:
+            raise InputError("edges run in-process only; ask for edges in a call without workers=/ray_address=")
         if workers is not None or ray_address is not None:
             if not self.distributable:
                 raise InputError(
@@ -108,10 +113,19 @@ class Method:
 
             executor = executor_for(model, workers, ray_address, progress)
         cost = Cost()
-        if executor is None:
-            per_pair, extras, info = self._attribute(model, pairs, node_types, direction, cost, progress)
-        else:
-            per_pair, extras, info = self._attribute_on(executor, model, pairs, node_types, direction, cost)
+        plain = [t for t in node_types if t != EDGE_TYPE]
+        per_pair: dict[str, torch.Tensor] = {}
+        extras: dict[str, torch.Tensor] = {}
+        info: dict[str, Any] = {}
+        if plain and executor is None:
+            per_pair, extras, info = self._attribute(model, pairs, plain, direction, cost, progress)
+        elif plain:
+            per_pair, extras, info = self._attribute_on(executor, model, pairs, plain, direction, cost)
+        if EDGE_TYPE in node_types:  # edges run in-process (work units for edges are not implemented)
+            from ..edges.graph import graph_of
+
+            per_pair[EDGE_TYPE], edge_info = self._attribute_edges(model, pairs, direction, cost, progress)
+            info = {**info, **edge_info, "edge_graph": graph_of(model).describe()}
         warn_non_finite(per_pair, f"the {self.id} result")
         options = self.get_options()
         made_by = identity(model, pairs, direction, node_types, self.id, options)
@@ -147,6 +161,12 @@ class Method:
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         """``_attribute`` as work units run by ``executor`` (``atpstar.distributed``); same numbers."""
+        raise NotImplementedError
+
+    def _attribute_edges(
+        self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Edge results [P, N] and facts for ``info`` (methods that list ``edge`` in ``node_types``)."""
         raise NotImplementedError
 
 

@@ -18,7 +18,7 @@ from ..engine import MIN_CHUNK_TOKENS, PatchCache, element_bytes, prepare, sweep
 from ..errors import InputError
 from ..fingerprint import identity
 from ..model import Model
-from ..nodes import layout_index, node_shape, unit_and_pos
+from ..nodes import ALL_TYPES, layout_index, node_shape, unit_and_pos
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..validate import batch_for_memory, check_batch_size, check_count, check_memory_gb
@@ -46,6 +46,7 @@ class ActivationPatching(Method):
 
     exact = True
     aggregation = "mean"
+    node_types = ALL_TYPES  # edges: exact edge patching (``atpstar.edges.patching``)
     distributable = True
 
     def __init__(
@@ -75,6 +76,8 @@ class ActivationPatching(Method):
         return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
+        if self.layers is not None and "edge" in node_types:
+            raise InputError("layers= restricts node patching only; ask for edges in a call without it")
         check_batch_size(self.batch_size)
         check_memory_gb(self.memory_gb)
         check_count("min_chunk_tokens", self.min_chunk_tokens)
@@ -84,6 +87,17 @@ class ActivationPatching(Method):
             raise InputError(
                 f"layers must be a non-empty list of layer indices in [0, {model.n_layers}); got {self.layers}"
             )
+
+    def _attribute_edges(
+        self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        from ..edges.sweep import exact_edges
+
+        checkpoint = f"{self.checkpoint}.edges" if self.checkpoint else None
+        effects, info = exact_edges(
+            model, pairs, direction, cost, progress, self.batch_size, self.memory_gb, checkpoint
+        )
+        return effects, {"edge_base_metric": info["base_metric"]}
 
     def _batch(self, model: Model, pairs: PromptPairs) -> int:
         return batch_for_memory(self.batch_size, self.memory_gb, element_bytes(model, pairs.seq_len))
