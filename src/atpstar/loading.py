@@ -138,17 +138,30 @@ def _check_source(name: str) -> bool:
 
 
 def _unreachable(endpoint: str, timeout: float = 3.0) -> str:
-    """'' if a TCP connection to the endpoint opens within ``timeout`` seconds, else why not."""
+    """'' if a TCP connection to the endpoint opens within ``timeout`` seconds, else why not.
+
+    The name lookup runs in a daemon thread: ``getaddrinfo`` ignores socket timeouts and can hang for
+    tens of seconds without a resolver, which is the delay this probe exists to avoid.
+    """
     import socket
+    import threading
     from urllib.parse import urlparse
 
     url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
-            return ""
-    except OSError as err:
-        return f"{type(err).__name__}: {err}"
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[str] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append("")
+        except OSError as err:
+            outcome.append(f"{type(err).__name__}: {err}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer from {host} within {timeout:.0f} s"
 
 
 def _in_local_cache(name: str) -> bool:

@@ -178,7 +178,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings = ["per_pair", "distribution"] if args.setting == "both" else [args.setting]
     evaluations, images = [], []
     for setting in settings:
-        ev = evaluate(truth, estimates, setting=setting, node_types=nodes, k_max=args.k_max)
+        ev = evaluate(
+            truth, estimates, setting=setting, node_types=nodes, k_max=args.k_max, verification=args.verification
+        )
         evaluations.append(ev)
         ev.save(out / f"evaluation_{setting}.json")
         ev.to_csv(out / f"comparison_{setting}.csv")
