@@ -28,7 +28,7 @@ import torch
 from .errors import InputError
 from .methods.base import METHODS, Method, Registered
 from .model import Model
-from .nodes import NODE_TYPES, node_shape
+from .nodes import ALL_TYPES, NODE_TYPES, node_shape
 from .pairs import PromptPairs
 from .result import Attribution
 from .version import __version__
@@ -147,7 +147,7 @@ def check_capabilities(c: Contract) -> None:
     assert isinstance(cls.summary, str) and cls.summary.strip(), f"{cls.__name__}: declare a one-line summary"
     for flag in ("exact", "needs_gradients", "seeded", "pairs_interact", "cost_is_bound", "distributable"):
         assert isinstance(getattr(cls, flag), bool), f"{cls.__name__}.{flag} must be a bool"
-    assert c.node_types and set(cls.node_types) <= set(NODE_TYPES), f"{cls.__name__}.node_types: {cls.node_types}"
+    assert c.node_types and set(cls.node_types) <= set(ALL_TYPES), f"{cls.__name__}.node_types: {cls.node_types}"
     assert cls.aggregation in ("mean", "mean_abs"), f"{cls.__name__}.aggregation: {cls.aggregation!r}"
 
 

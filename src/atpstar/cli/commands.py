@@ -11,6 +11,7 @@ from collections.abc import Callable
 from ..errors import InputError
 from ..nodes import node_shape
 from .checks import check_option_values
+from .circuit import cmd_circuit
 from .common import (
     bound_unverified,
     cached_or_run,
@@ -240,6 +241,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "compare": cmd_compare,
     "verify": cmd_verify,
     "bound": cmd_bound,
+    "circuit": cmd_circuit,
     "models": cmd_models,
     "methods": cmd_methods,
 }

@@ -22,8 +22,8 @@ import torch
 
 from ..cost import Cost
 from ..model import Model
+from ..ops import attention_pattern
 from ..pairs import PromptPairs
-from ..runner import attention_pattern
 from .capture import SenderRun, receiver_grads
 from .eap import _count_copies, _or_zero, gradient_run, site_tensors, source_senders
 from .graph import EdgeGraph
@@ -121,14 +121,15 @@ def _new_patterns(
         x = run.resid[layer].detach()[:, None] + delta[:, :n_up]  # [B, S_l, T, D]
         new_q, new_k, _ = layer_qkv(model, layer, x.reshape(b * n_up, n_pos, d))  # [B*S_l, H|K, T, E]
         cost.forward += b * n_up * qkv_share(model) / model.n_layers
-        scaling = run.run.scaling[layer]
+        args = model.attention_args[layer]  # scaling, soft-cap and window of this layer
         q = run.run.records["q"][layer].detach()  # [B, H, T, E]
         k = run.run.records["k"][layer].detach()  # [B, H, T, E] (per query head)
         pattern = run.run.records["pattern"][layer].detach()[:, None]  # [B, 1, H, T, T]
         q_rep = q[:, None].expand(b, n_up, *q.shape[1:]).reshape(b * n_up, *q.shape[1:])
         k_rep = k[:, None].expand(b, n_up, *k.shape[1:]).reshape(b * n_up, *k.shape[1:])
-        with_q = attention_pattern(new_q, k_rep, scaling).view(b, n_up, *pattern.shape[2:])  # [B, S_l, H, T, T]
-        with_k = attention_pattern(q_rep, new_k, scaling).view(b, n_up, *pattern.shape[2:])
+        with_q = attention_pattern(new_q, k_rep, args.scaling, args.softcap, args.window)  # [B*S_l, H, T, T]
+        with_k = attention_pattern(q_rep, new_k, args.scaling, args.softcap, args.window)
+        with_q, with_k = with_q.view(b, n_up, *pattern.shape[2:]), with_k.view(b, n_up, *pattern.shape[2:])
         out[(layer, "q")] = with_q - pattern
         out[(layer, "k")] = with_k - pattern
     return out

@@ -125,7 +125,7 @@ class Method:
             from ..edges.graph import graph_of
 
             per_pair[EDGE_TYPE], edge_info = self._attribute_edges(model, pairs, direction, cost, progress)
-            info = {**info, **edge_info, "edge_graph": graph_of(model).describe()}
+            info = {**info, **edge_info, "edge_graph": {**graph_of(model).describe(), "d_model": model.d_model}}
         warn_non_finite(per_pair, f"the {self.id} result")
         options = self.get_options()
         made_by = identity(model, pairs, direction, node_types, self.id, options)

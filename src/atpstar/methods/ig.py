@@ -9,6 +9,7 @@ Shape letters: B batch, L layers, H heads, K kv-heads, T positions, E d_head, M 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -43,6 +44,20 @@ class IntegratedGradients(Method):
         self.ig_steps = ig_steps
         self.batch_size = batch_size
         self.memory_gb = memory_gb
+
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """Nodes: 2P + mP forwards, mP backwards. Edges: (2 + m)P forwards and mP backwards, plus per
+        gradient pass the receiver copies (3H x q/k/v weight share, forward and backward, per pair)."""
+        from ..edges.sites import qkv_share
+
+        n, m = pairs.n_pairs, self.ig_steps
+        cost = Cost()
+        if any(t != "edge" for t in node_types):
+            cost = cost + Cost(forward=(2 + m) * n, backward=m * n)
+        if "edge" in node_types:
+            copies = 3 * model.n_heads * qkv_share(model) * m * n
+            cost = cost + Cost(forward=(2 + m) * n + copies, backward=m * n + copies)
+        return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if not isinstance(self.ig_steps, int) or self.ig_steps < 1:
