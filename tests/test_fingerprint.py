@@ -43,3 +43,29 @@ def test_weights_hash_cached_per_model() -> None:
     with torch.no_grad():
         next(hf.parameters()).add_(1.0)
     assert weights_hash(hf) == first  # computed once per loaded model
+
+
+def test_api_refuses_results_of_another_model_or_pairs() -> None:
+    import atpstar
+    from atpstar.errors import InputError
+
+    hf = build_hf("gpt2")
+    other = copy.deepcopy(hf)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    model_a, model_b = load(hf), load(other)
+    pairs = make_pairs(n_pairs=2, seq_len=5)
+    estimate = atpstar.attribute(model_a, pairs, "atp", ["head"])
+    with pytest.raises(IdentityMismatchError, match=r"model weights \(saved"):
+        atpstar.verify(model_b, pairs, estimate, budget=2)
+    other_pairs = make_pairs(n_pairs=2, seq_len=5, seed=3)
+    with pytest.raises(IdentityMismatchError, match=r"prompt pairs"):
+        atpstar.verify(model_a, other_pairs, estimate, budget=2)
+    truth_b = atpstar.attribute(model_b, pairs, "activation_patching", ["head"])
+    with pytest.raises(IdentityMismatchError, match="model weights"):
+        atpstar.evaluate(truth_b, [estimate])
+    verified = atpstar.verify(model_a, pairs, estimate, budget=2)
+    with pytest.raises(IdentityMismatchError, match="model weights"):
+        atpstar.false_negative_bound(model_b, pairs, verified, samples=4)
+    with pytest.raises(InputError, match="theta"):
+        atpstar.false_negative_bound(model_a, pairs, verified, theta=float("nan"), samples=4)
