@@ -71,7 +71,12 @@ class Verification:
 
     @property
     def names(self) -> list[str]:
-        """TransformerLens-style name per verified node."""
+        """TransformerLens-style name per verified node (MIB names for edges)."""
+        if any(t == "edge" for t, _ in self.nodes):
+            from .edges.graph import EdgeGraph
+
+            edge_names = EdgeGraph.from_description(self.info["edge_graph"]).edge_names
+            return [edge_names[index[0]] if t == "edge" else node_name(t, index) for t, index in self.nodes]
         return [node_name(t, index) for t, index in self.nodes]
 
     def to_rows(self) -> list[dict[str, Any]]:
@@ -98,7 +103,7 @@ class Verification:
         }
         meta = {
             "nodes": [[t, list(index)] for t, index in nodes],
-            "names": [node_name(t, index) for t, index in nodes],
+            "names": self.names,
             "node_types": list(self.node_types),
             "direction": self.direction,
             "metric": self.metric,
@@ -196,6 +201,15 @@ def verify(
     threshold = None if threshold is None else check_number("threshold", threshold, 0.0)
     batch_size = check_batch_size(batch_size)
     node_types = estimate.node_types
+    if "edge" in node_types:  # edges: exact edge patching in estimate order (atpstar.edges.verify)
+        from .edges.verify import verify_edges
+
+        if node_types != ["edge"]:
+            raise InputError("verify an edge attribution on its own: attribute(..., nodes=['edge']) separately")
+        if workers is not None or ray_address is not None or checkpoint is not None:
+            raise InputError("edges are verified in-process; drop workers=/ray_address=/checkpoint=")
+        model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+        return verify_edges(model, pairs, estimate, budget, threshold, direction, batch_size, progress)  # type: ignore[no-any-return]
     for t in node_types:
         want = node_shape(t, model.sizes, pairs.seq_len)
         if tuple(estimate.scores[t].shape) != want:
