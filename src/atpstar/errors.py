@@ -26,3 +26,7 @@ class IdentityMismatchError(InputError):
 
 class BusyError(InputError):
     """Another process is working on the same output folder."""
+
+
+class OutOfMemory(AtpstarError):
+    """A batch of one element does not fit in the accelerator's memory (after halving on every OOM)."""

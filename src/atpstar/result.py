@@ -16,6 +16,7 @@ from .cost import Cost
 from .errors import CorruptFileError, InputError
 from .nodes import INDEX_COLUMNS, NodeLayout, check_node_types, index_columns, node_name
 from .persist import bundle_base, load_bundle, save_bundle
+from .sink import per_pair_from, per_pair_tensors
 
 KIND = "attribution"
 
@@ -148,7 +149,7 @@ class Attribution:
             path: ``NAME``, ``NAME.json`` or ``NAME.safetensors``; any other dot is part of the name
                 (``"d/seed.1"`` writes ``d/seed.1.json``).
         """
-        tensors = {f"per_pair/{t}": v for t, v in self.per_pair.items()}
+        tensors = {k: v for t, value in self.per_pair.items() for k, v in per_pair_tensors(t, value).items()}
         tensors.update({f"scores/{t}": v for t, v in self.scores.items()})
         tensors.update({f"extras/{k}": v for k, v in self.extras.items()})
         meta = {
@@ -174,7 +175,7 @@ class Attribution:
         """
         meta, tensors = load_bundle(path, KIND)
         try:
-            per_pair = {t: tensors[f"per_pair/{t}"] for t in meta["node_types"]}
+            per_pair = {t: per_pair_from(tensors, t) for t in meta["node_types"]}
             scores = {t: tensors[f"scores/{t}"] for t in meta["node_types"]}
             extras = {k[len("extras/") :]: v for k, v in tensors.items() if k.startswith("extras/")}
             return cls(

@@ -14,14 +14,15 @@ import torch
 
 from ..checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from ..cost import Cost
-from ..engine import MIN_CHUNK_TOKENS, PatchCache, element_bytes, prepare, sweep_layer
+from ..engine import MIN_CHUNK_TOKENS, PatchCache, prepare, sweep_layer
 from ..errors import InputError
 from ..fingerprint import identity
+from ..memory import MemoryPlan, layout_elems, patching_plan
 from ..model import Model
 from ..nodes import ALL_TYPES, layout_index, node_shape, unit_and_pos
 from ..pairs import PromptPairs
 from ..progress import progress_bar
-from ..validate import batch_for_memory, check_batch_size, check_count, check_memory_gb
+from ..validate import check_batch_size, check_count, check_memory_gb
 from .base import Method, register
 
 
@@ -88,6 +89,27 @@ class ActivationPatching(Method):
                 f"layers must be a non-empty list of layer indices in [0, {model.n_layers}); got {self.layers}"
             )
 
+    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+        n_layers = len(self.layers) if self.layers is not None else model.n_layers
+        nodes = layout_elems(model, node_types, seq_len)
+        item = torch.finfo(model.dtype).bits // 8
+        return patching_plan(
+            model,
+            self.id,
+            n_pairs,
+            seq_len,
+            node_types,
+            n_items=n_pairs * nodes * n_layers // model.n_layers,
+            run_bytes=0,
+            item_extra=0,
+            batch_size=self.batch_size,
+            memory_gb=self.memory_gb,
+            results_bytes=n_pairs * nodes * (item + 1),  # effects and the done mask
+        )
+
+    def _batch(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> int:
+        return self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types).batch
+
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
     ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -99,16 +121,13 @@ class ActivationPatching(Method):
         )
         return effects, {"edge_base_metric": info["base_metric"]}
 
-    def _batch(self, model: Model, pairs: PromptPairs) -> int:
-        return batch_for_memory(self.batch_size, self.memory_gb, element_bytes(model, pairs.seq_len))
-
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         from ..distributed.sweeps import patch_on
 
         layers = sorted(set(self.layers)) if self.layers is not None else list(range(model.n_layers))
-        options = {"batch": self._batch(model, pairs), "min_chunk_tokens": self.min_chunk_tokens}
+        options = {"batch": self._batch(model, pairs, node_types), "min_chunk_tokens": self.min_chunk_tokens}
         effects, base_metric, info = patch_on(
             executor, model, pairs, node_types, direction, layers, options, self.checkpoint, cost
         )
@@ -117,8 +136,8 @@ class ActivationPatching(Method):
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        batch = self._batch(model, pairs, node_types)
         cache = prepare(model, pairs, direction, node_types, cost)
-        batch = self._batch(model, pairs)
         made_by = identity(model, pairs, direction, node_types, self.id, self.get_options())
         effects, done, prior = _resume(self.checkpoint, made_by, model, pairs, node_types, cache.base_metric.dtype)
         prepared = Cost(cost.forward, cost.backward)  # base and source runs: paid again on every resume
