@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Callable
 
 from ..errors import InputError
 from ..nodes import node_shape
+from ..persist import save_json
 from .checks import check_option_values
 from .circuit import cmd_circuit
 from .common import (
@@ -119,9 +119,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
         model, pairs, verified, args.theta, args.samples, args.p, args.alpha, args.bound_seed, args
     )
     facts = {k: v for k, v in _public_fields(bound).items()}
-    (out / "bound.json").write_text(
-        json.dumps({k: plain(v) for k, v in facts.items()} | {"assumption": getattr(bound, "assumption", "")}, indent=2)
-    )
+    save_json(out / "bound.json", "bound", {**facts, "assumption": getattr(bound, "assumption", "")})
     for key, value in facts.items():
         print(f"{key}: {plain(value)}")
     if getattr(bound, "assumption", ""):
