@@ -135,6 +135,7 @@ def test_cli_runs_verifies_and_bounds_on_workers(ray_cluster, tmp_path, capsys):
     assert main(["run", *common, "--method", "activation_patching", "--nodes", "head", "--out", str(tmp_path / "r")]) == 0
     saved = atpstar.Attribution.load(tmp_path / "r" / "estimate")
     assert saved.info["workers"] == 2
+    assert not (tmp_path / "r" / "estimate.units").exists(), "the finished sweep's unit files are cleaned up"
     model = atpstar.load_model(str(folder))
     pairs = atpstar.read_pairs_jsonl(str(pairs_file), model.tokenizer)
     expected = atpstar.attribute(model, pairs, "activation_patching", nodes=["head"])

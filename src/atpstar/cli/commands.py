@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import time
 from collections.abc import Callable
 
@@ -77,15 +78,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = out_dir(args)
     checkpoint = None
     if args.method == "activation_patching" and "checkpoint" not in options:
-        checkpoint = resumable(out / "estimate.ckpt.safetensors")  # an interrupted sweep resumes on rerun
+        # an interrupted sweep resumes on rerun (with --workers: a folder of work-unit files)
+        checkpoint = resumable(out / ("estimate.units" if args.workers else "estimate.ckpt.safetensors"))
         options["checkpoint"] = str(checkpoint)
     model = load_model(args)
     pairs, task = load_task(model, args)
     estimate = run_method(model, pairs, args.method, nodes, options, args)
     verified = verify_and_save(model, pairs, estimate, args.verify, None, args) if args.verify > 0 else None
     finish_run(args, out, model, pairs, task, estimate, verified, None, start, title=f"atpstar run: {args.method}")
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)  # the estimate is saved; the partial sweep is no longer needed
+    if checkpoint is not None:  # the estimate is saved; the partial sweep is no longer needed
+        if checkpoint.is_dir():
+            shutil.rmtree(checkpoint)
+        else:
+            checkpoint.unlink(missing_ok=True)
     return 0
 
 
@@ -157,6 +162,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.recompute and checkpoint.exists():
         say(f"--recompute: discarding {checkpoint}")
         checkpoint.unlink()
+    if args.recompute and (out / "ground_truth.units").is_dir():
+        say(f"--recompute: discarding {out / 'ground_truth.units'}")
+        shutil.rmtree(out / "ground_truth.units")
     model = load_model(args)
     pairs, task = load_task(model, args)
     n_nodes = sum(math.prod(node_shape(t, model.sizes, pairs.seq_len)) for t in nodes)
