@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 from . import tasks, zoo
-from .api import attribute
+from .api import attribute, predict_memory
 from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
 from .edges import EdgeGraph, edge_names
@@ -21,11 +21,13 @@ from .errors import AtpstarError, InputError, UnsupportedModelError
 from .evaluate import Evaluation, evaluate
 from .jsonl import read_pairs_jsonl
 from .loading import load_model
+from .memory import MemoryPlan
 from .methods import METHODS
 from .model import Model
 from .nodes import NODE_TYPES
 from .pairs import PromptPairs
 from .result import Attribution
+from .sink import read_per_pair
 from .verify import Verification, verify
 from .version import __version__
 
@@ -39,6 +41,7 @@ __all__ = [
     "Evaluation",
     "FalseNegativeBound",
     "InputError",
+    "MemoryPlan",
     "Model",
     "PromptPairs",
     "UnsupportedModelError",
@@ -49,7 +52,9 @@ __all__ = [
     "evaluate",
     "false_negative_bound",
     "load_model",
+    "predict_memory",
     "read_pairs_jsonl",
+    "read_per_pair",
     "tasks",
     "verify",
     "zoo",

@@ -11,3 +11,7 @@ class UnsupportedModelError(AtpstarError):
 
 class InputError(AtpstarError):
     """Prompt pairs, metrics, node types or options are malformed."""
+
+
+class OutOfMemory(AtpstarError):
+    """A batch of one element does not fit in the accelerator's memory (after halving on every OOM)."""

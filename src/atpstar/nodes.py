@@ -115,7 +115,9 @@ def node_name(node_type: str, index: tuple[int, ...]) -> str:
 
 
 def index_columns(node_type: str, index: tuple[int, ...]) -> dict[str, int]:
-    """A node's index as table columns, e.g. ``{"layer": 3, "head": 2, "pos": 5}``."""
+    """A node's index as table columns, e.g. ``{"layer": 3, "head": 2, "pos": 5}`` (an edge: its ``index``)."""
+    if node_type == EDGE_TYPE:
+        return {"index": index[0]}
     return dict(zip(NODE_TABLE[node_type].axes, index))
 
 

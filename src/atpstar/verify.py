@@ -70,7 +70,12 @@ class Verification:
 
     @property
     def names(self) -> list[str]:
-        """TransformerLens-style name per verified node."""
+        """TransformerLens-style name per verified node (MIB names for edges)."""
+        if any(t == "edge" for t, _ in self.nodes):
+            from .edges.graph import EdgeGraph
+
+            edge_names = EdgeGraph.from_description(self.info["edge_graph"]).edge_names
+            return [edge_names[index[0]] if t == "edge" else node_name(t, index) for t, index in self.nodes]
         return [node_name(t, index) for t, index in self.nodes]
 
     def to_rows(self) -> list[dict[str, Any]]:
@@ -101,7 +106,7 @@ class Verification:
         meta = {
             "format_version": FORMAT_VERSION,
             "nodes": [[t, list(index)] for t, index in nodes],
-            "names": [node_name(t, index) for t, index in nodes],
+            "names": self.names,
             "node_types": list(self.node_types),
             "direction": self.direction,
             "metric": self.metric,
@@ -209,6 +214,15 @@ def verify(
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise InputError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}")
     node_types = estimate.node_types
+    if "edge" in node_types:  # edges: exact edge patching in estimate order (atpstar.edges.verify)
+        from .edges.verify import verify_edges
+
+        if node_types != ["edge"]:
+            raise InputError("verify an edge attribution on its own: attribute(..., nodes=['edge']) separately")
+        if workers is not None or ray_address is not None or checkpoint is not None:
+            raise InputError("edges are verified in-process; drop workers=/ray_address=/checkpoint=")
+        model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+        return verify_edges(model, pairs, estimate, budget, threshold, direction, batch_size, progress)  # type: ignore[no-any-return]
     for t in node_types:
         want = node_shape(t, model.sizes, pairs.seq_len)
         if tuple(estimate.scores[t].shape) != want:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import InputError
+from .circuit import cmd_circuit
 from .common import (
     bound_unverified,
     cached_or_run,
@@ -224,6 +225,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "compare": cmd_compare,
     "verify": cmd_verify,
     "bound": cmd_bound,
+    "circuit": cmd_circuit,
     "models": cmd_models,
     "methods": cmd_methods,
 }

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..cost import Cost
-from ..engine import MIN_CHUNK_TOKENS, PatchCache, element_bytes, prepare, sweep_layer
+from ..engine import MIN_CHUNK_TOKENS, PatchCache, prepare, sweep_layer
 from ..errors import InputError
+from ..memory import MemoryPlan, layout_elems, patching_plan
 from ..model import Model
 from ..nodes import ALL_TYPES, layout_index, node_shape, unit_and_pos
 from ..pairs import PromptPairs
@@ -89,6 +90,27 @@ class ActivationPatching(Method):
                 f"layers must be a non-empty list of layer indices in [0, {model.n_layers}); got {self.layers}"
             )
 
+    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+        n_layers = len(self.layers) if self.layers is not None else model.n_layers
+        nodes = layout_elems(model, node_types, seq_len)
+        item = torch.finfo(model.dtype).bits // 8
+        return patching_plan(
+            model,
+            self.id,
+            n_pairs,
+            seq_len,
+            node_types,
+            n_items=n_pairs * nodes * n_layers // model.n_layers,
+            run_bytes=0,
+            item_extra=0,
+            batch_size=self.batch_size,
+            memory_gb=self.memory_gb,
+            results_bytes=n_pairs * nodes * (item + 1),  # effects and the done mask
+        )
+
+    def _batch(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> int:
+        return self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types).batch
+
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
     ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -100,16 +122,13 @@ class ActivationPatching(Method):
         )
         return effects, {"edge_base_metric": info["base_metric"]}
 
-    def _batch(self, model: Model, pairs: PromptPairs) -> int:
-        return self.batch_size or max(1, int(self.memory_gb * 2**30 // element_bytes(model, pairs.seq_len)))
-
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         from ..distributed.sweeps import patch_on
 
         layers = sorted(set(self.layers)) if self.layers is not None else list(range(model.n_layers))
-        options = {"batch": self._batch(model, pairs), "min_chunk_tokens": self.min_chunk_tokens}
+        options = {"batch": self._batch(model, pairs, node_types), "min_chunk_tokens": self.min_chunk_tokens}
         effects, base_metric, info = patch_on(
             executor, model, pairs, node_types, direction, layers, options, self.checkpoint, cost
         )
@@ -118,8 +137,8 @@ class ActivationPatching(Method):
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        batch = self._batch(model, pairs, node_types)
         cache = prepare(model, pairs, direction, node_types, cost)
-        batch = self._batch(model, pairs)
         key = f"{model.model_id}|{pairs.fingerprint()}|{direction}"
         effects, done = _load_checkpoint(self.checkpoint, key, model, pairs, node_types, cache.base_metric.dtype)
         layers = sorted(set(self.layers)) if self.layers is not None else list(range(model.n_layers))
