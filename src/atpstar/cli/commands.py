@@ -33,11 +33,14 @@ from .output import finish_run, prompts, tokens
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from ..families import supported_text
     from ..zoo import BUILTIN_MODELS
 
     width = max(len(name) for name in BUILTIN_MODELS)
     for name, description in BUILTIN_MODELS.items():
         print(f"{name:<{width}}  {description}")
+    print("\nAny Hugging Face causal LM of these families (config.model_type) loads by hub id or folder:")
+    print(supported_text())
     return 0
 
 
