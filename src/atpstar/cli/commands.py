@@ -7,6 +7,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from ..errors import InputError
 from ..nodes import node_shape
@@ -32,11 +33,14 @@ from .output import finish_run, prompts, tokens
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from ..families import supported_text
     from ..zoo import BUILTIN_MODELS
 
     width = max(len(name) for name in BUILTIN_MODELS)
     for name, description in BUILTIN_MODELS.items():
         print(f"{name:<{width}}  {description}")
+    print("\nAny Hugging Face causal LM of these families (config.model_type) loads by hub id or folder:")
+    print(supported_text())
     return 0
 
 
@@ -86,11 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     estimate = run_method(model, pairs, args.method, nodes, options, args)
     verified = verify_and_save(model, pairs, estimate, args.verify, None, args) if args.verify > 0 else None
     finish_run(args, out, model, pairs, task, estimate, verified, None, start, title=f"atpstar run: {args.method}")
-    if checkpoint is not None:  # the estimate is saved; the partial sweep is no longer needed
-        if checkpoint.is_dir():
-            shutil.rmtree(checkpoint)
-        else:
-            checkpoint.unlink(missing_ok=True)
+    if checkpoint is not None:
+        _discard(checkpoint)  # the estimate is saved; the partial sweep is no longer needed
     return 0
 
 
@@ -161,10 +162,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     checkpoint = out / "ground_truth.ckpt.safetensors"
     if args.recompute and checkpoint.exists():
         say(f"--recompute: discarding {checkpoint}")
-        checkpoint.unlink()
+        _discard(checkpoint)
     if args.recompute and (out / "ground_truth.units").is_dir():
         say(f"--recompute: discarding {out / 'ground_truth.units'}")
-        shutil.rmtree(out / "ground_truth.units")
+        _discard(out / "ground_truth.units")
     model = load_model(args)
     pairs, task = load_task(model, args)
     n_nodes = sum(math.prod(node_shape(t, model.sizes, pairs.seq_len)) for t in nodes)
@@ -251,3 +252,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": cmd_models,
     "methods": cmd_methods,
 }
+
+
+def _discard(checkpoint: Path) -> None:
+    """Remove a checkpoint: a file in-process, a folder of work units with ``--workers``."""
+    if checkpoint.is_dir():
+        shutil.rmtree(checkpoint)
+    else:
+        checkpoint.unlink(missing_ok=True)
