@@ -20,8 +20,10 @@ from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
 from .errors import AtpstarError, InputError, UnsupportedModelError
 from .evaluate import Evaluation, evaluate
+from .find import find
 from .jsonl import read_pairs_jsonl
 from .loading import load_model
+from .localization import Localization
 from .methods import METHODS
 from .model import Model
 from .nodes import NODE_TYPES
@@ -38,6 +40,7 @@ __all__ = [
     "Evaluation",
     "FalseNegativeBound",
     "InputError",
+    "Localization",
     "Model",
     "PromptPairs",
     "UnsupportedModelError",
@@ -45,6 +48,7 @@ __all__ = [
     "attribute",
     "evaluate",
     "false_negative_bound",
+    "find",
     "load_model",
     "read_pairs_jsonl",
     "tasks",

@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     bound.add_argument("--bound-seed", type=int, default=0, help="subsampling seed of the bound (default 0)")
     _output_args(bound, "out/bound")
 
+    from .find_command import add_find_parser  # issue 14: certified localization
+
+    add_find_parser(sub)
+
     sub.add_parser("models", help="list the built-in models", description="List the built-in models (--model NAME).")
     sub.add_parser("methods", help="list the method ids", description="List the method ids with one-line descriptions.")
     return parser
