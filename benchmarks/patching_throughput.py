@@ -17,7 +17,7 @@ import torch
 import transformers as tf
 
 import atpstar
-from atpstar.engine import SITE_OF
+from atpstar.nodes import NODE_TABLE
 from atpstar.runner import Run
 
 CONFIGS = {
@@ -33,7 +33,7 @@ def naive_effect(model: atpstar.Model, pairs: atpstar.PromptPairs, source: Run, 
                  index: tuple[int, int, int], base_metric: torch.Tensor) -> float:
     """One full forward of the clean prompt with one node replaced, full logits, then the metric."""
     layer, unit, pos = index
-    site = SITE_OF[node_type]
+    site = NODE_TABLE[node_type].site
 
     def patch(at_layer: int, at_site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
         if at_layer != layer or at_site != site:
@@ -67,7 +67,7 @@ def main() -> None:
     engine_s = time.perf_counter() - start
     n_nodes = sum(v[0].numel() for v in result.per_pair.values())
 
-    source = Run(model.n_layers, record=[SITE_OF[t] for t in node_types])
+    source = Run(model.n_layers, record=[NODE_TABLE[t].site for t in node_types])
     with torch.inference_mode():
         model.logits(pairs.noise[:1], source)
         base_metric = pairs.evaluate_metric(model.logits(pairs.clean[:1])[:, -1], torch.tensor([0]))

@@ -47,3 +47,15 @@ def model(hf_model) -> atpstar.Model:
 @pytest.fixture
 def pairs() -> atpstar.PromptPairs:
     return make_pairs()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``gpu`` tests need CUDA: skip them, with the reason, on machines without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(
+        reason="needs a CUDA GPU (torch.cuda.is_available() is False); run benchmarks/gpu.sh on one"
+    )
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -143,3 +143,10 @@ def test_verify_then_bound(tiny, tmp_path, capsys) -> None:
     bound = json.loads((tmp_path / "bnd" / "bound.json").read_text())
     assert bound["n_unverified"] == 2 * 2 * 4 * 14 - 5 and 0 <= bound["prob_upper"] <= 1
     assert "Bound on remaining false negatives" in (tmp_path / "bnd" / "report.html").read_text()
+
+
+def test_workers_on_a_method_that_cannot_split_exit_2(tiny, tmp_path, capsys) -> None:
+    model, pairs = tiny
+    code = main(["run", "--model", str(model), "--task", str(pairs), "--method", "atp", "--workers", "2",
+                 "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    assert code == 2 and "does not run on workers" in capsys.readouterr().err

@@ -7,7 +7,7 @@ from reference.models import assert_rel_close, load, make_pairs
 from reference import hooks
 
 from atpstar.cost import Cost
-from atpstar.engine import patch_masks, patch_single_nodes, prepare
+from atpstar.engine import patch_masks, patch_node_batch, prepare
 
 
 def test_prepare_caches_base_and_source(hf_model):
@@ -35,7 +35,7 @@ def test_single_nodes_at_mixed_positions(hf_model):
     unit_i = torch.tensor([1, 0, 1, 0])
     pos_i = torch.tensor([4, 2, 5, 1])
     cost = Cost()
-    effect = patch_single_nodes(model, cache, "value", 1, pair_i, unit_i, pos_i, cost)
+    effect = patch_node_batch(model, cache, 1, ["value"], torch.zeros_like(pair_i), pair_i, unit_i, pos_i, cost)
     assert_rel_close(effect, expected[pair_i, 1, unit_i, pos_i], 1e-9, "value")
     assert abs(cost.forward - 4 * (model.n_layers - 1) / model.n_layers) < 1e-12
 

@@ -86,3 +86,14 @@ def test_zero_effects_cap_k_and_errors() -> None:
     other = _attr("atp", torch.ones(2, 6), Cost(), "mean_abs")
     with pytest.raises(AtpstarError, match="pairs"):
         evaluate(truth, [other])
+
+
+def test_partial_ground_truth_is_refused() -> None:
+    per_pair = torch.arange(12.0).reshape(2, 6)
+    truth = _attr("activation_patching", per_pair, Cost(10.0))
+    truth.info["layers"] = []  # as if no layer of the one-layer layout had been patched
+    estimate = _attr("atp", per_pair.flip(1), Cost(2.0), "mean_abs")
+    with pytest.raises(AtpstarError, match="covers only layers"):
+        evaluate(truth, [estimate])
+    truth.info["layers"] = [0]
+    evaluate(truth, [estimate])

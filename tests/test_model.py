@@ -55,16 +55,23 @@ def test_unsupported_family_names_supported_ones():
     assert isinstance(err.value, ValueError)
 
 
-def test_sliding_window_refused_then_accepted():
+def test_sliding_window_shorter_than_prompt_matches_model():
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=3, initializer_range=0.25)
     hf = AutoModelForCausalLM.from_config(cfg).double().eval()
-    with pytest.raises(atpstar.UnsupportedModelError, match="sliding"):
-        atpstar.load_model(hf)
+    model = atpstar.load_model(hf)
+    assert [a.window for a in model.attention_args] == [3, 3]
+    tokens = make_pairs(seq_len=7).clean
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        actual = model.logits(tokens)
+    assert float((actual - expected).abs().max()) <= 1e-6 * float(expected.abs().max())
+    # Without the window the logits differ: the test above can fail.
     hf.config.sliding_window = None
-    assert atpstar.load_model(hf).n_kv_heads == 2
+    with torch.no_grad():
+        assert float((atpstar.load_model(hf).logits(tokens) - expected).abs().max()) > 1e-3
 
 
 def test_training_mode_switched_with_warning_then_refused():
@@ -168,21 +175,34 @@ def test_saturated_heads_are_saturated(family_name):
     assert float(pattern[..., visible].min()) < 1e-10
 
 
-def test_gemma2_soft_capping_family_refused_with_supported_list():
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+def test_mixture_of_experts_refused_with_supported_list_and_missing_feature():
+    from transformers import MixtralConfig, MixtralForCausalLM
 
-    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2)
     with pytest.raises(atpstar.UnsupportedModelError) as err:
-        atpstar.load_model(Gemma2ForCausalLM(cfg))
-    assert "gemma2" in str(err.value) and "llama" in str(err.value) and "gpt_neox" in str(err.value)
+        atpstar.load_model(MixtralForCausalLM(cfg))
+    message = str(err.value)
+    assert "mixture-of-experts" in message and "mixtral" in message
+    for name in ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2"):
+        assert name in message, name
 
 
-def test_soft_capping_refused_even_in_a_supported_family():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_encoder_decoder_refused():
+    from transformers import T5Config, T5ForConditionalGeneration
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1)
-    cfg.attn_logit_softcapping = 50.0
-    with pytest.raises(atpstar.UnsupportedModelError, match="soft-capping"):
-        atpstar.load_model(LlamaForCausalLM(cfg))
+    cfg = T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    with pytest.raises(atpstar.UnsupportedModelError, match="encoder-decoder"):
+        atpstar.load_model(T5ForConditionalGeneration(cfg))
+
+
+def test_wrong_module_path_names_family_and_field():
+    from dataclasses import replace
+
+    from atpstar.families import FAMILIES, get_path
+
+    llama = next(f for f in FAMILIES if f.name == "llama")
+    broken = replace(llama, mlp_out="mlp.c_proj")
+    hf = build_hf("llama")
+    with pytest.raises(atpstar.UnsupportedModelError, match=r"family 'llama' field 'mlp_out'.*'c_proj'"):
+        get_path(hf.model.layers[0], broken.mlp_out, broken, "mlp_out")

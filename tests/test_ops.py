@@ -6,21 +6,23 @@ import pytest
 import torch
 from reference import brute
 
-from atpstar.ops import causal_scores, graddrop_combine, key_fix, query_fix
+from atpstar.ops import attention_scores, graddrop_combine, key_fix, query_fix
 
 REL = 1e-6
 
 
-def brute_query(q_source, k_base, pattern, grad, scaling):
-    return torch.stack([brute.query_fix(q_source[b], k_base[b], pattern[b], grad[b], scaling) for b in range(len(q_source))])
+def brute_query(q_source, k_base, pattern, grad, scaling, cap=None, window=None):
+    return torch.stack([brute.query_fix(q_source[b], k_base[b], pattern[b], grad[b], scaling, cap, window)
+                        for b in range(len(q_source))])
 
 
-def brute_key(q_base, k_base, k_source, grad, scaling):
-    return torch.stack([brute.key_fix(q_base[b], k_base[b], k_source[b], grad[b], scaling) for b in range(len(q_base))])
+def brute_key(q_base, k_base, k_source, grad, scaling, cap=None, window=None):
+    return torch.stack([brute.key_fix(q_base[b], k_base[b], k_source[b], grad[b], scaling, cap, window)
+                        for b in range(len(q_base))])
 
 
-def pattern_of(q, k, scaling):
-    return torch.softmax(causal_scores(q, k, scaling), -1)
+def pattern_of(q, k, scaling, cap=None, window=None):
+    return torch.softmax(attention_scores(q, k, scaling, cap, window), -1)
 
 
 def assert_elementwise(actual, expected, rel=REL, floor=1e-9):
@@ -56,6 +58,32 @@ def test_fixes_match_brute_force_on_random_tensors(q_scale, heads, kv_heads):
     pattern = pattern_of(q_base, k_base, scaling)
     assert_close_scaled(query_fix(q_source, k_base, pattern, grad, scaling), brute_query(q_source, k_base, pattern, grad, scaling))
     assert_close_scaled(key_fix(q_base, k_base, k_source, grad, scaling), brute_key(q_base, k_base, k_source, grad, scaling))
+
+
+@pytest.mark.parametrize("cap, window", [(2.0, None), (None, 3), (1.5, 2), (40.0, 1)])
+def test_fixes_under_soft_cap_and_window_match_brute_force(cap, window):
+    """Soft-caps that bind (|scores| >> cap on q_scale 6) and windows shorter than the prompt."""
+    q_base, q_source, k_base, k_source, grad = random_inputs(11, 4, 2, positions=7, q_scale=6.0)
+    scaling = 3**-0.5
+    pattern = pattern_of(q_base, k_base, scaling, cap, window)
+    fixed_q = query_fix(q_source, k_base, pattern, grad, scaling, cap, window)
+    fixed_k = key_fix(q_base, k_base, k_source, grad, scaling, cap, window)
+    assert_close_scaled(fixed_q, brute_query(q_source, k_base, pattern, grad, scaling, cap, window), 1e-12)
+    assert_close_scaled(fixed_k, brute_key(q_base, k_base, k_source, grad, scaling, cap, window), 1e-12)
+    # The features change the answer, so this test can fail if they were ignored.
+    assert float((fixed_k - key_fix(q_base, k_base, k_source, grad, scaling)).abs().max()) > 1e-3
+
+
+def test_visible_keys_matches_transformers_sliding_window_rule():
+    from atpstar.ops import visible_keys
+
+    for n_q, n_k, window in [(5, 5, None), (5, 5, 2), (3, 7, 3), (1, 6, 4), (4, 4, 1)]:
+        expected = torch.zeros(n_q, n_k, dtype=torch.bool)
+        for i in range(n_q):
+            q_pos = n_k - n_q + i
+            for s in range(n_k):
+                expected[i, s] = s <= q_pos and (window is None or s > q_pos - window)
+        assert torch.equal(visible_keys(n_q, n_k, window), expected), (n_q, n_k, window)
 
 
 def test_masked_gradient_entries_are_ignored():

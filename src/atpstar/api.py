@@ -18,6 +18,8 @@ def attribute(
     *,
     direction: str = "noising",
     progress: bool = False,
+    workers: int | None = None,
+    ray_address: str | None = None,
     **options: Any,
 ) -> Attribution:
     """Attribute the metric of ``pairs`` to every node of the requested types with one method.
@@ -32,6 +34,10 @@ def attribute(
         nodes: node types: ``neuron``, ``query``, ``key``, ``value``, ``head``.
         direction: ``"noising"`` (default, the paper's) or ``"denoising"``.
         progress: show a progress bar.
+        workers: run on this many Ray workers (``activation_patching``, ``subsampling``, ``blocks``,
+            ``hierarchical``; needs ``pip install 'atpstar[distributed]'``); None: in-process. Same
+            numbers either way (up to float rounding of batch composition).
+        ray_address: None starts a local Ray instance; ``"auto"`` joins a running cluster.
         **options: the method's own options (see its class).
 
     Returns:
@@ -40,4 +46,6 @@ def attribute(
     Example:
         >>> result = attribute(model, pairs, method="activation_patching", nodes=["head"])
     """
-    return build_method(method, **options).attribute(model, pairs, nodes, direction=direction, progress=progress)
+    return build_method(method, **options).attribute(
+        model, pairs, nodes, direction=direction, progress=progress, workers=workers, ray_address=ray_address
+    )

@@ -40,7 +40,7 @@ from .engine import prepare
 from .errors import InputError
 from .methods.subsampling import SubsamplingStats, check_options, subsample
 from .model import as_model
-from .nodes import check_node_types, node_name, node_shape
+from .nodes import NodeLayout, check_node_types, node_name
 from .ops import student_t_cdf, student_t_quantile, welch_se_df
 from .pairs import PromptPairs, check_direction
 from .verify import Verification
@@ -151,6 +151,9 @@ def false_negative_bound(
     batch_size: int | None = None,
     memory_gb: float = 1.0,
     progress: bool = False,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    checkpoint: str | None = None,
 ) -> FalseNegativeBound:
     """Bound the largest effect among the nodes verification did not reach.
 
@@ -173,6 +176,11 @@ def false_negative_bound(
             ``verified`` is a plain list).
         batch_size, memory_gb: batching of the patched forwards (as Subsampling).
         progress: show a progress bar.
+        workers: run the Subsampling on this many Ray workers, in ranges of samples whose statistics
+            merge (``pip install 'atpstar[distributed]'``); None: in-process.
+        ray_address: None starts a local Ray instance; ``"auto"`` joins a running cluster.
+        checkpoint: a folder; each finished range of samples is saved there, and a rerun with the
+            same folder, model, pairs and options resumes from them (also in-process).
 
     Returns:
         ``FalseNegativeBound`` with ``max_effect_upper``, ``prob_upper``, ``assumption``, ``n_unverified``, ``cost``.
@@ -207,7 +215,8 @@ def false_negative_bound(
         raise InputError(f"alpha must lie strictly between 0 and 1; got {alpha!r}")
     if theta is not None and (not isinstance(theta, (int, float)) or theta <= 0):
         raise InputError(f"theta must be a positive number or None; got {theta!r}")
-    shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
+    layout = NodeLayout.of(node_types, model.sizes, pairs.seq_len)
+    shapes = layout.shapes
     exclude = {t: torch.zeros(shape, dtype=torch.bool) for t, shape in shapes.items()}
     for t, index in node_list:
         if t not in shapes:
@@ -220,22 +229,33 @@ def false_negative_bound(
     model.check_ready(torch.cat([pairs.clean, pairs.noise]))
 
     cost = Cost()
-    cache = prepare(model, pairs, direction, node_types, cost)
-    stats = subsample(
-        model,
-        cache,
-        node_types,
-        samples=samples,
-        p=p,
-        seed=seed,
-        design="random",
-        cost=cost,
-        batch_size=batch_size,
-        memory_gb=memory_gb,
-        exclude=exclude,
-        progress=progress,
-    )
-    keep = torch.cat([~exclude[t].reshape(-1) for t in node_types])
+    run_info: dict[str, Any] = {}
+    if workers is None and ray_address is None and checkpoint is None:
+        cache = prepare(model, pairs, direction, node_types, cost)
+        stats = subsample(
+            model,
+            cache,
+            node_types,
+            samples=samples,
+            p=p,
+            seed=seed,
+            design="random",
+            cost=cost,
+            batch_size=batch_size,
+            memory_gb=memory_gb,
+            exclude=exclude,
+            progress=progress,
+        )
+    else:  # the same Subsampling as work units over ranges of samples (atpstar.distributed)
+        from .distributed import executor_for
+        from .distributed.sweeps import subsample_on
+
+        executor = executor_for(model, workers, ray_address, progress)
+        sampling = {"samples": samples, "p": p, "seed": seed, "design": "random"}
+        stats, _, run_info = subsample_on(
+            executor, model, pairs, node_types, direction, sampling, batch_size, memory_gb, exclude, checkpoint, cost
+        )
+    keep = ~layout.flatten(exclude)  # [N]
     n_unverified = int(keep.sum())
     estimate, upper, prob_terms, se = _node_bounds(stats, keep, n_unverified, alpha, theta, combine)
 
@@ -244,7 +264,7 @@ def false_negative_bound(
     else:
         flat_upper = torch.where(keep, upper, torch.full_like(upper, -1.0))
         max_upper = float(flat_upper.max())
-        worst = _unflatten(int(flat_upper.argmax()), node_types, shapes)
+        worst = layout.locate(int(flat_upper.argmax()))
     if theta is None:
         prob_upper = float("nan")
     elif n_unverified == 0:
@@ -264,8 +284,8 @@ def false_negative_bound(
         assumption=ASSUMPTION,
         cost=cost,
         direction=direction,
-        estimate=_per_type(torch.where(keep, estimate, torch.full_like(estimate, float("nan"))), node_types, shapes),
-        upper=_per_type(torch.where(keep, upper, torch.full_like(upper, float("nan"))), node_types, shapes),
+        estimate=layout.unflatten(torch.where(keep, estimate, torch.full_like(estimate, float("nan")))),
+        upper=layout.unflatten(torch.where(keep, upper, torch.full_like(upper, float("nan")))),
         info={
             "samples": samples,
             "p": p,
@@ -276,6 +296,7 @@ def false_negative_bound(
             # typical and largest standard error of ĉ(n): what ``plan_samples`` needs for the next bound
             "se_median": float(finite_se.median()) if len(finite_se) else float("nan"),
             "se_max": float(finite_se.max()) if len(finite_se) else float("nan"),
+            **run_info,
         },
     )
 
@@ -311,21 +332,3 @@ def _node_bounds(
             at_minus = 1.0 - student_t_cdf((e + theta) / s, d)  # P(ĉ this high | c = -θ)
             prob[usable] = torch.maximum(at_plus, at_minus)
     return estimate, upper, prob, torch.where(torch.isnan(df), torch.full_like(se, float("nan")), se)
-
-
-def _per_type(flat: torch.Tensor, node_types: list[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    out, start = {}, 0
-    for t in node_types:
-        size = int(torch.Size(shapes[t]).numel())
-        out[t] = flat[start : start + size].reshape(shapes[t])
-        start += size
-    return out
-
-
-def _unflatten(position: int, node_types: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[str, tuple[int, ...]]:
-    for t in node_types:
-        size = int(torch.Size(shapes[t]).numel())
-        if position < size:
-            return t, tuple(int(i) for i in torch.unravel_index(torch.tensor(position), shapes[t]))
-        position -= size
-    raise IndexError(position)

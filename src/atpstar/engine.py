@@ -17,14 +17,12 @@ import torch
 
 from .cost import Cost
 from .model import Model
+from .nodes import NODE_TABLE, layout_index
 from .pairs import PromptPairs
-from .runner import Run
+from .runner import PatchFn, Run
 
 # A batch of patched forwards may end at a change of position once it holds this many token-rows.
 MIN_CHUNK_TOKENS = 512
-
-# The runner site each node type replaces.
-SITE_OF: dict[str, str] = {"neuron": "neuron", "query": "q", "key": "k", "value": "v", "head": "z"}
 
 
 @dataclass
@@ -58,53 +56,36 @@ def prepare(model: Model, pairs: PromptPairs, direction: str, node_types: list[s
         final = model.run_layers(model.embed(base_tokens), base_run)
         base_logits = model.unembed(final[:, -1])
         base_metric = pairs.evaluate_metric(base_logits, torch.arange(pairs.n_pairs, device=base_logits.device))
-        sites = [SITE_OF[t] for t in node_types]
-        source_run = Run(model.n_layers, record=sites)
+        source_run = Run(model.n_layers, record=[NODE_TABLE[t].site for t in node_types])
         model.run_layers(model.embed(source_tokens), source_run)
     cost.add_forward(2 * pairs.n_pairs)
-    source = {t: source_run.records[SITE_OF[t]] for t in node_types}
+    source = {t: source_run.records[NODE_TABLE[t].site] for t in node_types}
     resid = base_run.records["resid_pre"][: model.n_layers]
     return PatchCache(resid, base_run.records["k"], base_run.records["v"], source, base_metric, pairs)
 
 
-def metric_after(model: Model, cache: PatchCache, run: Run, pair_index: torch.Tensor) -> torch.Tensor:
-    """Metric change [B] of a patched forward described by ``run`` for base pairs ``pair_index`` [B]."""
-    layer, t0 = run.start_layer, run.start_pos
-    run.prefix_kv = (
-        {
-            later: (cache.keys[later][pair_index, :, :t0], cache.values[later][pair_index, :, :t0])
-            for later in range(layer, model.n_layers)
-        }
-        if t0 > 0
-        else {}
-    )
+def metric_after(
+    model: Model, cache: PatchCache, patch: PatchFn, layer: int, t0: int, pair_index: torch.Tensor
+) -> torch.Tensor:
+    """Metric change [B] for base pairs ``pair_index`` [B] of a forward patched by ``patch``, started at
+    ``layer`` and position ``t0`` from the cached base run."""
+    prefix_kv = {}
+    if t0 > 0:
+        for later in range(layer, model.n_layers):
+            # A sliding-window layer's queries >= t0 see no key before t0 - window + 1: keep only those.
+            window = model.attention_args[later].window
+            first = 0 if window is None else max(0, t0 - window + 1)
+            prefix_kv[later] = (
+                cache.keys[later][pair_index, :, first:t0],  # [B, K, t0 - first, E]
+                cache.values[later][pair_index, :, first:t0],
+            )
+    run = Run(model.n_layers, patch=patch, start_layer=layer, start_pos=t0, prefix_kv=prefix_kv)
     hidden = cache.resid[layer][pair_index, t0:]  # [B, T', D]
     final = model.run_layers(hidden, run)
     logits = model.unembed(final[:, -1])  # [B, V]
     return cache.pairs.evaluate_metric(logits, pair_index.to(logits.device)) - cache.base_metric[pair_index].to(
         logits.device
     )
-
-
-def patch_single_nodes(
-    model: Model,
-    cache: PatchCache,
-    node_type: str,
-    layer: int,
-    pair_index: torch.Tensor,
-    unit_index: torch.Tensor,
-    pos_index: torch.Tensor,
-    cost: Cost,
-) -> torch.Tensor:
-    """Effects [B] of patching one node per batch element, all of one type at ``layer``.
-
-    Args:
-        pair_index: [B] the pair of each element.
-        unit_index: [B] head (query/head), kv head (key/value) or neuron index.
-        pos_index: [B] position.
-    """
-    type_index = torch.zeros_like(pair_index)
-    return patch_node_batch(model, cache, layer, [node_type], type_index, pair_index, unit_index, pos_index, cost)
 
 
 def patch_node_batch(
@@ -132,11 +113,10 @@ def patch_node_batch(
         if len(rows) == 0:
             continue
         pair, unit, pos = pair_index[rows], unit_index[rows], pos_index[rows]
-        source = cache.source[node_type][layer]
-        if node_type == "neuron":
-            patches[SITE_OF[node_type]] = ((rows, pos - t0, unit), source[pair, pos, unit])
-        else:
-            patches[SITE_OF[node_type]] = ((rows, unit, pos - t0), source[pair, unit, pos])
+        source = cache.source[node_type][layer]  # [P, T, M] or [P, H|K, T, E]
+        at = (rows, *layout_index(node_type, None, unit, pos - t0))  # into the site [B, T', M] or [B, H|K, T', E]
+        read = (pair, *layout_index(node_type, None, unit, pos))
+        patches[NODE_TABLE[node_type].site] = (at, source[read])
 
     def patch(at_layer: int, at_site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
         if at_layer != layer or at_site not in patches:
@@ -144,9 +124,8 @@ def patch_node_batch(
         index, values = patches[at_site]
         return x.index_put(tuple(i.to(x.device) for i in index), values.to(x.device, x.dtype))
 
-    run = Run(model.n_layers, patch=patch, start_layer=layer, start_pos=t0)
     with torch.inference_mode():
-        effect = metric_after(model, cache, run, pair_index)
+        effect = metric_after(model, cache, patch, layer, t0, pair_index)
     cost.add_forward(len(pair_index), start_layer=layer, n_layers=model.n_layers)
     return effect
 
@@ -209,29 +188,29 @@ def patch_masks(
     layers = [int(torch.nonzero(m.transpose(0, 1).flatten(1).any(1))[0]) for m in active.values()]
     start_layer = min(layers)
     start_pos = min(_first_pos(t, m) for t, m in active.items())
-    by_site = {SITE_OF[t]: (t, m) for t, m in active.items()}
+    by_site = {NODE_TABLE[t].site: (t, m) for t, m in active.items()}
 
     def patch(layer: int, site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
         if site not in by_site:
             return x
         node_type, mask = by_site[site]
-        source = cache.source[node_type][layer][pair_index]
-        if node_type == "neuron":
-            chosen = mask[:, layer, start_pos:]  # [B, T', M]
-            return torch.where(chosen.to(x.device), source[:, start_pos:].to(x.device, x.dtype), x)
-        chosen = mask[:, layer, :, start_pos:, None]  # [B, H|K, T', 1]
-        return torch.where(chosen.to(x.device), source[:, :, start_pos:].to(x.device, x.dtype), x)
+        row = NODE_TABLE[node_type]
+        n_pos = x.shape[row.pos_axis]
+        source = cache.source[node_type][layer][pair_index].narrow(row.pos_axis, start_pos, n_pos)  # like x
+        chosen = mask[:, layer].narrow(row.pos_axis, start_pos, n_pos)  # [B, T', M] or [B, H|K, T']
+        if row.vector:
+            chosen = chosen[..., None]  # [B, H|K, T', 1]
+        return torch.where(chosen.to(x.device), source.to(x.device, x.dtype), x)
 
-    run = Run(model.n_layers, patch=patch, start_layer=start_layer, start_pos=start_pos)
     with torch.inference_mode():
-        effect = metric_after(model, cache, run, pair_index)
+        effect = metric_after(model, cache, patch, start_layer, start_pos, pair_index)
     cost.add_forward(len(pair_index), start_layer=start_layer, n_layers=model.n_layers)
     return effect
 
 
 def _first_pos(node_type: str, mask: torch.Tensor) -> int:
     """Smallest position set anywhere in a [B, *layout] mask."""
-    pos_dim = 2 if node_type == "neuron" else 3
+    pos_dim = 1 + NODE_TABLE[node_type].pos_axis
     other = [d for d in range(mask.ndim) if d != pos_dim]
     return int(torch.nonzero(mask.permute(pos_dim, *other).flatten(1).any(1))[0])
 

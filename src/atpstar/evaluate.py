@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .nodes import check_node_types
+from .nodes import NodeLayout, check_node_types
 from .result import Attribution
 
 SETTINGS: tuple[str, ...] = ("distribution", "per_pair")
@@ -267,6 +267,24 @@ class Evaluation:
         )
 
 
+def _check_complete(truth: Attribution, types: list[str]) -> None:
+    """Refuse a ground truth that patched only part of the nodes (``layers=``, or missing node types)."""
+    missing = [t for t in types if t not in truth.per_pair]
+    if missing:
+        raise InputError(
+            f"the ground truth has no effects for node types {missing} (it covers {truth.node_types}); run "
+            "activation_patching with those node types, or compare on the truth's node types only"
+        )
+    n_layers = int(truth.per_pair[types[0]].shape[1])
+    layers = truth.info.get("layers")
+    if layers is not None and sorted(set(layers)) != list(range(n_layers)):
+        raise InputError(
+            f"the ground truth covers only layers {sorted(set(layers))} of {n_layers} (activation_patching with "
+            "layers=...): nodes of other layers were never patched, so recall against it would be wrong. Run "
+            "activation_patching over all layers (layers=None; a checkpoint lets it resume)"
+        )
+
+
 def evaluate(
     truth: Attribution,
     estimates: Sequence[Attribution] | dict[str, Attribution],
@@ -303,6 +321,7 @@ def evaluate(
     if not labelled:
         raise InputError("evaluate needs at least one estimate")
     types = check_node_types(list(node_types) if node_types is not None else truth.node_types)
+    _check_complete(truth, types)
     for label, estimate in labelled.items():
         _check_match(truth, estimate, label, types)
     n_pairs = truth.n_pairs
@@ -365,7 +384,8 @@ def evaluate(
 
 def _flat(tensors: dict[str, torch.Tensor], types: list[str], pair: int | None = None) -> torch.Tensor:
     """[N] all nodes of ``types`` (one pair's, or the aggregate), in node-type then layout order."""
-    return torch.cat([(tensors[t] if pair is None else tensors[t][pair]).flatten().double() for t in types])
+    chosen = {t: (tensors[t] if pair is None else tensors[t][pair]).double() for t in types}
+    return NodeLayout.like(chosen, types).flatten(chosen)
 
 
 def _nonzero(true_abs: torch.Tensor) -> int:

@@ -68,6 +68,7 @@ class _Search:
     progress: bool
     batch_size: int | None
     estimate_score: torch.Tensor  # [N] the estimator's aggregate score per node
+    engine: dict[str, Any]  # workers / ray_address for verify and the bounds
     verified: torch.Tensor = field(init=False)  # [N] bool
     order: list[int] = field(default_factory=list)  # flat index of each verified node, in order
     effects: list[torch.Tensor] = field(default_factory=list)  # per verified node: [P]
@@ -132,7 +133,13 @@ class _Search:
             cost=Cost(),
         )
         result = verify(
-            self.model, self.pairs, ranking, budget=len(flat), batch_size=self.batch_size, progress=self.progress
+            self.model,
+            self.pairs,
+            ranking,
+            budget=len(flat),
+            batch_size=self.batch_size,
+            progress=self.progress,
+            **self.engine,
         )
         self.add_cost(stage, result.cost)
         self.base_metric = result.base_metric
@@ -164,6 +171,8 @@ def find(
     estimator_options: dict[str, Any] | None = None,
     batch_size: int | None = None,
     memory_gb: float = 1.0,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> Localization:
     """Find every node with |c(n)| >= ``theta`` and certify that no other node is that large.
 
@@ -185,6 +194,8 @@ def find(
         seed: seed of the bounds' Subsampling (round r uses seed + r).
         estimator_options: options of the estimator method.
         batch_size, memory_gb: batching of the exact and joint patches.
+        workers, ray_address: run verification and the bounds' Subsampling on Ray workers (as
+            ``atpstar.verify`` and ``atpstar.false_negative_bound``); None: in-process.
 
     Returns:
         ``Localization``: ``nodes``, ``effects``, ``verified``, ``bound``, ``certified``, ``cost`` per stage,
@@ -235,7 +246,8 @@ def find(
         )
     scores = torch.cat([estimate_result.scores[t].double().flatten() for t in node_types])  # [N]
     per_pair = torch.cat([estimate_result.per_pair[t].double().flatten(1) for t in node_types], 1)  # [P, N]
-    search = _Search(model, pairs, node_types, shapes, weight, direction, budget, progress, batch_size, scores)
+    engine = {"workers": workers, "ray_address": ray_address}
+    search = _Search(model, pairs, node_types, shapes, weight, direction, budget, progress, batch_size, scores, engine)
     search.add_cost("estimate", estimate_result.cost)
     history: list[dict[str, Any]] = []
     n_nodes = len(weight)
@@ -304,6 +316,7 @@ def find(
             batch_size=batch_size,
             memory_gb=memory_gb,
             progress=progress,
+            **engine,
         )
         search.add_cost("bound", bound.cost)
         upper = torch.cat([bound.upper[t].flatten() for t in node_types])  # [N], nan at verified nodes

@@ -51,7 +51,11 @@ def load_model(
         hf_model, loaded_tokenizer = _from_pretrained(name, torch_dtype)
     if device is not None:
         hf_model = hf_model.to(device)
-    return Model(hf_model, tokenizer if tokenizer is not None else loaded_tokenizer, model_id=name)
+    wrapped = Model(hf_model, tokenizer if tokenizer is not None else loaded_tokenizer, model_id=name)
+    from .distributed.source import record_loaded
+
+    record_loaded(wrapped, name, torch_dtype)  # Ray workers load the same name instead of receiving weights
+    return wrapped
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -77,12 +81,7 @@ def _from_pretrained(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
         ) from err
     from .families import family_of
 
-    class _Probe:  # check the family before downloading weights
-        pass
-
-    probe = _Probe()
-    probe.config = config  # type: ignore[attr-defined]
-    family_of(probe)
+    family_of(config)  # check the family before downloading weights
     hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from .devices import execution_device
 from .errors import InputError
-from .families import Family, embed, family_of, get_path, sizes_of
+from .families import Family, LayerAttention, embed, family_of, get_path, layer_attention, sizes_of
 from .nodes import Sizes
 from .runner import ACTIVE_RUN, Run, atpstar_attention
 
@@ -46,12 +47,22 @@ class Model:
         self.tokenizer = tokenizer
         self.model_id = model_id or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
         self.sizes: Sizes = sizes_of(hf_model.config)
-        base = get_path(hf_model, self.family.base)
-        self._layers = list(get_path(base, self.family.layers))
-        self._final_norm = get_path(base, self.family.final_norm)
-        self._rotary = get_path(base, self.family.rotary) if self.family.rotary else None
-        self._attention_modules = [get_path(layer, self.family.attention) for layer in self._layers]
-        self._mlp_out_modules = [get_path(layer, self.family.mlp_out) for layer in self._layers]
+        family = self.family
+        base = get_path(hf_model, family.base, family, "base")
+        self._layers = list(get_path(base, family.layers, family, "layers"))
+        self._final_norm = get_path(base, family.final_norm, family, "final_norm")
+        self._rotary = get_path(base, family.rotary, family, "rotary") if family.rotary else None
+        self._attention_modules = [get_path(layer, family.attention, family, "attention") for layer in self._layers]
+        self._mlp_out_modules = [get_path(layer, family.mlp_out, family, "mlp_out") for layer in self._layers]
+        get_path(base, family.token_embed, family, "token_embed")
+        # What each layer's attention computes (window, soft-cap, scaling, rotary table), checked on every call.
+        self.attention_args: tuple[LayerAttention, ...] = tuple(
+            layer_attention(family, hf_model.config, module, i) for i, module in enumerate(self._attention_modules)
+        )
+        cap = getattr(hf_model.config, family.logit_softcap, None) if family.logit_softcap else None
+        self.logit_softcap: float | None = float(cap) if cap else None
+        # The attention function is handed the module; this finds its layer.
+        self._layer_of_attention = {id(module): layer for layer, module in enumerate(self._attention_modules)}
         from transformers import AttentionInterface
 
         AttentionInterface.register(ATTN_IMPLEMENTATION, atpstar_attention)
@@ -65,12 +76,27 @@ class Model:
     d_model = property(lambda self: self.sizes.d_model)
 
     @property
+    def layer_modules(self) -> list[torch.nn.Module]:
+        """The decoder layers, in order (for module hooks in tools and tests; do not modify)."""
+        return list(self._layers)
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.hf_model.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where token ids go in: the input embedding's (execution) device."""
+        return execution_device(self.hf_model.get_input_embeddings())
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Where layer ``layer`` computes (differs per layer for models dispatched with ``device_map``)."""
+        return execution_device(self._layers[layer])
+
+    @property
+    def output_device(self) -> torch.device:
+        """Where the logits are computed: the unembedding's (execution) device."""
+        return execution_device(self.hf_model.get_output_embeddings())
 
     def __repr__(self) -> str:
         s = self.sizes
@@ -101,13 +127,11 @@ class Model:
     @contextmanager
     def engaged(self, run: Run) -> Iterator[None]:
         """Route attention and MLP neurons through ``run``; restore everything afterwards, also on error."""
-        for layer, module in enumerate(self._attention_modules):
-            run.layer_of_attention[id(module)] = layer
         config: Any = self.hf_model.config
         saved_impl = config._attn_implementation
         saved_grad = [p.requires_grad for p in self.hf_model.parameters()]
         handles = []
-        token = ACTIVE_RUN.set(run)
+        token = ACTIVE_RUN.set((run, self._layer_of_attention, self.attention_args))
         try:
             config._attn_implementation = ATTN_IMPLEMENTATION
             for p in self.hf_model.parameters():
@@ -120,7 +144,10 @@ class Model:
             for handle in handles:
                 handle.remove()
             for p, flag in zip(self.hf_model.parameters(), saved_grad):
-                p.requires_grad_(flag)
+                # accelerate re-creates offloaded (meta) parameters at each call, as inference tensors
+                # when the call ran under inference_mode; those accept the flag only inside it.
+                with torch.inference_mode(p.is_inference()):
+                    p.requires_grad_(flag)
             config._attn_implementation = saved_impl
             ACTIVE_RUN.reset(token)
 
@@ -133,29 +160,31 @@ class Model:
         n_pos = hidden.shape[1]
         position_ids = torch.arange(run.start_pos, run.start_pos + n_pos, device=hidden.device)[None]
         kwargs: dict[str, Any] = {"attention_mask": None}
+        rotary_tables: dict[str | None, Any] = {}
         if self._rotary is not None:
             kwargs["position_ids"] = position_ids
-            kwargs["position_embeddings"] = self._rotary(hidden, position_ids)
-        if "resid_pre" in run.record:
-            run.records["resid_pre"] = [None] * (self.n_layers + 1)
+            for table in {args.rotary for args in self.attention_args[run.start_layer :]}:
+                # Gemma-3 keeps one table per layer type (local and global bases); others have one.
+                extra = () if table is None else (table,)
+                rotary_tables[table] = self._rotary(hidden, position_ids, *extra)
         with self.engaged(run):
             for layer in range(run.start_layer, self.n_layers):
-                if "resid_pre" in run.record:
-                    run.records["resid_pre"][layer] = hidden
+                run.resid(layer, hidden)
+                if self._rotary is not None:
+                    kwargs["position_embeddings"] = rotary_tables[self.attention_args[layer].rotary]
                 out = self._layers[layer](hidden, **kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                if run.drop_layer == layer:
-                    out = hidden + (out - hidden.to(out.device)).detach()
-                hidden = out
-        if "resid_pre" in run.record:
-            run.records["resid_pre"][self.n_layers] = hidden  # resid_post of the last layer
+                hidden = out[0] if isinstance(out, tuple) else out
+        run.resid(self.n_layers, hidden)  # resid_post of the last layer
         return hidden
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from the final residual stream: [..., D] -> [..., V]."""
+        """Logits from the final residual stream: [..., D] -> [..., V] (soft-capped where the family does)."""
         normed = self._final_norm(hidden)
         head = self.hf_model.get_output_embeddings()
-        return head(normed.to(head.weight.device))
+        logits = head(normed.to(execution_device(head)))
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap  # Gemma's final-logit soft-cap
+        return logits
 
     def logits(self, tokens: torch.Tensor, run: Run | None = None) -> torch.Tensor:
         """All-position logits of a full forward pass: tokens [B, T] -> [B, T, V] (for checks)."""

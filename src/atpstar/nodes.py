@@ -1,41 +1,28 @@
 """Node types, their per-pair layouts and TransformerLens-style names. Pure data.
 
-Shape letters: P pairs, L layers, H query heads, K key/value heads, T positions, M d_mlp.
+Every fact about a node type lives in one row of ``NODE_TABLE``; code elsewhere asks the table
+(``node_shape``, ``pos_axis``, ``layout_index``, ``NodeLayout``) instead of branching on the type.
+Adding a node type means adding a row here and, if it reads a new activation, a runner site.
 
-| node type | index          | layout per pair | name                                   |
-|-----------|----------------|-----------------|----------------------------------------|
-| neuron    | (l, t, i)      | [L, T, M]       | ``blocks.{l}.mlp.hook_post[pos {t}, {i}]`` |
-| query     | (l, h, t)      | [L, H, T]       | ``blocks.{l}.attn.hook_q[pos {t}, head {h}]`` |
-| key       | (l, g, t)      | [L, K, T]       | ``blocks.{l}.attn.hook_k[pos {t}, head {g}]`` |
-| value     | (l, g, t)      | [L, K, T]       | ``blocks.{l}.attn.hook_v[pos {t}, head {g}]`` |
-| head      | (l, h, t)      | [L, H, T]       | ``blocks.{l}.attn.hook_z[pos {t}, head {h}]`` |
+Shape letters: P pairs, L layers, H query heads, K key/value heads, T positions, M d_mlp, N nodes.
+
+| node type | axes                  | layout per pair | name                                          |
+|-----------|-----------------------|-----------------|-----------------------------------------------|
+| neuron    | (layer, pos, index)   | [L, T, M]       | ``blocks.{l}.mlp.hook_post[pos {t}, {i}]``    |
+| query     | (layer, head, pos)    | [L, H, T]       | ``blocks.{l}.attn.hook_q[pos {t}, head {h}]`` |
+| key       | (layer, head, pos)    | [L, K, T]       | ``blocks.{l}.attn.hook_k[pos {t}, head {g}]`` |
+| value     | (layer, head, pos)    | [L, K, T]       | ``blocks.{l}.attn.hook_v[pos {t}, head {g}]`` |
+| head      | (layer, head, pos)    | [L, H, T]       | ``blocks.{l}.attn.hook_z[pos {t}, head {h}]`` |
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from .errors import InputError
-
-NODE_TYPES: tuple[str, ...] = ("neuron", "query", "key", "value", "head")
-
-# The activation site each node type replaces, as TransformerLens names it.
-HOOK_NAMES: dict[str, str] = {
-    "neuron": "mlp.hook_post",
-    "query": "attn.hook_q",
-    "key": "attn.hook_k",
-    "value": "attn.hook_v",
-    "head": "attn.hook_z",
-}
-
-# Index order of each node type inside its per-pair layout.
-INDEX_NAMES: dict[str, tuple[str, ...]] = {
-    "neuron": ("layer", "pos", "neuron"),
-    "query": ("layer", "head", "pos"),
-    "key": ("layer", "head", "pos"),
-    "value": ("layer", "head", "pos"),
-    "head": ("layer", "head", "pos"),
-}
 
 
 @dataclass(frozen=True)
@@ -50,13 +37,56 @@ class Sizes:
     d_model: int
 
 
+@dataclass(frozen=True)
+class NodeType:
+    """Everything the package knows about one node type."""
+
+    name: str
+    axes: tuple[str, ...]  # index names of the per-pair layout, in order; also the ``to_rows`` columns
+    unit_size: str  # the ``Sizes`` field that sizes the unit axis (the axis that is neither layer nor pos)
+    hook: str  # TransformerLens hook name inside ``blocks.{l}``
+    site: str  # runner site it is read and patched at (``runner.SITES``)
+    vector: bool  # the site holds a d_head vector per node ([B, H|K, T, E]); estimates sum over it
+    unit_label: str  # prefix of the unit in node names ("head " -> "[pos 5, head 2]")
+
+    @property
+    def pos_axis(self) -> int:
+        """Axis of the position in the per-pair layout."""
+        return self.axes.index("pos")
+
+    @property
+    def unit_axis(self) -> int:
+        """Axis of the unit (head, kv head or neuron) in the per-pair layout."""
+        return next(i for i, axis in enumerate(self.axes) if axis not in ("layer", "pos"))
+
+    def shape(self, sizes: Sizes, seq_len: int) -> tuple[int, ...]:
+        lengths = {"layer": sizes.n_layers, "pos": seq_len}
+        return tuple(lengths.get(axis, getattr(sizes, self.unit_size)) for axis in self.axes)
+
+
+_ATTENTION_AXES = ("layer", "head", "pos")
+
+NODE_TABLE: dict[str, NodeType] = {
+    t.name: t
+    for t in (
+        NodeType("neuron", ("layer", "pos", "index"), "d_mlp", "mlp.hook_post", "neuron", False, ""),
+        NodeType("query", _ATTENTION_AXES, "n_heads", "attn.hook_q", "q", True, "head "),
+        NodeType("key", _ATTENTION_AXES, "n_kv_heads", "attn.hook_k", "k", True, "head "),
+        NodeType("value", _ATTENTION_AXES, "n_kv_heads", "attn.hook_v", "v", True, "head "),
+        NodeType("head", _ATTENTION_AXES, "n_heads", "attn.hook_z", "z", True, "head "),
+    )
+}
+
+NODE_TYPES: tuple[str, ...] = tuple(NODE_TABLE)
+
+# Columns of node tables (``Attribution.to_rows``, ``Verification.to_rows``): the union of the axes.
+INDEX_COLUMNS: tuple[str, ...] = ("layer", "head", "pos", "index")
+
+
 def node_shape(node_type: str, sizes: Sizes, seq_len: int) -> tuple[int, ...]:
     """Layout of one pair's nodes of ``node_type`` (without the pair axis)."""
     check_node_types([node_type])
-    if node_type == "neuron":
-        return (sizes.n_layers, seq_len, sizes.d_mlp)
-    heads = sizes.n_heads if node_type in ("query", "head") else sizes.n_kv_heads
-    return (sizes.n_layers, heads, seq_len)
+    return NODE_TABLE[node_type].shape(sizes, seq_len)
 
 
 def check_node_types(node_types: object) -> list[str]:
@@ -73,13 +103,112 @@ def check_node_types(node_types: object) -> list[str]:
 
 def node_name(node_type: str, index: tuple[int, ...]) -> str:
     """TransformerLens-style name of one node, e.g. ``blocks.3.attn.hook_k[pos 5, head 2]``."""
-    if node_type == "neuron":
-        layer, pos, unit = index
-        return f"blocks.{layer}.{HOOK_NAMES[node_type]}[pos {pos}, {unit}]"
-    layer, head, pos = index
-    return f"blocks.{layer}.{HOOK_NAMES[node_type]}[pos {pos}, head {head}]"
+    row = NODE_TABLE[node_type]
+    layer, unit, pos = index[0], index[row.unit_axis], index[row.pos_axis]
+    return f"blocks.{layer}.{row.hook}[pos {pos}, {row.unit_label}{unit}]"
+
+
+def index_columns(node_type: str, index: tuple[int, ...]) -> dict[str, int]:
+    """A node's index as table columns, e.g. ``{"layer": 3, "head": 2, "pos": 5}``."""
+    return dict(zip(NODE_TABLE[node_type].axes, index))
 
 
 def pos_axis(node_type: str) -> int:
     """Axis of the position index in a per-pair layout."""
-    return 1 if node_type == "neuron" else 2
+    return NODE_TABLE[node_type].pos_axis
+
+
+def unit_and_pos(node_type: str, index: tuple[Any, ...]) -> tuple[Any, Any]:
+    """(unit, pos) of a layout index ``(layer, a, b)``; works on ints and on index tensors alike."""
+    row = NODE_TABLE[node_type]
+    return index[row.unit_axis], index[row.pos_axis]
+
+
+def layout_index(node_type: str, layer: Any, unit: Any, pos: Any) -> tuple[Any, ...]:
+    """The layout index (in axis order) of the node(s) at ``layer``, ``unit``, ``pos`` (ints or tensors).
+
+    Pass ``layer=None`` for the index into one layer's activation ([B, *layout[1:]] after a batch axis).
+    """
+    row = NODE_TABLE[node_type]
+    parts = {"layer": layer, "pos": pos}
+    index = tuple(parts.get(axis, unit) for axis in row.axes)
+    return index[1:] if layer is None else index
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """Several node types laid end to end on one flat node axis (N), in the order of ``shapes``.
+
+    Attributes:
+        shapes: node type -> per-pair layout (as ``node_shape``); its order is the flat order.
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, node_types: list[str], sizes: Sizes, seq_len: int) -> NodeLayout:
+        return cls({t: node_shape(t, sizes, seq_len) for t in node_types})
+
+    @classmethod
+    def like(cls, tensors: dict[str, torch.Tensor], node_types: list[str], lead: int = 0) -> NodeLayout:
+        """The layout of ``tensors[t]`` [*lead, *layout] for ``node_types``."""
+        return cls({t: tuple(tensors[t].shape[lead:]) for t in node_types})
+
+    @property
+    def node_types(self) -> list[str]:
+        return list(self.shapes)
+
+    def count(self, node_type: str) -> int:
+        return int(torch.Size(self.shapes[node_type]).numel())
+
+    @property
+    def size(self) -> int:
+        """N, the number of nodes of all types."""
+        return sum(self.count(t) for t in self.shapes)
+
+    def span(self, node_type: str) -> slice:
+        """Where ``node_type`` lies on the flat axis."""
+        start = 0
+        for t in self.shapes:
+            if t == node_type:
+                return slice(start, start + self.count(t))
+            start += self.count(t)
+        raise KeyError(node_type)
+
+    def flatten(self, tensors: dict[str, torch.Tensor], fill: Any = None) -> torch.Tensor:
+        """{t: [*lead, *layout]} -> [*lead, N]; a missing type is filled with ``fill`` (None: required)."""
+        first = next(t for t in self.shapes if t in tensors)
+        present = tensors[first]
+        lead = present.shape[: present.ndim - len(self.shapes[first])]
+        parts = []
+        for t in self.shapes:
+            if t in tensors or fill is None:
+                parts.append(tensors[t].reshape(*lead, self.count(t)))  # [*lead, *layout] -> [*lead, n_t]
+            else:
+                parts.append(torch.full((*lead, self.count(t)), fill, dtype=present.dtype))
+        return torch.cat(parts, dim=-1)
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[*lead, N] -> {t: [*lead, *layout]} (views where possible)."""
+        lead = flat.shape[:-1]
+        return {t: flat[..., self.span(t)].reshape(*lead, *shape) for t, shape in self.shapes.items()}
+
+    def locate(self, position: int) -> tuple[str, tuple[int, ...]]:
+        """(node type, layout index) of one flat position."""
+        for t, shape in self.shapes.items():
+            if position < self.count(t):
+                return t, tuple(int(i) for i in torch.unravel_index(torch.tensor(position), shape))
+            position -= self.count(t)
+        raise IndexError(position)
+
+    def split(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat positions [N'] -> (type index into ``node_types`` [N'], position within the type [N'])."""
+        ends = torch.tensor([self.count(t) for t in self.shapes]).cumsum(0)  # [types]
+        type_index = torch.searchsorted(ends, positions, right=True)
+        starts = ends - torch.tensor([self.count(t) for t in self.shapes])
+        return type_index, positions - starts[type_index]
+
+    def position(self, type_index: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``split``: flat positions [N'] of (type index, position within the type) [N'] each."""
+        starts = torch.tensor([0] + [self.count(t) for t in self.shapes]).cumsum(0)  # [types + 1]
+        return starts[type_index] + index

@@ -7,31 +7,83 @@ from __future__ import annotations
 
 import torch
 
-from .runner import expand_kv
+
+def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, K, S, E] -> [B, H, S, E]: query head h reads kv head h // (H / K), as transformers' repeat_kv."""
+    groups = n_heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def causal_scores(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Attention logits with the causal mask as -inf: q [B, H, T, E], k [B, K, S, E] -> [B, H, T, S]."""
-    scores = torch.matmul(q, expand_kv(k, q.shape[1]).transpose(-1, -2)) * scaling
-    n_q, n_k = scores.shape[-2:]
-    visible = torch.arange(n_k, device=q.device)[None, :] <= torch.arange(n_k - n_q, n_k, device=q.device)[:, None]
-    return scores.masked_fill(~visible, float("-inf"))
+def visible_keys(
+    n_queries: int, n_keys: int, window: int | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """The one attention mask: bool [T, S], queries being the last T of the S key positions.
+
+    Query i sits at key position S - T + i; it sees key s when s <= S - T + i (causal) and, with a
+    sliding window w, when S - T + i - s < w (transformers' ``sliding_window_overlay``). Only position
+    differences matter, so a run that starts late or a prefix cache trimmed to the window uses the
+    same mask.
+    """
+    query_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]  # [T, 1]
+    key_pos = torch.arange(n_keys, device=device)[None, :]  # [1, S]
+    visible = key_pos <= query_pos
+    if window is not None:
+        visible = visible & (query_pos - key_pos < window)
+    return visible
+
+
+def softcap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Score soft-capping c·tanh(x / c) (Gemma-2), in the order transformers computes it; None: unchanged."""
+    return scores if cap is None else torch.tanh(scores / cap) * cap
+
+
+def raw_scores(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Scaled dot products before soft-cap and mask: q [B, H, T, E], k [B, K, S, E] -> [B, H, T, S]."""
+    return torch.matmul(q, expand_kv(k, q.shape[1]).transpose(-1, -2)) * scaling
+
+
+def attention_scores(
+    q: torch.Tensor, k: torch.Tensor, scaling: float, cap: float | None = None, window: int | None = None
+) -> torch.Tensor:
+    """Attention logits (soft-capped) with masked entries -inf: q [B, H, T, E], k [B, K, S, E] -> [B, H, T, S]."""
+    scores = softcap(raw_scores(q, k, scaling), cap)
+    visible = visible_keys(q.shape[-2], k.shape[-2], window, q.device)
+    compute_dtype = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
+    return scores.to(compute_dtype).masked_fill(~visible, float("-inf"))
+
+
+def attention_pattern(
+    q: torch.Tensor, k: torch.Tensor, scaling: float, cap: float | None = None, window: int | None = None
+) -> torch.Tensor:
+    """softmax of ``attention_scores``: [B, H, T, S], in q's dtype.
+
+    Softmax runs in float32 for half-precision inputs (as the models' eager attention does) and in
+    the input precision otherwise, so float64 runs stay float64.
+    """
+    return torch.softmax(attention_scores(q, k, scaling, cap, window), dim=-1).to(q.dtype)
 
 
 def query_fix(
-    q_source: torch.Tensor, k_base: torch.Tensor, pattern: torch.Tensor, grad_pattern: torch.Tensor, scaling: float
+    q_source: torch.Tensor,
+    k_base: torch.Tensor,
+    pattern: torch.Tensor,
+    grad_pattern: torch.Tensor,
+    scaling: float,
+    cap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Î_Q(q_t) = Σ_s (A'[t, s] - A[t, s]) G[t, s], with A' the exact softmax for the patched query row.
+    """Î_Q(q_t) = Σ_s (A'[t, s] - A[t, s]) G[t, s], with A' the exact (capped, masked) softmax for the patched row.
 
     Args:
-        q_source: [B, H, T, E] queries of the source run (post-rotary).
+        q_source: [B, H, T, E] queries of the source run (post-rotary, post-QK-norm).
         k_base: [B, K, T, E] keys of the base run.
         pattern: [B, H, T, T] base attention pattern A; grad_pattern: [B, H, T, T] G = dL/dA.
+        scaling, cap, window: the layer's score scaling, soft-cap and sliding window.
 
     Returns:
         [B, H, T] one estimate per query node.
     """
-    new_pattern = torch.softmax(causal_scores(q_source, k_base, scaling), dim=-1)
+    new_pattern = torch.softmax(attention_scores(q_source, k_base, scaling, cap, window), dim=-1)
     return ((new_pattern - pattern) * grad_pattern).sum(-1)
 
 
@@ -41,23 +93,31 @@ def key_fix(
     k_source: torch.Tensor,
     grad_pattern: torch.Tensor,
     scaling: float,
+    cap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Î_K(k_s) = Σ_t (a' - a)(G[t, s] - ḡ[t, s]), exact softmax for one changed logit per row.
 
-    a = A[t, s], a' = sigmoid(logit(a) + Δ[t, s]) with Δ = q_t · (k_s(source) - k_s(base)) · scaling, and ḡ the
-    mean of G over the row's other keys weighted by their renormalised probabilities. Everything is in
-    log space so saturated rows (a ≈ 0 with large Δ, a ≈ 1) keep full precision; for the dominant key of
-    each row, 1 - a and ḡ come from a leave-that-key-out softmax rather than by subtraction. O(T²·E).
+    a = A[t, s], a' = sigmoid(logit(a) + Δ[t, s]) with Δ the change of the (soft-capped) score of key s
+    in row t: Δ = c·tanh((x + δ)/c) - c·tanh(x/c) for raw score x = q_t·k_s·scaling and
+    δ = q_t·(k_s(source) - k_s(base))·scaling (Δ = δ without a cap). ḡ is the mean of G over the row's
+    other keys weighted by their renormalised probabilities. Rows whose causal/sliding window excludes
+    s are untouched. Everything is in log space so saturated rows (a ≈ 0 with large Δ, a ≈ 1) keep
+    full precision; for the dominant key of each row, 1 - a and ḡ come from a leave-that-key-out
+    softmax rather than by subtraction. O(T²·E).
 
     Args:
         q_base: [B, H, T, E]; k_base, k_source: [B, K, T, E]; grad_pattern: [B, H, T, T] (G = dL/dA).
+        scaling, cap, window: the layer's score scaling, soft-cap and sliding window.
 
     Returns:
         [B, K, T] one estimate per key node, summed over the query heads of its group and over queries.
     """
-    scores = causal_scores(q_base, k_base, scaling)  # [B, H, T, S]
-    visible = torch.isfinite(scores)
-    delta = torch.matmul(q_base, expand_kv(k_source - k_base, q_base.shape[1]).transpose(-1, -2)) * scaling
+    raw = raw_scores(q_base, k_base, scaling)  # [B, H, T, S]
+    visible = visible_keys(q_base.shape[-2], k_base.shape[-2], window, q_base.device)  # [T, S]
+    scores = softcap(raw, cap).masked_fill(~visible, float("-inf"))
+    raw_delta = raw_scores(q_base, k_source - k_base, scaling)
+    delta = raw_delta if cap is None else softcap(raw + raw_delta, cap) - softcap(raw, cap)
     log_total = torch.logsumexp(scores, dim=-1, keepdim=True)
     log_a = scores - log_total  # [B, H, T, S]
     prob = log_a.exp()

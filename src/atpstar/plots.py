@@ -18,7 +18,7 @@ import torch
 
 from .errors import AtpstarError, InputError
 from .evaluate import Evaluation
-from .nodes import check_node_types
+from .nodes import NODE_TABLE, check_node_types
 from .result import Attribution
 
 MAX_POINTS = 6000  # per scatter panel: all the largest true effects, a random sample of the rest
@@ -186,13 +186,12 @@ def _subsample(values: np.ndarray, gen: np.random.Generator) -> np.ndarray:
 
 def contribution_maps(attribution: Attribution, node_type: str) -> dict[str, np.ndarray]:
     """Summed |scores| of one node type: ``"layer x pos"`` [L, T] and, for attention types, ``"layer x head"`` [L, H]."""
-    scores = attribution.scores[node_type].abs().double()
+    scores = attribution.scores[node_type].abs().double()  # [L, T, M] or [L, H|K, T]
+    row = NODE_TABLE[node_type]
     maps = {}
-    if node_type == "neuron":
-        maps["layer x pos"] = scores.sum(2).numpy()  # [L, T, M] -> [L, T]
-    else:
-        maps["layer x head"] = scores.sum(2).numpy()  # [L, H, T] -> [L, H]
-        maps["layer x pos"] = scores.sum(1).numpy()  # [L, H, T] -> [L, T]
+    if "head" in row.axes:
+        maps["layer x head"] = scores.sum(row.pos_axis).numpy()  # [L, H, T] -> [L, H]
+    maps["layer x pos"] = scores.sum(row.unit_axis).numpy()  # [L, H, T] or [L, T, M] -> [L, T]
     return maps
 
 

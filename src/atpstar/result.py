@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from .cost import Cost
 from .errors import InputError
-from .nodes import check_node_types, node_name
+from .nodes import INDEX_COLUMNS, NodeLayout, check_node_types, index_columns, node_name
 
 FORMAT_VERSION = 1
 
@@ -74,13 +74,13 @@ class Attribution:
         Ties keep the order of node types and layout (stable sort), so rankings are reproducible.
         """
         types = self.node_types if node_types is None else check_node_types(node_types)
-        flat = torch.cat([self.scores[t].abs().flatten().double() for t in types])
-        type_index = torch.cat([torch.full((self.scores[t].numel(),), i) for i, t in enumerate(types)])
-        offsets = torch.cat([torch.arange(self.scores[t].numel()) for t in types])
+        layout = NodeLayout.like(self.scores, types)
+        flat = layout.flatten({t: self.scores[t].abs().double() for t in types})  # [N]
         ranked = torch.sort(flat, descending=True, stable=True).indices
         if k is not None:
             ranked = ranked[:k]
-        return types, type_index[ranked], offsets[ranked]
+        type_index, flat_index = layout.split(ranked)
+        return types, type_index, flat_index
 
     def top(self, k: int = 20, node_types: list[str] | None = None) -> list[RankedNode]:
         """The k nodes with the largest ``|scores|`` across the node types, largest first."""
@@ -101,15 +101,14 @@ class Attribution:
         rows = []
         for rank, node in enumerate(self.top(k), start=1):
             row: dict[str, Any] = {"rank": rank, "name": node.name, "node_type": node.node_type}
-            keys = ("layer", "pos", "index") if node.node_type == "neuron" else ("layer", "head", "pos")
-            row.update(dict(zip(keys, node.index)))
+            row.update(index_columns(node.node_type, node.index))
             row["score"] = node.score
             rows.append(row)
         return rows
 
     def to_csv(self, path: str | Path, k: int | None = None) -> None:
         rows = self.to_rows(k)
-        fields = ["rank", "name", "node_type", "layer", "head", "pos", "index", "score"]
+        fields = ["rank", "name", "node_type", *INDEX_COLUMNS, "score"]
         with open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()

@@ -10,13 +10,16 @@ Shape letters: B batch, H heads, K kv-heads, T positions (T' = T - start_pos), E
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
 from .errors import AtpstarError
+from .families import LayerAttention
+from .ops import attention_pattern, expand_kv
 
 # q, k, v: [B, H|K, T', E]; pattern: [B, H, T', T]; z: [B, H, T', E]; neuron: [B, T', M]
 SITES: tuple[str, ...] = ("q", "k", "v", "pattern", "z", "neuron")
@@ -24,20 +27,28 @@ SITES: tuple[str, ...] = ("q", "k", "v", "pattern", "z", "neuron")
 # A patch receives (layer, site, activation, run) and returns the activation to use instead.
 PatchFn = Callable[[int, str, torch.Tensor, "Run"], torch.Tensor]
 
-ACTIVE_RUN: ContextVar[Run | None] = ContextVar("atpstar_active_run", default=None)
+# The run being computed, its model's attention modules (id -> layer) and each layer's attention
+# arguments, set by ``Model.engaged``.
+ACTIVE_RUN: ContextVar[tuple[Run, Mapping[int, int], Sequence[LayerAttention]] | None] = ContextVar(
+    "atpstar_active_run", default=None
+)
 
 
 class Run:
     """What one forward pass records and patches.
 
+    The caller builds a run (everything it needs goes into the constructor) and hands it to
+    ``Model.run_layers``; during the pass the model calls ``site``, ``attention`` and ``resid``;
+    afterwards the caller reads ``records``/``get`` and ``scaling``. Nothing else writes to a run.
+
     Args:
         n_layers: layers of the model.
-        record: sites to keep, per layer, in ``records[site][layer]`` (also ``resid_pre``).
+        record: sites to keep, per layer (``SITES``, and ``"resid_pre"``: the residual stream
+            entering each layer, with the final residual stream at index ``n_layers``).
         patch: optional function that replaces activations at sites.
         start_layer: first layer computed (the input hidden state enters this layer).
         start_pos: first position computed; earlier positions come from ``prefix_kv``.
         prefix_kv: per layer, (keys [B, K, start_pos, E], values [B, K, start_pos, E]) for earlier positions.
-        drop_layer: hold this layer's residual write constant in the backward graph (GradDrop reference).
     """
 
     def __init__(
@@ -47,63 +58,67 @@ class Run:
         patch: PatchFn | None = None,
         start_layer: int = 0,
         start_pos: int = 0,
-        prefix_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
-        drop_layer: int | None = None,
+        prefix_kv: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
-        self.record = set(record)
-        self.records: dict[str, list[Any]] = {site: [None] * n_layers for site in self.record}
+        self.record = frozenset(record)
         self.patch = patch
         self.start_layer = start_layer
         self.start_pos = start_pos
-        self.prefix_kv = prefix_kv or {}
-        self.drop_layer = drop_layer
-        self.scaling: dict[int, float] = {}
-        self.layer_of_attention: dict[int, int] = {}
+        self.prefix_kv: Mapping[int, tuple[torch.Tensor, torch.Tensor]] = MappingProxyType(dict(prefix_kv or {}))
+        self._records: dict[str, list[Any]] = {
+            site: [None] * (n_layers + 1 if site == "resid_pre" else n_layers) for site in self.record
+        }
+        self._scaling: dict[int, float] = {}
 
+    @property
+    def records(self) -> Mapping[str, list[Any]]:
+        """Recorded activations after the pass: site -> per layer tensor (None for layers not run). Read only."""
+        return MappingProxyType(self._records)
+
+    @property
+    def scaling(self) -> Mapping[int, float]:
+        """Attention score scaling per layer, as the model passed it. Read only."""
+        return MappingProxyType(self._scaling)
+
+    def get(self, site: str, layer: int) -> torch.Tensor:
+        """The activation recorded at ``site`` of ``layer``."""
+        value = self._records[site][layer]
+        if value is None:
+            raise KeyError(f"site {site!r} of layer {layer} was not computed in this run")
+        return value
+
+    # Called by the model during the pass ---------------------------------------------------------
     def site(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Patch (if a patch is set) and record (if asked) the activation ``x`` at site ``name``."""
         if self.patch is not None:
             x = self.patch(layer, name, x, self)
         if name in self.record:
-            self.records[name][layer] = x
+            self._records[name][layer] = x
         return x
 
+    def resid(self, layer: int, hidden: torch.Tensor) -> None:
+        """The residual stream entering ``layer`` (``n_layers``: after the last layer) [B, T', D]."""
+        if "resid_pre" in self.record:
+            self._records["resid_pre"][layer] = hidden
+
     def attention(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, args: LayerAttention
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of one layer from post-rotary q [B, H, T', E], k/v [B, K, T', E]: (z [B, T', H, E], pattern)."""
         q = self.site(layer, "q", query)
         k = self.site(layer, "k", key)
         v = self.site(layer, "v", value)
         if self.start_pos > 0:
             prefix_k, prefix_v = self.prefix_kv[layer]
-            k = torch.cat([prefix_k.to(k.device, k.dtype), k], dim=2)  # [B, K, T, E]
+            # The prefix may be trimmed to the layer's window: keys are the last S positions up to the last query.
+            k = torch.cat([prefix_k.to(k.device, k.dtype), k], dim=2)  # [B, K, S, E]
             v = torch.cat([prefix_v.to(v.device, v.dtype), v], dim=2)
-        self.scaling[layer] = scaling
-        pattern = attention_pattern(q, k, scaling, self.start_pos)
+        self._scaling[layer] = args.scaling
+        pattern = attention_pattern(q, k, args.scaling, args.softcap, args.window)  # [B, H, T', S]
         pattern = self.site(layer, "pattern", pattern)
         z = torch.matmul(pattern, expand_kv(v, q.shape[1]))  # [B, H, T', E]
         z = self.site(layer, "z", z)
-        return z.transpose(1, 2).contiguous(), pattern
-
-
-def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[B, K, T, E] -> [B, H, T, E]: query head h reads kv head h // (H / K), as transformers' repeat_kv."""
-    groups = n_heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def attention_pattern(q: torch.Tensor, k: torch.Tensor, scaling: float, start_pos: int = 0) -> torch.Tensor:
-    """Causal softmax(q kᵀ · scaling): q [B, H, T', E], k [B, K, T, E] -> [B, H, T', T].
-
-    Softmax runs in float32 for half-precision inputs (as the models' eager attention does) and in
-    the input precision otherwise, so float64 runs stay float64.
-    """
-    scores = torch.matmul(q, expand_kv(k, q.shape[1]).transpose(-1, -2)) * scaling
-    n_q, n_k = scores.shape[-2], scores.shape[-1]
-    query_pos = torch.arange(start_pos, start_pos + n_q, device=scores.device)[:, None]
-    visible = torch.arange(n_k, device=scores.device)[None, :] <= query_pos  # [T', T]
-    compute_dtype = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
-    scores = scores.to(compute_dtype).masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1).to(q.dtype)
+        return z.transpose(1, 2).contiguous(), pattern  # [B, T', H, E]
 
 
 def atpstar_attention(
@@ -117,13 +132,33 @@ def atpstar_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The function registered as attention implementation ``"atpstar"``; routes to the active run."""
-    run = ACTIVE_RUN.get()
-    if run is None:
+    active = ACTIVE_RUN.get()
+    if active is None:
         raise AtpstarError(
             "attention implementation 'atpstar' was called outside an atpstar run; "
             "call the model through atpstar (attribute/verify), or reset config._attn_implementation"
         )
-    layer = run.layer_of_attention[id(module)]
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    return run.attention(layer, query, key, value, float(scaling))
+    run, layer_of_module, attention_args = active
+    layer = layer_of_module[id(module)]
+    args = attention_args[layer]
+    _check_arguments(layer, args, scaling, kwargs)
+    return run.attention(layer, query, key, value, args)
+
+
+def _check_arguments(layer: int, args: LayerAttention, scaling: float | None, kwargs: dict[str, Any]) -> None:
+    """The model's own attention arguments must be what the family table computes; refuse any other."""
+    passed: dict[str, Any] = {
+        "scaling": args.scaling if scaling is None else float(scaling),
+        "sliding_window": kwargs.get("sliding_window"),
+        "softcap": kwargs.get("softcap"),
+    }
+    expected = {"scaling": args.scaling, "sliding_window": args.window, "softcap": args.softcap}
+    for name, value in passed.items():
+        if value != expected[name]:
+            raise AtpstarError(
+                f"layer {layer}: the model passes {name}={value!r} to attention but the family table computes "
+                f"{expected[name]!r}; atpstar refuses to compute a different attention (please report this model)"
+            )
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise AtpstarError(f"layer {layer}: attention sinks ({name}) are not implemented")

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .cost import Cost
-from .engine import element_bytes, prepare, sweep_layer
+from .engine import PatchCache, element_bytes, prepare, sweep_layer
 from .errors import InputError
-from .model import as_model
-from .nodes import node_name, node_shape
+from .model import Model, as_model
+from .nodes import NODE_TABLE, NodeLayout, index_columns, node_name, node_shape
 from .pairs import PromptPairs, check_direction
 from .progress import progress_bar
 from .result import Attribution, _jsonable
@@ -73,20 +73,11 @@ class Verification:
         """TransformerLens-style name per verified node."""
         return [node_name(t, index) for t, index in self.nodes]
 
-    def masks(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-        """node type -> bool [*layout], True at verified nodes, for every type in ``shapes``."""
-        out = {t: torch.zeros(shape, dtype=torch.bool) for t, shape in shapes.items()}
-        for t, index in self.nodes:
-            if t in out:
-                out[t][index] = True
-        return out
-
     def to_rows(self) -> list[dict[str, Any]]:
         """One row per verified node, in verification order."""
         rows = []
         for rank, ((t, index), name) in enumerate(zip(self.nodes, self.names), start=1):
-            keys = ("layer", "pos", "index") if t == "neuron" else ("layer", "head", "pos")
-            row: dict[str, Any] = {"rank": rank, "name": name, "node_type": t, **dict(zip(keys, index))}
+            row: dict[str, Any] = {"rank": rank, "name": name, "node_type": t, **index_columns(t, index)}
             row["estimate_score"] = float(self.estimate_scores[rank - 1])
             row["effect"] = float(self.mean_effects[rank - 1])
             rows.append(row)
@@ -176,6 +167,10 @@ def verify(
     direction: str | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    *,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    checkpoint: str | None = None,
 ) -> Verification:
     """Patch nodes exactly, one at a time, in the order of ``estimate`` (largest ``|score|`` first).
 
@@ -189,6 +184,11 @@ def verify(
         direction: ``"noising"`` or ``"denoising"``; None takes ``estimate.direction``.
         batch_size: patched forwards per batch; None fits a 1 GB budget.
         progress: show a progress bar.
+        workers: verify on this many Ray workers, in windows of ranks (``pip install
+            'atpstar[distributed]'``); None: in-process.
+        ray_address: None starts a local Ray instance; ``"auto"`` joins a running cluster.
+        checkpoint: a folder; each finished window of ranks is saved there, and a rerun with the same
+            folder, model, pairs and estimate resumes from them (also in-process).
 
     Returns:
         ``Verification`` with ``nodes``, ``effects`` [N, P], ``mean_effects``, ``names``, ``cost``.
@@ -219,42 +219,43 @@ def verify(
     model.check_ready(torch.cat([pairs.clean, pairs.noise]))
 
     types, type_index, flat_index = estimate.order()
-    ranked_scores = torch.cat([estimate.scores[t].flatten().double() for t in types])
-    offsets = torch.tensor([0] + [estimate.scores[t].numel() for t in types]).cumsum(0)
-    ranked_scores = ranked_scores[offsets[type_index] + flat_index]  # [all nodes] in estimate order
+    layout = NodeLayout.like(estimate.scores, types)
+    flat_scores = layout.flatten({t: estimate.scores[t].double() for t in types})  # [N] in layout order
+    ranked_scores = flat_scores[layout.position(type_index, flat_index)]  # [N] in estimate order
     n_verify = len(ranked_scores)
     if threshold is not None:
         n_verify = int((ranked_scores.abs() >= threshold).sum())  # sorted by |score|: a prefix
     if budget is not None:
         n_verify = min(n_verify, budget)
 
-    cost = Cost()
-    cache = prepare(model, pairs, direction, node_types, cost)
-    n_pairs = pairs.n_pairs
-    effects = torch.zeros(n_verify, n_pairs, dtype=torch.float64)
     batch = batch_size or max(1, int(2**30 // element_bytes(model, pairs.seq_len)))
-    nodes: list[tuple[str, tuple[int, ...]]] = []
-    for position in range(n_verify):
-        t = types[int(type_index[position])]
-        shape = estimate.scores[t].shape
-        nodes.append((t, tuple(int(v) for v in torch.unravel_index(flat_index[position], shape))))
-    # One element per (verified node, pair): rank in verification order, then the engine's node tuple.
-    ranks = torch.arange(n_verify).repeat_interleave(n_pairs)
-    pair_i = torch.arange(n_pairs).repeat(n_verify)
-    type_i = type_index[:n_verify].repeat_interleave(n_pairs)
-    index = torch.tensor([node[1] for node in nodes], dtype=torch.long).reshape(n_verify, 3)
-    layer_i = index[:, 0].repeat_interleave(n_pairs)
-    is_neuron = torch.tensor([t == "neuron" for t, _ in nodes], dtype=torch.bool).repeat_interleave(n_pairs)
-    a, b = index[:, 1].repeat_interleave(n_pairs), index[:, 2].repeat_interleave(n_pairs)
-    unit_i, pos_i = torch.where(is_neuron, b, a), torch.where(is_neuron, a, b)  # neuron layout is (pos, unit)
+    nodes = [layout.locate(int(p)) for p in layout.position(type_index[:n_verify], flat_index[:n_verify])]
+    index = torch.tensor([node[1] for node in nodes], dtype=torch.long).reshape(n_verify, 3)  # [n, (layer, a, b)]
+    unit_axis = torch.tensor([NODE_TABLE[t].unit_axis for t, _ in nodes], dtype=torch.long).reshape(n_verify, 1)
+    pos_axis = torch.tensor([NODE_TABLE[t].pos_axis for t, _ in nodes], dtype=torch.long).reshape(n_verify, 1)
+    # Per verified node, in rank order: (type index, layer, head/kv-head/neuron, position), each [n].
+    ranked = (
+        type_index[:n_verify].clone(),
+        index[:, 0].clone(),
+        index.gather(1, unit_axis)[:, 0],
+        index.gather(1, pos_axis)[:, 0],
+    )
 
-    with progress_bar(n_verify * n_pairs, "verify", progress) as bar:
-        for layer in torch.unique(layer_i).tolist():
-            rows = torch.nonzero(layer_i == layer)[:, 0]
-            group = (type_i[rows], pair_i[rows], unit_i[rows], pos_i[rows])
-            for chunk, effect in sweep_layer(model, cache, int(layer), types, group, batch, cost):
-                effects[ranks[rows[chunk]], pair_i[rows[chunk]]] = effect.detach().double().cpu()
-                bar.update(len(chunk))
+    cost = Cost()
+    info: dict[str, Any] = {}
+    if workers is None and ray_address is None and checkpoint is None:
+        cache = prepare(model, pairs, direction, node_types, cost)
+        with progress_bar(n_verify * pairs.n_pairs, "verify", progress) as bar:
+            effects = patch_ranked(model, cache, types, ranked, batch, cost, bar.update)
+        base_metric = cache.base_metric
+    else:
+        from .distributed import executor_for
+        from .distributed.sweeps import verify_on
+
+        executor = executor_for(model, workers, ray_address, progress)
+        effects, base_metric, info = verify_on(
+            executor, model, pairs, types, direction, ranked, batch, checkpoint, cost
+        )
 
     return Verification(
         nodes=nodes,
@@ -265,11 +266,44 @@ def verify(
         metric=pairs.metric_name,
         model_id=model.model_id,
         cost=cost,
-        base_metric=cache.base_metric.detach().double().cpu(),
+        base_metric=base_metric.detach().double().cpu(),
         info={
             "estimate_method": estimate.method,
             "budget": budget,
             "threshold": threshold,
             "n_nodes": int(len(ranked_scores)),
+            **info,
         },
     )
+
+
+def patch_ranked(
+    model: Model,
+    cache: PatchCache,
+    node_types: list[str],
+    ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    batch: int,
+    cost: Cost,
+    advance: Any = None,
+) -> torch.Tensor:
+    """Exact effects [N, P] float64 of N listed nodes on every pair of ``cache``, batched by layer.
+
+    Args:
+        ranked: (type index into ``node_types``, layer, head/kv-head/neuron, position), each [N].
+    """
+    type_index, layer_index, unit_index, pos_index = ranked
+    n_nodes, n_pairs = len(type_index), cache.n_pairs
+    effects = torch.zeros(n_nodes, n_pairs, dtype=torch.float64)
+    # One element per (node, pair): the node's rank, then the engine's node tuple.
+    ranks = torch.arange(n_nodes).repeat_interleave(n_pairs)
+    pair_i = torch.arange(n_pairs).repeat(n_nodes)
+    type_i, layer_i = type_index.repeat_interleave(n_pairs), layer_index.repeat_interleave(n_pairs)
+    unit_i, pos_i = unit_index.repeat_interleave(n_pairs), pos_index.repeat_interleave(n_pairs)
+    for layer in torch.unique(layer_i).tolist():
+        rows = torch.nonzero(layer_i == layer)[:, 0]
+        group = (type_i[rows], pair_i[rows], unit_i[rows], pos_i[rows])
+        for chunk, effect in sweep_layer(model, cache, int(layer), node_types, group, batch, cost):
+            effects[ranks[rows[chunk]], pair_i[rows[chunk]]] = effect.detach().double().cpu()
+            if advance is not None:
+                advance(len(chunk))
+    return effects

@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForC
 import atpstar
 from atpstar import engine
 from atpstar.cost import Cost
-from atpstar.engine import SITE_OF
+from atpstar.nodes import NODE_TABLE
 from atpstar.nodes import node_shape
 from atpstar.runner import Run
 
@@ -47,15 +47,15 @@ def random_pairs(seed: int, n_pairs: int, seq_len: int, vocab: int) -> atpstar.P
 # Joint patching -----------------------------------------------------------------------------------------
 
 
-def test_patch_masks_single_node_equals_patch_single_nodes():
+def test_patch_masks_single_node_equals_patch_node_batch():
     model, pairs = gpt2_toy()
     cache = engine.prepare(model, pairs, "noising", TYPES, Cost())
     shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in TYPES}
     pair_i = torch.arange(pairs.n_pairs)
     for t in TYPES:
         for layer, unit, pos in [(0, 1, 0), (1, 0, 3), (1, 1, 4), (0, 0, 2)]:
-            single = engine.patch_single_nodes(model, cache, t, layer, pair_i, torch.full_like(pair_i, unit),
-                                               torch.full_like(pair_i, pos), Cost())
+            single = engine.patch_node_batch(model, cache, layer, [t], torch.zeros_like(pair_i), pair_i,
+                                             torch.full_like(pair_i, unit), torch.full_like(pair_i, pos), Cost())
             mask = torch.zeros(pairs.n_pairs, *shapes[t], dtype=torch.bool)
             mask[(slice(None), layer, pos, unit) if t == "neuron" else (slice(None), layer, unit, pos)] = True
             joint = engine.patch_masks(model, cache, {t: mask}, pair_i, Cost())
@@ -84,7 +84,7 @@ def test_patch_masks_equals_brute_force_joint_patch():
 
         def patch(layer, site, x, run):
             for t, m in node_masks.items():
-                if SITE_OF[t] == site:
+                if NODE_TABLE[t].site == site:
                     chosen = m[:, layer] if t == "neuron" else m[:, layer, :, :, None]
                     return torch.where(chosen, cache.source[t][layer][pair_i], x)
             return x

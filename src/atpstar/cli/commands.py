@@ -166,7 +166,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         pairs,
         "activation_patching",
         nodes,
-        {"checkpoint": str(out / "ground_truth.ckpt.safetensors")},
+        {"checkpoint": str(out / ("ground_truth.units" if args.workers else "ground_truth.ckpt.safetensors"))},
         args,
     )
     estimates = {

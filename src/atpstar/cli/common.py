@@ -113,11 +113,30 @@ def run_method(
 
     say(f"{method} on {pairs.n_pairs} pairs x {pairs.seq_len} tokens, nodes {','.join(nodes)}")
     started = time.monotonic()
-    result = run(model, pairs, method, nodes, direction=args.direction, progress=not args.no_progress, **options)
+    on_workers = worker_options(args, method)
+    if on_workers.get("workers"):
+        say(f"{method}: on {on_workers['workers']} Ray worker(s)")
+    result = run(
+        model, pairs, method, nodes, direction=args.direction, progress=not args.no_progress, **on_workers, **options
+    )
     result.info["wall_s"] = time.monotonic() - started
     result.info["pairs_fingerprint"] = pairs.fingerprint()
     say(f"{method}: {result.cost} in {result.info['wall_s']:.1f} s")
     return result
+
+
+def worker_options(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
+    """``workers``/``ray_address`` from ``--workers``/``--ray-address``, for ``method`` when it runs on
+    workers (others run in-process; with ``run`` a method that cannot is refused by ``attribute``)."""
+    workers, address = getattr(args, "workers", None), getattr(args, "ray_address", None)
+    if workers is None and address is None:
+        return {}
+    if method is not None and getattr(args, "command", None) == "compare":
+        from ..methods import METHODS
+
+        if method in METHODS and not METHODS[method].cls.distributable:
+            return {}
+    return {"workers": workers, "ray_address": address}
 
 
 def cached_or_run(
@@ -154,7 +173,15 @@ def verify_and_save(
 
     say(f"verifying up to {budget} nodes by exact patching")
     started = time.monotonic()
-    result = run(model, pairs, estimate, budget=budget, threshold=threshold, progress=not args.no_progress)
+    result = run(
+        model,
+        pairs,
+        estimate,
+        budget=budget,
+        threshold=threshold,
+        progress=not args.no_progress,
+        **worker_options(args),
+    )
     result.info.update(
         pairs_fingerprint=pairs.fingerprint(),
         n_pairs=pairs.n_pairs,
@@ -194,6 +221,7 @@ def bound_unverified(
         seed=seed,
         direction=verified.direction,
         progress=not args.no_progress,
+        **worker_options(args),
     )
     say(f"bound: {result.cost} in {time.monotonic() - started:.1f} s")
     return result

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--verify", type=int, default=0, metavar="N", help="also verify the top N nodes exactly (default 0)"
     )
+    _worker_args(run)
     _output_args(run, "out/run")
 
     compare = sub.add_parser(
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute (or reuse from --out) the exhaustive ground truth by activation "
         "patching, run each method, and write cost-of-verified-recall tables "
         "(markdown + CSV), plots and report.html. The ground truth is checkpointed "
-        "to OUT/ground_truth.ckpt.safetensors and resumes when interrupted; "
+        "to OUT/ground_truth.ckpt.safetensors (OUT/ground_truth.units/ with --workers) and resumes when "
+        "interrupted; "
         "results already in OUT are reused unless --recompute.",
     )
     _model_args(compare)
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest K on the curves (default min(1000, nodes with non-zero effect))",
     )
     compare.add_argument("--recompute", action="store_true", help="ignore results saved in --out and compute again")
+    _worker_args(compare)
     _output_args(compare, "out/compare")
 
     verify = sub.add_parser(
@@ -128,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--threshold", type=float, default=None, help="also stop once an estimate's |score| falls below this value"
     )
+    _worker_args(verify)
     _output_args(verify, "out/verify")
 
     bound = sub.add_parser(
@@ -151,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     bound.add_argument("--p", type=float, default=0.5, help="probability a node is in a sample (default 0.5)")
     bound.add_argument("--alpha", type=float, default=0.05, help="confidence level 1 - alpha (default 0.05)")
     bound.add_argument("--bound-seed", type=int, default=0, help="subsampling seed of the bound (default 0)")
+    _worker_args(bound)
     _output_args(bound, "out/bound")
 
     from .find_command import add_find_parser  # issue 14: certified localization
@@ -178,6 +183,24 @@ def _model_args(parser: argparse.ArgumentParser, default_model: str | None = Non
         "denoising: patch clean activations into the noise run",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _worker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run exact patching, verification, subsampling, blocks, hierarchical and the bound on N Ray workers "
+        "(one per GPU when the cluster has GPUs; needs pip install 'atpstar[distributed]'; default: in-process)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="Ray cluster to join with --workers: 'auto' (the running cluster) or ray://host:10001 "
+        "(default: start a local Ray instance)",
+    )
 
 
 def _task_args(parser: argparse.ArgumentParser) -> None:

@@ -9,19 +9,20 @@ counted l / L (about L/2 backwards in all), the exact cheap scheme of §5.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ..cost import Cost
-from ..engine import SITE_OF
 from ..errors import InputError
+from ..families import LayerAttention
+from ..gradients import GradientStep, SiteGrads, atp_estimate, gradient_step
 from ..model import Model
-from ..nodes import node_shape
+from ..nodes import NODE_TABLE, node_shape
 from ..ops import graddrop_combine, key_fix, query_fix
 from ..pairs import PromptPairs
 from ..progress import progress_bar
-from ..runner import Run
 from .base import Method, register
 
 
@@ -81,124 +82,73 @@ class AttributionPatching(Method):
         self, model: Model, pairs: PromptPairs, index: torch.Tensor, node_types: list[str], direction: str, cost: Cost
     ) -> dict[str, torch.Tensor]:
         """Per-pair estimates for the pairs ``index``: node type -> [b, *layout]."""
-        base_tokens, source_tokens = (tokens[index] for tokens in pairs.base_and_source(direction))
         fix = self.qk_fix and bool({"query", "key"} & set(node_types))
-        sites = {SITE_OF[t] for t in node_types} | ({"q", "k", "pattern"} if fix else set())
-        n_layers, b = model.n_layers, len(index)
-        with torch.inference_mode():
-            source = Run(n_layers, record=sites - {"pattern"})
-            model.run_layers(model.embed(source_tokens), source)
-        with torch.enable_grad():
-            base = Run(n_layers, record=sites | ({"resid_pre"} if self.grad_drop else set()))
-            hidden = model.embed(base_tokens).detach().requires_grad_(True)
-            final = model.run_layers(hidden, base)
-            metric = pairs.evaluate_metric(model.unembed(final[:, -1]), index.to(final.device))
-            cost.add_forward(2 * b)
-            targets = [(layer, site) for layer in range(n_layers) for site in self._grad_sites(node_types, fix)]
-            tensors = [base.records[site][layer] for layer, site in targets]
-            resid = base.records["resid_pre"][1:] if self.grad_drop else []
-            grads = torch.autograd.grad(metric.sum(), tensors + resid, retain_graph=self.grad_drop, allow_unused=True)
-            cost.add_backward(b)
-            by_site = {key: _or_zero(g, tensor) for key, g, tensor in zip(targets, grads, tensors)}
-            plain = self._per_layer(model, base, source, node_types, by_site, range(n_layers), fix)
-            if not self.grad_drop:
-                return {t: torch.stack(v, 1) for t, v in plain.items()}
-            return self._graddrop(
-                model, base, source, node_types, targets, tensors, plain, grads[len(tensors) :], fix, cost, b
-            )
-
-    def _graddrop(
-        self,
-        model: Model,
-        base: Run,
-        source: Run,
-        node_types: list[str],
-        targets: list[tuple[int, str]],
-        tensors: list[torch.Tensor],
-        plain: dict[str, list[torch.Tensor]],
-        resid_grads: tuple[Any, ...],
-        fix: bool,
-        cost: Cost,
-        b: int,
-    ) -> dict[str, torch.Tensor]:
-        """Σ_l |Î_l| / (L - 1): for layers above l the plain estimate, at l zero, below l a partial backward.
-
-        The gradient reaching resid_pre_l with layer l's write dropped is the ordinary gradient at
-        resid_post_l, so each dropped layer costs one backward through layers < l only.
-        """
+        sites = [NODE_TABLE[t].site for t in node_types] + (["q", "k"] if fix else [])
+        grad_sites = ["pattern" if fix and t in ("query", "key") else NODE_TABLE[t].site for t in node_types]
+        step = gradient_step(
+            model,
+            pairs,
+            index,
+            direction=direction,
+            sites=sites,
+            grad_sites=grad_sites,
+            cost=cost,
+            grad_drop=self.grad_drop,
+        )
         n_layers = model.n_layers
-        # Node at layer m: dropping any of the m layers below it leaves its gradient unchanged.
+        plain = self._per_layer(step, model.attention_args, node_types, step.grads, range(n_layers), fix)
+        if not self.grad_drop:
+            return {t: torch.stack(v, 1) for t, v in plain.items()}  # L x [b, *layout[1:]] -> [b, *layout]
+        # ĉ = Σ_l |Î_l| / (L - 1). A node at layer m keeps its plain estimate when any of the m layers
+        # below it is dropped, and scores 0 when its own layer is; layers above it need a partial backward.
         total = {t: [m * est.abs() for m, est in enumerate(plain[t])] for t in node_types}
-        for drop in range(1, n_layers):
-            below = [i for i, (layer, _) in enumerate(targets) if layer < drop]
-            seed = resid_grads[drop]  # ∂L/∂resid_post_drop
-            grads = torch.autograd.grad(
-                base.records["resid_pre"][drop],
-                [tensors[i] for i in below],
-                grad_outputs=seed,
-                retain_graph=drop < n_layers - 1,
-                allow_unused=True,
-            )
-            cost.add_backward(b, layers_covered=drop, n_layers=n_layers)
-            by_site = {targets[i]: _or_zero(g, tensors[i]) for i, g in zip(below, grads)}
-            dropped = self._per_layer(model, base, source, node_types, by_site, range(drop), fix)
+        for drop, grads in step.dropped():
+            dropped = self._per_layer(step, model.attention_args, node_types, grads, range(drop), fix)
             for t in node_types:
                 for m in range(drop):
                     total[t][m] = total[t][m] + dropped[t][m].abs()
-        return {t: graddrop_combine(torch.stack(v, 1), n_layers) for t, v in total.items()}
+        return {t: graddrop_combine(torch.stack(v, 1), n_layers) for t, v in total.items()}  # [b, *layout]
 
     @staticmethod
-    def _grad_sites(node_types: list[str], fix: bool) -> list[str]:
-        sites = []
-        for t in node_types:
-            site = "pattern" if fix and t in ("query", "key") else SITE_OF[t]
-            if site not in sites:
-                sites.append(site)
-        return sites
-
     def _per_layer(
-        self,
-        model: Model,
-        base: Run,
-        source: Run,
+        step: GradientStep,
+        attention_args: Sequence[LayerAttention],
         node_types: list[str],
-        grads: dict[tuple[int, str], torch.Tensor],
+        grads: SiteGrads,
         layers: range,
         fix: bool,
     ) -> dict[str, list[torch.Tensor]]:
-        """Estimates per node type, one [b, ...] tensor per layer in ``layers``, from gradients at sites."""
+        """Estimates per node type, one [b, *layout[1:]] tensor per layer in ``layers``, from gradients at sites."""
         out: dict[str, list[torch.Tensor]] = {t: [] for t in node_types}
+        base, source = step.base, step.source
         with torch.no_grad():
             for layer in layers:
+                args = attention_args[layer]  # scaling, soft-cap and window of this layer's scores
                 for t in node_types:
                     if fix and t == "query":
                         est = query_fix(
-                            source.records["q"][layer],
-                            base.records["k"][layer].detach(),
-                            base.records["pattern"][layer].detach(),
+                            source.get("q", layer),  # [b, H, T, E]
+                            base.get("k", layer).detach(),  # [b, K, T, E]
+                            base.get("pattern", layer).detach(),  # [b, H, T, T]
                             grads[(layer, "pattern")],
-                            base.scaling[layer],
-                        )
+                            args.scaling,
+                            args.softcap,
+                            args.window,
+                        )  # [b, H, T]
                     elif fix and t == "key":
                         est = key_fix(
-                            base.records["q"][layer].detach(),
-                            base.records["k"][layer].detach(),
-                            source.records["k"][layer],
+                            base.get("q", layer).detach(),
+                            base.get("k", layer).detach(),
+                            source.get("k", layer),
                             grads[(layer, "pattern")],
-                            base.scaling[layer],
-                        )
+                            args.scaling,
+                            args.softcap,
+                            args.window,
+                        )  # [b, K, T]
                     else:
-                        site = SITE_OF[t]
-                        diff = source.records[site][layer] - base.records[site][layer].detach()
-                        prod = diff * grads[(layer, site)]
-                        est = prod if t == "neuron" else prod.sum(-1)  # [b, T, M] or [b, H|K, T]
+                        est = atp_estimate(step, t, layer, grads)  # [b, T, M] or [b, H|K, T]
                     out[t].append(est)
         return out
-
-
-def _or_zero(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """A site the metric does not depend on gets a zero gradient (autograd returns None)."""
-    return torch.zeros_like(like) if grad is None else grad
 
 
 def _auto_batch(model: Model, seq_len: int, memory_gb: float) -> int:

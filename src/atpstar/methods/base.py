@@ -30,6 +30,7 @@ class Method:
     seeded: ClassVar[bool] = False
     pairs_interact: ClassVar[bool] = False  # a pair's result depends on the other pairs in the call
     aggregation: ClassVar[str] = "mean_abs"
+    distributable: ClassVar[bool] = False  # runs as work units on Ray workers (``workers=``)
 
     def get_options(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -42,6 +43,8 @@ class Method:
         *,
         direction: str = "noising",
         progress: bool = False,
+        workers: int | None = None,
+        ray_address: str | None = None,
     ) -> Attribution:
         """Attribute the metric of ``pairs`` to every node of the requested types.
 
@@ -52,6 +55,10 @@ class Method:
             direction: ``"noising"`` (patch noise into the clean run, the paper's) or ``"denoising"``
                 (patch clean into the noise run; what TransformerLens' tools compute).
             progress: show a progress bar.
+            workers: run the sweep as work units on this many Ray workers (methods with
+                ``distributable``); None runs in-process.
+            ray_address: the Ray cluster for ``workers``: None starts a local one, ``"auto"`` joins
+                the running cluster, or an address such as ``"ray://head:10001"``.
 
         Returns:
             An ``Attribution`` with ``per_pair[t]`` of shape [P, *layout] for each node type.
@@ -71,8 +78,21 @@ class Method:
         check_direction(direction)
         model.check_ready(torch.cat([pairs.clean, pairs.noise]))
         self._validate(model, pairs, node_types)
+        executor = None
+        if workers is not None or ray_address is not None:
+            if not self.distributable:
+                raise InputError(
+                    f"method {self.id!r} does not run on workers; drop workers=/ray_address= (methods that do: "
+                    f"{', '.join(m for m, r in METHODS.items() if r.cls.distributable)})"
+                )
+            from ..distributed import executor_for
+
+            executor = executor_for(model, workers, ray_address, progress)
         cost = Cost()
-        per_pair, extras, info = self._attribute(model, pairs, node_types, direction, cost, progress)
+        if executor is None:
+            per_pair, extras, info = self._attribute(model, pairs, node_types, direction, cost, progress)
+        else:
+            per_pair, extras, info = self._attribute_on(executor, model, pairs, node_types, direction, cost)
         return Attribution(
             method=self.id,
             options=self.get_options(),
@@ -93,6 +113,12 @@ class Method:
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        raise NotImplementedError
+
+    def _attribute_on(
+        self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        """``_attribute`` as work units run by ``executor`` (``atpstar.distributed``); same numbers."""
         raise NotImplementedError
 
 

@@ -52,6 +52,7 @@ class Blocks(Method):
     """
 
     aggregation = "mean_abs"
+    distributable = True
 
     def __init__(self, *, block_size: int = 16, batch_size: int | None = None, memory_gb: float = 1.0) -> None:
         self.block_size = block_size
@@ -67,6 +68,24 @@ class Blocks(Method):
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         cache = prepare(model, pairs, direction, node_types, cost)
+        shapes, blocks = self._plan(model, pairs, node_types)
+        with progress_bar(len(blocks) * pairs.n_pairs, "blocks", progress, unit="block") as bar:
+            effects = patch_blocks(model, cache, blocks, shapes, self.batch_size, self.memory_gb, cost, bar.update)
+        return self._finish(model, pairs, node_types, shapes, blocks, effects, cache.base_metric, {})
+
+    def _attribute_on(
+        self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        from ..distributed.sweeps import BlockPatcher
+
+        shapes, blocks = self._plan(model, pairs, node_types)
+        patcher = BlockPatcher(executor, pairs, node_types, direction, self.batch_size, self.memory_gb, cost)
+        effects = patcher(blocks, "blocks")
+        return self._finish(model, pairs, node_types, shapes, blocks, effects, patcher.base_metric, patcher.info)
+
+    def _plan(
+        self, model: Model, pairs: PromptPairs, node_types: list[str]
+    ) -> tuple[dict[str, tuple[int, ...]], list[Block]]:
         shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
         blocks = [
             Block(t, layer, start, min(start + self.block_size, _per_layer(shapes[t])))
@@ -74,15 +93,26 @@ class Blocks(Method):
             for layer in range(model.n_layers)
             for start in range(0, _per_layer(shapes[t]), self.block_size)
         ]
-        with progress_bar(len(blocks) * pairs.n_pairs, "blocks", progress, unit="block") as bar:
-            effects = patch_blocks(model, cache, blocks, shapes, self.batch_size, self.memory_gb, cost, bar.update)
+        return shapes, blocks
+
+    def _finish(
+        self,
+        model: Model,
+        pairs: PromptPairs,
+        node_types: list[str],
+        shapes: dict[str, tuple[int, ...]],
+        blocks: list[Block],
+        effects: torch.Tensor,
+        base_metric: torch.Tensor,
+        info: dict[str, Any],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         per_pair = {
             t: torch.zeros(pairs.n_pairs, model.n_layers, _per_layer(shapes[t]), dtype=model.dtype) for t in node_types
         }
         for block, effect in zip(blocks, effects):
             per_pair[block.node_type][:, block.layer, block.start : block.stop] = effect[:, None].to(model.dtype)
         per_pair = {t: v.reshape(pairs.n_pairs, *shapes[t]) for t, v in per_pair.items()}  # [P, L, R] -> [P, *layout]
-        return per_pair, {}, {"n_blocks": len(blocks), "base_metric": cache.base_metric.tolist()}
+        return per_pair, {}, {"n_blocks": len(blocks), "base_metric": base_metric.tolist(), **info}
 
 
 def check_batching(batch_size: Any, memory_gb: Any) -> None:

@@ -52,6 +52,7 @@ class Hierarchical(Method):
 
     aggregation = "mean_abs"
     pairs_interact = True  # splits follow the mean over pairs
+    distributable = True
 
     def __init__(
         self,
@@ -83,6 +84,29 @@ class Hierarchical(Method):
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         cache = prepare(model, pairs, direction, node_types, cost)
+        shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
+
+        def patch(blocks: list[Block], bar: Any) -> torch.Tensor:
+            return patch_blocks(model, cache, blocks, shapes, self.batch_size, self.memory_gb, cost, bar.update)
+
+        per_pair, info = self._search(model, pairs, node_types, patch, progress)
+        return per_pair, {}, {**info, "base_metric": cache.base_metric.tolist()}
+
+    def _attribute_on(
+        self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        from ..distributed.sweeps import BlockPatcher
+
+        patcher = BlockPatcher(executor, pairs, node_types, direction, self.batch_size, self.memory_gb, cost)
+        per_pair, info = self._search(
+            model, pairs, node_types, lambda blocks, bar: patcher(blocks, advance=bar.update), executor.progress
+        )
+        return per_pair, {}, {**info, "base_metric": patcher.base_metric.tolist(), **patcher.info}
+
+    def _search(
+        self, model: Model, pairs: PromptPairs, node_types: list[str], patch: Any, progress: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Split blocks down from whole layers; ``patch(blocks, bar)`` gives their effects [n_blocks, P]."""
         n_pairs = pairs.n_pairs
         shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
         n_nodes = sum(model.n_layers * _per_layer(shapes[t]) for t in node_types)
@@ -99,7 +123,7 @@ class Hierarchical(Method):
 
         def run(blocks: list[Block], bar: Any) -> None:
             nonlocal patched
-            effects = patch_blocks(model, cache, blocks, shapes, self.batch_size, self.memory_gb, cost, bar.update)
+            effects = patch(blocks, bar)
             patched += len(blocks)
             for block, effect in zip(blocks, effects):
                 per_pair[block.node_type][:, block.layer, block.start : block.stop] = effect[:, None].to(model.dtype)
@@ -122,7 +146,7 @@ class Hierarchical(Method):
                 if children:
                     run(children, bar)
         out = {t: v.reshape(n_pairs, *shapes[t]) for t, v in per_pair.items()}  # [P, L, R] -> [P, *layout]
-        return out, {}, {"blocks_patched": patched, "budget": budget, "base_metric": cache.base_metric.tolist()}
+        return out, {"blocks_patched": patched, "budget": budget}
 
 
 def _split(block: Block, branching: int) -> list[Block]:

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..cost import Cost
-from ..engine import MIN_CHUNK_TOKENS, element_bytes, prepare, sweep_layer
+from ..engine import MIN_CHUNK_TOKENS, PatchCache, element_bytes, prepare, sweep_layer
 from ..errors import InputError
 from ..model import Model
-from ..nodes import node_shape
+from ..nodes import layout_index, node_shape, unit_and_pos
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from .base import Method, register
@@ -31,7 +31,8 @@ class ActivationPatching(Method):
         batch_size: patched forwards per batch; None picks it from ``memory_gb``.
         memory_gb: memory budget for one batch of patched forwards.
         checkpoint: a file path; partial results are saved there as they complete (and on
-            interrupt), and a rerun with the same path, model and pairs resumes from them.
+            interrupt), and a rerun with the same path, model and pairs resumes from them. With
+            ``workers=``, a folder holding one file per finished work unit (pair block x layer).
         min_chunk_tokens: a batch may end at a change of patched position once it holds this many
             token-rows; smaller batches start later (less compute), larger ones use the hardware better.
         layers: patch only the nodes of these layers (None: all). Nodes of other layers are not
@@ -40,6 +41,7 @@ class ActivationPatching(Method):
 
     exact = True
     aggregation = "mean"
+    distributable = True
 
     def __init__(
         self,
@@ -68,11 +70,26 @@ class ActivationPatching(Method):
                 f"layers must be a non-empty list of layer indices in [0, {model.n_layers}); got {self.layers}"
             )
 
+    def _batch(self, model: Model, pairs: PromptPairs) -> int:
+        return self.batch_size or max(1, int(self.memory_gb * 2**30 // element_bytes(model, pairs.seq_len)))
+
+    def _attribute_on(
+        self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        from ..distributed.sweeps import patch_on
+
+        layers = sorted(set(self.layers)) if self.layers is not None else list(range(model.n_layers))
+        options = {"batch": self._batch(model, pairs), "min_chunk_tokens": self.min_chunk_tokens}
+        effects, base_metric, info = patch_on(
+            executor, model, pairs, node_types, direction, layers, options, self.checkpoint, cost
+        )
+        return effects, {}, {"base_metric": base_metric.tolist(), "layers": layers, **info}
+
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         cache = prepare(model, pairs, direction, node_types, cost)
-        batch = self.batch_size or max(1, int(self.memory_gb * 2**30 // element_bytes(model, pairs.seq_len)))
+        batch = self._batch(model, pairs)
         key = f"{model.model_id}|{pairs.fingerprint()}|{direction}"
         effects, done = _load_checkpoint(self.checkpoint, key, model, pairs, node_types, cache.base_metric.dtype)
         layers = sorted(set(self.layers)) if self.layers is not None else list(range(model.n_layers))
@@ -99,15 +116,45 @@ class ActivationPatching(Method):
         return effects, {}, {"base_metric": cache.base_metric.tolist(), "layers": layers}
 
 
+def patch_layers(
+    model: Model,
+    cache: PatchCache,
+    node_types: list[str],
+    layers: list[int],
+    batch: int,
+    cost: Cost,
+    min_chunk_tokens: int = MIN_CHUNK_TOKENS,
+    advance: Any = None,
+) -> dict[str, torch.Tensor]:
+    """Exact effects of every node of ``layers`` on every pair of ``cache`` (one work unit's share).
+
+    Returns:
+        node type -> [P, len(layers), *rest of layout] (layers in the order given).
+    """
+    effects = {
+        t: torch.zeros(cache.n_pairs, *node_shape(t, model.sizes, cache.pairs.seq_len), dtype=cache.base_metric.dtype)
+        for t in node_types
+    }
+    done = {t: torch.zeros(e.shape, dtype=torch.bool) for t, e in effects.items()}
+    for layer in layers:
+        pending = _pending(node_types, done, layer)
+        for chunk, effect in sweep_layer(model, cache, layer, node_types, pending, batch, cost, min_chunk_tokens):
+            type_i, pair_i, unit_i, pos_i = (part[chunk] for part in pending)
+            _store(node_types, effects, done, layer, type_i, pair_i, unit_i, pos_i, effect)
+            if advance is not None:
+                advance(len(chunk))
+    return {t: e[:, layers].cpu() for t, e in effects.items()}  # [P, L_unit, ...]
+
+
 def _pending(
     node_types: list[str], done: dict[str, torch.Tensor], layer: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unfinished nodes of all types at ``layer`` as (type, pair, unit, pos) [N] each."""
     parts = []
     for i, node_type in enumerate(node_types):
-        remaining = torch.nonzero(~done[node_type][:, layer])  # neuron rows (pair, pos, unit); others (pair, unit, pos)
+        remaining = torch.nonzero(~done[node_type][:, layer])  # [n, 3] rows (pair, *layout[1:])
         pair, a, b = remaining.unbind(1)
-        unit, pos = (b, a) if node_type == "neuron" else (a, b)
+        unit, pos = unit_and_pos(node_type, (layer, a, b))
         parts.append(torch.stack([torch.full_like(pair, i), pair, unit, pos], 1))
     type_i, pair_i, unit_i, pos_i = torch.cat(parts).unbind(1)
     return type_i, pair_i, unit_i, pos_i
@@ -128,7 +175,7 @@ def _store(
         rows = type_i == i
         pair, unit, pos = pair_i[rows], unit_i[rows], pos_i[rows]
         layer_i = torch.full_like(pair, layer)
-        index = (pair, layer_i, pos, unit) if node_type == "neuron" else (pair, layer_i, unit, pos)
+        index = (pair, *layout_index(node_type, layer_i, unit, pos))
         effects[node_type][index] = effect[rows].to(effects[node_type].dtype).cpu()
         done[node_type][index] = True
 

@@ -21,7 +21,7 @@ from ..cost import Cost
 from ..engine import PatchCache, element_bytes, patch_masks, prepare
 from ..errors import InputError
 from ..model import Model
-from ..nodes import node_shape
+from ..nodes import NodeLayout
 from ..ops import welford_merge
 from ..pairs import PromptPairs
 from ..progress import progress_bar
@@ -61,6 +61,7 @@ class Subsampling(Method):
 
     seeded = True
     aggregation = "mean_abs"
+    distributable = True
 
     def __init__(
         self,
@@ -99,9 +100,34 @@ class Subsampling(Method):
             cost=cost,
             progress=progress,
         )
+        return self._finish(model, node_types, stats, {"base_metric": cache.base_metric.tolist()})
+
+    def _attribute_on(
+        self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        from ..distributed.sweeps import subsample_on
+
+        stats, base_metric, info = subsample_on(
+            executor,
+            model,
+            pairs,
+            node_types,
+            direction,
+            {"samples": self.samples, "p": self.p, "seed": self.seed, "design": self.design},
+            self.batch_size,
+            self.memory_gb,
+            None,
+            None,
+            cost,
+        )
+        return self._finish(model, node_types, stats, {"base_metric": base_metric.tolist(), **info})
+
+    def _finish(
+        self, model: Model, node_types: list[str], stats: SubsamplingStats, info: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         per_pair = {t: stats.estimate(t).to(model.dtype) for t in node_types}
         extras = {f"{name}/{t}": stats.get(name, t) for t in node_types for name in STATS}
-        return per_pair, extras, {"base_metric": cache.base_metric.tolist()}
+        return per_pair, extras, info
 
 
 def check_options(samples: Any, p: Any, design: Any, batch_size: Any, memory_gb: Any) -> None:
@@ -139,14 +165,9 @@ class SubsamplingStats:
     shapes: dict[str, tuple[int, ...]]
     values: dict[str, torch.Tensor]
 
-    def _span(self, node_type: str) -> slice:
-        start = 0
-        for t, shape in self.shapes.items():
-            size = int(torch.Size(shape).numel())
-            if t == node_type:
-                return slice(start, start + size)
-            start += size
-        raise KeyError(node_type)
+    @property
+    def layout(self) -> NodeLayout:
+        return NodeLayout(self.shapes)
 
     def flat(self, name: str) -> torch.Tensor:
         """Statistic ``name`` (one of ``STATS``) over all nodes: [P, N] float64."""
@@ -160,8 +181,7 @@ class SubsamplingStats:
 
     def get(self, name: str, node_type: str) -> torch.Tensor:
         """Statistic ``name`` for one node type: [P, *layout]."""
-        value = self.flat(name)[:, self._span(node_type)]
-        value = value.reshape(value.shape[0], *self.shapes[node_type])
+        value = self.layout.unflatten(self.flat(name))[node_type]  # [P, N] -> [P, *layout]
         return value.long() if name.startswith("count") else value
 
     def estimate(self, node_type: str) -> torch.Tensor:
@@ -192,49 +212,79 @@ def subsample(
         exclude: node type -> bool [*layout]; these nodes are never patched (their statistics are
             meaningless). Used by the false-negative bound to leave verified nodes alone.
     """
-    n_pairs = cache.n_pairs
     seq_len = cache.pairs.seq_len
-    shapes = {t: node_shape(t, model.sizes, seq_len) for t in node_types}
-    n_nodes = sum(int(torch.Size(s).numel()) for s in shapes.values())
-    keep = torch.ones(n_nodes, dtype=torch.bool)
-    if exclude is not None:
-        keep = torch.cat(
-            [
-                ~exclude[t].reshape(-1)
-                if t in exclude
-                else torch.ones(int(torch.Size(shapes[t]).numel()), dtype=torch.bool)
-                for t in node_types
-            ]
-        )
-    # Per element: the forward's activations plus masks and float64 statistics work space over N nodes.
-    per_element = element_bytes(model, seq_len) + n_nodes * 40
-    batch = batch_size or max(1, int(memory_gb * 2**30 // per_element))
+    layout = NodeLayout.of(node_types, model.sizes, seq_len)
+    keep = keep_mask(layout, exclude)
+    batch = batch_size or sample_batch(model, seq_len, layout.size, memory_gb)
+    total = samples * cache.n_pairs
+    with progress_bar(total, "subsampling", progress, unit="sample") as bar:
+        values = subsample_range(
+            model, cache, node_types, 0, total, samples=samples, p=p, seed=seed, design=design, batch=batch,
+            keep=keep, cost=cost, advance=bar.update,
+        )  # fmt: skip
+    return SubsamplingStats(layout.shapes, values)
+
+
+def keep_mask(layout: NodeLayout, exclude: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """bool [N] over the layout's nodes: False where ``exclude`` (node type -> bool [*layout]) marks one."""
+    if exclude is not None and any(t in exclude for t in layout.node_types):
+        return ~layout.flatten(exclude, fill=False)  # [N]
+    return torch.ones(layout.size, dtype=torch.bool)
+
+
+def sample_batch(model: Model, seq_len: int, n_nodes: int, memory_gb: float) -> int:
+    """Samples per batch within ``memory_gb``: the forward's activations plus masks and float64
+    statistics work space over the N nodes, per element."""
+    return max(1, int(memory_gb * 2**30 // (element_bytes(model, seq_len) + n_nodes * 40)))
+
+
+def subsample_range(
+    model: Model,
+    cache: PatchCache,
+    node_types: list[str],
+    start: int,
+    stop: int,
+    *,
+    samples: int,
+    p: float,
+    seed: int,
+    design: str,
+    batch: int,
+    keep: torch.Tensor | None,
+    cost: Cost,
+    advance: Any = None,
+) -> dict[str, torch.Tensor]:
+    """Statistics of elements ``start``..``stop``-1 (element = sample x P + pair) in batches of
+    ``batch`` from ``start``; ranges merge with ``ops.welford_merge`` (a work unit's share).
+
+    Returns:
+        ``count_in``, ``mean_in``, ``m2_in`` and the same for ``out``, each [P, N] float64.
+    """
+    n_pairs = cache.n_pairs
+    layout = NodeLayout.of(node_types, model.sizes, cache.pairs.seq_len)
+    n_nodes = layout.size
+    keep = torch.ones(n_nodes, dtype=torch.bool) if keep is None else keep
     codes = _balanced_codes(n_nodes, samples, seed) if design == "balanced" else None
     values = {
         name: torch.zeros(n_pairs, n_nodes, dtype=torch.float64)
         for name in ("count_in", "mean_in", "m2_in", "count_out", "mean_out", "m2_out")
     }
-    total = samples * n_pairs
-    with progress_bar(total, "subsampling", progress, unit="sample") as bar:
-        for start in range(0, total, batch):
-            element = torch.arange(start, min(start + batch, total))
-            pair_index, sample_index = element % n_pairs, element // n_pairs
-            if codes is None:
-                chosen = torch.stack(
-                    [_random_subset(n_nodes, p, seed, int(j), int(s)) for j, s in zip(pair_index, sample_index)]
-                )  # [B, N]
-            else:
-                chosen = _balanced_subset(codes, sample_index)
-            chosen &= keep
-            masks, offset = {}, 0
-            for t in node_types:
-                size = int(torch.Size(shapes[t]).numel())
-                masks[t] = chosen[:, offset : offset + size].reshape(len(element), *shapes[t])
-                offset += size
-            delta = patch_masks(model, cache, masks, pair_index, cost).detach().double().cpu()  # [B]
-            _update(values, chosen, delta, pair_index, n_pairs)
-            bar.update(len(element))
-    return SubsamplingStats(shapes, values)
+    for first in range(start, stop, batch):
+        element = torch.arange(first, min(first + batch, stop))
+        pair_index, sample_index = element % n_pairs, element // n_pairs
+        if codes is None:
+            chosen = torch.stack(
+                [_random_subset(n_nodes, p, seed, int(j), int(s)) for j, s in zip(pair_index, sample_index)]
+            )  # [B, N]
+        else:
+            chosen = _balanced_subset(codes, sample_index)
+        chosen &= keep
+        masks = layout.unflatten(chosen)  # [B, N] -> {t: [B, *layout]}
+        delta = patch_masks(model, cache, masks, pair_index, cost).detach().double().cpu()  # [B]
+        _update(values, chosen, delta, pair_index, n_pairs)
+        if advance is not None:
+            advance(len(element))
+    return values
 
 
 def _update(

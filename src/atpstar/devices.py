@@ -1,0 +1,48 @@
+"""Where a module computes: plain models, models split with ``device_map`` and accelerate offloading.
+
+accelerate attaches a hook (``module._hf_hook``) that moves inputs to an execution device and, for
+CPU/disk offload, loads weights there just for the call (the parameters themselves sit on the
+``meta`` device in between). Activations live on the execution device, so that is the device every
+record, patch and gradient of a layer uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """The device ``module`` computes on: its accelerate execution device, else its first real tensor's."""
+    for candidate in module.modules():  # the module itself first, then its children
+        device = _hook_device(getattr(candidate, "_hf_hook", None))
+        if device is not None:
+            return device
+        for tensor in (*candidate.parameters(recurse=False), *candidate.buffers(recurse=False)):
+            if tensor.device.type != "meta":
+                return tensor.device
+    return torch.device("cpu")
+
+
+def _hook_device(hook: Any) -> torch.device | None:
+    if hook is None:
+        return None
+    for inner in getattr(hook, "hooks", (hook,)):  # accelerate's SequentialHook holds several
+        device = getattr(inner, "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return None
+
+
+def is_cuda_oom(error: BaseException) -> bool:
+    """A CUDA (or other accelerator) out-of-memory error, as opposed to any other failure."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    )
+
+
+def free_cached_memory(device: torch.device) -> None:
+    """Return the CUDA caching allocator's free blocks after an out-of-memory error (no-op elsewhere)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()

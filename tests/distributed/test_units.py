@@ -1,0 +1,155 @@
+"""Work units without Ray: plans cover a sweep exactly once, pieces merge to the one-piece result,
+unit checkpoints resume (in-process executor), and bad input is refused before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference.models import assert_rel_close, build_hf, load, make_pairs
+
+import atpstar
+from atpstar.cost import Cost
+from atpstar.distributed import sweeps
+from atpstar.distributed.units import WorkerState
+from atpstar.engine import prepare
+from atpstar.methods.subsampling import subsample_range
+from atpstar.ops import welford_merge
+
+NODES = ["neuron", "query", "key", "value", "head"]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load(build_hf("gpt2", n_layers=3)), make_pairs(n_pairs=3, seq_len=5)
+
+
+def test_patch_units_cover_every_pair_and_layer_once(gpt2):
+    model, pairs = gpt2
+    for target, layers in ((8, [0, 1, 2]), (2, [2, 0]), (40, [1])):
+        units = sweeps.plan_patch_units(model, pairs, NODES, layers, target)
+        seen = torch.zeros(pairs.n_pairs, model.n_layers, dtype=torch.long)
+        for unit in units:
+            for layer in unit.layers:
+                seen[unit.pair_start : unit.pair_stop, layer] += 1
+        expected = torch.zeros_like(seen)
+        expected[:, layers] = 1
+        assert torch.equal(seen, expected), (target, layers)
+        assert len({u.name for u in units}) == len(units), "checkpoint names must be unique"
+
+
+@pytest.mark.parametrize(("total", "batch", "target"), [(48, 48, 8), (1000, 7, 8), (10, 3, 8), (5, 100, 8)])
+def test_sample_units_partition_the_elements_in_order(total, batch, target):
+    units = sweeps.plan_sample_units(total, batch, 3, target)
+    assert units[0].start == 0 and units[-1].stop == total
+    assert all(a.stop == b.start for a, b in zip(units, units[1:]))
+    if total // batch >= target:  # enough batches: ranges keep the in-process batches whole
+        assert all(u.start % batch == 0 for u in units)
+
+
+def test_rank_windows_partition_the_ranks():
+    units = sweeps.plan_rank_units(50, 2, 8)
+    assert [(u.start, u.stop) for u in units][0] == (0, 7)
+    assert units[-1].stop == 50 and all(a.stop == b.start for a, b in zip(units, units[1:]))
+
+
+def test_welford_merge_of_sample_ranges_equals_one_range(gpt2):
+    model, pairs = gpt2
+    cache = prepare(model, pairs, "noising", ["head", "value"], Cost())
+    options = dict(samples=12, p=0.3, seed=4, design="random", batch=5, keep=None)
+    whole = subsample_range(model, cache, ["head", "value"], 0, 36, cost=Cost(), **options)
+    merged = {k: torch.zeros_like(v) for k, v in whole.items()}
+    for start, stop in ((0, 10), (10, 25), (25, 36)):
+        part = subsample_range(model, cache, ["head", "value"], start, stop, cost=Cost(), **options)
+        for side in ("in", "out"):
+            names = (f"count_{side}", f"mean_{side}", f"m2_{side}")
+            merged.update(zip(names, welford_merge(*(merged[n] for n in names), *(part[n] for n in names))))
+    assert float(whole["m2_in"].abs().max()) > 1e-3, "no spread: the test would be vacuous"
+    for name, value in whole.items():
+        assert_rel_close(merged[name], value, 1e-12, name)
+
+
+def test_verify_with_checkpoint_resumes_after_interrupt(gpt2, tmp_path, monkeypatch):
+    model, pairs = gpt2
+    estimate = atpstar.attribute(model, pairs, "atp", nodes=NODES)
+    expected = atpstar.verify(model, pairs, estimate, budget=40)
+    calls = {"n": 0}
+    real_run = WorkerState.run
+
+    def interrupted(self, sweep, unit):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_run(self, sweep, unit)
+
+    monkeypatch.setattr(WorkerState, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atpstar.verify(model, pairs, estimate, budget=40, checkpoint=str(tmp_path / "ck"))
+    monkeypatch.setattr(WorkerState, "run", real_run)
+    resumed = atpstar.verify(model, pairs, estimate, budget=40, checkpoint=str(tmp_path / "ck"))
+    assert resumed.info["units_resumed"] == 3 and resumed.info["units"] == 8
+    assert resumed.nodes == expected.nodes
+    assert_rel_close(resumed.effects, expected.effects, 1e-12, "effects")
+    # Units saved before the interrupt keep their cost: patched forwards equal the in-process count.
+    patched = expected.cost.forward - 2 * pairs.n_pairs
+    prepares = resumed.cost.forward - patched
+    assert prepares == pytest.approx(2 * pairs.n_pairs * 2)  # the first run and the resumed run each prepared once
+
+
+def test_bound_with_checkpoint_equals_in_process(gpt2, tmp_path):
+    model, pairs = gpt2
+    verified = [("head", (2, 1, 4)), ("value", (0, 0, 1))]
+    kwargs = dict(nodes=["head", "value"], theta=0.05, samples=8, p=0.3, batch_size=2)
+    expected = atpstar.false_negative_bound(model, pairs, verified, **kwargs)
+    pieces = atpstar.false_negative_bound(model, pairs, verified, checkpoint=str(tmp_path / "b"), **kwargs)
+    assert pieces.info["units"] == 6  # 24 elements: 12 batches of 2, two per unit
+    assert pieces.max_effect_upper == pytest.approx(expected.max_effect_upper, rel=1e-12)
+    assert pieces.prob_upper == pytest.approx(expected.prob_upper, rel=1e-12)
+    assert pieces.worst_node == expected.worst_node
+    assert pieces.cost.forward == pytest.approx(expected.cost.forward)  # whole batches: same forwards
+    again = atpstar.false_negative_bound(model, pairs, verified, checkpoint=str(tmp_path / "b"), **kwargs)
+    assert again.info["units_resumed"] == 6 and again.max_effect_upper == pieces.max_effect_upper
+
+
+def test_checkpoint_folder_of_another_sweep_is_refused(gpt2, tmp_path):
+    model, pairs = gpt2
+    verified = [("head", (0, 0, 0))]
+    atpstar.false_negative_bound(model, pairs, verified, nodes=["head"], samples=4, checkpoint=str(tmp_path / "b"))
+    with pytest.raises(atpstar.InputError, match="another sweep"):
+        atpstar.false_negative_bound(model, pairs, verified, nodes=["head"], samples=6, checkpoint=str(tmp_path / "b"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(atpstar.InputError, match="is a file"):
+        atpstar.false_negative_bound(model, pairs, verified, nodes=["head"], samples=4, checkpoint=str(tmp_path / "file"))
+
+
+def test_torn_unit_file_is_reported_and_run_again(gpt2, tmp_path):
+    model, pairs = gpt2
+    estimate = atpstar.attribute(model, pairs, "atp", nodes=["head"])
+    first = atpstar.verify(model, pairs, estimate, budget=10, checkpoint=str(tmp_path / "v"))
+    unit_file = sorted((tmp_path / "v").glob("ranks*.safetensors"))[0]
+    unit_file.write_bytes(unit_file.read_bytes()[:40])  # truncated
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = atpstar.verify(model, pairs, estimate, budget=10, checkpoint=str(tmp_path / "v"))
+    assert again.info["units_resumed"] == again.info["units"] - 1
+    assert torch.equal(again.effects, first.effects)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"workers": 0}, "workers must be an integer >= 1"),
+        ({"workers": "2"}, "workers must be an integer >= 1"),
+        ({"workers": True}, "workers must be an integer >= 1"),
+        ({"ray_address": "auto"}, "ray_address needs workers"),
+        ({"workers": 2, "ray_address": 5}, "ray_address must be a string"),
+    ],
+)
+def test_bad_worker_options_are_refused_before_ray(gpt2, kwargs, message):
+    model, pairs = gpt2
+    with pytest.raises(atpstar.InputError, match=message):
+        atpstar.attribute(model, pairs, "activation_patching", nodes=["head"], **kwargs)
+
+
+def test_methods_that_do_not_split_refuse_workers(gpt2):
+    model, pairs = gpt2
+    with pytest.raises(atpstar.InputError, match="does not run on workers.*activation_patching"):
+        atpstar.attribute(model, pairs, "atp*", nodes=["head"], workers=2)
