@@ -242,11 +242,11 @@ def find(
         estimate_result = estimate
     else:
         estimate_result = attribute(
-            model, pairs, estimator, node_types, direction=direction, progress=progress, **(estimator_options or {})
+            model, pairs, str(estimator), node_types, direction=direction, progress=progress, **(estimator_options or {})
         )
     scores = torch.cat([estimate_result.scores[t].double().flatten() for t in node_types])  # [N]
     per_pair = torch.cat([estimate_result.per_pair[t].double().flatten(1) for t in node_types], 1)  # [P, N]
-    engine = {"workers": workers, "ray_address": ray_address}
+    engine: dict[str, Any] = {"workers": workers, "ray_address": ray_address}
     search = _Search(model, pairs, node_types, shapes, weight, direction, budget, progress, batch_size, scores, engine)
     search.add_cost("estimate", estimate_result.cost)
     history: list[dict[str, Any]] = []
