@@ -23,8 +23,8 @@ def _true_large(truth: atpstar.Attribution, theta: float) -> set[tuple[str, tupl
 
 @pytest.fixture(scope="module")
 def planted():
-    """256 neurons per pair (16 positions); only the last position matters, neurons 5 and 11 strongly."""
-    model, pairs = sparse_additive_toy(planted=True, seq_len=16)
+    """4,096 neurons per pair (16 positions x 256); only the last position matters, neurons 5 and 11 strongly."""
+    model, pairs = sparse_additive_toy(planted=True, seq_len=16, d_mlp=256)
     truth = atpstar.attribute(model, pairs, "activation_patching", nodes=["neuron"])
     return model, pairs, truth
 
@@ -85,19 +85,19 @@ def test_the_bound_recovers_a_node_the_estimate_ranks_last(planted):
 
 def test_certified_runs_never_miss_a_large_node_over_seeds():
     """Dense additive toy (every neuron has some effect): whenever find certifies, it holds every
-    node >= theta. 3 seeds x 2 thresholds; the certificate's error rate is <= alpha per run."""
-    model, pairs = sparse_additive_toy(planted=False, seq_len=16)
+    node >= theta. 2 seeds x 2 thresholds; the certificate's error rate is <= alpha per run."""
+    model, pairs = sparse_additive_toy(planted=False, seq_len=16, d_mlp=256)
     truth = atpstar.attribute(model, pairs, "activation_patching", nodes=["neuron"])
     ranked = truth.scores["neuron"].abs().flatten().sort(descending=True).values
     certified = 0
     for theta in (float(ranked[2]) * 0.999, float(ranked[6]) * 0.999):
         want = _true_large(truth, theta)
-        for seed in range(3):
+        for seed in range(2):
             found = atpstar.find(model, pairs, theta, nodes=["neuron"], estimator="atp", seed=seed, patience=2)
             if found.certified:
                 certified += 1
                 assert want <= set(found.nodes), (theta, seed)
-    assert certified >= 4  # the loop must also reach a certificate, not only avoid wrong ones
+    assert certified >= 3  # the loop must also reach a certificate, not only avoid wrong ones
 
 
 def test_budget_spent_gives_no_certificate_and_says_what_is_left(planted):
@@ -107,7 +107,7 @@ def test_budget_spent_gives_no_certificate_and_says_what_is_left(planted):
     assert not found.certified
     assert found.total_cost.forward_equivalents <= 30.0 + 1e-9
     left = found.certificate()["left"]
-    assert left["n_unverified"] > 0 and left["n_unverified"] == 256 - found.verified.n_verified
+    assert left["n_unverified"] > 0 and left["n_unverified"] == 4096 - found.verified.n_verified
     assert "budget" in found.info["stopped"] and "NOT certified" in found.statement()
     assert str(left["n_unverified"]) in found.statement()
 

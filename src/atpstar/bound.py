@@ -58,10 +58,17 @@ COMBINES: tuple[str, ...] = ("iut", "bonferroni")
 # one-sided t quantile at 0.95 is within 4% of the normal one; fewer makes the intervals heavy-tailed.
 MIN_IN_SAMPLES = 32
 MIN_SAMPLES = 64  # below this the in/out variances are too rough to bound anything
+# Largest p a planned bound uses: with more nodes patched at once, joint patches stop adding up. On
+# SmolLM2 IOI (about 10,000 attention nodes) p = 0.5 ranked a 0.68 node 5,726th, p = 0.05 first; on
+# the toy model p = 0.5 inflated every standard error 10x. So planned bounds take at least
+# MIN_IN_SAMPLES / P_MAX samples per pair.
+P_MAX = 0.05
+PLAN_MIN_SAMPLES = math.ceil(MIN_IN_SAMPLES / P_MAX)
 DEFAULT_SAMPLES = 256
-# Planned samples are this factor above the noise-only estimate: se varies across nodes and the
-# variance estimate itself is noisy.
-SAFETY = 1.5
+# Planned samples are this factor above the noise-only estimate: se varies across nodes, the variance
+# estimate itself is noisy, and a round that misses θ narrowly costs a whole new round (on SmolLM2 IOI
+# 1.5 missed by 10%).
+SAFETY = 2.0
 
 
 def choose_p(samples: int) -> float:
@@ -83,15 +90,24 @@ def noise_quantile(n_unverified: int, alpha: float) -> float:
     return float(normal.icdf(torch.tensor(tail, dtype=torch.float64)) + normal.icdf(torch.tensor(1.0 - alpha)))
 
 
+def bound_cost(n_unverified: int, theta: float, alpha: float, sum_sq: float) -> float:
+    """Forward equivalents (all pairs) a bound needs to fall below θ: SAFETY × q² V / θ² (see ``plan_samples``).
+
+    Linear in V = mean over pairs of Σ c_j(n)²: verifying node n saves SAFETY q² mean_j c_j(n)² / θ² of it.
+    """
+    q = noise_quantile(n_unverified, alpha)
+    return SAFETY * q * q * sum_sq / (theta * theta)
+
+
 def plan_samples(n_unverified: int, n_pairs: int, theta: float, alpha: float, sum_sq: float) -> int:
     """Samples per pair so that a bound over ``n_unverified`` nodes can fall below ``theta``.
 
     With near-additive effects, se(n)² ≈ V / (samples · P) where V = mean over pairs of Σ_unverified
     c_j(n)² (``sum_sq``); max_n U(n) < θ needs θ >= se × ``noise_quantile``, so
-    samples >= SAFETY × q² V / (θ² P). At least ``MIN_SAMPLES``.
+    samples >= SAFETY × q² V / (θ² P). At least ``PLAN_MIN_SAMPLES`` (so that p <= ``P_MAX``).
     """
     q = noise_quantile(n_unverified, alpha)
-    return max(MIN_SAMPLES, math.ceil(SAFETY * q * q * sum_sq / (theta * theta * n_pairs)))
+    return max(PLAN_MIN_SAMPLES, math.ceil(SAFETY * q * q * sum_sq / (theta * theta * n_pairs)))
 
 
 @dataclass

@@ -5,8 +5,12 @@ and a certificate that no unverified node is that large. The loop:
 
 1. Estimate: one estimator (AtP* by default) ranks every node.
 2. Verify in estimate order, in windows of ``patience`` nodes. Stopping rule: stop after the first
-   window in which no node reaches |c| >= θ (AtP*'s order is good at the top and unreliable in its
-   tail, so a whole window without a hit says the ranking has stopped paying).
+   window that found no node with |c| >= θ AND did not pay for itself. A verified node leaves the
+   bound's population, and the bound's cost is linear in V = mean_j Σ c_j(n)² over the unverified
+   nodes (``bound.bound_cost``: SAFETY q² V / θ²), so verifying n saves SAFETY q² mean_j c_j(n)² / θ²
+   forward equivalents of bound samples; a window pays when its savings exceed its verification
+   cost. (Verifying any node above roughly θ·sqrt(P (L-l)/L / (SAFETY q²)), about θ/10 on one pair,
+   pays; AtP*'s order is good at the top and unreliable in its tail, so windows stop paying.)
 3. Bound round r: Subsampling over the unverified nodes (fresh seed), at level α_r = α / 2^r, with
    ``samples`` planned from the nodes left and p = ``choose_p(samples)`` (``atpstar.bound``).
    Certified when the bound's max_n U(n) < θ.
@@ -38,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .api import attribute
-from .bound import MIN_SAMPLES, FalseNegativeBound, choose_p, false_negative_bound, plan_samples
+from .bound import MIN_SAMPLES, FalseNegativeBound, bound_cost, choose_p, false_negative_bound, plan_samples
 from .cost import Cost
 from .errors import InputError
 from .localization import STAGES, Localization
@@ -242,7 +246,13 @@ def find(
         estimate_result = estimate
     else:
         estimate_result = attribute(
-            model, pairs, str(estimator), node_types, direction=direction, progress=progress, **(estimator_options or {})
+            model,
+            pairs,
+            str(estimator),
+            node_types,
+            direction=direction,
+            progress=progress,
+            **(estimator_options or {}),
         )
     scores = torch.cat([estimate_result.scores[t].double().flatten() for t in node_types])  # [N]
     per_pair = torch.cat([estimate_result.per_pair[t].double().flatten(1) for t in node_types], 1)  # [P, N]
@@ -264,11 +274,13 @@ def find(
         if fit < len(chunk):
             stopped = "budget spent while verifying in estimate order"
             chunk = chunk[:fit]
+        window_cost = float(search.verify_cost(chunk)[-1]) if len(chunk) else 0.0
         effects = search.verify(chunk, "verify_estimate_order")
         position += len(chunk)
         hits = int((effects.mean(1).abs() >= threshold).sum())
         found_here += hits
-        if hits == 0:
+        saved = bound_cost(int((~search.verified).sum()), theta, alpha / 2, float((effects**2).mean(1).sum()))
+        if hits == 0 and saved < window_cost:
             break
     history.append(_row(0, "verify_estimate_order", position, found_here, search, None))
     say(f"estimate order: verified {position} nodes, {found_here} with |c| >= {theta:g}")
