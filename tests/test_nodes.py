@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import atpstar
 from atpstar.nodes import Sizes, check_node_types, node_name, node_shape, pos_axis
@@ -40,3 +41,39 @@ def test_check_node_types_canonical_order_and_errors():
         check_node_types([])
     with pytest.raises(atpstar.InputError):
         node_shape("mlp", SIZES, 3)
+
+
+def test_table_rows_agree_with_names_and_columns():
+    from atpstar.nodes import NODE_TABLE, index_columns, layout_index, unit_and_pos
+
+    assert set(NODE_TABLE) == set(atpstar.NODE_TYPES)
+    assert index_columns("neuron", (1, 4, 7)) == {"layer": 1, "pos": 4, "index": 7}
+    assert index_columns("key", (3, 2, 5)) == {"layer": 3, "head": 2, "pos": 5}
+    for t, row in NODE_TABLE.items():
+        shape = node_shape(t, SIZES, 6)
+        assert shape[row.pos_axis] == 6 and shape[0] == SIZES.n_layers
+        index = layout_index(t, 2, 1, 5)
+        assert unit_and_pos(t, index) == (1, 5)
+        assert f"blocks.2.{row.hook}[pos 5, " in node_name(t, index)
+        assert layout_index(t, None, 1, 5) == index[1:]
+
+
+def test_node_layout_flatten_round_trip_and_locate():
+    from atpstar.nodes import NodeLayout
+
+    layout = NodeLayout.of(["neuron", "key"], SIZES, 4)
+    n_neuron, n_key = 3 * 4 * 16, 3 * 2 * 4
+    assert layout.size == n_neuron + n_key and layout.span("key") == slice(n_neuron, n_neuron + n_key)
+    tensors = {t: torch.randn(5, *shape) for t, shape in layout.shapes.items()}
+    flat = layout.flatten(tensors)  # [5, N]
+    assert flat.shape == (5, layout.size)
+    assert torch.equal(flat, torch.cat([tensors[t].reshape(5, -1) for t in layout.shapes], 1))
+    back = layout.unflatten(flat)
+    assert all(torch.equal(back[t], tensors[t]) for t in tensors)
+    position = n_neuron + 2 * 4 + 3  # key layer 1, head 0, pos 3 (layout [3, 2, 4])
+    assert layout.locate(position) == ("key", (1, 0, 3))
+    type_index, within = layout.split(torch.tensor([0, position]))
+    assert type_index.tolist() == [0, 1] and within.tolist() == [0, position - n_neuron]
+    assert layout.position(type_index, within).tolist() == [0, position]
+    partial = layout.flatten({"key": torch.ones(3, 2, 4, dtype=torch.bool)}, fill=False)
+    assert int(partial.sum()) == n_key and not bool(partial[:n_neuron].any())

@@ -12,12 +12,11 @@ Example:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from . import tasks, zoo
 from .api import attribute
 from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
+from .edges import EdgeGraph, edge_names
 from .errors import AtpstarError, InputError, UnsupportedModelError
 from .evaluate import Evaluation, evaluate
 from .find import find
@@ -30,6 +29,7 @@ from .nodes import NODE_TYPES
 from .pairs import PromptPairs
 from .result import Attribution
 from .verify import Verification, verify
+from .version import __version__
 
 __all__ = [
     "METHODS",
@@ -37,6 +37,7 @@ __all__ = [
     "AtpstarError",
     "Attribution",
     "Cost",
+    "EdgeGraph",
     "Evaluation",
     "FalseNegativeBound",
     "InputError",
@@ -45,7 +46,9 @@ __all__ = [
     "PromptPairs",
     "UnsupportedModelError",
     "Verification",
+    "__version__",
     "attribute",
+    "edge_names",
     "evaluate",
     "false_negative_bound",
     "find",

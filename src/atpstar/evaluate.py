@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .methods.base import METHODS
 from .nodes import NodeLayout, check_node_types
 from .result import Attribution
 
@@ -295,7 +296,8 @@ def evaluate(
     """Cost of verified recall of each estimate against an exhaustive ground truth.
 
     Args:
-        truth: exact effects (method ``activation_patching``); ``scores`` = mean signed effect.
+        truth: exact effects (a method with ``exact = True``, e.g. ``activation_patching``); ``scores`` =
+            mean signed effect.
         estimates: results of other methods on the same model, pairs, direction and node types;
             a dict gives each its label (default: the method id).
         setting: ``"distribution"`` (aggregate scores) or ``"per_pair"`` (each pair alone,
@@ -315,8 +317,9 @@ def evaluate(
     """
     if setting not in SETTINGS:
         raise InputError(f"unknown setting {setting!r}; choose one of {list(SETTINGS)}")
-    if truth.method != "activation_patching":
-        raise InputError(f"the ground truth must come from method 'activation_patching'; got {truth.method!r}")
+    if truth.method not in METHODS or not METHODS[truth.method].cls.exact:
+        exact = [m for m, entry in METHODS.items() if entry.cls.exact]
+        raise InputError(f"the ground truth must come from an exact method ({', '.join(exact)}); got {truth.method!r}")
     labelled = dict(estimates) if isinstance(estimates, dict) else {e.method: e for e in estimates}
     if not labelled:
         raise InputError("evaluate needs at least one estimate")

@@ -79,6 +79,12 @@ NODE_TABLE: dict[str, NodeType] = {
 
 NODE_TYPES: tuple[str, ...] = tuple(NODE_TABLE)
 
+# Edges of the MIB/EAP-IG graph (``atpstar.edges``): layout [N] per pair, N = len(edge_names(model)).
+# Asked for by name (``nodes=["edge"]``), never part of the default node types; not a table row,
+# because their layout depends on the model's graph, not on ``Sizes``.
+EDGE_TYPE = "edge"
+ALL_TYPES: tuple[str, ...] = NODE_TYPES + (EDGE_TYPE,)
+
 # Columns of node tables (``Attribution.to_rows``, ``Verification.to_rows``): the union of the axes.
 INDEX_COLUMNS: tuple[str, ...] = ("layer", "head", "pos", "index")
 
@@ -94,11 +100,11 @@ def check_node_types(node_types: object) -> list[str]:
     if isinstance(node_types, str):
         node_types = [node_types]
     if not isinstance(node_types, (list, tuple)) or not node_types:
-        raise InputError(f"nodes must be a non-empty list of node types from {list(NODE_TYPES)}; got {node_types!r}")
-    unknown = [t for t in node_types if t not in NODE_TYPES]
+        raise InputError(f"nodes must be a non-empty list of node types from {list(ALL_TYPES)}; got {node_types!r}")
+    unknown = [t for t in node_types if t not in ALL_TYPES]
     if unknown:
-        raise InputError(f"unknown node type(s) {unknown}; choose from {list(NODE_TYPES)}")
-    return [t for t in NODE_TYPES if t in node_types]
+        raise InputError(f"unknown node type(s) {unknown}; choose from {list(ALL_TYPES)}")
+    return [t for t in ALL_TYPES if t in node_types]
 
 
 def node_name(node_type: str, index: tuple[int, ...]) -> str:
@@ -109,7 +115,9 @@ def node_name(node_type: str, index: tuple[int, ...]) -> str:
 
 
 def index_columns(node_type: str, index: tuple[int, ...]) -> dict[str, int]:
-    """A node's index as table columns, e.g. ``{"layer": 3, "head": 2, "pos": 5}``."""
+    """A node's index as table columns, e.g. ``{"layer": 3, "head": 2, "pos": 5}`` (an edge: its ``index``)."""
+    if node_type == EDGE_TYPE:
+        return {"index": index[0]}
     return dict(zip(NODE_TABLE[node_type].axes, index))
 
 

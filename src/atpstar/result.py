@@ -86,14 +86,42 @@ class Attribution:
         """The k nodes with the largest ``|scores|`` across the node types, largest first."""
         types, type_index, flat_index = self.order(node_types, k)
         ranked = []
+        edge_names = self.edge_graph().edge_names if "edge" in types else []
         for type_i, position in zip(type_index.tolist(), flat_index.tolist()):
             node_type = types[type_i]
             shape = self.scores[node_type].shape
             index = tuple(int(i) for i in torch.unravel_index(torch.tensor(position), shape))
-            ranked.append(
-                RankedNode(node_type, index, node_name(node_type, index), float(self.scores[node_type][index]))
-            )
+            name = edge_names[index[0]] if node_type == "edge" else node_name(node_type, index)
+            ranked.append(RankedNode(node_type, index, name, float(self.scores[node_type][index])))
         return ranked
+
+    def edge_graph(self) -> Any:
+        """The MIB/EAP-IG edge graph of an attribution with edges (``atpstar.edges.EdgeGraph``)."""
+        from .edges.graph import EdgeGraph
+
+        if "edge_graph" not in self.info:
+            raise InputError("this attribution has no edges; run attribute(..., nodes=['edge'])")
+        return EdgeGraph.from_description(self.info["edge_graph"])
+
+    def to_mib(self, path: str | Path, n_edges: int | None = None, prune: bool = True) -> Path:
+        """Write the edge scores as a MIB circuit file (``.json`` or ``.pt``, by suffix).
+
+        Args:
+            path: the file to write.
+            n_edges: mark the top ``n_edges`` edges by |score| as the circuit (pruned as MIB prunes);
+                None marks every edge (MIB's evaluation picks its own circuit sizes from the scores).
+            prune: prune the top-``n_edges`` circuit.
+
+        Example:
+            >>> atpstar.attribute(model, pairs, method="atp*", nodes=["edge"]).to_mib("circuit.json")
+        """
+        from .edges.circuits import top_edges
+        from .edges.mib import save_mib
+
+        graph = self.edge_graph()
+        scores = self.scores["edge"]
+        chosen = None if n_edges is None else top_edges(graph, scores, n_edges, prune)
+        return save_mib(path, graph, int(self.info["edge_graph"].get("d_model", 0)), scores, chosen)
 
     def to_rows(self, k: int | None = None) -> list[dict[str, Any]]:
         """Tidy table: one row per node (top k, or all), with TransformerLens-style names."""

@@ -8,9 +8,12 @@ Hook sites (shape letters: B batch, T positions, H heads, K kv heads, E d_head, 
 
 - neuron: input of the MLP output projection (pre-hook), [B, T, M];
 - query/key/value: output of the q/k/v projections (Llama, pre-rotary; replacing pre- or
-  post-rotary at the same position is the same intervention), slices of GPT-2's ``attn.c_attn``
-  output (q|k|v of the hidden size each), GPT-NeoX's ``attention.query_key_value`` output viewed
-  as [B, T, H, 3E] with q, k, v chunks per head;
+  post-rotary at the same position is the same intervention, and AtP's product is the same since
+  rotary is orthogonal per position), slices of GPT-2's ``attn.c_attn`` output (q|k|v of the hidden
+  size each), GPT-NeoX's ``attention.query_key_value`` output viewed as [B, T, H, 3E] with q, k, v
+  chunks per head, Phi-3's ``qkv_proj`` output ([q heads | k heads | v heads]); with QK-norm the
+  output of ``q_norm``/``k_norm`` (Qwen3: [B, T, H, E]; Gemma-3: [B, H, T, E]; OLMo-2: the whole
+  projection [B, T, H·E]), since atpstar's query/key nodes are the vectors attention receives;
 - head: input of the attention output projection (pre-hook), head h's slice.
 """
 
@@ -23,6 +26,10 @@ from typing import Any
 import torch
 
 NODE_TYPES = ("neuron", "query", "key", "value", "head")
+
+
+def _d_head(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _n_kv(config: Any) -> int:
@@ -46,7 +53,7 @@ def _site(hf_model: Any, node_type: str) -> tuple[str, str, Callable[[torch.Tens
     cfg = hf_model.config
     kind = cfg.model_type
     n_heads = cfg.num_attention_heads
-    d_head = cfg.hidden_size // n_heads
+    d_head = _d_head(cfg)
     n_kv = _n_kv(cfg)
     qkv_index = {"query": 0, "key": 1, "value": 2}
     if node_type == "neuron":
@@ -60,8 +67,16 @@ def _site(hf_model: Any, node_type: str) -> tuple[str, str, Callable[[torch.Tens
         return "attn.c_attn", "fwd", lambda x: x.view(*x.shape[:2], 3, n_heads, d_head)[:, :, i]
     if kind == "gpt_neox":
         return "attention.query_key_value", "fwd", lambda x: x.view(*x.shape[:2], n_heads, 3, d_head)[:, :, :, i]
-    proj = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}[node_type]
     units = n_heads if node_type == "query" else n_kv
+    if kind == "phi3":
+        start = (0, n_heads, n_heads + n_kv)[i] * d_head
+        return "self_attn.qkv_proj", "fwd", lambda x: x[..., start:start + units * d_head].view(*x.shape[:2], units, d_head)
+    if node_type != "value" and kind in ("qwen3", "gemma3_text", "olmo2"):
+        norm = "self_attn.q_norm" if node_type == "query" else "self_attn.k_norm"
+        if kind == "gemma3_text":  # normed after the transpose to [B, H, T, E]
+            return norm, "fwd", lambda x: x.transpose(1, 2)
+        return norm, "fwd", lambda x: x.view(*x.shape[:2], units, d_head)
+    proj = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}[node_type]
     return f"self_attn.{proj}", "fwd", lambda x: x.view(*x.shape[:2], units, d_head)
 
 
@@ -71,13 +86,53 @@ def _module(layer: Any, path: str) -> Any:
     return layer
 
 
-def reference_copy(hf_model: Any, attn_implementation: str = "sdpa") -> Any:
+def reference64_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor, scaling: float, dropout: float = 0.0,
+                          softcap: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention formula with the softmax in the input precision (float64 stays float64).
+
+    The mask is the boolean one transformers builds for the layer (causal, and the sliding-window
+    overlay on sliding layers), never skipped (``_reference_mask``); the soft-cap is the one the
+    model passes.
+    """
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    weights = query @ key.transpose(2, 3) * scaling
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
+    weights = weights.masked_fill(~attention_mask, float("-inf"))
+    probs = torch.softmax(weights, -1)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+def _reference_mask(*args: Any, **kwargs: Any) -> Any:
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False  # always a boolean [B, 1, T, T] mask, also for plain causal layers
+    return sdpa_mask(*args, **kwargs)
+
+
+def _register_reference64() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register("reference64", reference64_attention)
+    AttentionMaskInterface.register("reference64", _reference_mask)
+
+
+def reference_copy(hf_model: Any, attn_implementation: str | None = None) -> Any:
     """A private deep copy of the model running transformers' own attention.
 
-    Default ``"sdpa"``, not ``"eager"``: the eager attention functions of GPT-NeoX and Llama in
-    transformers take the softmax in float32 even for float64 models (``softmax(..., dtype=float32)``),
-    which caps agreement at ~1e-7; torch's SDPA on CPU stays in float64. GPT-2's eager is float64.
+    Default for GPT-2, GPT-NeoX and Llama: ``"sdpa"``, not ``"eager"``: the eager attention functions
+    of GPT-NeoX and Llama in transformers take the softmax in float32 even for float64 models
+    (``softmax(..., dtype=float32)``), which caps agreement at ~1e-7; torch's SDPA on CPU stays in
+    float64. GPT-2's eager is float64. Other families get ``"reference64"`` (eager in float64 with
+    the model's own masks and soft-cap; SDPA would drop Gemma-2's soft-cap).
     """
+    if attn_implementation is None:
+        attn_implementation = "sdpa" if hf_model.config.model_type in ("gpt2", "gpt_neox", "llama") else "reference64"
+    if attn_implementation == "reference64":
+        _register_reference64()
     ref = copy.deepcopy(hf_model)
     for module in ref.modules():
         if hasattr(module, "config"):

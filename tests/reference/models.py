@@ -10,7 +10,19 @@ from __future__ import annotations
 import warnings
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 import atpstar
 
@@ -19,6 +31,10 @@ torch.set_num_threads(1)  # tiny tensors: threading overhead dominates on small 
 VOCAB = 48
 N_CTX = 16
 FAMILIES = ("gpt2", "gpt_neox", "llama")
+# The families of issue #11, each with its features switched on: windows of 3 on prompts of 6,
+# soft-caps that bind, QK-norms; built by ``make_config`` like the three above.
+NEW_FAMILIES = ("gemma2", "gemma3", "qwen2", "qwen3", "mistral", "phi3", "olmo2")
+WINDOW = 3
 
 
 def make_config(family: str, n_layers: int = 2, **overrides):
@@ -41,10 +57,42 @@ def make_config(family: str, n_layers: int = 2, **overrides):
             num_attention_heads=4, num_key_value_heads=2, intermediate_size=32, initializer_range=0.25,
         )
     else:
-        raise ValueError(family)
+        cfg = _new_family_config(family, n_layers)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
+
+
+def _new_family_config(family: str, n_layers: int):
+    """Tiny configs of the newer families: d_model 32, 4 heads, 2 kv heads, d_head 8, d_mlp 32."""
+    common = dict(
+        vocab_size=VOCAB, max_position_embeddings=N_CTX, hidden_size=32, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=32, initializer_range=0.25,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+    )
+    # Alternate sliding and full layers, starting with a sliding one (Gemma-2's own pattern).
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+    if family == "gemma2":
+        return Gemma2Config(**common, head_dim=8, query_pre_attn_scalar=6, sliding_window=WINDOW,
+                            attn_logit_softcapping=1.5, final_logit_softcapping=4.0, layer_types=alternating,
+                            hidden_activation="gelu_pytorch_tanh")
+    if family == "gemma3":
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1000.0, "factor": 4.0}}
+        return Gemma3TextConfig(**common, head_dim=8, query_pre_attn_scalar=10, sliding_window=WINDOW,
+                                layer_types=alternating, rope_parameters=rope, final_logit_softcapping=4.0)
+    if family == "qwen2":  # q/k/v biases; windows on layers >= max_window_layers
+        return Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    if family == "qwen3":
+        return Qwen3Config(**common, head_dim=8, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=WINDOW)
+    if family == "phi3":
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        return Phi3Config(**common, sliding_window=WINDOW, rope_parameters=rope, pad_token_id=None)
+    if family == "olmo2":
+        return Olmo2Config(**common)
+    raise ValueError(family)
 
 
 def qk_weights(hf_model, family: str, layer: int):
@@ -61,14 +109,36 @@ def qk_weights(hf_model, family: str, layer: int):
         return (lambda h: w[h * 3 * e:h * 3 * e + e]), (lambda g: w[g * 3 * e + e:g * 3 * e + 2 * e])
     attn = hf_model.model.layers[layer].self_attn
     e = attn.head_dim
+    if family == "phi3":  # fused rows [q heads | k heads | v heads]
+        w, d_q = attn.qkv_proj.weight, hf_model.config.num_attention_heads * e
+        return (lambda h: w[h * e:(h + 1) * e]), (lambda g: w[d_q + g * e:d_q + (g + 1) * e])
+    if family == "olmo2":  # the norm after the projection would undo a scaled projection; scale its weight
+        return (lambda h: attn.q_norm.weight[h * e:(h + 1) * e]), (lambda g: attn.k_norm.weight[g * e:(g + 1) * e])
     return (lambda h: attn.q_proj.weight[h * e:(h + 1) * e]), (lambda g: attn.k_proj.weight[g * e:(g + 1) * e])
 
 
 def saturate(hf_model, family: str, layer: int, head: int, factor: float) -> None:
     """Scale query head ``head`` and its key head by sqrt(factor) each: logits scale by ``factor``."""
+    if family in ("qwen3", "gemma3"):
+        # Per-head QK-norm weights are shared by all heads: every head of the layer saturates.
+        attn = hf_model.model.layers[layer].self_attn
+        with torch.no_grad():
+            for norm in (attn.q_norm, attn.k_norm):
+                if family == "gemma3":  # Gemma norms scale by (1 + weight)
+                    norm.weight.copy_((1 + norm.weight) * factor**0.5 - 1)
+                else:
+                    norm.weight.mul_(factor**0.5)
+        return
     q_rows, k_rows = qk_weights(hf_model, family, layer)
     n_heads = hf_model.config.num_attention_heads
     n_kv = getattr(hf_model.config, "num_key_value_heads", None) or n_heads
+    if family == "qwen2":  # the biases scale with the weights so the logits scale by ``factor``
+        attn = hf_model.model.layers[layer].self_attn
+        e = attn.head_dim
+        g = head // (n_heads // n_kv)
+        with torch.no_grad():
+            attn.q_proj.bias[head * e:(head + 1) * e].mul_(factor**0.5)
+            attn.k_proj.bias[g * e:(g + 1) * e].mul_(factor**0.5)
     with torch.no_grad():
         q_rows(head).mul_(factor**0.5)
         k_rows(head // (n_heads // n_kv)).mul_(factor**0.5)
@@ -85,10 +155,11 @@ class ExactRMSNorm(torch.nn.Module):
     def __init__(self, norm: torch.nn.Module) -> None:
         super().__init__()
         self.weight = norm.weight
-        self.eps = norm.variance_epsilon
+        self.eps = getattr(norm, "variance_epsilon", None) or norm.eps
+        self.offset = 1.0 if type(norm).__name__.startswith("Gemma") else 0.0  # Gemma scales by (1 + weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.weight * hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.offset + self.weight) * hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
 
 
 def use_exact_norms(hf_model) -> None:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import InputError
+from .circuit import cmd_circuit
 from .common import (
     bound_unverified,
     cached_or_run,
@@ -25,17 +26,6 @@ from .common import (
 from .find_command import cmd_find
 from .output import finish_run, prompts, tokens
 
-DESCRIPTIONS = {
-    "activation_patching": "exact: patch every node alone, one forward per node and pair (the ground truth)",
-    "atp": "attribution patching: first-order estimate, 2 forwards + 1 backward per pair",
-    "atp+qkfix": "AtP with the softmax recomputed exactly for queries and keys (attention saturation fix)",
-    "atp+graddrop": "AtP averaged over backward passes with one layer's residual write dropped (cancellation fix)",
-    "atp*": "AtP + QK fix + GradDrop, the paper's method (about 2 forwards + L/2+1 backwards per pair)",
-    "subsampling": "patch random node subsets jointly; estimate = mean effect with the node in - mean without",
-    "blocks": "patch fixed blocks of nodes jointly; each node scored by its block's |effect|",
-    "hierarchical": "group testing: patch coarse blocks, split those with a large |effect|, down to single nodes",
-}
-
 
 def cmd_models(args: argparse.Namespace) -> int:
     from ..zoo import BUILTIN_MODELS
@@ -49,11 +39,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     from ..methods import METHODS
 
-    names = [m for m in DESCRIPTIONS if m in METHODS] + sorted(m for m in METHODS if m not in DESCRIPTIONS)
-    width = max(len(name) for name in names)
-    for name in names:
-        doc = (METHODS[name].cls.__doc__ or "").strip().splitlines()
-        print(f"{name:<{width}}  {DESCRIPTIONS.get(name) or (doc[0] if doc else '')}")
+    width = max(len(name) for name in METHODS)
+    for name, entry in METHODS.items():
+        print(f"{name:<{width}}  {entry.cls.summary}")
     return 0
 
 
@@ -235,7 +223,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "compare": cmd_compare,
     "verify": cmd_verify,
     "bound": cmd_bound,
+<<<<<<< HEAD
     "find": cmd_find,
+=======
+    "circuit": cmd_circuit,
+>>>>>>> main
     "models": cmd_models,
     "methods": cmd_methods,
 }

@@ -13,7 +13,7 @@ from .common import load_model, load_task, out_dir, parse_nodes, plain, say
 
 def add_find_parser(sub: Any) -> None:
     """The ``find`` subcommand's options (called by ``parser.build_parser``)."""
-    from .parser import _model_args, _output_args, _task_args
+    from .parser import _model_args, _output_args, _task_args, _worker_args
 
     find = sub.add_parser(
         "find",
@@ -40,6 +40,7 @@ def add_find_parser(sub: Any) -> None:
     )
     find.add_argument("--max-rounds", type=int, default=6, help="bound rounds at most (default 6)")
     find.add_argument("--bound-seed", type=int, default=0, help="subsampling seed of the bounds (default 0)")
+    _worker_args(find)
     _output_args(find, "out/find")
 
 
@@ -65,6 +66,8 @@ def cmd_find(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         max_rounds=args.max_rounds,
         seed=args.bound_seed,
+        workers=args.workers,
+        ray_address=args.ray_address,
     )
     found.info["pairs_fingerprint"] = pairs.fingerprint()
     found.save(out / "localization")

@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_find_parser(sub)
 
+    from .circuit import add_circuit_parser
+
+    add_circuit_parser(sub)
+
     sub.add_parser("models", help="list the built-in models", description="List the built-in models (--model NAME).")
     sub.add_parser("methods", help="list the method ids", description="List the method ids with one-line descriptions.")
     return parser

@@ -9,7 +9,7 @@ counted l / L (about L/2 backwards in all), the exact cheap scheme of §5.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,17 +19,37 @@ from ..errors import InputError
 from ..families import LayerAttention
 from ..gradients import GradientStep, SiteGrads, atp_estimate, gradient_step
 from ..model import Model
-from ..nodes import NODE_TABLE, node_shape
+from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
 from ..ops import graddrop_combine, key_fix, query_fix
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from .base import Method, register
 
 
-@register("atp*", qk_fix=True, grad_drop=True)
-@register("atp+graddrop", qk_fix=False, grad_drop=True)
-@register("atp+qkfix", qk_fix=True, grad_drop=False)
-@register("atp", qk_fix=False, grad_drop=False)  # decorators apply bottom-up: this order lists atp first
+@register(
+    "atp*",
+    summary="AtP + QK fix + GradDrop, the paper's method (about 2 forwards + L/2+1 backwards per pair)",
+    qk_fix=True,
+    grad_drop=True,
+)
+@register(
+    "atp+graddrop",
+    summary="AtP averaged over backward passes with one layer's residual write dropped (cancellation fix)",
+    qk_fix=False,
+    grad_drop=True,
+)
+@register(
+    "atp+qkfix",
+    summary="AtP with the softmax recomputed exactly for queries and keys (attention saturation fix)",
+    qk_fix=True,
+    grad_drop=False,
+)
+@register(  # decorators apply bottom-up: this order lists atp first
+    "atp",
+    summary="attribution patching: first-order estimate, 2 forwards + 1 backward per pair",
+    qk_fix=False,
+    grad_drop=False,
+)
 class AttributionPatching(Method):
     """AtP and its fixes; the method ids fix ``qk_fix`` and ``grad_drop``.
 
@@ -47,6 +67,7 @@ class AttributionPatching(Method):
     """
 
     needs_gradients = True
+    node_types = ALL_TYPES  # edges: EAP and its QK-fix / GradDrop / AtP* forms (``atpstar.edges``)
 
     def __init__(
         self, *, qk_fix: bool = False, grad_drop: bool = False, batch_size: int | None = None, memory_gb: float = 2.0
@@ -55,6 +76,16 @@ class AttributionPatching(Method):
         self.grad_drop = grad_drop
         self.batch_size = batch_size
         self.memory_gb = memory_gb
+
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """2 forwards and 1 backward per pair; GradDrop adds a partial backward from each layer l >= 1, counted l / L."""
+        cost = Cost()
+        cost.add_forward(2 * pairs.n_pairs)
+        cost.add_backward(pairs.n_pairs)
+        if self.grad_drop:
+            for layer in range(1, model.n_layers):
+                cost.add_backward(pairs.n_pairs, layers_covered=layer, n_layers=model.n_layers)
+        return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if self.grad_drop and model.n_layers < 2:
@@ -77,6 +108,15 @@ class AttributionPatching(Method):
                     out[t][index] = value.detach().to(out[t].dtype).cpu()
                 bar.update(len(index))
         return out, {}, {}
+
+    def _attribute_edges(
+        self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        from ..edges.sweep import estimate_edges
+
+        return estimate_edges(
+            model, pairs, direction, cost, progress, self.batch_size, self.memory_gb, self.qk_fix, self.grad_drop
+        )
 
     def _estimate(
         self, model: Model, pairs: PromptPairs, index: torch.Tensor, node_types: list[str], direction: str, cost: Cost

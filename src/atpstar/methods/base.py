@@ -2,35 +2,51 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from .. import __version__
 from ..cost import Cost
 from ..errors import InputError
 from ..model import Model, as_model
-from ..nodes import NODE_TYPES, check_node_types
+from ..nodes import EDGE_TYPE, NODE_TYPES, check_node_types
 from ..pairs import PromptPairs, check_direction
 from ..result import Attribution, aggregate
+from ..version import __version__
 
 
 class Method:
     """One attribution method. Constructor arguments are its options (keyword-only, with defaults).
 
-    Subclasses set the capability flags and implement ``_attribute``; ``attribute`` validates
-    everything first, so no forward pass runs on bad input.
+    Subclasses declare their capabilities (the class variables below), implement ``_attribute`` and
+    ``expected_cost``; ``attribute`` validates everything first, so no forward pass runs on bad
+    input. ``atpstar.testing.check_method(cls)`` runs the contract every registered method meets.
     """
 
     id: ClassVar[str] = ""
-    node_types: ClassVar[tuple[str, ...]] = NODE_TYPES
-    exact: ClassVar[bool] = False  # computes true effects rather than estimates
-    needs_gradients: ClassVar[bool] = False
-    seeded: ClassVar[bool] = False
+    summary: ClassVar[str] = ""  # one line for method tables (``atpstar methods``); set per id by ``register``
+    node_types: ClassVar[tuple[str, ...]] = NODE_TYPES  # node types it can score
+    exact: ClassVar[bool] = False  # computes true effects (usable as ground truth) rather than estimates
+    needs_gradients: ClassVar[bool] = False  # runs backward passes through the model
+    seeded: ClassVar[bool] = False  # results depend on a ``seed`` option
     pairs_interact: ClassVar[bool] = False  # a pair's result depends on the other pairs in the call
-    aggregation: ClassVar[str] = "mean_abs"
+    aggregation: ClassVar[str] = "mean_abs"  # how ``scores`` come from ``per_pair`` (``result.aggregate``)
+    cost_is_bound: ClassVar[bool] = False  # ``expected_cost`` is an upper bound, not the exact count
     distributable: ClassVar[bool] = False  # runs as work units on Ray workers (``workers=``)
+
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """The documented cost of a call, in passes over single prompts (see ``atpstar.cost``).
+
+        Args:
+            model, pairs, node_types: as given to ``attribute``.
+            info: the result's ``info`` (methods whose work adapts to the data count it there).
+
+        Returns:
+            The exact ``Cost`` the call reports, or an upper bound when ``cost_is_bound``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not document its cost (expected_cost)")
 
     def get_options(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -51,7 +67,10 @@ class Method:
         Args:
             model: an ``atpstar.Model`` (from ``load_model``) or a ``transformers`` causal LM.
             pairs: the prompt pairs and their metric.
-            nodes: node types, any of ``neuron``, ``query``, ``key``, ``value``, ``head``.
+            nodes: node types, any of ``neuron``, ``query``, ``key``, ``value``, ``head``, and ``edge``
+                (the MIB/EAP-IG edge graph, ``per_pair["edge"]`` [P, N] in ``atpstar.edge_names`` order;
+                methods with edges: ``activation_patching``, ``atp``, ``atp+qkfix``, ``atp+graddrop``,
+                ``atp*``, ``atp+ig``).
             direction: ``"noising"`` (patch noise into the clean run, the paper's) or ``"denoising"``
                 (patch clean into the noise run; what TransformerLens' tools compute).
             progress: show a progress bar.
@@ -79,6 +98,8 @@ class Method:
         model.check_ready(torch.cat([pairs.clean, pairs.noise]))
         self._validate(model, pairs, node_types)
         executor = None
+        if (workers is not None or ray_address is not None) and EDGE_TYPE in node_types:
+            raise InputError("edges run in-process only; ask for edges in a call without workers=/ray_address=")
         if workers is not None or ray_address is not None:
             if not self.distributable:
                 raise InputError(
@@ -89,10 +110,19 @@ class Method:
 
             executor = executor_for(model, workers, ray_address, progress)
         cost = Cost()
-        if executor is None:
-            per_pair, extras, info = self._attribute(model, pairs, node_types, direction, cost, progress)
-        else:
-            per_pair, extras, info = self._attribute_on(executor, model, pairs, node_types, direction, cost)
+        plain = [t for t in node_types if t != EDGE_TYPE]
+        per_pair: dict[str, torch.Tensor] = {}
+        extras: dict[str, torch.Tensor] = {}
+        info: dict[str, Any] = {}
+        if plain and executor is None:
+            per_pair, extras, info = self._attribute(model, pairs, plain, direction, cost, progress)
+        elif plain:
+            per_pair, extras, info = self._attribute_on(executor, model, pairs, plain, direction, cost)
+        if EDGE_TYPE in node_types:  # edges run in-process (work units for edges are not implemented)
+            from ..edges.graph import graph_of
+
+            per_pair[EDGE_TYPE], edge_info = self._attribute_edges(model, pairs, direction, cost, progress)
+            info = {**info, **edge_info, "edge_graph": {**graph_of(model).describe(), "d_model": model.d_model}}
         return Attribution(
             method=self.id,
             options=self.get_options(),
@@ -121,6 +151,12 @@ class Method:
         """``_attribute`` as work units run by ``executor`` (``atpstar.distributed``); same numbers."""
         raise NotImplementedError
 
+    def _attribute_edges(
+        self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Edge results [P, N] and facts for ``info`` (methods that list ``edge`` in ``node_types``)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Registered:
@@ -140,23 +176,30 @@ class Registered:
 METHODS: dict[str, Registered] = {}
 
 
-def register(method_id: str, **presets: Any):  # type: ignore[no-untyped-def]
-    """Class decorator: add ``cls`` to ``METHODS`` under ``method_id`` with preset options."""
+def register(method_id: str, *, summary: str, **presets: Any):  # type: ignore[no-untyped-def]
+    """Class decorator: add ``cls`` to ``METHODS`` under ``method_id`` with preset options.
+
+    Args:
+        method_id: the id users pass as ``method=``.
+        summary: one line saying what the computation does, for method tables.
+        presets: options this id fixes (several ids may share one class).
+    """
 
     def decorate(cls: type[Method]) -> type[Method]:
         if method_id in METHODS:
             raise RuntimeError(f"method id {method_id!r} registered twice")
-        METHODS[method_id] = Registered(_with_id(cls, method_id) if presets else cls, presets)
+        METHODS[method_id] = Registered(_with_id(cls, method_id, summary) if presets else cls, presets)
         if not presets:
-            cls.id = method_id
+            cls.id, cls.summary = method_id, summary
         return cls
 
     return decorate
 
 
-def _with_id(cls: type[Method], method_id: str) -> type[Method]:
+def _with_id(cls: type[Method], method_id: str, summary: str) -> type[Method]:
     """A subclass that carries the preset id, so results name the computation that ran."""
-    return type(cls.__name__, (cls,), {"id": method_id, "__module__": cls.__module__, "__doc__": cls.__doc__})
+    namespace = {"id": method_id, "summary": summary, "__module__": cls.__module__, "__doc__": cls.__doc__}
+    return type(cls.__name__, (cls,), namespace)
 
 
 def build_method(method: str, **options: Any) -> Method:

@@ -10,6 +10,7 @@ Shape letters: P pairs, B batch, L layers, R nodes per layer of one type.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -37,7 +38,7 @@ class Block(NamedTuple):
         return self.stop - self.start
 
 
-@register("blocks")
+@register("blocks", summary="patch fixed blocks of nodes jointly; each node scored by its block's |effect|")
 class Blocks(Method):
     """Blocks: each node scored by the joint patching effect of its block.
 
@@ -58,6 +59,16 @@ class Blocks(Method):
         self.block_size = block_size
         self.batch_size = batch_size
         self.memory_gb = memory_gb
+
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """2P full forwards, then one forward per block and pair started at the block's layer ((L - l) / L)."""
+        cost = Cost()
+        cost.add_forward(2 * pairs.n_pairs)
+        for t in node_types:
+            n_blocks = -(-_per_layer(node_shape(t, model.sizes, pairs.seq_len)) // self.block_size)
+            for layer in range(model.n_layers):
+                cost.add_forward(pairs.n_pairs * n_blocks, start_layer=layer, n_layers=model.n_layers)
+        return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,7 +28,10 @@ from .base import Method, register
 from .blocks import Block, _per_layer, check_batching, patch_blocks
 
 
-@register("hierarchical")
+@register(
+    "hierarchical",
+    summary="group testing: patch coarse blocks, split those with a large |effect|, down to single nodes",
+)
 class Hierarchical(Method):
     """Hierarchical group testing: split blocks with large |effect| until single nodes.
 
@@ -52,6 +56,7 @@ class Hierarchical(Method):
 
     aggregation = "mean_abs"
     pairs_interact = True  # splits follow the mean over pairs
+    cost_is_bound = True  # which blocks get split (and at which layers) depends on the effects
     distributable = True
 
     def __init__(
@@ -68,6 +73,10 @@ class Hierarchical(Method):
         self.budget = budget
         self.batch_size = batch_size
         self.memory_gb = memory_gb
+
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """At most 2P full forwards and one forward per patched block and pair (``info["blocks_patched"]``)."""
+        return Cost(forward=2 * pairs.n_pairs + pairs.n_pairs * int(info["blocks_patched"]))
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if not isinstance(self.branching, int) or isinstance(self.branching, bool) or self.branching < 2:

@@ -6,7 +6,9 @@ node's layer, counted (L - l) / L.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,16 @@ from ..cost import Cost
 from ..engine import MIN_CHUNK_TOKENS, PatchCache, element_bytes, prepare, sweep_layer
 from ..errors import InputError
 from ..model import Model
-from ..nodes import layout_index, node_shape, unit_and_pos
+from ..nodes import ALL_TYPES, layout_index, node_shape, unit_and_pos
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from .base import Method, register
 
 
-@register("activation_patching")
+@register(
+    "activation_patching",
+    summary="exact: patch every node alone, one forward per node and pair (the ground truth)",
+)
 class ActivationPatching(Method):
     """The ground truth: patch every node on its own.
 
@@ -41,6 +46,7 @@ class ActivationPatching(Method):
 
     exact = True
     aggregation = "mean"
+    node_types = ALL_TYPES  # edges: exact edge patching (``atpstar.edges.patching``)
     distributable = True
 
     def __init__(
@@ -58,7 +64,20 @@ class ActivationPatching(Method):
         self.min_chunk_tokens = min_chunk_tokens
         self.layers = None if layers is None else list(layers)
 
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """2P full forwards, then one forward per node and pair of the patched layers, counted (L - l) / L."""
+        cost = Cost()
+        cost.add_forward(2 * pairs.n_pairs)
+        layers = sorted(set(self.layers)) if self.layers is not None else range(model.n_layers)
+        for t in node_types:
+            per_layer = math.prod(node_shape(t, model.sizes, pairs.seq_len)[1:])
+            for layer in layers:
+                cost.add_forward(pairs.n_pairs * per_layer, start_layer=layer, n_layers=model.n_layers)
+        return cost
+
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
+        if self.layers is not None and "edge" in node_types:
+            raise InputError("layers= restricts node patching only; ask for edges in a call without it")
         if self.batch_size is not None and self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1 or None; got {self.batch_size}")
         if self.memory_gb <= 0:
@@ -69,6 +88,17 @@ class ActivationPatching(Method):
             raise InputError(
                 f"layers must be a non-empty list of layer indices in [0, {model.n_layers}); got {self.layers}"
             )
+
+    def _attribute_edges(
+        self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        from ..edges.sweep import exact_edges
+
+        checkpoint = f"{self.checkpoint}.edges" if self.checkpoint else None
+        effects, info = exact_edges(
+            model, pairs, direction, cost, progress, self.batch_size, self.memory_gb, checkpoint
+        )
+        return effects, {"edge_base_metric": info["base_metric"]}
 
     def _batch(self, model: Model, pairs: PromptPairs) -> int:
         return self.batch_size or max(1, int(self.memory_gb * 2**30 // element_bytes(model, pairs.seq_len)))

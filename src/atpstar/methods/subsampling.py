@@ -12,6 +12,7 @@ Shape letters: P pairs, B batch, N nodes (all requested node types, flattened).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,10 @@ DESIGNS: tuple[str, ...] = ("random", "balanced")
 STATS: tuple[str, ...] = ("count_in", "mean_in", "var_in", "count_out", "mean_out", "var_out")
 
 
-@register("subsampling")
+@register(
+    "subsampling",
+    summary="patch random node subsets jointly; estimate = mean effect with the node in - mean without",
+)
 class Subsampling(Method):
     """Subsampling: patch random node subsets jointly; ĉ(n) = mean Δ with n patched - mean Δ without.
 
@@ -61,6 +65,7 @@ class Subsampling(Method):
 
     seeded = True
     aggregation = "mean_abs"
+    cost_is_bound = True  # each batch starts at its lowest patched layer, which the random subsets decide
     distributable = True
 
     def __init__(
@@ -79,6 +84,10 @@ class Subsampling(Method):
         self.design = design
         self.batch_size = batch_size
         self.memory_gb = memory_gb
+
+    def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
+        """At most 2P full forwards and ``samples`` x P patched forwards."""
+        return Cost(forward=2 * pairs.n_pairs + self.samples * pairs.n_pairs)
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         check_options(self.samples, self.p, self.design, self.batch_size, self.memory_gb)

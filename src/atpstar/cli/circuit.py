@@ -1,0 +1,101 @@
+"""``atpstar circuit``: edge scores by several methods, MIB circuit files, faithfulness curves and CPR/CMD."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from .common import load_model, load_task, out_dir, parse_options, run_method, say
+
+CIRCUIT_DEFAULT = "atp,atp+ig,atp*"
+
+
+def add_circuit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from .parser import _model_args, _output_args, _task_args
+
+    circuit = sub.add_parser(
+        "circuit",
+        help="edge scores, MIB circuit files and faithfulness (CPR/CMD) per method",
+        description="Score every edge of the MIB/EAP-IG graph with each method, write MIB circuit files "
+        "(OUT/<method>.mib.json, every edge with its score), the circuits at MIB's sizes "
+        "(OUT/<method>.circuits.json), the faithfulness curve with CPR and CMD "
+        "(OUT/<method>.faithfulness.json), a table, a plot and report.html.",
+    )
+    _model_args(circuit)
+    _task_args(circuit)
+    circuit.add_argument(
+        "--method",
+        default=CIRCUIT_DEFAULT,
+        help=f"comma list of edge methods: activation_patching, atp, atp+qkfix, atp+graddrop, atp*, atp+ig "
+        f"(default {CIRCUIT_DEFAULT})",
+    )
+    circuit.add_argument(
+        "--option", action="append", default=[], metavar="[METHOD:]KEY=VALUE", help="a method option, repeatable"
+    )
+    circuit.add_argument(
+        "--fractions",
+        default=None,
+        help="comma list of circuit sizes as fractions of all edges (default MIB's 0.001,...,1)",
+    )
+    circuit.add_argument("--no-prune", action="store_true", help="do not prune circuits as MIB does")
+    _output_args(circuit, "out/circuit")
+
+
+def cmd_circuit(args: argparse.Namespace) -> int:
+    from ..edges.circuits import MIB_FRACTIONS, faithfulness_curve, top_edges
+    from ..edges.report import curve_table, plot_curves, report_section
+    from ..errors import InputError
+    from ..methods import build_method
+
+    start = time.monotonic()
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    options = parse_options(args.option, methods)
+    for method in methods:
+        built = build_method(method, **options[method])  # bad ids/options fail before the model loads
+        if "edge" not in type(built).node_types:
+            raise InputError(f"method {method!r} has no edge form; choose from the list in --help")
+    try:
+        fractions = [float(x) for x in args.fractions.split(",")] if args.fractions else list(MIB_FRACTIONS)
+    except ValueError as err:
+        raise InputError(f"--fractions must be a comma list of numbers; got {args.fractions!r}") from err
+    out = out_dir(args)
+    model = load_model(args)
+    pairs, task = load_task(model, args)
+    curves, costs, tops = [], {}, {}
+    for method in methods:
+        result = run_method(model, pairs, method, ["edge"], options[method], args)
+        name = method.replace("*", "_star").replace("+", "_")
+        result.save(out / f"{name}.edges")
+        result.to_mib(out / f"{name}.mib.json")
+        graph = result.edge_graph()
+        names = graph.edge_names
+        circuits = {}
+        for x in fractions:
+            chosen = top_edges(graph, result.scores["edge"], int(x * graph.n_edges), not args.no_prune)
+            circuits[f"{x:g}"] = [names[i] for i in chosen.nonzero()[:, 0].tolist()]
+        (out / f"{name}.circuits.json").write_text(json.dumps(circuits))
+        say(f"{method}: faithfulness at {len(fractions)} circuit sizes")
+        curve = faithfulness_curve(
+            model,
+            pairs,
+            result,
+            fractions,
+            direction=args.direction,
+            prune=not args.no_prune,
+            progress=not args.no_progress,
+        )
+        curve.save(out / f"{name}.faithfulness.json")
+        curves.append(curve)
+        costs[method] = result.cost.forward_equivalents
+        tops[method] = [node.name for node in result.top(args.top, node_types=["edge"])]
+    table = curve_table(curves, costs)
+    (out / "circuit_table.md").write_text(f"{task}\n\n{table}\n")
+    print(table)
+    plot = None
+    if not args.no_plots:
+        plot = plot_curves(curves, out / "faithfulness.png", f"{model.model_id}: {task}").name
+    page = report_section(curves, table, plot, tops)
+    (out / "report.html").write_text(f"<html><body><h1>atpstar circuit</h1><p>{task}</p>\n{page}</body></html>")
+    say(f"wrote {out}/ in {time.monotonic() - start:.1f} s")
+    return 0

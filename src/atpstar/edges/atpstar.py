@@ -1,0 +1,135 @@
+"""Edge AtP with the QK fix and GradDrop (edge AtP*), the edge forms of Kramár et al. 2024 §4-§5.
+
+- QK fix at a query receiver a{l}.h{h}<q>: the head's new queries q' = q(norm(x + Δ_s)) are exact,
+  and so is its new attention pattern A' = softmax(q' kᵀ); the estimate is Σ (A' - A) · ∂L/∂A over
+  the head's pattern. At a key receiver <k>: the head sees keys k' = k(norm(x + Δ_s)) (its own view
+  of its kv head), A' = softmax(q k'ᵀ). Value, MLP and logits receivers keep the plain EAP estimate.
+- GradDrop: Î_l(s -> r) is the estimate with layer l's residual write held constant in the backward
+  pass; the score is Σ_{l=0}^{L-1} |Î_l| / (L - 1). Dropping a layer below the receiver's leaves its
+  gradient unchanged, dropping the receiver's own layer gives 0 (a logits receiver sits at layer L),
+  so only layers above the receiver need a backward, each run from that layer down.
+
+Cost per pair: as EAP, plus for the QK fix per layer one partial forward (norm + q/k/v) over one copy
+of the layer input per upstream sender, and for GradDrop L - 1 partial backwards and, per dropped
+layer, the receiver-copy backwards of the layers below it.
+
+Shape letters: B batch, S senders, R receivers, N edges, L layers, H heads, T positions, D d_model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cost import Cost
+from ..model import Model
+from ..ops import attention_pattern
+from ..pairs import PromptPairs
+from .capture import SenderRun, receiver_grads
+from .eap import _count_copies, _or_zero, gradient_run, site_tensors, source_senders
+from .graph import EdgeGraph
+from .sites import layer_qkv, qkv_share
+
+
+def edge_atp(
+    model: Model,
+    graph: EdgeGraph,
+    pairs: PromptPairs,
+    index: torch.Tensor,
+    direction: str,
+    w_out: list[torch.Tensor],
+    cost: Cost,
+    qk_fix: bool,
+    grad_drop: bool,
+) -> torch.Tensor:
+    """Edge AtP with the QK fix and/or GradDrop for the pairs ``index``: [b, N]."""
+    n_layers, b = model.n_layers, len(index)
+    base_tokens, source_tokens = (tokens[index] for tokens in pairs.base_and_source(direction))
+    source = source_senders(model, source_tokens, w_out)
+    with torch.enable_grad():
+        run, metric = gradient_run(model, pairs, index, model.embed(base_tokens), w_out, ("pattern",) if qk_fix else ())
+        cost.add_forward(2 * b)
+        keys, tensors = site_tensors(run, n_layers)
+        if qk_fix:
+            keys += [(layer, "pattern") for layer in range(n_layers)]
+            tensors += [run.run.records["pattern"][layer] for layer in range(n_layers)]
+        outputs = tensors + run.resid[1:]  # resid[L] is the final residual stream
+        grads = torch.autograd.grad(metric.sum(), outputs, retain_graph=grad_drop, allow_unused=True)
+        cost.add_backward(b)
+        sites = {k: _or_zero(g, t) for k, g, t in zip(keys, grads, tensors)}
+        resid_grads = [_or_zero(g, t) for g, t in zip(grads[len(tensors) :], run.resid[1:])]  # ∂L/∂resid_{l+1}
+        with torch.no_grad():
+            delta = source.to(run.final.device) - run.senders.detach()  # [B, S, T, D]
+            patterns = _new_patterns(model, graph, run, delta, cost) if qk_fix else {}
+        plain = _estimates(model, graph, run, delta, sites, resid_grads[-1], range(n_layers), patterns, cost)
+        if not grad_drop:
+            return graph.from_matrix(plain)
+        layer_of = torch.tensor([graph.receiver_layer(r) for r in range(graph.n_receivers)], device=plain.device)
+        total = plain.abs() * layer_of.to(plain.dtype)  # the layers below each receiver leave it unchanged
+        for drop in range(1, n_layers):
+            below = [i for i, (layer, _) in enumerate(keys) if layer < drop]
+            dropped = torch.autograd.grad(
+                run.resid[drop],
+                [tensors[i] for i in below],
+                grad_outputs=resid_grads[drop],  # ∂L/∂resid_post_drop: layer drop's write held constant
+                retain_graph=drop < n_layers - 1,
+                allow_unused=True,
+            )
+            cost.add_backward(b, layers_covered=drop, n_layers=n_layers)
+            drop_sites = {keys[i]: _or_zero(g, tensors[i]) for i, g in zip(below, dropped)}
+            estimate = _estimates(model, graph, run, delta, drop_sites, None, range(drop), patterns, cost)
+            total = total + estimate.abs() * (layer_of < drop).to(plain.dtype)
+        return graph.from_matrix(total / (n_layers - 1))
+
+
+def _estimates(
+    model: Model,
+    graph: EdgeGraph,
+    run: SenderRun,
+    delta: torch.Tensor,
+    sites: dict[tuple[int, str], torch.Tensor],
+    final_grad: torch.Tensor | None,
+    layers: range,
+    patterns: dict[tuple[int, str], torch.Tensor],
+    cost: Cost,
+) -> torch.Tensor:
+    """[B, S, R] estimates of every (sender, receiver) from site gradients of ``layers`` (+ logits)."""
+    grads = receiver_grads(model, graph, run, sites, final_grad, layers)  # [B, R, T, D]
+    _count_copies(model, cost, delta.shape[0], len(layers) / model.n_layers)
+    with torch.no_grad():
+        matrix = torch.bmm(delta.flatten(2), grads.flatten(2).transpose(1, 2))  # [B, S, R]
+        heads = model.n_heads
+        for layer in layers:
+            for kind in ("q", "k"):
+                if (layer, kind) not in patterns:
+                    continue
+                change = patterns[(layer, kind)]  # [B, S_l, H, T, T]
+                fixed = torch.einsum("bshqk,bhqk->bsh", change, sites[(layer, "pattern")])  # [B, S_l, H]
+                first = graph.qkv_receiver(layer, kind, 0)
+                matrix[:, : change.shape[1], first : first + heads] = fixed
+        return matrix * graph.valid.to(matrix.device)
+
+
+def _new_patterns(
+    model: Model, graph: EdgeGraph, run: SenderRun, delta: torch.Tensor, cost: Cost
+) -> dict[tuple[int, str], torch.Tensor]:
+    """(layer, q|k) -> [B, S_l, H, T, T]: A' - A of every head when one upstream sender's difference
+    reaches its query (q) or its key (k) input, exact through norm, projection, rotary and softmax."""
+    out = {}
+    b, _, n_pos, d = delta.shape
+    for layer in range(model.n_layers):
+        n_up = graph.senders_before(graph.qkv_receiver(layer, "q", 0))
+        x = run.resid[layer].detach()[:, None] + delta[:, :n_up]  # [B, S_l, T, D]
+        new_q, new_k, _ = layer_qkv(model, layer, x.reshape(b * n_up, n_pos, d))  # [B*S_l, H|K, T, E]
+        cost.forward += b * n_up * qkv_share(model) / model.n_layers
+        args = model.attention_args[layer]  # scaling, soft-cap and window of this layer
+        q = run.run.records["q"][layer].detach()  # [B, H, T, E]
+        k = run.run.records["k"][layer].detach()  # [B, H, T, E] (per query head)
+        pattern = run.run.records["pattern"][layer].detach()[:, None]  # [B, 1, H, T, T]
+        q_rep = q[:, None].expand(b, n_up, *q.shape[1:]).reshape(b * n_up, *q.shape[1:])
+        k_rep = k[:, None].expand(b, n_up, *k.shape[1:]).reshape(b * n_up, *k.shape[1:])
+        with_q = attention_pattern(new_q, k_rep, args.scaling, args.softcap, args.window)  # [B*S_l, H, T, T]
+        with_k = attention_pattern(q_rep, new_k, args.scaling, args.softcap, args.window)
+        with_q, with_k = with_q.view(b, n_up, *pattern.shape[2:]), with_k.view(b, n_up, *pattern.shape[2:])
+        out[(layer, "q")] = with_q - pattern
+        out[(layer, "k")] = with_k - pattern
+    return out

@@ -1,0 +1,108 @@
+"""Forward passes with a set of edges patched to their source values: m(C) for a circuit C.
+
+Every receiver r reads its current residual input plus Σ over its absent edges s -> r of
+(s(x_source) - s_current), where s_current is the sender's output in this very pass (the convention
+of MIB's and EAP-IG's circuit evaluation). With every edge absent each receiver reads the source run's
+input, so m(∅) is the source run's metric; with none absent the pass is the base run.
+
+Per layer, the q/k/v receivers that read a changed input get their own copy of it (through the
+layer's norm and projection, as in exact edge patching); this happens inside the pass, at the
+layer's query site, from the senders already computed.
+
+Shape letters: B batch, S senders, R receivers, H heads, T positions, D d_model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cost import Cost
+from ..model import Model
+from ..runner import Run, expand_kv
+from .graph import EdgeGraph
+from .patching import EdgeCache
+from .sites import head_out_weights, head_outputs, layer_qkv, mlp_hooks
+
+
+def circuit_metric(
+    model: Model, cache: EdgeCache, source: torch.Tensor, pair_index: torch.Tensor, absent: torch.Tensor, cost: Cost
+) -> torch.Tensor:
+    """Metric [B] of the base prompts ``pair_index`` [B] with the edges ``absent`` [B, S, R] patched.
+
+    Args:
+        cache: the base run (``patching.prepare_edges``).
+        source: [P, S, T, D] sender outputs of the source run.
+        absent: bool, True where an edge is patched to its source value (only valid edges may be set).
+    """
+    graph: EdgeGraph = cache.graph
+    heads, n_layers = model.n_heads, model.n_layers
+    absent = absent.to(torch.bool)
+    used = absent.any(1)  # [B, R] receivers that read a changed input
+    rows_by_layer = used.any(0)
+    first = int(torch.nonzero(rows_by_layer)[0]) if bool(rows_by_layer.any()) else graph.n_receivers
+    start = min(graph.receiver_layer(first), n_layers)
+    src = source[pair_index]  # [B, S, T, D]
+    current = cache.base_senders[pair_index].clone()  # senders before ``start`` keep their base outputs
+    weight = absent.to(src.dtype)
+    w_out = head_out_weights(model)
+    replace: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def shift(receivers: slice) -> torch.Tensor:
+        """[B, r, T, D] Σ_s absent · (source_s - current_s) for a block of receivers."""
+        return torch.einsum("bsr,bstd->brtd", weight[:, :, receivers], src - current)
+
+    def patch(layer: int, site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
+        if site == "z":  # this layer's heads are now known: their current outputs
+            block = slice(graph.head_sender(layer, 0), graph.head_sender(layer, 0) + heads)
+            current[:, block] = head_outputs(x, w_out[layer]).to(current.dtype)
+            return x
+        if site not in ("q", "k", "v"):
+            return x
+        if site == "q":
+            replace.clear()
+            q0 = graph.qkv_receiver(layer, "q", 0)
+            block = slice(q0, q0 + 3 * heads)
+            if bool(used[:, block].any()):
+                resid = run.get("resid_pre", layer)  # [B, T, D]
+                change = shift(block)  # [B, 3H, T, D]
+                rows, recv = torch.nonzero(used[:, block], as_tuple=True)
+                new_q, new_k, new_v = layer_qkv(model, layer, resid[rows] + change[rows, recv].to(resid.dtype))
+                cost.forward += len(rows) / n_layers  # one layer's norm and projections per copy (upper bound)
+                kinds = {"q": new_q, "k": expand_kv(new_k, heads), "v": expand_kv(new_v, heads)}
+                for kind_i, kind in enumerate(("q", "k", "v")):
+                    sel = torch.nonzero(recv // heads == kind_i)[:, 0]
+                    if len(sel):
+                        head = recv[sel] % heads
+                        replace[kind] = torch.stack([rows[sel], head]), kinds[kind][sel, head]
+        if site != "q":
+            x = expand_kv(x, heads)  # per query head
+        if site in replace:
+            index, values = replace[site]
+            x = x.index_put((index[0].to(x.device), index[1].to(x.device)), values.to(x.device, x.dtype))
+        return x
+
+    def on_input(layer: int, x: torch.Tensor) -> torch.Tensor:
+        receiver = graph.mlp_receiver(layer)
+        if not bool(used[:, receiver].any()):
+            return x
+        return x + shift(slice(receiver, receiver + 1))[:, 0].to(x.device, x.dtype)
+
+    def on_output(layer: int, out: torch.Tensor) -> None:
+        current[:, graph.mlp_sender(layer)] = out.to(current.dtype)
+
+    with torch.no_grad():
+        run = Run(n_layers, record=("resid_pre",), patch=patch, start_layer=start)
+        with mlp_hooks(model, on_input, on_output):
+            final = model.run_layers(cache.resid[start][pair_index], run) if start < n_layers else None
+        final = cache.resid[-1][pair_index] if final is None else final
+        final = final + shift(slice(graph.logits_receiver, graph.logits_receiver + 1))[:, 0].to(final.dtype)
+        logits = model.unembed(final[:, -1])
+        cost.add_forward(len(pair_index), start_layer=start, n_layers=n_layers)
+        return cache.pairs.evaluate_metric(logits, pair_index.to(logits.device))
+
+
+def circuit_bytes(model: Model, graph: EdgeGraph, seq_len: int) -> int:
+    """Rough memory of one element of a circuit forward (sender tables dominate)."""
+    item = torch.finfo(model.dtype).bits // 8
+    senders = 3 * graph.n_senders * seq_len * model.d_model
+    return (senders + graph.n_senders * graph.n_receivers) * item + 3 * model.n_heads * seq_len * model.d_model * item

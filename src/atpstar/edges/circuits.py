@@ -1,0 +1,216 @@
+"""Circuits from edge scores and MIB's faithfulness metrics.
+
+A circuit of size k is the k edges with the largest |score| (MIB's ``apply_topn``), optionally pruned
+as MIB prunes: repeatedly drop nodes with no incoming edge (``input`` always has one) or no outgoing
+edge (``logits`` is always kept), and the edges they touch.
+
+Faithfulness of a circuit C (MIB, circuit-localization track):
+    f(C) = (m(C) - m(∅)) / (m(M) - m(∅)),
+with m the metric averaged over the pairs, m(M) the base run (every edge present), m(∅) every edge
+patched to its source value, and m(C) the edges outside C patched to their source values. MIB scores
+a method by the curve of f over circuit sizes k = ⌊fraction · N⌋ at ``MIB_FRACTIONS`` of the N edges:
+    CPR = Σ_i (x_{i+1} - x_i) (f_i + f_{i+1}) / 2            (area under f; higher is better)
+    CMD = Σ_i (x_{i+1} - x_i) (|1 - f_i| + |1 - f_{i+1}|) / 2  (area between f and 1; lower is better)
+with x the fractions (linear scale, as MIB's default).
+
+Shape letters: P pairs, S senders, R receivers, N edges, K circuit sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cost import Cost
+from ..errors import InputError
+from ..model import as_model
+from ..pairs import PromptPairs, check_direction
+from ..progress import progress_bar
+from .circuit_run import circuit_bytes, circuit_metric
+from .graph import EdgeGraph, graph_of
+from .patching import prepare_edges
+
+# MIB's circuit sizes, as fractions of all edges.
+MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def top_edges(graph: EdgeGraph, scores: torch.Tensor, k: int, prune: bool = True) -> torch.Tensor:
+    """bool [N]: the k edges with the largest |scores| [N] (ties: edge order), pruned if asked."""
+    if scores.shape != (graph.n_edges,):
+        raise InputError(f"edge scores must have shape [{graph.n_edges}]; got {tuple(scores.shape)}")
+    if not 0 <= k <= graph.n_edges:
+        raise InputError(f"circuit size must lie in [0, {graph.n_edges}]; got {k}")
+    order = torch.sort(scores.abs().double(), descending=True, stable=True).indices
+    chosen = torch.zeros(graph.n_edges, dtype=torch.bool)
+    chosen[order[:k]] = True
+    return prune_circuit(graph, chosen) if prune else chosen
+
+
+def receiver_owner(graph: EdgeGraph) -> torch.Tensor:
+    """[R] the sender node each receiver belongs to (-1 for logits): a{l}.h{h}<q|k|v> -> a{l}.h{h}, m{l} -> m{l}."""
+    owner = torch.full((graph.n_receivers,), -1, dtype=torch.long)
+    for layer in range(graph.n_layers):
+        for head in range(graph.n_heads):
+            for kind in ("q", "k", "v"):
+                owner[graph.qkv_receiver(layer, kind, head)] = graph.head_sender(layer, head)
+        owner[graph.mlp_receiver(layer)] = graph.mlp_sender(layer)
+    return owner
+
+
+def prune_circuit(graph: EdgeGraph, in_graph: torch.Tensor) -> torch.Tensor:
+    """Drop edges whose sender has no incoming edge (except ``input``) or whose receiver's node has
+    no outgoing edge (except ``logits``), until nothing changes. in_graph: bool [N] -> [N]."""
+    owner = receiver_owner(graph)
+    sender, receiver = graph.sender_index, graph.receiver_index
+    edges = in_graph.clone()
+    while True:
+        has_out = torch.zeros(graph.n_senders, dtype=torch.bool)
+        has_out[sender[edges]] = True
+        has_in = torch.zeros(graph.n_senders, dtype=torch.bool)
+        fed = owner[receiver[edges]]
+        has_in[fed[fed >= 0]] = True
+        has_in[0] = True  # input
+        alive = has_out & has_in
+        receiver_alive = torch.where(owner[receiver] >= 0, alive[owner[receiver].clamp(min=0)], True)
+        kept = edges & alive[sender] & receiver_alive
+        if torch.equal(kept, edges):
+            return kept
+        edges = kept
+
+
+def circuit_nodes(graph: EdgeGraph, in_graph: torch.Tensor) -> list[str]:
+    """Names of the nodes a circuit touches (senders of its edges, owners of its receivers, logits)."""
+    owner = receiver_owner(graph)
+    touched = set(graph.sender_index[in_graph].tolist()) | set(owner[graph.receiver_index[in_graph]].tolist())
+    names = graph.sender_names
+    return [names[s] for s in sorted(t for t in touched if t >= 0)] + (["logits"] if bool(in_graph.any()) else [])
+
+
+@dataclass
+class FaithfulnessCurve:
+    """f at each circuit size, and MIB's areas.
+
+    Attributes:
+        fractions: circuit sizes as fractions of all edges (x axis).
+        n_edges: edges kept at each size (after pruning, when pruned).
+        faithfulness: f at each size.
+        metric_circuit: m(C) at each size (mean over pairs).
+        metric_full, metric_empty: m(M) and m(∅) (means over pairs).
+        cpr, cmd: areas under f and under |1 - f| (trapezoid over ``fractions``).
+        method: the scores' method id; cost: passes spent on the curve.
+    """
+
+    fractions: list[float]
+    n_edges: list[int]
+    faithfulness: list[float]
+    metric_circuit: list[float]
+    metric_full: float
+    metric_empty: float
+    cpr: float
+    cmd: float
+    method: str = ""
+    cost: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> FaithfulnessCurve:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def areas(fractions: Sequence[float], faithfulness: Sequence[float]) -> tuple[float, float]:
+    """(CPR, CMD): trapezoid areas under f and under |1 - f| over ``fractions``."""
+    cpr = cmd = 0.0
+    for i in range(len(fractions) - 1):
+        width = fractions[i + 1] - fractions[i]
+        cpr += width * (faithfulness[i] + faithfulness[i + 1]) / 2
+        cmd += width * (abs(1 - faithfulness[i]) + abs(1 - faithfulness[i + 1])) / 2
+    return cpr, cmd
+
+
+def faithfulness_curve(
+    model: Any,
+    pairs: PromptPairs,
+    scores: Any,
+    fractions: Sequence[float] = MIB_FRACTIONS,
+    *,
+    direction: str = "noising",
+    prune: bool = True,
+    batch_size: int | None = None,
+    memory_gb: float = 1.0,
+    progress: bool = False,
+) -> FaithfulnessCurve:
+    """MIB's faithfulness curve of the circuits that edge ``scores`` pick, and its CPR and CMD.
+
+    Args:
+        model: an ``atpstar.Model`` or a ``transformers`` causal LM.
+        pairs: the prompt pairs the circuits are evaluated on.
+        scores: an ``Attribution`` with edges (its ``scores["edge"]``) or a tensor [N] of edge scores.
+        fractions: circuit sizes as fractions of all edges, increasing (MIB's by default).
+        direction: ``"noising"`` (edges outside the circuit get noise values) or ``"denoising"``.
+        prune: prune circuits as MIB does.
+        batch_size: circuit forwards per batch (pairs x sizes); None picks it from ``memory_gb``.
+    """
+    model = as_model(model)
+    check_direction(direction)
+    graph = graph_of(model)
+    method = ""
+    if hasattr(scores, "scores"):
+        if "edge" not in scores.scores:
+            raise InputError("the attribution has no edge scores; run attribute(..., nodes=['edge'])")
+        method = scores.method
+        scores = scores.scores["edge"]
+    scores = torch.as_tensor(scores)
+    fractions = [float(x) for x in fractions]
+    if not fractions or any(not 0 <= x <= 1 for x in fractions) or fractions != sorted(fractions):
+        raise InputError(f"fractions must be increasing values in [0, 1]; got {fractions}")
+    sizes = [int(x * graph.n_edges) for x in fractions]
+    circuits = [top_edges(graph, scores, k, prune) for k in sizes]
+    cost = Cost()
+    cache = prepare_edges(model, graph, pairs, direction, cost)
+    source = (cache.base_senders + cache.delta).contiguous()
+    valid = graph.valid
+    masks = [torch.zeros_like(valid), valid]  # m(M): nothing absent; m(∅): every edge absent
+    for chosen in circuits:
+        masks.append(valid & ~graph.to_matrix(chosen.to(torch.float64)).bool())
+    batch = batch_size or max(1, int(memory_gb * 2**30 // circuit_bytes(model, graph, pairs.seq_len)))
+    jobs = [(c, p) for c in range(len(masks)) for p in range(pairs.n_pairs)]
+    values = torch.zeros(len(masks), pairs.n_pairs, dtype=torch.float64)
+    with progress_bar(len(jobs), "faithfulness", progress, unit="forward") as bar:
+        for start in range(0, len(jobs), batch):
+            part = jobs[start : start + batch]
+            circuit_i = torch.tensor([c for c, _ in part])
+            pair_i = torch.tensor([p for _, p in part])
+            absent = torch.stack([masks[c] for c in circuit_i.tolist()])  # [B, S, R]
+            values[circuit_i, pair_i] = circuit_metric(model, cache, source, pair_i, absent, cost).double().cpu()
+            bar.update(len(part))
+    means = values.mean(1)
+    full, empty = float(means[0]), float(means[1])
+    if abs(full - empty) < 1e-12 * max(1.0, abs(full)):
+        raise InputError(
+            f"m(M) = m(∅) = {full:.4g}: the metric does not change between base and source runs, so "
+            "faithfulness is undefined; check the pairs"
+        )
+    faithfulness = [(float(m) - empty) / (full - empty) for m in means[2:]]
+    cpr, cmd = areas(fractions, faithfulness)
+    return FaithfulnessCurve(
+        fractions=fractions,
+        n_edges=[int(c.sum()) for c in circuits],
+        faithfulness=faithfulness,
+        metric_circuit=[float(m) for m in means[2:]],
+        metric_full=full,
+        metric_empty=empty,
+        cpr=cpr,
+        cmd=cmd,
+        method=method,
+        cost=cost.to_dict(),
+    )

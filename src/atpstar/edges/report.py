@@ -1,0 +1,57 @@
+"""Faithfulness plots, tables and the report section of ``atpstar circuit``."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .circuits import FaithfulnessCurve
+
+
+def curve_table(curves: Sequence[FaithfulnessCurve], costs: dict[str, Any] | None = None) -> str:
+    """Markdown table: method, CPR, CMD, f at each size, and the cost of its scores."""
+    costs = costs or {}
+    fractions = curves[0].fractions if curves else []
+    head = "| method | CPR ↑ | CMD ↓ | " + " | ".join(f"f@{x:g}" for x in fractions) + " | cost (fwd-eq) |"
+    rule = "|" + "---|" * (4 + len(fractions))
+    rows = [head, rule]
+    for c in curves:
+        cost = costs.get(c.method)
+        cells = " | ".join(f"{f:.3f}" for f in c.faithfulness)
+        rows.append(f"| {c.method} | {c.cpr:.4f} | {c.cmd:.4f} | {cells} | {'' if cost is None else f'{cost:.1f}'} |")
+    return "\n".join(rows)
+
+
+def plot_curves(curves: Sequence[FaithfulnessCurve], path: str | Path, title: str = "") -> Path:
+    """f against circuit size (fraction of edges, log scale), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in curves:
+        ax.plot(c.fractions, c.faithfulness, marker="o", label=f"{c.method} (CPR {c.cpr:.3f}, CMD {c.cmd:.3f})")
+    ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("circuit size (fraction of edges)")
+    ax.set_ylabel("faithfulness f")
+    ax.set_title(title or "faithfulness of top-|score| circuits")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def report_section(curves: Sequence[FaithfulnessCurve], table: str, plot: str | None, top: dict[str, list[str]]) -> str:
+    """HTML of the circuit section: table, plot and each method's top edges."""
+    parts = ["<h2>Circuits (MIB edge graph)</h2>", "<pre>" + html.escape(table) + "</pre>"]
+    if plot:
+        parts.append(f'<img src="{html.escape(plot)}" alt="faithfulness curves">')
+    for method, names in top.items():
+        items = "".join(f"<li><code>{html.escape(n)}</code></li>" for n in names)
+        parts.append(f"<h3>{html.escape(method)}: top edges</h3><ol>{items}</ol>")
+    return "\n".join(parts)

@@ -1,0 +1,309 @@
+"""The contract every attribution method meets, as checks a method's author can run.
+
+    >>> from atpstar.testing import check_method
+    >>> check_method(MyMethod)  # doctest: +SKIP
+
+runs the same checks the package runs on every registered method (``tests/methods/test_contract.py``):
+capabilities declared, documented shapes and record, same answer twice, per-pair results independent
+of the other pairs, cost equal to the declared ``expected_cost``, save/load round trip, model left as
+it was (also after an error), bad input refused before any pass. A failed check raises
+``AssertionError`` naming the check and the method.
+
+The default model is a tiny random float64 Llama with grouped-query attention (built offline from a
+config); pass ``model=``/``pairs=`` to check on your own.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .methods.base import METHODS, Method, Registered
+from .model import Model
+from .nodes import ALL_TYPES, NODE_TYPES, node_shape
+from .pairs import PromptPairs
+from .result import Attribution
+from .version import __version__
+
+VOCAB = 48
+
+
+def tiny_model(seed: int = 8, n_layers: int = 2) -> Model:
+    """A tiny random float64 Llama (d_model 32, 4 heads, 2 kv heads, d_mlp 32) in eval mode."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        hidden_size=32,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        initializer_range=0.25,  # metrics and effects of order 1
+    )
+    torch.manual_seed(seed)
+    return Model(AutoModelForCausalLM.from_config(config).to(torch.float64).eval(), model_id="atpstar-testing-llama")
+
+
+def tiny_pairs(n_pairs: int = 3, seq_len: int = 5, seed: int = 9, metric: Any = "logit_diff") -> PromptPairs:
+    """Random prompt pairs over ``VOCAB`` tokens whose noise prompt differs at two positions."""
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, VOCAB, (n_pairs, seq_len), generator=gen)
+    noise = clean.clone()
+    noise[:, 1] = (clean[:, 1] + 1 + torch.randint(0, VOCAB - 1, (n_pairs,), generator=gen)) % VOCAB
+    noise[:, seq_len - 2] = (clean[:, seq_len - 2] + 7) % VOCAB
+    answer = torch.randint(0, VOCAB, (n_pairs,), generator=gen)
+    distractor = (answer + 1 + torch.randint(0, VOCAB - 1, (n_pairs,), generator=gen)) % VOCAB
+    return PromptPairs(clean=clean, noise=noise, answer=answer, distractor=distractor, metric=metric)
+
+
+def snapshot(hf_model: torch.nn.Module) -> dict[str, Any]:
+    """Everything ``attribute`` must leave as it found it: weights, modes, requires_grad, attention, hooks."""
+    return {
+        "state": {k: v.detach().clone() for k, v in hf_model.state_dict().items()},
+        "training": [m.training for m in hf_model.modules()],
+        "requires_grad": [p.requires_grad for p in hf_model.parameters()],
+        "attn": [getattr(m.config, "_attn_implementation", None) for m in hf_model.modules() if hasattr(m, "config")],
+        "hooks": [
+            (len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_hooks)) for m in hf_model.modules()
+        ],
+    }
+
+
+def assert_unchanged(hf_model: torch.nn.Module, before: dict[str, Any]) -> None:
+    after = snapshot(hf_model)
+    for key in ("training", "requires_grad", "attn", "hooks"):
+        assert after[key] == before[key], f"model {key} changed"
+    for name, value in before["state"].items():
+        assert torch.equal(after["state"][name], value), f"weight {name} changed"
+
+
+@dataclass
+class Contract:
+    """One method on one model and prompt set; ``result`` is computed once and shared by the checks."""
+
+    entry: Registered
+    model: Model
+    pairs: PromptPairs
+    _result: Attribution | None = field(default=None, repr=False)
+
+    @property
+    def cls(self) -> type[Method]:
+        return self.entry.cls
+
+    @property
+    def node_types(self) -> list[str]:
+        return [t for t in NODE_TYPES if t in self.cls.node_types]
+
+    def build(self) -> Method:
+        return self.entry()
+
+    def run(self, pairs: PromptPairs | None = None, **kwargs: Any) -> Attribution:
+        return self.build().attribute(self.model, self.pairs if pairs is None else pairs, self.node_types, **kwargs)
+
+    @property
+    def result(self) -> Attribution:
+        if self._result is None:
+            before = snapshot(self.model.hf_model)
+            self._result = self.run()
+            assert_unchanged(self.model.hf_model, before)
+        return self._result
+
+
+def contract(
+    method: str | type[Method] | Registered, model: Model | None = None, pairs: PromptPairs | None = None
+) -> Contract:
+    """The ``Contract`` of a method id, a registry entry, or a method class (registered or not)."""
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise InputError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+        entry = METHODS[method]
+    elif isinstance(method, Registered):
+        entry = method
+    elif isinstance(method, type) and issubclass(method, Method):
+        entry = next((e for e in METHODS.values() if e.cls is method), Registered(method))
+    else:
+        raise InputError(f"expected a method id, a METHODS entry or a Method subclass; got {method!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' notices about random weights
+        model = model if model is not None else tiny_model()
+    return Contract(entry, model, pairs if pairs is not None else tiny_pairs())
+
+
+# The checks ----------------------------------------------------------------------------------------------
+
+
+def check_capabilities(c: Contract) -> None:
+    cls = c.cls
+    assert isinstance(cls.summary, str) and cls.summary.strip(), f"{cls.__name__}: declare a one-line summary"
+    for flag in ("exact", "needs_gradients", "seeded", "pairs_interact", "cost_is_bound", "distributable"):
+        assert isinstance(getattr(cls, flag), bool), f"{cls.__name__}.{flag} must be a bool"
+    assert c.node_types and set(cls.node_types) <= set(ALL_TYPES), f"{cls.__name__}.node_types: {cls.node_types}"
+    assert cls.aggregation in ("mean", "mean_abs"), f"{cls.__name__}.aggregation: {cls.aggregation!r}"
+
+
+def check_shapes_and_record(c: Contract) -> None:
+    result = c.result
+    assert isinstance(result, Attribution), f"attribute returned {type(result).__name__}"
+    assert result.method == c.cls.id, f"result.method {result.method!r} != id {c.cls.id!r}"
+    assert (result.direction, result.metric) == ("noising", c.pairs.metric_name)
+    assert result.node_types == c.node_types, f"{result.node_types} != {c.node_types}"
+    for t in c.node_types:
+        layout = node_shape(t, c.model.sizes, c.pairs.seq_len)
+        assert tuple(result.per_pair[t].shape) == (c.pairs.n_pairs, *layout), f"per_pair[{t!r}] shape"
+        assert tuple(result.scores[t].shape) == layout, f"scores[{t!r}] shape"
+        assert torch.isfinite(result.per_pair[t]).all(), f"per_pair[{t!r}] not finite"
+    assert result.cost.forward_equivalents > 0, "no cost recorded"
+    assert result.info.get("atpstar_version") == __version__, "info lacks atpstar_version"
+
+
+def check_same_answer_twice(c: Contract) -> None:
+    again = c.run()
+    for t in c.node_types:
+        assert torch.allclose(again.per_pair[t], c.result.per_pair[t], rtol=1e-12, atol=1e-14), f"{t} differs"
+
+
+def check_pairs_independent(c: Contract) -> None:
+    """A pair's result alone equals its result among others (only shapes when seeded or ``pairs_interact``)."""
+    together = c.result
+    compare = not (c.cls.seeded or c.cls.pairs_interact)
+    for i in range(c.pairs.n_pairs):
+        alone = c.run(c.pairs.subset([i]))
+        for t in c.node_types:
+            assert alone.per_pair[t].shape == together.per_pair[t][i : i + 1].shape, f"{t} pair {i} shape"
+            if compare:
+                scale = float(together.per_pair[t].abs().max()) + 1e-300
+                err = float((alone.per_pair[t][0] - together.per_pair[t][i]).abs().max())
+                assert err <= 1e-10 * scale, f"{t} pair {i}: alone differs by {err:.2e} (set pairs_interact = True?)"
+
+
+def check_cost(c: Contract) -> None:
+    """The reported cost equals ``expected_cost`` (or stays within it when ``cost_is_bound``)."""
+    cost = c.result.cost
+    expected = c.build().expected_cost(c.model, c.pairs, c.node_types, c.result.info)
+    if c.cls.cost_is_bound:
+        assert cost.forward <= expected.forward * (1 + 1e-12), f"forward {cost.forward} > bound {expected.forward}"
+        assert cost.backward <= expected.backward * (1 + 1e-12) + 1e-12, f"backward {cost.backward} > bound"
+        return
+    assert math.isclose(cost.forward, expected.forward, rel_tol=1e-12), f"forward {cost.forward} != {expected.forward}"
+    assert math.isclose(cost.backward, expected.backward, rel_tol=1e-12, abs_tol=1e-12), (
+        f"backward {cost.backward} != {expected.backward}"
+    )
+
+
+def check_save_load(c: Contract) -> None:
+    result = c.result
+    with tempfile.TemporaryDirectory() as folder:
+        result.save(Path(folder) / "result")
+        loaded = Attribution.load(Path(folder) / "result")
+    assert (loaded.method, loaded.direction, loaded.metric, loaded.aggregation, loaded.model_id) == (
+        result.method,
+        result.direction,
+        result.metric,
+        result.aggregation,
+        result.model_id,
+    )
+    assert loaded.cost.to_dict() == result.cost.to_dict() and loaded.node_types == result.node_types
+    for t in result.node_types:
+        assert torch.equal(loaded.per_pair[t], result.per_pair[t]) and torch.equal(loaded.scores[t], result.scores[t])
+    assert set(loaded.extras) == set(result.extras)
+    assert [n.name for n in loaded.top(5)] == [n.name for n in result.top(5)]
+
+
+def check_unchanged_after_error(c: Contract) -> None:
+    """A metric that fails mid-run (on its second call or inside a graph; else on its first) leaves the model as it was."""
+    for fail_first in (False, True):
+        calls = []
+
+        def failing(logits: torch.Tensor, answer: torch.Tensor, distractor: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            if fail_first or len(calls) > 1 or logits.requires_grad:
+                raise RuntimeError("metric failed mid-run")
+            return logits[:, 0]
+
+        before = snapshot(c.model.hf_model)
+        try:
+            c.run(tiny_pairs(n_pairs=2, seq_len=5, metric=failing))
+        except RuntimeError as err:
+            assert "metric failed" in str(err), f"unexpected error {err!r}"
+            assert_unchanged(c.model.hf_model, before)
+            return
+        assert not fail_first, "a failing metric did not raise"
+        assert_unchanged(c.model.hf_model, before)
+
+
+def check_bad_input(c: Contract) -> None:
+    """Bad direction, node types, pairs and metric shapes are refused with ``InputError``; no pass runs before."""
+    calls = []
+
+    def counting(logits: torch.Tensor, answer: torch.Tensor, distractor: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return logits[:, 0]
+
+    pairs = tiny_pairs(n_pairs=2, seq_len=5, metric=counting)
+    method = c.build()
+    bad_calls: list[tuple[str, Callable[[], Any]]] = [
+        ("direction", lambda: method.attribute(c.model, pairs, c.node_types, direction="nosing")),
+        ("neurons", lambda: method.attribute(c.model, pairs, ["neurons"])),
+        ("", lambda: method.attribute(c.model, pairs, [])),
+        ("", lambda: method.attribute(c.model, (pairs.clean, pairs.noise), c.node_types)),  # type: ignore[arg-type]
+    ]
+    for needle, call in bad_calls:
+        try:
+            call()
+        except InputError as err:
+            assert needle in str(err), f"error {err} does not mention {needle!r}"
+        else:
+            raise AssertionError(f"bad input accepted ({needle or 'empty nodes / raw tensors'})")
+    assert calls == [], "a forward pass ran before the input was validated"
+    wrong = tiny_pairs(n_pairs=2, seq_len=5, metric=lambda logits, answer, distractor: logits.sum())
+    try:
+        c.run(wrong)
+    except InputError as err:
+        assert "shape" in str(err), f"error {err} does not mention the shape"
+    else:
+        raise AssertionError("a metric returning one number instead of [P] was accepted")
+
+
+CHECKS: dict[str, Callable[[Contract], None]] = {
+    "capabilities": check_capabilities,
+    "shapes_and_record": check_shapes_and_record,
+    "same_answer_twice": check_same_answer_twice,
+    "pairs_independent": check_pairs_independent,
+    "cost": check_cost,
+    "save_load": check_save_load,
+    "unchanged_after_error": check_unchanged_after_error,
+    "bad_input": check_bad_input,
+}
+
+
+def check_method(
+    method: str | type[Method] | Registered, *, model: Model | None = None, pairs: PromptPairs | None = None
+) -> None:
+    """Run every contract check on ``method`` (a ``Method`` subclass, a ``METHODS`` entry or an id).
+
+    Args:
+        method: the method; a registered class is run with its registry presets.
+        model: the model to run on (default: ``tiny_model()``).
+        pairs: the prompt pairs (default: ``tiny_pairs()``).
+
+    Raises:
+        AssertionError: the first failed check, named.
+    """
+    c = contract(method, model, pairs)
+    for name, check in CHECKS.items():
+        try:
+            check(c)
+        except AssertionError as err:
+            raise AssertionError(
+                f"{c.cls.__name__} ({c.cls.id or 'unregistered'}) fails check {name!r}: {err}"
+            ) from err

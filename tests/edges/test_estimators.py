@@ -1,0 +1,83 @@
+"""Every edge method against brute-force path patching of its definition (``reference.edges``), float64,
+on tiny random GPT-2, GPT-NeoX (parallel residual) and Llama-GQA models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference.edges import edge_references, qk_fix_references
+from reference.models import assert_rel_close, build_hf, load, make_pairs
+
+import atpstar
+from atpstar.edges.graph import graph_of
+
+FAMILIES = ("gpt2", "gpt_neox", "llama")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def setup(request):
+    hf = build_hf(request.param, n_layers=2, seed=3)
+    model = load(hf)
+    pairs = make_pairs(n_pairs=2, seq_len=6, seed=4)
+    graph = graph_of(model)
+    refs = {drop: edge_references(hf, pairs, graph.edge_names, graph.sender_names, drop_layer=drop)
+            for drop in (None, *range(model.n_layers))}
+
+    def qk_fixed(drop):
+        values = refs[drop]["eap"].clone()
+        for i, v in qk_fix_references(hf, model, pairs, graph.edge_names, graph.sender_names, drop).items():
+            values[:, i] = v
+        return values
+
+    return hf, model, pairs, graph, refs, qk_fixed
+
+
+def run(model, pairs, method, **options):
+    result = atpstar.attribute(model, pairs, method=method, nodes=["edge"], **options)
+    assert result.per_pair["edge"].shape == (pairs.n_pairs, len(atpstar.edge_names(model)))
+    return result.per_pair["edge"]
+
+
+def test_exact_edge_patching(setup):
+    _, model, pairs, _, refs, _ = setup
+    assert_rel_close(run(model, pairs, "activation_patching", batch_size=7), refs[None]["exact"], 1e-10, "exact")
+
+
+def test_eap(setup):
+    _, model, pairs, _, refs, _ = setup
+    assert_rel_close(run(model, pairs, "atp"), refs[None]["eap"], 1e-10, "EAP")
+
+
+def test_eap_ig(setup):
+    hf, model, pairs, graph, _, _ = setup
+    want = edge_references(hf, pairs, graph.edge_names, graph.sender_names, ig_steps=3)["eap"]
+    assert_rel_close(run(model, pairs, "atp+ig", ig_steps=3), want, 1e-10, "EAP-IG")
+
+
+def test_graddrop(setup):
+    _, model, pairs, _, refs, _ = setup
+    want = sum(refs[drop]["eap"].abs() for drop in range(model.n_layers)) / (model.n_layers - 1)
+    assert_rel_close(run(model, pairs, "atp+graddrop"), want, 1e-10, "GradDrop")
+
+
+def test_qk_fix_and_atp_star(setup):
+    # The QK-fix reference reads A' from transformers' eager attention (float32 softmax for NeoX/Llama).
+    _, model, pairs, _, _, qk_fixed = setup
+    assert_rel_close(run(model, pairs, "atp+qkfix"), qk_fixed(None), 1e-6, "QK fix")
+    want = sum(qk_fixed(drop).abs() for drop in range(model.n_layers)) / (model.n_layers - 1)
+    assert_rel_close(run(model, pairs, "atp*"), want, 1e-6, "AtP*")
+
+
+def test_qk_fix_changes_only_query_and_key_edges(setup):
+    _, model, pairs, graph, _, _ = setup
+    plain, fixed = run(model, pairs, "atp"), run(model, pairs, "atp+qkfix")
+    qk = torch.tensor([n.endswith("<q>") or n.endswith("<k>") for n in graph.edge_names])
+    assert torch.equal(plain[:, ~qk], fixed[:, ~qk])
+    assert not torch.allclose(plain[:, qk], fixed[:, qk])
+
+
+def test_denoising_direction(setup):
+    hf, model, pairs, graph, _, _ = setup
+    want = edge_references(hf, pairs, graph.edge_names, graph.sender_names, direction="denoising")
+    result = atpstar.attribute(model, pairs, method="activation_patching", nodes=["edge"], direction="denoising")
+    assert_rel_close(result.per_pair["edge"], want["exact"], 1e-10, "exact, denoising")
