@@ -223,11 +223,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "compare": cmd_compare,
     "verify": cmd_verify,
     "bound": cmd_bound,
-<<<<<<< HEAD
     "find": cmd_find,
-=======
     "circuit": cmd_circuit,
->>>>>>> main
     "models": cmd_models,
     "methods": cmd_methods,
 }
