@@ -352,6 +352,8 @@ def find(
         next_samples = plan_samples(len(unverified) - len(flagged), n_pairs, theta, alpha_round / 2, sum_sq)
         cap = max(n_pairs * (next_samples + 2), float(search.verify_cost(flagged[:1])[-1]) if len(flagged) else 0.0)
         within = int((search.verify_cost(flagged) <= cap).sum()) if len(flagged) else 0
+        if float(search.verify_cost(unverified)[-1]) <= n_pairs * (next_samples + 2):
+            within = 0  # the next round verifies everything left at once: no separate pass over the flagged
         chunk = flagged[:within]
         fit = search.affordable(chunk)
         if fit < len(chunk):
