@@ -13,21 +13,23 @@ Example:
 from __future__ import annotations
 
 from . import tasks, zoo
-from .api import attribute
+from .api import attribute, predict_memory
 from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
-from .edges import EdgeGraph, edge_names
+from .edges import EdgeGraph, FaithfulnessCurve, edge_names, faithfulness_curve, load_mib
 from .errors import AtpstarError, InputError, UnsupportedModelError
 from .evaluate import Evaluation, evaluate
 from .find import find
 from .jsonl import read_pairs_jsonl
 from .loading import load_model
 from .localization import Localization
+from .memory import MemoryPlan
 from .methods import METHODS
 from .model import Model
 from .nodes import NODE_TYPES
 from .pairs import PromptPairs
 from .result import Attribution
+from .sink import read_per_pair
 from .verify import Verification, verify
 from .version import __version__
 
@@ -38,10 +40,12 @@ __all__ = [
     "Attribution",
     "Cost",
     "EdgeGraph",
+    "FaithfulnessCurve",
     "Evaluation",
     "FalseNegativeBound",
     "InputError",
     "Localization",
+    "MemoryPlan",
     "Model",
     "PromptPairs",
     "UnsupportedModelError",
@@ -49,11 +53,15 @@ __all__ = [
     "__version__",
     "attribute",
     "edge_names",
+    "faithfulness_curve",
+    "load_mib",
     "evaluate",
     "false_negative_bound",
     "find",
     "load_model",
+    "predict_memory",
     "read_pairs_jsonl",
+    "read_per_pair",
     "tasks",
     "verify",
     "zoo",

@@ -1,11 +1,14 @@
-"""The one verb: ``attribute``."""
+"""The one verb: ``attribute``; and ``predict_memory`` for the memory it will need."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from .errors import InputError
+from .memory import MemoryPlan
 from .methods import build_method
-from .nodes import NODE_TYPES
+from .model import as_model
+from .nodes import NODE_TYPES, check_node_types
 from .pairs import PromptPairs
 from .result import Attribution
 
@@ -49,3 +52,29 @@ def attribute(
     return build_method(method, **options).attribute(
         model, pairs, nodes, direction=direction, progress=progress, workers=workers, ray_address=ray_address
     )
+
+
+def predict_memory(
+    model: Any, n_pairs: int, seq_len: int, method: str = "atp*", nodes: Any = NODE_TYPES, **options: Any
+) -> MemoryPlan:
+    """Predicted peak memory of ``attribute(model, pairs, method, nodes, **options)`` before running it.
+
+    Args:
+        model: an ``atpstar.Model`` or a ``transformers`` causal LM.
+        n_pairs, seq_len: the number of prompt pairs and their token length.
+        method, nodes, **options: as for ``attribute`` (``memory_gb``, ``batch_size``, ``keep``...).
+
+    Returns:
+        ``MemoryPlan``: weights, run and per-batch parts in GiB, the batch that fits, ``peak_gb``.
+
+    Raises:
+        InputError: the run does not fit in ``memory_gb``, or the method makes no prediction.
+
+    Example:
+        >>> predict_memory(model, n_pairs=256, seq_len=512, method="atp*", nodes=["neuron"], keep="top").peak_gb
+    """
+    chosen = build_method(method, **options)
+    plan = chosen.memory_plan(as_model(model), n_pairs, seq_len, check_node_types(nodes))
+    if plan is None:
+        raise InputError(f"method {method!r} makes no memory prediction")
+    return plan

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .batching import BatchGuard
 from .cost import Cost
 from .model import Model
 from .nodes import NODE_TABLE, layout_index
@@ -150,10 +151,16 @@ def sweep_layer(
     """
     type_index, pair_index, unit_index, pos_index = nodes
     order = torch.sort(pos_index, stable=True).indices
+    guard = BatchGuard(f"patched forwards at layer {layer}", model.layer_device(layer))
     for part in plan_chunks(pos_index[order], max_batch, min_tokens, cache.pairs.seq_len):
         chunk = order[part]
-        parts = (type_index[chunk], pair_index[chunk], unit_index[chunk], pos_index[chunk])
-        yield chunk, patch_node_batch(model, cache, layer, node_types, *parts, cost)
+
+        def run(sub: slice, chunk: torch.Tensor = chunk) -> tuple[torch.Tensor, torch.Tensor]:
+            elements = chunk[sub]
+            parts = (type_index[elements], pair_index[elements], unit_index[elements], pos_index[elements])
+            return elements, patch_node_batch(model, cache, layer, node_types, *parts, cost)
+
+        yield from guard.run(len(chunk), run)  # one (elements, effects) per batch that fit
 
 
 def plan_chunks(pos_index: torch.Tensor, max_batch: int, min_tokens: int, seq_len: int) -> list[slice]:
@@ -174,18 +181,35 @@ def plan_chunks(pos_index: torch.Tensor, max_batch: int, min_tokens: int, seq_le
 
 
 def patch_masks(
-    model: Model, cache: PatchCache, masks: dict[str, torch.Tensor], pair_index: torch.Tensor, cost: Cost
+    model: Model,
+    cache: PatchCache,
+    masks: dict[str, torch.Tensor],
+    pair_index: torch.Tensor,
+    cost: Cost,
+    guard: BatchGuard | None = None,
 ) -> torch.Tensor:
     """Metric change [B] when every node set in ``masks`` is patched jointly, one node set per element.
 
     Args:
         masks: node type -> bool [B, *layout] (layouts as in ``nodes``); types may be omitted.
         pair_index: [B] the pair each node set is patched on.
+        guard: splits the batch on CUDA out-of-memory errors (pass one per run so it remembers the size).
     """
+    guard = guard or BatchGuard("patched forwards", model.device)
+    parts = guard.run(
+        len(pair_index),
+        lambda part: _patch_masks_once(model, cache, {t: m[part] for t, m in masks.items()}, pair_index[part], cost),
+    )
+    return torch.cat([p.to(parts[0].device) for p in parts])
+
+
+def _patch_masks_once(
+    model: Model, cache: PatchCache, masks: dict[str, torch.Tensor], pair_index: torch.Tensor, cost: Cost
+) -> torch.Tensor:
     active = {t: m for t, m in masks.items() if bool(m.any())}
     if not active:
         return torch.zeros(len(pair_index), dtype=cache.base_metric.dtype)
-    layers = [int(torch.nonzero(m.transpose(0, 1).flatten(1).any(1))[0]) for m in active.values()]
+    layers = [int(torch.nonzero(m.transpose(0, 1).flatten(1).any(1))[0]) for m in active.values()]  # [L, B*rest]
     start_layer = min(layers)
     start_pos = min(_first_pos(t, m) for t, m in active.items())
     by_site = {NODE_TABLE[t].site: (t, m) for t, m in active.items()}
@@ -212,7 +236,7 @@ def _first_pos(node_type: str, mask: torch.Tensor) -> int:
     """Smallest position set anywhere in a [B, *layout] mask."""
     pos_dim = 1 + NODE_TABLE[node_type].pos_axis
     other = [d for d in range(mask.ndim) if d != pos_dim]
-    return int(torch.nonzero(mask.permute(pos_dim, *other).flatten(1).any(1))[0])
+    return int(torch.nonzero(mask.permute(pos_dim, *other).flatten(1).any(1))[0])  # [T, B*rest] -> first T
 
 
 def element_bytes(model: Model, seq_len: int) -> int:

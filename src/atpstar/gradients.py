@@ -30,6 +30,7 @@ import torch
 from .cost import Cost
 from .model import Model
 from .nodes import NODE_TABLE
+from .ops import upcast
 from .pairs import PromptPairs
 from .runner import Run
 
@@ -136,8 +137,9 @@ def atp_estimate(step: GradientStep, node_type: str, layer: int, grads: SiteGrad
     """
     row = NODE_TABLE[node_type]
     with torch.no_grad():
-        diff = step.source.get(row.site, layer) - step.base.get(row.site, layer).detach()
-        prod = diff * grads[(layer, row.site)]  # [b, T, M] or [b, H|K, T, E]
+        # Half-precision activations and gradients are upcast first (ops.accumulation_dtype).
+        diff = upcast(step.source.get(row.site, layer)) - upcast(step.base.get(row.site, layer).detach())
+        prod = diff * upcast(grads[(layer, row.site)])  # [b, T, M] or [b, H|K, T, E]
         return prod.sum(-1) if row.vector else prod  # [b, T, M] or [b, H|K, T]
 
 

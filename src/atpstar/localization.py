@@ -5,24 +5,20 @@ Shape letters: K nodes found, N nodes verified, P pairs.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .bound import FalseNegativeBound
 from .cost import Cost
-from .errors import InputError
 from .nodes import node_name
-from .result import _jsonable
+from .persist import load_bundle, save_bundle
+from .persist import to_jsonable as _jsonable
 from .verify import Verification
 
-FORMAT_VERSION = 1
+KIND = "localization"
 # Stages of the loop, in the order they first run; ``Localization.cost`` has one entry per stage.
 STAGES: tuple[str, ...] = ("estimate", "verify_estimate_order", "bound", "verify_bound_order", "verify_rest")
 
@@ -187,8 +183,6 @@ class Localization:
                 "info": _jsonable(b.info),
             }
         meta = {
-            "format_version": FORMAT_VERSION,
-            "kind": "atpstar.Localization",
             "nodes": [[t, list(index)] for t, index in self.nodes],
             "names": self.names,
             "certified": self.certified,
@@ -212,38 +206,18 @@ class Localization:
             },
             "bound": bound_meta,
         }
-        # Both files are written next to their targets and renamed: an interrupted save leaves the old
-        # pair (or nothing), never a truncated file.
-        tensor_path, meta_path = Path(str(base) + ".safetensors"), Path(str(base) + ".json")
-        save_file(tensors, str(tensor_path) + ".tmp")
-        Path(str(meta_path) + ".tmp").write_text(json.dumps(meta, indent=1))
-        os.replace(str(tensor_path) + ".tmp", tensor_path)
-        os.replace(str(meta_path) + ".tmp", meta_path)
+        # One bundle (persist): tensors first, then the JSON bound to them by id and hash, both atomic.
+        save_bundle(base, KIND, meta, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> Localization:
         """Read a localization written by ``save`` (``path`` with or without ``.json``/``.safetensors``).
 
         Raises:
-            InputError: the files are missing, truncated or not written by ``Localization.save``.
+            InputError: no saved localization there; CorruptFileError (an InputError kind): one half
+                missing, truncated or from another save.
         """
-        base = _base_path(path)
-        meta_path, tensor_path = Path(str(base) + ".json"), Path(str(base) + ".safetensors")
-        if not meta_path.is_file() or not tensor_path.is_file():
-            raise InputError(
-                f"no saved localization at {base}: need {meta_path.name} and {tensor_path.name} "
-                "(written by Localization.save or 'atpstar find')"
-            )
-        try:
-            meta = json.loads(meta_path.read_text())
-            tensors = load_file(str(tensor_path))
-        except (json.JSONDecodeError, OSError, SafetensorError, ValueError) as err:
-            raise InputError(f"{base} is damaged or truncated ({err}); run 'atpstar find' again") from err
-        if meta.get("kind") != "atpstar.Localization" or meta.get("format_version") != FORMAT_VERSION:
-            raise InputError(
-                f"{meta_path} is not a localization saved in format {FORMAT_VERSION} (got kind "
-                f"{meta.get('kind')!r}, version {meta.get('format_version')!r}); run 'atpstar find' again"
-            )
+        meta, tensors = load_bundle(_base_path(path), KIND)
         vm = meta["verified"]
         verified = Verification(
             nodes=[(t, tuple(int(i) for i in index)) for t, index in vm["nodes"]],

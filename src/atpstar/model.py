@@ -17,6 +17,7 @@ from .devices import execution_device
 from .errors import InputError
 from .families import Family, LayerAttention, embed, family_of, get_path, layer_attention, sizes_of
 from .nodes import Sizes
+from .ops import upcast
 from .runner import ACTIVE_RUN, Run, atpstar_attention
 
 ATTN_IMPLEMENTATION = "atpstar"
@@ -178,10 +179,11 @@ class Model:
         return hidden
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from the final residual stream: [..., D] -> [..., V] (soft-capped where the family does)."""
+        """Logits from the final residual stream: [..., D] -> [..., V] (soft-capped where the family does;
+        float32 for half-precision models: metrics and their differences need the digits)."""
         normed = self._final_norm(hidden)
         head = self.hf_model.get_output_embeddings()
-        logits = head(normed.to(execution_device(head)))
+        logits = upcast(head(normed.to(execution_device(head))))
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap  # Gemma's final-logit soft-cap
         return logits

@@ -14,6 +14,20 @@ def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype estimates are computed and kept in: float32 for half-precision models, else the model's own.
+
+    bfloat16 keeps 8 bits of mantissa: differences of nearby activations and sums over d_head or over
+    layers lose most of their digits, so half-precision activations and gradients are upcast first.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``accumulation_dtype(x.dtype)`` (no copy for float32/float64)."""
+    return x.to(accumulation_dtype(x.dtype))
+
+
 def visible_keys(
     n_queries: int, n_keys: int, window: int | None = None, device: torch.device | None = None
 ) -> torch.Tensor:

@@ -153,3 +153,28 @@ def test_methods_that_do_not_split_refuse_workers(gpt2):
     model, pairs = gpt2
     with pytest.raises(atpstar.InputError, match="does not run on workers.*activation_patching"):
         atpstar.attribute(model, pairs, "atp*", nodes=["head"], workers=2)
+
+
+def test_checkpoint_resumes_in_a_new_process(tmp_path):
+    """The sweep key in ``sweep.json`` must not depend on the process (e.g. Python's salted ``hash``)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys; from reference.models import build_hf, load, make_pairs; import atpstar;"
+        "m = load(build_hf('gpt2')); pairs = make_pairs(n_pairs=2, seq_len=5);"
+        "b = atpstar.false_negative_bound(m, pairs, [('head', (0, 0, 1))], nodes=['head', 'key'], samples=4,"
+        " batch_size=1, checkpoint=sys.argv[1]); print(b.info['units_resumed'], repr(b.max_effect_upper))"
+    )
+    tests = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)]), "OMP_NUM_THREADS": "1"}
+    outputs = []
+    for seed in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ck")], capture_output=True, text=True,
+                              env={**env, "PYTHONHASHSEED": seed}, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout.split())
+    assert outputs[0][0] == "0" and int(outputs[1][0]) == 8  # the second process resumed every unit
+    assert outputs[0][1] == outputs[1][1]

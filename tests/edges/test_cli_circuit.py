@@ -22,11 +22,34 @@ def tiny(tmp_path_factory):
 def test_circuit_writes_mib_files_curves_and_report(tiny, tmp_path, capsys):
     model, pairs = tiny
     out = tmp_path / "circuit"
-    code = main(["circuit", "--model", str(model), "--task", str(pairs), "--method", "atp,atp+ig",
-                 "--option", "atp+ig:ig_steps=2", "--fractions", "0.05,0.2,1", "--out", str(out), "--no-progress"])
+    code = main(
+        [
+            "circuit",
+            "--model",
+            str(model),
+            "--task",
+            str(pairs),
+            "--method",
+            "atp,atp+ig",
+            "--option",
+            "atp+ig:ig_steps=2",
+            "--fractions",
+            "0.05,0.2,1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
-    for name in ("atp.mib.json", "atp_ig.mib.json", "atp.faithfulness.json", "atp.circuits.json", "report.html",
-                 "faithfulness.png", "circuit_table.md"):
+    for name in (
+        "atp.mib.json",
+        "atp_ig.mib.json",
+        "atp.faithfulness.json",
+        "atp.circuits.json",
+        "report.html",
+        "faithfulness.png",
+        "circuit_table.md",
+    ):
         assert (out / name).is_file(), name
     curve = FaithfulnessCurve.load(out / "atp_ig.faithfulness.json")
     assert curve.fractions == [0.05, 0.2, 1.0] and curve.method == "atp+ig"
@@ -40,6 +63,10 @@ def test_circuit_writes_mib_files_curves_and_report(tiny, tmp_path, capsys):
 
 def test_circuit_refuses_a_method_without_edges(tiny, tmp_path, capsys):
     model, pairs = tiny
-    assert main(["circuit", "--model", str(model), "--task", str(pairs), "--method", "subsampling",
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            ["circuit", "--model", str(model), "--task", str(pairs), "--method", "subsampling", "--out", str(tmp_path)]
+        )
+        == 2
+    )
     assert "no edge form" in capsys.readouterr().err

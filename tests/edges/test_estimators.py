@@ -20,8 +20,10 @@ def setup(request):
     model = load(hf)
     pairs = make_pairs(n_pairs=2, seq_len=6, seed=4)
     graph = graph_of(model)
-    refs = {drop: edge_references(hf, pairs, graph.edge_names, graph.sender_names, drop_layer=drop)
-            for drop in (None, *range(model.n_layers))}
+    refs = {
+        drop: edge_references(hf, pairs, graph.edge_names, graph.sender_names, drop_layer=drop)
+        for drop in (None, *range(model.n_layers))
+    }
 
     def qk_fixed(drop):
         values = refs[drop]["eap"].clone()
@@ -81,3 +83,15 @@ def test_denoising_direction(setup):
     want = edge_references(hf, pairs, graph.edge_names, graph.sender_names, direction="denoising")
     result = atpstar.attribute(model, pairs, method="activation_patching", nodes=["edge"], direction="denoising")
     assert_rel_close(result.per_pair["edge"], want["exact"], 1e-10, "exact, denoising")
+
+
+def test_verify_edges_in_estimate_order(setup, tmp_path):
+    _, model, pairs, graph, refs, _ = setup
+    estimate = atpstar.attribute(model, pairs, method="atp", nodes=["edge"])
+    verified = atpstar.verify(model, pairs, estimate, budget=8)
+    order = torch.sort(estimate.scores["edge"].abs(), descending=True, stable=True).indices[:8]
+    assert [index[0] for _, index in verified.nodes] == order.tolist()
+    assert_rel_close(verified.effects, refs[None]["exact"][:, order].T, 1e-10, "verified edges")
+    assert verified.names == [graph.edge_names[i] for i in order.tolist()]
+    verified.save(tmp_path / "v")
+    assert atpstar.Verification.load(tmp_path / "v").names == verified.names

@@ -27,7 +27,8 @@ def test_json_has_mibs_layout(result, tmp_path):
     assert data["cfg"] == {"n_layers": 2, "n_heads": 4, "parallel_attn_mlp": False, "d_model": 32}
     n_heads = 4
     assert list(data["nodes"]) == ["input"] + [f"a0.h{h}" for h in range(n_heads)] + ["m0"] + [
-        f"a1.h{h}" for h in range(n_heads)] + ["m1", "logits"]
+        f"a1.h{h}" for h in range(n_heads)
+    ] + ["m1", "logits"]
     assert list(data["edges"]) == atpstar.edge_names(model)
     first = data["edges"]["input->a0.h0<q>"]
     assert set(first) == {"score", "in_graph"} and isinstance(first["score"], float)

@@ -139,8 +139,11 @@ class RayExecutor:
                 free.append(slot)
                 on_result(index, result)
         finally:
-            for ref in running:  # interrupted or failed: stop what is still running
-                ray.cancel(ref)
+            for ref in running:  # interrupted or failed: stop what is still running (finished units are saved)
+                try:
+                    ray.cancel(ref)
+                except (ValueError, TypeError, ray.exceptions.RayError):
+                    pass  # already finished or its worker is gone: nothing left to stop
         return retries
 
 

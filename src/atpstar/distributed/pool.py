@@ -7,6 +7,7 @@ the cluster's CPUs are shared out among the workers.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -17,7 +18,7 @@ from .source import ModelSource
 from .units import Sweep, Unit, UnitResult, WorkerState
 
 
-class WorkerActor:
+class AtpstarWorker:
     """A Ray actor (wrapped with ``ray.remote`` by the pool): holds one model and its sweep caches."""
 
     def __init__(self, threads: int) -> None:
@@ -58,12 +59,17 @@ class Pool:
                 f"workers={workers} with {self.threads} thread(s) each need {workers * self.threads} CPUs, but the Ray "
                 f"cluster has {cpus}; ask for fewer workers or set ATPSTAR_WORKER_THREADS"
             )
-        self._remote = ray.remote(WorkerActor)
+        self._remote = ray.remote(AtpstarWorker)
         self.actors: list[Any] = []
         self.grow(workers)
 
     def _start(self) -> Any:
-        options: dict[str, Any] = {"num_cpus": self.threads, "max_restarts": 0, "max_task_retries": 0}
+        options: dict[str, Any] = {
+            "num_cpus": self.threads,
+            "max_restarts": 0,  # the driver replaces dead workers itself and re-queues their unit
+            "max_task_retries": 0,
+            "name": f"atpstar-worker-{os.getpid()}-{next(_ACTOR_NUMBER)}",  # visible in `ray list actors`
+        }
         if self.gpus:
             options["num_gpus"] = 1
         return self._remote.options(**options).remote(self.threads)
@@ -84,6 +90,7 @@ class Pool:
 
 
 _POOL: Pool | None = None
+_ACTOR_NUMBER = itertools.count()  # actor names stay unique in this process, across pools
 
 
 def get_pool(ray: Any, workers: int) -> Pool:
@@ -94,7 +101,7 @@ def get_pool(ray: Any, workers: int) -> Pool:
         _POOL is None
         or _POOL.session != _session(ray)
         or (threads is not None and int(threads) != _POOL.threads)
-        or (_POOL.gpus == 0 and len(_POOL.actors) < workers)  # CPU shares were sized for fewer workers
+        or (threads is None and _POOL.gpus == 0 and len(_POOL.actors) < workers)  # CPU shares sized for fewer
     ):
         if _POOL is not None and _POOL.session == _session(ray):
             for actor in _POOL.actors:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,8 @@ def weights_signature(hf_model: torch.nn.Module) -> tuple[Any, ...]:
 
 def record_loaded(model: Model, name: str, dtype: torch.dtype) -> None:
     """Remember that ``model`` came from ``name`` in ``dtype`` (called by ``load_model``)."""
+    if os.path.isdir(name):  # workers may run elsewhere in the file system tree
+        name = os.path.abspath(name)
     _LOADED_FROM[model] = (name, str(dtype).removeprefix("torch."), weights_signature(model.hf_model))
 
 

@@ -11,6 +11,7 @@ Shape letters: P pairs, N nodes, B blocks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -98,6 +99,11 @@ def _store(checkpoint: str | None, kind: str, model: Model, sweep: Sweep, extra:
         default=str,
     )
     return UnitStore(checkpoint, key)
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """Content hash of a CPU tensor (stable across processes, unlike ``hash``)."""
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()[:24]
 
 
 def _target_units(executor: Executor) -> int:
@@ -188,8 +194,7 @@ def verify_on(
             {"workers": executor.workers, "units": 0},
         )
     units = plan_rank_units(n_nodes, pairs.n_pairs, _target_units(executor))
-    fingerprint = [torch.stack(ranked).sum(1).tolist(), n_nodes, hash(torch.stack(ranked).numpy().tobytes())]
-    store = _store(checkpoint, "verify", model, sweep, fingerprint)
+    store = _store(checkpoint, "verify", model, sweep, [n_nodes, _digest(torch.stack(ranked))])
     results, info = run_units(executor, sweep, units, store, "verify")
     effects = torch.cat([r.tensors["effects"] for r in results])  # windows in rank order: [N, P]
     sum_costs(results, cost)
@@ -230,7 +235,7 @@ def subsample_on(
     sweep = Sweep("samples", pairs, direction, list(node_types), {**sampling, "batch": batch}, {"keep": keep})
     total = sampling["samples"] * pairs.n_pairs
     units = plan_sample_units(total, batch, pairs.n_pairs, _target_units(executor))
-    store = _store(checkpoint, "samples", model, sweep, hash(keep.numpy().tobytes()))
+    store = _store(checkpoint, "samples", model, sweep, _digest(keep))
     results, info = run_units(executor, sweep, units, store, "subsampling", unit_label="sample")
     values = {k: torch.zeros_like(v) for k, v in results[0].tensors.items() if k != "base_metric"}
     for result in results:  # in element order, as the in-process loop merges its batches

@@ -14,15 +14,18 @@ from typing import Any
 
 import torch
 
+from ..batching import BatchGuard
 from ..cost import Cost
 from ..errors import InputError
 from ..families import LayerAttention
 from ..gradients import GradientStep, SiteGrads, atp_estimate, gradient_step
+from ..memory import MemoryPlan, gradient_plan
 from ..model import Model
 from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
-from ..ops import graddrop_combine, key_fix, query_fix
+from ..ops import accumulation_dtype, graddrop_combine, key_fix, query_fix, upcast
 from ..pairs import PromptPairs
 from ..progress import progress_bar
+from ..sink import PerPairSink, check_keep
 from .base import Method, register
 
 
@@ -61,21 +64,44 @@ class AttributionPatching(Method):
     it, so a layer-0 node whose only route to the metric runs through layer 1 scores 0 in a 2-layer
     model (true of the formula, not an approximation). Prefer ``atp+qkfix`` on very shallow models.
 
+    Half-precision models (bfloat16/float16) run their passes in their own dtype; every estimate
+    (source - base differences, their products with gradients, the QK fix, GradDrop's sums) is
+    computed and kept in float32.
+
     Args:
-        batch_size: prompt pairs per forward/backward; None picks it from ``memory_gb``.
-        memory_gb: memory budget for one batch's autograd graph.
+        batch_size: prompt pairs per forward/backward; None picks the most that fit in ``memory_gb``.
+        memory_gb: bound on the run's memory besides the model's weights (one batch's autograd graph,
+            activations and gradients, plus results kept in memory when the model runs on the CPU).
+            The prediction is in ``info["memory"]`` and in the progress output.
+        keep: ``"all"`` keeps dense ``per_pair`` [P, *layout]; ``"top"`` keeps, per pair and node type,
+            only the ``top_k`` largest |estimates| (``per_pair`` is then a sparse COO tensor of the same
+            shape); ``"disk"`` keeps the top-k too and streams the full per-pair tensors to safetensors
+            shards in ``out_dir`` (``atpstar.read_per_pair``). ``scores`` are exact in every mode.
+        top_k: entries per pair and node type kept by ``"top"``/``"disk"``.
+        out_dir: folder for ``"disk"`` shards (must not hold shards already).
     """
 
     needs_gradients = True
     node_types = ALL_TYPES  # edges: EAP and its QK-fix / GradDrop / AtP* forms (``atpstar.edges``)
 
     def __init__(
-        self, *, qk_fix: bool = False, grad_drop: bool = False, batch_size: int | None = None, memory_gb: float = 2.0
+        self,
+        *,
+        qk_fix: bool = False,
+        grad_drop: bool = False,
+        batch_size: int | None = None,
+        memory_gb: float = 2.0,
+        keep: str = "all",
+        top_k: int = 100,
+        out_dir: str | None = None,
     ) -> None:
         self.qk_fix = qk_fix
         self.grad_drop = grad_drop
         self.batch_size = batch_size
         self.memory_gb = memory_gb
+        self.keep = keep
+        self.top_k = top_k
+        self.out_dir = out_dir
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """2 forwards and 1 backward per pair; GradDrop adds a partial backward from each layer l >= 1, counted l / L."""
@@ -90,24 +116,44 @@ class AttributionPatching(Method):
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if self.grad_drop and model.n_layers < 2:
             raise InputError("GradDrop needs a model with at least 2 layers (it averages over L - 1 dropped layers)")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1 or None; got {self.batch_size}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise InputError(f"batch_size must be an integer >= 1 or None; got {self.batch_size!r}")
+        if not isinstance(self.memory_gb, (int, float)) or self.memory_gb <= 0:
+            raise InputError(f"memory_gb must be positive; got {self.memory_gb!r}")
+        check_keep(self.keep, self.top_k, self.out_dir)
+
+    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+        return gradient_plan(
+            model,
+            self.id,
+            n_pairs,
+            seq_len,
+            node_types,
+            qk_fix=self.qk_fix,
+            grad_drop=self.grad_drop,
+            keep=self.keep,
+            top_k=self.top_k,
+            batch_size=self.batch_size,
+            memory_gb=self.memory_gb,
+        )
 
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        out = {
-            t: torch.zeros(pairs.n_pairs, *node_shape(t, model.sizes, pairs.seq_len), dtype=model.dtype)
-            for t in node_types
-        }
-        batch = self.batch_size or _auto_batch(model, pairs.seq_len, self.memory_gb)
+    ) -> tuple[dict[str, torch.Tensor] | PerPairSink, dict[str, torch.Tensor], dict[str, Any]]:
+        shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
+        sink = PerPairSink(shapes, pairs.n_pairs, accumulation_dtype(model.dtype), self.keep, self.top_k, self.out_dir)
+        guard = BatchGuard(f"{self.id}: pairs", model.device)
+        guard.limit = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types).batch
+
+        def step(part: slice) -> None:
+            index = torch.arange(part.start, part.stop)
+            sink.add(index, self._estimate(model, pairs, index, node_types, direction, cost))
+            bar.update(len(index))
+
         with progress_bar(pairs.n_pairs, self.id, progress, unit="pair") as bar:
-            for start in range(0, pairs.n_pairs, batch):
-                index = torch.arange(start, min(start + batch, pairs.n_pairs))
-                for t, value in self._estimate(model, pairs, index, node_types, direction, cost).items():
-                    out[t][index] = value.detach().to(out[t].dtype).cpu()
-                bar.update(len(index))
-        return out, {}, {}
+            guard.run(pairs.n_pairs, step)
+        info = {"oom_retries": guard.retries} if guard.retries else {}
+        return (sink.per_pair() if self.keep == "all" else sink), {}, info
 
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
@@ -138,16 +184,22 @@ class AttributionPatching(Method):
         n_layers = model.n_layers
         plain = self._per_layer(step, model.attention_args, node_types, step.grads, range(n_layers), fix)
         if not self.grad_drop:
-            return {t: torch.stack(v, 1) for t, v in plain.items()}  # L x [b, *layout[1:]] -> [b, *layout]
+            return {t: _stack(v) for t, v in plain.items()}  # L x [b, *layout[1:]] -> [b, *layout]
         # ĉ = Σ_l |Î_l| / (L - 1). A node at layer m keeps its plain estimate when any of the m layers
         # below it is dropped, and scores 0 when its own layer is; layers above it need a partial backward.
         total = {t: [m * est.abs() for m, est in enumerate(plain[t])] for t in node_types}
+        # Memory: the full gradients and plain estimates are not needed from here on; each dropped layer's
+        # gradients are released before the next partial backward (the loop variable would keep them).
+        del plain
+        step.grads.clear()
         for drop, grads in step.dropped():
             dropped = self._per_layer(step, model.attention_args, node_types, grads, range(drop), fix)
+            grads.clear()
             for t in node_types:
                 for m in range(drop):
-                    total[t][m] = total[t][m] + dropped[t][m].abs()
-        return {t: graddrop_combine(torch.stack(v, 1), n_layers) for t, v in total.items()}  # [b, *layout]
+                    total[t][m].add_(dropped[t][m].abs())
+            del dropped
+        return {t: graddrop_combine(_stack(v), n_layers) for t, v in total.items()}  # [b, *layout]
 
     @staticmethod
     def _per_layer(
@@ -167,20 +219,20 @@ class AttributionPatching(Method):
                 for t in node_types:
                     if fix and t == "query":
                         est = query_fix(
-                            source.get("q", layer),  # [b, H, T, E]
-                            base.get("k", layer).detach(),  # [b, K, T, E]
-                            base.get("pattern", layer).detach(),  # [b, H, T, T]
-                            grads[(layer, "pattern")],
+                            upcast(source.get("q", layer)),  # [b, H, T, E]
+                            upcast(base.get("k", layer).detach()),  # [b, K, T, E]
+                            upcast(base.get("pattern", layer).detach()),  # [b, H, T, T]
+                            upcast(grads[(layer, "pattern")]),
                             args.scaling,
                             args.softcap,
                             args.window,
                         )  # [b, H, T]
                     elif fix and t == "key":
                         est = key_fix(
-                            base.get("q", layer).detach(),
-                            base.get("k", layer).detach(),
-                            source.get("k", layer),
-                            grads[(layer, "pattern")],
+                            upcast(base.get("q", layer).detach()),
+                            upcast(base.get("k", layer).detach()),
+                            upcast(source.get("k", layer)),
+                            upcast(grads[(layer, "pattern")]),
                             args.scaling,
                             args.softcap,
                             args.window,
@@ -191,8 +243,7 @@ class AttributionPatching(Method):
         return out
 
 
-def _auto_batch(model: Model, seq_len: int, memory_gb: float) -> int:
-    from ..engine import element_bytes
-
-    per_pair = 4 * model.n_layers * element_bytes(model, seq_len)
-    return max(1, int(memory_gb * 2**30 // per_pair))
+def _stack(per_layer: list[torch.Tensor]) -> torch.Tensor:
+    """L x [b, ...] -> [b, L, ...] on the first layer's device (layers of a dispatched model differ)."""
+    device = per_layer[0].device
+    return torch.stack([est.to(device) for est in per_layer], 1)

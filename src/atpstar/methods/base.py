@@ -10,10 +10,14 @@ import torch
 
 from ..cost import Cost
 from ..errors import InputError
+from ..fingerprint import identity
+from ..memory import MemoryPlan, announce
 from ..model import Model, as_model
 from ..nodes import EDGE_TYPE, NODE_TYPES, check_node_types
 from ..pairs import PromptPairs, check_direction
 from ..result import Attribution, aggregate
+from ..sink import PerPairSink
+from ..validate import check_finite_options, check_pairs_fit, warn_non_finite
 from ..version import __version__
 
 
@@ -95,8 +99,13 @@ class Method:
         if not isinstance(pairs, PromptPairs):
             raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
         check_direction(direction)
-        model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+        check_pairs_fit(model, pairs)
+        check_finite_options(f"method {self.id!r} option ", self.get_options())
         self._validate(model, pairs, node_types)
+        plain = [t for t in node_types if t != EDGE_TYPE]
+        plan = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, plain) if plain else None
+        if plan is not None:
+            announce(plan, progress)
         executor = None
         if (workers is not None or ray_address is not None) and EDGE_TYPE in node_types:
             raise InputError("edges run in-process only; ask for edges in a call without workers=/ray_address=")
@@ -110,39 +119,64 @@ class Method:
 
             executor = executor_for(model, workers, ray_address, progress)
         cost = Cost()
-        plain = [t for t in node_types if t != EDGE_TYPE]
         per_pair: dict[str, torch.Tensor] = {}
         extras: dict[str, torch.Tensor] = {}
         info: dict[str, Any] = {}
-        if plain and executor is None:
-            per_pair, extras, info = self._attribute(model, pairs, plain, direction, cost, progress)
-        elif plain:
-            per_pair, extras, info = self._attribute_on(executor, model, pairs, plain, direction, cost)
+        kept_scores: dict[str, torch.Tensor] = {}
+        if plain:
+            if executor is None:
+                results, extras, info = self._attribute(model, pairs, plain, direction, cost, progress)
+            else:
+                results, extras, info = self._attribute_on(executor, model, pairs, plain, direction, cost)
+            if isinstance(results, PerPairSink):  # kept batch by batch (keep="top"/"disk"): exact running scores
+                per_pair, kept_scores = results.per_pair(), results.scores(self.aggregation)
+                info = {**results.info(), **info}
+            else:
+                per_pair = results
         if EDGE_TYPE in node_types:  # edges run in-process (work units for edges are not implemented)
             from ..edges.graph import graph_of
 
             per_pair[EDGE_TYPE], edge_info = self._attribute_edges(model, pairs, direction, cost, progress)
             info = {**info, **edge_info, "edge_graph": {**graph_of(model).describe(), "d_model": model.d_model}}
+        warn_non_finite(per_pair, f"the {self.id} result")
+        options = self.get_options()
+        made_by = identity(model, pairs, direction, node_types, self.id, options)
         return Attribution(
             method=self.id,
-            options=self.get_options(),
+            options=options,
             direction=direction,
             metric=pairs.metric_name,
             model_id=model.model_id,
             per_pair=per_pair,
-            scores=aggregate(per_pair, self.aggregation),
+            scores=_scores(per_pair, kept_scores, self.aggregation),
             aggregation=self.aggregation,
             cost=cost,
             extras=extras,
-            info={"atpstar_version": __version__, "n_pairs": pairs.n_pairs, "seq_len": pairs.seq_len, **info},
+            info={
+                "atpstar_version": __version__,
+                "n_pairs": pairs.n_pairs,
+                "seq_len": pairs.seq_len,
+                **({"memory": plan.to_dict()} if plan is not None else {}),
+                **info,
+                "identity": made_by,
+            },
         )
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         """Check method options against the model and pairs (before any pass)."""
 
+    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan | None:
+        """Predicted peak memory and the batch that fits ``memory_gb`` (None: this method makes no prediction).
+
+        Raises:
+            InputError: what the run must hold does not fit in ``memory_gb``.
+        """
+        return None
+
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    ) -> tuple[dict[str, torch.Tensor] | PerPairSink, dict[str, torch.Tensor], dict[str, Any]]:
+        """(per_pair, or a sink that received it batch by batch; extras; info)."""
         raise NotImplementedError
 
     def _attribute_on(
@@ -156,6 +190,14 @@ class Method:
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Edge results [P, N] and facts for ``info`` (methods that list ``edge`` in ``node_types``)."""
         raise NotImplementedError
+
+
+def _scores(
+    per_pair: dict[str, torch.Tensor], kept: dict[str, torch.Tensor], aggregation: str
+) -> dict[str, torch.Tensor]:
+    """Aggregate ``per_pair``, except node types whose exact scores a sink kept (their per_pair is top-k only)."""
+    rest = aggregate({t: v for t, v in per_pair.items() if t not in kept}, aggregation)
+    return {t: kept[t] if t in kept else rest[t] for t in per_pair}
 
 
 @dataclass(frozen=True)

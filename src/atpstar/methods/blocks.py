@@ -15,9 +15,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..batching import BatchGuard
 from ..cost import Cost
-from ..engine import PatchCache, element_bytes, patch_masks, prepare
+from ..engine import PatchCache, patch_masks, prepare
 from ..errors import InputError
+from ..memory import MemoryPlan, cache_bytes, layout_elems, patched_forward_bytes, patching_plan
 from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
@@ -74,6 +76,9 @@ class Blocks(Method):
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
             raise InputError(f"block_size must be an integer >= 1; got {self.block_size!r}")
         check_batching(self.batch_size, self.memory_gb)
+
+    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+        return masks_plan(self.id, model, n_pairs, seq_len, node_types, self.batch_size, self.memory_gb)
 
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
@@ -133,6 +138,33 @@ def check_batching(batch_size: Any, memory_gb: Any) -> None:
         raise InputError(f"memory_gb must be positive; got {memory_gb!r}")
 
 
+def masks_plan(
+    method: str,
+    model: Model,
+    n_pairs: int,
+    seq_len: int,
+    node_types: list[str],
+    batch_size: int | None,
+    memory_gb: float,
+) -> MemoryPlan:
+    """Memory of a run of jointly patched node sets: one bool mask of the whole layout per patched forward."""
+    nodes = layout_elems(model, node_types, seq_len)
+    item = torch.finfo(model.dtype).bits // 8
+    return patching_plan(
+        model,
+        method,
+        n_pairs,
+        seq_len,
+        node_types,
+        n_items=n_pairs * nodes,
+        run_bytes=0,
+        item_extra=nodes,
+        batch_size=batch_size,
+        memory_gb=memory_gb,
+        results_bytes=n_pairs * nodes * item,
+    )
+
+
 def _per_layer(shape: tuple[int, ...]) -> int:
     """Nodes per layer of a layout [L, a, b]."""
     return int(shape[1] * shape[2])
@@ -155,11 +187,13 @@ def patch_blocks(
     n_pairs = cache.n_pairs
     effects = torch.zeros(len(blocks), n_pairs, dtype=torch.float64)
     groups: dict[tuple[str, int], list[int]] = {}
+    guard = BatchGuard("blocks: patched forwards", model.device)
     for i, block in enumerate(blocks):
         groups.setdefault((block.node_type, block.layer), []).append(i)
     for (node_type, layer), members in groups.items():
         mask_bytes = int(torch.Size(shapes[node_type]).numel())
-        batch = batch_size or max(1, int(memory_gb * 2**30 // (element_bytes(model, cache.pairs.seq_len) + mask_bytes)))
+        room = memory_gb * 2**30 - cache_bytes(model, n_pairs, cache.pairs.seq_len, list(shapes))
+        batch = batch_size or max(1, int(room // (patched_forward_bytes(model, cache.pairs.seq_len) + mask_bytes)))
         members = sorted(members, key=lambda i: blocks[i].start)  # similar first positions share a batch
         block_i = torch.tensor(members).repeat_interleave(n_pairs)  # one element per (block, pair)
         pair_i = torch.arange(n_pairs).repeat(len(members))
@@ -169,7 +203,7 @@ def patch_blocks(
             flat = mask.view(len(chunk_blocks), shapes[node_type][0], -1)  # [B, L, R]
             for row, i in enumerate(chunk_blocks.tolist()):
                 flat[row, layer, blocks[i].start : blocks[i].stop] = True
-            effect = patch_masks(model, cache, {node_type: mask}, chunk_pairs, cost)
+            effect = patch_masks(model, cache, {node_type: mask}, chunk_pairs, cost, guard)
             effects[chunk_blocks, chunk_pairs] = effect.detach().double().cpu()
             if advance is not None:
                 advance(len(chunk_blocks))

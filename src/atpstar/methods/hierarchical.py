@@ -20,12 +20,13 @@ import torch
 from ..cost import Cost
 from ..engine import prepare
 from ..errors import InputError
+from ..memory import MemoryPlan
 from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from .base import Method, register
-from .blocks import Block, _per_layer, check_batching, patch_blocks
+from .blocks import Block, _per_layer, check_batching, masks_plan, patch_blocks
 
 
 @register(
@@ -88,6 +89,9 @@ class Hierarchical(Method):
         ):
             raise InputError(f"budget must be an integer >= 1 or None; got {self.budget!r}")
         check_batching(self.batch_size, self.memory_gb)
+
+    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+        return masks_plan(self.id, model, n_pairs, seq_len, node_types, self.batch_size, self.memory_gb)
 
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool

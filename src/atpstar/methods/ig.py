@@ -16,6 +16,7 @@ import torch
 
 from ..cost import Cost
 from ..errors import InputError
+from ..memory import MemoryPlan, gradient_plan
 from ..model import Model
 from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
 from ..pairs import PromptPairs
@@ -65,6 +66,22 @@ class IntegratedGradients(Method):
         if self.batch_size is not None and self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1 or None; got {self.batch_size}")
 
+    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+        # One interpolation step at a time: AtP's gradient step (an extra recorded run is within its margin).
+        return gradient_plan(
+            model,
+            self.id,
+            n_pairs,
+            seq_len,
+            node_types,
+            qk_fix=False,
+            grad_drop=False,
+            keep="all",
+            top_k=1,
+            batch_size=self.batch_size,
+            memory_gb=self.memory_gb,
+        )
+
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
     ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -77,13 +94,11 @@ class IntegratedGradients(Method):
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        from .atp import _auto_batch
-
         out = {
             t: torch.zeros(pairs.n_pairs, *node_shape(t, model.sizes, pairs.seq_len), dtype=model.dtype)
             for t in node_types
         }
-        batch = self.batch_size or _auto_batch(model, pairs.seq_len, self.memory_gb)
+        batch = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types).batch
         with progress_bar(pairs.n_pairs, self.id, progress, unit="pair") as bar:
             for start in range(0, pairs.n_pairs, batch):
                 index = torch.arange(start, min(start + batch, pairs.n_pairs))

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
+from ..batching import BatchGuard
 from ..cost import Cost
-from ..engine import PatchCache, element_bytes, patch_masks, prepare
+from ..engine import PatchCache, patch_masks, prepare
 from ..errors import InputError
+from ..memory import MemoryPlan, layout_elems, patched_forward_bytes, patching_plan
 from ..model import Model
 from ..nodes import NodeLayout
 from ..ops import welford_merge
@@ -30,6 +32,9 @@ from .base import Method, register
 
 DESIGNS: tuple[str, ...] = ("random", "balanced")
 STATS: tuple[str, ...] = ("count_in", "mean_in", "var_in", "count_out", "mean_out", "var_out")
+STATS_BYTES = 6 * 8  # per pair and node: running (count, mean, M2) in and out, float64
+ELEMENT_BYTES_PER_NODE = 40  # per patched forward and node: its mask and the batch's statistics work space
+EXTRAS_BYTES = 8 * 8  # per pair and node: the returned estimate and six statistics (float64)
 
 
 @register(
@@ -91,6 +96,22 @@ class Subsampling(Method):
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         check_options(self.samples, self.p, self.design, self.batch_size, self.memory_gb)
+
+    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+        nodes = layout_elems(model, node_types, seq_len)
+        return patching_plan(
+            model,
+            self.id,
+            n_pairs,
+            seq_len,
+            node_types,
+            n_items=n_pairs * self.samples,
+            run_bytes=STATS_BYTES * n_pairs * nodes,
+            item_extra=ELEMENT_BYTES_PER_NODE * nodes,
+            batch_size=self.batch_size,
+            memory_gb=self.memory_gb,
+            results_bytes=EXTRAS_BYTES * n_pairs * nodes,
+        )
 
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
@@ -244,7 +265,7 @@ def keep_mask(layout: NodeLayout, exclude: dict[str, torch.Tensor] | None) -> to
 def sample_batch(model: Model, seq_len: int, n_nodes: int, memory_gb: float) -> int:
     """Samples per batch within ``memory_gb``: the forward's activations plus masks and float64
     statistics work space over the N nodes, per element."""
-    return max(1, int(memory_gb * 2**30 // (element_bytes(model, seq_len) + n_nodes * 40)))
+    return max(1, int(memory_gb * 2**30 // (patched_forward_bytes(model, seq_len) + n_nodes * ELEMENT_BYTES_PER_NODE)))
 
 
 def subsample_range(
@@ -278,6 +299,7 @@ def subsample_range(
         name: torch.zeros(n_pairs, n_nodes, dtype=torch.float64)
         for name in ("count_in", "mean_in", "m2_in", "count_out", "mean_out", "m2_out")
     }
+    guard = BatchGuard("subsampling: patched forwards", model.device)  # halves on CUDA out-of-memory
     for first in range(start, stop, batch):
         element = torch.arange(first, min(first + batch, stop))
         pair_index, sample_index = element % n_pairs, element // n_pairs
@@ -289,7 +311,7 @@ def subsample_range(
             chosen = _balanced_subset(codes, sample_index)
         chosen &= keep
         masks = layout.unflatten(chosen)  # [B, N] -> {t: [B, *layout]}
-        delta = patch_masks(model, cache, masks, pair_index, cost).detach().double().cpu()  # [B]
+        delta = patch_masks(model, cache, masks, pair_index, cost, guard).detach().double().cpu()  # [B]
         _update(values, chosen, delta, pair_index, n_pairs)
         if advance is not None:
             advance(len(element))

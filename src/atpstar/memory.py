@@ -1,0 +1,245 @@
+"""Peak-memory prediction per method, from the model's sizes, the number of pairs and the prompt length.
+
+A run holds the model's weights, a part that lives for the whole run (``fixed``: cached activations,
+statistics, results kept in memory) and one batch of work (``per_item`` x ``batch``: the autograd graph
+of a batch of pairs for gradient methods, a batch of patched forwards for exact ones). ``memory_gb``
+bounds ``fixed + per_item x batch`` (the model's weights are not counted: they are the user's, and
+offloaded ones are not resident); the batch is the largest that fits. Results kept on the CPU count
+against the budget only when the model computes on the CPU (on a GPU they are host memory).
+
+The per-token sizes of the autograd graph were measured on random models of the three families
+(``benchmarks/scaling.py`` prints predicted vs measured peaks); they err on the high side.
+
+Shape letters: P pairs, L layers, T positions, H heads, K kv-heads, E d_head, D d_model, M d_mlp, V vocab.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import InputError
+from .model import Model
+from .nodes import NODE_TABLE, node_shape
+
+GB = 2**30
+F32, F64 = 4, 8
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Predicted memory of one method run, in GiB.
+
+    Attributes:
+        method: the method id.
+        device: where the working memory lives (the model's input device).
+        weights_gb: the model's resident weights (parameters not offloaded to meta/disk).
+        fixed_gb: held for the whole run (caches, statistics, results kept in memory on the compute device).
+        per_item_gb: one batch element (a pair for gradient methods, a patched forward for exact ones).
+        batch: elements per batch (``batch_size``, or the most that fit in ``memory_gb``).
+        budget_gb: ``memory_gb``.
+        host_results_gb: results kept in host memory while the model computes on an accelerator.
+    """
+
+    method: str
+    device: str
+    weights_gb: float
+    fixed_gb: float
+    per_item_gb: float
+    batch: int
+    budget_gb: float
+    host_results_gb: float = 0.0
+
+    @property
+    def working_gb(self) -> float:
+        """What ``memory_gb`` bounds: fixed + one batch."""
+        return self.fixed_gb + self.per_item_gb * self.batch
+
+    @property
+    def peak_gb(self) -> float:
+        """Predicted peak on the compute device: weights + fixed + one batch."""
+        return self.weights_gb + self.working_gb
+
+    def describe(self) -> str:
+        host = f"; {self.host_results_gb:.2f} GB of results in host memory" if self.host_results_gb else ""
+        return (
+            f"{self.method}: predicted peak {self.peak_gb:.2f} GB on {self.device} = weights {self.weights_gb:.2f} "
+            f"+ run {self.fixed_gb:.2f} + batch of {self.batch} x {self.per_item_gb * 1024:.1f} MB "
+            f"(memory_gb={self.budget_gb:g}){host}"
+        )
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {**asdict(self), "working_gb": self.working_gb, "peak_gb": self.peak_gb}
+
+
+def weights_bytes(model: Model) -> int:
+    """Bytes of parameters and buffers that are resident (not on the meta device)."""
+    tensors = [*model.hf_model.parameters(), *model.hf_model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type != "meta")
+
+
+def _item(model: Model) -> int:
+    return torch.finfo(model.dtype).bits // 8
+
+
+def _vocab(model: Model) -> int:
+    head = model.hf_model.get_output_embeddings()
+    return int(getattr(head, "out_features", None) or model.hf_model.config.vocab_size)
+
+
+def _site_elems(model: Model, site: str, seq_len: int) -> int:
+    """Elements of one pair's activation at a runner site, one layer."""
+    s = model.sizes
+    per_token = {
+        "neuron": s.d_mlp,
+        "q": s.n_heads * s.d_head,
+        "z": s.n_heads * s.d_head,
+        "k": s.n_kv_heads * s.d_head,
+        "v": s.n_kv_heads * s.d_head,
+        "pattern": s.n_heads * seq_len,
+    }[site]
+    return per_token * seq_len
+
+
+def layout_elems(model: Model, node_types: Iterable[str], seq_len: int) -> int:
+    """Nodes per pair over the node types."""
+    return sum(int(torch.Size(node_shape(t, model.sizes, seq_len)).numel()) for t in node_types)
+
+
+def graph_bytes_per_pair(model: Model, seq_len: int) -> int:
+    """Autograd graph of one pair's forward with parameters frozen (saved activations of every layer).
+
+    Per token and layer: norms and residual bookkeeping ~12 D, the MLP's gate/up/activation ~6 M, keys
+    and values 2 K E, and the attention pattern with its pre-softmax scores 2 H T (float32 for half models).
+    """
+    s = model.sizes
+    item = _item(model)
+    per_token = (12 * s.d_model + 6 * s.d_mlp + 2 * s.n_kv_heads * s.d_head) * item + 2 * s.n_heads * seq_len * max(
+        item, F32
+    )
+    return s.n_layers * seq_len * per_token
+
+
+def gradient_plan(
+    model: Model,
+    method: str,
+    n_pairs: int,
+    seq_len: int,
+    node_types: list[str],
+    *,
+    qk_fix: bool,
+    grad_drop: bool,
+    keep: str,
+    top_k: int,
+    batch_size: int | None,
+    memory_gb: float,
+) -> MemoryPlan:
+    """Memory of AtP and its fixes (one gradient step per batch of pairs)."""
+    s, item = model.sizes, _item(model)
+    fix = qk_fix and bool({"query", "key"} & set(node_types))
+    sites = {NODE_TABLE[t].site for t in node_types} | ({"q", "k"} if fix else set())
+    grad_sites = {"pattern" if fix and t in ("query", "key") else NODE_TABLE[t].site for t in node_types}
+    source = s.n_layers * sum(_site_elems(model, site, seq_len) for site in sites) * item
+    grads = s.n_layers * sum(_site_elems(model, site, seq_len) for site in grad_sites) * item
+    nodes = layout_elems(model, node_types, seq_len)
+    estimates = nodes * F32 * (3 if grad_drop else 2)  # per-layer estimates, their stack, GradDrop's running sums
+    extra = 0
+    if grad_drop:  # residual-stream gradients of every layer and one dropped layer's gradients at the sites
+        extra = s.n_layers * seq_len * s.d_model * item + grads
+    logits = 3 * _vocab(model) * F32
+    per_pair = graph_bytes_per_pair(model, seq_len) + source + grads + estimates + extra + logits
+    scores = 2 * nodes * F64
+    # Dense results, plus their absolute value while the scores are aggregated at the end; or top-k entries.
+    results = n_pairs * (2 * nodes * F32 if keep == "all" else len(node_types) * top_k * (F32 + 8 * 4))
+    return _plan(model, method, scores, results, per_pair, n_pairs, batch_size, memory_gb)
+
+
+def cache_bytes(model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> int:
+    """``engine.prepare``'s cache: base residual stream, keys and values, and source activations of all pairs."""
+    s, item = model.sizes, _item(model)
+    base = s.n_layers * seq_len * (s.d_model + 2 * s.n_kv_heads * s.d_head)
+    source = s.n_layers * sum(_site_elems(model, NODE_TABLE[t].site, seq_len) for t in node_types)
+    return n_pairs * (base + source) * item
+
+
+def patched_forward_bytes(model: Model, seq_len: int) -> int:
+    """One patched forward (no graph): one layer's activations at a time plus the cached key/value prefix."""
+    s, item = model.sizes, _item(model)
+    per_layer = seq_len * (6 * s.d_model + 3 * s.d_mlp + 4 * s.n_heads * s.d_head) + 3 * s.n_heads * seq_len**2
+    prefix = 2 * s.n_layers * s.n_kv_heads * seq_len * s.d_head
+    return (per_layer + prefix) * item + 3 * _vocab(model) * F32
+
+
+def patching_plan(
+    model: Model,
+    method: str,
+    n_pairs: int,
+    seq_len: int,
+    node_types: list[str],
+    *,
+    n_items: int,
+    run_bytes: int,
+    item_extra: int,
+    batch_size: int | None,
+    memory_gb: float,
+    results_bytes: int,
+) -> MemoryPlan:
+    """Memory of methods built on patched forwards (exact patching, subsampling, blocks).
+
+    Args:
+        n_items: patched forwards in the run (caps the batch).
+        run_bytes: held for the run besides the cache (e.g. subsampling statistics).
+        item_extra: bytes per patched forward besides its activations (masks).
+        results_bytes: per-pair results kept in host memory.
+    """
+    fixed = cache_bytes(model, n_pairs, seq_len, node_types) + run_bytes
+    per_item = patched_forward_bytes(model, seq_len) + item_extra
+    return _plan(model, method, fixed, results_bytes, per_item, n_items, batch_size, memory_gb)
+
+
+def _plan(
+    model: Model,
+    method: str,
+    fixed: int,
+    results: int,
+    per_item: int,
+    n_items: int,
+    batch_size: int | None,
+    memory_gb: float,
+) -> MemoryPlan:
+    """Choose the batch: ``batch_size``, else the most items that fit in ``memory_gb`` next to ``fixed``."""
+    on_cpu = model.device.type == "cpu"
+    fixed_total = fixed + (results if on_cpu else 0)
+    if batch_size is None:
+        room = memory_gb * GB - fixed_total
+        if room < per_item:
+            raise InputError(
+                f"{method}: memory_gb={memory_gb:g} is too small: the run holds {fixed_total / GB:.2f} GB "
+                f"(caches and results) and one batch element needs {per_item / GB:.3f} GB more. Raise memory_gb, "
+                "use fewer pairs or shorter prompts"
+                + (", or keep='top' / keep='disk' to keep only top-k per pair" if "atp" in method else "")
+            )
+        batch = int(room // per_item)
+    else:
+        batch = batch_size
+    return MemoryPlan(
+        method=method,
+        device=str(model.device),
+        weights_gb=weights_bytes(model) / GB,
+        fixed_gb=fixed_total / GB,
+        per_item_gb=per_item / GB,
+        batch=max(1, min(batch, max(1, n_items))),
+        budget_gb=float(memory_gb),
+        host_results_gb=0.0 if on_cpu else results / GB,
+    )
+
+
+def announce(plan: MemoryPlan, progress: bool) -> None:
+    """Say the prediction where the progress bars go (stderr), when progress output is on."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(plan.describe(), file=sys.stderr)
