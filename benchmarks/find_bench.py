@@ -35,7 +35,8 @@ from atpstar.methods.subsampling import subsample
 from atpstar.nodes import node_shape
 
 RESULTS = OUT / "results.json"
-GRID = [(256, 0.5), (256, choose_p(256)), (1024, 0.5), (1024, choose_p(1024))]
+GRID = [(256, 0.5), (256, choose_p(256)), (1024, choose_p(1024))]
+GRID_VERIFIED = 200  # the grid bounds the nodes left after verifying AtP*'s top 200
 
 
 def _load() -> dict[str, Any]:
@@ -122,16 +123,12 @@ def run_find(name: str, theta: float, models: dict[str, Any], compute_truth: boo
 
 
 def run_grid(name: str, theta: float, models: dict[str, Any]) -> list[dict[str, Any]]:
-    """max_effect_upper against (samples, p) after the estimate-order stage of find on this setting."""
+    """max_effect_upper against (samples, p) over the nodes left after verifying AtP*'s top ``GRID_VERIFIED``."""
     model_id, task, n, types = SETTINGS[name]
     model = models.setdefault(model_id, atpstar.load_model(model_id))
     pairs = make_pairs(model, task, n)
-    found = atpstar.Localization.load(OUT / name / "localization")
-    stage1 = [
-        node
-        for node, stage in zip(found.verified.nodes, found.verified.info["stage"])
-        if stage == "verify_estimate_order"
-    ]
+    estimate = atpstar.attribute(model, pairs, "atp*", types)
+    stage1 = [(node.node_type, node.index) for node in estimate.top(GRID_VERIFIED)]
     shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in types}
     exclude = {t: torch.zeros(s, dtype=torch.bool) for t, s in shapes.items()}
     for t, index in stage1:
