@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from ..errors import InputError
 from ..nodes import node_shape
@@ -32,11 +34,14 @@ from .output import finish_run, prompts, tokens
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from ..families import supported_text
     from ..zoo import BUILTIN_MODELS
 
     width = max(len(name) for name in BUILTIN_MODELS)
     for name, description in BUILTIN_MODELS.items():
         print(f"{name:<{width}}  {description}")
+    print("\nAny Hugging Face causal LM of these families (config.model_type) loads by hub id or folder:")
+    print(supported_text())
     return 0
 
 
@@ -86,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     verified = verify_and_save(model, pairs, estimate, args.verify, None, args) if args.verify > 0 else None
     finish_run(args, out, model, pairs, task, estimate, verified, None, start, title=f"atpstar run: {args.method}")
     if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)  # the estimate is saved; the partial sweep is no longer needed
+        _discard(checkpoint)  # the estimate is saved; the partial sweep is no longer needed
     return 0
 
 
@@ -157,7 +162,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     checkpoint = out / "ground_truth.ckpt.safetensors"
     if args.recompute and checkpoint.exists():
         say(f"--recompute: discarding {checkpoint}")
-        checkpoint.unlink()
+        _discard(checkpoint)
     model = load_model(args)
     pairs, task = load_task(model, args)
     n_nodes = sum(math.prod(node_shape(t, model.sizes, pairs.seq_len)) for t in nodes)
@@ -245,3 +250,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": cmd_models,
     "methods": cmd_methods,
 }
+
+
+def _discard(checkpoint: Path) -> None:
+    """Remove a checkpoint: a file in-process, a folder of work units with ``--workers``."""
+    if checkpoint.is_dir():
+        shutil.rmtree(checkpoint)
+    else:
+        checkpoint.unlink(missing_ok=True)
