@@ -214,7 +214,7 @@ def method_rows(name: str, device: str, n_pairs: int, seq: int, patch_layer: int
         row["x_time"] = row["seconds"] / base["seconds"]
         row["x_peak"] = row["total_gb"] / base["total_gb"]
         row["x_work"] = row["peak_gb"] / base["peak_gb"] if base["peak_gb"] > 0 else float("nan")
-    del model
+    calls.clear()  # the model is released with this function's frame
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
