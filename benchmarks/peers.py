@@ -28,15 +28,15 @@ Timing: every method runs ``--repeats`` times interleaved in one process with
 Setup (dev-only, a separate environment outside the repo; pin torch first or pip pulls a CUDA
 build of several GB):
 
-    python3 -m venv /work/peers-venv
-    /work/peers-venv/bin/pip install torch==2.13.0
-    /work/peers-venv/bin/pip install 'transformer-lens==4.3.0'      # brings transformers 5.x
-    /work/peers-venv/bin/pip install -e /work/main --no-deps
-    /work/peers-venv/bin/pip install transformers safetensors numpy tqdm
-    # or: /work/peers-venv/bin/pip install -r benchmarks/peers_requirements.txt (after torch)
+    python3 -m venv ../peers-venv
+    ../peers-venv/bin/pip install torch==2.13.0
+    ../peers-venv/bin/pip install 'transformer-lens==4.3.0'      # brings transformers 5.x
+    ../peers-venv/bin/pip install -e . --no-deps
+    ../peers-venv/bin/pip install transformers safetensors numpy tqdm
+    # or: ../peers-venv/bin/pip install -r benchmarks/peers_requirements.txt (after torch)
 
 Usage:
-    HF_HUB_OFFLINE=1 /work/peers-venv/bin/python benchmarks/peers.py [--seq 16] [--repeats 3]
+    HF_HUB_OFFLINE=1 ../peers-venv/bin/python benchmarks/peers.py [--seq 16] [--repeats 3]
 """
 
 from __future__ import annotations

@@ -97,3 +97,37 @@ def test_partial_ground_truth_is_refused() -> None:
         evaluate(truth, [estimate])
     truth.info["layers"] = [0]
     evaluate(truth, [estimate])
+
+
+def test_one_unit_per_setting_hand_computed() -> None:
+    """Verifying a node over the distribution patches it on every pair: P forwards (issue #10 item 5)."""
+
+    def two_layers(method: str, values: list[float], cost: Cost, aggregation: str) -> Attribution:
+        per_pair = torch.tensor([values, values]).reshape(2, 2, 1, 3).double()  # P=2, layout [L=2, H=1, T=3]
+        scores = per_pair.mean(0) if aggregation == "mean" else per_pair.abs().mean(0)
+        return Attribution(method, {}, "noising", "logit_diff", "tiny", {"head": per_pair}, {"head": scores},
+                           aggregation, cost)
+
+    # Nodes n0..n2 at layer 0, n3..n5 at layer 1; true |effect| n0 > n1 > ... > n5.
+    truth = two_layers("activation_patching", [32.0, 16, 8, 4, 2, 1], Cost(forward=100), "mean")
+    # Estimate order n1, n0, n2, n3, n4, n5; own cost 4 forwards + 1 backward = 6 forward equivalents (both pairs).
+    estimate = two_layers("atp", [5.0, 6, 4, 3, 2, 1], Cost(forward=4, backward=1), "mean_abs")
+    # Distribution: own 6 (both pairs) + 2 forwards per verified node; true top-K needs [2,2,3,4,5,6] nodes.
+    dist = evaluate(truth, [estimate], setting="distribution", k_max=6)
+    np.testing.assert_allclose(dist.curves["atp"].cost, [10, 10, 12, 14, 16, 18])
+    np.testing.assert_allclose(dist.oracle_cost(), [2, 4, 6, 8, 10, 12])
+    assert dist.curves["atp"].own_cost == 6
+    # Per pair: own 6 / 2 = 3 + 1 forward per verified node; oracle K.
+    per = evaluate(truth, [estimate], setting="per_pair", k_max=6)
+    np.testing.assert_allclose(per.curves["atp"].cost, [5, 5, 6, 7, 8, 9])
+    np.testing.assert_allclose(per.oracle_cost(), [1, 2, 3, 4, 5, 6])
+    # Engine cost: a patched forward from layer 1 of 2 costs 1/2; per node over 2 pairs: [2, 2, 2, 1, 1, 1].
+    partial = evaluate(truth, [estimate], setting="distribution", k_max=6, verification="partial")
+    np.testing.assert_allclose(partial.curves["atp"].cost, [10, 10, 12, 13, 14, 15])
+    np.testing.assert_allclose(partial.oracle_cost(), [2, 4, 6, 7, 8, 9])
+    # cost/oracle: geometric mean over K in {1..6} (log-spaced, rounded) of cost / oracle.
+    ks = np.unique(np.round(np.logspace(0, np.log10(6), 25)).astype(int))
+    expected = np.exp(np.mean(np.log(np.array([10, 10, 12, 14, 16, 18])[ks - 1] / (2 * ks))))
+    assert dist.relative_cost("atp") == pytest.approx(expected)
+    with pytest.raises(AtpstarError, match="verification unit"):
+        evaluate(truth, [estimate], verification="backward")

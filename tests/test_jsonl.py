@@ -53,7 +53,7 @@ GOOD = {"clean": "Paris is in", "noise": "Rome is in", "answer": "France"}
     ({**GOOD, "noise": "Rome is in the big city"}, "same token length"),
     ({**GOOD, "clean": "Paris is", "noise": "Rome is"}, "same token length"),
     ({**GOOD, "answer": "big city"}, "exactly one token"),
-    ({**GOOD, "answer": "Berlin"}, "not in the tokenizer"),
+    ({**GOOD, "answer": "Berlin"}, "outside the tokenizer's vocabulary"),
     ({**GOOD, "distractor": "Italy"}, "give a distractor on every line"),
 ])
 def test_bad_line_reports_line_number(tokenizer, tmp_path, bad, message) -> None:

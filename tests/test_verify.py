@@ -110,5 +110,5 @@ def test_save_load_round_trip(setting, tmp_path):
     with pytest.raises(atpstar.InputError, match="no saved verification"):
         Verification.load(tmp_path / "missing")
     (tmp_path / "sub" / "verified.json").write_text('{"nodes": []}')
-    with pytest.raises(atpstar.InputError, match="format"):
+    with pytest.raises(atpstar.InputError, match="not a saved verification"):
         Verification.load(tmp_path / "sub" / "verified")

@@ -16,7 +16,7 @@ from . import tasks, zoo
 from .api import attribute, predict_memory
 from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
-from .edges import EdgeGraph, edge_names
+from .edges import EdgeGraph, FaithfulnessCurve, edge_names, faithfulness_curve, load_mib
 from .errors import AtpstarError, InputError, UnsupportedModelError
 from .evaluate import Evaluation, evaluate
 from .jsonl import read_pairs_jsonl
@@ -38,6 +38,7 @@ __all__ = [
     "Attribution",
     "Cost",
     "EdgeGraph",
+    "FaithfulnessCurve",
     "Evaluation",
     "FalseNegativeBound",
     "InputError",
@@ -49,6 +50,8 @@ __all__ = [
     "__version__",
     "attribute",
     "edge_names",
+    "faithfulness_curve",
+    "load_mib",
     "evaluate",
     "false_negative_bound",
     "load_model",

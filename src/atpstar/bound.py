@@ -25,11 +25,13 @@ import torch
 from .cost import Cost
 from .engine import prepare
 from .errors import InputError
+from .fingerprint import MODEL_FIELDS, check_identity, identity
 from .methods.subsampling import SubsamplingStats, check_options, subsample
 from .model import as_model
 from .nodes import NodeLayout, check_node_types, node_name
 from .ops import student_t_cdf, student_t_quantile, welch_se_df
 from .pairs import PromptPairs, check_direction
+from .validate import check_number, check_pairs_fit
 from .verify import Verification
 
 ASSUMPTION = (
@@ -147,10 +149,9 @@ def false_negative_bound(
         )
     direction = check_direction("noising" if direction is None else direction)
     check_options(samples, p, "random", batch_size, memory_gb)
-    if not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
-        raise InputError(f"alpha must lie strictly between 0 and 1; got {alpha!r}")
-    if theta is not None and (not isinstance(theta, (int, float)) or theta <= 0):
-        raise InputError(f"theta must be a positive number or None; got {theta!r}")
+    check_number("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
+    if theta is not None:
+        check_number("theta", theta, 0.0, None, low_open=True)  # NaN would make every probability bound 1
     layout = NodeLayout.of(node_types, model.sizes, pairs.seq_len)
     shapes = layout.shapes
     exclude = {t: torch.zeros(shape, dtype=torch.bool) for t, shape in shapes.items()}
@@ -162,7 +163,15 @@ def false_negative_bound(
                 f"verified node {t} {index} lies outside the layout {shapes[t]} of this model and prompt length"
             )
         exclude[t][index] = True
-    model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+    check_pairs_fit(model, pairs)
+    if isinstance(verified, Verification) and verified.identity is not None:  # another model's verified set
+        check_identity(
+            verified.identity,
+            identity(model, pairs, direction),
+            "verification",
+            "Bound with the model, tokenizer, prompt pairs and metric it was made with.",
+            fields=(*MODEL_FIELDS, "pairs", "metric"),
+        )
 
     cost = Cost()
     run_info: dict[str, Any] = {}

@@ -209,7 +209,7 @@ def _patch_masks_once(
     active = {t: m for t, m in masks.items() if bool(m.any())}
     if not active:
         return torch.zeros(len(pair_index), dtype=cache.base_metric.dtype)
-    layers = [int(torch.nonzero(m.transpose(0, 1).flatten(1).any(1))[0]) for m in active.values()]
+    layers = [int(torch.nonzero(m.transpose(0, 1).flatten(1).any(1))[0]) for m in active.values()]  # [L, B*rest]
     start_layer = min(layers)
     start_pos = min(_first_pos(t, m) for t, m in active.items())
     by_site = {NODE_TABLE[t].site: (t, m) for t, m in active.items()}
@@ -236,7 +236,7 @@ def _first_pos(node_type: str, mask: torch.Tensor) -> int:
     """Smallest position set anywhere in a [B, *layout] mask."""
     pos_dim = 1 + NODE_TABLE[node_type].pos_axis
     other = [d for d in range(mask.ndim) if d != pos_dim]
-    return int(torch.nonzero(mask.permute(pos_dim, *other).flatten(1).any(1))[0])
+    return int(torch.nonzero(mask.permute(pos_dim, *other).flatten(1).any(1))[0])  # [T, B*rest] -> first T
 
 
 def element_bytes(model: Model, seq_len: int) -> int:

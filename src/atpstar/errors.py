@@ -1,4 +1,7 @@
-"""One family of errors for everything a user can cause."""
+"""One family of errors for everything a user can cause.
+
+The command line prints any of these as ``error: ...`` and exits with code 2.
+"""
 
 
 class AtpstarError(ValueError):
@@ -10,7 +13,19 @@ class UnsupportedModelError(AtpstarError):
 
 
 class InputError(AtpstarError):
-    """Prompt pairs, metrics, node types or options are malformed."""
+    """Prompt pairs, metrics, node types, options, files or folders are malformed."""
+
+
+class CorruptFileError(InputError):
+    """A saved file is truncated, corrupt, of another kind or format version, or half of a pair."""
+
+
+class IdentityMismatchError(InputError):
+    """A saved result was made by another model, prompt set, direction, metric, node types or options."""
+
+
+class BusyError(InputError):
+    """Another process is working on the same output folder."""
 
 
 class OutOfMemory(AtpstarError):

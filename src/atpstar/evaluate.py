@@ -1,9 +1,21 @@
 """Cost of verified recall: how much an estimator plus verification costs to find the true top-K (spec §8).
 
 An estimator ranks the nodes; nodes are then verified by exact patching in that order. The cost of
-verified recall at K is the estimator's own cost (forward-pass equivalents, one backward = 2
-forwards) plus the number of verifications until every one of the true top-K nodes (by |effect|
-from exhaustive patching) has been verified. An oracle ordering costs exactly K.
+verified recall at K is the estimator's own cost plus the cost of the verifications until every one
+of the true top-K nodes (by |effect| from exhaustive patching) has been verified, both in one unit:
+forward passes over single prompts (forward-pass equivalents, one backward = 2 forwards).
+
+Verifying a node means patching it on every prompt pair of the ranking problem, one patched forward
+per pair. So in the ``"distribution"`` setting (ranking by the mean over P pairs) one verification
+costs P forwards and the estimator is charged its whole cost over the P pairs; in the
+``"per_pair"`` setting (one pair alone) a verification costs 1 forward and the estimator is charged
+its cost / P. (Equivalently the distribution setting could be stated per pair, own cost / P plus 1 per
+verification: every cost would be divided by P and no ranking or ratio would change.) An oracle
+ordering costs K verifications: K x P forwards (distribution) or K (per pair).
+
+``verification="partial"`` counts each patched forward at the engine's real cost instead, (L - l) / L
+of a forward for a node at layer l (the patched run starts at the node's layer); the oracle is then
+charged the same way.
 
 Vectorised: with ``rank[n]`` the position of node n in the estimator's order and ``true_order`` the
 nodes by decreasing true |effect|, ``cost(K) = own + max(rank[true_order[:K]]) + 1`` is a cumulative
@@ -24,7 +36,6 @@ Shape letters: P pairs, N nodes (all selected node types, flattened), K ranks 1.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,9 +45,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import CorruptFileError, IdentityMismatchError, InputError
+from .fingerprint import MODEL_FIELDS, PAIR_FIELDS, differences
 from .methods.base import METHODS
 from .nodes import NodeLayout, check_node_types
+from .persist import load_json, save_json
 from .result import Attribution
 
 SETTINGS: tuple[str, ...] = ("distribution", "per_pair")
@@ -46,11 +59,16 @@ DEFAULT_K_MAX = 1000
 # leaves noise of ~1e-6 of the logits on nodes that cannot matter (an identical token at that
 # position), which is about 1e-6 of a typical largest effect: 1e-4 stays clear of it.
 ZERO_EFFECT = 1e-4
-FORMAT_VERSION = 1
+KIND = "evaluation"
+VERIFICATION_UNITS: tuple[str, ...] = ("forward", "partial")
 
 
 def verified_recall_cost(
-    true_abs: torch.Tensor, estimate_abs: torch.Tensor, own_cost: float, k_max: int
+    true_abs: torch.Tensor,
+    estimate_abs: torch.Tensor,
+    own_cost: float,
+    k_max: int,
+    verify_cost: float | torch.Tensor = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cost of verified recall and recall for K = 1..k_max on one ranking problem.
 
@@ -59,10 +77,11 @@ def verified_recall_cost(
         estimate_abs: [N] the estimator's |score| of each node (ranking: descending, stable).
         own_cost: the estimator's own cost in forward-pass equivalents.
         k_max: largest K (at most N).
+        verify_cost: cost of verifying one node: a number, or [N] one per node.
 
     Returns:
-        (cost [k_max], recall [k_max]): ``cost[K-1]`` = own_cost + verifications needed for the true
-        top-K; ``recall[K-1]`` = fraction of the true top-K among the estimator's top-K.
+        (cost [k_max], recall [k_max]): ``cost[K-1]`` = own_cost + cost of the verifications needed for
+        the true top-K; ``recall[K-1]`` = fraction of the true top-K among the estimator's top-K.
 
     Example:
         >>> cost, recall = verified_recall_cost(torch.tensor([3., 2, 1]), torch.tensor([1., 3, 2]), 0.0, 3)
@@ -81,7 +100,12 @@ def verified_recall_cost(
     rank[method_order] = torch.arange(n)
     true_top = torch.sort(true_abs.double(), descending=True, stable=True).indices[:k_max]  # [K]
     true_rank = rank[true_top]  # [K] position of the i-th true node in the method's order
-    cost = own_cost + torch.cummax(true_rank, 0).values.double() + 1.0
+    needed = torch.cummax(true_rank, 0).values  # [K] last position of the method's order to verify
+    if isinstance(verify_cost, torch.Tensor):
+        spent = torch.cumsum(verify_cost.double()[method_order], 0)  # [N] cost of verifying the first i+1
+        cost = own_cost + spent[needed]
+    else:
+        cost = own_cost + float(verify_cost) * (needed.double() + 1.0)
     # Node i of the true order counts towards recall@K once K > i and K > its rank.
     first_k = torch.maximum(true_rank, torch.arange(k_max))  # [K] 0-based K index from which it counts
     counts = torch.bincount(first_k[first_k < k_max], minlength=k_max).cumsum(0).double()
@@ -126,10 +150,14 @@ class Evaluation:
 
     Attributes:
         setting: ``"distribution"`` or ``"per_pair"``.
-        k: [K] the ranks 1..K_max (the oracle's cost is ``k`` itself).
+        k: [K] the ranks 1..K_max.
         curves: method id -> ``MethodCurve``.
         node_types, n_nodes, n_pairs, model_id, metric, direction: what was compared.
         truth_cost: forward equivalents of the exhaustive ground truth (over all pairs).
+        verification: ``"forward"`` (a verification costs one forward per pair) or ``"partial"``
+            ((L - l) / L of a forward per pair for a node at layer l).
+        oracle: [K] cost of verifying exactly the true top-K (``k`` x P forwards in the distribution
+            setting, ``k`` per pair; per pair with ``"partial"``: geometric mean over pairs).
     """
 
     setting: str
@@ -142,6 +170,14 @@ class Evaluation:
     metric: str
     direction: str
     truth_cost: float
+    verification: str = "forward"
+    oracle: np.ndarray | None = None
+
+    def oracle_cost(self) -> np.ndarray:
+        """[K] cost of verifying exactly the true top-K (see ``oracle``)."""
+        if self.oracle is not None:
+            return self.oracle
+        return self.k * (self.n_pairs if self.setting == "distribution" else 1.0)
 
     @property
     def k_max(self) -> int:
@@ -153,10 +189,10 @@ class Evaluation:
         return ks if len(ks) <= count else [*ks[: count - 1], self.k_max]
 
     def relative_cost(self, method: str) -> float:
-        """Geometric mean over log-spaced K of cost(K) / K: one number per method, lower is better."""
+        """Geometric mean over log-spaced K of cost(K) / oracle(K): one number per method, lower is better."""
         curve = self.curves[method]
         ks = np.unique(np.round(np.logspace(0, math.log10(self.k_max), 25)).astype(int))
-        return float(np.exp(np.mean(np.log(curve.cost[ks - 1] / ks))))
+        return float(np.exp(np.mean(np.log(curve.cost[ks - 1] / self.oracle_cost()[ks - 1]))))
 
     def ranking(self) -> list[str]:
         """Method ids from cheapest to most expensive by ``relative_cost``."""
@@ -214,7 +250,6 @@ class Evaluation:
                 data[name] = None if value is None else [float(v) for v in value]
             curves[method] = data
         return {
-            "format_version": FORMAT_VERSION,
             "setting": self.setting,
             "k_max": self.k_max,
             "node_types": self.node_types,
@@ -224,22 +259,32 @@ class Evaluation:
             "metric": self.metric,
             "direction": self.direction,
             "truth_cost": self.truth_cost,
+            "verification": self.verification,
+            "oracle": [float(v) for v in self.oracle_cost()],
             "curves": curves,
         }
 
     def save(self, path: str | Path) -> None:
-        """Write the evaluation as JSON (``path``, ``.json`` added if missing)."""
+        """Write the evaluation as JSON (``path``, ``.json`` added if missing), atomically."""
         path = Path(path)
-        path = path if path.suffix == ".json" else Path(str(path) + ".json")
-        path.write_text(json.dumps(self.to_dict(), indent=1))
+        save_json(path if path.suffix == ".json" else Path(str(path) + ".json"), KIND, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Evaluation:
+        """Read an evaluation written by ``save``.
+
+        Raises:
+            InputError: no such file. CorruptFileError: truncated, another kind, another format version.
+        """
         path = Path(path)
-        path = path if path.suffix == ".json" else Path(str(path) + ".json")
-        if not path.is_file():
-            raise InputError(f"no saved evaluation at {path}")
-        data = json.loads(path.read_text())
+        data = load_json(path if path.suffix == ".json" else Path(str(path) + ".json"), KIND)
+        try:
+            return cls._from_dict(data)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptFileError(f"{path}: saved evaluation is incomplete ({err!r})") from err
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any]) -> Evaluation:
         curves = {}
         for method, c in data["curves"].items():
             arrays = {
@@ -265,6 +310,8 @@ class Evaluation:
             data["metric"],
             data["direction"],
             data["truth_cost"],
+            data["verification"],
+            np.asarray(data["oracle"], dtype=float),
         )
 
 
@@ -292,6 +339,7 @@ def evaluate(
     setting: str = "distribution",
     node_types: Sequence[str] | None = None,
     k_max: int | None = None,
+    verification: str = "forward",
 ) -> Evaluation:
     """Cost of verified recall of each estimate against an exhaustive ground truth.
 
@@ -304,9 +352,13 @@ def evaluate(
             geometric mean over pairs).
         node_types: restrict the comparison to these node types (default: the truth's).
         k_max: largest K; default min(1000, nodes with a non-zero true effect).
+        verification: what one patched forward of a verification costs: ``"forward"`` (1, default)
+            or ``"partial"`` ((L - l) / L for a node at layer l, the engine's real cost). A
+            verification patches the node on every pair of the ranking problem: P forwards in the
+            distribution setting, 1 per pair (module docstring).
 
     Returns:
-        ``Evaluation`` with one ``MethodCurve`` per estimate.
+        ``Evaluation`` with one ``MethodCurve`` per estimate; costs in forward passes.
 
     Raises:
         InputError: the truth is not exact, or an estimate does not match it.
@@ -317,6 +369,8 @@ def evaluate(
     """
     if setting not in SETTINGS:
         raise InputError(f"unknown setting {setting!r}; choose one of {list(SETTINGS)}")
+    if verification not in VERIFICATION_UNITS:
+        raise InputError(f"unknown verification unit {verification!r}; choose one of {list(VERIFICATION_UNITS)}")
     if truth.method not in METHODS or not METHODS[truth.method].cls.exact:
         exact = [m for m, entry in METHODS.items() if entry.cls.exact]
         raise InputError(f"the ground truth must come from an exact method ({', '.join(exact)}); got {truth.method!r}")
@@ -331,10 +385,13 @@ def evaluate(
 
     if setting == "distribution":
         truth_abs = [_flat(truth.scores, types).abs()]
-        own_share = 1.0
+        own_share, pairs_per_verification = 1.0, n_pairs
     else:
         truth_abs = [_flat(truth.per_pair, types, pair).abs() for pair in range(n_pairs)]
-        own_share = 1.0 / n_pairs
+        own_share, pairs_per_verification = 1.0 / n_pairs, 1
+    verify_cost: float | torch.Tensor = float(pairs_per_verification)
+    if verification == "partial":
+        verify_cost = pairs_per_verification * _partial_forward(truth.scores, types)  # [N]
     n_nodes = truth_abs[0].numel()
     limit = min(_nonzero(t) for t in truth_abs)
     if limit == 0:
@@ -347,13 +404,15 @@ def evaluate(
     for label, estimate in labelled.items():
         own = estimate.cost.forward_equivalents * own_share
         if setting == "distribution":
-            cost, recall = verified_recall_cost(truth_abs[0], _flat(estimate.scores, types).abs(), own, k_max)
+            cost, recall = verified_recall_cost(
+                truth_abs[0], _flat(estimate.scores, types).abs(), own, k_max, verify_cost
+            )
             curves[label] = MethodCurve(
                 label, estimate.cost.forward, estimate.cost.backward, own, cost, recall, options=dict(estimate.options)
             )
             continue
         per_pair = [
-            verified_recall_cost(truth_abs[p], _flat(estimate.per_pair, types, p).abs(), own, k_max)
+            verified_recall_cost(truth_abs[p], _flat(estimate.per_pair, types, p).abs(), own, k_max, verify_cost)
             for p in range(n_pairs)
         ]
         costs = np.stack([c for c, _ in per_pair])  # [P, K]
@@ -382,7 +441,25 @@ def evaluate(
         truth.metric,
         truth.direction,
         truth.cost.forward_equivalents,
+        verification,
+        _oracle(truth_abs, k_max, verify_cost),
     )
+
+
+def _oracle(truth_abs: list[torch.Tensor], k_max: int, verify_cost: float | torch.Tensor) -> np.ndarray:
+    """[K] cost of verifying exactly the true top-K, in the true order (geometric mean over problems)."""
+    costs = [verified_recall_cost(t, t, 0.0, k_max, verify_cost)[0] for t in truth_abs]
+    return np.exp(np.log(np.stack(costs)).mean(0))
+
+
+def _partial_forward(scores: dict[str, torch.Tensor], types: list[str]) -> torch.Tensor:
+    """[N] (L - l) / L per node, l its layer: the share of a forward a patched run from layer l costs."""
+    layer_of = {}
+    for t in types:
+        n_layers = scores[t].shape[0]  # layouts start with the layer axis
+        layers = torch.arange(n_layers, dtype=torch.float64).reshape(-1, *([1] * (scores[t].ndim - 1)))
+        layer_of[t] = ((n_layers - layers) / n_layers).expand(scores[t].shape)
+    return NodeLayout.like(layer_of, types).flatten(layer_of)
 
 
 def _flat(tensors: dict[str, torch.Tensor], types: list[str], pair: int | None = None) -> torch.Tensor:
@@ -404,6 +481,13 @@ def _check_match(truth: Attribution, estimate: Attribution, label: str, types: l
         raise InputError(f"node types {missing} are missing from the ground truth or from estimate {label!r}")
     if estimate.direction != truth.direction:
         raise InputError(f"estimate {label!r} is {estimate.direction} but the ground truth is {truth.direction}")
+    if truth.identity is not None and estimate.identity is not None:
+        diff = differences(truth.identity, estimate.identity, (*MODEL_FIELDS, *PAIR_FIELDS))
+        if diff:
+            raise IdentityMismatchError(
+                f"estimate {label!r} was not made on the ground truth's model and prompt pairs: {'; '.join(diff)} "
+                "(saved = the ground truth's, now = the estimate's)"
+            )
     if estimate.n_pairs != truth.n_pairs:
         raise InputError(f"estimate {label!r} has {estimate.n_pairs} pairs but the ground truth has {truth.n_pairs}")
     for t in types:

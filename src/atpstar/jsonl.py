@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import InputError
 from .pairs import PromptPairs
+from .validate import check_known_tokens, check_single_token
 
 REQUIRED = ("clean", "noise", "answer")
 OPTIONAL = ("distractor",)
@@ -46,8 +47,15 @@ def read_pairs_jsonl(path: str | Path, tokenizer: Any) -> PromptPairs:
     if tokenizer is None or not hasattr(tokenizer, "encode"):
         raise InputError("reading prompt pairs from text needs the model's tokenizer, but the model has none")
     records: list[tuple[int, dict[str, str]]] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(
+                    f"{path}:{number}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); save the "
+                    "file as UTF-8"
+                ) from None
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             records.append((number, _parse(path, number, line)))
@@ -65,10 +73,17 @@ def read_pairs_jsonl(path: str | Path, tokenizer: Any) -> PromptPairs:
     for number, record in records:
         clean_ids = _encode(tokenizer, record["clean"])
         noise_ids = _encode(tokenizer, record["noise"])
+        check_known_tokens(tokenizer, clean_ids, record["clean"], "clean prompt", f"{path}:{number}: ")
+        check_known_tokens(tokenizer, noise_ids, record["noise"], "noise prompt", f"{path}:{number}: ")
         if len(clean_ids) != len(noise_ids):
             raise InputError(
                 f"{path}:{number}: clean has {len(clean_ids)} tokens and noise has {len(noise_ids)}; they must have "
                 "the same token length (patching aligns positions). Change names or words so both tokenize alike."
+            )
+        if clean_ids == noise_ids:
+            raise InputError(
+                f"{path}:{number}: clean and noise prompts are identical token for token; patching would change "
+                "nothing (every effect 0). Make the noise prompt differ where the behaviour should change."
             )
         if length0 is None:
             length0 = (number, len(clean_ids))
@@ -116,15 +131,4 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def _single(tokenizer: Any, text: str, what: str, path: Path, number: int) -> int:
-    ids = _encode(tokenizer, text)
-    if len(ids) != 1:
-        raise InputError(
-            f"{path}:{number}: {what} {text!r} is {len(ids)} tokens {ids}, but must be exactly one token for this "
-            "tokenizer; choose a single-token word (mind the leading space, e.g. ' Paris')"
-        )
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is not None and ids[0] == unk:
-        raise InputError(
-            f"{path}:{number}: {what} {text!r} is not in the tokenizer's vocabulary (it maps to the unknown token)"
-        )
-    return ids[0]
+    return check_single_token(tokenizer, text, what, f"{path}:{number}: ")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import InputError
 from .model import Model
+from .validate import check_device
 
 
 def load_model(
@@ -50,6 +52,7 @@ def load_model(
     else:
         hf_model, loaded_tokenizer = _from_pretrained(name, torch_dtype)
     if device is not None:
+        check_device(device)
         hf_model = hf_model.to(device)
     wrapped = Model(hf_model, tokenizer if tokenizer is not None else loaded_tokenizer, model_id=name)
     from .distributed.source import record_loaded
@@ -62,29 +65,114 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise InputError(f"dtype {dtype} is not a floating-point dtype; use torch.float32, float64 or bfloat16")
         return dtype
-    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-        raise InputError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'float64', 'bfloat16'")
-    return getattr(torch, dtype)
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise InputError(
+            f"dtype {dtype!r} is not a floating-point dtype; use 'float32', 'float64', 'bfloat16' or 'float16'"
+        )
+    return value
 
 
 def _from_pretrained(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    """Folder or hub id through ``from_pretrained`` (the hub needs network access)."""
+    """Folder or hub id through ``from_pretrained``; folders are checked first, an unreachable hub fails fast."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    local_only = _check_source(name)
     try:
-        config = AutoConfig.from_pretrained(name)
-    except OSError as err:
+        config = AutoConfig.from_pretrained(name, local_files_only=local_only)
+    except (OSError, ValueError) as err:
         raise InputError(
             f"could not load model {name!r}: not a built-in name, not a folder with config.json, and the hub "
-            f"could not provide it ({err.__class__.__name__}). Built-in names: see atpstar.zoo.BUILTIN_MODELS"
+            f"could not provide it ({_first_line(err)}). Built-in names: see 'atpstar models'"
         ) from err
     from .families import family_of
 
-    family_of(config)  # check the family before downloading weights
-    hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    family_of(config)  # check the family before loading weights
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError):
+        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise InputError(f"could not load the weights of model {name!r}: {_first_line(err)}") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+    except (OSError, ValueError, TypeError):
         tokenizer = None
     return hf_model.eval(), tokenizer
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5")
+
+
+def _check_source(name: str) -> bool:
+    """Check a local folder's contents, or that the hub can be reached; True if only local files may be used."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"model {name!r} is a file; give the folder that holds config.json and the weights")
+        if not (path / "config.json").is_file():
+            raise InputError(
+                f"model folder {name} has no config.json; a transformers model folder needs config.json and weights"
+            )
+        if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+            raise InputError(
+                f"model folder {name} has config.json but no weights (model.safetensors or pytorch_model.bin); "
+                "save the model with save_pretrained"
+            )
+        return True
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        raise InputError(f"model folder {name} does not exist (and it is not a built-in name or a hub id)")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True  # transformers reads the local cache only; a miss is a clear error below
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    problem = _unreachable(endpoint)
+    if problem:
+        if _in_local_cache(name):
+            return True
+        raise InputError(
+            f"cannot reach the Hugging Face hub at {endpoint} to download {name!r} ({problem}); check the network, "
+            "give a local folder, or a built-in name ('atpstar models'). Set HF_HUB_OFFLINE=1 to use the local cache only."
+        )
+    return False
+
+
+def _unreachable(endpoint: str, timeout: float = 3.0) -> str:
+    """'' if a TCP connection to the endpoint opens within ``timeout`` seconds, else why not.
+
+    The name lookup runs in a daemon thread: ``getaddrinfo`` ignores socket timeouts and can hang for
+    tens of seconds without a resolver, which is the delay this probe exists to avoid.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[str] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append("")
+        except OSError as err:
+            outcome.append(f"{type(err).__name__}: {err}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer from {host} within {timeout:.0f} s"
+
+
+def _in_local_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an old or missing huggingface_hub: treat as not cached
+        return False
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

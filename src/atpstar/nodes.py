@@ -39,7 +39,11 @@ class Sizes:
 
 @dataclass(frozen=True)
 class NodeType:
-    """Everything the package knows about one node type."""
+    """Everything the package knows about one node type.
+
+    A layout has three axes: ``layer`` first, then a unit axis and ``pos`` in either order. Each node
+    type reads its own runner site (two types on one site would patch each other's nodes).
+    """
 
     name: str
     axes: tuple[str, ...]  # index names of the per-pair layout, in order; also the ``to_rows`` columns

@@ -12,6 +12,7 @@ from typing import Any, Union
 import torch
 
 from .errors import InputError
+from .validate import check_finite_metric, check_known_tokens, check_single_token
 
 # A user metric receives the last-position logits [B, V] and the answer/distractor token ids [B]
 # (distractor may be None) and returns one value per prompt [B].
@@ -37,7 +38,13 @@ _BUILTIN: dict[str, MetricFn] = {"logit_diff": logit_diff, "logprob": logprob}
 
 
 def _as_tokens(name: str, value: Any, ndim: int) -> torch.Tensor:
-    tensor = torch.as_tensor(value)
+    try:
+        tensor = torch.as_tensor(value)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise InputError(
+            f"{name} must be a rectangular array of integer token ids (every prompt the same length); got "
+            f"{type(value).__name__} that torch cannot convert ({err})"
+        ) from err
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
         raise InputError(f"{name} must hold integer token ids; got dtype {tensor.dtype}")
     if tensor.ndim != ndim:
@@ -113,6 +120,8 @@ class PromptPairs:
         clean_ids = [tokenizer.encode(text, add_special_tokens=False) for text in clean]
         noise_ids = [tokenizer.encode(text, add_special_tokens=False) for text in noise]
         for i, (c, n) in enumerate(zip(clean_ids, noise_ids)):
+            check_known_tokens(tokenizer, c, clean[i], "clean prompt", f"pair {i}: ")
+            check_known_tokens(tokenizer, n, noise[i], "noise prompt", f"pair {i}: ")
             if len(c) != len(n):
                 raise InputError(
                     f"pair {i}: clean has {len(c)} tokens and noise has {len(n)}; they must be equal "
@@ -162,6 +171,12 @@ class PromptPairs:
                 f"metric {self.metric_name!r} must return one scalar per prompt, a tensor of shape "
                 f"[{logits.shape[0]}]; got {got}. Reduce over everything but the batch axis inside the metric."
             )
+        if torch.is_grad_enabled() and logits.requires_grad and not value.requires_grad:
+            raise InputError(
+                f"metric {self.metric_name!r} has no gradient with respect to the logits (it detaches, rounds or "
+                "indexes them); gradient methods need a differentiable metric, e.g. a logit or log-probability"
+            )
+        check_finite_metric(value.detach(), f"metric {self.metric_name!r}", pair_index)
         return value
 
     def fingerprint(self) -> str:
@@ -178,14 +193,8 @@ class PromptPairs:
 
 
 def single_token(tokenizer: Any, text: str, what: str) -> int:
-    """The id of ``text`` if it is exactly one token, else a clear error."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) != 1:
-        raise InputError(
-            f"{what} {text!r} is {len(ids)} tokens {ids}, but must be exactly one token for this tokenizer; "
-            "choose a single-token word (mind the leading space, e.g. ' Paris')"
-        )
-    return int(ids[0])
+    """The id of ``text`` if it is exactly one known token, else a clear error (see ``validate.check_single_token``)."""
+    return check_single_token(tokenizer, text, what)
 
 
 def check_direction(direction: str) -> str:

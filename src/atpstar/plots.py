@@ -50,7 +50,7 @@ def _save(fig: Any, stem: str | Path) -> list[Path]:
 
 
 def plot_cost_curves(evaluation: Evaluation, stem: str | Path, title: str | None = None) -> list[Path]:
-    """Cost of verified recall against K, log-log, one curve per method, with the oracle (cost = K).
+    """Cost of verified recall against K, log-log, one curve per method, with the oracle (verifying exactly the true top-K).
 
     In the per-pair setting the curve is the geometric mean over pairs and the band spans the
     quartiles over pairs (a lighter band spans min to max when at most three methods are shown).
@@ -66,7 +66,9 @@ def plot_cost_curves(evaluation: Evaluation, stem: str | Path, title: str | None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     k = evaluation.k
-    ax.plot(k, k, color="black", linestyle="--", linewidth=1, label="oracle (cost = K)")
+    per = "K x P" if evaluation.setting == "distribution" and evaluation.verification == "forward" else "K"
+    oracle_label = f"oracle (cost = {per})" if evaluation.verification == "forward" else "oracle (true top-K)"
+    ax.plot(k, evaluation.oracle_cost(), color="black", linestyle="--", linewidth=1, label=oracle_label)
     for i, method in enumerate(evaluation.ranking()):
         curve = evaluation.curves[method]
         color = f"C{i % 10}"

@@ -221,11 +221,21 @@ def _evaluation_section(evaluation: Evaluation) -> str:
     what = "geometric mean over single prompt pairs" if evaluation.setting == "per_pair" else "aggregate over pairs"
     return (
         f"<h2>Cost of verified recall — {evaluation.setting} ({', '.join(evaluation.node_types)})</h2>"
-        f"<p>Forward-pass equivalents (own cost + verifications) until the true top-K nodes are verified; "
-        f"{what}; oracle = K. cost/oracle: geometric mean of cost(K)/K over log-spaced K. "
+        f"<p>Forward passes (own cost in forward-pass equivalents + verifications) until the true top-K nodes "
+        f"are verified; {what}. {_verification_unit(evaluation)} "
+        f"cost/oracle: geometric mean of cost(K)/oracle(K) over log-spaced K. "
         f"{evaluation.n_nodes:,} nodes; exhaustive ground truth cost {evaluation.truth_cost:,.0f} "
         f"forward equivalents.</p><table><tr>{header}</tr>{body}</table>"
     )
+
+
+def _verification_unit(evaluation: Any) -> str:
+    """One sentence on what a verification costs in this evaluation."""
+    per_pair = evaluation.setting == "per_pair"
+    count = "one patched forward (this pair)" if per_pair else f"{evaluation.n_pairs} patched forwards (one per pair)"
+    scale = " each counted (L - l)/L for a node at layer l" if evaluation.verification == "partial" else ""
+    own = "the method's cost / P" if per_pair else "the method's whole cost"
+    return f"A verification costs {count}{scale}; the method is charged {own}."
 
 
 def _figure(caption: str, image: Path) -> str:

@@ -6,20 +6,19 @@ Layouts per node type (see ``nodes``): ``per_pair[t]`` is [P, *layout], ``scores
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .cost import Cost
-from .errors import InputError
+from .errors import CorruptFileError, InputError
 from .nodes import INDEX_COLUMNS, NodeLayout, check_node_types, index_columns, node_name
+from .persist import bundle_base, load_bundle, save_bundle
 from .sink import per_pair_from, per_pair_tensors
 
-FORMAT_VERSION = 1
+KIND = "attribution"
 
 
 class RankedNode(NamedTuple):
@@ -144,50 +143,64 @@ class Attribution:
             writer.writerows(rows)
 
     def save(self, path: str | Path) -> None:
-        """Write ``path.safetensors`` (tensors) and ``path.json`` (everything else)."""
-        base = Path(path).with_suffix("")
+        """Write ``NAME.safetensors`` (tensors) and ``NAME.json`` (everything else), atomically.
+
+        Args:
+            path: ``NAME``, ``NAME.json`` or ``NAME.safetensors``; any other dot is part of the name
+                (``"d/seed.1"`` writes ``d/seed.1.json``).
+        """
         tensors = {k: v for t, value in self.per_pair.items() for k, v in per_pair_tensors(t, value).items()}
-        tensors.update({f"scores/{t}": v.contiguous() for t, v in self.scores.items()})
-        tensors.update({f"extras/{k}": v.contiguous() for k, v in self.extras.items()})
-        save_file(tensors, str(base) + ".safetensors")
+        tensors.update({f"scores/{t}": v for t, v in self.scores.items()})
+        tensors.update({f"extras/{k}": v for k, v in self.extras.items()})
         meta = {
-            "format_version": FORMAT_VERSION,
             "method": self.method,
-            "options": _jsonable(self.options),
+            "options": self.options,
             "direction": self.direction,
             "metric": self.metric,
             "model_id": self.model_id,
             "aggregation": self.aggregation,
             "cost": self.cost.to_dict(),
             "node_types": self.node_types,
-            "info": _jsonable(self.info),
+            "info": self.info,
         }
-        Path(str(base) + ".json").write_text(json.dumps(meta, indent=2))
+        save_bundle(path, KIND, meta, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> Attribution:
-        base = Path(path).with_suffix("")
-        meta_path, tensor_path = Path(str(base) + ".json"), Path(str(base) + ".safetensors")
-        if not meta_path.exists() or not tensor_path.exists():
-            raise InputError(f"no saved attribution at {base}: need {meta_path.name} and {tensor_path.name}")
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(tensor_path))
-        per_pair = {t: per_pair_from(tensors, t) for t in meta["node_types"]}
-        scores = {t: tensors[f"scores/{t}"] for t in meta["node_types"]}
-        extras = {k[len("extras/") :]: v for k, v in tensors.items() if k.startswith("extras/")}
-        return cls(
-            meta["method"],
-            meta["options"],
-            meta["direction"],
-            meta["metric"],
-            meta["model_id"],
-            per_pair,
-            scores,
-            meta["aggregation"],
-            Cost.from_dict(meta["cost"]),
-            extras,
-            meta["info"],
-        )
+        """Read an attribution written by ``save``.
+
+        Raises:
+            InputError: no such files. CorruptFileError: truncated, corrupt, another kind of file
+                (e.g. a verification), another format version, or halves of two saves.
+        """
+        meta, tensors = load_bundle(path, KIND)
+        try:
+            per_pair = {t: per_pair_from(tensors, t) for t in meta["node_types"]}
+            scores = {t: tensors[f"scores/{t}"] for t in meta["node_types"]}
+            extras = {k[len("extras/") :]: v for k, v in tensors.items() if k.startswith("extras/")}
+            return cls(
+                meta["method"],
+                meta["options"],
+                meta["direction"],
+                meta["metric"],
+                meta["model_id"],
+                per_pair,
+                scores,
+                meta["aggregation"],
+                Cost.from_dict(meta["cost"]),
+                extras,
+                meta["info"],
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptFileError(
+                f"{bundle_base(path)}: saved attribution is incomplete ({err!r}); save it again"
+            ) from err
+
+    @property
+    def identity(self) -> dict[str, str] | None:
+        """What made this result (see ``atpstar.fingerprint``), or None for results built by hand."""
+        value = self.info.get("identity")
+        return value if isinstance(value, dict) else None
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{t}: {list(v.shape)}" for t, v in self.per_pair.items())
@@ -201,15 +214,3 @@ def aggregate(per_pair: dict[str, torch.Tensor], aggregation: str) -> dict[str, 
     if aggregation == "mean_abs":
         return {t: v.abs().mean(0) for t, v in per_pair.items()}
     raise InputError(f"unknown aggregation {aggregation!r}; choose 'mean' or 'mean_abs'")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    return repr(value)

@@ -13,24 +13,25 @@ Shape letters: P pairs, N verified nodes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .cost import Cost
 from .engine import PatchCache, element_bytes, prepare, sweep_layer
-from .errors import InputError
+from .errors import CorruptFileError, InputError
+from .fingerprint import MODEL_FIELDS, check_identity, identity
 from .model import Model, as_model
-from .nodes import NODE_TABLE, NodeLayout, index_columns, node_name, node_shape
+from .nodes import NodeLayout, index_columns, node_name, node_shape, unit_and_pos
 from .pairs import PromptPairs, check_direction
+from .persist import bundle_base, load_bundle, save_bundle
 from .progress import progress_bar
-from .result import Attribution, _jsonable
+from .result import Attribution
+from .validate import batch_for_memory, check_batch_size, check_count, check_number, check_pairs_fit
 
-FORMAT_VERSION = 1
+KIND = "verification"
 
 
 @dataclass
@@ -89,22 +90,18 @@ class Verification:
         return rows
 
     def save(self, path: str | Path) -> None:
-        """Write ``path.safetensors`` (effects, estimate scores, base metric) and ``path.json`` (the rest).
+        """Write ``NAME.safetensors`` (effects, estimate scores, base metric) and ``NAME.json`` (the rest), atomically.
 
         Args:
-            path: file path without extension (a ``.json`` or ``.safetensors`` suffix is dropped).
+            path: ``NAME``, ``NAME.json`` or ``NAME.safetensors``; any other dot is part of the name.
         """
-        base = _base_path(path)
-        base.parent.mkdir(parents=True, exist_ok=True)
         nodes = [(t, tuple(int(i) for i in index)) for t, index in self.nodes]
         tensors = {
-            "effects": torch.as_tensor(self.effects).contiguous(),  # [N, P]
-            "estimate_scores": torch.as_tensor(self.estimate_scores).contiguous(),  # [N]
-            "base_metric": torch.as_tensor(self.base_metric).contiguous(),  # [P]
+            "effects": torch.as_tensor(self.effects),  # [N, P]
+            "estimate_scores": torch.as_tensor(self.estimate_scores),  # [N]
+            "base_metric": torch.as_tensor(self.base_metric),  # [P]
         }
-        save_file(tensors, str(base) + ".safetensors")
         meta = {
-            "format_version": FORMAT_VERSION,
             "nodes": [[t, list(index)] for t, index in nodes],
             "names": self.names,
             "node_types": list(self.node_types),
@@ -112,55 +109,48 @@ class Verification:
             "metric": self.metric,
             "model_id": self.model_id,
             "cost": self.cost.to_dict(),
-            "info": _jsonable(self.info),
+            "info": self.info,
         }
-        Path(str(base) + ".json").write_text(json.dumps(meta, indent=1))
+        save_bundle(path, KIND, meta, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> Verification:
         """Read a verification written by ``save`` (``path`` with or without ``.json``/``.safetensors``).
 
         Raises:
-            InputError: the files are missing or were not written by ``Verification.save``.
+            InputError: no such files. CorruptFileError: truncated, corrupt, another kind of file (e.g.
+                an estimate), another format version, or halves of two saves.
         """
-        base = _base_path(path)
-        meta_path, tensor_path = Path(str(base) + ".json"), Path(str(base) + ".safetensors")
-        if not meta_path.is_file() or not tensor_path.is_file():
-            raise InputError(
-                f"no saved verification at {base}: need {meta_path.name} and {tensor_path.name} "
-                "(written by Verification.save or 'atpstar verify')"
+        meta, tensors = load_bundle(path, KIND)
+        try:
+            return cls(
+                nodes=[(t, tuple(int(i) for i in index)) for t, index in meta["nodes"]],
+                effects=tensors["effects"],
+                estimate_scores=tensors["estimate_scores"],
+                node_types=list(meta["node_types"]),
+                direction=meta["direction"],
+                metric=meta["metric"],
+                model_id=meta["model_id"],
+                cost=Cost.from_dict(meta["cost"]),
+                base_metric=tensors["base_metric"],
+                info=meta["info"],
             )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise InputError(
-                f"{meta_path} is not a verification saved in format {FORMAT_VERSION} (got "
-                f"{meta.get('format_version')!r}); run 'atpstar verify' again to rewrite it"
-            )
-        tensors = load_file(str(tensor_path))
-        return cls(
-            nodes=[(t, tuple(int(i) for i in index)) for t, index in meta["nodes"]],
-            effects=tensors["effects"],
-            estimate_scores=tensors["estimate_scores"],
-            node_types=list(meta["node_types"]),
-            direction=meta["direction"],
-            metric=meta["metric"],
-            model_id=meta["model_id"],
-            cost=Cost.from_dict(meta["cost"]),
-            base_metric=tensors["base_metric"],
-            info=meta["info"],
-        )
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptFileError(
+                f"{bundle_base(path)}: saved verification is incomplete ({err!r}); save it again"
+            ) from err
+
+    @property
+    def identity(self) -> dict[str, str] | None:
+        """What made this verification (see ``atpstar.fingerprint``), or None if not recorded."""
+        value = self.info.get("identity")
+        return value if isinstance(value, dict) else None
 
     def __repr__(self) -> str:
         return (
             f"Verification(n_verified={self.n_verified}, direction={self.direction!r}, metric={self.metric!r}, "
             f"cost={self.cost})"
         )
-
-
-def _base_path(path: str | Path) -> Path:
-    """``path`` without a ``.json`` or ``.safetensors`` suffix (other dots are part of the name)."""
-    path = Path(path)
-    return path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
 
 
 def verify(
@@ -207,12 +197,9 @@ def verify(
     if not isinstance(pairs, PromptPairs):
         raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
     direction = check_direction(estimate.direction if direction is None else direction)
-    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
-        raise InputError(f"budget must be an integer >= 0 or None; got {budget!r}")
-    if threshold is not None and (not isinstance(threshold, (int, float)) or threshold < 0):
-        raise InputError(f"threshold must be a number >= 0 or None; got {threshold!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise InputError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}")
+    budget = None if budget is None else check_count("budget", budget, minimum=0)
+    threshold = None if threshold is None else check_number("threshold", threshold, 0.0)
+    batch_size = check_batch_size(batch_size)
     node_types = estimate.node_types
     if "edge" in node_types:  # edges: exact edge patching in estimate order (atpstar.edges.verify)
         from .edges.verify import verify_edges
@@ -230,7 +217,15 @@ def verify(
                 f"estimate scores for {t!r} have shape {tuple(estimate.scores[t].shape)}, but this model and these "
                 f"pairs give {want}; verify with the model and prompt length the estimate was made for"
             )
-    model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+    check_pairs_fit(model, pairs)
+    current = identity(model, pairs, direction, node_types, "verify", {"budget": budget, "threshold": threshold})
+    check_identity(
+        estimate.identity,
+        current,
+        f"estimate ({estimate.method})",
+        "Verify with the model, tokenizer, prompt pairs and metric the estimate was made with.",
+        fields=[f for f in (*MODEL_FIELDS, "pairs", "metric") if estimate.identity is not None],
+    )
 
     types, type_index, flat_index = estimate.order()
     layout = NodeLayout.like(estimate.scores, types)
@@ -242,18 +237,12 @@ def verify(
     if budget is not None:
         n_verify = min(n_verify, budget)
 
-    batch = batch_size or max(1, int(2**30 // element_bytes(model, pairs.seq_len)))
+    batch = batch_for_memory(batch_size, 1.0, element_bytes(model, pairs.seq_len))
     nodes = [layout.locate(int(p)) for p in layout.position(type_index[:n_verify], flat_index[:n_verify])]
-    index = torch.tensor([node[1] for node in nodes], dtype=torch.long).reshape(n_verify, 3)  # [n, (layer, a, b)]
-    unit_axis = torch.tensor([NODE_TABLE[t].unit_axis for t, _ in nodes], dtype=torch.long).reshape(n_verify, 1)
-    pos_axis = torch.tensor([NODE_TABLE[t].pos_axis for t, _ in nodes], dtype=torch.long).reshape(n_verify, 1)
     # Per verified node, in rank order: (type index, layer, head/kv-head/neuron, position), each [n].
-    ranked = (
-        type_index[:n_verify].clone(),
-        index[:, 0].clone(),
-        index.gather(1, unit_axis)[:, 0],
-        index.gather(1, pos_axis)[:, 0],
-    )
+    parts = torch.tensor([(index[0], *unit_and_pos(t, index)) for t, index in nodes], dtype=torch.long)
+    layer_i, unit_i, pos_i = parts.reshape(n_verify, 3).unbind(1)  # [n, 3] -> 3 x [n]
+    ranked = (type_index[:n_verify].clone(), layer_i, unit_i, pos_i)
 
     cost = Cost()
     info: dict[str, Any] = {}
@@ -287,6 +276,8 @@ def verify(
             "threshold": threshold,
             "n_nodes": int(len(ranked_scores)),
             **info,
+            "identity": current,
+            "estimate_identity": estimate.identity,
         },
     )
 

@@ -109,6 +109,8 @@ def test_interrupted_sweep_resumes_from_checkpoint(tmp_path, monkeypatch):
     def interrupt_on_fourth(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:
+            # written by count before any interrupt: a SIGKILL here would keep the first batches
+            assert (tmp_path / "sweep.safetensors").is_file()
             raise KeyboardInterrupt
         return real_patch(*args, **kwargs)
 
@@ -121,8 +123,21 @@ def test_interrupted_sweep_resumes_from_checkpoint(tmp_path, monkeypatch):
                                 checkpoint=checkpoint)
     for t in ("key", "head"):
         assert_rel_close(resumed.per_pair[t], full.per_pair[t], REL, t)
-    assert resumed.cost.forward < full.cost.forward  # three batches were not redone
+    assert resumed.cost == full.cost  # the whole computation's cost, not only the resumed part's
+    assert resumed.info["resumed_from"] == checkpoint
+    calls["n"] = 0
+    monkeypatch.setattr(engine_module, "patch_node_batch", interrupt_on_fourth)
+    again = atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["key", "head"], batch_size=4,
+                              checkpoint=checkpoint)  # everything done: no patched forward at all
+    assert calls["n"] == 0 and again.cost == full.cost
+    monkeypatch.setattr(engine_module, "patch_node_batch", real_patch)
 
     other = make_pairs(n_pairs=2, seq_len=5, seed=7)
-    with pytest.raises(atpstar.InputError, match="checkpoint"):
+    with pytest.raises(atpstar.InputError, match=r"checkpoint .* prompt pairs \(tokens\) \(saved"):
         atpstar.attribute(load(hf), other, method="activation_patching", nodes=["key", "head"], checkpoint=checkpoint)
+    data = (tmp_path / "sweep.safetensors").read_bytes()
+    (tmp_path / "sweep.safetensors").write_bytes(data[: len(data) // 2])  # truncated: reported, recomputed
+    with pytest.warns(UserWarning, match="unusable"):
+        fresh = atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["key", "head"], batch_size=4,
+                                  checkpoint=checkpoint)
+    assert fresh.cost == full.cost and "resumed_from" not in fresh.info

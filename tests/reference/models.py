@@ -25,10 +25,10 @@ from transformers import (
 )
 
 import atpstar
+from atpstar.testing import VOCAB, assert_unchanged, snapshot, tiny_pairs  # noqa: F401  (re-exported)
 
 torch.set_num_threads(1)  # tiny tensors: threading overhead dominates on small CPUs
 
-VOCAB = 48
 N_CTX = 16
 FAMILIES = ("gpt2", "gpt_neox", "llama")
 # The families of issue #11, each with its features switched on: windows of 3 on prompts of 6,
@@ -191,15 +191,8 @@ def load(hf_model) -> atpstar.Model:
 
 
 def make_pairs(n_pairs: int = 2, seq_len: int = 6, seed: int = 1, metric="logit_diff") -> atpstar.PromptPairs:
-    gen = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, VOCAB, (n_pairs, seq_len), generator=gen)
-    noise = clean.clone()
-    # Noise differs from clean at two positions per pair (one early, one late), as in IOI-style pairs.
-    noise[:, 1] = (clean[:, 1] + 1 + torch.randint(0, VOCAB - 1, (n_pairs,), generator=gen)) % VOCAB
-    noise[:, seq_len - 2] = (clean[:, seq_len - 2] + 7) % VOCAB
-    answer = torch.randint(0, VOCAB, (n_pairs,), generator=gen)
-    distractor = (answer + 1 + torch.randint(0, VOCAB - 1, (n_pairs,), generator=gen)) % VOCAB
-    return atpstar.PromptPairs(clean=clean, noise=noise, answer=answer, distractor=distractor, metric=metric)
+    """Random pairs over ``VOCAB`` whose noise differs at two positions (one early, one late), as in IOI-style pairs."""
+    return tiny_pairs(n_pairs=n_pairs, seq_len=seq_len, seed=seed, metric=metric)
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str = "") -> None:
@@ -210,24 +203,3 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, w
     scale = float(expected.abs().max())
     err = float((actual - expected).abs().max())
     assert err <= rel * scale + 1e-13, f"{what}: max abs error {err:.3e} > {rel:g} x scale {scale:.3e}"
-
-
-def snapshot(hf_model):
-    """Everything attribute() must leave as it found it."""
-    return {
-        "state": {k: v.detach().clone() for k, v in hf_model.state_dict().items()},
-        "training": [m.training for m in hf_model.modules()],
-        "requires_grad": [p.requires_grad for p in hf_model.parameters()],
-        "attn": [getattr(m.config, "_attn_implementation", None) for m in hf_model.modules() if hasattr(m, "config")],
-        "hooks": [
-            (len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_hooks)) for m in hf_model.modules()
-        ],
-    }
-
-
-def assert_unchanged(hf_model, before) -> None:
-    after = snapshot(hf_model)
-    for key in ("training", "requires_grad", "attn", "hooks"):
-        assert after[key] == before[key], f"model {key} changed"
-    for name, value in before["state"].items():
-        assert torch.equal(after["state"][name], value), f"weight {name} changed"

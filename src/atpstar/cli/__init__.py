@@ -16,29 +16,54 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import AtpstarError
+from ..lock import check_writable, folder_lock
+from .checks import check_args
 from .commands import COMMANDS
-from .common import parse_nodes, parse_options
+from .common import RESUMABLE, interrupt_note, parse_nodes, parse_options
 from .parser import build_parser
 
 __all__ = ["COMMANDS", "build_parser", "main", "parse_nodes", "parse_options"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    """Run the command line; returns the exit code (0 ok, 2 user error, 130 interrupted).
+
+    Every value is checked before the model loads; the output folder is checked for writability and
+    locked against a second process; user errors (bad input, unreadable or unwritable files, a full
+    disk, too little memory) print ``error: ...`` and return 2, never a traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "command", None) is None:
         parser.print_help()
         return 2
+    RESUMABLE.clear()
     try:
+        check_args(args)
         if getattr(args, "threads", None):
             import torch
 
             torch.set_num_threads(args.threads)
-        return int(COMMANDS[args.command](args) or 0)
+        if getattr(args, "out", None) is None:
+            return int(COMMANDS[args.command](args) or 0)
+        check_writable(args.out)
+        with folder_lock(args.out):
+            return int(COMMANDS[args.command](args) or 0)
     except AtpstarError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # files and folders: permissions, a full disk, a vanished path
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory; use fewer prompt pairs, a smaller memory_gb or batch_size", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted (a ground-truth sweep resumes from its checkpoint when rerun)", file=sys.stderr)
+        print(f"interrupted; {interrupt_note()}", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        if "out of memory" not in str(err).lower():
+            raise
+        print("error: out of memory; use fewer prompt pairs, a smaller memory_gb or batch_size", file=sys.stderr)
+        return 2

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable
 
 from ..errors import InputError
+from ..nodes import node_shape
+from .checks import check_option_values
 from .circuit import cmd_circuit
 from .common import (
     bound_unverified,
     cached_or_run,
-    check_same_pairs,
+    check_saved,
     load_model,
     load_task,
     out_dir,
     parse_nodes,
     parse_options,
     plain,
+    resumable,
     run_method,
     say,
     verify_and_save,
@@ -68,13 +72,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     nodes = parse_nodes(args.nodes)
     options = parse_options(args.option, [args.method])[args.method]
+    check_option_values({args.method: options})
     build_method(args.method, **options)  # unknown ids and options fail before the model loads
     out = out_dir(args)
+    checkpoint = None
+    if args.method == "activation_patching" and "checkpoint" not in options:
+        checkpoint = resumable(out / "estimate.ckpt.safetensors")  # an interrupted sweep resumes on rerun
+        options["checkpoint"] = str(checkpoint)
     model = load_model(args)
     pairs, task = load_task(model, args)
     estimate = run_method(model, pairs, args.method, nodes, options, args)
     verified = verify_and_save(model, pairs, estimate, args.verify, None, args) if args.verify > 0 else None
     finish_run(args, out, model, pairs, task, estimate, verified, None, start, title=f"atpstar run: {args.method}")
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # the estimate is saved; the partial sweep is no longer needed
     return 0
 
 
@@ -86,9 +97,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     out = out_dir(args)
     model = load_model(args)
     pairs, task = load_task(model, args)
-    check_same_pairs(estimate.info, pairs, f"estimate {args.estimate}")
-    if estimate.direction != args.direction:
-        raise InputError(f"estimate {args.estimate} is {estimate.direction}; pass --direction {estimate.direction}")
+    check_saved(estimate.identity, model, pairs, args.direction, f"estimate {args.estimate}")
     verified = verify_and_save(model, pairs, estimate, args.budget, args.threshold, args)
     finish_run(
         args, out, model, pairs, task, estimate, verified, None, start, title="atpstar verify", save_estimate=False
@@ -105,7 +114,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
     out = out_dir(args)
     model = load_model(args)
     pairs, task = load_task(model, args)
-    check_same_pairs(verified.info, pairs, f"verification {args.verified}")
+    check_saved(verified.identity, model, pairs, args.direction, f"verification {args.verified}")
     bound = bound_unverified(
         model, pairs, verified, args.theta, args.samples, args.p, args.alpha, args.bound_seed, args
     )
@@ -142,18 +151,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if unknown or not methods:
         raise InputError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
     options = parse_options(args.option, methods)
+    check_option_values(options)
     nodes = parse_nodes(args.nodes)
     for method in methods:
         build_method(method, **options[method])  # bad options fail before the model loads
+    checkpoint = out / "ground_truth.ckpt.safetensors"
+    if args.recompute and checkpoint.exists():
+        say(f"--recompute: discarding {checkpoint}")
+        checkpoint.unlink()
     model = load_model(args)
     pairs, task = load_task(model, args)
+    n_nodes = sum(math.prod(node_shape(t, model.sizes, pairs.seq_len)) for t in nodes)
+    if args.k_max is not None and args.k_max > n_nodes:
+        raise InputError(f"--k-max {args.k_max} is more than the {n_nodes} nodes of types {nodes}; lower it")
     truth = cached_or_run(
         out / "ground_truth",
         model,
         pairs,
         "activation_patching",
         nodes,
-        {"checkpoint": str(out / ("ground_truth.units" if args.workers else "ground_truth.ckpt.safetensors"))},
+        {"checkpoint": str(resumable(out / "ground_truth.units" if args.workers else checkpoint))},
         args,
     )
     estimates = {
@@ -162,7 +179,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings = ["per_pair", "distribution"] if args.setting == "both" else [args.setting]
     evaluations, images = [], []
     for setting in settings:
-        ev = evaluate(truth, estimates, setting=setting, node_types=nodes, k_max=args.k_max)
+        ev = evaluate(
+            truth, estimates, setting=setting, node_types=nodes, k_max=args.k_max, verification=args.verification
+        )
         evaluations.append(ev)
         ev.save(out / f"evaluation_{setting}.json")
         ev.to_csv(out / f"comparison_{setting}.csv")

@@ -49,6 +49,24 @@ def parse_options(items: Sequence[str], methods: Sequence[str]) -> dict[str, dic
     return options
 
 
+# What this process saved that a rerun of the same command reuses (for a true interrupt message).
+RESUMABLE: list[Path] = []
+
+
+def resumable(path: Path) -> Path:
+    """Record ``path`` as a file a rerun resumes from or reuses; returns it."""
+    RESUMABLE.append(Path(path))
+    return Path(path)
+
+
+def interrupt_note() -> str:
+    """What an interrupted command kept: the checkpoints and results a rerun picks up, or nothing."""
+    kept = [str(p) for p in dict.fromkeys(RESUMABLE) if p.exists()]
+    if not kept:
+        return "nothing was saved; rerunning starts from the beginning"
+    return f"finished work is saved in {', '.join(kept)}; rerun the same command to resume"
+
+
 def say(message: str) -> None:
     """Progress messages go to stderr so stdout holds only the results."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -89,7 +107,11 @@ def load_task(model: Any, args: argparse.Namespace) -> tuple[Any, str]:
         return pairs, f"{task} ({pairs.n_pairs} pairs, metric {pairs.metric_name})"
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; choose one of {list(TASKS)} or give a .jsonl file of prompt pairs")
+    check_activation_memory(model, args.n_pairs, args.seq_len if task == "random" else 8)
     if task == "random":
+        from ..validate import check_length
+
+        check_length(args.seq_len, max_positions(model), "--seq-len: prompts")
         pairs = tasks.random_pairs(model, args.n_pairs, args.seq_len, seed=args.seed)
     else:
         if model.tokenizer is None:
@@ -98,11 +120,34 @@ def load_task(model: Any, args: argparse.Namespace) -> tuple[Any, str]:
     return pairs, f"{task} ({pairs.n_pairs} pairs, seed {args.seed}, metric {pairs.metric_name})"
 
 
-def check_same_pairs(info: dict[str, Any], pairs: Any, what: str) -> None:
-    """Refuse a saved result whose ``info["pairs_fingerprint"]`` is not that of ``pairs``."""
-    saved = info.get("pairs_fingerprint")
-    if saved is not None and saved != pairs.fingerprint():
-        raise InputError(f"{what} was computed on other prompt pairs; pass the same --task, --n-pairs and --seed")
+def max_positions(model: Any) -> int | None:
+    """The model's position limit from its config, or None if it has none."""
+    config = model.hf_model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_activation_memory(model: Any, n_pairs: int, seq_len: int) -> None:
+    """Refuse a prompt set whose clean and noise activations alone cannot fit in this machine's memory."""
+    from ..validate import check_memory
+
+    s = model.sizes
+    per_token = s.n_layers * (4 * s.n_heads * s.d_head + s.d_mlp + 2 * s.d_model)  # q, k, v, z, neurons, writes
+    needed = 2 * n_pairs * seq_len * per_token * model.dtype.itemsize
+    check_memory(needed, f"caching activations of {n_pairs} prompt pairs", "use fewer pairs (--n-pairs)", model.device)
+
+
+def check_saved(saved_identity: dict[str, Any] | None, model: Any, pairs: Any, direction: str, what: str) -> None:
+    """Refuse a saved estimate or verification made with another model, tokenizer, prompt pairs or metric."""
+    from ..fingerprint import MODEL_FIELDS, check_identity, identity
+
+    current = identity(model, pairs, direction)
+    check_identity(
+        saved_identity,
+        current,
+        what,
+        "Pass the --model, --task, --n-pairs, --seed and --direction it was made with.",
+        fields=(*MODEL_FIELDS, "pairs", "metric", "direction"),
+    )
 
 
 def run_method(
@@ -142,26 +187,46 @@ def worker_options(args: argparse.Namespace, method: str | None = None) -> dict[
 def cached_or_run(
     base: Path, model: Any, pairs: Any, method: str, nodes: list[str], options: dict[str, Any], args: argparse.Namespace
 ) -> Any:
-    """A result saved at ``base`` for the same pairs, direction, nodes and options, else a fresh one (saved)."""
-    from ..result import Attribution, _jsonable
+    """The result saved at ``base`` if it was made by the same computation, else a fresh one (saved).
 
-    if not args.recompute and Path(str(base) + ".json").is_file():
-        saved = Attribution.load(base)
-        same_options = {k: v for k, v in saved.options.items() if k != "checkpoint"} == {
-            k: v for k, v in _jsonable({**saved.options, **options}).items() if k != "checkpoint"
-        }
-        if (
-            saved.info.get("pairs_fingerprint") == pairs.fingerprint()
-            and saved.direction == args.direction
-            and set(nodes) <= set(saved.node_types)
-            and same_options
-        ):
-            say(f"reusing {base}.json ({method})")
-            return saved
-        say(f"{base}.json was computed for other pairs, direction, nodes or options: recomputing")
+    A saved result of another computation (other weights, dtype, tokenizer, pairs, metric, direction,
+    method options or version) is refused, naming what differs: ``--recompute`` discards it. A
+    corrupt one is reported and recomputed.
+    """
+    from ..errors import CorruptFileError
+    from ..fingerprint import RESULT_FIELDS, check_identity, identity
+    from ..persist import bundle_exists, remove_bundle
+    from ..result import Attribution
+
+    if args.recompute and bundle_exists(base):
+        say(f"--recompute: discarding {base}.json")
+        remove_bundle(base)
+    if bundle_exists(base):
+        try:
+            saved = Attribution.load(base)
+        except CorruptFileError as err:
+            say(f"warning: {err}; computing it again")
+            remove_bundle(base)
+        else:
+            from ..methods import build_method
+
+            full_options = build_method(method, **options).get_options()
+            current = identity(model, pairs, args.direction, nodes, method, full_options)
+            check_identity(
+                saved.identity,
+                current,
+                f"saved result {base}.json ({method})",
+                "Pass --recompute to discard it, or choose another --out.",
+                fields=RESULT_FIELDS,
+            )
+            missing = [t for t in nodes if t not in saved.node_types]
+            if not missing:
+                say(f"reusing {base}.json ({method})")
+                return saved
+            say(f"{base}.json lacks node types {missing}: computing again")
     result = run_method(model, pairs, method, nodes, options, args)
-    base.parent.mkdir(parents=True, exist_ok=True)
     result.save(base)
+    resumable(Path(str(base) + ".json"))
     return result
 
 
@@ -228,18 +293,7 @@ def bound_unverified(
 
 
 def plain(value: Any) -> Any:
-    """``value`` as JSON-ready data: tensors as lists, unknown objects as their ``str``."""
-    try:
-        import torch
+    """``value`` as JSON-ready data (``persist.to_jsonable``)."""
+    from ..persist import to_jsonable
 
-        if isinstance(value, torch.Tensor):
-            return value.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    return str(value)
+    return to_jsonable(value)

@@ -109,7 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="largest K on the curves (default min(1000, nodes with non-zero effect))",
     )
-    compare.add_argument("--recompute", action="store_true", help="ignore results saved in --out and compute again")
+    compare.add_argument(
+        "--verification",
+        choices=["forward", "partial"],
+        default="forward",
+        help="what one patched forward of a verification costs: forward (1, default) or partial ((L - l)/L for a "
+        "node at layer l). A verification patches the node on every pair ranked: P forwards over the distribution",
+    )
+    compare.add_argument(
+        "--recompute",
+        action="store_true",
+        help="discard results and checkpoints saved in --out (also those of another model or options) and compute again",
+    )
     _worker_args(compare)
     _output_args(compare, "out/compare")
 

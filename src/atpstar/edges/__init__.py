@@ -6,6 +6,19 @@ Edges are one more node type: ``atpstar.attribute(model, pairs, method=m, nodes=
 
 from __future__ import annotations
 
+from .circuits import MIB_FRACTIONS, FaithfulnessCurve, faithfulness_curve, top_edges
 from .graph import EdgeGraph, edge_names, graph_of
+from .mib import MibCircuit, load_mib, save_mib
 
-__all__ = ["EdgeGraph", "edge_names", "graph_of"]
+__all__ = [
+    "MIB_FRACTIONS",
+    "EdgeGraph",
+    "FaithfulnessCurve",
+    "MibCircuit",
+    "edge_names",
+    "faithfulness_curve",
+    "graph_of",
+    "load_mib",
+    "save_mib",
+    "top_edges",
+]

@@ -10,12 +10,14 @@ import torch
 
 from ..cost import Cost
 from ..errors import InputError
+from ..fingerprint import identity
 from ..memory import MemoryPlan, announce
 from ..model import Model, as_model
 from ..nodes import EDGE_TYPE, NODE_TYPES, check_node_types
 from ..pairs import PromptPairs, check_direction
 from ..result import Attribution, aggregate
 from ..sink import PerPairSink
+from ..validate import check_finite_options, check_pairs_fit, warn_non_finite
 from ..version import __version__
 
 
@@ -97,7 +99,8 @@ class Method:
         if not isinstance(pairs, PromptPairs):
             raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
         check_direction(direction)
-        model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+        check_pairs_fit(model, pairs)
+        check_finite_options(f"method {self.id!r} option ", self.get_options())
         self._validate(model, pairs, node_types)
         plain = [t for t in node_types if t != EDGE_TYPE]
         plan = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, plain) if plain else None
@@ -135,9 +138,12 @@ class Method:
 
             per_pair[EDGE_TYPE], edge_info = self._attribute_edges(model, pairs, direction, cost, progress)
             info = {**info, **edge_info, "edge_graph": {**graph_of(model).describe(), "d_model": model.d_model}}
+        warn_non_finite(per_pair, f"the {self.id} result")
+        options = self.get_options()
+        made_by = identity(model, pairs, direction, node_types, self.id, options)
         return Attribution(
             method=self.id,
-            options=self.get_options(),
+            options=options,
             direction=direction,
             metric=pairs.metric_name,
             model_id=model.model_id,
@@ -152,6 +158,7 @@ class Method:
                 "seq_len": pairs.seq_len,
                 **({"memory": plan.to_dict()} if plan is not None else {}),
                 **info,
+                "identity": made_by,
             },
         )
 

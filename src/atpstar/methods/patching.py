@@ -7,22 +7,22 @@ node's layer, counted (L - l) / L.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from ..checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from ..cost import Cost
 from ..engine import MIN_CHUNK_TOKENS, PatchCache, prepare, sweep_layer
 from ..errors import InputError
+from ..fingerprint import identity
 from ..memory import MemoryPlan, layout_elems, patching_plan
 from ..model import Model
 from ..nodes import ALL_TYPES, layout_index, node_shape, unit_and_pos
 from ..pairs import PromptPairs
 from ..progress import progress_bar
+from ..validate import check_batch_size, check_count, check_memory_gb
 from .base import Method, register
 
 
@@ -79,10 +79,9 @@ class ActivationPatching(Method):
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if self.layers is not None and "edge" in node_types:
             raise InputError("layers= restricts node patching only; ask for edges in a call without it")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1 or None; got {self.batch_size}")
-        if self.memory_gb <= 0:
-            raise InputError(f"memory_gb must be positive; got {self.memory_gb}")
+        check_batch_size(self.batch_size)
+        check_memory_gb(self.memory_gb)
+        check_count("min_chunk_tokens", self.min_chunk_tokens)
         if self.layers is not None and (
             not self.layers or any(not isinstance(i, int) or not 0 <= i < model.n_layers for i in self.layers)
         ):
@@ -139,11 +138,20 @@ class ActivationPatching(Method):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         batch = self._batch(model, pairs, node_types)
         cache = prepare(model, pairs, direction, node_types, cost)
-        key = f"{model.model_id}|{pairs.fingerprint()}|{direction}"
-        effects, done = _load_checkpoint(self.checkpoint, key, model, pairs, node_types, cache.base_metric.dtype)
+        made_by = identity(model, pairs, direction, node_types, self.id, self.get_options())
+        effects, done, prior = _resume(self.checkpoint, made_by, model, pairs, node_types, cache.base_metric.dtype)
+        prepared = Cost(cost.forward, cost.backward)  # base and source runs: paid again on every resume
+
+        def save() -> None:
+            if self.checkpoint:  # the saved part's cost: earlier runs' plus this run's patching
+                spent = prior + Cost(cost.forward - prepared.forward, cost.backward - prepared.backward)
+                tensors = {f"effects/{t}": e for t, e in effects.items()}
+                tensors.update({f"done/{t}": d.to(torch.uint8) for t, d in done.items()})
+                save_checkpoint(self.checkpoint, made_by, tensors, spent)
+
         layers = sorted(set(self.layers)) if self.layers is not None else list(range(model.n_layers))
         total = sum(int((~d[:, layers]).sum()) for d in done.values())
-        last_save = time.monotonic()
+        schedule, finished = CheckpointSchedule(), 0
         try:
             with progress_bar(total, "activation patching", progress) as bar:
                 for layer in layers:
@@ -153,16 +161,20 @@ class ActivationPatching(Method):
                         type_i, pair_i, unit_i, pos_i = (part[chunk] for part in pending)
                         _store(node_types, effects, done, layer, type_i, pair_i, unit_i, pos_i, effect)
                         bar.update(len(chunk))
-                        if self.checkpoint and time.monotonic() - last_save > 30:
-                            _save_checkpoint(self.checkpoint, key, effects, done)
-                            last_save = time.monotonic()
+                        finished += len(chunk)
+                        if self.checkpoint and schedule.due(finished, total):
+                            save()
+                            schedule.saved(finished)
         except BaseException:
-            if self.checkpoint:
-                _save_checkpoint(self.checkpoint, key, effects, done)
+            save()
             raise
-        if self.checkpoint:
-            _save_checkpoint(self.checkpoint, key, effects, done)
-        return effects, {}, {"base_metric": cache.base_metric.tolist(), "layers": layers}
+        save()
+        cost.forward += prior.forward  # the whole computation's cost, also after resuming
+        cost.backward += prior.backward
+        info: dict[str, Any] = {"base_metric": cache.base_metric.tolist(), "layers": layers}
+        if prior.forward_equivalents > 0:
+            info["resumed_from"] = str(self.checkpoint)
+        return effects, {}, info
 
 
 def patch_layers(
@@ -229,30 +241,25 @@ def _store(
         done[node_type][index] = True
 
 
-def _load_checkpoint(
-    path: str | None, key: str, model: Model, pairs: PromptPairs, node_types: list[str], dtype: torch.dtype
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _resume(
+    path: str | None,
+    made_by: dict[str, str],
+    model: Model,
+    pairs: PromptPairs,
+    node_types: list[str],
+    dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Cost]:
+    """(effects, done, cost of the saved part): from the checkpoint at ``path`` if it has one, else empty."""
     effects = {
         t: torch.zeros(pairs.n_pairs, *node_shape(t, model.sizes, pairs.seq_len), dtype=dtype) for t in node_types
     }
     done = {t: torch.zeros(e.shape, dtype=torch.bool) for t, e in effects.items()}
-    if path and Path(path).exists():
-        saved = load_file(path)
-        if saved.get("key") is None or bytes(saved["key"].tolist()).decode() != key:
-            raise InputError(
-                f"checkpoint {path} belongs to another model, prompt set or direction; delete it or choose another path"
-            )
-        for t in node_types:
-            if f"effects/{t}" in saved and saved[f"effects/{t}"].shape == effects[t].shape:
-                effects[t] = saved[f"effects/{t}"].to(dtype)
-                done[t] = saved[f"done/{t}"].bool()
-    return effects, done
-
-
-def _save_checkpoint(path: str, key: str, effects: dict[str, torch.Tensor], done: dict[str, torch.Tensor]) -> None:
-    tensors = {f"effects/{t}": e.contiguous() for t, e in effects.items()}
-    tensors.update({f"done/{t}": d.to(torch.uint8).contiguous() for t, d in done.items()})
-    tensors["key"] = torch.tensor(list(key.encode()), dtype=torch.uint8)
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp)
-    Path(tmp).replace(path)
+    saved = load_checkpoint(path, made_by)
+    if saved is None:
+        return effects, done, Cost()
+    tensors, prior = saved
+    for t in node_types:
+        if f"effects/{t}" in tensors and tensors[f"effects/{t}"].shape == effects[t].shape:
+            effects[t] = tensors[f"effects/{t}"].to(dtype)
+            done[t] = tensors[f"done/{t}"].bool()
+    return effects, done, prior
