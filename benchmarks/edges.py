@@ -60,16 +60,24 @@ def main() -> None:
     model = atpstar.load_model(args.model)
     pairs = atpstar.tasks.ioi(model.tokenizer, args.pairs, seed=args.seed)
     graph = graph_of(model)
-    print(f"model {args.model}: {graph.n_edges} edges; IOI {pairs.n_pairs} pairs x {pairs.seq_len} tokens, seed {args.seed}")
+    print(f"model {args.model}: {graph.n_edges} edges; IOI {pairs.n_pairs} pairs x {pairs.seq_len} tokens, seed {args.seed}",
+          flush=True)
     methods = [m for m in args.methods.split(",") if m]
     results, walls = {}, {}
     if args.pool == 0:
         methods = ["activation_patching", *methods]
+    curves = {}
     for method in methods:
         options = {"ig_steps": args.ig_steps} if method == "atp+ig" else {}
         start = time.monotonic()
         results[method] = atpstar.attribute(model, pairs, method=method, nodes=["edge"], **options)
         walls[method] = time.monotonic() - start
+        start = time.monotonic()
+        curves[method] = (faithfulness_curve(model, pairs, results[method]), time.monotonic() - start)
+        c = curves[method][0]
+        print(f"  {method}: CPR {c.cpr:.4f} CMD {c.cmd:.4f} cost {results[method].cost.forward_equivalents:.1f} "
+              f"fwd-eq, {walls[method]:.1f} s (+{curves[method][1]:.1f} s curve); f = "
+              + ", ".join(f"{f:.3f}" for f in c.faithfulness), flush=True)
     if args.pool == 0:
         pool = torch.arange(graph.n_edges)
         exact = results["activation_patching"].scores["edge"].double()
@@ -88,9 +96,7 @@ def main() -> None:
     rows = []
     for method in methods:
         result = results[method]
-        start = time.monotonic()
-        curve = faithfulness_curve(model, pairs, result)
-        curve_wall = time.monotonic() - start
+        curve, curve_wall = curves[method]
         scores = result.scores["edge"].double()
         est = scores[pool] if args.pool else scores
         top = set(pool[est.abs().argsort(descending=True)[:k]].tolist())
