@@ -214,7 +214,7 @@ def method_rows(name: str, device: str, n_pairs: int, seq: int, patch_layer: int
         row["x_time"] = row["seconds"] / base["seconds"]
         row["x_peak"] = row["total_gb"] / base["total_gb"]
         row["x_work"] = row["peak_gb"] / base["peak_gb"] if base["peak_gb"] > 0 else float("nan")
-    del model
+    calls.clear()  # the model is released with this function's frame
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -291,7 +291,7 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], growth: list[di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", default=None, help="comma-separated names (default: CPU three, GPU four)")
+    parser.add_argument("--models", default=None, help="comma-separated names (default: CPU three, GPU four; none)")
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--patch-layer", type=int, default=-1, help="layer whose attention nodes are patched")
@@ -306,7 +306,7 @@ def main() -> None:
         # A fixed threshold turns off glibc's adaptive one, which would keep freed tensors in the heap.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"})
     torch.set_num_threads(args.threads)
-    names = args.models.split(",") if args.models else (
+    names = [] if args.models == "none" else args.models.split(",") if args.models else (
         ["smollm2-135m", "pythia-410m", "llama-1b"] + (["llama-8b"] if args.device == "cuda" else [])
     )  # fmt: skip
     unknown = sorted(set(names) - set(configs()))

@@ -75,3 +75,11 @@ def test_bad_keep_options(setup, options, match):
     model, pairs, _ = setup
     with pytest.raises(InputError, match=match):
         atpstar.attribute(model, pairs, method="atp", nodes=NODES, **options)
+
+
+def test_top_results_evaluate_per_pair(setup):
+    model, pairs, dense = setup
+    truth = atpstar.attribute(model, pairs, method="activation_patching", nodes=NODES)
+    top = atpstar.attribute(model, pairs, method="atp*", nodes=NODES, batch_size=2, keep="top", top_k=7)
+    evaluation = atpstar.evaluate(truth, {"atp* top-7": top}, setting="per_pair")
+    assert evaluation is not None

@@ -19,8 +19,10 @@ from .cost import Cost
 from .edges import EdgeGraph, FaithfulnessCurve, edge_names, faithfulness_curve, load_mib
 from .errors import AtpstarError, InputError, UnsupportedModelError
 from .evaluate import Evaluation, evaluate
+from .find import find
 from .jsonl import read_pairs_jsonl
 from .loading import load_model
+from .localization import Localization
 from .memory import MemoryPlan
 from .methods import METHODS
 from .model import Model
@@ -42,6 +44,7 @@ __all__ = [
     "Evaluation",
     "FalseNegativeBound",
     "InputError",
+    "Localization",
     "MemoryPlan",
     "Model",
     "PromptPairs",
@@ -54,6 +57,7 @@ __all__ = [
     "load_mib",
     "evaluate",
     "false_negative_bound",
+    "find",
     "load_model",
     "predict_memory",
     "read_pairs_jsonl",

@@ -3,20 +3,33 @@
 Subsampling runs over the unverified nodes only (verified nodes are never patched). Per node n,
 ĉ(n) = mean over pairs of (mean_in - mean_out) estimates c(n) = mean over pairs of the effect, with
 standard error se(n) from the in/out sample variances of every pair and Welch–Satterthwaite degrees
-of freedom df(n). Over the N unverified nodes, with a union bound:
+of freedom df(n) (rounded down: wider intervals). Per node, U(n) = |ĉ(n)| + t_{1-α, ⌊df⌋} se(n) is a
+one-sided (1 - α) upper confidence bound on |c(n)|.
 
-(a) per node the two-sided (1 - α/N) Welch interval ĉ ± t_{1-α/(2N), ⌊df⌋} se; with probability at
-    least 1 - α every interval holds, so max_n |c(n)| <= max_n (|ĉ(n)| + t se(n)). Rounding df down
-    widens each interval (conservative, as is usual for Welch intervals).
-(b) per node the p-value of H0: |c(n)| >= θ (two one-sided tests at c = θ and c = -θ), and
-    P(some unverified |c(n)| >= θ) is bounded by min(1, Σ_n p_n) in the frequentist sense: if some
-    node had |c(n)| >= θ, data this far below θ would be seen with at most that probability.
+(a) ``max_effect_upper`` = max_n U(n) is a (1 - α) upper confidence bound on max_n |c(n)| with no
+    multiplicity correction: the maximum is attained at one (unknown, fixed) node n*, and
+    max_n U(n) >= U(n*) >= |c(n*)| whenever n*'s own interval holds, which happens with probability
+    >= 1 - α. (``combine="bonferroni"`` gives the union bound instead: t_{1-α/(2N)}.)
+(b) ``prob_upper`` = max_n p_n, where p_n is the p-value of H0_n: |c(n)| >= θ (the larger of the two
+    one-sided tests at c = θ and c = -θ). This is the intersection-union test (Berger 1982) of
+    "some unverified node has |c| >= θ": if node n0 has |c(n0)| >= θ, data as far below θ at every
+    node as observed occurs with probability <= p_{n0} <= max_n p_n. It is exact (not conservative)
+    when one node sits at θ and the others are far below, so no valid bound from the same per-node
+    tests is smaller; the plain union bound min(1, Σ_n p_n) (``combine="bonferroni"``) is up to N
+    times larger. Certifying "no unverified |c| >= θ" at level α is the same as max_n U(n) < θ.
+
+When it is informative: the bound can only fall below θ when θ is well above the noise of the
+largest null estimate, about se × (sqrt(2 ln N) + t_{1-α}); se ≈ sqrt(Σ_unverified c_j(n)² / (samples·P))
+for near-additive effects, so verify the large nodes first (they dominate the sum) and pick
+``samples`` from that (``plan_samples``). Small p keeps each joint patch close to a single-node patch
+(the assumption); ``choose_p`` keeps about ``MIN_IN_SAMPLES`` samples with each node in.
 
 Cost: 2P full forwards and ``samples`` × P patched forwards (as Subsampling).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +54,62 @@ ASSUMPTION = (
     "between nodes can hide effects the bound does not see. Welch intervals also assume near-normal "
     "sample means."
 )
+
+COMBINES: tuple[str, ...] = ("iut", "bonferroni")
+# Samples per pair with a node in that p is chosen for: Welch df >= ~31 per side and pair, where the
+# one-sided t quantile at 0.95 is within 4% of the normal one; fewer makes the intervals heavy-tailed.
+MIN_IN_SAMPLES = 32
+MIN_SAMPLES = 64  # below this the in/out variances are too rough to bound anything
+# Largest p a planned bound uses: with more nodes patched at once, joint patches stop adding up. On
+# SmolLM2 IOI (about 10,000 attention nodes) p = 0.5 ranked a 0.68 node 5,726th, p = 0.05 first; on
+# the toy model p = 0.5 inflated every standard error 10x. So planned bounds take at least
+# MIN_IN_SAMPLES / P_MAX samples per pair.
+P_MAX = 0.05
+PLAN_MIN_SAMPLES = math.ceil(MIN_IN_SAMPLES / P_MAX)
+DEFAULT_SAMPLES = 256
+# Planned samples are this factor above the noise-only estimate: se varies across nodes, the variance
+# estimate itself is noisy, and a round that misses θ narrowly costs a whole new round (on SmolLM2 IOI
+# 1.5 missed by 10%).
+SAFETY = 2.0
+
+
+def choose_p(samples: int) -> float:
+    """Inclusion probability for ``samples`` samples per pair: the smallest p that keeps each node in about
+    ``MIN_IN_SAMPLES`` of them (at most 0.5).
+
+    Why small: Subsampling estimates each node's effect with about pN other nodes patched at once; the
+    fewer there are, the closer that is to the single-node effect c(n) the bound is about. Under exact
+    additivity the standard error does not depend on p (se² ≈ Σ c² / samples), so nothing is lost.
+    """
+    return min(0.5, MIN_IN_SAMPLES / samples)
+
+
+def noise_quantile(n_unverified: int, alpha: float) -> float:
+    """About how many standard errors max_n U(n) sits above 0 when no node has an effect: the expected
+    maximum of N normal |estimates| (sqrt(2 ln N)-like, the 1 - 1/(2N) quantile) plus t_{1-α} (normal)."""
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    tail = 1.0 - 1.0 / (2 * max(n_unverified, 1))
+    return float(normal.icdf(torch.tensor(tail, dtype=torch.float64)) + normal.icdf(torch.tensor(1.0 - alpha)))
+
+
+def bound_cost(n_unverified: int, theta: float, alpha: float, sum_sq: float) -> float:
+    """Forward equivalents (all pairs) a bound needs to fall below θ: SAFETY × q² V / θ² (see ``plan_samples``).
+
+    Linear in V = mean over pairs of Σ c_j(n)²: verifying node n saves SAFETY q² mean_j c_j(n)² / θ² of it.
+    """
+    q = noise_quantile(n_unverified, alpha)
+    return SAFETY * q * q * sum_sq / (theta * theta)
+
+
+def plan_samples(n_unverified: int, n_pairs: int, theta: float, alpha: float, sum_sq: float) -> int:
+    """Samples per pair so that a bound over ``n_unverified`` nodes can fall below ``theta``.
+
+    With near-additive effects, se(n)² ≈ V / (samples · P) where V = mean over pairs of Σ_unverified
+    c_j(n)² (``sum_sq``); max_n U(n) < θ needs θ >= se × ``noise_quantile``, so
+    samples >= SAFETY × q² V / (θ² P). At least ``PLAN_MIN_SAMPLES`` (so that p <= ``P_MAX``).
+    """
+    q = noise_quantile(n_unverified, alpha)
+    return max(PLAN_MIN_SAMPLES, math.ceil(SAFETY * q * q * sum_sq / (theta * theta * n_pairs)))
 
 
 @dataclass
@@ -90,9 +159,10 @@ def false_negative_bound(
     verified: Verification | list[tuple[str, tuple[int, ...]]],
     *,
     theta: float | None = None,
-    samples: int = 256,
-    p: float = 0.5,
+    samples: int | None = None,
+    p: float | None = None,
     alpha: float = 0.05,
+    combine: str = "iut",
     seed: int = 0,
     direction: str | None = None,
     nodes: Any = None,
@@ -110,9 +180,14 @@ def false_negative_bound(
         pairs: the prompt pairs (c(n) is the mean effect over them).
         verified: a ``Verification`` (from ``atpstar.verify``) or a list of ``(node_type, index)``.
         theta: effect size for the probability bound (b); None leaves ``prob_upper`` nan.
-        samples: Subsampling samples per pair (random design; each node in with probability ``p``).
-        p: inclusion probability of Subsampling.
-        alpha: 1 - confidence of the bound (a).
+        samples: Subsampling samples per pair (random design; each node in with probability ``p``);
+            None: ``DEFAULT_SAMPLES`` (``atpstar.find`` plans them from the nodes left, see ``plan_samples``).
+        p: inclusion probability of Subsampling; None: ``choose_p(samples)`` (about 32 samples with each
+            node in, at most 0.5).
+        alpha: 1 - confidence of the bound (a) and level of the test (b).
+        combine: ``"iut"`` (per-node one-sided bounds, valid for the maximum without correction; the
+            sharpest, see the module docstring) or ``"bonferroni"`` (the union bound, t_{1-α/(2N)}, and
+            ``prob_upper`` = min(1, Σ p_n)).
         seed: Subsampling seed.
         direction: ``"noising"`` or ``"denoising"``; None takes the Verification's, else ``"noising"``.
         nodes: node types the population consists of; None takes ``verified.node_types`` (required when
@@ -148,7 +223,12 @@ def false_negative_bound(
             f"verified must be an atpstar Verification or a list of (node_type, index); got {type(verified).__name__}"
         )
     direction = check_direction("noising" if direction is None else direction)
+    samples = DEFAULT_SAMPLES if samples is None else samples
+    if p is None:  # an invalid ``samples`` is reported by check_options
+        p = choose_p(samples) if isinstance(samples, int) and not isinstance(samples, bool) and samples >= 2 else 0.5
     check_options(samples, p, "random", batch_size, memory_gb)
+    if combine not in COMBINES:
+        raise InputError(f"unknown combine {combine!r}; choose one of {list(COMBINES)}")
     check_number("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
     if theta is not None:
         check_number("theta", theta, 0.0, None, low_open=True)  # NaN would make every probability bound 1
@@ -202,7 +282,7 @@ def false_negative_bound(
         )
     keep = ~layout.flatten(exclude)  # [N]
     n_unverified = int(keep.sum())
-    estimate, upper, prob_terms = _node_bounds(stats, keep, n_unverified, alpha, theta)
+    estimate, upper, prob_terms, se = _node_bounds(stats, keep, n_unverified, alpha, theta, combine)
 
     if n_unverified == 0:
         max_upper, worst = 0.0, None
@@ -210,7 +290,15 @@ def false_negative_bound(
         flat_upper = torch.where(keep, upper, torch.full_like(upper, -1.0))
         max_upper = float(flat_upper.max())
         worst = layout.locate(int(flat_upper.argmax()))
-    prob_upper = float("nan") if theta is None else min(1.0, float(prob_terms[keep].sum()))
+    if theta is None:
+        prob_upper = float("nan")
+    elif n_unverified == 0:
+        prob_upper = 0.0
+    elif combine == "iut":
+        prob_upper = float(prob_terms[keep].max())
+    else:
+        prob_upper = min(1.0, float(prob_terms[keep].sum()))
+    finite_se = se[keep & torch.isfinite(se)]
     return FalseNegativeBound(
         max_effect_upper=max_upper,
         prob_upper=prob_upper,
@@ -227,17 +315,21 @@ def false_negative_bound(
             "samples": samples,
             "p": p,
             "seed": seed,
+            "combine": combine,
             "n_pairs": pairs.n_pairs,
             "n_verified": len(node_list),
+            # typical and largest standard error of ĉ(n): what ``plan_samples`` needs for the next bound
+            "se_median": float(finite_se.median()) if len(finite_se) else float("nan"),
+            "se_max": float(finite_se.max()) if len(finite_se) else float("nan"),
             **run_info,
         },
     )
 
 
 def _node_bounds(
-    stats: SubsamplingStats, keep: torch.Tensor, n_unverified: int, alpha: float, theta: float | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per flat node: ĉ [N], upper bound on |c| [N], p-value of |c| >= theta [N]."""
+    stats: SubsamplingStats, keep: torch.Tensor, n_unverified: int, alpha: float, theta: float | None, combine: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per flat node: ĉ [N], upper bound on |c| [N], p-value of |c| >= theta [N], se [N] (nan: unusable)."""
     n_pairs = stats.values["count_in"].shape[0]
     diff = stats.flat("mean_in") - stats.flat("mean_out")  # [P, N]
     estimate = diff.mean(0)
@@ -251,7 +343,7 @@ def _node_bounds(
     upper = torch.where(se == 0, estimate.abs(), upper)  # every sample equal: no spread to bound
     upper = torch.where(torch.isnan(df), torch.full_like(upper, float("inf")), upper)
     if bool((usable & keep).any()):
-        tail = alpha / (2 * max(n_unverified, 1))
+        tail = alpha if combine == "iut" else alpha / (2 * max(n_unverified, 1))
         floor_df = df[usable & keep].floor().clamp(min=1.0, max=1e7)
         levels, inverse = torch.unique(floor_df, return_inverse=True)
         quantile = student_t_quantile(1.0 - tail, levels)[inverse]
@@ -264,4 +356,4 @@ def _node_bounds(
             at_plus = student_t_cdf((e - theta) / s, d)  # P(ĉ this low | c = θ)
             at_minus = 1.0 - student_t_cdf((e + theta) / s, d)  # P(ĉ this high | c = -θ)
             prob[usable] = torch.maximum(at_plus, at_minus)
-    return estimate, upper, prob
+    return estimate, upper, prob, torch.where(torch.isnan(df), torch.full_like(se, float("nan")), se)

@@ -465,6 +465,8 @@ def _partial_forward(scores: dict[str, torch.Tensor], types: list[str]) -> torch
 def _flat(tensors: dict[str, torch.Tensor], types: list[str], pair: int | None = None) -> torch.Tensor:
     """[N] all nodes of ``types`` (one pair's, or the aggregate), in node-type then layout order."""
     chosen = {t: (tensors[t] if pair is None else tensors[t][pair]).double() for t in types}
+    # keep="top" results: sparse per-pair values (the nodes outside each pair's top-k count as 0).
+    chosen = {t: v.to_dense() if v.is_sparse else v for t, v in chosen.items()}
     return NodeLayout.like(chosen, types).flatten(chosen)
 
 

@@ -11,13 +11,13 @@ PLANTED_NEURONS = (5, 11)
 
 
 def sparse_additive_toy(
-    n_layers: int = 1, n_pairs: int = 2, seq_len: int = 4, seed: int = 0, planted: bool = True
+    n_layers: int = 1, n_pairs: int = 2, seq_len: int = 4, seed: int = 0, planted: bool = True, d_mlp: int = 16
 ) -> tuple[atpstar.Model, atpstar.PromptPairs]:
     """Parallel-residual GPT-NeoX without final norm, float64: with one layer, neuron effects add up
     exactly. ``planted``: every MLP output column scaled 1e-3 except neurons 5 (x50) and 11 (x-30)."""
     torch.manual_seed(seed)
     config = GPTNeoXConfig(
-        vocab_size=30, hidden_size=8, num_hidden_layers=n_layers, num_attention_heads=2, intermediate_size=16,
+        vocab_size=30, hidden_size=8, num_hidden_layers=n_layers, num_attention_heads=2, intermediate_size=d_mlp,
         max_position_embeddings=16, use_parallel_residual=True, hidden_dropout=0.0, attention_dropout=0.0,
         initializer_range=0.3,
     )

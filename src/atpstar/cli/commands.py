@@ -29,6 +29,7 @@ from .common import (
     say,
     verify_and_save,
 )
+from .find_command import cmd_find
 from .output import finish_run, prompts, tokens
 
 
@@ -244,6 +245,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "compare": cmd_compare,
     "verify": cmd_verify,
     "bound": cmd_bound,
+    "find": cmd_find,
     "circuit": cmd_circuit,
     "models": cmd_models,
     "methods": cmd_methods,

@@ -169,9 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     _worker_args(bound)
     _output_args(bound, "out/bound")
 
+    from .find_command import add_find_parser  # issue 14: certified localization
+
+    add_find_parser(sub)
+
     from .circuit import add_circuit_parser
 
     add_circuit_parser(sub)
+
     sub.add_parser("models", help="list the built-in models", description="List the built-in models (--model NAME).")
     sub.add_parser("methods", help="list the method ids", description="List the method ids with one-line descriptions.")
     return parser

@@ -51,7 +51,7 @@ class Blocks(Method):
     Args:
         block_size: nodes per block (contiguous in the flattened per-layer layout of one node type).
         batch_size: patched forwards per batch; None picks it from ``memory_gb``.
-        memory_gb: memory budget for one batch.
+        memory_gb: bound on the run's memory besides the weights (cache, results, one batch).
     """
 
     aggregation = "mean_abs"

@@ -52,7 +52,7 @@ class Hierarchical(Method):
         batch_size: patched forwards per batch; None picks it from ``memory_gb``. Blocks are split in
             rounds of up to ``batch_size // P`` children, largest first; with a ``budget`` the exact
             set of split blocks can therefore depend on ``batch_size`` (ties to the budget edge).
-        memory_gb: memory budget for one batch.
+        memory_gb: bound on the run's memory besides the weights (cache, results, one batch).
     """
 
     aggregation = "mean_abs"

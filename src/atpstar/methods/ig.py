@@ -35,7 +35,7 @@ class IntegratedGradients(Method):
     Args:
         ig_steps: m, the number of interpolated inputs (EAP-IG's default is 5 in MIB, 30 in its library).
         batch_size: prompt pairs per forward/backward (None: all at once up to ``memory_gb``).
-        memory_gb: memory budget for one batch's autograd graph.
+        memory_gb: bound on the run's memory besides the weights (one batch's autograd graph and results).
     """
 
     needs_gradients = True

@@ -35,7 +35,8 @@ class ActivationPatching(Method):
 
     Args:
         batch_size: patched forwards per batch; None picks it from ``memory_gb``.
-        memory_gb: memory budget for one batch of patched forwards.
+        memory_gb: bound on the run's memory besides the weights (cached activations, results, one batch;
+            ``info["memory"]`` holds the prediction).
         checkpoint: a file path; partial results are saved there as they complete (and on
             interrupt), and a rerun with the same path, model and pairs resumes from them. With
             ``workers=``, a folder holding one file per finished work unit (pair block x layer).

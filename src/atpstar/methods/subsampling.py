@@ -65,7 +65,7 @@ class Subsampling(Method):
             The same design is used for every pair. Its samples are not independent: do not use its
             variances for confidence intervals.
         batch_size: patched forwards per batch; None picks it from ``memory_gb``.
-        memory_gb: memory budget for one batch (activations, masks and statistics).
+        memory_gb: bound on the run's memory besides the weights (cache, statistics, one batch).
     """
 
     seeded = True

@@ -1,0 +1,287 @@
+"""``Localization``: what ``atpstar.find`` found, the certificate that nothing else is as large, and its cost.
+
+Shape letters: K nodes found, N nodes verified, P pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bound import FalseNegativeBound
+from .cost import Cost
+from .nodes import node_name
+from .persist import load_bundle, save_bundle
+from .persist import to_jsonable as _jsonable
+from .verify import Verification
+
+KIND = "localization"
+# Stages of the loop, in the order they first run; ``Localization.cost`` has one entry per stage.
+STAGES: tuple[str, ...] = ("estimate", "verify_estimate_order", "bound", "verify_bound_order", "verify_rest")
+
+
+@dataclass
+class Localization:
+    """Every node with |c(n)| >= theta, verified, and how sure we are that none is missing.
+
+    Attributes:
+        nodes: ``(node_type, index)`` of the verified nodes with |c(n)| >= theta, strongest first.
+        effects: [K] c(n), the exact mean effect over the pairs, of each of ``nodes``.
+        verified: every node patched exactly on the way (``Verification``; ``info["stage"]`` says by
+            which stage), effects [N, P], in the order they were verified.
+        bound: the last false-negative bound over the nodes left unverified (None if none ran: budget
+            spent first). When every node was verified, a bound with ``n_unverified`` 0 and no assumption.
+        certified: True when the last bound's ``max_effect_upper`` < theta: with probability >= 1 - alpha
+            under the stated assumption, no unverified node has |c(n)| >= theta (see ``certificate``).
+        theta, alpha: the effect size sought and the error rate of the certificate.
+        cost: stage (``STAGES``) -> passes run by that stage.
+        history: one row per round (dicts: round, stage, verified, found, n_unverified, samples, p,
+            alpha_round, max_effect_upper, n_flagged, cost_fe, certified).
+        exhaustive_cost: forward equivalents of patching every node on every pair (activation patching).
+        node_types, estimator, direction, metric, model_id: what was searched and how.
+        info: further facts (options, why the loop stopped, what is left).
+    """
+
+    nodes: list[tuple[str, tuple[int, ...]]]
+    effects: torch.Tensor
+    verified: Verification
+    bound: FalseNegativeBound | None
+    certified: bool
+    theta: float
+    alpha: float
+    cost: dict[str, Cost]
+    history: list[dict[str, Any]]
+    exhaustive_cost: float
+    node_types: list[str]
+    estimator: str
+    direction: str
+    metric: str
+    model_id: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        """TransformerLens-style name of each found node."""
+        return [node_name(t, index) for t, index in self.nodes]
+
+    @property
+    def total_cost(self) -> Cost:
+        """Passes over all stages."""
+        total = Cost()
+        for stage_cost in self.cost.values():
+            total = total + stage_cost
+        return total
+
+    @property
+    def cost_fraction(self) -> float:
+        """Total forward equivalents as a fraction of exhaustive activation patching."""
+        return self.total_cost.forward_equivalents / self.exhaustive_cost if self.exhaustive_cost else float("nan")
+
+    @property
+    def rounds(self) -> int:
+        """Bound rounds run (0 when none ran)."""
+        return sum(1 for row in self.history if row["stage"] in ("bound", "verify_rest"))
+
+    def certificate(self) -> dict[str, Any]:
+        """The guarantee in numbers: theta, alpha, assumption, rounds, cost, the final bound, what is left."""
+        bound = self.bound
+        return {
+            "certified": self.certified,
+            "theta": self.theta,
+            "alpha": self.alpha,
+            "statement": self.statement(),
+            "assumption": bound.assumption if bound is not None else "no bound ran",
+            "rounds": self.rounds,
+            "cost_forward_equivalents": self.total_cost.forward_equivalents,
+            "cost_fraction_of_exhaustive": self.cost_fraction,
+            "cost_by_stage": {stage: c.forward_equivalents for stage, c in self.cost.items()},
+            "n_found": len(self.nodes),
+            "n_verified": self.verified.n_verified,
+            "final_bound": None if bound is None else _bound_summary(bound),
+            "stopped": self.info.get("stopped", ""),
+            "left": self.info.get("left", {}),
+        }
+
+    def statement(self) -> str:
+        """One sentence: what the certificate says (or why there is none)."""
+        n = len(self.nodes)
+        if self.certified and self.bound is not None and self.bound.n_unverified == 0:
+            return f"{n} nodes have |c| >= {self.theta:g}; every node was verified exactly, so none is missing."
+        if self.certified and self.bound is not None:
+            return (
+                f"{n} nodes have |c| >= {self.theta:g}; with confidence {1 - self.alpha:g} no other node does "
+                f"(the {self.bound.n_unverified} unverified nodes have |c| <= {self.bound.max_effect_upper:.3g}, "
+                "under the near-additivity assumption)."
+            )
+        left = self.info.get("left", {})
+        return (
+            f"NOT certified ({self.info.get('stopped', 'stopped early')}): {n} nodes with |c| >= {self.theta:g} "
+            f"found so far; {left.get('n_unverified', '?')} nodes unverified, of which "
+            f"{left.get('n_not_ruled_out', '?')} the last bound could not rule out"
+            + (
+                f" (its max |c| upper bound {left['max_effect_upper']:.3g})"
+                if isinstance(left.get("max_effect_upper"), float)
+                else ""
+            )
+            + "."
+        )
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One row per found node, strongest first."""
+        rows = []
+        for rank, ((t, index), name, effect) in enumerate(zip(self.nodes, self.names, self.effects.tolist()), 1):
+            keys = ("layer", "pos", "index") if t == "neuron" else ("layer", "head", "pos")
+            rows.append({"rank": rank, "name": name, "node_type": t, **dict(zip(keys, index)), "effect": effect})
+        return rows
+
+    def __str__(self) -> str:
+        lines = [self.statement(), f"cost: {self.total_cost} ({self.cost_fraction:.1%} of exhaustive patching)"]
+        lines += [f"  {row['rank']:>3}. {row['name']}: {row['effect']:+.4g}" for row in self.to_rows()[:20]]
+        if self.bound is not None:
+            lines.append(f"assumption: {self.bound.assumption}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"Localization(found={len(self.nodes)}, certified={self.certified}, theta={self.theta:g}, "
+            f"alpha={self.alpha:g}, rounds={self.rounds}, cost={self.total_cost.forward_equivalents:.0f} fe)"
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path.safetensors`` (effects and bound tensors) and ``path.json`` (the rest), atomically.
+
+        Args:
+            path: file path without extension (a ``.json`` or ``.safetensors`` suffix is dropped).
+        """
+        base = _base_path(path)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        v = self.verified
+        tensors = {
+            "effects": self.effects.double().contiguous(),  # [K]
+            "verified/effects": v.effects.double().contiguous(),  # [N, P]
+            "verified/estimate_scores": v.estimate_scores.double().contiguous(),  # [N]
+            "verified/base_metric": v.base_metric.double().contiguous(),  # [P]
+        }
+        bound_meta = None
+        if self.bound is not None:
+            b = self.bound
+            tensors.update({f"bound/estimate/{t}": x.double().contiguous() for t, x in b.estimate.items()})
+            tensors.update({f"bound/upper/{t}": x.double().contiguous() for t, x in b.upper.items()})
+            bound_meta = {
+                "max_effect_upper": b.max_effect_upper,
+                "prob_upper": b.prob_upper,
+                "theta": b.theta,
+                "alpha": b.alpha,
+                "n_unverified": b.n_unverified,
+                "worst_node": None if b.worst_node is None else [b.worst_node[0], list(b.worst_node[1])],
+                "assumption": b.assumption,
+                "cost": b.cost.to_dict(),
+                "direction": b.direction,
+                "info": _jsonable(b.info),
+            }
+        meta = {
+            "nodes": [[t, list(index)] for t, index in self.nodes],
+            "names": self.names,
+            "certified": self.certified,
+            "certificate": _jsonable(self.certificate()),
+            "theta": self.theta,
+            "alpha": self.alpha,
+            "cost": {stage: c.to_dict() for stage, c in self.cost.items()},
+            "history": _jsonable(self.history),
+            "exhaustive_cost": self.exhaustive_cost,
+            "node_types": self.node_types,
+            "estimator": self.estimator,
+            "direction": self.direction,
+            "metric": self.metric,
+            "model_id": self.model_id,
+            "info": _jsonable(self.info),
+            "verified": {
+                "nodes": [[t, list(index)] for t, index in v.nodes],
+                "node_types": v.node_types,
+                "cost": v.cost.to_dict(),
+                "info": _jsonable(v.info),
+            },
+            "bound": bound_meta,
+        }
+        # One bundle (persist): tensors first, then the JSON bound to them by id and hash, both atomic.
+        save_bundle(base, KIND, meta, tensors)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Localization:
+        """Read a localization written by ``save`` (``path`` with or without ``.json``/``.safetensors``).
+
+        Raises:
+            InputError: no saved localization there; CorruptFileError (an InputError kind): one half
+                missing, truncated or from another save.
+        """
+        meta, tensors = load_bundle(_base_path(path), KIND)
+        vm = meta["verified"]
+        verified = Verification(
+            nodes=[(t, tuple(int(i) for i in index)) for t, index in vm["nodes"]],
+            effects=tensors["verified/effects"],
+            estimate_scores=tensors["verified/estimate_scores"],
+            node_types=list(vm["node_types"]),
+            direction=meta["direction"],
+            metric=meta["metric"],
+            model_id=meta["model_id"],
+            cost=Cost.from_dict(vm["cost"]),
+            base_metric=tensors["verified/base_metric"],
+            info=vm["info"],
+        )
+        bound = None
+        if meta["bound"] is not None:
+            bm = meta["bound"]
+            worst = bm["worst_node"]
+            bound = FalseNegativeBound(
+                max_effect_upper=float(bm["max_effect_upper"]),
+                prob_upper=float(bm["prob_upper"]),
+                theta=bm["theta"],
+                alpha=float(bm["alpha"]),
+                n_unverified=int(bm["n_unverified"]),
+                worst_node=None if worst is None else (worst[0], tuple(int(i) for i in worst[1])),
+                assumption=bm["assumption"],
+                cost=Cost.from_dict(bm["cost"]),
+                direction=bm["direction"],
+                estimate={k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith("bound/estimate/")},
+                upper={k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith("bound/upper/")},
+                info=bm["info"],
+            )
+        return cls(
+            nodes=[(t, tuple(int(i) for i in index)) for t, index in meta["nodes"]],
+            effects=tensors["effects"],
+            verified=verified,
+            bound=bound,
+            certified=bool(meta["certified"]),
+            theta=float(meta["theta"]),
+            alpha=float(meta["alpha"]),
+            cost={stage: Cost.from_dict(c) for stage, c in meta["cost"].items()},
+            history=list(meta["history"]),
+            exhaustive_cost=float(meta["exhaustive_cost"]),
+            node_types=list(meta["node_types"]),
+            estimator=meta["estimator"],
+            direction=meta["direction"],
+            metric=meta["metric"],
+            model_id=meta["model_id"],
+            info=meta["info"],
+        )
+
+
+def _bound_summary(bound: FalseNegativeBound) -> dict[str, Any]:
+    return {
+        "max_effect_upper": bound.max_effect_upper,
+        "prob_upper": bound.prob_upper,
+        "alpha_round": bound.alpha,
+        "n_unverified": bound.n_unverified,
+        "worst_node": None if bound.worst_node is None else node_name(*bound.worst_node),
+        "samples": bound.info.get("samples"),
+        "p": bound.info.get("p"),
+        "combine": bound.info.get("combine"),
+    }
+
+
+def _base_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
