@@ -18,7 +18,7 @@ from reference.toys import sparse_additive_toy
 
 @pytest.fixture(scope="module")
 def planted():
-    model, pairs = sparse_additive_toy(planted=True, seq_len=16, d_mlp=256)
+    model, pairs = sparse_additive_toy(planted=True, seq_len=8, d_mlp=128)  # 1,024 neurons per pair
     truth = atpstar.attribute(model, pairs, "activation_patching", nodes=["neuron"])
     exact = truth.scores["neuron"]
     hide = tuple(int(i) for i in torch.nonzero(exact.abs() == exact.abs().max())[0])
@@ -45,7 +45,9 @@ def _same(a: Localization, b: Localization) -> None:
     torch.testing.assert_close(a.effects, b.effects, rtol=0, atol=0)
     torch.testing.assert_close(a.verified.effects, b.verified.effects, rtol=0, atol=0)
     assert a.cost == b.cost and a.total_cost == b.total_cost
-    assert a.bound is not None and b.bound is not None
+    assert (a.bound is None) == (b.bound is None)
+    if a.bound is None or b.bound is None:
+        return
     assert a.bound.max_effect_upper == b.bound.max_effect_upper and a.bound.info == b.bound.info
     torch.testing.assert_close(a.bound.upper["neuron"], b.bound.upper["neuron"], rtol=0, atol=0, equal_nan=True)
 
@@ -117,7 +119,7 @@ def test_another_computation_is_refused_naming_what_differs(planted, tmp_path):
             atpstar.find(model, pairs, options.pop("theta", theta), checkpoint=path, **options)
     with pytest.raises(atpstar.AtpstarError, match="prompt pairs"):
         atpstar.find(model, pairs.subset([0]), theta, checkpoint=path, nodes=["neuron"], estimator="atp", patience=4)
-    other, _ = sparse_additive_toy(planted=False, seq_len=16, d_mlp=256)
+    other, _ = sparse_additive_toy(planted=False, seq_len=8, d_mlp=128)
     with pytest.raises(atpstar.AtpstarError, match="weights"):
         atpstar.find(other, pairs, theta, checkpoint=path, **run)
     fresh = atpstar.find(model, pairs, theta * 2, checkpoint=path, recompute=True, **run)
@@ -138,8 +140,9 @@ def test_larger_budget_continues_where_the_checkpoint_ends(planted, tmp_path):
 def test_truncated_checkpoint_is_reported_and_recomputed(planted, tmp_path):
     model, pairs, theta, estimate = planted
     path = tmp_path / "find.ckpt.safetensors"
-    run = {"nodes": ["neuron"], "estimator": estimate, "patience": 4}
+    run = {"nodes": ["neuron"], "estimator": estimate, "patience": 4, "budget": 60.0}  # stage 1 only: cheap
     whole = atpstar.find(model, pairs, theta, checkpoint=path, **run)
+    assert whole.verified.n_verified > 0
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.warns(UserWarning, match="unusable"):

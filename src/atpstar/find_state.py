@@ -120,6 +120,15 @@ class Search:
             return len(flat)
         return int((self.verify_cost(flat) <= self.left + 1e-9).sum())
 
+    def sample_cost(self, p: float) -> float:
+        """Forward equivalents of one joint patch of the bound at inclusion probability ``p``: 1 for nodes; for
+        edges, also the q/k/v receiver copies a patch needs (``edges.subsampling.joint_patch_cost``)."""
+        if self.edge_graph is None:
+            return 1.0
+        from .edges.subsampling import joint_patch_cost
+
+        return joint_patch_cost(self.model, ~self.verified, p)
+
     def estimate(self, estimator: str, options: dict[str, Any], compute: Any) -> tuple[torch.Tensor, str]:
         """Run (or replay) the estimator: ([P, N] per-pair scores, method id); sets ``estimate_score``."""
 
