@@ -12,6 +12,7 @@ Definitions (per pair, per edge s -> r, receiver r reading at layer l):
 - EAP(s -> r) = d/dε f_r(ε Δ_s) at ε = 0, by autograd on ε (one ε per batch element).
 - with ``drop_layer``: layer drop's residual write is detached (GradDrop's Î_l).
 - with ``hidden0``: the residual stream entering layer 0 is replaced (EAP-IG's interpolated inputs).
+- with ``position`` t: Δ_s is zero outside residual position t (position-resolved edges).
 
 Grouped-query models are brute-forced on an ungrouped copy (k/v projection rows repeated per query
 head), where every query head has its own key/value projection.
@@ -223,16 +224,25 @@ def receiver_spec(name: str) -> tuple[str, int, int]:
     return (kind, int(layer), int(head))
 
 
+def at_position(delta: torch.Tensor, position: int | None) -> torch.Tensor:
+    """delta [S, T, D] with every position but ``position`` zeroed (None: unchanged)."""
+    if position is None:
+        return delta
+    keep = torch.zeros(delta.shape[1], dtype=delta.dtype)
+    keep[position] = 1.0
+    return delta * keep[None, :, None]
+
+
 def edge_references(hf_model: Any, pairs: Any, edge_names: list[str], sender_names: list[str],
-                    direction: str = "noising", drop_layer: int | None = None, ig_steps: int | None = None
-                    ) -> dict[str, torch.Tensor]:
+                    direction: str = "noising", drop_layer: int | None = None, ig_steps: int | None = None,
+                    position: int | None = None) -> dict[str, torch.Tensor]:
     """{"exact", "eap"} [P, N] (``drop_layer``: the EAP with that layer dropped; ``ig_steps``: EAP-IG)."""
     ref = ungrouped_copy(hf_model)
     base_all, source_all = (pairs.clean, pairs.noise) if direction == "noising" else (pairs.noise, pairs.clean)
     exact, eap = [], []
     for p in range(pairs.n_pairs):
         base, source = base_all[p], source_all[p]
-        delta = sender_outputs(ref, source) - sender_outputs(ref, base)  # [S, T, D]
+        delta = at_position(sender_outputs(ref, source) - sender_outputs(ref, base), position)  # [S, T, D]
         answer, distractor = pairs.answer[p:p + 1], pairs.distractor[p:p + 1]
         senders = [sender_names.index(e.split("->")[0]) for e in edge_names]
         receivers = [receiver_spec(e.split("->")[1]) for e in edge_names]
@@ -269,7 +279,7 @@ def _ig_points(ref: Any, base: torch.Tensor, source: torch.Tensor, steps: int) -
 
 
 def qk_fix_references(hf_model: Any, model: Any, pairs: Any, edge_names: list[str], sender_names: list[str],
-                      drop_layer: int | None = None) -> dict[int, torch.Tensor]:
+                      drop_layer: int | None = None, position: int | None = None) -> dict[int, torch.Tensor]:
     """QK-fix value [P] of every edge into a query or key receiver: Σ (A' - A) · ∂L/∂A over the head's pattern.
 
     A' comes from transformers' eager attention (an ungrouped copy, ``output_attentions``) with the receiver's
@@ -289,7 +299,7 @@ def qk_fix_references(hf_model: Any, model: Any, pairs: Any, edge_names: list[st
     out = {i: torch.zeros(pairs.n_pairs, dtype=torch.float64) for i in chosen}
     for p in range(pairs.n_pairs):
         base, source = base_all[p], source_all[p]
-        delta = sender_outputs(ref, source) - sender_outputs(ref, base)
+        delta = at_position(sender_outputs(ref, source) - sender_outputs(ref, base), position)
         keep: dict = {}
         with torch.no_grad():
             receiver_metric(ref, base, pairs.answer[p:p + 1], pairs.distractor[p:p + 1], pairs.metric, receivers,

@@ -232,3 +232,9 @@ def edge_names(model: Any) -> list[str]:
         ['input->a0.h0<q>', 'input->a0.h0<k>']
     """
     return graph_of(model).edge_names
+
+
+def edge_node_name(names: list[str], index: tuple[int, ...]) -> str:
+    """Name of a position-summed edge ``(n,)`` (``a0.h1->m1``) or a position-resolved one ``(n, t)``:
+    ``a0.h1->m1[pos 3]``, t being the position of the sender's output (the residual position it changes)."""
+    return names[index[0]] if len(index) == 1 else f"{names[index[0]]}[pos {index[1]}]"

@@ -192,6 +192,20 @@ class Method:
         raise NotImplementedError
 
 
+def check_edge_positions(edge_positions: object, node_types: list[str]) -> None:
+    """The ``edge_positions`` option (E15): position-resolved edges, ``per_pair["edge"]`` [P, N, T].
+
+    Edge s -> r at position t carries only the sender's output difference at residual position t (the
+    sender's position, as EAP-IG's position-resolved graphs); the last axis is t. Only linear estimates
+    (EAP, EAP-IG, the QK fix at query receivers) sum over t to the position-summed result; exact
+    patching, GradDrop (|.| per position) and the QK fix at key receivers (one key changed at a time) do not.
+    """
+    if not isinstance(edge_positions, bool):
+        raise InputError(f"edge_positions must be True or False; got {edge_positions!r}")
+    if edge_positions and EDGE_TYPE not in node_types:
+        raise InputError(f"edge_positions=True applies to edges; add 'edge' to nodes (got {node_types})")
+
+
 def _scores(
     per_pair: dict[str, torch.Tensor], kept: dict[str, torch.Tensor], aggregation: str
 ) -> dict[str, torch.Tensor]:
