@@ -10,15 +10,13 @@ Shape letters: P pairs, N edges, T positions.
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
+import warnings
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from ..checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from ..cost import Cost
-from ..errors import InputError
 from ..model import Model
 from ..pairs import PromptPairs
 from ..progress import progress_bar
@@ -27,9 +25,6 @@ from .eap import eap
 from .graph import graph_of
 from .patching import edge_bytes, patch_edges, prepare_edges
 from .sites import head_out_weights
-
-# Seconds between checkpoint writes of an exact sweep.
-SAVE_EVERY_S = 30.0
 
 
 def exact_edges(
@@ -42,20 +37,33 @@ def exact_edges(
     memory_gb: float,
     checkpoint: str | None,
     positions: bool = False,
+    made_by: dict[str, str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Exact effect [P, N] (``positions``: [P, N, T]) of patching every edge alone; partial results go
-    to ``checkpoint``."""
+    """Exact effect [P, N] (``positions``: [P, N, T]) of patching every edge alone.
+
+    Partial results go to ``checkpoint`` (``atpstar.checkpoint``: saved on a schedule and on interrupt,
+    resumed only by a run of the same ``made_by`` identity, a truncated file reported and recomputed);
+    the cost reported after a resume is the saved part's plus this run's.
+    """
     graph = graph_of(model)
     cache = prepare_edges(model, graph, pairs, direction, cost)
+    prepared = Cost(cost.forward, cost.backward)  # base and source runs: paid again on every resume
     batch = batch_size or max(1, int(memory_gb * 2**30 // edge_bytes(model, pairs.seq_len)))
-    key = f"edges|{model.model_id}|{pairs.fingerprint()}|{direction}|{graph.n_edges}"
     shape = (pairs.n_pairs, graph.n_edges, *((pairs.seq_len,) if positions else ()))
-    effects, done = _load(checkpoint, key, shape, cache.base_metric.dtype)
+    effects, done, prior = _resume(checkpoint, made_by or {}, shape, cache.base_metric.dtype)
     layer_of_edge = torch.tensor([graph.receiver_layer(r) for r in graph.receiver_index.tolist()])
     layer_of_item = layer_of_edge[:, None].expand(shape[1:]) if positions else layer_of_edge  # [N(, T)]
-    last_save = time.monotonic()
+    schedule, total = CheckpointSchedule(), int((~done).sum())
+
+    def save() -> None:
+        if checkpoint:  # the saved part's cost: earlier runs' plus this run's patching
+            spent = prior + Cost(cost.forward - prepared.forward, cost.backward - prepared.backward)
+            tensors = {"effects/edge": effects, "done/edge": done.to(torch.uint8)}
+            save_checkpoint(checkpoint, made_by or {}, tensors, spent)
+            schedule.saved(int(done.sum()))
+
     try:
-        with progress_bar(int((~done).sum()), "exact edge patching", progress, unit="edge") as bar:
+        with progress_bar(total, "exact edge patching", progress, unit="edge") as bar:
             for layer in range(model.n_layers + 1):
                 todo = torch.nonzero(~done & (layer_of_item == layer)[None])  # [n, 2 or 3]: pair, edge(, pos)
                 for start in range(0, len(todo), batch):
@@ -66,16 +74,18 @@ def exact_edges(
                     effects[where] = patch_edges(model, cache, layer, p, e, cost, pos).to(effects.dtype).cpu()
                     done[where] = True
                     bar.update(len(p))
-                    if checkpoint and time.monotonic() - last_save > SAVE_EVERY_S:
-                        _save(checkpoint, key, effects, done)
-                        last_save = time.monotonic()
+                    if checkpoint and schedule.due(int(done.sum()), done.numel()):
+                        save()
     except BaseException:
-        if checkpoint:
-            _save(checkpoint, key, effects, done)
+        save()
         raise
-    if checkpoint:
-        _save(checkpoint, key, effects, done)
-    return effects, {"base_metric": cache.base_metric.tolist()}
+    save()
+    cost.forward += prior.forward  # the whole computation's cost, also after resuming
+    cost.backward += prior.backward
+    info: dict[str, Any] = {"base_metric": cache.base_metric.tolist()}
+    if prior.forward_equivalents > 0:
+        info["resumed_from"] = str(checkpoint)
+    return effects, info
 
 
 def estimate_edges(
@@ -116,25 +126,22 @@ def _auto_batch(model: Model, n_vectors: int, seq_len: int, memory_gb: float) ->
     return max(1, int(memory_gb * 2**30 // per_pair))
 
 
-def _load(path: str | None, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _resume(
+    path: str | None, made_by: dict[str, str], shape: tuple[int, ...], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, Cost]:
+    """(effects, done, cost of the saved part) from the checkpoint at ``path`` if it has one, else empty.
+
+    Raises:
+        IdentityMismatchError: the checkpoint is another computation's (model, pairs, metric, direction,
+            options such as ``edge_positions``); the message names what differs.
+    """
     effects = torch.zeros(shape, dtype=dtype)
     done = torch.zeros(shape, dtype=torch.bool)
-    if path and Path(path).exists():
-        saved = load_file(path)
-        if "key" not in saved or bytes(saved["key"].tolist()).decode() != key:
-            raise InputError(
-                f"checkpoint {path} belongs to another model, prompt set or direction; delete it or choose another path"
-            )
-        effects, done = saved["effects"].to(dtype), saved["done"].bool()
-    return effects, done
-
-
-def _save(path: str, key: str, effects: torch.Tensor, done: torch.Tensor) -> None:
-    tensors = {
-        "effects": effects.contiguous(),
-        "done": done.to(torch.uint8).contiguous(),
-        "key": torch.tensor(list(key.encode()), dtype=torch.uint8),
-    }
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp)
-    Path(tmp).replace(path)
+    saved = load_checkpoint(path, made_by)  # warns and returns None for a truncated or corrupt file
+    if saved is None:
+        return effects, done, Cost()
+    tensors, prior = saved
+    if tensors.get("effects/edge") is None or tuple(tensors["effects/edge"].shape) != shape:
+        warnings.warn(f"atpstar: checkpoint {path} holds no edge sweep of this shape; starting afresh", stacklevel=3)
+        return effects, done, Cost()
+    return tensors["effects/edge"].to(dtype), tensors["done/edge"].bool(), prior

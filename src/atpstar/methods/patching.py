@@ -123,9 +123,19 @@ class ActivationPatching(Method):
 
         checkpoint = f"{self.checkpoint}.edges" if self.checkpoint else None
         effects, info = exact_edges(
-            model, pairs, direction, cost, progress, self.batch_size, self.memory_gb, checkpoint, self.edge_positions
+            model,
+            pairs,
+            direction,
+            cost,
+            progress,
+            self.batch_size,
+            self.memory_gb,
+            checkpoint,
+            self.edge_positions,
+            identity(model, pairs, direction, ["edge"], self.id, self.get_options()),
         )
-        return effects, {"edge_base_metric": info["base_metric"]}
+        resumed = {"edge_resumed_from": info["resumed_from"]} if "resumed_from" in info else {}
+        return effects, {"edge_base_metric": info["base_metric"], **resumed}
 
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
