@@ -29,11 +29,28 @@ import torch
 
 from .hooks import _layers, _module, metric_of, reference_copy
 
+_PRE_NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
 NORMS = {"gpt2": ("ln_1", "ln_2", "ln_f"), "gpt_neox": ("input_layernorm", "post_attention_layernorm", "final_layer_norm"),
-         "llama": ("input_layernorm", "post_attention_layernorm", "norm")}
+         "llama": _PRE_NORMS, "mistral": _PRE_NORMS, "qwen2": _PRE_NORMS, "qwen3": _PRE_NORMS, "phi3": _PRE_NORMS}
 
 
-def ungrouped_copy(hf_model: Any, attn_implementation: str = "sdpa") -> Any:
+def _ungroup_fused(attn: Any, n_heads: int, n_kv: int) -> None:
+    """Phi-3: rebuild qkv_proj [q heads | k heads | v heads] with the k and v rows repeated per query head."""
+    e, old = attn.head_dim, attn.qkv_proj
+    group = n_heads // n_kv
+    q, k, v = old.weight.split([n_heads * e, n_kv * e, n_kv * e], 0)
+    rows = [q] + [w.view(n_kv, e, -1).repeat_interleave(group, 0).reshape(n_heads * e, -1) for w in (k, v)]
+    new = torch.nn.Linear(old.in_features, 3 * n_heads * e, bias=old.bias is not None, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(torch.cat(rows, 0))
+        if old.bias is not None:
+            qb, kb, vb = old.bias.split([n_heads * e, n_kv * e, n_kv * e])
+            new.bias.copy_(torch.cat([qb] + [b.view(n_kv, e).repeat_interleave(group, 0).flatten() for b in (kb, vb)]))
+    attn.qkv_proj = new
+    attn.num_key_value_heads = n_heads
+
+
+def ungrouped_copy(hf_model: Any, attn_implementation: str | None = None) -> Any:
     """A reference copy whose every query head has its own key/value projection (same function)."""
     ref = reference_copy(hf_model, attn_implementation)
     cfg = ref.config
@@ -45,6 +62,10 @@ def ungrouped_copy(hf_model: Any, attn_implementation: str = "sdpa") -> Any:
     for layer in _layers(ref):
         attn = layer.self_attn
         e = attn.head_dim
+        if cfg.model_type == "phi3":
+            _ungroup_fused(attn, n_heads, n_kv)
+            attn.num_key_value_groups = 1
+            continue
         for name in ("k_proj", "v_proj"):
             old = getattr(attn, name)
             new = torch.nn.Linear(old.in_features, n_heads * e, bias=old.bias is not None, dtype=old.weight.dtype)
@@ -68,10 +89,13 @@ def _qkv_slices(ref: Any, layer: Any, normed: torch.Tensor) -> dict[str, torch.T
     """Projection outputs of normed [N, T, D] as q/k/v [N, T, H, E] (Llama: pre-rotary)."""
     cfg = ref.config
     h = cfg.num_attention_heads
-    e = cfg.hidden_size // h
+    e = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
     kind = cfg.model_type
     if kind == "gpt2":
         out = layer.attn.c_attn(normed).view(*normed.shape[:2], 3, h, e)
+        return {"q": out[:, :, 0], "k": out[:, :, 1], "v": out[:, :, 2]}
+    if kind == "phi3":  # ungrouped fused rows [q heads | k heads | v heads]
+        out = layer.self_attn.qkv_proj(normed).view(*normed.shape[:2], 3, h, e)
         return {"q": out[:, :, 0], "k": out[:, :, 1], "v": out[:, :, 2]}
     if kind == "gpt_neox":
         out = layer.attention.query_key_value(normed).view(*normed.shape[:2], h, 3, e)
@@ -85,12 +109,12 @@ def _patch_projection(ref: Any, layer_module: Any, kind: str, out: torch.Tensor,
     """Write new[kind][i] into head heads[i] of element rows[i] of a projection output."""
     cfg = ref.config
     h = cfg.num_attention_heads
-    e = cfg.hidden_size // h
+    e = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
     out = out.clone()
     n, t = out.shape[:2]
     model_type = cfg.model_type
     for i, (row, head) in enumerate(zip(rows, heads)):
-        if model_type == "gpt2":
+        if model_type in ("gpt2", "phi3"):
             view = out.view(n, t, 3, h, e)[:, :, "qkv".index(kind)]
         elif model_type == "gpt_neox":
             view = out.view(n, t, h, 3, e)[:, :, :, "qkv".index(kind)]
@@ -169,6 +193,8 @@ def receiver_metric(ref: Any, tokens: torch.Tensor, answer: torch.Tensor, distra
                 handles.append(layer.attn.c_attn.register_forward_hook(qkv_hook(l, "qkv")))
             elif kind_name == "gpt_neox":
                 handles.append(layer.attention.query_key_value.register_forward_hook(qkv_hook(l, "qkv")))
+            elif kind_name == "phi3":
+                handles.append(layer.self_attn.qkv_proj.register_forward_hook(qkv_hook(l, "qkv")))
             else:
                 for c in "qkv":
                     handles.append(getattr(layer.self_attn, f"{c}_proj").register_forward_hook(qkv_hook(l, c)))
@@ -188,7 +214,7 @@ def sender_outputs(ref: Any, tokens: torch.Tensor) -> torch.Tensor:
     """[S, T, D] outputs of input, a{l}.h{h} (W_O^h z_h, no bias), m{l} on one prompt (MIB sender order)."""
     cfg = ref.config
     h = cfg.num_attention_heads
-    e = cfg.hidden_size // h
+    e = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
     kind = cfg.model_type
     layers = _layers(ref)
     z, mlp, embed = {}, {}, {}
@@ -282,16 +308,16 @@ def qk_fix_references(hf_model: Any, model: Any, pairs: Any, edge_names: list[st
                       drop_layer: int | None = None, position: int | None = None) -> dict[int, torch.Tensor]:
     """QK-fix value [P] of every edge into a query or key receiver: Σ (A' - A) · ∂L/∂A over the head's pattern.
 
-    A' comes from transformers' eager attention (an ungrouped copy, ``output_attentions``) with the receiver's
+    A' comes from transformers' eager attention formula with the softmax in float64 (``reference64``: the
+    model's own masks, window and soft-cap; an ungrouped copy, ``output_attentions``) with the receiver's
     projection recomputed from norm(x + Δ_s); A and ∂L/∂A (with ``drop_layer`` detached) from atpstar's
-    runner, whose patterns are checked against the model elsewhere. Eager softmax of GPT-NeoX/Llama runs in
-    float32, so agreement is ~1e-7, not 1e-14.
+    runner, whose patterns are checked against the model elsewhere.
     """
     from atpstar.runner import Run
 
     from .brute import dropped_layer
 
-    ref = ungrouped_copy(hf_model, "eager")
+    ref = ungrouped_copy(hf_model, "reference64")  # eager formula, softmax in float64, returns the pattern
     base_all, source_all = pairs.clean, pairs.noise
     chosen = [i for i, e in enumerate(edge_names) if e.endswith("<q>") or e.endswith("<k>")]
     receivers = [receiver_spec(edge_names[i].split("->")[1]) for i in chosen]

@@ -22,20 +22,43 @@ from ..families import get_path
 from ..model import Model
 from ..runner import Run, expand_kv
 
-# Per family (relative to a decoder layer): the norm before attention, the norm before the MLP,
-# and the attention output projection.
+# Per family row of ``atpstar.families`` (relative to a decoder layer): the norm before attention,
+# the norm before the MLP, and the attention output projection. Everything else (fused q/k/v, QK-norm,
+# rotary, windows) the runner already knows from the family row: ``layer_qkv`` runs it.
 EDGE_PARTS: dict[str, tuple[str, str, str]] = {
     "gpt2": ("ln_1", "ln_2", "attn.c_proj"),
     "gpt_neox": ("input_layernorm", "post_attention_layernorm", "attention.dense"),
-    "llama": ("input_layernorm", "post_attention_layernorm", "self_attn.o_proj"),
+    "llama": ("input_layernorm", "post_attention_layernorm", "self_attn.o_proj"),  # also Mistral, Qwen2
+    "qwen3": ("input_layernorm", "post_attention_layernorm", "self_attn.o_proj"),  # per-head QK-norm
+    "phi3": ("input_layernorm", "post_attention_layernorm", "self_attn.o_proj"),  # fused qkv_proj
 }
+
+# Families whose residual writes pass through a norm after attention / MLP: a head's write is then
+# not its own W_O^h z_h, so the edge graph's senders are not defined for them (yet).
+NORMED_WRITES = {
+    "gemma2": "Gemma-2 normalises each attention and MLP output before adding it to the residual stream",
+    "gemma3": "Gemma-3 normalises each attention and MLP output before adding it to the residual stream",
+    "olmo2": "OLMo-2 normalises each attention and MLP output before adding it to the residual stream",
+}
+
+
+def check_edges_supported(model: Model) -> None:
+    """Refuse a model whose family has no edge graph, before any pass (``Method.attribute``)."""
+    parts(model, 0)
 
 
 def parts(model: Model, layer: int) -> tuple[Any, Any, Any]:
     """(attention-input norm, MLP-input norm, attention output projection) of one layer."""
-    if model.family.name not in EDGE_PARTS:
+    name = model.family.name
+    if name not in EDGE_PARTS:
+        why = (
+            f" ({NORMED_WRITES[name]}: per-head senders W_O^h z_h do not add up to the write)"
+            if name in NORMED_WRITES
+            else ""
+        )
         raise UnsupportedModelError(
-            f"edges are not implemented for family {model.family.name!r}; supported: {sorted(EDGE_PARTS)}"
+            f"edges are not implemented for family {name!r}{why}; families with edges: {sorted(EDGE_PARTS)} "
+            "(GPT-2, GPT-NeoX/Pythia, Llama/Mistral/Qwen2, Qwen3, Phi-3). Node types work for every family"
         )
     decoder = model._layers[layer]
     return tuple(get_path(decoder, path) for path in EDGE_PARTS[model.family.name])  # type: ignore[return-value]

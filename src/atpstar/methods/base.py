@@ -102,6 +102,10 @@ class Method:
         check_pairs_fit(model, pairs)
         check_finite_options(f"method {self.id!r} option ", self.get_options())
         self._validate(model, pairs, node_types)
+        if EDGE_TYPE in node_types:  # edges: a family with an edge graph (E15)
+            from ..edges.sites import check_edges_supported
+
+            check_edges_supported(model)
         plain = [t for t in node_types if t != EDGE_TYPE]
         plan = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, plain) if plain else None
         if plan is not None:

@@ -1,0 +1,65 @@
+"""Edges on the newer families, each against brute-force path patching (``reference.edges``), float64:
+Qwen3 (per-head QK-norm, sliding window on some layers), Mistral (sliding window, GQA) and Phi-3
+(fused qkv_proj and gate_up_proj, sliding window, partial rotary). Families whose attention and MLP
+writes pass through a norm (Gemma-2, Gemma-3, OLMo-2) are refused with the reason."""
+
+from __future__ import annotations
+
+import pytest
+from reference.edges import edge_references, qk_fix_references
+from reference.models import assert_rel_close, build_hf, load, make_pairs
+
+import atpstar
+from atpstar.edges.graph import graph_of
+
+FAMILIES = ("qwen3", "mistral", "phi3")
+REL = 1e-10
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def setup(request):
+    hf = build_hf(request.param, n_layers=2, seed=3)
+    model = load(hf)
+    pairs = make_pairs(n_pairs=2, seq_len=6, seed=4)
+    graph = graph_of(model)
+    names = (graph.edge_names, graph.sender_names)
+    refs = {drop: edge_references(hf, pairs, *names, drop_layer=drop) for drop in (None, *range(model.n_layers))}
+
+    def qk_fixed(drop):
+        values = refs[drop]["eap"].clone()
+        for i, v in qk_fix_references(hf, model, pairs, *names, drop).items():
+            values[:, i] = v
+        return values
+
+    return request.param, model, pairs, refs, qk_fixed
+
+
+def run(model, pairs, method, **options):
+    return atpstar.attribute(model, pairs, method=method, nodes=["edge"], **options).per_pair["edge"]
+
+
+def test_exact_edge_patching(setup):
+    family, model, pairs, refs, _ = setup
+    assert float(refs[None]["exact"].abs().max()) > 1e-3
+    assert_rel_close(run(model, pairs, "activation_patching", batch_size=9), refs[None]["exact"], REL, family)
+
+
+def test_eap_and_graddrop(setup):
+    family, model, pairs, refs, _ = setup
+    assert_rel_close(run(model, pairs, "atp"), refs[None]["eap"], REL, f"{family} EAP")
+    want = sum(refs[drop]["eap"].abs() for drop in range(model.n_layers)) / (model.n_layers - 1)
+    assert_rel_close(run(model, pairs, "atp+graddrop"), want, REL, f"{family} GradDrop")
+
+
+def test_qk_fix_and_atp_star(setup):
+    family, model, pairs, _, qk_fixed = setup
+    assert_rel_close(run(model, pairs, "atp+qkfix"), qk_fixed(None), REL, f"{family} QK fix")
+    want = sum(qk_fixed(drop).abs() for drop in range(model.n_layers)) / (model.n_layers - 1)
+    assert_rel_close(run(model, pairs, "atp*"), want, REL, f"{family} AtP*")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2"])
+def test_families_with_normed_writes_are_refused(family):
+    model = load(build_hf(family, n_layers=2, seed=3))
+    with pytest.raises(atpstar.UnsupportedModelError, match="normalises each attention and MLP output"):
+        atpstar.attribute(model, make_pairs(n_pairs=1), method="atp", nodes=["edge"])
