@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import atpstar
-from atpstar import tasks
+from atpstar import persist, tasks
 from atpstar.evaluate import Evaluation, evaluate
 from atpstar.result import Attribution
 
@@ -206,6 +206,16 @@ def ordering(ev: Evaluation) -> dict:
             "best": ev.ranking()[0]}
 
 
+def kept_sections(path: Path, generated: set[str]) -> list[str]:
+    """Sections of an existing results file that this script does not write (edges, find): kept verbatim."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    parts = text.split("\n## ")[1:]  # each part: "<heading>\n<body>", the file's title block dropped
+    kept = [part for part in parts if part.split("\n", 1)[0].strip() not in generated | {"Summary"}]
+    return [line for part in kept for line in ("## " + part.rstrip("\n")).split("\n") + [""]]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small run: few pairs, late layers only (minutes)")
@@ -238,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cheap_first:  # the toy model first, then fewer nodes: a partial run still has whole sections
         chosen.sort(key=lambda s: (not s.model.startswith("toy"), "neuron" in s.nodes, s.task != "cities"))
     target = out / ("results_only.md" if args.only else "results.md")  # a partial run never clobbers results.md
+    kept = kept_sections(target, {s.name for s in settings(False)} | {s.name for s in settings(True)})
     for done, setting in enumerate(chosen):
         try:
             cache = Path(args.cache) / ("quick" if args.quick else "full")
@@ -253,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         note = [f"Partial run: not yet computed: {', '.join(pending)}.", ""] if pending else []
         head = ["## Summary", "", "| setting | ranking | AtP* ≤ AtP | AtP < alternatives | cheapest |",
                 "|---|---|---|---|---|", *summary, "", *note, f"Total wall time {time.monotonic() - started:.0f} s.", ""]
-        target.write_text("\n".join(lines[:4] + head + lines[4:]) + "\n")  # after every setting: an interrupt keeps them
+        text = "\n".join(lines[:4] + head + lines[4:] + kept) + "\n"
+        persist.write_text(target, text)  # after every setting: an interrupt keeps the finished ones
     print(f"wrote {target} in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return 0
 

@@ -84,3 +84,28 @@ def test_finite_metric() -> None:
         check_finite_metric(torch.tensor([1.0, math.nan]), "metric", torch.tensor([0, 3]))
     with pytest.raises(InputError, match="not finite"):
         check_finite_metric(torch.tensor([math.inf]), "metric")
+
+
+@pytest.mark.parametrize("method", ["atp", "atp*", "atp+ig", "subsampling", "blocks", "hierarchical"])
+@pytest.mark.parametrize(("option", "value"), [("memory_gb", math.nan), ("memory_gb", -1.0), ("batch_size", 2.5),
+                                                ("batch_size", 0), ("batch_size", True)])
+def test_every_method_checks_batching_with_the_shared_rule(method, option, value) -> None:
+    """One rule for batch_size/memory_gb in every method (NaN budgets used to slip through the API)."""
+    from reference.models import build_hf, load, make_pairs
+
+    import atpstar
+
+    model, pairs = load(build_hf("gpt2", n_layers=2)), make_pairs(n_pairs=1, seq_len=4)
+    with pytest.raises(InputError, match=option):
+        atpstar.attribute(model, pairs, method, nodes=["head"], **{option: value})
+
+
+def test_whole_float_batch_size_is_stored_as_int() -> None:
+    from reference.models import build_hf, load, make_pairs
+
+    import atpstar
+
+    model, pairs = load(build_hf("gpt2", n_layers=2)), make_pairs(n_pairs=2, seq_len=4)
+    a = atpstar.attribute(model, pairs, "blocks", nodes=["head"], batch_size=4.0)
+    b = atpstar.attribute(model, pairs, "blocks", nodes=["head"], batch_size=4)
+    assert torch.equal(a.scores["head"], b.scores["head"])

@@ -17,7 +17,15 @@ from .api import attribute, predict_memory
 from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
 from .edges import EdgeGraph, FaithfulnessCurve, edge_names, faithfulness_curve, load_mib
-from .errors import AtpstarError, InputError, UnsupportedModelError
+from .errors import (
+    AtpstarError,
+    BusyError,
+    CorruptFileError,
+    IdentityMismatchError,
+    InputError,
+    OutOfMemory,
+    UnsupportedModelError,
+)
 from .evaluate import Evaluation, evaluate
 from .find import find
 from .jsonl import read_pairs_jsonl
@@ -37,6 +45,10 @@ __all__ = [
     "METHODS",
     "NODE_TYPES",
     "AtpstarError",
+    "BusyError",
+    "CorruptFileError",
+    "IdentityMismatchError",
+    "OutOfMemory",
     "Attribution",
     "Cost",
     "EdgeGraph",

@@ -235,8 +235,10 @@ class Evaluation:
     def to_csv(self, path: str | Path, ks: Sequence[int] | None = None) -> None:
         import csv
 
+        from .persist import atomic_path
+
         rows = self.to_rows(ks)
-        with open(path, "w", newline="") as handle:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["method"])
             writer.writeheader()
             writer.writerows(rows)

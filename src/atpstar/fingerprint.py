@@ -161,7 +161,7 @@ def differences(saved: dict[str, Any] | None, current: dict[str, Any], fields: I
             if old is None:
                 out.append(f"{label} (not recorded in the saved result)")
             else:
-                out.append(f"{label} (saved {_show(old)}, now {_show(new)})")
+                out.append(f"{label} ({_dict_changes(old, new) or f'saved {_show(old)}, now {_show(new)}'})")
     if out and "weights" in fields and saved.get("model_id") and saved.get("model_id") != current.get("model_id"):
         out.append(f"model (saved {saved['model_id']!r}, now {current.get('model_id')!r})")
     return out
@@ -178,6 +178,20 @@ def check_identity(
     diff = differences(saved, current, tuple(fields))
     if diff:
         raise IdentityMismatchError(f"{what} does not match this run: {'; '.join(diff)}. {fix}")
+
+
+def _dict_changes(old: Any, new: Any) -> str:
+    """``key: saved X, now Y`` for each differing key when both values are JSON objects (e.g. options), else ""."""
+    try:
+        before, after = json.loads(old), json.loads(new)
+    except (TypeError, ValueError):
+        return ""
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return ""
+    keys = sorted(k for k in set(before) | set(after) if before.get(k, "<unset>") != after.get(k, "<unset>"))
+    return "; ".join(
+        f"{k}: saved {_show(before.get(k, '<unset>'))}, now {_show(after.get(k, '<unset>'))}" for k in keys
+    )
 
 
 def _show(value: Any) -> str:

@@ -41,8 +41,11 @@ def _save(fig: Any, stem: str | Path) -> list[Path]:
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")]
-    fig.savefig(paths[0], dpi=130, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    from .persist import atomic_path
+
+    for path, dpi in zip(paths, (130, None)):  # via a temporary file: an interrupted save leaves no torn image
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:], dpi=dpi or "figure", bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)

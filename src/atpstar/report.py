@@ -19,6 +19,7 @@ import torch
 
 from .evaluate import Evaluation
 from .nodes import node_name
+from .persist import write_text
 from .result import Attribution
 
 CSS = """
@@ -95,8 +96,7 @@ def write_report(
         f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n"
     )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    write_text(path, page)
     return path
 
 

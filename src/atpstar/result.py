@@ -15,7 +15,7 @@ import torch
 from .cost import Cost
 from .errors import CorruptFileError, InputError
 from .nodes import INDEX_COLUMNS, NodeLayout, check_node_types, index_columns, node_name
-from .persist import bundle_base, load_bundle, save_bundle
+from .persist import atomic_path, bundle_base, load_bundle, save_bundle
 from .sink import per_pair_from, per_pair_tensors
 
 KIND = "attribution"
@@ -144,7 +144,7 @@ class Attribution:
     def to_csv(self, path: str | Path, k: int | None = None) -> None:
         rows = self.to_rows(k)
         fields = ["rank", "name", "node_type", *INDEX_COLUMNS, "score"]
-        with open(path, "w", newline="") as handle:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)

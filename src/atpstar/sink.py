@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import InputError
+from .persist import write_text
 
 KEEP: tuple[str, ...] = ("all", "top", "disk")
 INDEX_FILE = "per_pair_index.json"
@@ -101,7 +102,7 @@ class PerPairSink:
         tmp.replace(self.out_dir / name)  # type: ignore[operator]
         self.shards.append(name)
         meta = {"n_pairs": self.n_pairs, "shapes": {t: list(s) for t, s in self.shapes.items()}, "shards": self.shards}
-        (self.out_dir / INDEX_FILE).write_text(json.dumps(meta, indent=2))  # type: ignore[operator]
+        write_text(self.out_dir / INDEX_FILE, json.dumps(meta, indent=2))  # type: ignore[operator]
 
     def per_pair(self) -> dict[str, torch.Tensor]:
         """node type -> [P, *layout]: dense for ``"all"``, else sparse COO with the top_k entries of each pair."""

@@ -69,6 +69,11 @@ def check_batch_size(value: Any) -> int | None:
     return None if value is None else check_count("batch_size", value)
 
 
+def check_batching(batch_size: Any, memory_gb: Any) -> tuple[int | None, float]:
+    """``(batch_size, memory_gb)`` checked and normalised (``4.0`` -> ``4``); store what it returns."""
+    return check_batch_size(batch_size), check_memory_gb(memory_gb)
+
+
 def batch_for_memory(batch_size: int | None, memory_gb: float, bytes_per_item: float) -> int:
     """The one batching rule: ``batch_size`` if given, else as many items as fit in ``memory_gb`` GiB (at least 1)."""
     if batch_size is not None:

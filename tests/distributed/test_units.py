@@ -114,7 +114,7 @@ def test_checkpoint_folder_of_another_sweep_is_refused(gpt2, tmp_path):
     model, pairs = gpt2
     verified = [("head", (0, 0, 0))]
     atpstar.false_negative_bound(model, pairs, verified, nodes=["head"], samples=4, checkpoint=str(tmp_path / "b"))
-    with pytest.raises(atpstar.InputError, match="another sweep"):
+    with pytest.raises(atpstar.InputError, match="does not match this run: method options .samples: saved"):
         atpstar.false_negative_bound(model, pairs, verified, nodes=["head"], samples=6, checkpoint=str(tmp_path / "b"))
     (tmp_path / "file").write_text("x")
     with pytest.raises(atpstar.InputError, match="is a file"):
@@ -178,3 +178,28 @@ def test_checkpoint_resumes_in_a_new_process(tmp_path):
         outputs.append(done.stdout.split())
     assert outputs[0][0] == "0" and int(outputs[1][0]) == 8  # the second process resumed every unit
     assert outputs[0][1] == outputs[1][1]
+
+
+def test_unit_folder_of_other_weights_is_refused(tmp_path, gpt2):
+    """Unit checkpoints carry the full identity: same model id and pairs but other weights are refused."""
+    model, pairs = gpt2
+    folder = str(tmp_path / "units")
+    kwargs = dict(nodes=["head"], samples=4, batch_size=1, checkpoint=folder)
+    first = atpstar.false_negative_bound(model, pairs, [("head", (0, 0, 0))], **kwargs)
+    other = load(build_hf("gpt2", n_layers=3, seed=1))
+    assert other.model_id == model.model_id
+    with pytest.raises(atpstar.IdentityMismatchError, match="model weights"):
+        atpstar.false_negative_bound(other, pairs, [("head", (0, 0, 0))], **kwargs)
+    again = atpstar.false_negative_bound(model, pairs, [("head", (0, 0, 0))], **kwargs)
+    assert again.info["units_resumed"] > 0 and again.max_effect_upper == first.max_effect_upper
+
+
+def test_unreadable_unit_manifest_is_reported(tmp_path, gpt2):
+    model, pairs = gpt2
+    folder = tmp_path / "units"
+    kwargs = dict(nodes=["head"], samples=4, batch_size=1, checkpoint=str(folder))
+    atpstar.false_negative_bound(model, pairs, [("head", (0, 0, 0))], **kwargs)
+    manifest = folder / "sweep.json"
+    manifest.write_text(manifest.read_text()[:20])  # torn
+    with pytest.raises(atpstar.InputError, match="unreadable sweep.json"):
+        atpstar.false_negative_bound(model, pairs, [("head", (0, 0, 0))], **kwargs)

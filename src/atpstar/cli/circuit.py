@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 
+from ..persist import write_text
 from .common import load_model, load_task, out_dir, parse_options, run_method, say
 
 CIRCUIT_DEFAULT = "atp,atp+ig,atp*"
@@ -74,7 +75,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
         for x in fractions:
             chosen = top_edges(graph, result.scores["edge"], int(x * graph.n_edges), not args.no_prune)
             circuits[f"{x:g}"] = [names[i] for i in chosen.nonzero()[:, 0].tolist()]
-        (out / f"{name}.circuits.json").write_text(json.dumps(circuits))
+        write_text(out / f"{name}.circuits.json", json.dumps(circuits))
         say(f"{method}: faithfulness at {len(fractions)} circuit sizes")
         curve = faithfulness_curve(
             model,
@@ -90,12 +91,12 @@ def cmd_circuit(args: argparse.Namespace) -> int:
         costs[method] = result.cost.forward_equivalents
         tops[method] = [node.name for node in result.top(args.top, node_types=["edge"])]
     table = curve_table(curves, costs)
-    (out / "circuit_table.md").write_text(f"{task}\n\n{table}\n")
+    write_text(out / "circuit_table.md", f"{task}\n\n{table}\n")
     print(table)
     plot = None
     if not args.no_plots:
         plot = plot_curves(curves, out / "faithfulness.png", f"{model.model_id}: {task}").name
     page = report_section(curves, table, plot, tops)
-    (out / "report.html").write_text(f"<html><body><h1>atpstar circuit</h1><p>{task}</p>\n{page}</body></html>")
+    write_text(out / "report.html", f"<html><body><h1>atpstar circuit</h1><p>{task}</p>\n{page}</body></html>")
     say(f"wrote {out}/ in {time.monotonic() - start:.1f} s")
     return 0

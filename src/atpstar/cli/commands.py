@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..nodes import node_shape
-from ..persist import save_json
+from ..persist import save_json, write_text
 from .checks import check_option_values
 from .circuit import cmd_circuit
 from .common import (
@@ -197,7 +197,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         evaluations.append(ev)
         ev.save(out / f"evaluation_{setting}.json")
         ev.to_csv(out / f"comparison_{setting}.csv")
-        (out / f"comparison_{setting}.md").write_text(ev.to_markdown() + "\n")
+        write_text(out / f"comparison_{setting}.md", ev.to_markdown() + "\n")
         print(f"\n## cost of verified recall: {setting} ({', '.join(nodes)}, K max {ev.k_max})\n")
         print(ev.to_markdown())
         if not args.no_plots:

@@ -8,6 +8,7 @@ import json
 import time
 from typing import Any
 
+from ..persist import atomic_path, write_text
 from .common import load_model, load_task, out_dir, parse_nodes, plain, say
 
 
@@ -72,7 +73,7 @@ def cmd_find(args: argparse.Namespace) -> int:
     found.info["pairs_fingerprint"] = pairs.fingerprint()
     found.save(out / "localization")
     certificate = found.certificate()
-    (out / "certificate.json").write_text(json.dumps(plain(certificate), indent=2))
+    write_text(out / "certificate.json", json.dumps(plain(certificate), indent=2))
     _write_csv(out / "found.csv", found.to_rows())
     _write_csv(out / "history.csv", found.history)
     _print(found, certificate, args.top)
@@ -130,7 +131,7 @@ def _write_csv(path: Any, rows: list[dict[str, Any]]) -> None:
     fields: list[str] = []
     for row in rows:
         fields += [k for k in row if k not in fields]
-    with open(path, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)

@@ -1,7 +1,8 @@
 """Unit checkpoints: one folder per sweep, one file per finished work unit.
 
-The folder's ``sweep.json`` names the sweep (kind, model, pairs fingerprint, direction, options); a
-rerun with another sweep in the same folder is refused. Each unit's file is written atomically
+The folder's ``sweep.json`` holds the sweep's identity (``fingerprint.identity``: weights hash, dtype,
+tokenizer, pair tokens, metric, direction, node types, options, version, plus the sweep's own layout);
+a rerun of another computation in the same folder is refused with a message naming what differs. Each unit's file is written atomically
 (temporary file, then rename) by the driver when the unit's result arrives, so no two writers share a
 path, an interrupted run leaves only whole files, and workers need no shared file system.
 """
@@ -9,18 +10,20 @@ path, an interrupted run leaves only whole files, and workers need no shared fil
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..cost import Cost
-from ..errors import InputError
+from ..errors import CorruptFileError, InputError
+from ..fingerprint import check_identity
+from ..persist import atomic_path, load_json, save_json
 from .units import Unit, UnitResult
 
-FORMAT_VERSION = 1
+MANIFEST_KIND = "unit-sweep"
 
 
 class UnitStore:
@@ -28,10 +31,11 @@ class UnitStore:
 
     Args:
         path: the folder (created).
-        key: what identifies the sweep; a folder holding another sweep's units is refused.
+        identity: what identifies the sweep (field -> text); a folder holding another sweep's units is
+            refused, naming the fields that differ.
     """
 
-    def __init__(self, path: str | os.PathLike[str], key: str) -> None:
+    def __init__(self, path: str | Path, identity: dict[str, Any]) -> None:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise InputError(
@@ -40,15 +44,23 @@ class UnitStore:
             )
         self.path.mkdir(parents=True, exist_ok=True)
         manifest = self.path / "sweep.json"
-        if manifest.exists():
-            saved = json.loads(manifest.read_text())
-            if saved.get("key") != key:
-                raise InputError(
-                    f"checkpoint folder {self.path} holds work units of another sweep ({saved.get('key')!r}); "
-                    "delete it or choose another folder"
-                )
-        else:
-            _atomic_write_text(manifest, json.dumps({"format_version": FORMAT_VERSION, "key": key}, indent=1))
+        if not manifest.exists():
+            save_json(manifest, MANIFEST_KIND, {"identity": identity})
+            return
+        try:
+            saved = load_json(manifest, MANIFEST_KIND)["identity"]
+        except (CorruptFileError, KeyError) as err:
+            raise InputError(
+                f"checkpoint folder {self.path} has an unreadable sweep.json ({err}); its units cannot be trusted: "
+                "delete the folder (or pass --recompute) and run again"
+            ) from err
+        check_identity(
+            saved,
+            identity,
+            f"checkpoint folder {self.path}",
+            "Delete it, choose another folder, or pass --recompute on the command line.",
+            fields=sorted(set(saved) | set(identity)),
+        )
 
     def _file(self, unit: Unit) -> Path:
         return self.path / f"{unit.name}.safetensors"
@@ -73,18 +85,10 @@ class UnitStore:
         return UnitResult(tensors, cost, prepare)
 
     def save(self, unit: Unit, result: UnitResult) -> None:
-        path = self._file(unit)
-        tmp = path.with_name(path.name + ".tmp")
         meta = {"cost": json.dumps(result.cost.to_dict()), "prepare": json.dumps(result.prepare.to_dict())}
-        save_file({k: v.contiguous() for k, v in result.tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(self._file(unit)) as tmp:
+            save_file({k: v.contiguous() for k, v in result.tensors.items()}, str(tmp), metadata=meta)
 
     def finished(self) -> int:
         """Number of unit files in the folder."""
         return sum(1 for _ in self.path.glob("*.safetensors"))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

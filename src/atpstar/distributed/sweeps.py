@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..cost import Cost
+from ..fingerprint import identity
 from ..methods.subsampling import SubsamplingStats, keep_mask, sample_batch
 from ..model import Model
 from ..nodes import NodeLayout, node_shape
@@ -93,12 +94,9 @@ def sum_costs(results: list[UnitResult], cost: Cost) -> None:
 def _store(checkpoint: str | None, kind: str, model: Model, sweep: Sweep, extra: Any) -> UnitStore | None:
     if checkpoint is None:
         return None
-    key = json.dumps(
-        [kind, model.model_id, sweep.pairs.fingerprint(), sweep.direction, sweep.node_types, sweep.options, extra],
-        sort_keys=True,
-        default=str,
-    )
-    return UnitStore(checkpoint, key)
+    made_by = identity(model, sweep.pairs, sweep.direction, sweep.node_types, kind, sweep.options)
+    made_by["layout"] = json.dumps(extra, sort_keys=True, default=str)  # the sweep's own units and layers
+    return UnitStore(checkpoint, made_by)
 
 
 def _digest(tensor: torch.Tensor) -> str:

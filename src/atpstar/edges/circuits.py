@@ -30,6 +30,7 @@ from ..cost import Cost
 from ..errors import InputError
 from ..model import as_model
 from ..pairs import PromptPairs, check_direction
+from ..persist import write_text
 from ..progress import progress_bar
 from .circuit_run import circuit_bytes, circuit_metric
 from .graph import EdgeGraph, graph_of
@@ -120,7 +121,7 @@ class FaithfulnessCurve:
         return asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_text(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> FaithfulnessCurve:

@@ -41,7 +41,10 @@ def plot_curves(curves: Sequence[FaithfulnessCurve], path: str | Path, title: st
     ax.set_title(title or "faithfulness of top-|score| circuits")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from ..persist import atomic_path
+
+    with atomic_path(path) as tmp:  # an interrupted save leaves no torn image
+        fig.savefig(tmp, format=Path(path).suffix[1:] or "png", dpi=120)
     plt.close(fig)
     return Path(path)
 

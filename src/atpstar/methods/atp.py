@@ -26,6 +26,7 @@ from ..ops import accumulation_dtype, graddrop_combine, key_fix, query_fix, upca
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..sink import PerPairSink, check_keep
+from ..validate import check_batching
 from .base import Method, check_edge_positions, register
 
 
@@ -119,10 +120,7 @@ class AttributionPatching(Method):
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if self.grad_drop and model.n_layers < 2:
             raise InputError("GradDrop needs a model with at least 2 layers (it averages over L - 1 dropped layers)")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise InputError(f"batch_size must be an integer >= 1 or None; got {self.batch_size!r}")
-        if not isinstance(self.memory_gb, (int, float)) or self.memory_gb <= 0:
-            raise InputError(f"memory_gb must be positive; got {self.memory_gb!r}")
+        self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
         check_keep(self.keep, self.top_k, self.out_dir)
         check_edge_positions(self.edge_positions, node_types)
 

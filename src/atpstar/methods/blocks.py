@@ -24,6 +24,7 @@ from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
 from ..progress import progress_bar
+from ..validate import check_batching
 from .base import Method, register
 
 
@@ -75,7 +76,7 @@ class Blocks(Method):
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
             raise InputError(f"block_size must be an integer >= 1; got {self.block_size!r}")
-        check_batching(self.batch_size, self.memory_gb)
+        self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
 
     def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
         return masks_plan(self.id, model, n_pairs, seq_len, node_types, self.batch_size, self.memory_gb)
@@ -129,13 +130,6 @@ class Blocks(Method):
             per_pair[block.node_type][:, block.layer, block.start : block.stop] = effect[:, None].to(model.dtype)
         per_pair = {t: v.reshape(pairs.n_pairs, *shapes[t]) for t, v in per_pair.items()}  # [P, L, R] -> [P, *layout]
         return per_pair, {}, {"n_blocks": len(blocks), "base_metric": base_metric.tolist(), **info}
-
-
-def check_batching(batch_size: Any, memory_gb: Any) -> None:
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise InputError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}")
-    if not isinstance(memory_gb, (int, float)) or memory_gb <= 0:
-        raise InputError(f"memory_gb must be positive; got {memory_gb!r}")
 
 
 def masks_plan(

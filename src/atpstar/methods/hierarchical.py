@@ -25,8 +25,9 @@ from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
 from ..progress import progress_bar
+from ..validate import check_batching
 from .base import Method, register
-from .blocks import Block, _per_layer, check_batching, masks_plan, patch_blocks
+from .blocks import Block, _per_layer, masks_plan, patch_blocks
 
 
 @register(
@@ -88,7 +89,7 @@ class Hierarchical(Method):
             not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1
         ):
             raise InputError(f"budget must be an integer >= 1 or None; got {self.budget!r}")
-        check_batching(self.batch_size, self.memory_gb)
+        self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
 
     def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
         return masks_plan(self.id, model, n_pairs, seq_len, node_types, self.batch_size, self.memory_gb)

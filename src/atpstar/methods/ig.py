@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from ..cost import Cost
-from ..errors import InputError
 from ..memory import MemoryPlan, gradient_plan
 from ..model import Model
 from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..runner import Run
+from ..validate import check_batching, check_count
 from .base import Method, check_edge_positions, register
 
 
@@ -65,10 +65,8 @@ class IntegratedGradients(Method):
         return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
-        if not isinstance(self.ig_steps, int) or self.ig_steps < 1:
-            raise InputError(f"ig_steps must be an integer >= 1; got {self.ig_steps!r}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1 or None; got {self.batch_size}")
+        self.ig_steps = check_count("ig_steps", self.ig_steps)
+        self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
         check_edge_positions(self.edge_positions, node_types)
 
     def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:

@@ -28,6 +28,7 @@ from ..nodes import NodeLayout
 from ..ops import welford_merge
 from ..pairs import PromptPairs
 from ..progress import progress_bar
+from ..validate import check_batching
 from .base import Method, register
 
 DESIGNS: tuple[str, ...] = ("random", "balanced")
@@ -177,10 +178,7 @@ def check_options(samples: Any, p: Any, design: Any, batch_size: Any, memory_gb:
             raise InputError(
                 f"design='balanced' puts every node in exactly half the samples, so p must be 0.5; got {p}"
             )
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise InputError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}")
-    if not isinstance(memory_gb, (int, float)) or memory_gb <= 0:
-        raise InputError(f"memory_gb must be positive; got {memory_gb!r}")
+    check_batching(batch_size, memory_gb)
 
 
 @dataclass
