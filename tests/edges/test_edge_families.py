@@ -6,11 +6,16 @@ writes pass through a norm (Gemma-2, Gemma-3, OLMo-2) are refused with the reaso
 from __future__ import annotations
 
 import pytest
+import torch
 from reference.edges import edge_references, qk_fix_references
 from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 import atpstar
+from atpstar.cost import Cost
+from atpstar.edges.circuit_run import circuit_metric
 from atpstar.edges.graph import graph_of
+from atpstar.edges.patching import prepare_edges
+from atpstar.runner import Run
 
 FAMILIES = ("qwen3", "mistral", "phi3")
 REL = 1e-10
@@ -63,3 +68,25 @@ def test_families_with_normed_writes_are_refused(family):
     model = load(build_hf(family, n_layers=2, seed=3))
     with pytest.raises(atpstar.UnsupportedModelError, match="normalises each attention and MLP output"):
         atpstar.attribute(model, make_pairs(n_pairs=1), method="atp", nodes=["edge"])
+
+
+def test_circuit_forward_spans_base_to_source_run(setup):
+    # MIB's circuit forward: no edge at its source value = the base run; all of them = the source run.
+    family, model, pairs, refs, _ = setup
+    graph = graph_of(model)
+    cache = prepare_edges(model, graph, pairs, "noising", Cost())
+    source = cache.base_senders + cache.delta
+    pair_i = torch.arange(pairs.n_pairs)
+    none = torch.zeros(pairs.n_pairs, graph.n_senders, graph.n_receivers, dtype=torch.bool)
+    every = graph.valid[None].expand(pairs.n_pairs, -1, -1)
+    assert torch.allclose(circuit_metric(model, cache, source, pair_i, none, Cost()), cache.base_metric, atol=1e-12)
+    with torch.no_grad():
+        final = model.run_layers(model.embed(pairs.noise), Run(model.n_layers))
+        want = pairs.evaluate_metric(model.unembed(final[:, -1]), pair_i)
+    got = circuit_metric(model, cache, source, pair_i, every, Cost())
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), family
+    one = torch.zeros_like(none)
+    e = int(refs[None]["exact"].abs().sum(0).argmax())  # the largest edge: one absent edge = exact patching
+    one[:, graph.sender_index[e], graph.receiver_index[e]] = True
+    got = circuit_metric(model, cache, source, pair_i, one, Cost()) - cache.base_metric
+    assert_rel_close(got, refs[None]["exact"][:, e], 1e-10, f"{family} {graph.edge_names[e]}")
