@@ -31,7 +31,14 @@ from .hooks import _layers, _module, metric_of, reference_copy
 
 _PRE_NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
 NORMS = {"gpt2": ("ln_1", "ln_2", "ln_f"), "gpt_neox": ("input_layernorm", "post_attention_layernorm", "final_layer_norm"),
-         "llama": _PRE_NORMS, "mistral": _PRE_NORMS, "qwen2": _PRE_NORMS, "qwen3": _PRE_NORMS, "phi3": _PRE_NORMS}
+         "llama": _PRE_NORMS, "mistral": _PRE_NORMS, "qwen2": _PRE_NORMS, "qwen3": _PRE_NORMS, "phi3": _PRE_NORMS,
+         "gemma2": ("input_layernorm", "pre_feedforward_layernorm", "norm"),
+         "gemma3_text": ("input_layernorm", "pre_feedforward_layernorm", "norm"),
+         "olmo2": (None, "mlp", "norm")}  # OLMo-2: no norm in front of attention or MLP
+# Post-norm families: the norm between the attention / MLP output and the residual stream.
+POST_NORMS = {"gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+              "gemma3_text": ("post_attention_layernorm", "post_feedforward_layernorm"),
+              "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm")}
 
 
 def _ungroup_fused(attn: Any, n_heads: int, n_kv: int) -> None:
@@ -74,6 +81,9 @@ def ungrouped_copy(hf_model: Any, attn_implementation: str | None = None) -> Any
                 if old.bias is not None:
                     new.bias.copy_(old.bias.view(n_kv, e).repeat_interleave(group, 0).flatten())
             setattr(attn, name, new)
+        if cfg.model_type == "olmo2":  # k_norm over the whole k projection: repeat its weight with the rows
+            with torch.no_grad():
+                attn.k_norm.weight = torch.nn.Parameter(attn.k_norm.weight.view(n_kv, e).repeat_interleave(group, 0).flatten())
         attn.num_key_value_groups = 1
     cfg.num_key_value_heads = n_heads
     return ref
@@ -101,6 +111,9 @@ def _qkv_slices(ref: Any, layer: Any, normed: torch.Tensor) -> dict[str, torch.T
         out = layer.attention.query_key_value(normed).view(*normed.shape[:2], h, 3, e)
         return {"q": out[:, :, :, 0], "k": out[:, :, :, 1], "v": out[:, :, :, 2]}
     a = layer.self_attn
+    if kind == "olmo2":  # QK-norm over the whole projection: the head's q/k come from its own copy's norm
+        out = {"q": a.q_norm(a.q_proj(normed)), "k": a.k_norm(a.k_proj(normed)), "v": a.v_proj(normed)}
+        return {c: out[c].view(*normed.shape[:2], h, e) for c in "qkv"}
     return {c: getattr(a, f"{c}_proj")(normed).view(*normed.shape[:2], h, e) for c in "qkv"}
 
 
@@ -160,7 +173,9 @@ def receiver_metric(ref: Any, tokens: torch.Tensor, answer: torch.Tensor, distra
             if not mine or busy:
                 return out
             rows = [i for i, _ in mine]
-            normed = getattr(layers[l], NORMS[kind_name][0])(layer_in[l][rows] + shifts[rows])
+            norm = NORMS[kind_name][0]
+            shifted = layer_in[l][rows] + shifts[rows]
+            normed = getattr(layers[l], norm)(shifted) if norm else shifted
             busy.append(1)
             try:
                 new = _qkv_slices(ref, layers[l], normed)
@@ -195,6 +210,9 @@ def receiver_metric(ref: Any, tokens: torch.Tensor, answer: torch.Tensor, distra
                 handles.append(layer.attention.query_key_value.register_forward_hook(qkv_hook(l, "qkv")))
             elif kind_name == "phi3":
                 handles.append(layer.self_attn.qkv_proj.register_forward_hook(qkv_hook(l, "qkv")))
+            elif kind_name == "olmo2":  # the vectors after the whole-projection norm
+                for c, module in zip("qkv", ("q_norm", "k_norm", "v_proj")):
+                    handles.append(getattr(layer.self_attn, module).register_forward_hook(qkv_hook(l, c)))
             else:
                 for c in "qkv":
                     handles.append(getattr(layer.self_attn, f"{c}_proj").register_forward_hook(qkv_hook(l, c)))
@@ -220,9 +238,14 @@ def sender_outputs(ref: Any, tokens: torch.Tensor) -> torch.Tensor:
     z, mlp, embed = {}, {}, {}
     handles = [layers[0].register_forward_pre_hook(lambda m, a: embed.__setitem__(0, a[0]))]
     out_path = {"gpt2": "attn.c_proj", "gpt_neox": "attention.dense"}.get(kind, "self_attn.o_proj")
+    post = POST_NORMS.get(kind)
+    share = {}
     for l, layer in enumerate(layers):
         handles.append(_module(layer, out_path).register_forward_pre_hook(lambda m, a, l=l: z.__setitem__(l, a[0])))
-        handles.append(layer.mlp.register_forward_hook(lambda m, a, o, l=l: mlp.__setitem__(l, o)))
+        mlp_write = getattr(layer, post[1]) if post else layer.mlp
+        handles.append(mlp_write.register_forward_hook(lambda m, a, o, l=l: mlp.__setitem__(l, o)))
+        if post:  # a head's output: its share W_O^h z_h * norm(a) / a of the normalised attention write
+            handles.append(getattr(layer, post[0]).register_forward_hook(lambda m, a, o, l=l: share.__setitem__(l, o / a[0])))
     try:
         with torch.no_grad():
             ref(tokens[None])
@@ -234,7 +257,8 @@ def sender_outputs(ref: Any, tokens: torch.Tensor) -> torch.Tensor:
         proj = _module(layer, out_path)
         w = proj.weight if kind == "gpt2" else proj.weight.T  # [H*E, D]
         for head in range(h):
-            rows.append(z[l][0, :, head * e:(head + 1) * e] @ w[head * e:(head + 1) * e])
+            row = z[l][0, :, head * e:(head + 1) * e] @ w[head * e:(head + 1) * e]
+            rows.append(row * share[l][0] if post else row)
         rows.append(mlp[l][0])
     return torch.stack(rows)
 
