@@ -27,7 +27,7 @@ REL = 1e-10
 def setup(request):
     hf = build_hf(request.param, n_layers=2, seed=3)
     model = load(hf)
-    pairs = make_pairs(n_pairs=2, seq_len=6, seed=4)
+    pairs = make_pairs(n_pairs=1, seq_len=6, seed=4)  # batches of pairs: tests/edges/test_estimators.py
     graph = graph_of(model)
     names = (graph.edge_names, graph.sender_names)
     refs = {drop: edge_references(hf, pairs, *names, drop_layer=drop) for drop in (None, *range(model.n_layers))}
