@@ -90,3 +90,16 @@ def test_find_resumes_from_its_out_folder(tiny, tmp_path, capsys) -> None:
     assert main([*common, "--theta", "0.02", "--recompute"]) == 0
     assert "--recompute: discarding" in capsys.readouterr().err
     assert Localization.load(tmp_path / "localization").theta == 0.02
+
+
+def test_find_over_edges_from_the_command_line(tiny, tmp_path, capsys) -> None:
+    model, pairs = tiny
+    code = main(
+        ["find", "--model", str(model), "--task", str(pairs), "--theta", "0.01", "--nodes", "edge"]
+        + ["--out", str(tmp_path), "--no-progress", "--no-plots"]
+    )
+    assert code == 0
+    found = Localization.load(tmp_path / "localization")
+    assert found.node_types == ["edge"] and found.certified
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in found.names[:3]) and "-&gt;" in (tmp_path / "report.html").read_text()

@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .api import attribute
-from .bound import MIN_SAMPLES, bound_cost, choose_p, plan_samples
+from .bound import MIN_SAMPLES, P_MAX, bound_cost, choose_p, plan_samples
 from .errors import InputError
 from .find_resume import CHECKPOINT_NAME, FindJournal, digest, find_identity
 from .find_state import THETA_TOLERANCE, Search, exhaustive_bound, history_row, localization, population
@@ -202,6 +202,7 @@ def find(
         hits = int((effects.mean(1).abs() >= threshold).sum())
         found_here += hits
         saved = bound_cost(int((~search.verified).sum()), theta, alpha / 2, float((effects**2).mean(1).sum()))
+        saved *= search.sample_cost(P_MAX)
         if hits == 0 and saved < window_cost:
             break
     history.append(history_row(0, "verify_estimate_order", position, found_here, search, None))
@@ -218,7 +219,8 @@ def find(
         alpha_round = alpha / 2**round_index
         samples = plan_samples(len(unverified), n_pairs, theta, alpha_round, sum_sq)
         rest_cost = float(search.verify_cost(unverified)[-1]) if len(unverified) else 0.0
-        if rest_cost <= n_pairs * (samples + 2):
+        unit = search.sample_cost(choose_p(samples))  # forward equivalents of one joint patch (1 for nodes)
+        if rest_cost <= n_pairs * (samples * unit + 2):
             # Exact is cheaper than a bound: verify everything left (certified without assumption).
             fit = search.affordable(unverified)
             effects = search.verify(unverified[:fit], "verify_rest")
@@ -231,7 +233,7 @@ def find(
             history.append(history_row(round_index, "verify_rest", fit, hits, search, bound, certified=certified))
             say(f"round {round_index}: verified the {fit} remaining nodes exactly")
             break
-        affordable = samples if budget is None else math.floor(search.left / n_pairs) - 2
+        affordable = samples if budget is None else _affordable_samples(search.left, n_pairs, unit)
         if affordable < MIN_SAMPLES:
             stopped = f"budget spent: a bound needs {n_pairs * (MIN_SAMPLES + 2)} forward equivalents"
             break
@@ -256,9 +258,10 @@ def find(
             sum_sq = measured**2 * bound.info["samples"] * n_pairs  # se² ≈ V / (samples · P)
         flagged = flagged[torch.sort(bound_estimate[flagged].abs(), descending=True, stable=True).indices]
         next_samples = plan_samples(len(unverified) - len(flagged), n_pairs, theta, alpha_round / 2, sum_sq)
-        cap = max(n_pairs * (next_samples + 2), float(search.verify_cost(flagged[:1])[-1]) if len(flagged) else 0.0)
+        next_cost = n_pairs * (next_samples * unit + 2)
+        cap = max(next_cost, float(search.verify_cost(flagged[:1])[-1]) if len(flagged) else 0.0)
         within = int((search.verify_cost(flagged) <= cap).sum()) if len(flagged) else 0
-        if float(search.verify_cost(unverified)[-1]) <= n_pairs * (next_samples + 2):
+        if float(search.verify_cost(unverified)[-1]) <= next_cost:
             within = 0  # the next round verifies everything left at once: no separate pass over the flagged
         chunk = flagged[:within]
         fit = search.affordable(chunk)
@@ -340,6 +343,13 @@ def _estimate_or_check(
     if estimator_options is not None and not isinstance(estimator_options, dict):
         raise InputError(f"estimator_options must be a dict of {estimator}'s options; got {estimator_options!r}")
     return None
+
+
+def _affordable_samples(left: float, n_pairs: int, unit: float) -> int:
+    """Samples per pair a bound can take within ``left`` forward equivalents (2P of them prepare the bound)."""
+    if unit == 1.0:
+        return math.floor(left / n_pairs) - 2
+    return math.floor((left / n_pairs - 2) / unit)
 
 
 def _flat(scores: dict[str, torch.Tensor], node_types: list[str]) -> torch.Tensor:

@@ -7,8 +7,8 @@ bounds ``fixed + per_item x batch`` (the model's weights are not counted: they a
 offloaded ones are not resident); the batch is the largest that fits. Results kept on the CPU count
 against the budget only when the model computes on the CPU (on a GPU they are host memory).
 
-The per-token sizes of the autograd graph were measured on random models of the three families
-(``benchmarks/scaling.py`` prints predicted vs measured peaks); they err on the high side.
+The per-token size of the autograd graph follows what autograd saves with frozen weights, checked
+against measured peaks (``benchmarks/scaling.py`` prints predicted vs measured); it errs on the high side.
 
 Shape letters: P pairs, L layers, T positions, H heads, K kv-heads, E d_head, D d_model, M d_mlp, V vocab.
 """
@@ -112,14 +112,17 @@ def layout_elems(model: Model, node_types: Iterable[str], seq_len: int) -> int:
 def graph_bytes_per_pair(model: Model, seq_len: int) -> int:
     """Autograd graph of one pair's forward with parameters frozen (saved activations of every layer).
 
-    Per token and layer: norms and residual bookkeeping ~12 D, the MLP's gate/up/activation ~6 M, keys
-    and values 2 K E, and the attention pattern with its pre-softmax scores 2 H T (float32 for half models).
+    With frozen weights a linear layer saves nothing, so per token and layer the graph holds the norms'
+    inputs (2 D, float32 in half models: counted 4 D), queries and the keys/values expanded to every head
+    (3 H E; QK-norms add up to H E, and unexpanded keys/values 2 K E), the attention pattern and pre-softmax
+    scores (2 H T, float32 for half models) and the gated MLP's gate, activation and up projection (3 M).
+    Measured on a random SmolLM2-135M-shaped Llama (float32, 4 pairs x 32 tokens): 7.75k floats per token
+    and layer against 10.2k here (``benchmarks/scaling.py`` prints predicted vs measured peaks).
     """
     s = model.sizes
     item = _item(model)
-    per_token = (12 * s.d_model + 6 * s.d_mlp + 2 * s.n_kv_heads * s.d_head) * item + 2 * s.n_heads * seq_len * max(
-        item, F32
-    )
+    per_token = (4 * s.d_model + 4 * s.n_heads * s.d_head + 2 * s.n_kv_heads * s.d_head + 3 * s.d_mlp) * item
+    per_token += 2 * s.n_heads * seq_len * max(item, F32)
     return s.n_layers * seq_len * per_token
 
 
@@ -137,23 +140,33 @@ def gradient_plan(
     batch_size: int | None,
     memory_gb: float,
 ) -> MemoryPlan:
-    """Memory of AtP and its fixes (one gradient step per batch of pairs)."""
+    """Memory of AtP and its fixes (one gradient step per batch of pairs, ``gradients.gradient_step``).
+
+    Per pair: the graph; source - base at every layer's diff sites (the accumulation dtype); the QK fix's
+    queries and keys of both runs; one layer's gradients and products at a time (they are consumed in the
+    backward, ``gradients``), with the QK fix's [H, T, T] temporaries; per-layer estimates (GradDrop: the
+    running sums) and their stack; GradDrop's residual-stream gradients; the logits. For the run: the
+    dense per-pair results (twice while scores are aggregated) or, with keep='top'/'disk', the top-k
+    entries and one float64 running sum per node.
+    """
     s, item = model.sizes, _item(model)
+    acc = max(item, F32)  # differences, products and estimates: float32 for half-precision models
     fix = qk_fix and bool({"query", "key"} & set(node_types))
-    sites = {NODE_TABLE[t].site for t in node_types} | ({"q", "k"} if fix else set())
-    grad_sites = {"pattern" if fix and t in ("query", "key") else NODE_TABLE[t].site for t in node_types}
-    source = s.n_layers * sum(_site_elems(model, site, seq_len) for site in sites) * item
-    grads = s.n_layers * sum(_site_elems(model, site, seq_len) for site in grad_sites) * item
+    diff_sites = {NODE_TABLE[t].site for t in node_types if not (fix and t in ("query", "key"))}
+    grad_sites = diff_sites | ({"pattern"} if fix else set())
+    diffs = s.n_layers * sum(_site_elems(model, site, seq_len) for site in diff_sites) * acc
+    raw = 2 * s.n_layers * sum(_site_elems(model, site, seq_len) for site in ("q", "k")) * item if fix else 0
+    one_layer = sum(_site_elems(model, site, seq_len) for site in grad_sites) * (item + acc)
+    if fix:  # query_fix / key_fix hold a few [H, T, T] tensors of one layer
+        one_layer += 8 * s.n_heads * seq_len * seq_len * acc
     nodes = layout_elems(model, node_types, seq_len)
-    estimates = nodes * F32 * (3 if grad_drop else 2)  # per-layer estimates, their stack, GradDrop's running sums
-    extra = 0
-    if grad_drop:  # residual-stream gradients of every layer and one dropped layer's gradients at the sites
-        extra = s.n_layers * seq_len * s.d_model * item + grads
+    estimates = 2 * nodes * acc  # per-layer estimates or GradDrop's running sums, and their stack
+    resid = s.n_layers * seq_len * s.d_model * item if grad_drop else 0  # seeds of GradDrop's partial backwards
     logits = 3 * _vocab(model) * F32
-    per_pair = graph_bytes_per_pair(model, seq_len) + source + grads + estimates + extra + logits
-    scores = 2 * nodes * F64
+    per_pair = graph_bytes_per_pair(model, seq_len) + diffs + raw + one_layer + estimates + resid + logits
+    scores = 0 if keep == "all" else nodes * F64  # running sum of the aggregation (sink.PerPairSink)
     # Dense results, plus their absolute value while the scores are aggregated at the end; or top-k entries.
-    results = n_pairs * (2 * nodes * F32 if keep == "all" else len(node_types) * top_k * (F32 + 8 * 4))
+    results = n_pairs * (2 * nodes * acc if keep == "all" else len(node_types) * top_k * (acc + 8 * 4))
     return _plan(model, method, scores, results, per_pair, n_pairs, batch_size, memory_gb)
 
 

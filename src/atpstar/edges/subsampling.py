@@ -76,3 +76,16 @@ def subsample_edges(
             _update(values, chosen, delta, pair_index, n_pairs)
             bar.update(len(element))
     return SubsamplingStats({"edge": (n_edges,)}, values), cache.base_metric.detach().double().cpu()
+
+
+def joint_patch_cost(model: Model, keep: torch.Tensor, p: float) -> float:
+    """Expected forward equivalents of one joint patch over the edges ``keep`` [N] at inclusion probability ``p``,
+    as ``circuit_run`` counts them: at most one forward, plus 1/L per q/k/v receiver that reads a changed input
+    (its own copy of the layer input through norm and projections)."""
+    graph = graph_of(model)
+    per_receiver = torch.bincount(graph.receiver_index[keep.to(torch.bool)], minlength=graph.n_receivers)  # [R]
+    changed = 1.0 - (1.0 - p) ** per_receiver.double()  # [R] probability that a receiver reads a changed input
+    receiver = torch.arange(graph.n_receivers)
+    per_layer = 3 * model.n_heads + 1  # receivers of one layer: q, k, v of every head, then the MLP
+    qkv = (receiver // per_layer < model.n_layers) & (receiver % per_layer < 3 * model.n_heads)
+    return 1.0 + float(changed[qkv].sum()) / model.n_layers
