@@ -49,7 +49,8 @@ def _same(a: Localization, b: Localization) -> None:
     if a.bound is None or b.bound is None:
         return
     assert a.bound.max_effect_upper == b.bound.max_effect_upper and a.bound.info == b.bound.info
-    torch.testing.assert_close(a.bound.upper["neuron"], b.bound.upper["neuron"], rtol=0, atol=0, equal_nan=True)
+    for t in a.bound.upper:
+        torch.testing.assert_close(a.bound.upper[t], b.bound.upper[t], rtol=0, atol=0, equal_nan=True)
 
 
 def test_interrupted_after_round_1_resumes_to_the_uninterrupted_result(planted, tmp_path, monkeypatch):
@@ -151,3 +152,24 @@ def test_truncated_checkpoint_is_reported_and_recomputed(planted, tmp_path):
     assert "resumed" not in again.info
     with pytest.raises(atpstar.InputError, match="folder"):
         atpstar.find(model, pairs, theta, checkpoint=tmp_path, **run)
+
+
+def test_a_verification_interrupted_midway_keeps_its_finished_layers(tmp_path, monkeypatch):
+    """Two-layer toy: each verification call is journaled per layer, so a kill inside a call loses one layer."""
+    model = atpstar.load_model("toy-ioi")
+    pairs = atpstar.tasks.ioi(model.tokenizer, 2, seed=0).subset([0])
+    run = {"nodes": ["query", "key", "value", "head"], "estimator": "atp", "patience": 64, "max_rounds": 1}
+    counting = _Calls(find_state.patch_ranked)
+    monkeypatch.setattr(find_state, "patch_ranked", counting)
+    whole = atpstar.find(model, pairs, 0.3, **run)
+    total = counting.calls
+    assert total >= 3
+    path = tmp_path / "find.ckpt.safetensors"
+    monkeypatch.setattr(find_state, "patch_ranked", _Calls(counting.function, total - 1, KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        atpstar.find(model, pairs, 0.3, checkpoint=path, **run)
+    resumed_calls = _Calls(counting.function)
+    monkeypatch.setattr(find_state, "patch_ranked", resumed_calls)
+    resumed = atpstar.find(model, pairs, 0.3, checkpoint=path, **run)
+    assert resumed_calls.calls == 2  # the interrupted layer and the one after it; the others were kept
+    _same(resumed, whole)

@@ -6,7 +6,9 @@ A rerun with the same identity runs the loop again; every step found in the jour
 (cost included, so the result reports the cost of the whole work, not twice the redone part) instead
 of being computed, and the loop goes on from the first step that is not there. A step is written to
 the journal when it completes (atomically, ``persist.save_tensors``); a step interrupted midway runs
-again on the rerun.
+again on the rerun. In-process verification of nodes is journaled one layer at a time (the same
+forwards as one call), so a kill loses at most one layer's patching; a bound, and verification on Ray
+workers or of edges, is one step.
 
 Identity (``checkpoint.CHECKPOINT_FIELDS`` plus ``FIND_FIELDS``): model, dtype, pairs, metric,
 direction, node types, theta, alpha, estimator (a method id with its options, or a digest of a given
@@ -91,6 +93,7 @@ class FindJournal:
     position: int = 0
     replayed: int = 0
     replayed_cost: float = 0.0
+    last_replayed: bool = False  # whether the last ``step`` came from the checkpoint
 
     @classmethod
     def open(cls, path: str | Path | None, current: dict[str, str], recompute: bool = False) -> FindJournal:
@@ -142,6 +145,7 @@ class FindJournal:
             record = self.records[index]
             if record["kind"] == kind and record["key"] == key:
                 self.position += 1
+                self.last_replayed = True
                 self.replayed += 1
                 self.replayed_cost += Cost.from_dict(record["facts"]["cost"]).forward_equivalents
                 prefix = f"{index}/"
@@ -154,6 +158,7 @@ class FindJournal:
                 stacklevel=3,
             )
             self._truncate(index)
+        self.last_replayed = False
         facts, tensors = compute()
         facts = finite(to_jsonable(facts))  # what a replay returns, so both runs continue alike
         self.records.append({"kind": kind, "key": key, "facts": facts})

@@ -18,13 +18,16 @@ import torch
 
 from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
+from .engine import PatchCache, element_bytes, prepare
 from .find_resume import FindJournal, digest
 from .localization import STAGES, Localization, bound_from_parts, bound_parts
 from .model import Model
-from .nodes import EDGE_TYPE, node_shape
+from .nodes import EDGE_TYPE, node_shape, unit_and_pos
 from .pairs import PromptPairs
+from .progress import progress_bar
 from .result import Attribution
-from .verify import Verification, verify
+from .validate import batch_for_memory, check_batch_size
+from .verify import Verification, patch_ranked, verify
 
 # |c| within this fraction of θ counts as >= θ: float32 patching differs by ~1e-7 between batchings.
 THETA_TOLERANCE = 1e-5
@@ -149,18 +152,62 @@ class Search:
         self.add_cost("estimate", cost)
 
     def verify(self, flat: torch.Tensor, stage: str) -> torch.Tensor:
-        """Patch the nodes ``flat`` exactly (the batched engine, through ``atpstar.verify``): [k, P] effects."""
+        """Patch the nodes ``flat`` exactly (the batched engine, as ``atpstar.verify``): [k, P] effects."""
         if len(flat) == 0:
             return torch.zeros(0, self.pairs.n_pairs, dtype=torch.float64)
         key = {"stage": stage, "n": len(flat), "nodes": digest(flat.long())}
-        facts, tensors = self.journal.step("verify", key, lambda: self._verify(flat))
-        self.add_cost(stage, Cost.from_dict(facts["cost"]))
-        self.base_metric = tensors["base_metric"]
-        effects = tensors["effects"]  # [k, P], rows in the order of flat
+        if self.edge_graph is None and all(v is None for v in self.engine.values()):
+            effects = self._verify_by_layer(flat, stage, key)
+        else:  # edges, or Ray workers: one ``atpstar.verify`` call, one journal step
+            facts, tensors = self.journal.step("verify", key, lambda: self._verify(flat))
+            self.add_cost(stage, Cost.from_dict(facts["cost"]))
+            self.base_metric = tensors["base_metric"]
+            effects = tensors["effects"]  # [k, P], rows in the order of flat
         self.verified[flat] = True
         self.order.extend(int(i) for i in flat)
         self.effects.extend(effects)
         self.stage_of.extend([stage] * len(flat))
+        return effects
+
+    def _verify_by_layer(self, flat: torch.Tensor, stage: str, key: dict[str, Any]) -> torch.Tensor:
+        """In-process verification of ``flat`` as one journal step per layer: [k, P] effects.
+
+        The same forwards as one ``atpstar.verify`` call (it too patches layer by layer, each layer's nodes in
+        rank order, in the same batches), so the numbers are the same; a kill loses at most one layer's work.
+        Each step records the call's running cost (base and source runs, then the layers so far, added in
+        the same order as one call adds them); a resumed call runs the base and source runs again without
+        counting them twice.
+        """
+        nodes = [self.unflatten(int(i)) for i in flat]
+        parts = torch.tensor(
+            [(self.node_types.index(t), index[0], *unit_and_pos(t, index)) for t, index in nodes], dtype=torch.long
+        )  # [k, 4]: type index, layer, head/kv-head/neuron, position
+        batch = batch_for_memory(check_batch_size(self.batch_size), 1.0, element_bytes(self.model, self.pairs.seq_len))
+        effects = torch.zeros(len(flat), self.pairs.n_pairs, dtype=torch.float64)
+        cache: list[PatchCache] = []
+        running = Cost()  # the call's cost so far
+        with progress_bar(len(flat) * self.pairs.n_pairs, "verify", self.progress) as bar:
+            for layer in torch.unique(parts[:, 1]).tolist():
+                rows = torch.nonzero(parts[:, 1] == layer)[:, 0]
+
+                def run(rows: torch.Tensor = rows) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+                    cost = Cost(running.forward, running.backward)
+                    if not cache:  # base and source runs: counted when the call starts, not again on a resume
+                        cache.append(prepare(self.model, self.pairs, self.direction, self.node_types, cost))
+                        if running.forward_equivalents > 0:
+                            cost = Cost(running.forward, running.backward)
+                    ranked = (parts[rows, 0], parts[rows, 1], parts[rows, 2], parts[rows, 3])
+                    found = patch_ranked(self.model, cache[0], self.node_types, ranked, batch, cost, bar.update)
+                    tensors = {"effects": found, "base_metric": cache[0].base_metric.detach().double().cpu()}
+                    return {"cost": cost.to_dict()}, tensors
+
+                facts, tensors = self.journal.step("verify", {**key, "layer": int(layer)}, run)
+                if self.journal.last_replayed:
+                    bar.update(len(rows) * self.pairs.n_pairs)
+                running = Cost.from_dict(facts["cost"])
+                self.base_metric = tensors["base_metric"]
+                effects[rows] = tensors["effects"]
+        self.add_cost(stage, running)
         return effects
 
     def _verify(self, flat: torch.Tensor) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
