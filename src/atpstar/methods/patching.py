@@ -20,6 +20,7 @@ from ..fingerprint import identity
 from ..memory import MemoryPlan, layout_elems, patching_plan
 from ..model import Model
 from ..nodes import ALL_TYPES, layout_index, node_shape, unit_and_pos
+from ..ops import accumulation_dtype
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..validate import check_batch_size, check_count, check_memory_gb
@@ -111,6 +112,7 @@ class ActivationPatching(Method):
             batch_size=self.batch_size,
             memory_gb=self.memory_gb,
             results_bytes=n_pairs * nodes * (item + 1),  # effects and the done mask
+            pair_blocks=True,
         )
 
     def _batch(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> int:
@@ -152,11 +154,13 @@ class ActivationPatching(Method):
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        batch = self._batch(model, pairs, node_types)
-        cache = prepare(model, pairs, direction, node_types, cost)
+        plan = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types)
+        batch, block = plan.batch, plan.pair_block or pairs.n_pairs
         made_by = identity(model, pairs, direction, node_types, self.id, self.get_options())
-        effects, done, prior = _resume(self.checkpoint, made_by, model, pairs, node_types, cache.base_metric.dtype)
-        prepared = Cost(cost.forward, cost.backward)  # base and source runs: paid again on every resume
+        dtype = accumulation_dtype(model.dtype)  # the metric's dtype (logits are upcast for half models)
+        effects, done, prior = _resume(self.checkpoint, made_by, model, pairs, node_types, dtype)
+        prepared = Cost()  # base and source runs: paid again on every resume
+        base_metric = torch.zeros(pairs.n_pairs, dtype=dtype)
 
         def save() -> None:
             if self.checkpoint:  # the saved part's cost: earlier runs' plus this run's patching
@@ -170,24 +174,38 @@ class ActivationPatching(Method):
         schedule, finished = CheckpointSchedule(), 0
         try:
             with progress_bar(total, "activation patching", progress) as bar:
-                for layer in layers:
-                    pending = _pending(node_types, done, layer)
-                    sweep = sweep_layer(model, cache, layer, node_types, pending, batch, cost, self.min_chunk_tokens)
-                    for chunk, effect in sweep:
-                        type_i, pair_i, unit_i, pos_i = (part[chunk] for part in pending)
-                        _store(node_types, effects, done, layer, type_i, pair_i, unit_i, pos_i, effect)
-                        bar.update(len(chunk))
-                        finished += len(chunk)
-                        if self.checkpoint and schedule.due(finished, total):
-                            save()
-                            schedule.saved(finished)
+                # Pairs stream through in blocks: only one block's cached activations exist at a time.
+                for first in range(0, pairs.n_pairs, block):
+                    rows = slice(first, min(first + block, pairs.n_pairs))
+                    before = Cost(cost.forward, cost.backward)
+                    cache = prepare(model, pairs.subset(range(rows.start, rows.stop)), direction, node_types, cost)
+                    prepared = prepared + Cost(cost.forward - before.forward, cost.backward - before.backward)
+                    base_metric[rows] = cache.base_metric.cpu()
+                    block_effects = {t: e[rows] for t, e in effects.items()}  # views: results land in place
+                    block_done = {t: d[rows] for t, d in done.items()}
+                    for layer in layers:
+                        pending = _pending(node_types, block_done, layer)  # pair indices within the block
+                        sweep = sweep_layer(
+                            model, cache, layer, node_types, pending, batch, cost, self.min_chunk_tokens
+                        )
+                        for chunk, effect in sweep:
+                            type_i, pair_i, unit_i, pos_i = (part[chunk] for part in pending)
+                            _store(node_types, block_effects, block_done, layer, type_i, pair_i, unit_i, pos_i, effect)
+                            bar.update(len(chunk))
+                            finished += len(chunk)
+                            if self.checkpoint and schedule.due(finished, total):
+                                save()
+                                schedule.saved(finished)
+                    del cache
         except BaseException:
             save()
             raise
         save()
         cost.forward += prior.forward  # the whole computation's cost, also after resuming
         cost.backward += prior.backward
-        info: dict[str, Any] = {"base_metric": cache.base_metric.tolist(), "layers": layers}
+        info: dict[str, Any] = {"base_metric": base_metric.tolist(), "layers": layers}
+        if block < pairs.n_pairs:
+            info["pair_block"] = block
         if prior.forward_equivalents > 0:
             info["resumed_from"] = str(self.checkpoint)
         return effects, {}, info
