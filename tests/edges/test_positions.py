@@ -121,5 +121,7 @@ def test_position_resolved_edges_are_not_exported_to_mib(setup, tmp_path):
     est = atpstar.attribute(model, pairs, method="atp", nodes=["edge"], edge_positions=True)
     with pytest.raises(atpstar.InputError, match="position"):
         est.to_mib(tmp_path / "circuit.json")
+    with pytest.raises(atpstar.InputError, match="position-summed"):
+        atpstar.faithfulness_curve(model, pairs, est)
     with pytest.raises(atpstar.InputError, match="edge_positions"):
         atpstar.attribute(model, pairs, method="atp", nodes=["head"], edge_positions=True)

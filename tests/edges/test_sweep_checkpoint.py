@@ -53,7 +53,7 @@ def test_interrupted_sweep_resumes_to_the_same_numbers_and_cost(setup, tmp_path,
     assert resumed.cost.forward == pytest.approx(full.cost.forward)
 
 
-@pytest.mark.parametrize("change", ["model", "pairs", "direction", "edge_positions"])
+@pytest.mark.parametrize("change", ["model", "pairs", "metric", "direction", "edge_positions"])
 def test_another_computation_is_refused_naming_what_differs(setup, tmp_path, monkeypatch, change):
     model, pairs, _ = setup
     path = tmp_path / "truth.ckpt"
@@ -62,6 +62,7 @@ def test_another_computation_is_refused_naming_what_differs(setup, tmp_path, mon
     expected = {
         "model": "model weights",
         "pairs": "prompt pairs",
+        "metric": "metric \\(saved",
         "direction": "direction",
         "edge_positions": "method options",
     }[change]
@@ -69,6 +70,8 @@ def test_another_computation_is_refused_naming_what_differs(setup, tmp_path, mon
         model = load(build_hf("gpt2", n_layers=2, seed=5))
     elif change == "pairs":
         pairs = make_pairs(n_pairs=2, seq_len=5, seed=8)
+    elif change == "metric":
+        pairs = make_pairs(n_pairs=2, seq_len=5, seed=4, metric="logprob")
     elif change == "direction":
         kwargs["direction"] = "denoising"
     else:
