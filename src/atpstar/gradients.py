@@ -82,9 +82,8 @@ class GradientStep:
     # Called by the base run during its forward -------------------------------------------------------
     def _observe(self, layer: int, site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
         """Form source - base at diff sites and hook the gradient at grad sites; ``x`` itself is unchanged."""
-        if site in self.diff_sites:
-            with torch.no_grad():
-                self.diffs[(layer, site)] = upcast(self.source.get(site, layer)) - upcast(x.detach())
+        if site in self.diff_sites:  # neither operand requires grad: no graph is built
+            self.diffs[(layer, site)] = upcast(self.source.get(site, layer)) - upcast(x.detach())
             if site not in self.sites:
                 self.source.release(site, layer)
         if site in self.grad_sites:
@@ -96,10 +95,9 @@ class GradientStep:
         return x
 
     def _on_grad(self, layer: int, site: str, grad: torch.Tensor) -> None:
-        if self._consume is not None:
+        if self._consume is not None:  # autograd runs hooks with grad mode off (no create_graph here)
             self._seen.add((layer, site))
-            with torch.no_grad():
-                self._consume(layer, site, grad)
+            self._consume(layer, site, grad)
 
     # Backward passes ---------------------------------------------------------------------------------
     def backward(self, consume: Consumer) -> None:
@@ -227,7 +225,7 @@ def atp_estimate(step: GradientStep, node_type: str, layer: int, grad: torch.Ten
     must be one of the step's diff sites and grad sites.
     """
     row = NODE_TABLE[node_type]
-    with torch.no_grad():
-        # Half-precision gradients are upcast like the differences (ops.accumulation_dtype).
-        prod = step.diffs[(layer, row.site)] * upcast(grad)  # [b, T, M] or [b, H|K, T, E]
-        return prod.sum(-1) if row.vector else prod  # [b, T, M] or [b, H|K, T]
+    # Half-precision gradients are upcast like the differences (ops.accumulation_dtype). No graph: the
+    # difference is detached and a gradient handed to a consumer does not require grad.
+    prod = step.diffs[(layer, row.site)] * upcast(grad.detach())  # [b, T, M] or [b, H|K, T, E]
+    return prod.sum(-1) if row.vector else prod  # [b, T, M] or [b, H|K, T]

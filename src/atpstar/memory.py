@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -42,6 +42,8 @@ class MemoryPlan:
         batch: elements per batch (``batch_size``, or the most that fit in ``memory_gb``).
         budget_gb: ``memory_gb``.
         host_results_gb: results kept in host memory while the model computes on an accelerator.
+        pair_block: pairs whose cache is held at a time (exact patching streams over blocks of pairs);
+            None where the method caches all pairs or none.
     """
 
     method: str
@@ -52,6 +54,7 @@ class MemoryPlan:
     batch: int
     budget_gb: float
     host_results_gb: float = 0.0
+    pair_block: int | None = None
 
     @property
     def working_gb(self) -> float:
@@ -65,10 +68,11 @@ class MemoryPlan:
 
     def describe(self) -> str:
         host = f"; {self.host_results_gb:.2f} GB of results in host memory" if self.host_results_gb else ""
+        block = "" if self.pair_block is None else f"; caches {self.pair_block} pairs at a time"
         return (
             f"{self.method}: predicted peak {self.peak_gb:.2f} GB on {self.device} = weights {self.weights_gb:.2f} "
             f"+ run {self.fixed_gb:.2f} + batch of {self.batch} x {self.per_item_gb * 1024:.1f} MB "
-            f"(memory_gb={self.budget_gb:g}){host}"
+            f"(memory_gb={self.budget_gb:g}){host}{block}"
         )
 
     def to_dict(self) -> dict[str, float | int | str]:
@@ -199,6 +203,7 @@ def patching_plan(
     batch_size: int | None,
     memory_gb: float,
     results_bytes: int,
+    pair_blocks: bool = False,
 ) -> MemoryPlan:
     """Memory of methods built on patched forwards (exact patching, subsampling, blocks).
 
@@ -207,10 +212,45 @@ def patching_plan(
         run_bytes: held for the run besides the cache (e.g. subsampling statistics).
         item_extra: bytes per patched forward besides its activations (masks).
         results_bytes: per-pair results kept in host memory.
+        pair_blocks: the method caches a block of pairs at a time (``MemoryPlan.pair_block``): all pairs
+            when their cache takes at most half of what ``memory_gb`` leaves after the results (or leaves
+            room for ``batch_size``), else the most pairs whose cache fits in that half.
     """
-    fixed = cache_bytes(model, n_pairs, seq_len, node_types) + run_bytes
     per_item = patched_forward_bytes(model, seq_len) + item_extra
-    return _plan(model, method, fixed, results_bytes, per_item, n_items, batch_size, memory_gb)
+    block = None
+    if pair_blocks:
+        block = _pair_block(model, method, n_pairs, seq_len, node_types, per_item, batch_size, memory_gb,
+                            run_bytes + (results_bytes if model.device.type == "cpu" else 0))  # fmt: skip
+    fixed = cache_bytes(model, block or n_pairs, seq_len, node_types) + run_bytes
+    plan = _plan(model, method, fixed, results_bytes, per_item, n_items, batch_size, memory_gb)
+    return plan if block is None else replace(plan, pair_block=block)
+
+
+def _pair_block(
+    model: Model,
+    method: str,
+    n_pairs: int,
+    seq_len: int,
+    node_types: list[str],
+    per_item: int,
+    batch_size: int | None,
+    memory_gb: float,
+    held: int,
+) -> int:
+    """Pairs per cache block: all when they fit next to a batch, else as many as half the room holds."""
+    room = memory_gb * GB - held
+    per_pair = cache_bytes(model, 1, seq_len, node_types)
+    share = room - per_item * batch_size if batch_size is not None else room / 2
+    if n_pairs * per_pair <= share:
+        return n_pairs
+    block = int(share // per_pair)
+    if block < 1:
+        raise InputError(
+            f"{method}: memory_gb={memory_gb:g} is too small: the run holds {held / GB:.2f} GB (results), one "
+            f"pair's cached activations need {per_pair / GB:.3f} GB and one patched forward {per_item / GB:.3f} GB. "
+            "Raise memory_gb, use shorter prompts or patch fewer node types per call"
+        )
+    return block
 
 
 def _plan(

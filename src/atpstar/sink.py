@@ -85,8 +85,11 @@ class PerPairSink:
             value = values[t] if self.aggregation == "mean" else values[t].abs()
             total += value.sum(0, dtype=torch.float64).cpu()
         if self.keep == "all":
+            first, n = int(index[0]), len(index)
+            consecutive = bool((index == torch.arange(first, first + n, device=index.device)).all())
+            rows = slice(first, first + n) if consecutive else index  # batches of pairs are slices: a plain copy
             for t, value in values.items():
-                self.dense[t][index] = value.to(self.dtype).cpu()
+                self.dense[t][rows] = value.to(self.dtype).cpu()
             return
         self.top_pairs.append(index.cpu())
         for t, value in values.items():
