@@ -72,7 +72,8 @@ class Method:
             model: an ``atpstar.Model`` (from ``load_model``) or a ``transformers`` causal LM.
             pairs: the prompt pairs and their metric.
             nodes: node types, any of ``neuron``, ``query``, ``key``, ``value``, ``head``, and ``edge``
-                (the MIB/EAP-IG edge graph, ``per_pair["edge"]`` [P, N] in ``atpstar.edge_names`` order;
+                (the MIB/EAP-IG edge graph, ``per_pair["edge"]`` [P, N] in ``atpstar.edge_names`` order,
+                [P, N, T] with the option ``edge_positions=True`` (``check_edge_positions``);
                 methods with edges: ``activation_patching``, ``atp``, ``atp+qkfix``, ``atp+graddrop``,
                 ``atp*``, ``atp+ig``).
             direction: ``"noising"`` (patch noise into the clean run, the paper's) or ``"denoising"``
