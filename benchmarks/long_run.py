@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"})
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     torch.set_num_threads(args.threads)
     import transformers as tf
 

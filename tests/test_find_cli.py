@@ -69,3 +69,37 @@ def test_find_bad_input_exit_2(tiny, tmp_path, capsys) -> None:
     assert "unknown estimator" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["find", "--model", str(model), "--task", str(pairs)])  # --theta is required
+
+
+def test_find_resumes_from_its_out_folder(tiny, tmp_path, capsys) -> None:
+    model, pairs = tiny
+    common = ["find", "--model", str(model), "--task", str(pairs), "--nodes", "attention", "--out", str(tmp_path)]
+    common += ["--no-progress", "--no-plots"]
+    assert main([*common, "--theta", "0.01"]) == 0
+    first = Localization.load(tmp_path / "localization")
+    assert (tmp_path / "find.ckpt.safetensors").is_file()
+    capsys.readouterr()
+    assert main([*common, "--theta", "0.01"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "resumed" in err and "completed steps" in err
+    again = Localization.load(tmp_path / "localization")
+    assert again.nodes == first.nodes and again.cost == first.cost and again.history == first.history
+    assert main([*common, "--theta", "0.02"]) == 2  # another computation's checkpoint: refused, naming theta
+    err = capsys.readouterr().err
+    assert "theta (saved '0.01', now '0.02')" in err and "--recompute" in err
+    assert main([*common, "--theta", "0.02", "--recompute"]) == 0
+    assert "--recompute: discarding" in capsys.readouterr().err
+    assert Localization.load(tmp_path / "localization").theta == 0.02
+
+
+def test_find_over_edges_from_the_command_line(tiny, tmp_path, capsys) -> None:
+    model, pairs = tiny
+    code = main(
+        ["find", "--model", str(model), "--task", str(pairs), "--theta", "0.01", "--nodes", "edge"]
+        + ["--out", str(tmp_path), "--no-progress", "--no-plots"]
+    )
+    assert code == 0
+    found = Localization.load(tmp_path / "localization")
+    assert found.node_types == ["edge"] and found.certified
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in found.names[:3]) and "-&gt;" in (tmp_path / "report.html").read_text()

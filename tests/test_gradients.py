@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 from reference import brute, hooks
 from reference.models import assert_rel_close, build_hf, load, make_pairs
@@ -11,18 +14,38 @@ from atpstar.gradients import atp_estimate, gradient_step
 from atpstar.nodes import NODE_TABLE
 
 ALL = ["neuron", "query", "key", "value", "head"]
+SITES = [NODE_TABLE[t].site for t in ALL]
 
 
 def test_plain_step_gives_atp_and_counts_its_passes():
     model = load(build_hf("llama", seed=4))
     pairs = make_pairs(n_pairs=3)
     expected = hooks.atp(hooks.reference_copy(model.hf_model), pairs, "denoising")
-    sites = [NODE_TABLE[t].site for t in ALL]
     cost = Cost()
-    step = gradient_step(model, pairs, torch.arange(3), direction="denoising", sites=sites, grad_sites=sites, cost=cost)
+    with gradient_step(
+        model, pairs, torch.arange(3), direction="denoising", sites=[], diff_sites=SITES, grad_sites=SITES, cost=cost
+    ) as step:
+        _check_plain(model, step, cost, expected)
+
+
+def _check_plain(model, step, cost, expected):
     assert step.metric.shape == (3,)
+    assert (cost.forward, cost.backward) == (6.0, 0.0)  # forwards only until the backward runs
+    got: dict[str, dict[int, torch.Tensor]] = {t: {} for t in ALL}
+    order = []
+
+    def consume(layer: int, site: str, grad: torch.Tensor) -> None:
+        order.append((layer, site))
+        assert grad.shape == step.diffs[(layer, site)].shape
+        for t in ALL:
+            if NODE_TABLE[t].site == site:
+                got[t][layer] = atp_estimate(step, t, layer, grad)
+
+    step.backward(consume)
+    assert sorted(order) == sorted((layer, site) for layer in range(model.n_layers) for site in SITES)
+    assert [layer for layer, _ in order] == sorted((layer for layer, _ in order), reverse=True)  # top layer first
     for t in ALL:
-        estimate = torch.stack([atp_estimate(step, t, layer, step.grads) for layer in range(model.n_layers)], 1)
+        estimate = torch.stack([got[t][layer] for layer in range(model.n_layers)], 1)
         assert_rel_close(estimate, expected[t], 1e-6, t)
     assert (cost.forward, cost.backward) == (6.0, 3.0)
 
@@ -30,18 +53,55 @@ def test_plain_step_gives_atp_and_counts_its_passes():
 def test_dropped_gradients_equal_separate_dropped_backwards():
     model = load(build_hf("gpt2", n_layers=3, seed=5))
     pairs = make_pairs()
-    sites = [NODE_TABLE[t].site for t in ALL]
     cost = Cost()
-    step = gradient_step(
-        model, pairs, torch.arange(2), direction="noising", sites=sites, grad_sites=sites, cost=cost, grad_drop=True
-    )
-    seen = []
-    for drop, grads in step.dropped():
+    with gradient_step(
+        model, pairs, torch.arange(2), direction="noising", sites=[], diff_sites=SITES, grad_sites=SITES, cost=cost,
+        grad_drop=True,
+    ) as step:  # fmt: skip
+        _check_dropped(model, pairs, step)
+    assert cost.backward == 2 * (1 + 1 / 3 + 2 / 3)
+
+
+def _check_dropped(model, pairs, step):
+    step.backward(lambda layer, site, grad: None)
+    seen, got = [], {}
+
+    def consume(layer: int, site: str, grad: torch.Tensor) -> None:
+        for t in ALL:
+            if NODE_TABLE[t].site == site:
+                got[(t, layer)] = atp_estimate(step, t, layer, grad)
+
+    for drop in step.dropped(consume):
         seen.append(drop)
         expected = brute.atp(model, pairs, ALL, drop_layer=drop)
-        for t in ALL:
-            for layer in range(drop):
-                got = atp_estimate(step, t, layer, grads)
-                assert_rel_close(got, expected[t][:, layer], 1e-6, f"drop {drop} {t} layer {layer}")
+        assert sorted({layer for _, layer in got}) == list(range(drop))
+        for (t, layer), value in got.items():
+            assert_rel_close(value, expected[t][:, layer], 1e-6, f"drop {drop} {t} layer {layer}")
+        got.clear()
     assert seen == [1, 2]
-    assert cost.backward == 2 * (1 + 1 / 3 + 2 / 3)
+
+
+def test_gradients_and_differences_are_freed_and_hooks_removed():
+    """The consumer's gradients die once it returns, released differences die, no hook outlives the step,
+    and the step holds no base activation at the diff sites (only source - base)."""
+    model = load(build_hf("gpt_neox", n_layers=2, seed=6))
+    pairs = make_pairs()
+    grads: list[weakref.ref[torch.Tensor]] = []
+    with gradient_step(
+        model, pairs, torch.arange(2), direction="noising", sites=[], diff_sites=SITES, grad_sites=SITES, cost=Cost()
+    ) as step:
+        assert not step.base.records and all(r is None for v in step.source.records.values() for r in v)
+        diffs = [weakref.ref(d) for d in step.diffs.values()]
+        assert len(diffs) == model.n_layers * len(SITES)
+        hooks = list(step._hooks)
+
+        def consume(layer: int, site: str, grad: torch.Tensor) -> None:
+            grads.append(weakref.ref(grad))
+            step.release(site, layer)
+
+        step.backward(consume)
+    gc.collect()
+    assert len(grads) == model.n_layers * len(SITES)
+    assert all(ref() is None for ref in grads + diffs)
+    assert hooks and not step._hooks
+    assert all(not handle.hooks_dict_ref() for handle in hooks)  # removed from their tensors

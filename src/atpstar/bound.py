@@ -41,7 +41,7 @@ from .errors import InputError
 from .fingerprint import MODEL_FIELDS, check_identity, identity
 from .methods.subsampling import SubsamplingStats, check_options, subsample
 from .model import as_model
-from .nodes import NodeLayout, check_node_types, node_name
+from .nodes import EDGE_TYPE, NodeLayout, check_node_types, node_name
 from .ops import student_t_cdf, student_t_quantile, welch_se_df
 from .pairs import PromptPairs, check_direction
 from .validate import check_number, check_pairs_fit
@@ -144,8 +144,23 @@ class FalseNegativeBound:
     upper: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def worst_name(self) -> str | None:
+        """Name of ``worst_node`` (TransformerLens-style; an edge's MIB name when ``info["edge_graph"]`` says the graph)."""
+        if self.worst_node is None:
+            return None
+        node_type, index = self.worst_node
+        if node_type == EDGE_TYPE:
+            graph = self.info.get("edge_graph")
+            if graph is None:
+                return f"edge {index[0]}"
+            from .edges.graph import EdgeGraph
+
+            return EdgeGraph.from_description(graph).edge_names[index[0]]
+        return node_name(node_type, index)
+
     def __str__(self) -> str:
-        worst = "" if self.worst_node is None else f" (at {node_name(*self.worst_node)})"
+        worst = "" if self.worst_node is None else f" (at {self.worst_name})"
         prob = "" if self.theta is None else f"; P(some unverified |c| >= {self.theta:g}) <= {self.prob_upper:.3g}"
         return (
             f"{self.n_unverified} unverified nodes ({self.direction}): max |c| <= {self.max_effect_upper:.4g} "
@@ -232,7 +247,14 @@ def false_negative_bound(
     check_number("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
     if theta is not None:
         check_number("theta", theta, 0.0, None, low_open=True)  # NaN would make every probability bound 1
-    layout = NodeLayout.of(node_types, model.sizes, pairs.seq_len)
+    edges = EDGE_TYPE in node_types
+    if edges and (
+        node_types != [EDGE_TYPE] or workers is not None or ray_address is not None or checkpoint is not None
+    ):
+        raise InputError(
+            "bound edges on their own and in-process: nodes=['edge'], no workers=/ray_address=/checkpoint="
+        )
+    layout = _edge_layout(model) if edges else NodeLayout.of(node_types, model.sizes, pairs.seq_len)
     shapes = layout.shapes
     exclude = {t: torch.zeros(shape, dtype=torch.bool) for t, shape in shapes.items()}
     for t, index in node_list:
@@ -255,7 +277,23 @@ def false_negative_bound(
 
     cost = Cost()
     run_info: dict[str, Any] = {}
-    if workers is None and ray_address is None and checkpoint is None:
+    if edges:  # random joint patches of edge subsets (atpstar.edges.subsampling)
+        from .edges.subsampling import subsample_edges
+
+        stats, _ = subsample_edges(
+            model,
+            pairs,
+            direction,
+            samples=samples,
+            p=p,
+            seed=seed,
+            cost=cost,
+            exclude=exclude[EDGE_TYPE],
+            batch_size=batch_size,
+            memory_gb=memory_gb,
+            progress=progress,
+        )
+    elif workers is None and ray_address is None and checkpoint is None:
         cache = prepare(model, pairs, direction, node_types, cost)
         stats = subsample(
             model,
@@ -321,6 +359,7 @@ def false_negative_bound(
             # typical and largest standard error of ĉ(n): what ``plan_samples`` needs for the next bound
             "se_median": float(finite_se.median()) if len(finite_se) else float("nan"),
             "se_max": float(finite_se.max()) if len(finite_se) else float("nan"),
+            **({"edge_graph": _edge_graph(model).describe()} if edges else {}),
             **run_info,
         },
     )
@@ -357,3 +396,14 @@ def _node_bounds(
             at_minus = 1.0 - student_t_cdf((e + theta) / s, d)  # P(ĉ this high | c = -θ)
             prob[usable] = torch.maximum(at_plus, at_minus)
     return estimate, upper, prob, torch.where(torch.isnan(df), torch.full_like(se, float("nan")), se)
+
+
+def _edge_graph(model: Any) -> Any:
+    from .edges.graph import graph_of
+
+    return graph_of(model)
+
+
+def _edge_layout(model: Any) -> NodeLayout:
+    """The flat layout of the edge graph: one axis of N edges."""
+    return NodeLayout({EDGE_TYPE: (_edge_graph(model).n_edges,)})

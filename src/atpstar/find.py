@@ -35,127 +35,23 @@ Shape letters: P pairs, N nodes (all node types, flattened in ``check_node_types
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .api import attribute
-from .bound import MIN_SAMPLES, FalseNegativeBound, bound_cost, choose_p, false_negative_bound, plan_samples
-from .cost import Cost
+from .bound import MIN_SAMPLES, P_MAX, bound_cost, choose_p, plan_samples
 from .errors import InputError
-from .localization import STAGES, Localization
+from .find_resume import CHECKPOINT_NAME, FindJournal, digest, find_identity
+from .find_state import THETA_TOLERANCE, Search, exhaustive_bound, history_row, localization, population
+from .localization import Localization
 from .methods import METHODS
 from .model import Model, as_model
-from .nodes import check_node_types, node_shape
+from .nodes import EDGE_TYPE, check_node_types
 from .pairs import PromptPairs, check_direction
 from .result import Attribution
-from .verify import Verification, verify
-
-# |c| within this fraction of θ counts as >= θ: float32 patching differs by ~1e-7 between batchings.
-THETA_TOLERANCE = 1e-5
-NO_ASSUMPTION = "None: every node was verified by exact activation patching."
-
-
-@dataclass
-class _Search:
-    """Mutable state of one ``find`` call: the population, what was verified, costs and history."""
-
-    model: Model
-    pairs: PromptPairs
-    node_types: list[str]
-    shapes: dict[str, tuple[int, ...]]
-    weight: torch.Tensor  # [N] forward cost (L - l) / L of patching each node on one pair
-    direction: str
-    budget: float | None
-    progress: bool
-    batch_size: int | None
-    estimate_score: torch.Tensor  # [N] the estimator's aggregate score per node
-    engine: dict[str, Any]  # workers / ray_address for verify and the bounds
-    verified: torch.Tensor = field(init=False)  # [N] bool
-    order: list[int] = field(default_factory=list)  # flat index of each verified node, in order
-    effects: list[torch.Tensor] = field(default_factory=list)  # per verified node: [P]
-    stage_of: list[str] = field(default_factory=list)
-    base_metric: torch.Tensor | None = None
-    cost: dict[str, Cost] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.verified = torch.zeros(len(self.weight), dtype=torch.bool)
-
-    @property
-    def spent(self) -> float:
-        return sum(c.forward_equivalents for c in self.cost.values())
-
-    @property
-    def left(self) -> float:
-        return math.inf if self.budget is None else self.budget - self.spent
-
-    def add_cost(self, stage: str, cost: Cost) -> None:
-        self.cost[stage] = self.cost.get(stage, Cost()) + cost
-
-    def unflatten(self, flat: int) -> tuple[str, tuple[int, ...]]:
-        for t in self.node_types:
-            size = math.prod(self.shapes[t])
-            if flat < size:
-                return t, tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), self.shapes[t]))
-            flat -= size
-        raise IndexError(flat)
-
-    def verify_cost(self, flat: torch.Tensor) -> torch.Tensor:
-        """[k] forward equivalents of verifying the first 1..k nodes of ``flat`` in one call."""
-        n_pairs = self.pairs.n_pairs
-        return n_pairs * (2.0 + self.weight[flat].cumsum(0))
-
-    def affordable(self, flat: torch.Tensor) -> int:
-        """How many of ``flat`` (in order) one verify call can patch within the budget."""
-        if self.budget is None or len(flat) == 0:
-            return len(flat)
-        return int((self.verify_cost(flat) <= self.left + 1e-9).sum())
-
-    def verify(self, flat: torch.Tensor, stage: str) -> torch.Tensor:
-        """Patch the nodes ``flat`` exactly (the batched engine, through ``atpstar.verify``): [k, P] effects."""
-        if len(flat) == 0:
-            return torch.zeros(0, self.pairs.n_pairs, dtype=torch.float64)
-        # A ranking that puts exactly these nodes first, in this order, so verify patches them and only them.
-        key = torch.zeros(len(self.weight), dtype=torch.float64)
-        key[flat] = torch.arange(len(flat), 0, -1, dtype=torch.float64)
-        scores, start = {}, 0
-        for t in self.node_types:
-            size = math.prod(self.shapes[t])
-            scores[t] = key[start : start + size].reshape(self.shapes[t])
-            start += size
-        ranking = Attribution(
-            method="find-order",
-            options={},
-            direction=self.direction,
-            metric=self.pairs.metric_name,
-            model_id=self.model.model_id,
-            per_pair={t: s[None] for t, s in scores.items()},
-            scores=scores,
-            aggregation="mean",
-            cost=Cost(),
-        )
-        result = verify(
-            self.model,
-            self.pairs,
-            ranking,
-            budget=len(flat),
-            batch_size=self.batch_size,
-            progress=self.progress,
-            **self.engine,
-        )
-        self.add_cost(stage, result.cost)
-        self.base_metric = result.base_metric
-        effects = result.effects.double()  # [k, P], rows in the order of flat
-        self.verified[flat] = True
-        self.order.extend(int(i) for i in flat)
-        self.effects.extend(effects)
-        self.stage_of.extend([stage] * len(flat))
-        return effects
-
-    def verified_nodes(self) -> list[tuple[str, tuple[int, ...]]]:
-        return [self.unflatten(i) for i in self.order]
 
 
 def find(
@@ -177,6 +73,9 @@ def find(
     memory_gb: float = 1.0,
     workers: int | None = None,
     ray_address: str | None = None,
+    checkpoint: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    recompute: bool = False,
 ) -> Localization:
     """Find every node with |c(n)| >= ``theta`` and certify that no other node is that large.
 
@@ -184,7 +83,9 @@ def find(
         model: an ``atpstar.Model`` or a ``transformers`` causal LM.
         pairs: the prompt pairs; c(n) is the exact effect of patching n alone, averaged over them.
         theta: the effect size sought (in metric units, e.g. logit difference), > 0.
-        nodes: node types to search (``neuron``, ``query``, ``key``, ``value``, ``head``).
+        nodes: node types to search (``neuron``, ``query``, ``key``, ``value``, ``head``), or ``["edge"]``
+            alone for the edges of the MIB/EAP-IG graph (estimated by the edge estimators, verified by exact
+            edge patching, bounded by random joint patches of edge subsets; in-process only).
         estimator: a method id from ``atpstar.METHODS`` (default ``"atp*"``), or an ``Attribution``
             already computed on these pairs (its cost is counted as the estimate stage).
         alpha: error rate of the certificate (it is wrong with probability <= alpha, under its assumption).
@@ -200,6 +101,13 @@ def find(
         batch_size, memory_gb: batching of the exact and joint patches.
         workers, ray_address: run verification and the bounds' Subsampling on Ray workers (as
             ``atpstar.verify`` and ``atpstar.false_negative_bound``); None: in-process.
+        checkpoint: a file where each completed step (estimate, verification call, bound) is saved; a rerun
+            with the same file and computation resumes after the last completed step, and its cost is the
+            whole work's (``atpstar.find_resume``). Another computation's file is refused, naming what
+            differs; a corrupt one is reported and ignored. None: nothing is saved (unless ``out_dir``).
+        out_dir: a folder: the checkpoint goes to ``out_dir/find.ckpt.safetensors`` and the result to
+            ``out_dir/localization.json``/``.safetensors`` when the loop ends.
+        recompute: discard the checkpoint and start afresh.
 
     Returns:
         ``Localization``: ``nodes``, ``effects``, ``verified``, ``bound``, ``certified``, ``cost`` per stage,
@@ -226,42 +134,58 @@ def find(
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InputError(f"seed must be an integer; got {seed!r}")
     node_types = check_node_types(nodes)
+    if EDGE_TYPE in node_types and (node_types != [EDGE_TYPE] or workers is not None or ray_address is not None):
+        raise InputError("find over edges runs on edges alone and in-process: nodes=['edge'], no workers=/ray_address=")
+    if isinstance(estimator_options, dict) and estimator_options.get("edge_positions"):
+        raise InputError("find does not search position-resolved edges; drop edge_positions from estimator_options")
     direction = check_direction(direction)
-    estimate = _estimate_or_check(model, pairs, estimator, node_types, direction, estimator_options)
+    shapes, weight = population(model, node_types, pairs.seq_len)  # weight: [N]
+    estimate = _estimate_or_check(model, pairs, estimator, node_types, shapes, direction, estimator_options)
     model.check_ready(torch.cat([pairs.clean, pairs.noise]))
-
-    shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
-    layers = torch.cat(
-        [
-            torch.arange(shapes[t][0]).repeat_interleave(math.prod(shapes[t][1:]))  # layer is axis 0 of every layout
-            for t in node_types
-        ]
+    window = patience or max(16, math.ceil(len(weight) / 200))
+    if out_dir is not None:
+        checkpoint = Path(out_dir) / CHECKPOINT_NAME if checkpoint is None else checkpoint
+    named = str(estimator) if estimate is None else f"{estimate.method}#{digest(_flat(estimate.scores, node_types))}"
+    current = find_identity(
+        model,
+        pairs,
+        direction,
+        node_types,
+        theta,
+        alpha,
+        named,
+        {"seed": seed, "patience": window, "estimator_options": estimator_options or {}},
     )
-    weight = (model.n_layers - layers).double() / model.n_layers  # [N]
+    journal = FindJournal.open(checkpoint, current, recompute)
+    say = _say if progress else (lambda message: None)
+    if journal.saved_steps:
+        say(f"resuming from {checkpoint}: {journal.saved_steps} completed steps")
+
     n_pairs = pairs.n_pairs
     exhaustive = n_pairs * (2.0 + float(weight.sum()))
-    say = _say if progress else (lambda message: None)
-
-    if isinstance(estimate, Attribution):
-        estimate_result = estimate
-    else:
-        estimate_result = attribute(
-            model,
-            pairs,
-            str(estimator),
-            node_types,
-            direction=direction,
-            progress=progress,
-            **(estimator_options or {}),
-        )
-    scores = torch.cat([estimate_result.scores[t].double().flatten() for t in node_types])  # [N]
-    per_pair = torch.cat([estimate_result.per_pair[t].double().flatten(1) for t in node_types], 1)  # [P, N]
     engine: dict[str, Any] = {"workers": workers, "ray_address": ray_address}
-    search = _Search(model, pairs, node_types, shapes, weight, direction, budget, progress, batch_size, scores, engine)
-    search.add_cost("estimate", estimate_result.cost)
+    search = Search(model, pairs, node_types, shapes, weight, direction, budget, progress, batch_size, engine, journal)
+    if estimate is not None:
+        search.use_estimate(_flat(estimate.scores, node_types), estimate.cost)
+        per_pair = torch.cat([estimate.per_pair[t].double().flatten(1) for t in node_types], 1)  # [P, N]
+        estimate_method = estimate.method
+    else:
+        per_pair, estimate_method = search.estimate(
+            str(estimator),
+            estimator_options or {},
+            lambda: attribute(
+                model,
+                pairs,
+                str(estimator),
+                node_types,
+                direction=direction,
+                progress=progress,
+                **(estimator_options or {}),
+            ),
+        )
+    scores = search.estimate_score  # [N]
     history: list[dict[str, Any]] = []
     n_nodes = len(weight)
-    window = patience or max(16, math.ceil(n_nodes / 200))
     threshold = theta * (1 - THETA_TOLERANCE)
     stopped, bound, not_ruled_out = "", None, torch.zeros(n_nodes, dtype=torch.bool)
 
@@ -280,9 +204,10 @@ def find(
         hits = int((effects.mean(1).abs() >= threshold).sum())
         found_here += hits
         saved = bound_cost(int((~search.verified).sum()), theta, alpha / 2, float((effects**2).mean(1).sum()))
+        saved *= search.sample_cost(P_MAX)
         if hits == 0 and saved < window_cost:
             break
-    history.append(_row(0, "verify_estimate_order", position, found_here, search, None))
+    history.append(history_row(0, "verify_estimate_order", position, found_here, search, None))
     say(f"estimate order: verified {position} nodes, {found_here} with |c| >= {theta:g}")
 
     certified = False
@@ -296,7 +221,8 @@ def find(
         alpha_round = alpha / 2**round_index
         samples = plan_samples(len(unverified), n_pairs, theta, alpha_round, sum_sq)
         rest_cost = float(search.verify_cost(unverified)[-1]) if len(unverified) else 0.0
-        if rest_cost <= n_pairs * (samples + 2):
+        unit = search.sample_cost(choose_p(samples))  # forward equivalents of one joint patch (1 for nodes)
+        if rest_cost <= n_pairs * (samples * unit + 2):
             # Exact is cheaper than a bound: verify everything left (certified without assumption).
             fit = search.affordable(unverified)
             effects = search.verify(unverified[:fit], "verify_rest")
@@ -305,32 +231,16 @@ def find(
                 stopped = "budget spent while verifying the remaining nodes"
             else:
                 certified = True
-                bound = _exhaustive_bound(search, theta, alpha)
-            history.append(_row(round_index, "verify_rest", fit, hits, search, bound, certified=certified))
+                bound = exhaustive_bound(search, theta, alpha)
+            history.append(history_row(round_index, "verify_rest", fit, hits, search, bound, certified=certified))
             say(f"round {round_index}: verified the {fit} remaining nodes exactly")
             break
-        affordable = samples if budget is None else math.floor(search.left / n_pairs) - 2
+        affordable = samples if budget is None else _affordable_samples(search.left, n_pairs, unit)
         if affordable < MIN_SAMPLES:
             stopped = f"budget spent: a bound needs {n_pairs * (MIN_SAMPLES + 2)} forward equivalents"
             break
         samples = min(samples, affordable)
-        bound = false_negative_bound(
-            model,
-            pairs,
-            search.verified_nodes(),
-            theta=theta,
-            samples=samples,
-            p=choose_p(samples),
-            alpha=alpha_round,
-            seed=seed + round_index,
-            direction=direction,
-            nodes=node_types,
-            batch_size=batch_size,
-            memory_gb=memory_gb,
-            progress=progress,
-            **engine,
-        )
-        search.add_cost("bound", bound.cost)
+        bound = search.bound(theta, samples, choose_p(samples), alpha_round, seed + round_index, memory_gb)
         upper = torch.cat([bound.upper[t].flatten() for t in node_types])  # [N], nan at verified nodes
         bound_estimate = torch.cat([bound.estimate[t].flatten() for t in node_types])
         flagged = torch.nonzero((upper >= theta) & ~search.verified)[:, 0]  # inf (too few samples) counts
@@ -338,7 +248,7 @@ def find(
         not_ruled_out[flagged] = True
         if bound.max_effect_upper < theta:
             certified = True
-            history.append(_row(round_index, "bound", 0, 0, search, bound, certified=True))
+            history.append(history_row(round_index, "bound", 0, 0, search, bound, certified=True))
             say(
                 f"round {round_index}: certified, max |c| of {bound.n_unverified} unverified <= {bound.max_effect_upper:.3g}"
             )
@@ -350,9 +260,10 @@ def find(
             sum_sq = measured**2 * bound.info["samples"] * n_pairs  # se² ≈ V / (samples · P)
         flagged = flagged[torch.sort(bound_estimate[flagged].abs(), descending=True, stable=True).indices]
         next_samples = plan_samples(len(unverified) - len(flagged), n_pairs, theta, alpha_round / 2, sum_sq)
-        cap = max(n_pairs * (next_samples + 2), float(search.verify_cost(flagged[:1])[-1]) if len(flagged) else 0.0)
+        next_cost = n_pairs * (next_samples * unit + 2)
+        cap = max(next_cost, float(search.verify_cost(flagged[:1])[-1]) if len(flagged) else 0.0)
         within = int((search.verify_cost(flagged) <= cap).sum()) if len(flagged) else 0
-        if float(search.verify_cost(unverified)[-1]) <= n_pairs * (next_samples + 2):
+        if float(search.verify_cost(unverified)[-1]) <= next_cost:
             within = 0  # the next round verifies everything left at once: no separate pass over the flagged
         chunk = flagged[:within]
         fit = search.affordable(chunk)
@@ -364,7 +275,7 @@ def find(
         # Nodes just verified leave the sum of squares the next bound's noise comes from (at most 4x less).
         removed = float((effects**2).sum(0).mean()) if len(effects) else 0.0
         sum_sq = max(sum_sq - removed, sum_sq / 4)
-        history.append(_row(round_index, "bound", fit, hits, search, bound, n_flagged=len(flagged)))
+        history.append(history_row(round_index, "bound", fit, hits, search, bound, n_flagged=len(flagged)))
         say(
             f"round {round_index}: bound {bound.max_effect_upper:.3g} >= {theta:g} ({len(flagged)} nodes not ruled out, "
             f"{samples} samples, p {choose_p(samples):.3g}); verified {fit}, {hits} with |c| >= {theta:g}"
@@ -374,9 +285,22 @@ def find(
     if not certified and not stopped:
         stopped = f"max_rounds={max_rounds} rounds without a certificate"
 
-    return _result(
+    options = {
+        "patience": window,
+        "max_rounds": max_rounds,
+        "seed": seed,
+        "budget": budget,
+        "estimator_options": estimator_options or {},
+    }
+    if journal.replayed:
+        options["resumed"] = {
+            "checkpoint": str(checkpoint),
+            "steps": journal.replayed,
+            "cost_fe": journal.replayed_cost,
+        }
+    found = localization(
         search,
-        estimate_result,
+        estimate_method,
         bound,
         certified,
         theta,
@@ -385,14 +309,11 @@ def find(
         exhaustive,
         stopped,
         not_ruled_out,
-        {
-            "patience": window,
-            "max_rounds": max_rounds,
-            "seed": seed,
-            "budget": budget,
-            "estimator_options": estimator_options or {},
-        },
+        options,
     )
+    if out_dir is not None:
+        found.save(Path(out_dir) / "localization")
+    return found
 
 
 def _estimate_or_check(
@@ -400,6 +321,7 @@ def _estimate_or_check(
     pairs: PromptPairs,
     estimator: Any,
     node_types: list[str],
+    shapes: dict[str, tuple[int, ...]],
     direction: str,
     estimator_options: dict[str, Any] | None,
 ) -> Attribution | None:
@@ -409,7 +331,7 @@ def _estimate_or_check(
         if missing:
             raise InputError(f"the estimate has no scores for node types {missing}; estimate them or drop them")
         for t in node_types:
-            want = node_shape(t, model.sizes, pairs.seq_len)
+            want = shapes[t]
             if tuple(estimator.scores[t].shape) != want or estimator.per_pair[t].shape[0] != pairs.n_pairs:
                 raise InputError(
                     f"the estimate's {t!r} scores have shape {tuple(estimator.scores[t].shape)} over "
@@ -425,114 +347,21 @@ def _estimate_or_check(
     return None
 
 
+def _affordable_samples(left: float, n_pairs: int, unit: float) -> int:
+    """Samples per pair a bound can take within ``left`` forward equivalents (2P of them prepare the bound)."""
+    if unit == 1.0:
+        return math.floor(left / n_pairs) - 2
+    return math.floor((left / n_pairs - 2) / unit)
+
+
+def _flat(scores: dict[str, torch.Tensor], node_types: list[str]) -> torch.Tensor:
+    """[N] float64 scores of every node type, on the flat node axis."""
+    return torch.cat([scores[t].double().flatten() for t in node_types])
+
+
 def _check_number(name: str, value: Any, what: str) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise InputError(f"{name} must be {what}; got {value!r}")
-
-
-def _row(
-    round_index: int,
-    stage: str,
-    n_verified: int,
-    n_found: int,
-    search: _Search,
-    bound: FalseNegativeBound | None,
-    certified: bool = False,
-    n_flagged: int = 0,
-) -> dict[str, Any]:
-    """One history row: what a round did and where the search stands after it."""
-    return {
-        "round": round_index,
-        "stage": stage,
-        "verified": n_verified,
-        "found": n_found,
-        "n_unverified": int((~search.verified).sum()),
-        "samples": None if bound is None or stage != "bound" else bound.info.get("samples"),
-        "p": None if bound is None or stage != "bound" else bound.info.get("p"),
-        "alpha_round": None if bound is None or stage != "bound" else bound.alpha,
-        "max_effect_upper": None if bound is None else bound.max_effect_upper,
-        "n_flagged": n_flagged,
-        "cost_fe": search.spent,
-        "certified": certified,
-    }
-
-
-def _exhaustive_bound(search: _Search, theta: float, alpha: float) -> FalseNegativeBound:
-    """The 'bound' when nothing is left unverified: exact, so no assumption and nothing can hide."""
-    return FalseNegativeBound(
-        max_effect_upper=0.0,
-        prob_upper=0.0,
-        theta=theta,
-        alpha=alpha,
-        n_unverified=0,
-        worst_node=None,
-        assumption=NO_ASSUMPTION,
-        cost=Cost(),
-        direction=search.direction,
-        info={"samples": 0, "p": None},
-    )
-
-
-def _result(
-    search: _Search,
-    estimate: Attribution,
-    bound: FalseNegativeBound | None,
-    certified: bool,
-    theta: float,
-    alpha: float,
-    history: list[dict[str, Any]],
-    exhaustive: float,
-    stopped: str,
-    not_ruled_out: torch.Tensor,
-    options: dict[str, Any],
-) -> Localization:
-    n_pairs = search.pairs.n_pairs
-    effects = torch.stack(search.effects) if search.effects else torch.zeros(0, n_pairs, dtype=torch.float64)
-    mean = effects.mean(1)  # [N verified]
-    threshold = theta * (1 - THETA_TOLERANCE)
-    strong = torch.nonzero(mean.abs() >= threshold)[:, 0]
-    strong = strong[torch.sort(mean[strong].abs(), descending=True, stable=True).indices]
-    verified_nodes = search.verified_nodes()
-    verification = Verification(
-        nodes=verified_nodes,
-        effects=effects,
-        estimate_scores=search.estimate_score[torch.tensor(search.order, dtype=torch.long)]
-        if search.order
-        else torch.zeros(0, dtype=torch.float64),
-        node_types=list(search.node_types),
-        direction=search.direction,
-        metric=search.pairs.metric_name,
-        model_id=search.model.model_id,
-        cost=search.cost.get("verify_estimate_order", Cost())
-        + search.cost.get("verify_bound_order", Cost())
-        + search.cost.get("verify_rest", Cost()),
-        base_metric=search.base_metric if search.base_metric is not None else torch.zeros(n_pairs),
-        info={"estimate_method": estimate.method, "stage": list(search.stage_of), "n_nodes": len(search.weight)},
-    )
-    left = {
-        "n_unverified": int((~search.verified).sum()),
-        "n_not_ruled_out": int((not_ruled_out & ~search.verified).sum()),
-        "max_effect_upper": None if bound is None else float(bound.max_effect_upper),
-        "budget_left": None if search.budget is None else max(0.0, search.left),
-    }
-    return Localization(
-        nodes=[verified_nodes[i] for i in strong.tolist()],
-        effects=mean[strong].clone(),
-        verified=verification,
-        bound=bound,
-        certified=certified,
-        theta=float(theta),
-        alpha=float(alpha),
-        cost={stage: search.cost[stage] for stage in STAGES if stage in search.cost},
-        history=history,
-        exhaustive_cost=exhaustive,
-        node_types=list(search.node_types),
-        estimator=estimate.method,
-        direction=search.direction,
-        metric=search.pairs.metric_name,
-        model_id=search.model.model_id,
-        info={"stopped": "certified" if certified else stopped, "left": left, **options},
-    )
 
 
 def _say(message: str) -> None:

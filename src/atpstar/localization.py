@@ -13,7 +13,7 @@ import torch
 
 from .bound import FalseNegativeBound
 from .cost import Cost
-from .nodes import node_name
+from .nodes import EDGE_TYPE, index_columns, node_name
 from .persist import load_bundle, save_bundle
 from .persist import to_jsonable as _jsonable
 from .verify import Verification
@@ -64,7 +64,12 @@ class Localization:
 
     @property
     def names(self) -> list[str]:
-        """TransformerLens-style name of each found node."""
+        """TransformerLens-style name of each found node (MIB's name for an edge)."""
+        if any(t == EDGE_TYPE for t, _ in self.nodes):
+            from .edges.graph import EdgeGraph
+
+            edge_names = EdgeGraph.from_description(self.info["edge_graph"]).edge_names
+            return [edge_names[index[0]] if t == EDGE_TYPE else node_name(t, index) for t, index in self.nodes]
         return [node_name(t, index) for t, index in self.nodes]
 
     @property
@@ -133,8 +138,7 @@ class Localization:
         """One row per found node, strongest first."""
         rows = []
         for rank, ((t, index), name, effect) in enumerate(zip(self.nodes, self.names, self.effects.tolist()), 1):
-            keys = ("layer", "pos", "index") if t == "neuron" else ("layer", "head", "pos")
-            rows.append({"rank": rank, "name": name, "node_type": t, **dict(zip(keys, index)), "effect": effect})
+            rows.append({"rank": rank, "name": name, "node_type": t, **index_columns(t, index), "effect": effect})
         return rows
 
     def __str__(self) -> str:
@@ -167,21 +171,8 @@ class Localization:
         }
         bound_meta = None
         if self.bound is not None:
-            b = self.bound
-            tensors.update({f"bound/estimate/{t}": x.double().contiguous() for t, x in b.estimate.items()})
-            tensors.update({f"bound/upper/{t}": x.double().contiguous() for t, x in b.upper.items()})
-            bound_meta = {
-                "max_effect_upper": b.max_effect_upper,
-                "prob_upper": b.prob_upper,
-                "theta": b.theta,
-                "alpha": b.alpha,
-                "n_unverified": b.n_unverified,
-                "worst_node": None if b.worst_node is None else [b.worst_node[0], list(b.worst_node[1])],
-                "assumption": b.assumption,
-                "cost": b.cost.to_dict(),
-                "direction": b.direction,
-                "info": _jsonable(b.info),
-            }
+            bound_meta, bound_tensors = bound_parts(self.bound)
+            tensors.update({f"bound/{k}": v for k, v in bound_tensors.items()})
         meta = {
             "nodes": [[t, list(index)] for t, index in self.nodes],
             "names": self.names,
@@ -233,22 +224,7 @@ class Localization:
         )
         bound = None
         if meta["bound"] is not None:
-            bm = meta["bound"]
-            worst = bm["worst_node"]
-            bound = FalseNegativeBound(
-                max_effect_upper=float(bm["max_effect_upper"]),
-                prob_upper=float(bm["prob_upper"]),
-                theta=bm["theta"],
-                alpha=float(bm["alpha"]),
-                n_unverified=int(bm["n_unverified"]),
-                worst_node=None if worst is None else (worst[0], tuple(int(i) for i in worst[1])),
-                assumption=bm["assumption"],
-                cost=Cost.from_dict(bm["cost"]),
-                direction=bm["direction"],
-                estimate={k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith("bound/estimate/")},
-                upper={k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith("bound/upper/")},
-                info=bm["info"],
-            )
+            bound = bound_from_parts(meta["bound"], {k[6:]: v for k, v in tensors.items() if k.startswith("bound/")})
         return cls(
             nodes=[(t, tuple(int(i) for i in index)) for t, index in meta["nodes"]],
             effects=tensors["effects"],
@@ -269,13 +245,51 @@ class Localization:
         )
 
 
+def bound_parts(bound: FalseNegativeBound) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A bound as (JSON-ready facts, tensors ``estimate/{t}``, ``upper/{t}``); ``bound_from_parts`` inverts it."""
+    tensors = {f"estimate/{t}": x.double().contiguous() for t, x in bound.estimate.items()}
+    tensors.update({f"upper/{t}": x.double().contiguous() for t, x in bound.upper.items()})
+    meta = {
+        "max_effect_upper": bound.max_effect_upper,
+        "prob_upper": bound.prob_upper,
+        "theta": bound.theta,
+        "alpha": bound.alpha,
+        "n_unverified": bound.n_unverified,
+        "worst_node": None if bound.worst_node is None else [bound.worst_node[0], list(bound.worst_node[1])],
+        "assumption": bound.assumption,
+        "cost": bound.cost.to_dict(),
+        "direction": bound.direction,
+        "info": _jsonable(bound.info),
+    }
+    return meta, tensors
+
+
+def bound_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FalseNegativeBound:
+    """The bound ``bound_parts`` split (non-finite numbers may come back from JSON as strings)."""
+    worst = meta["worst_node"]
+    return FalseNegativeBound(
+        max_effect_upper=float(meta["max_effect_upper"]),
+        prob_upper=float(meta["prob_upper"]),
+        theta=None if meta["theta"] is None else float(meta["theta"]),
+        alpha=float(meta["alpha"]),
+        n_unverified=int(meta["n_unverified"]),
+        worst_node=None if worst is None else (worst[0], tuple(int(i) for i in worst[1])),
+        assumption=meta["assumption"],
+        cost=Cost.from_dict(meta["cost"]),
+        direction=meta["direction"],
+        estimate={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("estimate/")},
+        upper={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("upper/")},
+        info=meta["info"],
+    )
+
+
 def _bound_summary(bound: FalseNegativeBound) -> dict[str, Any]:
     return {
         "max_effect_upper": bound.max_effect_upper,
         "prob_upper": bound.prob_upper,
         "alpha_round": bound.alpha,
         "n_unverified": bound.n_unverified,
-        "worst_node": None if bound.worst_node is None else node_name(*bound.worst_node),
+        "worst_node": bound.worst_name,
         "samples": bound.info.get("samples"),
         "p": bound.info.get("p"),
         "combine": bound.info.get("combine"),

@@ -7,8 +7,8 @@ bounds ``fixed + per_item x batch`` (the model's weights are not counted: they a
 offloaded ones are not resident); the batch is the largest that fits. Results kept on the CPU count
 against the budget only when the model computes on the CPU (on a GPU they are host memory).
 
-The per-token sizes of the autograd graph were measured on random models of the three families
-(``benchmarks/scaling.py`` prints predicted vs measured peaks); they err on the high side.
+The per-token size of the autograd graph follows what autograd saves with frozen weights, checked
+against measured peaks (``benchmarks/scaling.py`` prints predicted vs measured); it errs on the high side.
 
 Shape letters: P pairs, L layers, T positions, H heads, K kv-heads, E d_head, D d_model, M d_mlp, V vocab.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -42,6 +42,8 @@ class MemoryPlan:
         batch: elements per batch (``batch_size``, or the most that fit in ``memory_gb``).
         budget_gb: ``memory_gb``.
         host_results_gb: results kept in host memory while the model computes on an accelerator.
+        pair_block: pairs whose cache is held at a time (exact patching streams over blocks of pairs);
+            None where the method caches all pairs or none.
     """
 
     method: str
@@ -52,6 +54,7 @@ class MemoryPlan:
     batch: int
     budget_gb: float
     host_results_gb: float = 0.0
+    pair_block: int | None = None
 
     @property
     def working_gb(self) -> float:
@@ -65,10 +68,11 @@ class MemoryPlan:
 
     def describe(self) -> str:
         host = f"; {self.host_results_gb:.2f} GB of results in host memory" if self.host_results_gb else ""
+        block = "" if self.pair_block is None else f"; caches {self.pair_block} pairs at a time"
         return (
             f"{self.method}: predicted peak {self.peak_gb:.2f} GB on {self.device} = weights {self.weights_gb:.2f} "
             f"+ run {self.fixed_gb:.2f} + batch of {self.batch} x {self.per_item_gb * 1024:.1f} MB "
-            f"(memory_gb={self.budget_gb:g}){host}"
+            f"(memory_gb={self.budget_gb:g}){host}{block}"
         )
 
     def to_dict(self) -> dict[str, float | int | str]:
@@ -112,14 +116,17 @@ def layout_elems(model: Model, node_types: Iterable[str], seq_len: int) -> int:
 def graph_bytes_per_pair(model: Model, seq_len: int) -> int:
     """Autograd graph of one pair's forward with parameters frozen (saved activations of every layer).
 
-    Per token and layer: norms and residual bookkeeping ~12 D, the MLP's gate/up/activation ~6 M, keys
-    and values 2 K E, and the attention pattern with its pre-softmax scores 2 H T (float32 for half models).
+    With frozen weights a linear layer saves nothing, so per token and layer the graph holds the norms'
+    inputs (2 D, float32 in half models: counted 4 D), queries and the keys/values expanded to every head
+    (3 H E; QK-norms add up to H E, and unexpanded keys/values 2 K E), the attention pattern and pre-softmax
+    scores (2 H T, float32 for half models) and the gated MLP's gate, activation and up projection (3 M).
+    Measured on a random SmolLM2-135M-shaped Llama (float32, 4 pairs x 32 tokens): 7.75k floats per token
+    and layer against 10.2k here (``benchmarks/scaling.py`` prints predicted vs measured peaks).
     """
     s = model.sizes
     item = _item(model)
-    per_token = (12 * s.d_model + 6 * s.d_mlp + 2 * s.n_kv_heads * s.d_head) * item + 2 * s.n_heads * seq_len * max(
-        item, F32
-    )
+    per_token = (4 * s.d_model + 4 * s.n_heads * s.d_head + 2 * s.n_kv_heads * s.d_head + 3 * s.d_mlp) * item
+    per_token += 2 * s.n_heads * seq_len * max(item, F32)
     return s.n_layers * seq_len * per_token
 
 
@@ -137,23 +144,33 @@ def gradient_plan(
     batch_size: int | None,
     memory_gb: float,
 ) -> MemoryPlan:
-    """Memory of AtP and its fixes (one gradient step per batch of pairs)."""
+    """Memory of AtP and its fixes (one gradient step per batch of pairs, ``gradients.gradient_step``).
+
+    Per pair: the graph; source - base at every layer's diff sites (the accumulation dtype); the QK fix's
+    queries and keys of both runs; one layer's gradients and products at a time (they are consumed in the
+    backward, ``gradients``), with the QK fix's [H, T, T] temporaries; per-layer estimates (GradDrop: the
+    running sums) and their stack; GradDrop's residual-stream gradients; the logits. For the run: the
+    dense per-pair results (twice while scores are aggregated) or, with keep='top'/'disk', the top-k
+    entries and one float64 running sum per node.
+    """
     s, item = model.sizes, _item(model)
+    acc = max(item, F32)  # differences, products and estimates: float32 for half-precision models
     fix = qk_fix and bool({"query", "key"} & set(node_types))
-    sites = {NODE_TABLE[t].site for t in node_types} | ({"q", "k"} if fix else set())
-    grad_sites = {"pattern" if fix and t in ("query", "key") else NODE_TABLE[t].site for t in node_types}
-    source = s.n_layers * sum(_site_elems(model, site, seq_len) for site in sites) * item
-    grads = s.n_layers * sum(_site_elems(model, site, seq_len) for site in grad_sites) * item
+    diff_sites = {NODE_TABLE[t].site for t in node_types if not (fix and t in ("query", "key"))}
+    grad_sites = diff_sites | ({"pattern"} if fix else set())
+    diffs = s.n_layers * sum(_site_elems(model, site, seq_len) for site in diff_sites) * acc
+    raw = 2 * s.n_layers * sum(_site_elems(model, site, seq_len) for site in ("q", "k")) * item if fix else 0
+    one_layer = sum(_site_elems(model, site, seq_len) for site in grad_sites) * (item + acc)
+    if fix:  # query_fix / key_fix hold a few [H, T, T] tensors of one layer
+        one_layer += 8 * s.n_heads * seq_len * seq_len * acc
     nodes = layout_elems(model, node_types, seq_len)
-    estimates = nodes * F32 * (3 if grad_drop else 2)  # per-layer estimates, their stack, GradDrop's running sums
-    extra = 0
-    if grad_drop:  # residual-stream gradients of every layer and one dropped layer's gradients at the sites
-        extra = s.n_layers * seq_len * s.d_model * item + grads
+    estimates = 2 * nodes * acc  # per-layer estimates or GradDrop's running sums, and their stack
+    resid = s.n_layers * seq_len * s.d_model * item if grad_drop else 0  # seeds of GradDrop's partial backwards
     logits = 3 * _vocab(model) * F32
-    per_pair = graph_bytes_per_pair(model, seq_len) + source + grads + estimates + extra + logits
-    scores = 2 * nodes * F64
+    per_pair = graph_bytes_per_pair(model, seq_len) + diffs + raw + one_layer + estimates + resid + logits
+    scores = 0 if keep == "all" else nodes * F64  # running sum of the aggregation (sink.PerPairSink)
     # Dense results, plus their absolute value while the scores are aggregated at the end; or top-k entries.
-    results = n_pairs * (2 * nodes * F32 if keep == "all" else len(node_types) * top_k * (F32 + 8 * 4))
+    results = n_pairs * (2 * nodes * acc if keep == "all" else len(node_types) * top_k * (acc + 8 * 4))
     return _plan(model, method, scores, results, per_pair, n_pairs, batch_size, memory_gb)
 
 
@@ -186,6 +203,7 @@ def patching_plan(
     batch_size: int | None,
     memory_gb: float,
     results_bytes: int,
+    pair_blocks: bool = False,
 ) -> MemoryPlan:
     """Memory of methods built on patched forwards (exact patching, subsampling, blocks).
 
@@ -194,10 +212,45 @@ def patching_plan(
         run_bytes: held for the run besides the cache (e.g. subsampling statistics).
         item_extra: bytes per patched forward besides its activations (masks).
         results_bytes: per-pair results kept in host memory.
+        pair_blocks: the method caches a block of pairs at a time (``MemoryPlan.pair_block``): all pairs
+            when their cache takes at most half of what ``memory_gb`` leaves after the results (or leaves
+            room for ``batch_size``), else the most pairs whose cache fits in that half.
     """
-    fixed = cache_bytes(model, n_pairs, seq_len, node_types) + run_bytes
     per_item = patched_forward_bytes(model, seq_len) + item_extra
-    return _plan(model, method, fixed, results_bytes, per_item, n_items, batch_size, memory_gb)
+    block = None
+    if pair_blocks:
+        block = _pair_block(model, method, n_pairs, seq_len, node_types, per_item, batch_size, memory_gb,
+                            run_bytes + (results_bytes if model.device.type == "cpu" else 0))  # fmt: skip
+    fixed = cache_bytes(model, block or n_pairs, seq_len, node_types) + run_bytes
+    plan = _plan(model, method, fixed, results_bytes, per_item, n_items, batch_size, memory_gb)
+    return plan if block is None else replace(plan, pair_block=block)
+
+
+def _pair_block(
+    model: Model,
+    method: str,
+    n_pairs: int,
+    seq_len: int,
+    node_types: list[str],
+    per_item: int,
+    batch_size: int | None,
+    memory_gb: float,
+    held: int,
+) -> int:
+    """Pairs per cache block: all when they fit next to a batch, else as many as half the room holds."""
+    room = memory_gb * GB - held
+    per_pair = cache_bytes(model, 1, seq_len, node_types)
+    share = room - per_item * batch_size if batch_size is not None else room / 2
+    if n_pairs * per_pair <= share:
+        return n_pairs
+    block = int(share // per_pair)
+    if block < 1:
+        raise InputError(
+            f"{method}: memory_gb={memory_gb:g} is too small: the run holds {held / GB:.2f} GB (results), one "
+            f"pair's cached activations need {per_pair / GB:.3f} GB and one patched forward {per_item / GB:.3f} GB. "
+            "Raise memory_gb, use shorter prompts or patch fewer node types per call"
+        )
+    return block
 
 
 def _plan(

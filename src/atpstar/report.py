@@ -184,10 +184,10 @@ def _verified_table(verified: Any, top: int) -> str:
     mean = effects.mean(1)
     order = torch.sort(mean.abs(), descending=True, stable=True).indices[:top].tolist()
     rows = []
+    names = verified.names if hasattr(verified, "names") else [node_name(t, tuple(i)) for t, i in verified.nodes]
     for rank, row in enumerate(order, start=1):
-        node_type, index = verified.nodes[row]
         rows.append(
-            f"<tr><td>{rank}</td><td class='name'>{_e(node_name(node_type, tuple(index)))}</td>"
+            f"<tr><td>{rank}</td><td class='name'>{_e(names[row])}</td>"
             f"<td>{row + 1}</td><td>{float(mean[row]):.4g}</td></tr>"
         )
     head = "<tr><th>rank</th><th class='name'>node</th><th>verified as</th><th>exact effect (mean over pairs)</th></tr>"

@@ -39,7 +39,8 @@ class Run:
 
     The caller builds a run (everything it needs goes into the constructor) and hands it to
     ``Model.run_layers``; during the pass the model calls ``site``, ``attention`` and ``resid``;
-    afterwards the caller reads ``records``/``get`` and ``scaling``. Nothing else writes to a run.
+    afterwards the caller reads ``records``/``get`` and ``scaling``, and may ``release`` records it is done
+    with. Nothing else writes to a run.
 
     Args:
         n_layers: layers of the model.
@@ -86,6 +87,10 @@ class Run:
         if value is None:
             raise KeyError(f"site {site!r} of layer {layer} was not computed in this run")
         return value
+
+    def release(self, site: str, layer: int) -> None:
+        """Forget the record of ``site`` at ``layer`` (its memory is freed once nothing else holds it)."""
+        self._records[site][layer] = None
 
     # Called by the model during the pass ---------------------------------------------------------
     def site(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ Neuron results of a large model over many pairs do not fit in memory (Llama-3.1-
 tokens: 32 layers x 512 x 14336 neurons x 256 pairs x 4 bytes = 240 GB). ``keep="top"`` holds, per
 pair and node type, only the ``top_k`` nodes with the largest |value|; ``keep="disk"`` also streams every
 batch's full per-pair tensors to safetensors shards in ``out_dir`` (read back with ``read_per_pair``).
-``scores`` are exact in every mode: running sums over all pairs, in float64.
+``scores`` are exact in every mode: with ``"top"``/``"disk"`` from running sums over all pairs in float64
+(only the one the method's aggregation needs), with ``"all"`` from the dense tensors at the end.
 
 Shape letters: P pairs, b pairs in a batch, k top_k.
 """
@@ -49,6 +50,8 @@ class PerPairSink:
             type) or ``"disk"`` (top as well, plus every batch's dense tensors in a shard under ``out_dir``).
         top_k: entries kept per pair and node type for ``"top"``/``"disk"``.
         out_dir: folder for ``"disk"`` shards.
+        aggregation: the scores ``scores`` will be asked for (``"mean"`` or ``"mean_abs"``); only that running
+            sum is kept, and none with ``"all"`` (the dense per-pair tensors give the scores).
     """
 
     def __init__(
@@ -59,13 +62,15 @@ class PerPairSink:
         keep: str = "all",
         top_k: int = 100,
         out_dir: str | None = None,
+        aggregation: str = "mean_abs",
     ) -> None:
         self.shapes, self.n_pairs, self.dtype, self.keep = shapes, n_pairs, dtype, keep
+        self.aggregation = aggregation
         self.top_k = {t: min(top_k, int(torch.Size(s).numel())) for t, s in shapes.items()}
         self.out_dir = Path(out_dir) if out_dir else None
         self.dense = {t: torch.zeros(n_pairs, *s, dtype=dtype) for t, s in shapes.items()} if keep == "all" else {}
-        self.total = {t: torch.zeros(s, dtype=torch.float64) for t, s in shapes.items()}  # Σ_p value
-        self.total_abs = {t: torch.zeros(s, dtype=torch.float64) for t, s in shapes.items()}  # Σ_p |value|
+        # Σ_p value ("mean") or Σ_p |value| ("mean_abs"), float64; "all" aggregates the dense tensors instead
+        self.total = {} if keep == "all" else {t: torch.zeros(s, dtype=torch.float64) for t, s in shapes.items()}
         self.top_index: dict[str, list[torch.Tensor]] = {t: [] for t in shapes}  # [b, k] flat indices
         self.top_value: dict[str, list[torch.Tensor]] = {t: [] for t in shapes}  # [b, k]
         self.top_pairs: list[torch.Tensor] = []
@@ -75,13 +80,16 @@ class PerPairSink:
 
     def add(self, index: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
         """Take the results of pairs ``index`` [b]: node type -> [b, *layout] on any device."""
-        for t, value in values.items():
+        for t, total in self.total.items():
             # Sums on the value's own device (no host copy of the dense tensor unless it is kept).
-            self.total[t] += value.sum(0, dtype=torch.float64).cpu()
-            self.total_abs[t] += value.abs().sum(0, dtype=torch.float64).cpu()
+            value = values[t] if self.aggregation == "mean" else values[t].abs()
+            total += value.sum(0, dtype=torch.float64).cpu()
         if self.keep == "all":
+            first, n = int(index[0]), len(index)
+            consecutive = bool((index == torch.arange(first, first + n, device=index.device)).all())
+            rows = slice(first, first + n) if consecutive else index  # batches of pairs are slices: a plain copy
             for t, value in values.items():
-                self.dense[t][index] = value.to(self.dtype).cpu()
+                self.dense[t][rows] = value.to(self.dtype).cpu()
             return
         self.top_pairs.append(index.cpu())
         for t, value in values.items():
@@ -122,9 +130,13 @@ class PerPairSink:
         return out
 
     def scores(self, aggregation: str) -> dict[str, torch.Tensor]:
-        """Mean (``"mean"``) or mean absolute value (``"mean_abs"``) over all pairs: [*layout] per type."""
-        totals = self.total if aggregation == "mean" else self.total_abs
-        return {t: (v / self.n_pairs).to(self.dtype) for t, v in totals.items()}
+        """Mean (``"mean"``) or mean absolute value (``"mean_abs"``) over all pairs: [*layout] per type.
+
+        Only the aggregation given to the constructor, and not with ``keep="all"`` (aggregate ``per_pair()``).
+        """
+        if self.keep == "all" or aggregation != self.aggregation:
+            raise ValueError(f"this sink keeps running sums for {self.aggregation!r} only (keep={self.keep!r})")
+        return {t: (v / self.n_pairs).to(self.dtype) for t, v in self.total.items()}
 
     def info(self) -> dict[str, Any]:
         if self.keep == "all":

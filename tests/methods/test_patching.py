@@ -141,3 +141,31 @@ def test_interrupted_sweep_resumes_from_checkpoint(tmp_path, monkeypatch):
         fresh = atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["key", "head"], batch_size=4,
                                   checkpoint=checkpoint)
     assert fresh.cost == full.cost and "resumed_from" not in fresh.info
+
+
+def test_pairs_stream_through_in_blocks_when_memory_is_short():
+    """A budget too small for every pair's cache streams over pair blocks, with the same effects and cost."""
+    from atpstar.errors import InputError
+    from atpstar.methods.base import METHODS
+
+    model = load(build_hf("llama", n_layers=2, seed=41))
+    pairs = make_pairs(n_pairs=5, seq_len=6)
+    nodes = ["neuron", "query", "key", "value", "head"]
+    full = atpstar.attribute(model, pairs, method="activation_patching", nodes=nodes)
+    assert "pair_block" not in full.info
+    budget = 1.0  # the smallest power-of-two budget the plan accepts
+    while True:
+        try:
+            METHODS["activation_patching"](memory_gb=budget / 2).memory_plan(model, 5, 6, nodes)
+        except InputError:
+            break
+        budget /= 2
+    plan = METHODS["activation_patching"](memory_gb=budget).memory_plan(model, 5, 6, nodes)
+    assert plan.pair_block is not None and plan.pair_block < 5
+    blocked = atpstar.attribute(model, pairs, method="activation_patching", nodes=nodes, memory_gb=budget)
+    assert blocked.info["pair_block"] == plan.pair_block
+    assert blocked.info["memory"]["working_gb"] <= budget
+    assert blocked.info["base_metric"] == pytest.approx(full.info["base_metric"], rel=1e-12)
+    for t in nodes:
+        torch.testing.assert_close(blocked.per_pair[t], full.per_pair[t], rtol=1e-12, atol=1e-13)
+    assert blocked.cost.forward == pytest.approx(full.cost.forward, rel=1e-12)

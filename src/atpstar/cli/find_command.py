@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from ..persist import atomic_path, write_text
-from .common import load_model, load_task, out_dir, parse_nodes, plain, say
+from .common import load_model, load_task, out_dir, parse_nodes, plain, resumable, say
 
 
 def add_find_parser(sub: Any) -> None:
@@ -22,7 +22,8 @@ def add_find_parser(sub: Any) -> None:
         description="Estimate (AtP* by default), verify in estimate order, bound the unverified nodes by "
         "subsampling, verify what the bound cannot rule out, and repeat until certified or the budget is "
         "spent. Writes localization.json/.safetensors, found.csv, history.csv, certificate.json and "
-        "report.html; prints the components found next to the certificate.",
+        "report.html; prints the components found next to the certificate. Each completed step is "
+        "checkpointed to OUT/find.ckpt.safetensors: an interrupted run resumes when rerun with the same --out.",
     )
     _model_args(find)
     _task_args(find)
@@ -41,12 +42,18 @@ def add_find_parser(sub: Any) -> None:
     )
     find.add_argument("--max-rounds", type=int, default=6, help="bound rounds at most (default 6)")
     find.add_argument("--bound-seed", type=int, default=0, help="subsampling seed of the bounds (default 0)")
+    find.add_argument(
+        "--recompute",
+        action="store_true",
+        help="discard the checkpoint OUT/find.ckpt.safetensors (also another run's) and start afresh",
+    )
     _worker_args(find)
     _output_args(find, "out/find")
 
 
 def cmd_find(args: argparse.Namespace) -> int:
     from ..find import find
+    from ..find_resume import CHECKPOINT_NAME
     from ..report import write_report
 
     start = time.monotonic()
@@ -55,6 +62,11 @@ def cmd_find(args: argparse.Namespace) -> int:
     model = load_model(args)
     pairs, task = load_task(model, args)
     say(f"find: |c| >= {args.theta:g} among {','.join(nodes)} on {pairs.n_pairs} pairs, alpha {args.alpha:g}")
+    checkpoint = resumable(out / CHECKPOINT_NAME)
+    if args.recompute and checkpoint.exists():
+        say(f"--recompute: discarding {checkpoint}")
+    elif checkpoint.exists():
+        say(f"resuming from {checkpoint}: completed steps are not redone (--recompute starts afresh)")
     found = find(
         model,
         pairs,
@@ -69,7 +81,14 @@ def cmd_find(args: argparse.Namespace) -> int:
         seed=args.bound_seed,
         workers=args.workers,
         ray_address=args.ray_address,
+        checkpoint=checkpoint,
+        recompute=args.recompute,
     )
+    resumed = found.info.get("resumed")
+    if resumed:
+        say(
+            f"resumed {resumed['steps']} completed steps ({resumed['cost_fe']:.0f} forward equivalents) from {checkpoint}"
+        )
     found.info["pairs_fingerprint"] = pairs.fingerprint()
     found.save(out / "localization")
     certificate = found.certificate()

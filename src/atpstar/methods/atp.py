@@ -9,7 +9,7 @@ counted l / L (about L/2 backwards in all), the exact cheap scheme of §5.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from ..batching import BatchGuard
 from ..cost import Cost
 from ..errors import InputError
 from ..families import LayerAttention
-from ..gradients import GradientStep, SiteGrads, atp_estimate, gradient_step
+from ..gradients import GradientStep, atp_estimate, gradient_step
 from ..memory import MemoryPlan, gradient_plan
 from ..model import Model
 from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
@@ -27,7 +27,7 @@ from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..sink import PerPairSink, check_keep
 from ..validate import check_batching
-from .base import Method, register
+from .base import Method, check_edge_positions, register
 
 
 @register(
@@ -80,6 +80,7 @@ class AttributionPatching(Method):
             shards in ``out_dir`` (``atpstar.read_per_pair``). ``scores`` are exact in every mode.
         top_k: entries per pair and node type kept by ``"top"``/``"disk"``.
         out_dir: folder for ``"disk"`` shards (must not hold shards already).
+        edge_positions: position-resolved edges, ``per_pair["edge"]`` [P, N, T] (``check_edge_positions``).
     """
 
     needs_gradients = True
@@ -95,6 +96,7 @@ class AttributionPatching(Method):
         keep: str = "all",
         top_k: int = 100,
         out_dir: str | None = None,
+        edge_positions: bool = False,
     ) -> None:
         self.qk_fix = qk_fix
         self.grad_drop = grad_drop
@@ -103,6 +105,7 @@ class AttributionPatching(Method):
         self.keep = keep
         self.top_k = top_k
         self.out_dir = out_dir
+        self.edge_positions = edge_positions
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """2 forwards and 1 backward per pair; GradDrop adds a partial backward from each layer l >= 1, counted l / L."""
@@ -119,6 +122,7 @@ class AttributionPatching(Method):
             raise InputError("GradDrop needs a model with at least 2 layers (it averages over L - 1 dropped layers)")
         self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
         check_keep(self.keep, self.top_k, self.out_dir)
+        check_edge_positions(self.edge_positions, node_types)
 
     def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
         return gradient_plan(
@@ -139,7 +143,8 @@ class AttributionPatching(Method):
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor] | PerPairSink, dict[str, torch.Tensor], dict[str, Any]]:
         shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
-        sink = PerPairSink(shapes, pairs.n_pairs, accumulation_dtype(model.dtype), self.keep, self.top_k, self.out_dir)
+        dtype = accumulation_dtype(model.dtype)
+        sink = PerPairSink(shapes, pairs.n_pairs, dtype, self.keep, self.top_k, self.out_dir, self.aggregation)
         guard = BatchGuard(f"{self.id}: pairs", model.device)
         guard.limit = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types).batch
 
@@ -159,86 +164,122 @@ class AttributionPatching(Method):
         from ..edges.sweep import estimate_edges
 
         return estimate_edges(
-            model, pairs, direction, cost, progress, self.batch_size, self.memory_gb, self.qk_fix, self.grad_drop
+            model,
+            pairs,
+            direction,
+            cost,
+            progress,
+            self.batch_size,
+            self.memory_gb,
+            self.qk_fix,
+            self.grad_drop,
+            positions=self.edge_positions,
         )
 
     def _estimate(
         self, model: Model, pairs: PromptPairs, index: torch.Tensor, node_types: list[str], direction: str, cost: Cost
     ) -> dict[str, torch.Tensor]:
-        """Per-pair estimates for the pairs ``index``: node type -> [b, *layout]."""
+        """Per-pair estimates for the pairs ``index``: node type -> [b, *layout].
+
+        Source - base is formed during the base forward; each site's gradient is turned into estimates inside
+        the backward, as soon as autograd forms it, and then dropped (without GradDrop the site's difference
+        goes too). So a batch holds the graph, the differences and the estimates, never the gradients of
+        every site at once, nor both runs' activations.
+        """
         fix = self.qk_fix and bool({"query", "key"} & set(node_types))
-        sites = [NODE_TABLE[t].site for t in node_types] + (["q", "k"] if fix else [])
-        grad_sites = ["pattern" if fix and t in ("query", "key") else NODE_TABLE[t].site for t in node_types]
-        step = gradient_step(
+        from_site: dict[str, list[str]] = {}  # grad site -> node types estimated from its gradient
+        for t in node_types:
+            from_site.setdefault("pattern" if fix and t in ("query", "key") else NODE_TABLE[t].site, []).append(t)
+        # what each grad site's estimates read: the QK fix queries, keys and the pattern, the rest source - base
+        reads: dict[str, tuple[str, ...]] = {
+            site: ("q", "k", "pattern") if site == "pattern" else (site,) for site in from_site
+        }
+        with gradient_step(
             model,
             pairs,
             index,
             direction=direction,
-            sites=sites,
-            grad_sites=grad_sites,
+            sites=["q", "k"] if fix else [],
+            diff_sites=[site for site in from_site if site != "pattern"],
+            grad_sites=list(from_site),
             cost=cost,
             grad_drop=self.grad_drop,
-        )
-        n_layers = model.n_layers
-        plain = self._per_layer(step, model.attention_args, node_types, step.grads, range(n_layers), fix)
-        if not self.grad_drop:
-            return {t: _stack(v) for t, v in plain.items()}  # L x [b, *layout[1:]] -> [b, *layout]
-        # ĉ = Σ_l |Î_l| / (L - 1). A node at layer m keeps its plain estimate when any of the m layers
-        # below it is dropped, and scores 0 when its own layer is; layers above it need a partial backward.
-        total = {t: [m * est.abs() for m, est in enumerate(plain[t])] for t in node_types}
-        # Memory: the full gradients and plain estimates are not needed from here on; each dropped layer's
-        # gradients are released before the next partial backward (the loop variable would keep them).
-        del plain
-        step.grads.clear()
-        for drop, grads in step.dropped():
-            dropped = self._per_layer(step, model.attention_args, node_types, grads, range(drop), fix)
-            grads.clear()
-            for t in node_types:
-                for m in range(drop):
-                    total[t][m].add_(dropped[t][m].abs())
-            del dropped
-        return {t: graddrop_combine(_stack(v), n_layers) for t, v in total.items()}  # [b, *layout]
+        ) as step:
+            return self._backward_passes(step, model, node_types, from_site, reads, fix)
 
-    @staticmethod
-    def _per_layer(
+    def _backward_passes(
+        self,
         step: GradientStep,
-        attention_args: Sequence[LayerAttention],
+        model: Model,
         node_types: list[str],
-        grads: SiteGrads,
-        layers: range,
+        from_site: dict[str, list[str]],
+        reads: dict[str, tuple[str, ...]],
         fix: bool,
-    ) -> dict[str, list[torch.Tensor]]:
-        """Estimates per node type, one [b, *layout[1:]] tensor per layer in ``layers``, from gradients at sites."""
-        out: dict[str, list[torch.Tensor]] = {t: [] for t in node_types}
-        base, source = step.base, step.source
-        with torch.no_grad():
-            for layer in layers:
-                args = attention_args[layer]  # scaling, soft-cap and window of this layer's scores
-                for t in node_types:
-                    if fix and t == "query":
-                        est = query_fix(
-                            upcast(source.get("q", layer)),  # [b, H, T, E]
-                            upcast(base.get("k", layer).detach()),  # [b, K, T, E]
-                            upcast(base.get("pattern", layer).detach()),  # [b, H, T, T]
-                            upcast(grads[(layer, "pattern")]),
-                            args.scaling,
-                            args.softcap,
-                            args.window,
-                        )  # [b, H, T]
-                    elif fix and t == "key":
-                        est = key_fix(
-                            upcast(base.get("q", layer).detach()),
-                            upcast(base.get("k", layer).detach()),
-                            upcast(source.get("k", layer)),
-                            upcast(grads[(layer, "pattern")]),
-                            args.scaling,
-                            args.softcap,
-                            args.window,
-                        )  # [b, K, T]
-                    else:
-                        est = atp_estimate(step, t, layer, grads)  # [b, T, M] or [b, H|K, T]
-                    out[t].append(est)
-        return out
+    ) -> dict[str, torch.Tensor]:
+        """Run the step's backward passes, folding each site's gradient into estimates as it comes."""
+        n_layers, attention_args = model.n_layers, model.attention_args
+        per_layer: dict[str, dict[int, torch.Tensor]] = {t: {} for t in node_types}  # t -> layer -> [b, *layout[1:]]
+
+        def estimate(layer: int, node_type: str, grad: torch.Tensor) -> torch.Tensor:
+            return _node_estimate(step, attention_args[layer], node_type, layer, grad, fix)
+
+        if not self.grad_drop:
+
+            def keep_plain(layer: int, site: str, grad: torch.Tensor) -> None:
+                for t in from_site[site]:
+                    per_layer[t][layer] = estimate(layer, t, grad)
+                for read in reads[site]:
+                    step.release(read, layer)
+
+            step.backward(keep_plain)
+            return {t: _stack([v[m] for m in range(n_layers)]) for t, v in per_layer.items()}  # [b, *layout]
+
+        # ĉ = Σ_l |Î_l| / (L - 1). A node at layer m keeps its plain estimate when any of the m layers below
+        # it is dropped, and scores 0 when its own layer is; layers above it need a partial backward. Only
+        # the running sums live on: the plain estimates and every dropped layer's are folded in as formed.
+        def start_sums(layer: int, site: str, grad: torch.Tensor) -> None:
+            for t in from_site[site]:
+                per_layer[t][layer] = layer * estimate(layer, t, grad).abs()
+
+        def add_dropped(layer: int, site: str, grad: torch.Tensor) -> None:
+            for t in from_site[site]:
+                per_layer[t][layer].add_(estimate(layer, t, grad).abs())
+
+        step.backward(start_sums)
+        for site in {*from_site, *(("q", "k") if fix else ())}:  # the top layer is never below a dropped layer
+            step.release(site, n_layers - 1)
+        for _ in step.dropped(add_dropped):
+            pass
+        return {t: graddrop_combine(_stack([v[m] for m in range(n_layers)]), n_layers) for t, v in per_layer.items()}
+
+
+def _node_estimate(
+    step: GradientStep, args: LayerAttention, node_type: str, layer: int, grad: torch.Tensor, fix: bool
+) -> torch.Tensor:
+    """Estimates of the nodes of one type at one layer, [b, *layout[1:]], from the gradient at their grad site."""
+    base, source = step.base, step.source
+    with torch.no_grad():
+        if fix and node_type == "query":
+            return query_fix(
+                upcast(source.get("q", layer)),  # [b, H, T, E]
+                upcast(base.get("k", layer).detach()),  # [b, K, T, E]
+                upcast(base.get("pattern", layer).detach()),  # [b, H, T, T]
+                upcast(grad),  # ∂L/∂pattern [b, H, T, T]
+                args.scaling,  # scaling, soft-cap and window of this layer's scores
+                args.softcap,
+                args.window,
+            )  # [b, H, T]
+        if fix and node_type == "key":
+            return key_fix(
+                upcast(base.get("q", layer).detach()),
+                upcast(base.get("k", layer).detach()),
+                upcast(source.get("k", layer)),
+                upcast(grad),
+                args.scaling,
+                args.softcap,
+                args.window,
+            )  # [b, K, T]
+        return atp_estimate(step, node_type, layer, grad)  # [b, T, M] or [b, H|K, T]
 
 
 def _stack(per_layer: list[torch.Tensor]) -> torch.Tensor:

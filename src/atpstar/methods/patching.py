@@ -20,10 +20,11 @@ from ..fingerprint import identity
 from ..memory import MemoryPlan, layout_elems, patching_plan
 from ..model import Model
 from ..nodes import ALL_TYPES, layout_index, node_shape, unit_and_pos
+from ..ops import accumulation_dtype
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..validate import check_batch_size, check_count, check_memory_gb
-from .base import Method, register
+from .base import Method, check_edge_positions, register
 
 
 @register(
@@ -44,6 +45,8 @@ class ActivationPatching(Method):
             token-rows; smaller batches start later (less compute), larger ones use the hardware better.
         layers: patch only the nodes of these layers (None: all). Nodes of other layers are not
             patched: their ``per_pair`` is 0 and ``info["layers"]`` lists the layers that were.
+        edge_positions: position-resolved edges, ``per_pair["edge"]`` [P, N, T]: each edge patched at one
+            sender position at a time (N x T forwards per pair; ``check_edge_positions``).
     """
 
     exact = True
@@ -59,12 +62,14 @@ class ActivationPatching(Method):
         checkpoint: str | None = None,
         min_chunk_tokens: int = MIN_CHUNK_TOKENS,
         layers: list[int] | None = None,
+        edge_positions: bool = False,
     ) -> None:
         self.batch_size = batch_size
         self.memory_gb = memory_gb
         self.checkpoint = checkpoint
         self.min_chunk_tokens = min_chunk_tokens
         self.layers = None if layers is None else list(layers)
+        self.edge_positions = edge_positions
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """2P full forwards, then one forward per node and pair of the patched layers, counted (L - l) / L."""
@@ -80,6 +85,7 @@ class ActivationPatching(Method):
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if self.layers is not None and "edge" in node_types:
             raise InputError("layers= restricts node patching only; ask for edges in a call without it")
+        check_edge_positions(self.edge_positions, node_types)
         check_batch_size(self.batch_size)
         check_memory_gb(self.memory_gb)
         check_count("min_chunk_tokens", self.min_chunk_tokens)
@@ -106,6 +112,7 @@ class ActivationPatching(Method):
             batch_size=self.batch_size,
             memory_gb=self.memory_gb,
             results_bytes=n_pairs * nodes * (item + 1),  # effects and the done mask
+            pair_blocks=True,
         )
 
     def _batch(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> int:
@@ -118,9 +125,19 @@ class ActivationPatching(Method):
 
         checkpoint = f"{self.checkpoint}.edges" if self.checkpoint else None
         effects, info = exact_edges(
-            model, pairs, direction, cost, progress, self.batch_size, self.memory_gb, checkpoint
+            model,
+            pairs,
+            direction,
+            cost,
+            progress,
+            self.batch_size,
+            self.memory_gb,
+            checkpoint,
+            self.edge_positions,
+            identity(model, pairs, direction, ["edge"], self.id, self.get_options()),
         )
-        return effects, {"edge_base_metric": info["base_metric"]}
+        resumed = {"edge_resumed_from": info["resumed_from"]} if "resumed_from" in info else {}
+        return effects, {"edge_base_metric": info["base_metric"], **resumed}
 
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
@@ -137,11 +154,13 @@ class ActivationPatching(Method):
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        batch = self._batch(model, pairs, node_types)
-        cache = prepare(model, pairs, direction, node_types, cost)
+        plan = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types)
+        batch, block = plan.batch, plan.pair_block or pairs.n_pairs
         made_by = identity(model, pairs, direction, node_types, self.id, self.get_options())
-        effects, done, prior = _resume(self.checkpoint, made_by, model, pairs, node_types, cache.base_metric.dtype)
-        prepared = Cost(cost.forward, cost.backward)  # base and source runs: paid again on every resume
+        dtype = accumulation_dtype(model.dtype)  # the metric's dtype (logits are upcast for half models)
+        effects, done, prior = _resume(self.checkpoint, made_by, model, pairs, node_types, dtype)
+        prepared = Cost()  # base and source runs: paid again on every resume
+        base_metric = torch.zeros(pairs.n_pairs, dtype=dtype)
 
         def save() -> None:
             if self.checkpoint:  # the saved part's cost: earlier runs' plus this run's patching
@@ -155,24 +174,38 @@ class ActivationPatching(Method):
         schedule, finished = CheckpointSchedule(), 0
         try:
             with progress_bar(total, "activation patching", progress) as bar:
-                for layer in layers:
-                    pending = _pending(node_types, done, layer)
-                    sweep = sweep_layer(model, cache, layer, node_types, pending, batch, cost, self.min_chunk_tokens)
-                    for chunk, effect in sweep:
-                        type_i, pair_i, unit_i, pos_i = (part[chunk] for part in pending)
-                        _store(node_types, effects, done, layer, type_i, pair_i, unit_i, pos_i, effect)
-                        bar.update(len(chunk))
-                        finished += len(chunk)
-                        if self.checkpoint and schedule.due(finished, total):
-                            save()
-                            schedule.saved(finished)
+                # Pairs stream through in blocks: only one block's cached activations exist at a time.
+                for first in range(0, pairs.n_pairs, block):
+                    rows = slice(first, min(first + block, pairs.n_pairs))
+                    before = Cost(cost.forward, cost.backward)
+                    cache = prepare(model, pairs.subset(range(rows.start, rows.stop)), direction, node_types, cost)
+                    prepared = prepared + Cost(cost.forward - before.forward, cost.backward - before.backward)
+                    base_metric[rows] = cache.base_metric.cpu()
+                    block_effects = {t: e[rows] for t, e in effects.items()}  # views: results land in place
+                    block_done = {t: d[rows] for t, d in done.items()}
+                    for layer in layers:
+                        pending = _pending(node_types, block_done, layer)  # pair indices within the block
+                        sweep = sweep_layer(
+                            model, cache, layer, node_types, pending, batch, cost, self.min_chunk_tokens
+                        )
+                        for chunk, effect in sweep:
+                            type_i, pair_i, unit_i, pos_i = (part[chunk] for part in pending)
+                            _store(node_types, block_effects, block_done, layer, type_i, pair_i, unit_i, pos_i, effect)
+                            bar.update(len(chunk))
+                            finished += len(chunk)
+                            if self.checkpoint and schedule.due(finished, total):
+                                save()
+                                schedule.saved(finished)
+                    del cache
         except BaseException:
             save()
             raise
         save()
         cost.forward += prior.forward  # the whole computation's cost, also after resuming
         cost.backward += prior.backward
-        info: dict[str, Any] = {"base_metric": cache.base_metric.tolist(), "layers": layers}
+        info: dict[str, Any] = {"base_metric": base_metric.tolist(), "layers": layers}
+        if block < pairs.n_pairs:
+            info["pair_block"] = block
         if prior.forward_equivalents > 0:
             info["resumed_from"] = str(self.checkpoint)
         return effects, {}, info
