@@ -157,6 +157,7 @@ def run_grid(name: str, theta: float, models: dict[str, Any]) -> list[dict[str, 
             estimate, upper, prob, _ = _node_bounds(stats, keep, int(keep.sum()), 0.05, theta, combine)
             row[f"max_upper_{combine}"] = float(upper[keep].max())
             row[f"prob_{combine}"] = float(prob[keep].max()) if combine == "iut" else min(1.0, float(prob[keep].sum()))
+        (OUT / name).mkdir(parents=True, exist_ok=True)  # the truth may not be computed yet
         torch.save({"estimate": estimate, "keep": keep}, OUT / name / f"grid_{samples}_{p:.4g}.pt")
         row["wall_s"] = time.monotonic() - start
         _store(key, row)

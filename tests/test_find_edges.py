@@ -109,5 +109,7 @@ def test_edges_alone_and_in_process():
         atpstar.find(model, pairs, 0.1, nodes=["edge", "head"])
     with pytest.raises(atpstar.InputError, match="in-process"):
         atpstar.find(model, pairs, 0.1, nodes=["edge"], workers=2)
+    with pytest.raises(atpstar.InputError, match="position-resolved"):
+        atpstar.find(model, pairs, 0.1, nodes=["edge"], estimator_options={"edge_positions": True})
     with pytest.raises(atpstar.InputError, match="on their own"):
         atpstar.false_negative_bound(model, pairs, [], nodes=["edge", "head"], samples=8)

@@ -17,6 +17,11 @@ ordering costs K verifications: K x P forwards (distribution) or K (per pair).
 of a forward for a node at layer l (the patched run starts at the node's layer); the oracle is then
 charged the same way.
 
+Edges (``nodes=["edge"]``, ``atpstar.edges``) are ranked like any node type: the truth is exact edge
+patching (``activation_patching`` with edges), a verification patches one edge (one forward per pair;
+partial: ``EdgeGraph.patch_share``, from the receiver's layer), and position-resolved edges
+(``edge_positions=True``) are verified one (edge, position) at a time.
+
 Vectorised: with ``rank[n]`` the position of node n in the estimator's order and ``true_order`` the
 nodes by decreasing true |effect|, ``cost(K) = own + max(rank[true_order[:K]]) + 1`` is a cumulative
 maximum, and recall@K (true top-K inside the estimated top-K) counts the i < K with
@@ -48,7 +53,7 @@ import torch
 from .errors import CorruptFileError, IdentityMismatchError, InputError
 from .fingerprint import MODEL_FIELDS, PAIR_FIELDS, differences
 from .methods.base import METHODS
-from .nodes import NodeLayout, check_node_types
+from .nodes import EDGE_TYPE, NodeLayout, check_node_types
 from .persist import load_json, save_json
 from .result import Attribution
 
@@ -393,7 +398,7 @@ def evaluate(
         own_share, pairs_per_verification = 1.0 / n_pairs, 1
     verify_cost: float | torch.Tensor = float(pairs_per_verification)
     if verification == "partial":
-        verify_cost = pairs_per_verification * _partial_forward(truth.scores, types)  # [N]
+        verify_cost = pairs_per_verification * _partial_forward(truth, types)  # [N]
     n_nodes = truth_abs[0].numel()
     limit = min(_nonzero(t) for t in truth_abs)
     if limit == 0:
@@ -454,10 +459,16 @@ def _oracle(truth_abs: list[torch.Tensor], k_max: int, verify_cost: float | torc
     return np.exp(np.log(np.stack(costs)).mean(0))
 
 
-def _partial_forward(scores: dict[str, torch.Tensor], types: list[str]) -> torch.Tensor:
-    """[N] (L - l) / L per node, l its layer: the share of a forward a patched run from layer l costs."""
+def _partial_forward(truth: Attribution, types: list[str]) -> torch.Tensor:
+    """[N] (L - l) / L per node, l its layer: the share of a forward a patched run from layer l costs
+    (edges: ``EdgeGraph.patch_share``, by the receiver's layer; the same for every position)."""
+    scores = truth.scores
     layer_of = {}
     for t in types:
+        if t == EDGE_TYPE:
+            share = truth.edge_graph().patch_share()  # [N]
+            layer_of[t] = share.reshape(-1, *([1] * (scores[t].ndim - 1))).expand(scores[t].shape)  # [N(, T)]
+            continue
         n_layers = scores[t].shape[0]  # layouts start with the layer axis
         layers = torch.arange(n_layers, dtype=torch.float64).reshape(-1, *([1] * (scores[t].ndim - 1)))
         layer_of[t] = ((n_layers - layers) / n_layers).expand(scores[t].shape)

@@ -136,6 +136,8 @@ def find(
     node_types = check_node_types(nodes)
     if EDGE_TYPE in node_types and (node_types != [EDGE_TYPE] or workers is not None or ray_address is not None):
         raise InputError("find over edges runs on edges alone and in-process: nodes=['edge'], no workers=/ray_address=")
+    if isinstance(estimator_options, dict) and estimator_options.get("edge_positions"):
+        raise InputError("find does not search position-resolved edges; drop edge_positions from estimator_options")
     direction = check_direction(direction)
     shapes, weight = population(model, node_types, pairs.seq_len)  # weight: [N]
     estimate = _estimate_or_check(model, pairs, estimator, node_types, shapes, direction, estimator_options)

@@ -120,8 +120,8 @@ def node_name(node_type: str, index: tuple[int, ...]) -> str:
 
 def index_columns(node_type: str, index: tuple[int, ...]) -> dict[str, int]:
     """A node's index as table columns, e.g. ``{"layer": 3, "head": 2, "pos": 5}`` (an edge: its ``index``)."""
-    if node_type == EDGE_TYPE:
-        return {"index": index[0]}
+    if node_type == EDGE_TYPE:  # (n,) or, position-resolved, (n, t)
+        return {"index": index[0]} if len(index) == 1 else {"index": index[0], "pos": index[1]}
     return dict(zip(NODE_TABLE[node_type].axes, index))
 
 

@@ -86,12 +86,14 @@ class Attribution:
         """The k nodes with the largest ``|scores|`` across the node types, largest first."""
         types, type_index, flat_index = self.order(node_types, k)
         ranked = []
+        from .edges.graph import edge_node_name
+
         edge_names = self.edge_graph().edge_names if "edge" in types else []
         for type_i, position in zip(type_index.tolist(), flat_index.tolist()):
             node_type = types[type_i]
             shape = self.scores[node_type].shape
             index = tuple(int(i) for i in torch.unravel_index(torch.tensor(position), shape))
-            name = edge_names[index[0]] if node_type == "edge" else node_name(node_type, index)
+            name = edge_node_name(edge_names, index) if node_type == "edge" else node_name(node_type, index)
             ranked.append(RankedNode(node_type, index, name, float(self.scores[node_type][index])))
         return ranked
 
@@ -120,6 +122,11 @@ class Attribution:
 
         graph = self.edge_graph()
         scores = self.scores["edge"]
+        if scores.ndim != 1:
+            raise InputError(
+                "MIB's circuit files hold position-summed edges; this attribution is position-resolved "
+                "(edge_positions=True). Run the method without edge_positions to export to MIB"
+            )
         chosen = None if n_edges is None else top_edges(graph, scores, n_edges, prune)
         return save_mib(path, graph, int(self.info["edge_graph"].get("d_model", 0)), scores, chosen)
 

@@ -73,10 +73,12 @@ class Verification:
     def names(self) -> list[str]:
         """TransformerLens-style name per verified node (MIB names for edges)."""
         if any(t == "edge" for t, _ in self.nodes):
-            from .edges.graph import EdgeGraph
+            from .edges.graph import EdgeGraph, edge_node_name
 
             edge_names = EdgeGraph.from_description(self.info["edge_graph"]).edge_names
-            return [edge_names[index[0]] if t == "edge" else node_name(t, index) for t, index in self.nodes]
+            return [
+                edge_node_name(edge_names, index) if t == "edge" else node_name(t, index) for t, index in self.nodes
+            ]
         return [node_name(t, index) for t, index in self.nodes]
 
     def to_rows(self) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_cli import make_tiny, write_pairs
 
+from atpstar import Attribution
 from atpstar.cli import main
 from atpstar.edges.circuits import FaithfulnessCurve, areas
 from atpstar.edges.mib import load_mib
@@ -70,3 +71,34 @@ def test_circuit_refuses_a_method_without_edges(tiny, tmp_path, capsys):
         == 2
     )
     assert "no edge form" in capsys.readouterr().err
+
+
+def test_compare_ranks_edge_estimators(tiny, tmp_path, capsys):
+    model, pairs = tiny
+    out = tmp_path / "cmp"
+    args = [
+        "compare",
+        "--model",
+        str(model),
+        "--task",
+        str(pairs),
+        "--methods",
+        "atp,atp*",
+        "--nodes",
+        "edge",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--k-max",
+        "5",
+        "--setting",
+        "distribution",
+    ]
+    assert main(args) == 0
+    table = (out / "comparison_distribution.md").read_text()
+    assert "| atp |" in table and "| atp* |" in table
+    saved = json.loads((out / "evaluation_distribution.json").read_text())
+    truth = Attribution.load(out / "ground_truth")
+    assert truth.method == "activation_patching" and truth.node_types == ["edge"]
+    assert saved["node_types"] == ["edge"] and saved["n_nodes"] == truth.scores["edge"].numel()
+    assert "cost@1" in capsys.readouterr().out

@@ -169,7 +169,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         _discard(out / "ground_truth.units")
     model = load_model(args)
     pairs, task = load_task(model, args)
-    n_nodes = sum(math.prod(node_shape(t, model.sizes, pairs.seq_len)) for t in nodes)
+    n_nodes = sum(math.prod(node_shape(t, model.sizes, pairs.seq_len)) for t in nodes if t != "edge")
+    if "edge" in nodes:  # edges (E15): the MIB/EAP-IG graph, position-summed
+        from ..edges.graph import graph_of
+
+        n_nodes += graph_of(model).n_edges
     if args.k_max is not None and args.k_max > n_nodes:
         raise InputError(f"--k-max {args.k_max} is more than the {n_nodes} nodes of types {nodes}; lower it")
     truth = cached_or_run(
@@ -212,12 +216,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 plot_estimate_vs_truth(truth, shown, out / "estimate_vs_truth", node_types=nodes)[0],
             )
         )
-        images.append(
-            (
-                "Exact contributions (ground truth)",
-                plot_heatmaps(truth, out / "heatmaps_truth", node_types=nodes, tokens=tokens(model, pairs))[0],
+        mapped = [t for t in nodes if t != "edge"]  # edges have no (layer x position) map; see `atpstar circuit`
+        if mapped:
+            images.append(
+                (
+                    "Exact contributions (ground truth)",
+                    plot_heatmaps(truth, out / "heatmaps_truth", node_types=mapped, tokens=tokens(model, pairs))[0],
+                )
             )
-        )
     truth.to_csv(out / "top_nodes_truth.csv", k=min(1000, sum(truth.scores[t].numel() for t in nodes)))
     facts = {
         f"wall time {name}": f"{a.info.get('wall_s', 0):.1f} s"

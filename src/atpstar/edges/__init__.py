@@ -1,7 +1,7 @@
 """Edges of the MIB/EAP-IG graph: graph and names, exact edge patching, EAP, EAP-IG and edge AtP*.
 
 Edges are one more node type: ``atpstar.attribute(model, pairs, method=m, nodes=["edge"])`` gives
-``per_pair["edge"]`` [P, N] in the order of ``edge_names(model)``.
+``per_pair["edge"]`` [P, N] in the order of ``edge_names(model)`` ([P, N, T] with ``edge_positions=True``).
 """
 
 from __future__ import annotations

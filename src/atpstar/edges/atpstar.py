@@ -9,6 +9,13 @@
   gradient unchanged, dropping the receiver's own layer gives 0 (a logits receiver sits at layer L),
   so only layers above the receiver need a backward, each run from that layer down.
 
+Position-resolved (``positions``; edge s -> r at the sender's position t, only Δ_s,t reaches r): the
+plain estimate keeps the sum over d_model only. A query change at t moves row t of the pattern alone, so
+the QK fix of a query receiver splits exactly into rows (its sum over t is the position-summed fix). A
+key change at t moves every row; each position gets its own exact softmax with only key t changed
+(the sum over t is not the position-summed fix, which changes all keys at once). GradDrop takes |.|
+per position.
+
 Cost per pair: as EAP, plus for the QK fix per layer one partial forward (norm + q/k/v) over one copy
 of the layer input per upstream sender, and for GradDrop L - 1 partial backwards and, per dropped
 layer, the receiver-copy backwards of the layers below it.
@@ -18,12 +25,15 @@ Shape letters: B batch, S senders, R receivers, N edges, L layers, H heads, T po
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..cost import Cost
 from ..model import Model
 from ..ops import attention_pattern
 from ..pairs import PromptPairs
+from ..runner import expand_kv
 from .capture import SenderRun, receiver_grads
 from .eap import _count_copies, _or_zero, gradient_run, site_tensors, source_senders
 from .graph import EdgeGraph
@@ -40,8 +50,9 @@ def edge_atp(
     cost: Cost,
     qk_fix: bool,
     grad_drop: bool,
+    positions: bool = False,
 ) -> torch.Tensor:
-    """Edge AtP with the QK fix and/or GradDrop for the pairs ``index``: [b, N]."""
+    """Edge AtP with the QK fix and/or GradDrop for the pairs ``index``: [b, N] (``positions``: [b, N, T])."""
     n_layers, b = model.n_layers, len(index)
     base_tokens, source_tokens = (tokens[index] for tokens in pairs.base_and_source(direction))
     source = source_senders(model, source_tokens, w_out)
@@ -59,10 +70,10 @@ def edge_atp(
         resid_grads = [_or_zero(g, t) for g, t in zip(grads[len(tensors) :], run.resid[1:])]  # ∂L/∂resid_{l+1}
         with torch.no_grad():
             delta = source.to(run.final.device) - run.senders.detach()  # [B, S, T, D]
-            patterns = _new_patterns(model, graph, run, delta, cost) if qk_fix else {}
-        plain = _estimates(model, graph, run, delta, sites, resid_grads[-1], range(n_layers), patterns, cost)
+            patterns = _new_patterns(model, graph, run, delta, cost, positions) if qk_fix else {}
+        plain = _estimates(model, graph, run, delta, sites, resid_grads[-1], range(n_layers), patterns, cost, positions)
         if not grad_drop:
-            return graph.from_matrix(plain)
+            return _edges(graph, plain, positions)
         layer_of = torch.tensor([graph.receiver_layer(r) for r in range(graph.n_receivers)], device=plain.device)
         total = plain.abs() * layer_of.to(plain.dtype)  # the layers below each receiver leave it unchanged
         for drop in range(1, n_layers):
@@ -76,9 +87,15 @@ def edge_atp(
             )
             cost.add_backward(b, layers_covered=drop, n_layers=n_layers)
             drop_sites = {keys[i]: _or_zero(g, tensors[i]) for i, g in zip(below, dropped)}
-            estimate = _estimates(model, graph, run, delta, drop_sites, None, range(drop), patterns, cost)
+            estimate = _estimates(model, graph, run, delta, drop_sites, None, range(drop), patterns, cost, positions)
             total = total + estimate.abs() * (layer_of < drop).to(plain.dtype)
-        return graph.from_matrix(total / (n_layers - 1))
+        return _edges(graph, total / (n_layers - 1), positions)
+
+
+def _edges(graph: EdgeGraph, matrix: torch.Tensor, positions: bool) -> torch.Tensor:
+    """[B, S, R] -> [B, N]; position-resolved [B, T, S, R] -> [B, N, T]."""
+    edges = graph.from_matrix(matrix)  # [B, N] or [B, T, N]
+    return edges.transpose(1, 2) if positions else edges
 
 
 def _estimates(
@@ -91,29 +108,44 @@ def _estimates(
     layers: range,
     patterns: dict[tuple[int, str], torch.Tensor],
     cost: Cost,
+    positions: bool = False,
 ) -> torch.Tensor:
-    """[B, S, R] estimates of every (sender, receiver) from site gradients of ``layers`` (+ logits)."""
+    """[B, S, R] (``positions``: [B, T, S, R]) estimates of every (sender, receiver) from site gradients
+    of ``layers`` (+ logits)."""
     grads = receiver_grads(model, graph, run, sites, final_grad, layers)  # [B, R, T, D]
     _count_copies(model, cost, delta.shape[0], len(layers) / model.n_layers)
     with torch.no_grad():
-        matrix = torch.bmm(delta.flatten(2), grads.flatten(2).transpose(1, 2))  # [B, S, R]
+        if positions:
+            matrix = torch.einsum("bstd,brtd->btsr", delta, grads)  # [B, T, S, R]
+        else:
+            matrix = torch.bmm(delta.flatten(2), grads.flatten(2).transpose(1, 2))  # [B, S, R]
         heads = model.n_heads
         for layer in layers:
             for kind in ("q", "k"):
                 if (layer, kind) not in patterns:
                     continue
-                change = patterns[(layer, kind)]  # [B, S_l, H, T, T]
-                fixed = torch.einsum("bshqk,bhqk->bsh", change, sites[(layer, "pattern")])  # [B, S_l, H]
+                change = patterns[(layer, kind)]  # [B, S_l, H, T, T]; positions, k: [B, S_l, T, H, T, T]
+                grad = sites[(layer, "pattern")]  # [B, H, T, T]
+                if not positions:
+                    fixed = torch.einsum("bshqk,bhqk->bsh", change, grad)  # [B, S_l, H]
+                elif kind == "q":
+                    fixed = torch.einsum("bshqk,bhqk->bqsh", change, grad)  # [B, T, S_l, H]: row q = position q
+                else:
+                    fixed = torch.einsum("bsphqk,bhqk->bpsh", change, grad)  # [B, T, S_l, H]: key p changed
                 first = graph.qkv_receiver(layer, kind, 0)
-                matrix[:, : change.shape[1], first : first + heads] = fixed
+                matrix[..., : change.shape[1], first : first + heads] = fixed
         return matrix * graph.valid.to(matrix.device)
 
 
 def _new_patterns(
-    model: Model, graph: EdgeGraph, run: SenderRun, delta: torch.Tensor, cost: Cost
+    model: Model, graph: EdgeGraph, run: SenderRun, delta: torch.Tensor, cost: Cost, positions: bool = False
 ) -> dict[tuple[int, str], torch.Tensor]:
     """(layer, q|k) -> [B, S_l, H, T, T]: A' - A of every head when one upstream sender's difference
-    reaches its query (q) or its key (k) input, exact through norm, projection, rotary and softmax."""
+    reaches its query (q) or its key (k) input, exact through norm, projection, rotary and softmax.
+
+    With ``positions``, (layer, k) is [B, S_l, T, H, T, T]: A' - A with the key of one position p changed
+    (norm, projection and rotary act per position, so k' at p is the same as when all positions change).
+    """
     out = {}
     b, _, n_pos, d = delta.shape
     for layer in range(model.n_layers):
@@ -132,4 +164,29 @@ def _new_patterns(
         with_q, with_k = with_q.view(b, n_up, *pattern.shape[2:]), with_k.view(b, n_up, *pattern.shape[2:])
         out[(layer, "q")] = with_q - pattern
         out[(layer, "k")] = with_k - pattern
+        if positions:
+            out[(layer, "k")] = (
+                _one_key_patterns(q_rep, k_rep, expand_kv(new_k, model.n_heads), args, n_pos).view(
+                    b, n_up, n_pos, *pattern.shape[2:]
+                )
+                - pattern[:, :, None]
+            )  # [B, S_l, T, H, T, T]
     return out
+
+
+def _one_key_patterns(q: torch.Tensor, k: torch.Tensor, new_k: torch.Tensor, args: Any, n_pos: int) -> torch.Tensor:
+    """[X*T, H, T, T] patterns with the keys of one position p (p = 0 .. T-1) taken from ``new_k``.
+
+    q, k, new_k: [X, H, T, E] (k per query head).
+    """
+    x, heads, _, e = k.shape
+    one = torch.eye(n_pos, dtype=torch.bool, device=k.device)[None, :, None, :, None]  # [1, P, 1, T, 1]
+    mixed = torch.where(one, new_k[:, None], k[:, None])  # [X, P, H, T, E]
+    q_rep = q[:, None].expand(x, n_pos, heads, n_pos, e)  # [X, P, H, T, E]
+    return attention_pattern(
+        q_rep.reshape(x * n_pos, heads, n_pos, e),
+        mixed.reshape(x * n_pos, heads, n_pos, e),
+        args.scaling,
+        args.softcap,
+        args.window,
+    )

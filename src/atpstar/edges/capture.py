@@ -72,11 +72,15 @@ def run_senders(
     def on_output(layer: int, out: torch.Tensor) -> None:
         mlp_out[layer] = out
 
-    with mlp_hooks(model, on_input, on_output):
+    def on_share(layer: int, value: torch.Tensor) -> None:
+        share[layer] = value
+
+    share: list[Any] = [None] * n_layers  # post-norm families: norm(a) / a per layer [B, T, D]
+    with mlp_hooks(model, on_input, on_output, on_share):
         model.run_layers(hidden, run)
     blocks = [hidden[:, None]]
     for layer in range(n_layers):
-        blocks.append(head_outputs(run.records["z"][layer], w_out[layer]))  # [B, H, T, D]
+        blocks.append(head_outputs(run.records["z"][layer], w_out[layer], share[layer]))  # [B, H, T, D]
         blocks.append(mlp_out[layer][:, None].to(hidden.device))
     senders = torch.cat([b.to(hidden.device) for b in blocks], 1)  # [B, S, T, D]
     return SenderRun(senders, list(run.records["resid_pre"]), mlp_in, run)

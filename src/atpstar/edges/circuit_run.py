@@ -21,7 +21,7 @@ from ..model import Model
 from ..runner import Run, expand_kv
 from .graph import EdgeGraph
 from .patching import EdgeCache
-from .sites import head_out_weights, head_outputs, layer_qkv, mlp_hooks
+from .sites import edge_parts, head_out_weights, head_outputs, layer_qkv, mlp_hooks
 
 
 def circuit_metric(
@@ -51,10 +51,18 @@ def circuit_metric(
         """[B, r, T, D] Σ_s absent · (source_s - current_s) for a block of receivers."""
         return torch.einsum("bsr,bstd->brtd", weight[:, :, receivers], src - current)
 
+    post_norm = edge_parts(model).attn_write is not None
+    z_of: dict[int, torch.Tensor] = {}
+
+    def set_heads(layer: int, share: torch.Tensor | None) -> None:
+        block = slice(graph.head_sender(layer, 0), graph.head_sender(layer, 0) + heads)
+        current[:, block] = head_outputs(z_of[layer], w_out[layer], share).to(current.dtype)
+
     def patch(layer: int, site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
-        if site == "z":  # this layer's heads are now known: their current outputs
-            block = slice(graph.head_sender(layer, 0), graph.head_sender(layer, 0) + heads)
-            current[:, block] = head_outputs(x, w_out[layer]).to(current.dtype)
+        if site == "z":  # this layer's heads are now known: their current outputs (post-norm: after the norm)
+            z_of[layer] = x
+            if not post_norm:
+                set_heads(layer, None)
             return x
         if site not in ("q", "k", "v"):
             return x
@@ -92,7 +100,7 @@ def circuit_metric(
 
     with torch.no_grad():
         run = Run(n_layers, record=("resid_pre",), patch=patch, start_layer=start)
-        with mlp_hooks(model, on_input, on_output):
+        with mlp_hooks(model, on_input, on_output, set_heads if post_norm else None):
             final = model.run_layers(cache.resid[start][pair_index], run) if start < n_layers else None
         final = cache.resid[-1][pair_index] if final is None else final
         final = final + shift(slice(graph.logits_receiver, graph.logits_receiver + 1))[:, 0].to(final.dtype)

@@ -171,6 +171,11 @@ def faithfulness_curve(
         method = scores.method
         scores = scores.scores["edge"]
     scores = torch.as_tensor(scores)
+    if scores.shape != (graph.n_edges,):
+        raise InputError(
+            f"faithfulness needs one score per edge ({graph.n_edges}); got shape {tuple(scores.shape)}. MIB's "
+            "circuits are position-summed: run the method without edge_positions=True"
+        )
     fractions = [float(x) for x in fractions]
     if not fractions or any(not 0 <= x <= 1 for x in fractions) or fractions != sorted(fractions):
         raise InputError(f"fractions must be increasing values in [0, 1]; got {fractions}")

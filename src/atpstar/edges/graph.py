@@ -78,6 +78,20 @@ class EdgeGraph:
         """Layer a receiver reads at (``n_layers`` for logits)."""
         return min(receiver // (3 * self.n_heads + 1), self.n_layers)
 
+    def patch_share(self) -> torch.Tensor:
+        """[N] share of a forward that exact patching of each edge costs (``evaluate``'s partial unit).
+
+        A receiver at layer l < L starts the patched run at l: (L - l) / L; a q/k/v receiver adds its
+        layer's norm + projection on its own input (charged 1 / L, as the sweep does). A logits receiver
+        needs only the unembedding, which the sweep counts as free; here it is charged 1 / L so that no
+        verification costs nothing (a zero cost has no place on the log scale of the comparison).
+        """
+        receiver = self.receiver_index
+        layer = torch.clamp(receiver // (3 * self.n_heads + 1), max=self.n_layers).double()  # [N]
+        qkv = (receiver % (3 * self.n_heads + 1) < 3 * self.n_heads) & (layer < self.n_layers)
+        share = (self.n_layers - layer + qkv.double()) / self.n_layers
+        return torch.where(layer == self.n_layers, 1.0 / self.n_layers, share)
+
     def senders_before(self, receiver: int) -> int:
         """Senders 0 .. n-1 (MIB order) are exactly the ones upstream of ``receiver``."""
         return int(self.valid[:, receiver].sum())
@@ -218,3 +232,9 @@ def edge_names(model: Any) -> list[str]:
         ['input->a0.h0<q>', 'input->a0.h0<k>']
     """
     return graph_of(model).edge_names
+
+
+def edge_node_name(names: list[str], index: tuple[int, ...]) -> str:
+    """Name of a position-summed edge ``(n,)`` (``a0.h1->m1``) or a position-resolved one ``(n, t)``:
+    ``a0.h1->m1[pos 3]``, t being the position of the sender's output (the residual position it changes)."""
+    return names[index[0]] if len(index) == 1 else f"{names[index[0]]}[pos {index[1]}]"

@@ -83,7 +83,9 @@ def patch_edges(
     receiver = graph.receiver_index[edge_index]
     delta = cache.delta[pair_index, sender]  # [B, T, D]
     if pos_index is not None:
-        keep = torch.arange(delta.shape[1])[None, :] == pos_index[:, None]  # [B, T]
+        keep = (
+            torch.arange(delta.shape[1], device=delta.device)[None, :] == pos_index.to(delta.device)[:, None]
+        )  # [B, T]
         delta = delta * keep[..., None].to(delta.dtype)
     with torch.no_grad():
         if layer == model.n_layers:

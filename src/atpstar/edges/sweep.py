@@ -1,20 +1,22 @@
 """The edge forms of the registered methods: an exact sweep over every edge (resumable) and the
 gradient estimators batched over pairs. Method classes call these from ``_attribute_edges``.
 
-Shape letters: P pairs, N edges.
+Position-resolved edges (``positions=True``, the methods' ``edge_positions`` option): edge s -> r at
+position t carries only the sender's difference at residual position t (the sender's position, as
+EAP-IG defines position-resolved edges); results gain a last axis [.., T].
+
+Shape letters: P pairs, N edges, T positions.
 """
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
+import warnings
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from ..checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from ..cost import Cost
-from ..errors import InputError
 from ..model import Model
 from ..pairs import PromptPairs
 from ..progress import progress_bar
@@ -23,9 +25,6 @@ from .eap import eap
 from .graph import graph_of
 from .patching import edge_bytes, patch_edges, prepare_edges
 from .sites import head_out_weights
-
-# Seconds between checkpoint writes of an exact sweep.
-SAVE_EVERY_S = 30.0
 
 
 def exact_edges(
@@ -37,34 +36,56 @@ def exact_edges(
     batch_size: int | None,
     memory_gb: float,
     checkpoint: str | None,
+    positions: bool = False,
+    made_by: dict[str, str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Exact effect [P, N] of patching every edge alone; partial results go to ``checkpoint``."""
+    """Exact effect [P, N] (``positions``: [P, N, T]) of patching every edge alone.
+
+    Partial results go to ``checkpoint`` (``atpstar.checkpoint``: saved on a schedule and on interrupt,
+    resumed only by a run of the same ``made_by`` identity, a truncated file reported and recomputed);
+    the cost reported after a resume is the saved part's plus this run's.
+    """
     graph = graph_of(model)
     cache = prepare_edges(model, graph, pairs, direction, cost)
+    prepared = Cost(cost.forward, cost.backward)  # base and source runs: paid again on every resume
     batch = batch_size or max(1, int(memory_gb * 2**30 // edge_bytes(model, pairs.seq_len)))
-    key = f"edges|{model.model_id}|{pairs.fingerprint()}|{direction}|{graph.n_edges}"
-    effects, done = _load(checkpoint, key, pairs.n_pairs, graph.n_edges, cache.base_metric.dtype)
+    shape = (pairs.n_pairs, graph.n_edges, *((pairs.seq_len,) if positions else ()))
+    effects, done, prior = _resume(checkpoint, made_by or {}, shape, cache.base_metric.dtype)
     layer_of_edge = torch.tensor([graph.receiver_layer(r) for r in graph.receiver_index.tolist()])
-    last_save = time.monotonic()
+    layer_of_item = layer_of_edge[:, None].expand(shape[1:]) if positions else layer_of_edge  # [N(, T)]
+    schedule, total = CheckpointSchedule(), int((~done).sum())
+
+    def save() -> None:
+        if checkpoint:  # the saved part's cost: earlier runs' plus this run's patching
+            spent = prior + Cost(cost.forward - prepared.forward, cost.backward - prepared.backward)
+            tensors = {"effects/edge": effects, "done/edge": done.to(torch.uint8)}
+            save_checkpoint(checkpoint, made_by or {}, tensors, spent)
+            schedule.saved(int(done.sum()))
+
     try:
-        with progress_bar(int((~done).sum()), "exact edge patching", progress, unit="edge") as bar:
+        with progress_bar(total, "exact edge patching", progress, unit="edge") as bar:
             for layer in range(model.n_layers + 1):
-                pair_i, edge_i = torch.nonzero(~done & (layer_of_edge == layer)[None]).unbind(1)
-                for start in range(0, len(pair_i), batch):
-                    p, e = pair_i[start : start + batch], edge_i[start : start + batch]
-                    effects[p, e] = patch_edges(model, cache, layer, p, e, cost).to(effects.dtype).cpu()
-                    done[p, e] = True
+                todo = torch.nonzero(~done & (layer_of_item == layer)[None])  # [n, 2 or 3]: pair, edge(, pos)
+                for start in range(0, len(todo), batch):
+                    item = todo[start : start + batch]
+                    p, e = item[:, 0], item[:, 1]
+                    pos = item[:, 2] if positions else None
+                    where = tuple(item.T)
+                    effects[where] = patch_edges(model, cache, layer, p, e, cost, pos).to(effects.dtype).cpu()
+                    done[where] = True
                     bar.update(len(p))
-                    if checkpoint and time.monotonic() - last_save > SAVE_EVERY_S:
-                        _save(checkpoint, key, effects, done)
-                        last_save = time.monotonic()
+                    if checkpoint and schedule.due(int(done.sum()), done.numel()):
+                        save()
     except BaseException:
-        if checkpoint:
-            _save(checkpoint, key, effects, done)
+        save()
         raise
-    if checkpoint:
-        _save(checkpoint, key, effects, done)
-    return effects, {"base_metric": cache.base_metric.tolist()}
+    save()
+    cost.forward += prior.forward  # the whole computation's cost, also after resuming
+    cost.backward += prior.backward
+    info: dict[str, Any] = {"base_metric": cache.base_metric.tolist()}
+    if prior.forward_equivalents > 0:
+        info["resumed_from"] = str(checkpoint)
+    return effects, info
 
 
 def estimate_edges(
@@ -78,19 +99,21 @@ def estimate_edges(
     qk_fix: bool = False,
     grad_drop: bool = False,
     ig_steps: int | None = None,
+    positions: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Edge AtP (EAP), its QK fix / GradDrop / AtP* forms, or EAP-IG: [P, N]."""
+    """Edge AtP (EAP), its QK fix / GradDrop / AtP* forms, or EAP-IG: [P, N] (``positions``: [P, N, T])."""
     graph = graph_of(model)
     w_out = head_out_weights(model)
-    out = torch.zeros(pairs.n_pairs, graph.n_edges, dtype=model.dtype)
+    shape = (pairs.n_pairs, graph.n_edges, *((pairs.seq_len,) if positions else ()))
+    out = torch.zeros(shape, dtype=model.dtype)
     batch = batch_size or _auto_batch(model, graph.n_senders + graph.n_receivers, pairs.seq_len, memory_gb)
     with progress_bar(pairs.n_pairs, "edge attribution", progress, unit="pair") as bar:
         for start in range(0, pairs.n_pairs, batch):
             index = torch.arange(start, min(start + batch, pairs.n_pairs))
             if qk_fix or grad_drop:
-                value = edge_atp(model, graph, pairs, index, direction, w_out, cost, qk_fix, grad_drop)
+                value = edge_atp(model, graph, pairs, index, direction, w_out, cost, qk_fix, grad_drop, positions)
             else:
-                value = eap(model, graph, pairs, index, direction, w_out, cost, ig_steps=ig_steps)
+                value = eap(model, graph, pairs, index, direction, w_out, cost, positions, ig_steps)
             out[index] = value.detach().to(out.dtype).cpu()
             bar.update(len(index))
     return out, {}
@@ -103,27 +126,22 @@ def _auto_batch(model: Model, n_vectors: int, seq_len: int, memory_gb: float) ->
     return max(1, int(memory_gb * 2**30 // per_pair))
 
 
-def _load(
-    path: str | None, key: str, n_pairs: int, n_edges: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    effects = torch.zeros(n_pairs, n_edges, dtype=dtype)
-    done = torch.zeros(n_pairs, n_edges, dtype=torch.bool)
-    if path and Path(path).exists():
-        saved = load_file(path)
-        if "key" not in saved or bytes(saved["key"].tolist()).decode() != key:
-            raise InputError(
-                f"checkpoint {path} belongs to another model, prompt set or direction; delete it or choose another path"
-            )
-        effects, done = saved["effects"].to(dtype), saved["done"].bool()
-    return effects, done
+def _resume(
+    path: str | None, made_by: dict[str, str], shape: tuple[int, ...], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, Cost]:
+    """(effects, done, cost of the saved part) from the checkpoint at ``path`` if it has one, else empty.
 
-
-def _save(path: str, key: str, effects: torch.Tensor, done: torch.Tensor) -> None:
-    tensors = {
-        "effects": effects.contiguous(),
-        "done": done.to(torch.uint8).contiguous(),
-        "key": torch.tensor(list(key.encode()), dtype=torch.uint8),
-    }
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp)
-    Path(tmp).replace(path)
+    Raises:
+        IdentityMismatchError: the checkpoint is another computation's (model, pairs, metric, direction,
+            options such as ``edge_positions``); the message names what differs.
+    """
+    effects = torch.zeros(shape, dtype=dtype)
+    done = torch.zeros(shape, dtype=torch.bool)
+    saved = load_checkpoint(path, made_by)  # warns and returns None for a truncated or corrupt file
+    if saved is None:
+        return effects, done, Cost()
+    tensors, prior = saved
+    if tensors.get("effects/edge") is None or tuple(tensors["effects/edge"].shape) != shape:
+        warnings.warn(f"atpstar: checkpoint {path} holds no edge sweep of this shape; starting afresh", stacklevel=3)
+        return effects, done, Cost()
+    return tensors["effects/edge"].to(dtype), tensors["done/edge"].bool(), prior

@@ -37,14 +37,17 @@ def verify_edges(
         raise InputError(
             f"the estimate's edge graph {estimate.info['edge_graph']} is not this model's; verify on its model"
         )
-    scores = estimate.scores["edge"].double()
+    positioned = estimate.scores["edge"].ndim == 2  # position-resolved edges [N, T]
+    n_pos = estimate.scores["edge"].shape[-1] if positioned else 1
+    scores = estimate.scores["edge"].double().flatten()  # [N·T]: edge n at position t is n·T + t
     order = torch.sort(scores.abs(), descending=True, stable=True).indices
     n = len(order)
     if threshold is not None:
         n = int((scores.abs() >= threshold).sum())
     if budget is not None:
         n = min(n, budget)
-    edges = order[:n]
+    chosen = order[:n]
+    edges, pos = chosen // n_pos, chosen % n_pos
     cost = Cost()
     cache = prepare_edges(model, graph, pairs, direction, cost)
     batch = batch_size or max(1, int(2**30 // edge_bytes(model, pairs.seq_len)))
@@ -56,12 +59,13 @@ def verify_edges(
             pair = torch.arange(pairs.n_pairs).repeat(int((layer_of == layer).sum()))
             for start in range(0, len(rank), batch):
                 r, p = rank[start : start + batch], pair[start : start + batch]
-                effects[r, p] = patch_edges(model, cache, layer, p, edges[r], cost).double().cpu()
+                at = pos[r] if positioned else None
+                effects[r, p] = patch_edges(model, cache, layer, p, edges[r], cost, at).double().cpu()
                 bar.update(len(r))
     return Verification(
-        nodes=[("edge", (int(e),)) for e in edges.tolist()],
+        nodes=[("edge", (int(e), int(t)) if positioned else (int(e),)) for e, t in zip(edges.tolist(), pos.tolist())],
         effects=effects,
-        estimate_scores=scores[edges].clone(),
+        estimate_scores=scores[chosen].clone(),
         node_types=["edge"],
         direction=direction,
         metric=pairs.metric_name,
@@ -72,7 +76,7 @@ def verify_edges(
             "estimate_method": estimate.method,
             "budget": budget,
             "threshold": threshold,
-            "n_nodes": graph.n_edges,
+            "n_nodes": graph.n_edges * n_pos,
             "edge_graph": estimate.info["edge_graph"],
         },
     )

@@ -27,7 +27,7 @@ from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..sink import PerPairSink, check_keep
 from ..validate import check_batching
-from .base import Method, register
+from .base import Method, check_edge_positions, register
 
 
 @register(
@@ -80,6 +80,7 @@ class AttributionPatching(Method):
             shards in ``out_dir`` (``atpstar.read_per_pair``). ``scores`` are exact in every mode.
         top_k: entries per pair and node type kept by ``"top"``/``"disk"``.
         out_dir: folder for ``"disk"`` shards (must not hold shards already).
+        edge_positions: position-resolved edges, ``per_pair["edge"]`` [P, N, T] (``check_edge_positions``).
     """
 
     needs_gradients = True
@@ -95,6 +96,7 @@ class AttributionPatching(Method):
         keep: str = "all",
         top_k: int = 100,
         out_dir: str | None = None,
+        edge_positions: bool = False,
     ) -> None:
         self.qk_fix = qk_fix
         self.grad_drop = grad_drop
@@ -103,6 +105,7 @@ class AttributionPatching(Method):
         self.keep = keep
         self.top_k = top_k
         self.out_dir = out_dir
+        self.edge_positions = edge_positions
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """2 forwards and 1 backward per pair; GradDrop adds a partial backward from each layer l >= 1, counted l / L."""
@@ -119,6 +122,7 @@ class AttributionPatching(Method):
             raise InputError("GradDrop needs a model with at least 2 layers (it averages over L - 1 dropped layers)")
         self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
         check_keep(self.keep, self.top_k, self.out_dir)
+        check_edge_positions(self.edge_positions, node_types)
 
     def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
         return gradient_plan(
@@ -161,7 +165,16 @@ class AttributionPatching(Method):
         from ..edges.sweep import estimate_edges
 
         return estimate_edges(
-            model, pairs, direction, cost, progress, self.batch_size, self.memory_gb, self.qk_fix, self.grad_drop
+            model,
+            pairs,
+            direction,
+            cost,
+            progress,
+            self.batch_size,
+            self.memory_gb,
+            self.qk_fix,
+            self.grad_drop,
+            positions=self.edge_positions,
         )
 
     def _estimate(

@@ -72,7 +72,8 @@ class Method:
             model: an ``atpstar.Model`` (from ``load_model``) or a ``transformers`` causal LM.
             pairs: the prompt pairs and their metric.
             nodes: node types, any of ``neuron``, ``query``, ``key``, ``value``, ``head``, and ``edge``
-                (the MIB/EAP-IG edge graph, ``per_pair["edge"]`` [P, N] in ``atpstar.edge_names`` order;
+                (the MIB/EAP-IG edge graph, ``per_pair["edge"]`` [P, N] in ``atpstar.edge_names`` order,
+                [P, N, T] with the option ``edge_positions=True`` (``check_edge_positions``);
                 methods with edges: ``activation_patching``, ``atp``, ``atp+qkfix``, ``atp+graddrop``,
                 ``atp*``, ``atp+ig``).
             direction: ``"noising"`` (patch noise into the clean run, the paper's) or ``"denoising"``
@@ -102,6 +103,10 @@ class Method:
         check_pairs_fit(model, pairs)
         check_finite_options(f"method {self.id!r} option ", self.get_options())
         self._validate(model, pairs, node_types)
+        if EDGE_TYPE in node_types:  # edges: a family with an edge graph (E15)
+            from ..edges.sites import check_edges_supported
+
+            check_edges_supported(model)
         plain = [t for t in node_types if t != EDGE_TYPE]
         plan = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, plain) if plain else None
         if plan is not None:
@@ -190,6 +195,20 @@ class Method:
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Edge results [P, N] and facts for ``info`` (methods that list ``edge`` in ``node_types``)."""
         raise NotImplementedError
+
+
+def check_edge_positions(edge_positions: object, node_types: list[str]) -> None:
+    """The ``edge_positions`` option (E15): position-resolved edges, ``per_pair["edge"]`` [P, N, T].
+
+    Edge s -> r at position t carries only the sender's output difference at residual position t (the
+    sender's position, as EAP-IG's position-resolved graphs); the last axis is t. Only linear estimates
+    (EAP, EAP-IG, the QK fix at query receivers) sum over t to the position-summed result; exact
+    patching, GradDrop (|.| per position) and the QK fix at key receivers (one key changed at a time) do not.
+    """
+    if not isinstance(edge_positions, bool):
+        raise InputError(f"edge_positions must be True or False; got {edge_positions!r}")
+    if edge_positions and EDGE_TYPE not in node_types:
+        raise InputError(f"edge_positions=True applies to edges; add 'edge' to nodes (got {node_types})")
 
 
 def _scores(

@@ -22,7 +22,7 @@ from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..runner import Run
 from ..validate import check_batching, check_count
-from .base import Method, register
+from .base import Method, check_edge_positions, register
 
 
 @register(
@@ -36,15 +36,19 @@ class IntegratedGradients(Method):
         ig_steps: m, the number of interpolated inputs (EAP-IG's default is 5 in MIB, 30 in its library).
         batch_size: prompt pairs per forward/backward (None: all at once up to ``memory_gb``).
         memory_gb: bound on the run's memory besides the weights (one batch's autograd graph and results).
+        edge_positions: position-resolved edges: ``per_pair["edge"]`` [P, N, T] (see ``check_edge_positions``).
     """
 
     needs_gradients = True
     node_types = ALL_TYPES
 
-    def __init__(self, *, ig_steps: int = 5, batch_size: int | None = None, memory_gb: float = 2.0) -> None:
+    def __init__(
+        self, *, ig_steps: int = 5, batch_size: int | None = None, memory_gb: float = 2.0, edge_positions: bool = False
+    ) -> None:
         self.ig_steps = ig_steps
         self.batch_size = batch_size
         self.memory_gb = memory_gb
+        self.edge_positions = edge_positions
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """Nodes: 2P + mP forwards, mP backwards. Edges: (2 + m)P forwards and mP backwards, plus per
@@ -63,6 +67,7 @@ class IntegratedGradients(Method):
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         self.ig_steps = check_count("ig_steps", self.ig_steps)
         self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
+        check_edge_positions(self.edge_positions, node_types)
 
     def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
         # One interpolation step at a time: AtP's gradient step (an extra recorded run is within its margin).
@@ -86,7 +91,15 @@ class IntegratedGradients(Method):
         from ..edges.sweep import estimate_edges
 
         return estimate_edges(
-            model, pairs, direction, cost, progress, self.batch_size, self.memory_gb, ig_steps=self.ig_steps
+            model,
+            pairs,
+            direction,
+            cost,
+            progress,
+            self.batch_size,
+            self.memory_gb,
+            ig_steps=self.ig_steps,
+            positions=self.edge_positions,
         )
 
     def _attribute(

@@ -24,7 +24,7 @@ from ..ops import accumulation_dtype
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..validate import check_batch_size, check_count, check_memory_gb
-from .base import Method, register
+from .base import Method, check_edge_positions, register
 
 
 @register(
@@ -45,6 +45,8 @@ class ActivationPatching(Method):
             token-rows; smaller batches start later (less compute), larger ones use the hardware better.
         layers: patch only the nodes of these layers (None: all). Nodes of other layers are not
             patched: their ``per_pair`` is 0 and ``info["layers"]`` lists the layers that were.
+        edge_positions: position-resolved edges, ``per_pair["edge"]`` [P, N, T]: each edge patched at one
+            sender position at a time (N x T forwards per pair; ``check_edge_positions``).
     """
 
     exact = True
@@ -60,12 +62,14 @@ class ActivationPatching(Method):
         checkpoint: str | None = None,
         min_chunk_tokens: int = MIN_CHUNK_TOKENS,
         layers: list[int] | None = None,
+        edge_positions: bool = False,
     ) -> None:
         self.batch_size = batch_size
         self.memory_gb = memory_gb
         self.checkpoint = checkpoint
         self.min_chunk_tokens = min_chunk_tokens
         self.layers = None if layers is None else list(layers)
+        self.edge_positions = edge_positions
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """2P full forwards, then one forward per node and pair of the patched layers, counted (L - l) / L."""
@@ -81,6 +85,7 @@ class ActivationPatching(Method):
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if self.layers is not None and "edge" in node_types:
             raise InputError("layers= restricts node patching only; ask for edges in a call without it")
+        check_edge_positions(self.edge_positions, node_types)
         check_batch_size(self.batch_size)
         check_memory_gb(self.memory_gb)
         check_count("min_chunk_tokens", self.min_chunk_tokens)
@@ -120,9 +125,19 @@ class ActivationPatching(Method):
 
         checkpoint = f"{self.checkpoint}.edges" if self.checkpoint else None
         effects, info = exact_edges(
-            model, pairs, direction, cost, progress, self.batch_size, self.memory_gb, checkpoint
+            model,
+            pairs,
+            direction,
+            cost,
+            progress,
+            self.batch_size,
+            self.memory_gb,
+            checkpoint,
+            self.edge_positions,
+            identity(model, pairs, direction, ["edge"], self.id, self.get_options()),
         )
-        return effects, {"edge_base_metric": info["base_metric"]}
+        resumed = {"edge_resumed_from": info["resumed_from"]} if "resumed_from" in info else {}
+        return effects, {"edge_base_metric": info["base_metric"], **resumed}
 
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
