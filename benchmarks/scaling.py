@@ -184,12 +184,14 @@ def timed(device: str, run: Callable[[], Any], peak: bool = True) -> tuple[float
     return seconds, measured.gb if measured is not None else 0.0, result
 
 
-def method_calls(model: Any, pairs: Any, n_pairs: int, patch_layer: int) -> list[tuple[str, Callable[[], Any], str]]:
-    """(label, call, target) of every measured call on one model and batch."""
+def method_calls(
+    model: Any, pairs: Any, n_pairs: int, patch_layer: int, methods: list[str]
+) -> list[tuple[str, Callable[[], Any], str]]:
+    """(label, call, target) of fwd+bwd and the chosen ``methods`` (atp, atp*, exact) on one model and batch."""
     import atpstar
 
     layer = patch_layer % model.n_layers
-    return [
+    calls: list[tuple[str, Callable[[], Any], str]] = [
         ("fwd+bwd", lambda: forward_backward(model, pairs), ""),
         ("atp", lambda: atpstar.attribute(model, pairs, method="atp", nodes=NODES, batch_size=n_pairs), "<= 1.6x"),
         (
@@ -205,18 +207,28 @@ def method_calls(model: Any, pairs: Any, n_pairs: int, patch_layer: int) -> list
             "",
         ),
     ]
+    return [call for call in calls if call[0] == "fwd+bwd" or call[0].split(",")[0] in methods]
 
 
-def memory_rows(name: str, device: str, n_pairs: int, seq: int, patch_layer: int, log: Any) -> list[dict[str, Any]]:
+def _warm_up(model: Any, pairs: Any) -> None:
+    """Allocator, kernels and the weights' fingerprint (computed once per model) before anything is measured."""
+    import atpstar
+
+    forward_backward(model, pairs)
+    atpstar.attribute(model, pairs, method="atp", nodes=NODES, batch_size=pairs.n_pairs)
+
+
+def memory_rows(
+    name: str, device: str, n_pairs: int, seq: int, patch_layer: int, methods: list[str], log: Any
+) -> list[dict[str, Any]]:
     """Working memory (peak above the level before the call) of each call, once, and the package's prediction."""
     from atpstar.memory import GB, weights_bytes
 
     model = build(name, device)
     pairs = make_pairs(model, n_pairs, seq)
     rows = []
-    calls = method_calls(model, pairs, n_pairs, patch_layer)
-    forward_backward(model, pairs)  # warm-up: allocator, kernels, the weights' fingerprint
-    calls[1][1]()
+    calls = method_calls(model, pairs, n_pairs, patch_layer, methods)
+    _warm_up(model, pairs)
     for label, run, _ in calls:
         _, peak_gb, result = timed(device, run)
         predicted = result.info.get("memory", {}).get("working_gb") if result is not None else None
@@ -227,14 +239,13 @@ def memory_rows(name: str, device: str, n_pairs: int, seq: int, patch_layer: int
 
 
 def time_rows(
-    name: str, device: str, n_pairs: int, seq: int, patch_layer: int, repeats: int, log: Any
+    name: str, device: str, n_pairs: int, seq: int, patch_layer: int, methods: list[str], repeats: int, log: Any
 ) -> list[dict[str, Any]]:
     """Wall time of each call: fwd+bwd and atp ``repeats`` times interleaved (the minimum counts), the rest once."""
     model = build(name, device)
     pairs = make_pairs(model, n_pairs, seq)
-    calls = method_calls(model, pairs, n_pairs, patch_layer)
-    forward_backward(model, pairs)  # warm-up
-    calls[1][1]()
+    calls = method_calls(model, pairs, n_pairs, patch_layer, methods)
+    _warm_up(model, pairs)
     times: dict[str, list[float]] = {label: [] for label, _, _ in calls}
     for repeat in range(repeats):
         for label, run, _ in calls:
@@ -357,7 +368,7 @@ def memory_child(args: argparse.Namespace, names: list[str]) -> list[dict[str, A
         out = Path(folder) / "memory.json"
         command = [sys.executable, __file__, "--measure", "memory", "--json", str(out), "--models", ",".join(names),
                    "--pairs", str(args.pairs), "--seq", str(args.seq), "--patch-layer", str(args.patch_layer),
-                   "--threads", str(args.threads), "--device", args.device]  # fmt: skip
+                   "--threads", str(args.threads), "--device", args.device, "--methods", args.methods]  # fmt: skip
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         done = subprocess.run(command, env=env, check=False)
         if not out.exists():
@@ -373,11 +384,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--patch-layer", type=int, default=-1, help="layer whose attention nodes are patched")
+    parser.add_argument("--methods", default="atp,atp*,exact", help="measured besides fwd+bwd")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timings of fwd+bwd and atp (minimum)")
     parser.add_argument("--growth-model", default="smollm2-135m")
     parser.add_argument("--growth-methods", default="atp,atp*")
     parser.add_argument("--growth-pairs", default="2,4,8,16")
-    parser.add_argument("--growth-seq", default="16,32,64,128")
+    parser.add_argument("--growth-seq", default="16,32,64")
     parser.add_argument("--no-growth", action="store_true")
     parser.add_argument("--no-memory", action="store_true", help="time only")
     parser.add_argument("--measure", choices=["all", "memory"], default="all", help=argparse.SUPPRESS)
@@ -394,12 +406,13 @@ def main() -> None:
         parser.error(f"unknown models {unknown}; choose from {sorted(configs())}")
     if "llama-8b" in names and args.device != "cuda":
         parser.error("llama-8b (bfloat16) runs on a GPU only (--device cuda)")
+    methods = args.methods.split(",")
     if args.measure == "memory":  # the child process of ``memory_child``
         import json
 
         rows = []
         for name in names:
-            rows += memory_rows(name, args.device, args.pairs, args.seq, args.patch_layer, sys.stderr)
+            rows += memory_rows(name, args.device, args.pairs, args.seq, args.patch_layer, methods, sys.stderr)
             gc.collect()
             Path(args.json).write_text(json.dumps(rows))  # after every model: a killed run keeps what finished
         return
@@ -409,11 +422,11 @@ def main() -> None:
             memory = memory_child(args, names)
         else:
             for name in names:
-                memory += memory_rows(name, args.device, args.pairs, args.seq, args.patch_layer, sys.stderr)
+                memory += memory_rows(name, args.device, args.pairs, args.seq, args.patch_layer, methods, sys.stderr)
                 torch.cuda.empty_cache()
     times: list[dict[str, Any]] = []
     for name in names:
-        times += time_rows(name, args.device, args.pairs, args.seq, args.patch_layer, args.repeats, sys.stderr)
+        times += time_rows(name, args.device, args.pairs, args.seq, args.patch_layer, methods, args.repeats, sys.stderr)
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -424,8 +437,8 @@ def main() -> None:
     if not args.no_growth:
         pairs_grid = [int(x) for x in args.growth_pairs.split(",")]
         seq_grid = [int(x) for x in args.growth_seq.split(",")]
-        methods = args.growth_methods.split(",")
-        growth = growth_rows(args.growth_model, args.device, methods, pairs_grid, seq_grid, sys.stderr)
+        growing = args.growth_methods.split(",")
+        growth = growth_rows(args.growth_model, args.device, growing, pairs_grid, seq_grid, sys.stderr)
     text = render(args, merge(times, memory), growth)
     print(text)
     if args.out:

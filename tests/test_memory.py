@@ -64,3 +64,12 @@ def test_predict_memory_before_running(model):
     assert isinstance(plan, atpstar.MemoryPlan) and plan.working_gb <= 8 and plan.batch >= 1
     with pytest.raises(InputError, match="too small"):
         atpstar.predict_memory(model, 256, 512, method="atp*", nodes=["neuron"], memory_gb=1e-6)
+
+
+def test_gradients_consumed_in_the_backward_need_less_per_pair(model):
+    """AtP's plan (gradients consumed in the backward, differences only) is below the conservative one."""
+    kwargs = dict(qk_fix=True, grad_drop=True, keep="all", top_k=1, batch_size=None, memory_gb=4.0)
+    nodes = ["neuron", "query", "key", "value", "head"]
+    consumed = gradient_plan(model, "atp*", 8, 16, nodes, consumed=True, **kwargs)
+    recorded = gradient_plan(model, "atp*", 8, 16, nodes, **kwargs)
+    assert 0 < consumed.per_item_gb < recorded.per_item_gb

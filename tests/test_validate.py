@@ -109,3 +109,17 @@ def test_whole_float_batch_size_is_stored_as_int() -> None:
     a = atpstar.attribute(model, pairs, "blocks", nodes=["head"], batch_size=4.0)
     b = atpstar.attribute(model, pairs, "blocks", nodes=["head"], batch_size=4)
     assert torch.equal(a.scores["head"], b.scores["head"])
+
+
+def test_warn_non_finite_counts_exactly_also_when_the_fast_sum_overflows():
+    import warnings
+
+    from atpstar.validate import warn_non_finite
+
+    big = torch.full((4,), 3e38, dtype=torch.float32)  # finite values whose sum overflows to inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_non_finite({"neuron": big, "head": torch.zeros(3)}, "x") == 0
+    bad = torch.tensor([1.0, float("nan"), float("inf"), -float("inf")])
+    with pytest.warns(UserWarning, match="3 NaN or infinite"):
+        assert warn_non_finite({"neuron": bad, "head": big}, "x") == 3

@@ -143,8 +143,12 @@ def gradient_plan(
     top_k: int,
     batch_size: int | None,
     memory_gb: float,
+    consumed: bool = False,
 ) -> MemoryPlan:
     """Memory of AtP and its fixes (one gradient step per batch of pairs, ``gradients.gradient_step``).
+
+    ``consumed=False`` keeps the conservative accounting of an implementation that records both runs and
+    returns every site's gradient (``atp+ig`` uses it for its own gradient code).
 
     Per pair: the graph; source - base at every layer's diff sites (the accumulation dtype); the QK fix's
     queries and keys of both runs; one layer's gradients and products at a time (they are consumed in the
@@ -153,6 +157,9 @@ def gradient_plan(
     dense per-pair results (twice while scores are aggregated) or, with keep='top'/'disk', the top-k
     entries and one float64 running sum per node.
     """
+    if not consumed:
+        return _recorded_plan(model, method, n_pairs, seq_len, node_types, qk_fix, grad_drop, keep, top_k,
+                              batch_size, memory_gb)  # fmt: skip
     s, item = model.sizes, _item(model)
     acc = max(item, F32)  # differences, products and estimates: float32 for half-precision models
     fix = qk_fix and bool({"query", "key"} & set(node_types))
@@ -171,6 +178,43 @@ def gradient_plan(
     scores = 0 if keep == "all" else nodes * F64  # running sum of the aggregation (sink.PerPairSink)
     # Dense results, plus their absolute value while the scores are aggregated at the end; or top-k entries.
     results = n_pairs * (2 * nodes * acc if keep == "all" else len(node_types) * top_k * (acc + 8 * 4))
+    return _plan(model, method, scores, results, per_pair, n_pairs, batch_size, memory_gb)
+
+
+def _recorded_plan(
+    model: Model,
+    method: str,
+    n_pairs: int,
+    seq_len: int,
+    node_types: list[str],
+    qk_fix: bool,
+    grad_drop: bool,
+    keep: str,
+    top_k: int,
+    batch_size: int | None,
+    memory_gb: float,
+) -> MemoryPlan:
+    """Both runs' records, every site's gradient and a generous graph (12 D + 6 M + 2 K E + 2 H T per token)."""
+    s, item = model.sizes, _item(model)
+    fix = qk_fix and bool({"query", "key"} & set(node_types))
+    sites = {NODE_TABLE[t].site for t in node_types} | ({"q", "k"} if fix else set())
+    grad_sites = {"pattern" if fix and t in ("query", "key") else NODE_TABLE[t].site for t in node_types}
+    source = s.n_layers * sum(_site_elems(model, site, seq_len) for site in sites) * item
+    grads = s.n_layers * sum(_site_elems(model, site, seq_len) for site in grad_sites) * item
+    nodes = layout_elems(model, node_types, seq_len)
+    estimates = nodes * F32 * (3 if grad_drop else 2)  # per-layer estimates, their stack, GradDrop's running sums
+    extra = 0
+    if grad_drop:  # residual-stream gradients of every layer and one dropped layer's gradients at the sites
+        extra = s.n_layers * seq_len * s.d_model * item + grads
+    logits = 3 * _vocab(model) * F32
+    per_token = (12 * s.d_model + 6 * s.d_mlp + 2 * s.n_kv_heads * s.d_head) * item + 2 * s.n_heads * seq_len * max(
+        item, F32
+    )
+    graph = s.n_layers * seq_len * per_token
+    per_pair = graph + source + grads + estimates + extra + logits
+    scores = 2 * nodes * F64
+    # Dense results, plus their absolute value while the scores are aggregated at the end; or top-k entries.
+    results = n_pairs * (2 * nodes * F32 if keep == "all" else len(node_types) * top_k * (F32 + 8 * 4))
     return _plan(model, method, scores, results, per_pair, n_pairs, batch_size, memory_gb)
 
 

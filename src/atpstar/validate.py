@@ -167,7 +167,9 @@ def check_finite_metric(values: torch.Tensor, what: str, pair_index: torch.Tenso
 def warn_non_finite(tensors: dict[str, torch.Tensor], what: str) -> int:
     """Warn (once per call) when results hold NaN or inf; returns how many values are not finite."""
     values = [t.coalesce().values() if t.is_sparse else t for t in tensors.values()]  # top-k results are sparse
-    count = sum(int((~torch.isfinite(v)).sum()) for v in values if v.is_floating_point())
+    # A finite sum proves every value finite (NaN and inf propagate) in one pass; count only otherwise.
+    suspect = [v for v in values if v.is_floating_point() and not bool(torch.isfinite(v.sum()))]
+    count = sum(int((~torch.isfinite(v)).sum()) for v in suspect)
     if count:
         warnings.warn(
             f"atpstar: {what} holds {count} NaN or infinite values (the metric overflowed or is undefined on some "

@@ -137,6 +137,7 @@ class AttributionPatching(Method):
             top_k=self.top_k,
             batch_size=self.batch_size,
             memory_gb=self.memory_gb,
+            consumed=True,
         )
 
     def _attribute(
