@@ -63,7 +63,7 @@ def finish_run(
         prompts=prompts(model, pairs),
     )
     print_top(estimate, verified, args.top)
-    written = sorted(p.name for p in out.iterdir() if p.is_file())
+    written = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))  # not the lock
     say(f"wrote {out}/ ({', '.join(written)}) in {time.monotonic() - start:.1f} s")
 
 
