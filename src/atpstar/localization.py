@@ -162,13 +162,9 @@ class Localization:
         """
         base = _base_path(path)
         base.parent.mkdir(parents=True, exist_ok=True)
-        v = self.verified
-        tensors = {
-            "effects": self.effects.double().contiguous(),  # [K]
-            "verified/effects": v.effects.double().contiguous(),  # [N, P]
-            "verified/estimate_scores": v.estimate_scores.double().contiguous(),  # [N]
-            "verified/base_metric": v.base_metric.double().contiguous(),  # [P]
-        }
+        verified_meta, verified_tensors = self.verified.to_parts()
+        tensors = {"effects": self.effects.double().contiguous()}  # [K]
+        tensors.update({f"verified/{k}": t.double().contiguous() for k, t in verified_tensors.items()})
         bound_meta = None
         if self.bound is not None:
             bound_meta, bound_tensors = bound_parts(self.bound)
@@ -189,12 +185,7 @@ class Localization:
             "metric": self.metric,
             "model_id": self.model_id,
             "info": _jsonable(self.info),
-            "verified": {
-                "nodes": [[t, list(index)] for t, index in v.nodes],
-                "node_types": v.node_types,
-                "cost": v.cost.to_dict(),
-                "info": _jsonable(v.info),
-            },
+            "verified": verified_meta,
             "bound": bound_meta,
         }
         # One bundle (persist): tensors first, then the JSON bound to them by id and hash, both atomic.
@@ -209,18 +200,12 @@ class Localization:
                 missing, truncated or from another save.
         """
         meta, tensors = load_bundle(_base_path(path), KIND)
-        vm = meta["verified"]
-        verified = Verification(
-            nodes=[(t, tuple(int(i) for i in index)) for t, index in vm["nodes"]],
-            effects=tensors["verified/effects"],
-            estimate_scores=tensors["verified/estimate_scores"],
-            node_types=list(vm["node_types"]),
-            direction=meta["direction"],
-            metric=meta["metric"],
-            model_id=meta["model_id"],
-            cost=Cost.from_dict(vm["cost"]),
-            base_metric=tensors["verified/base_metric"],
-            info=vm["info"],
+        # Files from before ``to_parts`` kept direction, metric and model id only at the top level.
+        shared: dict[str, Any] = {k: meta[k] for k in ("direction", "metric", "model_id") if k in meta}
+        verified = Verification.from_parts(
+            {**shared, **meta["verified"]},
+            {k[len("verified/") :]: v for k, v in tensors.items() if k.startswith("verified/")},
+            _base_path(path),
         )
         bound = None
         if meta["bound"] is not None:

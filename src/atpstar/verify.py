@@ -91,20 +91,15 @@ class Verification:
             rows.append(row)
         return rows
 
-    def save(self, path: str | Path) -> None:
-        """Write ``NAME.safetensors`` (effects, estimate scores, base metric) and ``NAME.json`` (the rest), atomically.
-
-        Args:
-            path: ``NAME``, ``NAME.json`` or ``NAME.safetensors``; any other dot is part of the name.
-        """
-        nodes = [(t, tuple(int(i) for i in index)) for t, index in self.nodes]
+    def to_parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON metadata, tensors) of this verification: what ``save`` writes and ``from_parts`` reads."""
         tensors = {
             "effects": torch.as_tensor(self.effects),  # [N, P]
             "estimate_scores": torch.as_tensor(self.estimate_scores),  # [N]
             "base_metric": torch.as_tensor(self.base_metric),  # [P]
         }
         meta = {
-            "nodes": [[t, list(index)] for t, index in nodes],
+            "nodes": [[t, [int(i) for i in index]] for t, index in self.nodes],
             "names": self.names,
             "node_types": list(self.node_types),
             "direction": self.direction,
@@ -113,17 +108,15 @@ class Verification:
             "cost": self.cost.to_dict(),
             "info": self.info,
         }
-        save_bundle(path, KIND, meta, tensors)
+        return meta, tensors
 
     @classmethod
-    def load(cls, path: str | Path) -> Verification:
-        """Read a verification written by ``save`` (``path`` with or without ``.json``/``.safetensors``).
+    def from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str | Path) -> Verification:
+        """The verification ``to_parts`` split; ``where`` names the file in the error.
 
         Raises:
-            InputError: no such files. CorruptFileError: truncated, corrupt, another kind of file (e.g.
-                an estimate), another format version, or halves of two saves.
+            CorruptFileError: a field or tensor is missing or malformed.
         """
-        meta, tensors = load_bundle(path, KIND)
         try:
             return cls(
                 nodes=[(t, tuple(int(i) for i in index)) for t, index in meta["nodes"]],
@@ -138,9 +131,27 @@ class Verification:
                 info=meta["info"],
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise CorruptFileError(
-                f"{bundle_base(path)}: saved verification is incomplete ({err!r}); save it again"
-            ) from err
+            raise CorruptFileError(f"{where}: saved verification is incomplete ({err!r}); save it again") from err
+
+    def save(self, path: str | Path) -> None:
+        """Write ``NAME.safetensors`` (effects, estimate scores, base metric) and ``NAME.json`` (the rest), atomically.
+
+        Args:
+            path: ``NAME``, ``NAME.json`` or ``NAME.safetensors``; any other dot is part of the name.
+        """
+        meta, tensors = self.to_parts()
+        save_bundle(path, KIND, meta, tensors)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Verification:
+        """Read a verification written by ``save`` (``path`` with or without ``.json``/``.safetensors``).
+
+        Raises:
+            InputError: no such files. CorruptFileError: truncated, corrupt, another kind of file (e.g.
+                an estimate), another format version, or halves of two saves.
+        """
+        meta, tensors = load_bundle(path, KIND)
+        return cls.from_parts(meta, tensors, bundle_base(path))
 
     @property
     def identity(self) -> dict[str, str] | None:
