@@ -9,7 +9,7 @@ what the model itself passes, so a family row can never silently compute somethi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -40,16 +40,46 @@ class Family:
     final_norm: str  # norm before the unembedding, relative to base
     token_embed: str  # token embedding (Gemma's multiplies by sqrt(d_model) itself), relative to base
     attention: str  # attention module, relative to a layer (its q/k/v reach the attention function)
-    mlp_out: str  # MLP output projection, relative to a layer; its input holds the neurons
+    out_proj: str  # attention output projection, relative to a layer: W_O of every head (attn_proj site)
+    mlp: str  # MLP block, relative to a layer; its output is the mlp_out site unless mlp_post_norm is set
+    mlp_in: str  # module whose input is what the MLP reads (its input norm, or the MLP itself): mlp_in site
+    down_proj: str  # MLP output projection, relative to a layer; its input holds the neurons (neuron site)
+    attn_post_norm: str | None = None  # norm between the attention output and the residual stream (post-norm)
+    mlp_post_norm: str | None = None  # norm between the MLP output and the residual stream (post-norm)
     rotary: str | None = None  # rotary embedding module, relative to base; None for learned positions
     position_embed: str | None = None  # learned absolute position embedding, relative to base
-    parallel_residual: bool = False  # attention and MLP read the same residual (GPT-NeoX)
+    parallel_residual: bool = False  # attention and MLP read the same residual (GPT-NeoX, unless its config says not)
     window_layers: str = "none"  # where config.sliding_window applies: "none", "all" layers, or per "layer_types"
     score_softcap: str | None = None  # config field with the attention-score soft-cap (Gemma-2)
     logit_softcap: str | None = None  # config field with the final-logit soft-cap applied in unembed (Gemma-2/3)
     rotary_per_layer_type: bool = False  # the rotary module takes a layer type (Gemma-3: local and global bases)
-    qk_norm: str | None = None  # "per_head" or "whole" projection; query/key nodes are read after it
 
+
+# The Llama layout most families share; their rows below change only what differs.
+LLAMA = Family(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2"),
+    label="Llama-family incl. SmolLM2, Mistral (sliding window), Qwen2/Qwen2.5 (q/k/v biases)",
+    base="model",
+    layers="layers",
+    final_norm="norm",
+    token_embed="embed_tokens",
+    attention="self_attn",
+    out_proj="self_attn.o_proj",
+    mlp="mlp",
+    mlp_in="post_attention_layernorm",
+    down_proj="mlp.down_proj",
+    rotary="rotary_emb",
+    window_layers="layer_types_or_all",
+)
+# Gemma-2/3: norms before and after attention and MLP; the MLP's input norm has its own name.
+_GEMMA = replace(
+    LLAMA,
+    mlp_in="pre_feedforward_layernorm",
+    attn_post_norm="post_attention_layernorm",
+    mlp_post_norm="post_feedforward_layernorm",
+    window_layers="layer_types",
+)
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -61,7 +91,10 @@ FAMILIES: tuple[Family, ...] = (
         final_norm="ln_f",
         token_embed="wte",
         attention="attn",
-        mlp_out="mlp.c_proj",
+        out_proj="attn.c_proj",
+        mlp="mlp",
+        mlp_in="ln_2",
+        down_proj="mlp.c_proj",
         position_embed="wpe",
     ),
     Family(
@@ -73,93 +106,41 @@ FAMILIES: tuple[Family, ...] = (
         final_norm="final_layer_norm",
         token_embed="embed_in",
         attention="attention",
-        mlp_out="mlp.dense_4h_to_h",
+        out_proj="attention.dense",
+        mlp="mlp",
+        mlp_in="post_attention_layernorm",
+        down_proj="mlp.dense_4h_to_h",
         rotary="rotary_emb",
         parallel_residual=True,
     ),
-    Family(
-        name="llama",
-        model_types=("llama", "mistral", "qwen2"),
-        label="Llama-family incl. SmolLM2, Mistral (sliding window), Qwen2/Qwen2.5 (q/k/v biases)",
-        base="model",
-        layers="layers",
-        final_norm="norm",
-        token_embed="embed_tokens",
-        attention="self_attn",
-        mlp_out="mlp.down_proj",
-        rotary="rotary_emb",
-        window_layers="layer_types_or_all",
-    ),
-    Family(
-        name="qwen3",
-        model_types=("qwen3",),
-        label="Qwen3 (per-head QK-norm)",
-        base="model",
-        layers="layers",
-        final_norm="norm",
-        token_embed="embed_tokens",
-        attention="self_attn",
-        mlp_out="mlp.down_proj",
-        rotary="rotary_emb",
-        window_layers="layer_types",
-        qk_norm="per_head",
-    ),
-    Family(
-        name="phi3",
-        model_types=("phi3",),
-        label="Phi-3 (fused qkv_proj and gate_up_proj)",
-        base="model",
-        layers="layers",
-        final_norm="norm",
-        token_embed="embed_tokens",
-        attention="self_attn",
-        mlp_out="mlp.down_proj",
-        rotary="rotary_emb",
-        window_layers="all",
-    ),
-    Family(
+    LLAMA,
+    replace(LLAMA, name="qwen3", model_types=("qwen3",), label="Qwen3 (per-head QK-norm)", window_layers="layer_types"),
+    replace(LLAMA, name="phi3", model_types=("phi3",), label="Phi-3 (fused qkv_proj and gate_up_proj)", window_layers="all"),
+    replace(
+        LLAMA,
         name="olmo2",
         model_types=("olmo2",),
         label="OLMo-2 (QK-norm over the whole projection, norms after attention and MLP)",
-        base="model",
-        layers="layers",
-        final_norm="norm",
-        token_embed="embed_tokens",
-        attention="self_attn",
-        mlp_out="mlp.down_proj",
-        rotary="rotary_emb",
-        qk_norm="whole",
+        mlp_in="mlp",  # no norm in front of the MLP
+        attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+        window_layers="none",
     ),
-    Family(
+    replace(
+        _GEMMA,
         name="gemma2",
         model_types=("gemma2",),
         label="Gemma-2 (score and logit soft-caps, alternating sliding windows)",
-        base="model",
-        layers="layers",
-        final_norm="norm",
-        token_embed="embed_tokens",
-        attention="self_attn",
-        mlp_out="mlp.down_proj",
-        rotary="rotary_emb",
-        window_layers="layer_types",
         score_softcap="attn_logit_softcapping",
         logit_softcap="final_logit_softcapping",
     ),
-    Family(
+    replace(
+        _GEMMA,
         name="gemma3",
         model_types=("gemma3_text",),
         label="Gemma-3 text (sliding-window pattern, local/global rotary, QK-norm)",
-        base="model",
-        layers="layers",
-        final_norm="norm",
-        token_embed="embed_tokens",
-        attention="self_attn",
-        mlp_out="mlp.down_proj",
-        rotary="rotary_emb",
-        window_layers="layer_types",
         logit_softcap="final_logit_softcapping",
         rotary_per_layer_type=True,
-        qk_norm="per_head",
     ),
 )
 
