@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.models import build_hf, load, make_pairs
 
 import atpstar
 import atpstar.find_state as find_state
@@ -15,6 +14,7 @@ from atpstar.edges.graph import graph_of
 from atpstar.edges.patching import prepare_edges
 from atpstar.localization import Localization
 from atpstar.methods.subsampling import _random_subset
+from reference.models import build_hf, load, make_pairs
 
 
 def _setup(family: str, n_layers: int = 2, heads: int = 4, n_pairs: int = 2):

@@ -6,12 +6,12 @@ import gc
 import weakref
 
 import torch
-from reference import brute, hooks
-from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 from atpstar.cost import Cost
 from atpstar.gradients import atp_estimate, gradient_step
 from atpstar.nodes import NODE_TABLE
+from reference import brute, hooks
+from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 ALL = ["neuron", "query", "key", "value", "head"]
 SITES = [NODE_TABLE[t].site for t in ALL]

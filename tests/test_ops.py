@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import brute
 
 from atpstar.ops import attention_scores, graddrop_combine, key_fix, query_fix
+from reference import brute
 
 REL = 1e-6
 

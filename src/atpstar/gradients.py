@@ -77,11 +77,14 @@ class GradientStep:
         self._hidden: torch.Tensor | None = None  # [b, T, D] the base run's input, if no site needs a gradient
         self._consume: Consumer | None = None  # where the running pass sends gradients
         self._seen: set[tuple[int, str]] = set()
+        self._layers: range = range(0)  # the layers the running pass delivers gradients for
         self._resid_grads: dict[int, torch.Tensor] = {}  # ∂L/∂resid_pre of layers 2..L (L: the final stream)
 
     # Called by the base run during its forward -------------------------------------------------------
     def _observe(self, layer: int, site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
         """Form source - base at diff sites and hook the gradient at grad sites; ``x`` itself is unchanged."""
+        if layer >= self._n_layers:  # the final residual stream (``resid_pre`` of index L) holds no nodes
+            return x
         if site in self.diff_sites:  # neither operand requires grad: no graph is built
             self.diffs[(layer, site)] = upcast(self.source.get(site, layer)) - upcast(x.detach())
             if site not in self.sites:
@@ -95,7 +98,8 @@ class GradientStep:
         return x
 
     def _on_grad(self, layer: int, site: str, grad: torch.Tensor) -> None:
-        if self._consume is not None:  # autograd runs hooks with grad mode off (no create_graph here)
+        # A partial backward starts at resid_pre of the dropped layer: a node there gets nothing from it.
+        if self._consume is not None and layer in self._layers:  # hooks run with grad mode off (no create_graph)
             self._seen.add((layer, site))
             self._consume(layer, site, grad)
 
@@ -139,7 +143,7 @@ class GradientStep:
     def _pass(self, output: torch.Tensor, seed: torch.Tensor | None, layers: range, consume: Consumer,
               retain: bool) -> None:  # fmt: skip
         """Backward from ``output`` (gradient ``seed``) to layer 0's grad sites; sites never reached get zeros."""
-        self._consume, self._seen = consume, set()
+        self._consume, self._seen, self._layers = consume, set(), layers
         try:
             # autograd computes nothing below layer 0's sites (the input only when no site needs a gradient)
             inputs = self._lowest or ([] if self._hidden is None else [self._hidden])
@@ -159,7 +163,9 @@ class GradientStep:
         """Drop the difference and both runs' records of ``site`` at ``layer`` (the graph may still hold some)."""
         self.diffs.pop((layer, site), None)
         for run in (self.source, self.base):
-            if site in run.record:
+            # GradDrop's partial backwards start at the base run's resid_pre: keep it while they may run
+            keep = run is self.base and self.grad_drop and site == "resid_pre"
+            if site in run.record and not keep:
                 run.release(site, layer)
 
     def close(self) -> None:

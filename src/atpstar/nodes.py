@@ -102,8 +102,9 @@ INDEX_COLUMNS: tuple[str, ...] = ("layer", "head", "pos", "index")
 
 
 def node_shape(node_type: str, sizes: Sizes, seq_len: int) -> tuple[int, ...]:
-    """Layout of one pair's nodes of ``node_type`` (without the pair axis)."""
-    check_node_types([node_type])
+    """Layout of one pair's site nodes of ``node_type`` (without the pair axis)."""
+    if node_type not in NODE_TABLE:
+        raise InputError(f"{node_type!r} is not a site node type; site node types: {list(NODE_TABLE)}")
     return NODE_TABLE[node_type].shape(sizes, seq_len)
 
 
@@ -139,7 +140,10 @@ def pos_axis(node_type: str) -> int:
 def unit_and_pos(node_type: str, index: tuple[Any, ...]) -> tuple[Any, Any]:
     """(unit, pos) of a layout index ``(layer, a, b)``; works on ints and on index tensors alike."""
     row = NODE_TABLE[node_type]
-    return (0 if row.unit_axis is None else index[row.unit_axis]), index[row.pos_axis]
+    pos = index[row.pos_axis]
+    if row.unit_axis is None:  # one node per (layer, pos): unit 0
+        return (torch.zeros_like(pos) if isinstance(pos, torch.Tensor) else 0), pos
+    return index[row.unit_axis], pos
 
 
 def layout_index(node_type: str, layer: Any, unit: Any, pos: Any) -> tuple[Any, ...]:

@@ -4,10 +4,10 @@ refused with the differences named otherwise, and a truncated file reported and 
 from __future__ import annotations
 
 import pytest
-from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 import atpstar
 from atpstar.edges import sweep
+from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ transformers model, interpolated layer-0 inputs, autograd), float64, three famil
 from __future__ import annotations
 
 import pytest
+
+import atpstar
 from reference import hooks
 from reference.ig import integrated_gradients
 from reference.models import assert_rel_close, load, make_pairs
-
-import atpstar
 
 ALL = ["neuron", "query", "key", "value", "head"]
 
