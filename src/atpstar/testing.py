@@ -282,6 +282,42 @@ def check_bad_input(c: Contract) -> None:
         raise AssertionError("a metric returning one number instead of [P] was accepted")
 
 
+def check_edges(c: Contract) -> None:
+    """Edges (the edge space): documented shape, finite, same twice, pair-independent, cost, names; or refused.
+
+    A method without an entry point for edges must refuse ``nodes=["edge"]`` before any pass.
+    """
+    method = c.build()
+    if "edges" not in c.cls.engines:
+        try:
+            method.attribute(c.model, c.pairs, ["edge"])
+        except InputError:
+            return
+        raise AssertionError("edges are not among its engines, yet nodes=['edge'] was accepted")
+    before = snapshot(c.model.hf_model)
+    result = method.attribute(c.model, c.pairs, ["edge"])
+    assert_unchanged(c.model.hf_model, before)
+    (space,) = spaces_for(c.model, ["edge"], method.get_options())
+    layout = space.shape("edge", c.pairs.seq_len)
+    assert tuple(result.per_pair["edge"].shape) == (c.pairs.n_pairs, *layout), "per_pair['edge'] shape"
+    assert torch.isfinite(result.per_pair["edge"]).all(), "edge results not finite"
+    again = method.attribute(c.model, c.pairs, ["edge"])
+    assert torch.allclose(again.per_pair["edge"], result.per_pair["edge"], rtol=1e-12, atol=1e-14), "edges differ"
+    if not (c.cls.seeded or c.cls.pairs_interact):
+        alone = method.attribute(c.model, c.pairs.subset([0]), ["edge"]).per_pair["edge"][0]
+        scale = float(result.per_pair["edge"].abs().max()) + 1e-300
+        err = float((alone - result.per_pair["edge"][0]).abs().max())
+        assert err <= 1e-10 * scale, f"edges of pair 0 alone differ by {err:.2e}"
+    expected = method.expected_cost(c.model, c.pairs, ["edge"], result.info)
+    bound = c.cls.cost_is_bound
+    ok = (result.cost.forward <= expected.forward * (1 + 1e-12)) if bound else math.isclose(
+        result.cost.forward, expected.forward, rel_tol=1e-12
+    )
+    assert ok, f"edge forward cost {result.cost.forward} vs expected {expected.forward}"
+    names = [node.name for node in result.top(3)]
+    assert all("->" in name for name in names), f"edge names {names}"
+
+
 CHECKS: dict[str, Callable[[Contract], None]] = {
     "capabilities": check_capabilities,
     "shapes_and_record": check_shapes_and_record,
@@ -291,6 +327,7 @@ CHECKS: dict[str, Callable[[Contract], None]] = {
     "save_load": check_save_load,
     "unchanged_after_error": check_unchanged_after_error,
     "bad_input": check_bad_input,
+    "edges": check_edges,
 }
 
 
