@@ -19,6 +19,7 @@ Shape letters: P pairs, L layers, H query heads, K key/value heads, T positions,
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,7 +170,13 @@ class NodeLayout:
 
     @classmethod
     def of(cls, node_types: list[str], sizes: Sizes, seq_len: int) -> NodeLayout:
+        """The layout of site node types (``NODE_TABLE`` rows) on a model of ``sizes``."""
         return cls({t: node_shape(t, sizes, seq_len) for t in node_types})
+
+    @classmethod
+    def spanning(cls, spaces: Iterable[Any], seq_len: int) -> NodeLayout:
+        """The layout of every node type of ``spaces`` (bound ``atpstar.spaces.NodeSpace``s), in their order."""
+        return cls({t: tuple(space.shape(t, seq_len)) for space in spaces for t in space.node_types})
 
     @classmethod
     def like(cls, tensors: dict[str, torch.Tensor], node_types: list[str], lead: int = 0) -> NodeLayout:
