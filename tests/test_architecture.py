@@ -1,4 +1,5 @@
-"""The shape of the package: no module over 400 lines, no import circles (``benchmarks/architecture.py``).
+"""The shape of the package (``benchmarks/architecture.py``): no module over 400 lines, no import circles, at
+most two imports up the layers, no conditional on a node-type name outside the node spaces.
 
 The checks the tree does not meet yet are marked ``xfail(strict=True)``: the moment one holds, its test
 fails until the mark is removed, so a target once reached stays reached.
@@ -48,6 +49,16 @@ def test_no_module_over_400_lines(figures):
 @pytest.mark.xfail(strict=True, reason="methods/distributed/verify, cli parser and loading/source circles remain")
 def test_no_import_circles(figures):
     assert figures.circles == []
+
+
+@pytest.mark.xfail(strict=True, reason="13 arrows run up the layers of benchmarks/architecture.py's table")
+def test_at_most_two_imports_run_up_the_layers(figures):
+    assert len({(i.source, i.target) for i in figures.upward}) <= 2
+
+
+@pytest.mark.xfail(strict=True, reason="verbs, results and methods still branch on 'edge' and other node types")
+def test_no_node_type_conditionals_outside_node_spaces(figures):
+    assert figures.node_type_conditions == []
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:
