@@ -13,6 +13,7 @@ Shape letters: B batch, S senders, R receivers, H heads, K kv-heads, T positions
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 
 from ..model import Model
