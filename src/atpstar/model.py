@@ -49,6 +49,9 @@ class Model:
         model_id: a name for reports (hub id, folder or class name).
         origin: where ``load_model`` loaded it from (None for a model handed over as an object).
         n_layers, n_heads, n_kv_heads, d_head, d_mlp, d_model: sizes.
+        parallel_residual: attention and MLP of a layer read the same residual stream (no ``resid_mid``).
+        post_norm: attention and MLP outputs pass a norm before the residual stream (``attn_out`` is
+            norm(``attn_proj``); Gemma-2/3, OLMo-2).
     """
 
     def __init__(
@@ -75,11 +78,11 @@ class Model:
         self._final_norm = get_path(base, family.final_norm, family, "final_norm")
         self._rotary = get_path(base, family.rotary, family, "rotary") if family.rotary else None
         get_path(base, family.token_embed, family, "token_embed")
-        self.parallel_residual: bool = family.parallel_residual and bool(
-            getattr(hf_model.config, "use_parallel_residual", True)
-        )  # attention and MLP of a layer read the same residual stream (no resid_mid site)
-        self.post_norm: bool = family.attn_post_norm is not None  # attn_out = norm(attn_proj) (Gemma-2/3, OLMo-2)
-        self._parts: list[LayerParts] = [layer_parts(family, layer, self.parallel_residual) for layer in self._layers]
+        # GPT-NeoX reads use_parallel_residual from its config; its family row says whether it may.
+        parallel = family.parallel_residual and bool(getattr(hf_model.config, "use_parallel_residual", True))
+        self.parallel_residual: bool = parallel
+        self.post_norm: bool = family.attn_post_norm is not None
+        self._parts: list[LayerParts] = [layer_parts(family, layer, parallel) for layer in self._layers]
         # What each layer's attention computes (window, soft-cap, scaling, rotary table), checked on every call.
         self.attention_args: tuple[LayerAttention, ...] = tuple(
             layer_attention(family, hf_model.config, parts.attention, i) for i, parts in enumerate(self._parts)
