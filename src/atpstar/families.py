@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from .errors import UnsupportedModelError
-from .nodes import Sizes
 
 
 @dataclass(frozen=True)
@@ -237,15 +236,6 @@ def layer_attention(family: Family, config: Any, attention_module: Any, layer: i
         softcap=float(softcap) if softcap else None,
         rotary=layer_type if family.rotary_per_layer_type else None,
     )
-
-
-def sizes_of(config: Any) -> Sizes:
-    n_heads = int(config.num_attention_heads)
-    d_model = int(config.hidden_size)
-    d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
-    d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    return Sizes(int(config.num_hidden_layers), n_heads, int(n_kv), d_head, int(d_mlp), d_model)
 
 
 def embed(family: Family, hf_model: Any, ids: torch.Tensor) -> torch.Tensor:

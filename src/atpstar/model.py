@@ -24,20 +24,42 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .devices import execution_device
 from .errors import InputError
-from .families import Family, LayerAttention, embed, family_of, get_path, layer_attention, sizes_of
+from .families import Family, LayerAttention, embed, family_of, get_path, layer_attention
 from .model_hooks import LayerParts, layer_parts, site_hooks
-from .nodes import Sizes
 from .ops import upcast
 from .origin import Origin
 from .runner import ACTIVE_RUN, Run, atpstar_attention
 
 ATTN_IMPLEMENTATION = "atpstar"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Model sizes that fix every node layout."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    d_model: int
+
+    @classmethod
+    def of_config(cls, config: Any) -> Sizes:
+        """The sizes a ``transformers`` config declares (GPT-2's and Llama's field names alike)."""
+        n_heads = int(config.num_attention_heads)
+        d_model = int(config.hidden_size)
+        d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
+        d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        return cls(int(config.num_hidden_layers), n_heads, int(n_kv), d_head, int(d_mlp), d_model)
 
 
 class Model:
@@ -71,7 +93,7 @@ class Model:
         self.tokenizer = tokenizer
         self.model_id = model_id or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
         self.origin = origin
-        self.sizes: Sizes = sizes_of(hf_model.config)
+        self.sizes: Sizes = Sizes.of_config(hf_model.config)
         family = self.family
         base = get_path(hf_model, family.base, family, "base")
         self._layers = list(get_path(base, family.layers, family, "layers"))
