@@ -1,7 +1,10 @@
 """Where each supported model family keeps its parts, and what its attention does layer by layer.
 
-One ``Family`` row per family (keyword fields, one comment each). Module paths are dotted: ``base``
-is relative to the causal-LM object, the other paths relative to ``base`` or to one decoder layer.
+One ``Family`` row per family (keyword fields, one comment each); the Llama-like rows derive from
+``LLAMA`` and name only what differs. Module paths are dotted: ``base`` is relative to the causal-LM
+object, the other paths relative to ``base`` or to one decoder layer. The layer paths name the
+modules whose inputs and outputs are run sites (``runner.SITES``: attention and MLP outputs, the
+stream the MLP reads, the neurons), so edges and other consumers never need a path of their own.
 Per-layer attention arguments (sliding window, score soft-cap, score scaling, rotary table) are read
 from the config into one ``LayerAttention`` per layer; the attention function checks them against
 what the model itself passes, so a family row can never silently compute something else.
@@ -15,7 +18,6 @@ from typing import Any
 import torch
 
 from .errors import UnsupportedModelError
-from .nodes import Sizes
 
 
 @dataclass(frozen=True)
@@ -55,23 +57,32 @@ class Family:
     rotary_per_layer_type: bool = False  # the rotary module takes a layer type (Gemma-3: local and global bases)
 
 
-# The Llama layout most families share; their rows below change only what differs.
+# Rows: what the family is; where its stack keeps embeddings, norm and layers; where a layer keeps
+# the site modules; then its features. The Llama layout most families share comes first, and the
+# rows derived from it change only what differs.
+# fmt: off
 LLAMA = Family(
-    name="llama",
-    model_types=("llama", "mistral", "qwen2"),
+    name="llama", model_types=("llama", "mistral", "qwen2"),
     label="Llama-family incl. SmolLM2, Mistral (sliding window), Qwen2/Qwen2.5 (q/k/v biases)",
-    base="model",
-    layers="layers",
-    final_norm="norm",
-    token_embed="embed_tokens",
-    attention="self_attn",
-    out_proj="self_attn.o_proj",
-    mlp="mlp",
-    mlp_in="post_attention_layernorm",
-    down_proj="mlp.down_proj",
-    rotary="rotary_emb",
+    base="model", token_embed="embed_tokens", rotary="rotary_emb", layers="layers", final_norm="norm",
+    attention="self_attn", out_proj="self_attn.o_proj",
+    mlp_in="post_attention_layernorm", mlp="mlp", down_proj="mlp.down_proj",
     window_layers="layer_types_or_all",
 )
+GPT2 = Family(
+    name="gpt2", model_types=("gpt2",), label="GPT-2",
+    base="transformer", token_embed="wte", position_embed="wpe", layers="h", final_norm="ln_f",
+    attention="attn", out_proj="attn.c_proj",
+    mlp_in="ln_2", mlp="mlp", down_proj="mlp.c_proj",
+)
+GPT_NEOX = Family(
+    name="gpt_neox", model_types=("gpt_neox",), label="GPT-NeoX/Pythia",
+    base="gpt_neox", token_embed="embed_in", rotary="rotary_emb", layers="layers", final_norm="final_layer_norm",
+    attention="attention", out_proj="attention.dense",
+    mlp_in="post_attention_layernorm", mlp="mlp", down_proj="mlp.dense_4h_to_h",
+    parallel_residual=True,
+)
+# fmt: on
 # Gemma-2/3: norms before and after attention and MLP; the MLP's input norm has its own name.
 _GEMMA = replace(
     LLAMA,
@@ -82,40 +93,13 @@ _GEMMA = replace(
 )
 
 FAMILIES: tuple[Family, ...] = (
-    Family(
-        name="gpt2",
-        model_types=("gpt2",),
-        label="GPT-2",
-        base="transformer",
-        layers="h",
-        final_norm="ln_f",
-        token_embed="wte",
-        attention="attn",
-        out_proj="attn.c_proj",
-        mlp="mlp",
-        mlp_in="ln_2",
-        down_proj="mlp.c_proj",
-        position_embed="wpe",
-    ),
-    Family(
-        name="gpt_neox",
-        model_types=("gpt_neox",),
-        label="GPT-NeoX/Pythia",
-        base="gpt_neox",
-        layers="layers",
-        final_norm="final_layer_norm",
-        token_embed="embed_in",
-        attention="attention",
-        out_proj="attention.dense",
-        mlp="mlp",
-        mlp_in="post_attention_layernorm",
-        down_proj="mlp.dense_4h_to_h",
-        rotary="rotary_emb",
-        parallel_residual=True,
-    ),
+    GPT2,
+    GPT_NEOX,
     LLAMA,
     replace(LLAMA, name="qwen3", model_types=("qwen3",), label="Qwen3 (per-head QK-norm)", window_layers="layer_types"),
-    replace(LLAMA, name="phi3", model_types=("phi3",), label="Phi-3 (fused qkv_proj and gate_up_proj)", window_layers="all"),
+    replace(
+        LLAMA, name="phi3", model_types=("phi3",), label="Phi-3 (fused qkv_proj and gate_up_proj)", window_layers="all"
+    ),
     replace(
         LLAMA,
         name="olmo2",
@@ -252,15 +236,6 @@ def layer_attention(family: Family, config: Any, attention_module: Any, layer: i
         softcap=float(softcap) if softcap else None,
         rotary=layer_type if family.rotary_per_layer_type else None,
     )
-
-
-def sizes_of(config: Any) -> Sizes:
-    n_heads = int(config.num_attention_heads)
-    d_model = int(config.hidden_size)
-    d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
-    d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    return Sizes(int(config.num_hidden_layers), n_heads, int(n_kv), d_head, int(d_mlp), d_model)
 
 
 def embed(family: Family, hf_model: Any, ids: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +57,13 @@ def load_model(
         check_device(device)
         hf_model = hf_model.to(device)
     # Ray workers load the same name instead of receiving the weights.
-    origin = _origin(name, zoo.BUILTIN_MODELS, torch_dtype, device, hf_model)
+    origin = _origin(name, name in zoo.BUILTIN_MODELS, torch_dtype, device, hf_model)
     return Model(hf_model, tokenizer if tokenizer is not None else loaded_tokenizer, model_id=name, origin=origin)
 
 
-def _origin(
-    name: str, builtin: Mapping[str, str], dtype: torch.dtype, device: str | torch.device | None, hf_model: Any
-) -> Origin:
+def _origin(name: str, builtin: bool, dtype: torch.dtype, device: str | torch.device | None, hf_model: Any) -> Origin:
     """Where a model loaded by name came from; folders become absolute (workers may run elsewhere in the tree)."""
-    if name in builtin:
+    if builtin:
         kind = "builtin"
     elif os.path.isdir(os.path.expanduser(name)):
         kind, name = "folder", os.path.abspath(os.path.expanduser(name))

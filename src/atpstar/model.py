@@ -24,20 +24,42 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .devices import execution_device
 from .errors import InputError
-from .families import Family, LayerAttention, embed, family_of, get_path, layer_attention, sizes_of
+from .families import Family, LayerAttention, embed, family_of, get_path, layer_attention
 from .model_hooks import LayerParts, layer_parts, site_hooks
-from .nodes import Sizes
 from .ops import upcast
 from .origin import Origin
 from .runner import ACTIVE_RUN, Run, atpstar_attention
 
 ATTN_IMPLEMENTATION = "atpstar"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Model sizes that fix every node layout."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    d_model: int
+
+    @classmethod
+    def of_config(cls, config: Any) -> Sizes:
+        """The sizes a ``transformers`` config declares (GPT-2's and Llama's field names alike)."""
+        n_heads = int(config.num_attention_heads)
+        d_model = int(config.hidden_size)
+        d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
+        d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        return cls(int(config.num_hidden_layers), n_heads, int(n_kv), d_head, int(d_mlp), d_model)
 
 
 class Model:
@@ -49,6 +71,9 @@ class Model:
         model_id: a name for reports (hub id, folder or class name).
         origin: where ``load_model`` loaded it from (None for a model handed over as an object).
         n_layers, n_heads, n_kv_heads, d_head, d_mlp, d_model: sizes.
+        parallel_residual: attention and MLP of a layer read the same residual stream (no ``resid_mid``).
+        post_norm: attention and MLP outputs pass a norm before the residual stream (``attn_out`` is
+            norm(``attn_proj``); Gemma-2/3, OLMo-2).
     """
 
     def __init__(
@@ -68,18 +93,18 @@ class Model:
         self.tokenizer = tokenizer
         self.model_id = model_id or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
         self.origin = origin
-        self.sizes: Sizes = sizes_of(hf_model.config)
+        self.sizes: Sizes = Sizes.of_config(hf_model.config)
         family = self.family
         base = get_path(hf_model, family.base, family, "base")
         self._layers = list(get_path(base, family.layers, family, "layers"))
         self._final_norm = get_path(base, family.final_norm, family, "final_norm")
         self._rotary = get_path(base, family.rotary, family, "rotary") if family.rotary else None
         get_path(base, family.token_embed, family, "token_embed")
-        self.parallel_residual: bool = family.parallel_residual and bool(
-            getattr(hf_model.config, "use_parallel_residual", True)
-        )  # attention and MLP of a layer read the same residual stream (no resid_mid site)
-        self.post_norm: bool = family.attn_post_norm is not None  # attn_out = norm(attn_proj) (Gemma-2/3, OLMo-2)
-        self._parts: list[LayerParts] = [layer_parts(family, layer, self.parallel_residual) for layer in self._layers]
+        # GPT-NeoX reads use_parallel_residual from its config; its family row says whether it may.
+        parallel = family.parallel_residual and bool(getattr(hf_model.config, "use_parallel_residual", True))
+        self.parallel_residual: bool = parallel
+        self.post_norm: bool = family.attn_post_norm is not None
+        self._parts: list[LayerParts] = [layer_parts(family, layer, parallel) for layer in self._layers]
         # What each layer's attention computes (window, soft-cap, scaling, rotary table), checked on every call.
         self.attention_args: tuple[LayerAttention, ...] = tuple(
             layer_attention(family, hf_model.config, parts.attention, i) for i, parts in enumerate(self._parts)

@@ -36,8 +36,7 @@ def check_edges_supported(model: Model) -> None:
     missing = [name for name in EDGE_HELPERS if not hasattr(model, name)]
     if missing:
         raise UnsupportedModelError(
-            f"edges need the model members {missing}, which {type(model).__name__} lacks; "
-            "node types work without them"
+            f"edges need the model members {missing}, which {type(model).__name__} lacks; node types work without them"
         )
 
 
