@@ -10,7 +10,7 @@ from reference import brute, hooks
 from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 from atpstar.cost import Cost
-from atpstar.gradients import atp_estimate, gradient_step
+from atpstar.gradients import AT_BASE, Points, atp_estimate, gradient_step, path, summed_over_points
 from atpstar.nodes import NODE_TABLE
 
 ALL = ["neuron", "query", "key", "value", "head"]
@@ -93,7 +93,7 @@ def test_gradients_and_differences_are_freed_and_hooks_removed():
         assert not step.base.records and all(r is None for v in step.source.records.values() for r in v)
         diffs = [weakref.ref(d) for d in step.diffs.values()]
         assert len(diffs) == model.n_layers * len(SITES)
-        hooks = list(step._hooks)
+        hooks = list(step.tape._hooks)
 
         def consume(layer: int, site: str, grad: torch.Tensor) -> None:
             grads.append(weakref.ref(grad))
@@ -103,5 +103,46 @@ def test_gradients_and_differences_are_freed_and_hooks_removed():
     gc.collect()
     assert len(grads) == model.n_layers * len(SITES)
     assert all(ref() is None for ref in grads + diffs)
-    assert hooks and not step._hooks
+    assert hooks and not step.tape._hooks
     assert all(not handle.hooks_dict_ref() for handle in hooks)  # removed from their tensors
+
+
+def test_a_path_of_one_point_at_the_base_input_equals_atp():
+    """Points((1.0,)) differentiates at a second forward from the base embeddings: AtP's numbers, 3 forwards."""
+    model = load(build_hf("llama", seed=4))
+    pairs = make_pairs(n_pairs=3)
+    got = {}
+    for points in (AT_BASE, Points((1.0,))):
+        cost, estimates = Cost(), {}
+        with gradient_step(
+            model, pairs, torch.arange(3), direction="noising", sites=[], diff_sites=SITES, grad_sites=SITES,
+            cost=cost, points=points,
+        ) as step:  # fmt: skip
+
+            def consume(layer: int, site: str, grad: torch.Tensor) -> None:
+                for t in ALL:
+                    if NODE_TABLE[t].site == site:
+                        estimates[(t, layer)] = atp_estimate(step, t, layer, grad)
+
+            step.backward(summed_over_points(step, consume))
+        got[points] = (estimates, cost)
+    (atp, atp_cost), (one, one_cost) = got[AT_BASE], got[Points((1.0,))]
+    assert atp.keys() == one.keys() and (atp_cost.forward, one_cost.forward) == (6.0, 9.0)
+    assert atp_cost.backward == one_cost.backward == 3.0
+    for key, value in atp.items():
+        assert_rel_close(one[key], value, 1e-10, str(key))  # e(source) + 1·(e(base) - e(source)) rounds
+
+
+def test_path_sums_gradients_over_its_points_and_averages_the_product():
+    """path(m): the consumer gets Σ_k ∂L/∂n(x_k) once, at the last point; the product divides by m."""
+    model = load(build_hf("gpt2", n_layers=2, seed=7))
+    pairs = make_pairs()
+    points, calls = path(3), []
+    with gradient_step(
+        model, pairs, torch.arange(2), direction="noising", sites=[], diff_sites=["z"], grad_sites=["z"],
+        cost=Cost(), points=points,
+    ) as step:  # fmt: skip
+        step.backward(summed_over_points(step, lambda layer, site, grad: calls.append((step.point, layer))))
+        assert step.point == 2 and step.last_point
+    assert sorted(calls) == [(2, 0), (2, 1)]
+    assert points.fractions == (0.0, 1 / 3, 2 / 3) and points.mean(torch.tensor(3.0)) == 1.0

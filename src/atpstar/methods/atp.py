@@ -17,12 +17,12 @@ import torch
 from ..batching import BatchGuard
 from ..cost import Cost
 from ..errors import InputError
-from ..families import LayerAttention
-from ..gradients import GradientStep, atp_estimate, gradient_step
+from ..gradients import AT_BASE, Points, gradient_step
+from ..gradients.consumers import node_estimates
 from ..memory import MemoryPlan, gradient_plan
 from ..model import Model
 from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
-from ..ops import accumulation_dtype, graddrop_combine, key_fix, query_fix, upcast
+from ..ops import accumulation_dtype
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..sink import PerPairSink, check_keep
@@ -137,8 +137,12 @@ class AttributionPatching(Method):
             top_k=self.top_k,
             batch_size=self.batch_size,
             memory_gb=self.memory_gb,
-            consumed=True,
+            points=self._points(),
         )
+
+    def _points(self) -> Points:
+        """Where the gradient is taken: the base run (``atp+ig`` takes a path of interpolated inputs)."""
+        return AT_BASE
 
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
@@ -174,6 +178,7 @@ class AttributionPatching(Method):
             self.memory_gb,
             self.qk_fix,
             self.grad_drop,
+            ig_steps=None if self._points().at_base else self._points().n,
             positions=self.edge_positions,
         )
 
@@ -205,85 +210,6 @@ class AttributionPatching(Method):
             grad_sites=list(from_site),
             cost=cost,
             grad_drop=self.grad_drop,
+            points=self._points(),
         ) as step:
-            return self._backward_passes(step, model, node_types, from_site, reads, fix)
-
-    def _backward_passes(
-        self,
-        step: GradientStep,
-        model: Model,
-        node_types: list[str],
-        from_site: dict[str, list[str]],
-        reads: dict[str, tuple[str, ...]],
-        fix: bool,
-    ) -> dict[str, torch.Tensor]:
-        """Run the step's backward passes, folding each site's gradient into estimates as it comes."""
-        n_layers, attention_args = model.n_layers, model.attention_args
-        per_layer: dict[str, dict[int, torch.Tensor]] = {t: {} for t in node_types}  # t -> layer -> [b, *layout[1:]]
-
-        def estimate(layer: int, node_type: str, grad: torch.Tensor) -> torch.Tensor:
-            return _node_estimate(step, attention_args[layer], node_type, layer, grad, fix)
-
-        if not self.grad_drop:
-
-            def keep_plain(layer: int, site: str, grad: torch.Tensor) -> None:
-                for t in from_site[site]:
-                    per_layer[t][layer] = estimate(layer, t, grad)
-                for read in reads[site]:
-                    step.release(read, layer)
-
-            step.backward(keep_plain)
-            return {t: _stack([v[m] for m in range(n_layers)]) for t, v in per_layer.items()}  # [b, *layout]
-
-        # ĉ = Σ_l |Î_l| / (L - 1). A node at layer m keeps its plain estimate when any of the m layers below
-        # it is dropped, and scores 0 when its own layer is; layers above it need a partial backward. Only
-        # the running sums live on: the plain estimates and every dropped layer's are folded in as formed.
-        def start_sums(layer: int, site: str, grad: torch.Tensor) -> None:
-            for t in from_site[site]:
-                per_layer[t][layer] = layer * estimate(layer, t, grad).abs()
-
-        def add_dropped(layer: int, site: str, grad: torch.Tensor) -> None:
-            for t in from_site[site]:
-                per_layer[t][layer].add_(estimate(layer, t, grad).abs())
-
-        step.backward(start_sums)
-        for site in {*from_site, *(("q", "k") if fix else ())}:  # the top layer is never below a dropped layer
-            step.release(site, n_layers - 1)
-        for _ in step.dropped(add_dropped):
-            pass
-        return {t: graddrop_combine(_stack([v[m] for m in range(n_layers)]), n_layers) for t, v in per_layer.items()}
-
-
-def _node_estimate(
-    step: GradientStep, args: LayerAttention, node_type: str, layer: int, grad: torch.Tensor, fix: bool
-) -> torch.Tensor:
-    """Estimates of the nodes of one type at one layer, [b, *layout[1:]], from the gradient at their grad site."""
-    base, source = step.base, step.source
-    with torch.no_grad():
-        if fix and node_type == "query":
-            return query_fix(
-                upcast(source.get("q", layer)),  # [b, H, T, E]
-                upcast(base.get("k", layer).detach()),  # [b, K, T, E]
-                upcast(base.get("pattern", layer).detach()),  # [b, H, T, T]
-                upcast(grad),  # ∂L/∂pattern [b, H, T, T]
-                args.scaling,  # scaling, soft-cap and window of this layer's scores
-                args.softcap,
-                args.window,
-            )  # [b, H, T]
-        if fix and node_type == "key":
-            return key_fix(
-                upcast(base.get("q", layer).detach()),
-                upcast(base.get("k", layer).detach()),
-                upcast(source.get("k", layer)),
-                upcast(grad),
-                args.scaling,
-                args.softcap,
-                args.window,
-            )  # [b, K, T]
-        return atp_estimate(step, node_type, layer, grad)  # [b, T, M] or [b, H|K, T]
-
-
-def _stack(per_layer: list[torch.Tensor]) -> torch.Tensor:
-    """L x [b, ...] -> [b, L, ...] on the first layer's device (layers of a dispatched model differ)."""
-    device = per_layer[0].device
-    return torch.stack([est.to(device) for est in per_layer], 1)
+            return node_estimates(step, model.attention_args, node_types, from_site, reads, fix)
