@@ -7,7 +7,8 @@
 - GradDrop: Î_l(s -> r) is the estimate with layer l's residual write held constant in the backward
   pass; the score is Σ_{l=0}^{L-1} |Î_l| / (L - 1). Dropping a layer below the receiver's leaves its
   gradient unchanged, dropping the receiver's own layer gives 0 (a logits receiver sits at layer L),
-  so only layers above the receiver need a backward, each run from that layer down.
+  so only layers above the receiver need a backward, each run from that layer down (``gradients.Tape``'s
+  partial backwards, the ones node GradDrop uses; the site gradients come from the same tape as EAP's).
 
 Position-resolved (``positions``; edge s -> r at the sender's position t, only Δ_s,t reaches r): the
 plain estimate keeps the sum over d_model only. A query change at t moves row t of the pattern alone, so
@@ -25,17 +26,16 @@ Shape letters: B batch, S senders, R receivers, N edges, L layers, H heads, T po
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..cost import Cost
+from ..gradients import Tape
 from ..model import Model
-from ..ops import attention_pattern
+from ..ops import attention_pattern, graddrop_combine, one_key_patterns
 from ..pairs import PromptPairs
 from ..runner import expand_kv
 from .capture import SenderRun, receiver_grads
-from .eap import _count_copies, _or_zero, gradient_run, site_tensors, source_senders
+from .eap import FINAL, collect, count_copies, source_senders, taped_run
 from .graph import EdgeGraph
 from .sites import layer_qkv, qkv_share
 
@@ -56,40 +56,47 @@ def edge_atp(
     n_layers, b = model.n_layers, len(index)
     base_tokens, source_tokens = (tokens[index] for tokens in pairs.base_and_source(direction))
     source = source_senders(model, source_tokens, w_out)
-    with torch.enable_grad():
-        run, metric = gradient_run(model, pairs, index, model.embed(base_tokens), w_out, ("pattern",) if qk_fix else ())
-        cost.add_forward(2 * b)
-        keys, tensors = site_tensors(run, n_layers)
-        if qk_fix:
-            keys += [(layer, "pattern") for layer in range(n_layers)]
-            tensors += [run.run.records["pattern"][layer] for layer in range(n_layers)]
-        outputs = tensors + run.resid[1:]  # resid[L] is the final residual stream
-        grads = torch.autograd.grad(metric.sum(), outputs, retain_graph=grad_drop, allow_unused=True)
-        cost.add_backward(b)
-        sites = {k: _or_zero(g, t) for k, g, t in zip(keys, grads, tensors)}
-        resid_grads = [_or_zero(g, t) for g, t in zip(grads[len(tensors) :], run.resid[1:])]  # ∂L/∂resid_{l+1}
-        with torch.no_grad():
-            delta = source.to(run.final.device) - run.senders.detach()  # [B, S, T, D]
-            patterns = _new_patterns(model, graph, run, delta, cost, positions) if qk_fix else {}
-        plain = _estimates(model, graph, run, delta, sites, resid_grads[-1], range(n_layers), patterns, cost, positions)
-        if not grad_drop:
-            return _edges(graph, plain, positions)
-        layer_of = torch.tensor([graph.receiver_layer(r) for r in range(graph.n_receivers)], device=plain.device)
-        total = plain.abs() * layer_of.to(plain.dtype)  # the layers below each receiver leave it unchanged
-        for drop in range(1, n_layers):
-            below = [i for i, (layer, _) in enumerate(keys) if layer < drop]
-            dropped = torch.autograd.grad(
-                run.resid[drop],
-                [tensors[i] for i in below],
-                grad_outputs=resid_grads[drop],  # ∂L/∂resid_post_drop: layer drop's write held constant
-                retain_graph=drop < n_layers - 1,
-                allow_unused=True,
-            )
-            cost.add_backward(b, layers_covered=drop, n_layers=n_layers)
-            drop_sites = {keys[i]: _or_zero(g, tensors[i]) for i, g in zip(below, dropped)}
-            estimate = _estimates(model, graph, run, delta, drop_sites, None, range(drop), patterns, cost, positions)
-            total = total + estimate.abs() * (layer_of < drop).to(plain.dtype)
-        return _edges(graph, total / (n_layers - 1), positions)
+    sites: dict[tuple[int, str], torch.Tensor] = {}
+    tape = Tape(n_layers, cost, grad_drop)
+    try:
+        with torch.enable_grad():
+            record = ("pattern",) if qk_fix else ()
+            run, metric = taped_run(model, pairs, index, model.embed(base_tokens), w_out, tape, record)
+            cost.add_forward(2 * b)
+            tape.backward(metric, collect(sites))
+            final = sites.pop((n_layers, FINAL))  # [B, T, D] ∂L/∂resid_L: the logits receiver's input
+            with torch.no_grad():
+                delta = source.to(run.final.device) - run.senders.detach()  # [B, S, T, D]
+                patterns = _new_patterns(model, graph, run, delta, cost, positions) if qk_fix else {}
+            plain = _estimates(model, graph, run, delta, sites, final, range(n_layers), patterns, cost, positions)
+            if not grad_drop:
+                return _edges(graph, plain, positions)
+            return _edges(graph, _graddrop(model, graph, run, tape, delta, plain, patterns, cost, positions), positions)
+    finally:
+        tape.close()
+
+
+def _graddrop(
+    model: Model,
+    graph: EdgeGraph,
+    run: SenderRun,
+    tape: Tape,
+    delta: torch.Tensor,
+    plain: torch.Tensor,
+    patterns: dict[tuple[int, str], torch.Tensor],
+    cost: Cost,
+    positions: bool,
+) -> torch.Tensor:
+    """ĉ = Σ_l |Î_l| / (L - 1) from the plain estimates [B, (T,) S, R] and the tape's dropped backwards."""
+    n_layers = model.n_layers
+    layer_of = torch.tensor([graph.receiver_layer(r) for r in range(graph.n_receivers)], device=plain.device)
+    total = plain.abs() * layer_of.to(plain.dtype)  # the layers below each receiver leave it unchanged
+    dropped: dict[tuple[int, str], torch.Tensor] = {}
+    for drop in tape.dropped(collect(dropped)):  # the sites of layers < drop, with layer drop's write dropped
+        estimate = _estimates(model, graph, run, delta, dropped, None, range(drop), patterns, cost, positions)
+        total = total + estimate.abs() * (layer_of < drop).to(plain.dtype)
+        dropped.clear()
+    return graddrop_combine(total, n_layers)
 
 
 def _edges(graph: EdgeGraph, matrix: torch.Tensor, positions: bool) -> torch.Tensor:
@@ -113,7 +120,7 @@ def _estimates(
     """[B, S, R] (``positions``: [B, T, S, R]) estimates of every (sender, receiver) from site gradients
     of ``layers`` (+ logits)."""
     grads = receiver_grads(model, graph, run, sites, final_grad, layers)  # [B, R, T, D]
-    _count_copies(model, cost, delta.shape[0], len(layers) / model.n_layers)
+    count_copies(model, cost, delta.shape[0], len(layers) / model.n_layers)
     with torch.no_grad():
         if positions:
             matrix = torch.einsum("bstd,brtd->btsr", delta, grads)  # [B, T, S, R]
@@ -157,36 +164,16 @@ def _new_patterns(
         q = run.run.records["q"][layer].detach()  # [B, H, T, E]
         k = run.run.records["k"][layer].detach()  # [B, H, T, E] (per query head)
         pattern = run.run.records["pattern"][layer].detach()[:, None]  # [B, 1, H, T, T]
-        q_rep = q[:, None].expand(b, n_up, *q.shape[1:]).reshape(b * n_up, *q.shape[1:])
-        k_rep = k[:, None].expand(b, n_up, *k.shape[1:]).reshape(b * n_up, *k.shape[1:])
+        q_rep = q[:, None].expand(b, n_up, *q.shape[1:]).reshape(b * n_up, *q.shape[1:])  # [B*S_l, H, T, E]
+        k_rep = k[:, None].expand(b, n_up, *k.shape[1:]).reshape(b * n_up, *k.shape[1:])  # [B*S_l, H, T, E]
         with_q = attention_pattern(new_q, k_rep, args.scaling, args.softcap, args.window)  # [B*S_l, H, T, T]
         with_k = attention_pattern(q_rep, new_k, args.scaling, args.softcap, args.window)
-        with_q, with_k = with_q.view(b, n_up, *pattern.shape[2:]), with_k.view(b, n_up, *pattern.shape[2:])
-        out[(layer, "q")] = with_q - pattern
-        out[(layer, "k")] = with_k - pattern
+        per_sender = (b, n_up, *pattern.shape[2:])
+        out[(layer, "q")] = with_q.view(per_sender) - pattern  # [B, S_l, H, T, T]
+        out[(layer, "k")] = with_k.view(per_sender) - pattern  # [B, S_l, H, T, T]
         if positions:
-            out[(layer, "k")] = (
-                _one_key_patterns(q_rep, k_rep, expand_kv(new_k, model.n_heads), args, n_pos).view(
-                    b, n_up, n_pos, *pattern.shape[2:]
-                )
-                - pattern[:, :, None]
-            )  # [B, S_l, T, H, T, T]
+            new_k = expand_kv(new_k, model.n_heads)  # [B*S_l, H, T, E]
+            one_key = one_key_patterns(q_rep, k_rep, new_k, args.scaling, args.softcap, args.window)
+            per_key = (b, n_up, n_pos, *pattern.shape[2:])
+            out[(layer, "k")] = one_key.view(per_key) - pattern[:, :, None]  # [B, S_l, T, H, T, T]
     return out
-
-
-def _one_key_patterns(q: torch.Tensor, k: torch.Tensor, new_k: torch.Tensor, args: Any, n_pos: int) -> torch.Tensor:
-    """[X*T, H, T, T] patterns with the keys of one position p (p = 0 .. T-1) taken from ``new_k``.
-
-    q, k, new_k: [X, H, T, E] (k per query head).
-    """
-    x, heads, _, e = k.shape
-    one = torch.eye(n_pos, dtype=torch.bool, device=k.device)[None, :, None, :, None]  # [1, P, 1, T, 1]
-    mixed = torch.where(one, new_k[:, None], k[:, None])  # [X, P, H, T, E]
-    q_rep = q[:, None].expand(x, n_pos, heads, n_pos, e)  # [X, P, H, T, E]
-    return attention_pattern(
-        q_rep.reshape(x * n_pos, heads, n_pos, e),
-        mixed.reshape(x * n_pos, heads, n_pos, e),
-        args.scaling,
-        args.softcap,
-        args.window,
-    )

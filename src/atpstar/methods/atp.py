@@ -166,21 +166,12 @@ class AttributionPatching(Method):
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        from ..edges.sweep import estimate_edges
+        """EAP and its QK-fix / GradDrop / AtP* forms at the base run; EAP-IG on ``atp+ig``'s path."""
+        from ..edges.estimate import estimate_edges
 
-        return estimate_edges(
-            model,
-            pairs,
-            direction,
-            cost,
-            progress,
-            self.batch_size,
-            self.memory_gb,
-            self.qk_fix,
-            self.grad_drop,
-            ig_steps=None if self._points().at_base else self._points().n,
-            positions=self.edge_positions,
-        )
+        options = {"qk_fix": self.qk_fix, "grad_drop": self.grad_drop, "positions": self.edge_positions}
+        return estimate_edges(model, pairs, direction, cost, progress, batch_size=self.batch_size,
+                              memory_gb=self.memory_gb, points=self._points(), **options)  # fmt: skip
 
     def _estimate(
         self, model: Model, pairs: PromptPairs, index: torch.Tensor, node_types: list[str], direction: str, cost: Cost
