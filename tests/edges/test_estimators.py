@@ -106,7 +106,7 @@ def test_out_of_memory_halves_the_edge_batch_and_keeps_the_numbers(setup, method
     _, model, pairs, _, _, _ = setup
     want = run(model, pairs, method, batch_size=2)
     target = (edge_atpstar, "edge_atp") if method == "atp*" else (edge_eap, "eap")
-    flaky = oom_above(1, lambda model, graph, pairs, index, *rest: len(index))(getattr(*target))
+    flaky = oom_above(1, lambda batch, *rest: len(batch.index))(getattr(*target))
     monkeypatch.setattr(*target, flaky)
     with pytest.warns(UserWarning, match="edge attribution: pairs: out of memory .* batch of 2; halved it to 1"):
         result = atpstar.attribute(model, pairs, method=method, nodes=["edge"], batch_size=2)

@@ -26,13 +26,14 @@ Shape letters: B batch, S senders, R receivers, N edges, L layers, T positions, 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..cost import Cost
 from ..gradients import Points, Tape
+from ..job import Job
 from ..model import Model
-from ..pairs import PromptPairs
 from .capture import SenderRun, receiver_grads, run_senders
 from .graph import EdgeGraph
 from .sites import qkv_share
@@ -40,6 +41,29 @@ from .sites import qkv_share
 # Sites whose gradients make up every receiver's input gradient.
 GRAD_SITES = ("q", "k", "v", "mlp_in")
 FINAL = "final"  # the watched final residual stream (the logits receiver's input), at layer L
+
+
+@dataclass(frozen=True)
+class EdgeBatch:
+    """Pairs ``index`` of a job on the model's edge graph: what an edge estimator reads for one batch."""
+
+    job: Job
+    graph: EdgeGraph
+    w_out: list[torch.Tensor]  # per layer W_O [H, E, D] (``sites.head_out_weights``)
+    index: torch.Tensor  # [b] the pairs of this batch
+
+    @property
+    def model(self) -> Model:
+        return self.job.model
+
+    @property
+    def cost(self) -> Cost:
+        return self.job.cost
+
+    def tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base tokens [b, T], source tokens [b, T]) of the batch's pairs."""
+        base, source = self.job.base_and_source()
+        return base[self.index], source[self.index]
 
 
 def edge_scores(graph: EdgeGraph, delta: torch.Tensor, grads: torch.Tensor, positions: bool) -> torch.Tensor:
@@ -62,22 +86,17 @@ def edge_scores(graph: EdgeGraph, delta: torch.Tensor, grads: torch.Tensor, posi
 
 
 def taped_run(
-    model: Model,
-    pairs: PromptPairs,
-    index: torch.Tensor,
-    hidden: torch.Tensor,
-    w_out: list[torch.Tensor],
-    tape: Tape,
-    record: tuple[str, ...] = (),
+    batch: EdgeBatch, hidden: torch.Tensor, tape: Tape, record: tuple[str, ...] = ()
 ) -> tuple[SenderRun, torch.Tensor]:
     """A differentiable forward from embeddings hidden [B, T, D] whose receiver inputs ``tape`` watches.
 
     The tape gets (layer, site) for ``GRAD_SITES`` and ``record`` (e.g. ``pattern`` for the QK fix) at every
     layer, (L, ``FINAL``), and the residual stream for GradDrop. Returns (the run, metric [B]).
     """
+    model, pairs = batch.model, batch.job.pairs
     hidden = hidden.detach().requires_grad_(True)
-    run = run_senders(model, hidden, w_out, record=("q", "k", "v", *record), mlp_copy=True)
-    metric = pairs.evaluate_metric(model.unembed(run.final[:, -1]), index.to(run.final.device))
+    run = run_senders(model, hidden, batch.w_out, record=("q", "k", "v", *record), mlp_copy=True)
+    metric = pairs.evaluate_metric(model.unembed(run.final[:, -1]), batch.index.to(run.final.device))
     tape.hidden, tape.resid = hidden, run.resid
     for layer in range(model.n_layers):
         for site in (*GRAD_SITES, *record):
@@ -95,32 +114,23 @@ def collect(into: dict[tuple[int, str], torch.Tensor]) -> Callable[[int, str, to
     return keep
 
 
-def point_receiver_grads(
-    model: Model,
-    graph: EdgeGraph,
-    pairs: PromptPairs,
-    index: torch.Tensor,
-    hidden: torch.Tensor,
-    w_out: list[torch.Tensor],
-    cost: Cost,
-    forwards: int = 0,
-) -> tuple[SenderRun, torch.Tensor]:
+def point_receiver_grads(batch: EdgeBatch, hidden: torch.Tensor, forwards: int = 0) -> tuple[SenderRun, torch.Tensor]:
     """One gradient run from hidden [B, T, D]: (the run, [B, R, T, D] gradients at every receiver's input).
 
     ``forwards`` passes are counted once the forward is done (before the backward, as the caller's base run).
     """
-    sites: dict[tuple[int, str], torch.Tensor] = {}
-    tape = Tape(model.n_layers, cost)
+    model, sites = batch.model, dict[tuple[int, str], torch.Tensor]()
+    tape = Tape(model.n_layers, batch.cost)
     try:
-        run, metric = taped_run(model, pairs, index, hidden, w_out, tape)
+        run, metric = taped_run(batch, hidden, tape)
         if forwards:
-            cost.add_forward(forwards)
+            batch.cost.add_forward(forwards)
         tape.backward(metric, collect(sites))
     finally:
         tape.close()
-    count_copies(model, cost, len(index))
+    count_copies(model, batch.cost, len(batch.index))
     final = sites.pop((model.n_layers, FINAL))
-    return run, receiver_grads(model, graph, run, sites, final, range(model.n_layers))
+    return run, receiver_grads(model, batch.graph, run, sites, final, range(model.n_layers))
 
 
 def source_senders(model: Model, tokens: torch.Tensor, w_out: list[torch.Tensor]) -> torch.Tensor:
@@ -129,38 +139,28 @@ def source_senders(model: Model, tokens: torch.Tensor, w_out: list[torch.Tensor]
         return run_senders(model, model.embed(tokens), w_out).senders
 
 
-def eap(
-    model: Model,
-    graph: EdgeGraph,
-    pairs: PromptPairs,
-    index: torch.Tensor,
-    direction: str,
-    w_out: list[torch.Tensor],
-    cost: Cost,
-    points: Points,
-    positions: bool = False,
-) -> torch.Tensor:
-    """EAP (``points`` at the base run) or EAP-IG (a path) scores [b, N] (or [b, N, T]) for the pairs ``index``."""
-    base_tokens, source_tokens = (tokens[index] for tokens in pairs.base_and_source(direction))
-    b = len(index)
-    source = source_senders(model, source_tokens, w_out)
+def eap(batch: EdgeBatch, points: Points, positions: bool = False) -> torch.Tensor:
+    """EAP (``points`` at the base run) or EAP-IG (a path) scores [b, N] (or [b, N, T]) for the batch's pairs."""
+    model, b = batch.model, len(batch.index)
+    base_tokens, source_tokens = batch.tokens()
+    source = source_senders(model, source_tokens, batch.w_out)
     with torch.enable_grad():
         base_embed = model.embed(base_tokens)
         if points.at_base:
-            run, grads = point_receiver_grads(model, graph, pairs, index, base_embed, w_out, cost, forwards=2 * b)
+            run, grads = point_receiver_grads(batch, base_embed, forwards=2 * b)
             base = run.senders.detach()
         else:
             with torch.no_grad():
-                base = run_senders(model, base_embed, w_out).senders
+                base = run_senders(model, base_embed, batch.w_out).senders
             source_embed = model.embed(source_tokens)
             total = torch.zeros(0)
             for k, point in enumerate(points.inputs(base_embed, source_embed)):
-                _, grads = point_receiver_grads(model, graph, pairs, index, point, w_out, cost)
+                _, grads = point_receiver_grads(batch, point)
                 total = grads if k == 0 else total + grads
             grads = points.mean(total)
-            cost.add_forward((2 + points.n) * b)
+            batch.cost.add_forward((2 + points.n) * b)
     with torch.no_grad():
-        return edge_scores(graph, source - base, grads, positions)
+        return edge_scores(batch.graph, source - base, grads, positions)
 
 
 def count_copies(model: Model, cost: Cost, b: int, fraction: float = 1.0) -> None:

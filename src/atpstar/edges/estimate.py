@@ -14,10 +14,9 @@ from typing import Any
 import torch
 
 from ..batching import BatchGuard
-from ..cost import Cost
 from ..gradients import AT_BASE, Points
+from ..job import Job
 from ..model import Model
-from ..pairs import PromptPairs
 from ..progress import progress_bar
 from . import atpstar, eap
 from .graph import graph_of
@@ -26,11 +25,7 @@ from .sites import head_out_weights
 
 
 def estimate_edges(
-    model: Model,
-    pairs: PromptPairs,
-    direction: str,
-    cost: Cost,
-    progress: bool,
+    job: Job,
     *,
     batch_size: int | None,
     memory_gb: float,
@@ -43,8 +38,8 @@ def estimate_edges(
     (``positions``: [P, N, T]) and facts for ``info`` (``edge_oom_retries`` after an out-of-memory retry)."""
     if (qk_fix or grad_drop) and not points.at_base:
         raise ValueError("the QK fix and GradDrop on edges take the gradient at the base run (points=AT_BASE)")
-    graph = graph_of(model)
-    w_out = head_out_weights(model)
+    model, pairs = job.model, job.pairs
+    graph, w_out = graph_of(model), head_out_weights(model)
     shape = (pairs.n_pairs, graph.n_edges, *((pairs.seq_len,) if positions else ()))
     out = torch.zeros(shape, dtype=model.dtype)
     guard = BatchGuard("edge attribution: pairs", model.device)
@@ -52,14 +47,15 @@ def estimate_edges(
 
     def step(part: slice) -> None:
         index = torch.arange(part.start, part.stop)
+        batch = eap.EdgeBatch(job, graph, w_out, index)
         if qk_fix or grad_drop:
-            value = atpstar.edge_atp(model, graph, pairs, index, direction, w_out, cost, qk_fix, grad_drop, positions)
+            value = atpstar.edge_atp(batch, qk_fix, grad_drop, positions)
         else:
-            value = eap.eap(model, graph, pairs, index, direction, w_out, cost, points, positions)
+            value = eap.eap(batch, points, positions)
         out[index] = value.detach().to(out.dtype).cpu()
         bar.update(len(index))
 
-    with progress_bar(pairs.n_pairs, "edge attribution", progress, unit="pair") as bar:
+    with progress_bar(pairs.n_pairs, "edge attribution", job.progress, unit="pair") as bar:
         guard.run(pairs.n_pairs, step)
     return out, ({"edge_oom_retries": guard.retries} if guard.retries else {})
 

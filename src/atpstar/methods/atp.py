@@ -19,6 +19,7 @@ from ..cost import Cost
 from ..errors import InputError
 from ..gradients import AT_BASE, Points, gradient_step
 from ..gradients.consumers import node_estimates
+from ..job import Job
 from ..memory import MemoryPlan, gradient_plan
 from ..model import Model
 from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
@@ -171,8 +172,10 @@ class AttributionPatching(Method):
         from ..edges.estimate import estimate_edges
 
         options = {"qk_fix": self.qk_fix, "grad_drop": self.grad_drop, "positions": self.edge_positions}
-        return estimate_edges(model, pairs, direction, cost, progress, batch_size=self.batch_size,
-                              memory_gb=self.memory_gb, points=self._points(), **options)  # fmt: skip
+        job = Job(model, pairs, direction, cost, progress)
+        return estimate_edges(
+            job, batch_size=self.batch_size, memory_gb=self.memory_gb, points=self._points(), **options
+        )
 
     def _estimate(
         self, model: Model, pairs: PromptPairs, index: torch.Tensor, node_types: list[str], direction: str, cost: Cost

@@ -18,6 +18,7 @@ from ..cost import Cost
 from ..gradients import Points, path
 from ..model import Model
 from ..pairs import PromptPairs
+from ..spaces import space_class
 from ..validate import check_count
 from .atp import AttributionPatching
 from .base import register
@@ -70,10 +71,11 @@ class IntegratedGradients(AttributionPatching):
         from ..edges.sites import qkv_share
 
         n, m = pairs.n_pairs, self.ig_steps
+        engines = {space_class(t).engine for t in node_types}
         cost = Cost()
-        if any(t != "edge" for t in node_types):
+        if "sites" in engines:
             cost = cost + Cost(forward=(2 + m) * n, backward=m * n)
-        if "edge" in node_types:
+        if "edges" in engines:
             copies = 3 * model.n_heads * qkv_share(model) * m * n
             cost = cost + Cost(forward=(2 + m) * n + copies, backward=m * n + copies)
         return cost
