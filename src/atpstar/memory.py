@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from .errors import InputError
+from .gradients.consumers import plan_sites
 from .gradients.points import AT_BASE, Points
 from .model import Model
 from .nodes import NODE_TABLE, node_shape
@@ -158,9 +159,8 @@ def gradient_plan(
     """
     s, item = model.sizes, _item(model)
     acc = max(item, F32)  # differences, products and estimates: float32 for half-precision models
-    fix = qk_fix and bool({"query", "key"} & set(node_types))
-    diff_sites = {NODE_TABLE[t].site for t in node_types if not (fix and t in ("query", "key"))}
-    grad_sites = diff_sites | ({"pattern"} if fix else set())
+    sites = plan_sites(node_types, qk_fix)  # the step's own choice of sites
+    fix, diff_sites, grad_sites = sites.fix, sites.diff_sites, sites.grad_sites
     grad_elems = sum(_site_elems(model, site, seq_len) for site in grad_sites)  # one layer's gradients
     diffs = s.n_layers * sum(_site_elems(model, site, seq_len) for site in diff_sites) * acc
     raw = 2 * s.n_layers * sum(_site_elems(model, site, seq_len) for site in ("q", "k")) * item if fix else 0

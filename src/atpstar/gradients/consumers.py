@@ -16,12 +16,58 @@ Shape letters: b pairs in the step, L layers, H heads, K kv-heads, T positions, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..families import LayerAttention
+from ..nodes import NODE_TABLE
 from ..ops import graddrop_combine, key_fix, query_fix, upcast
 from .step import GradientStep, atp_estimate, summed_over_points
+
+QK_SITES = ("q", "k")  # the sites whose nodes the QK fix recomputes exactly (through ∂L/∂pattern)
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """Which runner sites a step needs for some node types.
+
+    Attributes:
+        fix: the QK fix applies (asked for, and some node type reads a q or k site).
+        from_site: grad site -> node types estimated from its gradient (``pattern`` for q/k nodes under the fix).
+        reads: grad site -> the sites its estimates read (released once they are formed).
+    """
+
+    fix: bool
+    from_site: dict[str, list[str]]
+    reads: dict[str, tuple[str, ...]]
+
+    @property
+    def sites(self) -> list[str]:
+        """Sites both runs keep: the QK fix's queries and keys."""
+        return list(QK_SITES) if self.fix else []
+
+    @property
+    def diff_sites(self) -> list[str]:
+        return [site for site in self.from_site if site != "pattern"]
+
+    @property
+    def grad_sites(self) -> list[str]:
+        return list(self.from_site)
+
+
+def plan_sites(node_types: Sequence[str], qk_fix: bool) -> SitePlan:
+    """The sites of a step estimating ``node_types`` (with the QK fix when ``qk_fix``)."""
+    fix = qk_fix and any(NODE_TABLE[t].site in QK_SITES for t in node_types)
+    from_site: dict[str, list[str]] = {}
+    for t in node_types:
+        site = NODE_TABLE[t].site
+        from_site.setdefault("pattern" if fix and site in QK_SITES else site, []).append(t)
+    # the QK fix reads queries, keys and the pattern; the rest source - base at their own site
+    reads: dict[str, tuple[str, ...]] = {
+        site: (*QK_SITES, "pattern") if site == "pattern" else (site,) for site in from_site
+    }
+    return SitePlan(fix, from_site, reads)
 
 
 def node_estimate(
@@ -31,7 +77,8 @@ def node_estimate(
     (∂L/∂pattern for query and key nodes under the QK fix)."""
     base, source = step.base, step.source
     with torch.no_grad():
-        if fix and node_type == "query":
+        site = NODE_TABLE[node_type].site
+        if fix and site == "q":
             return query_fix(
                 upcast(source.get("q", layer)),  # [b, H, T, E]
                 upcast(base.get("k", layer).detach()),  # [b, K, T, E]
@@ -41,7 +88,7 @@ def node_estimate(
                 args.softcap,
                 args.window,
             )  # [b, H, T]
-        if fix and node_type == "key":
+        if fix and site == "k":
             return key_fix(
                 upcast(base.get("q", layer).detach()),
                 upcast(base.get("k", layer).detach()),
@@ -55,26 +102,19 @@ def node_estimate(
 
 
 def node_estimates(
-    step: GradientStep,
-    attention_args: Sequence[LayerAttention],
-    node_types: list[str],
-    from_site: dict[str, list[str]],
-    reads: dict[str, tuple[str, ...]],
-    fix: bool,
+    step: GradientStep, attention_args: Sequence[LayerAttention], node_types: list[str], plan: SitePlan
 ) -> dict[str, torch.Tensor]:
     """Run the step's backward passes, folding each site's gradient into estimates as it comes.
 
     Args:
         attention_args: per layer, the attention's scaling, soft-cap and window (the QK fix).
         node_types: the node types to estimate.
-        from_site: grad site -> node types estimated from its gradient.
-        reads: grad site -> the sites its estimates read (released once they are formed, without GradDrop).
-        fix: apply the QK fix to query and key nodes.
+        plan: the step's sites (``plan_sites``).
 
     Returns:
         node type -> [b, *layout]: Î (AtP, on a path IG) or GradDrop's ĉ with ``step.grad_drop``.
     """
-    n_layers = len(attention_args)
+    n_layers, from_site, reads, fix = len(attention_args), plan.from_site, plan.reads, plan.fix
     per_layer: dict[str, dict[int, torch.Tensor]] = {t: {} for t in node_types}  # t -> layer -> [b, *layout[1:]]
 
     def estimate(layer: int, node_type: str, grad: torch.Tensor) -> torch.Tensor:

@@ -18,11 +18,11 @@ from ..batching import BatchGuard
 from ..cost import Cost
 from ..errors import InputError
 from ..gradients import AT_BASE, Points, gradient_step
-from ..gradients.consumers import node_estimates
+from ..gradients.consumers import node_estimates, plan_sites
 from ..job import Job
 from ..memory import MemoryPlan, gradient_plan
 from ..model import Model
-from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
+from ..nodes import ALL_TYPES, node_shape
 from ..ops import accumulation_dtype
 from ..pairs import PromptPairs
 from ..progress import progress_bar
@@ -187,24 +187,17 @@ class AttributionPatching(Method):
         goes too). So a batch holds the graph, the differences and the estimates, never the gradients of
         every site at once, nor both runs' activations.
         """
-        fix = self.qk_fix and bool({"query", "key"} & set(node_types))
-        from_site: dict[str, list[str]] = {}  # grad site -> node types estimated from its gradient
-        for t in node_types:
-            from_site.setdefault("pattern" if fix and t in ("query", "key") else NODE_TABLE[t].site, []).append(t)
-        # what each grad site's estimates read: the QK fix queries, keys and the pattern, the rest source - base
-        reads: dict[str, tuple[str, ...]] = {
-            site: ("q", "k", "pattern") if site == "pattern" else (site,) for site in from_site
-        }
+        plan = plan_sites(node_types, self.qk_fix)
         with gradient_step(
             model,
             pairs,
             index,
             direction=direction,
-            sites=["q", "k"] if fix else [],
-            diff_sites=[site for site in from_site if site != "pattern"],
-            grad_sites=list(from_site),
+            sites=plan.sites,
+            diff_sites=plan.diff_sites,
+            grad_sites=plan.grad_sites,
             cost=cost,
             grad_drop=self.grad_drop,
             points=self._points(),
         ) as step:
-            return node_estimates(step, model.attention_args, node_types, from_site, reads, fix)
+            return node_estimates(step, model.attention_args, node_types, plan)
