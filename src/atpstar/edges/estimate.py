@@ -2,7 +2,9 @@
 
 Every method class reaches them through ``estimate_edges`` (``AttributionPatching._attribute_edges``; the
 points of ``atp+ig`` make it EAP-IG). A batch that runs out of accelerator memory is halved and retried
-(``batching.BatchGuard``), as node batches are.
+(``batching.BatchGuard``), as node batches are. Cost per pair: EAP's and EAP-IG's in ``edges.eap``, the
+QK fix's and GradDrop's in ``edges.atpstar``; a batch retried after an out-of-memory error counts the
+passes it completed before the error.
 
 Shape letters: P pairs, N edges, T positions, S senders, R receivers, D d_model.
 """
