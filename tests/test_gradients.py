@@ -5,11 +5,13 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
 import torch
 from reference import brute, hooks
 from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 from atpstar.cost import Cost
+from atpstar.errors import InputError
 from atpstar.gradients import AT_BASE, Points, atp_estimate, gradient_step, path, summed_over_points
 from atpstar.nodes import NODE_TABLE
 
@@ -146,3 +148,13 @@ def test_path_sums_gradients_over_its_points_and_averages_the_product():
         assert step.point == 2 and step.last_point
     assert sorted(calls) == [(2, 0), (2, 1)]
     assert points.fractions == (0.0, 1 / 3, 2 / 3) and points.mean(torch.tensor(3.0)) == 1.0
+
+
+def test_graddrop_on_a_path_is_refused():
+    model = load(build_hf("gpt2", n_layers=2, seed=7))
+    with pytest.raises(InputError, match="GradDrop drops layers from the base run's backward"):
+        with gradient_step(
+            model, make_pairs(), torch.arange(2), direction="noising", sites=[], diff_sites=["z"], grad_sites=["z"],
+            cost=Cost(), grad_drop=True, points=path(2),
+        ):  # fmt: skip
+            pass

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..batching import BatchGuard
+from ..errors import InputError
 from ..gradients import AT_BASE, Points
 from ..job import Job
 from ..model import Model
@@ -39,7 +40,10 @@ def estimate_edges(
     """Edge AtP (EAP), its QK fix / GradDrop / AtP* forms, or EAP-IG (``points`` a path): [P, N]
     (``positions``: [P, N, T]) and facts for ``info`` (``edge_oom_retries`` after an out-of-memory retry)."""
     if (qk_fix or grad_drop) and not points.at_base:
-        raise ValueError("the QK fix and GradDrop on edges take the gradient at the base run (points=AT_BASE)")
+        raise InputError(
+            "the QK fix and GradDrop on edges take the gradient at the base run: use points=AT_BASE with them, "
+            "or qk_fix=grad_drop=False on a path (EAP-IG)"
+        )
     model, pairs = job.model, job.pairs
     graph, w_out = graph_of(model), head_out_weights(model)
     shape = (pairs.n_pairs, graph.n_edges, *((pairs.seq_len,) if positions else ()))

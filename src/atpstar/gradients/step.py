@@ -35,6 +35,7 @@ from contextlib import contextmanager
 import torch
 
 from ..cost import Cost
+from ..errors import InputError
 from ..model import Model
 from ..nodes import NODE_TABLE
 from ..ops import upcast
@@ -63,7 +64,10 @@ class GradientStep:
     def __init__(self, n_layers: int, sites: Sequence[str], diff_sites: Sequence[str], grad_sites: Sequence[str],
                  grad_drop: bool, cost: Cost, points: Points = AT_BASE) -> None:  # fmt: skip
         if grad_drop and not points.at_base:
-            raise ValueError("GradDrop drops layers of the base run's backward; it needs points=AT_BASE")
+            raise InputError(
+                "GradDrop drops layers from the base run's backward: use points=AT_BASE with grad_drop=True, "
+                "or grad_drop=False on a path"
+            )
         self.sites, self.diff_sites = frozenset(sites), frozenset(diff_sites)
         self.grad_sites = tuple(dict.fromkeys(grad_sites))
         self.grad_drop, self.points, self.point = grad_drop, points, 0
