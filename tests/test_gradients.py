@@ -12,7 +12,7 @@ from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 from atpstar.cost import Cost
 from atpstar.errors import InputError
-from atpstar.gradients import AT_BASE, Points, atp_estimate, gradient_step, path, summed_over_points
+from atpstar.gradients import AT_BASE, Points, Tape, atp_estimate, gradient_step, path, summed_over_points
 from atpstar.nodes import NODE_TABLE
 
 ALL = ["neuron", "query", "key", "value", "head"]
@@ -158,3 +158,35 @@ def test_graddrop_on_a_path_is_refused():
             cost=Cost(), grad_drop=True, points=path(2),
         ):  # fmt: skip
             pass
+
+
+def test_tape_hands_out_what_autograd_grad_returns_and_zeros_where_unreached():
+    """A tape on a toy two-layer chain: each watched gradient equals torch.autograd.grad's, bit for bit;
+    a watched tensor the metric does not depend on gets zeros; GradDrop's seed skips layer 1's write."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    w0, w1 = torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    site0 = hidden @ w0  # layer 0's site
+    resid1 = hidden + torch.tanh(site0)
+    site1 = resid1 @ w1  # layer 1's site
+    unused = resid1 * 2  # watched, but the metric does not read it
+    final = resid1 + torch.tanh(site1)
+    metric = (final**2).sum(-1)  # [2]
+    want = torch.autograd.grad(metric.sum(), [site0, site1, final], retain_graph=True)
+    (seed,) = torch.autograd.grad(metric.sum(), final, retain_graph=True)  # ∂L/∂resid_2: layer 1's write held
+    want_dropped = torch.autograd.grad(resid1, [site0], grad_outputs=seed, retain_graph=True)
+    cost = Cost()
+    tape = Tape(2, cost, grad_drop=True)
+    tape.hidden, tape.resid = hidden, [hidden, resid1, final]
+    for layer, site, x in ((0, "s", site0), (1, "s", site1), (1, "unused", unused), (2, "final", final)):
+        tape.watch(layer, site, x)
+    got: dict[tuple[int, str], torch.Tensor] = {}
+    tape.backward(metric, lambda layer, site, grad: got.__setitem__((layer, site), grad))
+    assert torch.equal(got[(0, "s")], want[0]) and torch.equal(got[(1, "s")], want[1])
+    assert torch.equal(got[(2, "final")], want[2]) and torch.equal(got[(1, "unused")], torch.zeros(2, 3))
+    got.clear()
+    assert list(tape.dropped(lambda layer, site, grad: got.__setitem__((layer, site), grad))) == [1]
+    assert list(got) == [(0, "s")] and torch.equal(got[(0, "s")], want_dropped[0])
+    assert (cost.backward, len(tape._hooks)) == (2 + 2 * 1 / 2, 4)
+    tape.close()
+    assert not tape._hooks
