@@ -5,6 +5,11 @@ softmax exactly for patched queries/keys (§4); GradDrop averages |Î_l| over ru
 residual write dropped from the backward graph, ĉ = Σ_l |Î_l| / (L - 1) (§5).
 Cost per pair: 2 forwards + 1 backward; GradDrop adds partial backwards from every layer l, each
 counted l / L (about L/2 backwards in all), the exact cheap scheme of §5.
+
+Built on ``gradients.gradient_step``: a subclass changes where the gradient is taken (``_points``;
+``atp+ig`` takes a path) and keeps the batch loop, out-of-memory retry, sinks and edge entry point.
+
+Shape letters: P pairs, b pairs in a batch, L layers.
 """
 
 from __future__ import annotations
