@@ -112,3 +112,11 @@ def test_out_of_memory_halves_the_edge_batch_and_keeps_the_numbers(setup, method
         result = atpstar.attribute(model, pairs, method=method, nodes=["edge"], batch_size=2)
     assert flaky.calls == [2, 1, 1] and result.info["edge_oom_retries"] == 1
     assert_rel_close(result.per_pair["edge"], want, 1e-12, f"{method} after a retry")
+
+
+def test_keep_top_says_edges_stay_dense(setup):
+    _, model, pairs, _, refs, _ = setup
+    with pytest.warns(UserWarning, match=r"keep='top' applies to site node types; \['edge'\] results are kept dense"):
+        result = atpstar.attribute(model, pairs, method="atp", nodes=["neuron", "edge"], keep="top", top_k=3)
+    assert result.per_pair["neuron"].is_sparse and not result.per_pair["edge"].is_sparse
+    assert_rel_close(result.per_pair["edge"], refs[None]["eap"], 1e-10, "EAP next to top-k neurons")

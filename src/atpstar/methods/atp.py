@@ -14,6 +14,7 @@ Shape letters: P pairs, b pairs in a batch, L layers.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..ops import accumulation_dtype
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..sink import PerPairSink, check_keep
+from ..spaces import space_class
 from ..validate import check_batching
 from .base import Method, check_edge_positions, register
 
@@ -130,6 +132,13 @@ class AttributionPatching(Method):
         self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
         check_keep(self.keep, self.top_k, self.out_dir)
         check_edge_positions(self.edge_positions, node_types)
+        dense = [t for t in node_types if space_class(t).engine != "sites"]
+        if self.keep != "all" and dense:
+            warnings.warn(
+                f"atpstar: {self.id}: keep={self.keep!r} applies to site node types; {dense} results are kept "
+                "dense (all pairs in memory)",
+                stacklevel=3,
+            )
 
     def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
         return gradient_plan(
