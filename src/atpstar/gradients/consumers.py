@@ -140,7 +140,7 @@ def node_estimates(
             per_layer[t][layer].add_(estimate(layer, t, grad).abs())
 
     step.backward(start_sums)
-    for site in {*from_site, *(("q", "k") if fix else ())}:  # the top layer is never below a dropped layer
+    for site in {*from_site, *plan.sites}:  # the top layer is never below a dropped layer
         step.release(site, n_layers - 1)
     for _ in step.dropped(add_dropped):
         pass
