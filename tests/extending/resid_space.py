@@ -5,7 +5,7 @@ the source run's, and AtP scores it (resid_src - resid_base)[t] · ∂L/∂resid
 """
 
 from atpstar.nodes import NodeType
-from atpstar.spaces import SiteNodes, register_space
+from atpstar.spaces import SiteNodes
 
 RESID = NodeType("resid", ("layer", "pos"), None, "hook_resid_pre", "resid_pre", True, "")
 
@@ -16,5 +16,3 @@ class ResidNodes(SiteNodes):
     kind = "resid"
     ROWS = {"resid": RESID}
 
-
-register_space(ResidNodes)

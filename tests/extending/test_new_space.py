@@ -1,14 +1,24 @@
 """A node space added in one file plus a registration line works with every verb, checked by brute force."""
 
 import pytest
-import resid_space  # noqa: F401  (the registration line)
+from resid_space import ResidNodes
 import torch
 
 import atpstar
+from atpstar.spaces import register_space, unregister_space
 from atpstar.testing import check_method
 from reference.models import build_hf, load, make_pairs
 
 FAMILIES = ["gpt2", "gpt_neox", "llama"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    register_space(ResidNodes)  # the registration line (undone after this module's tests)
+    try:
+        yield
+    finally:
+        unregister_space(ResidNodes)
 
 
 def brute_force_resid(model, pairs, direction="noising"):

@@ -50,6 +50,15 @@ class NodeSpace(ABC):
     def __init__(self, node_types: Sequence[str]) -> None:
         self.node_types = tuple(node_types)
 
+    # Registration ------------------------------------------------------------------------------------
+    @classmethod
+    def on_register(cls) -> None:
+        """Called by ``register_space`` (e.g. to make the space's rows known to the engines)."""
+
+    @classmethod
+    def on_unregister(cls) -> None:
+        """Called by ``unregister_space``: undo ``on_register``."""
+
     # Which names a space answers to --------------------------------------------------------------
     @classmethod
     @abstractmethod
@@ -163,8 +172,17 @@ def register_space(cls: type[NodeSpace]) -> type[NodeSpace]:
     clash = [t for t in cls.known_types() if any(other.owns(t) for other in SPACES)]
     if clash:
         raise ValueError(f"node types {clash} belong to another registered space")
+    cls.on_register()
     SPACES.append(cls)
     return cls
+
+
+def unregister_space(cls: type[NodeSpace]) -> None:
+    """Remove a registered space (tests that add a space for their own duration)."""
+    if cls not in SPACES:
+        raise ValueError(f"{cls.__name__} is not registered")
+    SPACES.remove(cls)
+    cls.on_unregister()
 
 
 def space_class(node_type: str) -> type[NodeSpace]:

@@ -46,12 +46,17 @@ class SiteNodes(NodeSpace):
         super().__init__(node_types)
         self.sizes = sizes
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
+    @classmethod
+    def on_register(cls) -> None:
         for name, row in cls.ROWS.items():  # the engines look rows up by name
             if NODE_TABLE.get(name, row) != row:
                 raise ValueError(f"site node type {name!r} is defined twice with different rows")
-            NODE_TABLE[name] = row
+        NODE_TABLE.update(cls.ROWS)
+
+    @classmethod
+    def on_unregister(cls) -> None:
+        for name in cls.ROWS:
+            NODE_TABLE.pop(name, None)
 
     @classmethod
     def owns(cls, node_type: str) -> bool:
@@ -115,3 +120,7 @@ class BuiltinSites(SiteNodes):
 
     kind = "sites"
     ROWS = dict(NODE_TABLE)
+
+    @classmethod
+    def on_unregister(cls) -> None:  # the built-in rows stay: the engines' own table
+        pass
