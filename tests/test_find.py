@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import atpstar
-from atpstar.localization import Localization
+from atpstar.find.localization import Localization
 from reference.toys import sparse_additive_toy
 
 

@@ -53,7 +53,7 @@ def add_find_parser(sub: Any) -> None:
 
 def cmd_find(args: argparse.Namespace) -> int:
     from ..find import find
-    from ..find_resume import CHECKPOINT_NAME
+    from ..find.journal import CHECKPOINT_NAME
     from ..report import write_report
 
     start = time.monotonic()

@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from .bound import FalseNegativeBound
-from .cost import Cost
-from .nodes import EDGE_TYPE, index_columns, node_name
-from .persist import load_bundle, save_bundle
-from .persist import to_jsonable as _jsonable
-from .verify import Verification
+from ..bound import FalseNegativeBound
+from ..cost import Cost
+from ..nodes import EDGE_TYPE, index_columns, node_name
+from ..persist import load_bundle, save_bundle
+from ..persist import to_jsonable as _jsonable
+from ..verify import Verification
 
 KIND = "localization"
 # Stages of the loop, in the order they first run; ``Localization.cost`` has one entry per stage.
@@ -66,7 +66,7 @@ class Localization:
     def names(self) -> list[str]:
         """TransformerLens-style name of each found node (MIB's name for an edge)."""
         if any(t == EDGE_TYPE for t, _ in self.nodes):
-            from .edges.graph import EdgeGraph
+            from ..edges.graph import EdgeGraph
 
             edge_names = EdgeGraph.from_description(self.info["edge_graph"]).edge_names
             return [edge_names[index[0]] if t == EDGE_TYPE else node_name(t, index) for t, index in self.nodes]

@@ -1,0 +1,14 @@
+"""Certified localization (``atpstar.find``): every node with |c(n)| >= θ, and a certificate that no other is.
+
+- ``loop``: the ``find`` verb (the loop, its rules and cost are in that module's docstring);
+- ``options``: its options, checked once; ``stages``: the estimate-order stage and the bound rounds;
+- ``state``: the search state (population, what was verified, costs) and exact patching of chosen nodes;
+- ``journal``: the resume journal of the expensive steps; ``localization``: the ``Localization`` record.
+"""
+
+from __future__ import annotations
+
+from .localization import Localization
+from .loop import find
+
+__all__ = ["Localization", "find"]
