@@ -167,7 +167,7 @@ class Localization:
         tensors.update({f"verified/{k}": t.double().contiguous() for k, t in verified_tensors.items()})
         bound_meta = None
         if self.bound is not None:
-            bound_meta, bound_tensors = bound_parts(self.bound)
+            bound_meta, bound_tensors = self.bound.to_parts()
             tensors.update({f"bound/{k}": v for k, v in bound_tensors.items()})
         meta = {
             "nodes": [[t, list(index)] for t, index in self.nodes],
@@ -209,7 +209,9 @@ class Localization:
         )
         bound = None
         if meta["bound"] is not None:
-            bound = bound_from_parts(meta["bound"], {k[6:]: v for k, v in tensors.items() if k.startswith("bound/")})
+            bound = FalseNegativeBound.from_parts(
+                meta["bound"], {k[6:]: v for k, v in tensors.items() if k.startswith("bound/")}
+            )
         return cls(
             nodes=[(t, tuple(int(i) for i in index)) for t, index in meta["nodes"]],
             effects=tensors["effects"],
@@ -228,44 +230,6 @@ class Localization:
             model_id=meta["model_id"],
             info=meta["info"],
         )
-
-
-def bound_parts(bound: FalseNegativeBound) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A bound as (JSON-ready facts, tensors ``estimate/{t}``, ``upper/{t}``); ``bound_from_parts`` inverts it."""
-    tensors = {f"estimate/{t}": x.double().contiguous() for t, x in bound.estimate.items()}
-    tensors.update({f"upper/{t}": x.double().contiguous() for t, x in bound.upper.items()})
-    meta = {
-        "max_effect_upper": bound.max_effect_upper,
-        "prob_upper": bound.prob_upper,
-        "theta": bound.theta,
-        "alpha": bound.alpha,
-        "n_unverified": bound.n_unverified,
-        "worst_node": None if bound.worst_node is None else [bound.worst_node[0], list(bound.worst_node[1])],
-        "assumption": bound.assumption,
-        "cost": bound.cost.to_dict(),
-        "direction": bound.direction,
-        "info": _jsonable(bound.info),
-    }
-    return meta, tensors
-
-
-def bound_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FalseNegativeBound:
-    """The bound ``bound_parts`` split (non-finite numbers may come back from JSON as strings)."""
-    worst = meta["worst_node"]
-    return FalseNegativeBound(
-        max_effect_upper=float(meta["max_effect_upper"]),
-        prob_upper=float(meta["prob_upper"]),
-        theta=None if meta["theta"] is None else float(meta["theta"]),
-        alpha=float(meta["alpha"]),
-        n_unverified=int(meta["n_unverified"]),
-        worst_node=None if worst is None else (worst[0], tuple(int(i) for i in worst[1])),
-        assumption=meta["assumption"],
-        cost=Cost.from_dict(meta["cost"]),
-        direction=meta["direction"],
-        estimate={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("estimate/")},
-        upper={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("upper/")},
-        info=meta["info"],
-    )
 
 
 def _bound_summary(bound: FalseNegativeBound) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from ..progress import progress_bar
 from ..validate import batch_for_memory, check_batch_size
 from ..verify import patch_ranked
 from .journal import FindJournal, Step, digest
-from .localization import bound_from_parts, bound_parts
 from .options import FindOptions
 
 # |c| within this fraction of θ counts as >= θ: float32 patching differs by ~1e-7 between batchings.
@@ -283,10 +282,10 @@ class Search:
                 progress=self.options.progress,
                 **self.options.engine,
             )
-            return bound_parts(result)
+            return result.to_parts()
 
         facts, tensors = self.journal.step("bound", key, run)
-        result = bound_from_parts(facts, tensors)
+        result = FalseNegativeBound.from_parts(facts, tensors)
         self.add_cost("bound", result.cost)
         return result
 

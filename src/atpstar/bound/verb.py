@@ -1,0 +1,239 @@
+"""``false_negative_bound``: how large an effect could hide among the nodes verification did not reach (spec §9).
+
+The verb checks its input, builds the sampling job (the unverified nodes of the population), runs
+Subsampling over them once (``_sample``: edges, in-process, or as work units on workers), and combines
+the per-node statistics into the bound (``bound.statistics``; the maths is in that module's docstring,
+sample planning in ``bound.planning``).
+
+Cost: 2P full forwards and ``samples`` × P patched forwards (as Subsampling).
+
+Shape letters: P pairs, N nodes (all node types, flattened).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..cost import Cost
+from ..engine import prepare
+from ..errors import InputError
+from ..fingerprint import MODEL_FIELDS, check_identity, identity
+from ..methods.subsampling import SubsamplingStats, check_options, subsample
+from ..model import Model, as_model
+from ..nodes import EDGE_TYPE, NodeLayout, check_node_types
+from ..pairs import PromptPairs, check_direction
+from ..validate import check_number, check_pairs_fit
+from ..verify import Verification
+from .planning import DEFAULT_SAMPLES, choose_p
+from .record import ASSUMPTION, FalseNegativeBound
+from .statistics import COMBINES, Summary, node_bounds, summarize
+
+Node = tuple[str, tuple[int, ...]]  # (node type, index in its layout)
+
+
+def false_negative_bound(
+    model: Any,
+    pairs: PromptPairs,
+    verified: Verification | list[tuple[str, tuple[int, ...]]],
+    *,
+    theta: float | None = None,
+    samples: int | None = None,
+    p: float | None = None,
+    alpha: float = 0.05,
+    combine: str = "iut",
+    seed: int = 0,
+    direction: str | None = None,
+    nodes: Any = None,
+    batch_size: int | None = None,
+    memory_gb: float = 1.0,
+    progress: bool = False,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    checkpoint: str | None = None,
+) -> FalseNegativeBound:
+    """Bound the largest effect among the nodes verification did not reach.
+
+    Args:
+        model: an ``atpstar.Model`` or a ``transformers`` causal LM.
+        pairs: the prompt pairs (c(n) is the mean effect over them).
+        verified: a ``Verification`` (from ``atpstar.verify``) or a list of ``(node_type, index)``.
+        theta: effect size for the probability bound (b); None leaves ``prob_upper`` nan.
+        samples: Subsampling samples per pair (random design; each node in with probability ``p``);
+            None: ``DEFAULT_SAMPLES`` (``atpstar.find`` plans them from the nodes left, see ``plan_samples``).
+        p: inclusion probability of Subsampling; None: ``choose_p(samples)`` (about 32 samples with each
+            node in, at most 0.5).
+        alpha: 1 - confidence of the bound (a) and level of the test (b).
+        combine: ``"iut"`` (per-node one-sided bounds, valid for the maximum without correction; the
+            sharpest, see the module docstring) or ``"bonferroni"`` (the union bound, t_{1-α/(2N)}, and
+            ``prob_upper`` = min(1, Σ p_n)).
+        seed: Subsampling seed.
+        direction: ``"noising"`` or ``"denoising"``; None takes the Verification's, else ``"noising"``.
+        nodes: node types the population consists of; None takes ``verified.node_types`` (required when
+            ``verified`` is a plain list).
+        batch_size, memory_gb: batching of the patched forwards (as Subsampling).
+        progress: show a progress bar.
+        workers: run the Subsampling on this many Ray workers, in ranges of samples whose statistics
+            merge (``pip install 'atpstar[distributed]'``); None: in-process.
+        ray_address: None starts a local Ray instance; ``"auto"`` joins a running cluster.
+        checkpoint: a folder; each finished range of samples is saved there, and a rerun with the
+            same folder, model, pairs and options resumes from them (also in-process).
+
+    Returns:
+        ``FalseNegativeBound`` with ``max_effect_upper``, ``prob_upper``, ``assumption``, ``n_unverified``, ``cost``.
+
+    Raises:
+        InputError: bad options, missing node types, or verified nodes outside the layout.
+    """
+    model = as_model(model)
+    if not isinstance(pairs, PromptPairs):
+        raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
+    node_list, node_types, direction = _population(verified, nodes, direction)
+    samples = DEFAULT_SAMPLES if samples is None else samples
+    if p is None:  # an invalid ``samples`` is reported by check_options
+        p = choose_p(samples) if isinstance(samples, int) and not isinstance(samples, bool) and samples >= 2 else 0.5
+    check_options(samples, p, "random", batch_size, memory_gb)
+    if combine not in COMBINES:
+        raise InputError(f"unknown combine {combine!r}; choose one of {list(COMBINES)}")
+    check_number("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
+    if theta is not None:
+        check_number("theta", theta, 0.0, None, low_open=True)  # NaN would make every probability bound 1
+    engine = {"workers": workers, "ray_address": ray_address, "checkpoint": checkpoint}
+    layout = _layout(model, node_types, pairs.seq_len, engine)
+    exclude = _exclusions(layout, node_list)
+    check_pairs_fit(model, pairs)
+    if isinstance(verified, Verification) and verified.identity is not None:  # another model's verified set
+        check_identity(
+            verified.identity,
+            identity(model, pairs, direction),
+            "verification",
+            "Bound with the model, tokenizer, prompt pairs and metric it was made with.",
+            fields=(*MODEL_FIELDS, "pairs", "metric"),
+        )
+    cost = Cost()
+    sampling = {"samples": samples, "p": p, "seed": seed, "design": "random"}
+    batching = {"batch_size": batch_size, "memory_gb": memory_gb, "progress": progress}
+    stats, run_info = _sample(model, pairs, node_types, direction, sampling, batching, exclude, engine, cost)
+    keep = ~layout.flatten(exclude)  # [N]
+    estimate, upper, prob, se = node_bounds(stats, keep, int(keep.sum()), alpha, theta, combine)
+    summary = summarize(keep, upper, prob, se, theta, combine)
+    return FalseNegativeBound(
+        max_effect_upper=summary.max_upper,
+        prob_upper=summary.prob_upper,
+        theta=theta,
+        alpha=alpha,
+        n_unverified=int(keep.sum()),
+        worst_node=None if summary.worst is None else layout.locate(summary.worst),
+        assumption=ASSUMPTION,
+        cost=cost,
+        direction=direction,
+        estimate=layout.unflatten(torch.where(keep, estimate, torch.full_like(estimate, float("nan")))),
+        upper=layout.unflatten(torch.where(keep, upper, torch.full_like(upper, float("nan")))),
+        info={
+            **_sampling_info(sampling, combine, pairs.n_pairs, len(node_list), summary),
+            **({"edge_graph": _edge_graph(model).describe()} if node_types == [EDGE_TYPE] else {}),
+            **run_info,
+        },
+    )
+
+
+def _sampling_info(
+    sampling: dict[str, Any], combine: str, n_pairs: int, n_verified: int, summary: Summary
+) -> dict[str, Any]:
+    """The facts a bound records about its sampling (``info``)."""
+    return {
+        "samples": sampling["samples"],
+        "p": sampling["p"],
+        "seed": sampling["seed"],
+        "combine": combine,
+        "n_pairs": n_pairs,
+        "n_verified": n_verified,
+        "se_median": summary.se_median,
+        "se_max": summary.se_max,
+    }
+
+
+def _population(verified: Any, nodes: Any, direction: str | None) -> tuple[list[Node], list[str], str]:
+    """(verified nodes, node types of the population, direction) from ``verified`` and the arguments."""
+    if isinstance(verified, Verification):
+        node_list = verified.nodes
+        node_types = check_node_types(verified.node_types if nodes is None else nodes)
+        direction = verified.direction if direction is None else direction
+    elif isinstance(verified, (list, tuple)):
+        node_list = [(t, tuple(int(i) for i in index)) for t, index in verified]
+        if nodes is None:
+            raise InputError("verified is a plain list of nodes: pass nodes=[...] with the node types the bound covers")
+        node_types = check_node_types(nodes)
+    else:
+        raise InputError(
+            f"verified must be an atpstar Verification or a list of (node_type, index); got {type(verified).__name__}"
+        )
+    return node_list, node_types, check_direction("noising" if direction is None else direction)
+
+
+def _layout(model: Model, node_types: list[str], seq_len: int, engine: dict[str, Any]) -> NodeLayout:
+    """The flat layout of the population (edges: one axis of N edges, bounded alone and in-process)."""
+    if EDGE_TYPE not in node_types:
+        return NodeLayout.of(node_types, model.sizes, seq_len)
+    if node_types != [EDGE_TYPE] or any(v is not None for v in engine.values()):
+        raise InputError(
+            "bound edges on their own and in-process: nodes=['edge'], no workers=/ray_address=/checkpoint="
+        )
+    return NodeLayout({EDGE_TYPE: (_edge_graph(model).n_edges,)})
+
+
+def _exclusions(layout: NodeLayout, node_list: list[Node]) -> dict[str, torch.Tensor]:
+    """Node type -> [*layout] bool: the verified nodes, which the Subsampling never patches."""
+    shapes = layout.shapes
+    exclude = {t: torch.zeros(shape, dtype=torch.bool) for t, shape in shapes.items()}
+    for t, index in node_list:
+        if t not in shapes:
+            continue  # a verified node outside the bounded population changes nothing
+        if len(index) != len(shapes[t]) or any(not 0 <= i < n for i, n in zip(index, shapes[t])):
+            raise InputError(
+                f"verified node {t} {index} lies outside the layout {shapes[t]} of this model and prompt length"
+            )
+        exclude[t][index] = True
+    return exclude
+
+
+def _sample(
+    model: Model,
+    pairs: PromptPairs,
+    node_types: list[str],
+    direction: str,
+    sampling: dict[str, Any],
+    batching: dict[str, Any],
+    exclude: dict[str, torch.Tensor],
+    engine: dict[str, Any],
+    cost: Cost,
+) -> tuple[SubsamplingStats, dict[str, Any]]:
+    """Subsampling over the unverified nodes: (statistics, facts of the run). Edges: random joint patches of edge
+    subsets (``edges.subsampling``); nodes: in-process, or as work units over ranges of samples (``distributed``)."""
+    if node_types == [EDGE_TYPE]:
+        from ..edges.subsampling import subsample_edges
+
+        options = {k: sampling[k] for k in ("samples", "p", "seed")}
+        stats, _ = subsample_edges(
+            model, pairs, direction, **options, cost=cost, exclude=exclude[EDGE_TYPE], **batching
+        )
+        return stats, {}
+    if all(v is None for v in engine.values()):
+        cache = prepare(model, pairs, direction, node_types, cost)
+        return subsample(model, cache, node_types, **sampling, cost=cost, exclude=exclude, **batching), {}
+    from ..distributed import executor_for
+    from ..distributed.sweeps import subsample_on
+
+    executor = executor_for(model, engine["workers"], engine["ray_address"], batching["progress"])
+    memory = (batching["batch_size"], batching["memory_gb"])
+    stats, _, run_info = subsample_on(
+        executor, model, pairs, node_types, direction, sampling, *memory, exclude, engine["checkpoint"], cost
+    )
+    return stats, run_info
+
+
+def _edge_graph(model: Any) -> Any:
+    from ..edges.graph import graph_of
+
+    return graph_of(model)
