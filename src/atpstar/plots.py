@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import AtpstarError, InputError
-from .evaluate import Evaluation
+from .evaluate.record import Evaluation
 from .nodes import NODE_TABLE, check_node_types
 from .result import Attribution
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .evaluate import Evaluation
+from .evaluate.record import Evaluation
 from .nodes import node_name
 from .persist import write_text
 from .result import Attribution
