@@ -7,14 +7,13 @@ import json
 import time
 
 from ..persist import write_text
+from .args import model_args, output_args, task_args
 from .common import load_model, load_task, out_dir, parse_options, run_method, say
 
 CIRCUIT_DEFAULT = "atp,atp+ig,atp*"
 
 
 def add_circuit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from .parser import _model_args, _output_args, _task_args
-
     circuit = sub.add_parser(
         "circuit",
         help="edge scores, MIB circuit files and faithfulness (CPR/CMD) per method",
@@ -23,8 +22,8 @@ def add_circuit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
         "(OUT/<method>.circuits.json), the faithfulness curve with CPR and CMD "
         "(OUT/<method>.faithfulness.json), a table, a plot and report.html.",
     )
-    _model_args(circuit)
-    _task_args(circuit)
+    model_args(circuit)
+    task_args(circuit)
     circuit.add_argument(
         "--method",
         default=CIRCUIT_DEFAULT,
@@ -40,7 +39,7 @@ def add_circuit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
         help="comma list of circuit sizes as fractions of all edges (default MIB's 0.001,...,1)",
     )
     circuit.add_argument("--no-prune", action="store_true", help="do not prune circuits as MIB does")
-    _output_args(circuit, "out/circuit")
+    output_args(circuit, "out/circuit")
 
 
 def cmd_circuit(args: argparse.Namespace) -> int:

@@ -9,13 +9,12 @@ import time
 from typing import Any
 
 from ..persist import atomic_path, write_text
+from .args import model_args, output_args, task_args, worker_args
 from .common import load_model, load_task, out_dir, parse_nodes, plain, resumable, say
 
 
 def add_find_parser(sub: Any) -> None:
     """The ``find`` subcommand's options (called by ``parser.build_parser``)."""
-    from .parser import _model_args, _output_args, _task_args, _worker_args
-
     find = sub.add_parser(
         "find",
         help="find every component with |effect| >= theta and certify that none is missing",
@@ -25,8 +24,8 @@ def add_find_parser(sub: Any) -> None:
         "report.html; prints the components found next to the certificate. Each completed step is "
         "checkpointed to OUT/find.ckpt.safetensors: an interrupted run resumes when rerun with the same --out.",
     )
-    _model_args(find)
-    _task_args(find)
+    model_args(find)
+    task_args(find)
     find.add_argument("--theta", type=float, required=True, help="effect size sought, in metric units (e.g. 0.3)")
     find.add_argument(
         "--nodes", default="attention", help="node types: all, attention, qkv, or a comma list (default attention)"
@@ -47,8 +46,8 @@ def add_find_parser(sub: Any) -> None:
         action="store_true",
         help="discard the checkpoint OUT/find.ckpt.safetensors (also another run's) and start afresh",
     )
-    _worker_args(find)
-    _output_args(find, "out/find")
+    worker_args(find)
+    output_args(find, "out/find")
 
 
 def cmd_find(args: argparse.Namespace) -> int:
