@@ -24,7 +24,7 @@ from ..methods.subsampling import SubsamplingStats, check_options, subsample
 from ..model import Model, as_model
 from ..nodes import EDGE_TYPE, NodeLayout, check_node_types
 from ..pairs import PromptPairs, check_direction
-from ..validate import check_number, check_pairs_fit
+from ..validate import check_count, check_number, check_pairs_fit
 from ..verify import Verification
 from .planning import DEFAULT_SAMPLES, choose_p
 from .record import ASSUMPTION, FalseNegativeBound
@@ -90,9 +90,8 @@ def false_negative_bound(
     if not isinstance(pairs, PromptPairs):
         raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
     node_list, node_types, direction = _population(verified, nodes, direction)
-    samples = DEFAULT_SAMPLES if samples is None else samples
-    if p is None:  # an invalid ``samples`` is reported by check_options
-        p = choose_p(samples) if isinstance(samples, int) and not isinstance(samples, bool) and samples >= 2 else 0.5
+    samples = DEFAULT_SAMPLES if samples is None else check_count("samples", samples, 2)
+    p = choose_p(samples) if p is None else p
     check_options(samples, p, "random", batch_size, memory_gb)
     if combine not in COMBINES:
         raise InputError(f"unknown combine {combine!r}; choose one of {list(COMBINES)}")
