@@ -109,7 +109,7 @@ class RankUnit:
         return f"ranks{self.start}-{self.stop}"
 
     def run(self, worker: WorkerState, sweep: Sweep) -> UnitResult:
-        from ..verify import patch_ranked
+        from ..engine import patch_listed as patch_ranked
 
         cache, prepared = worker.cache(sweep, 0, sweep.pairs.n_pairs)
         window = {k: v[self.start : self.stop] for k, v in sweep.tensors.items()}

@@ -19,12 +19,12 @@ import torch
 from ..bound import FalseNegativeBound, false_negative_bound
 from ..cost import Cost
 from ..engine import PatchCache, element_bytes, prepare
+from ..engine import patch_listed as patch_ranked
 from ..model import Model
 from ..nodes import EDGE_TYPE, node_shape, unit_and_pos
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..validate import batch_for_memory, check_batch_size
-from ..verify import patch_ranked
 from .journal import FindJournal, Step, digest
 from .options import FindOptions
 
