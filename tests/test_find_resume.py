@@ -67,9 +67,9 @@ def test_interrupted_after_round_1_resumes_to_the_uninterrupted_result(planted, 
     assert path.is_file() and not list(tmp_path.glob("*.tmp"))
 
     bound = _Calls(find_state.false_negative_bound.function)
-    verify = _Calls(find_state.exact_effects)
+    verify = _Calls(find_state.patch_nodes)
     monkeypatch.setattr(find_state, "false_negative_bound", bound)
-    monkeypatch.setattr(find_state, "exact_effects", verify)
+    monkeypatch.setattr(find_state, "patch_nodes", verify)
     resumed = atpstar.find(model, pairs, theta, checkpoint=path, **run)
     _same(resumed, whole)
     assert bound.calls == 1 and verify.calls == 0  # only round 2's bound ran again
@@ -88,9 +88,9 @@ def test_ctrl_c_during_the_first_bound_keeps_the_estimate_and_verified_nodes(pla
         atpstar.find(model, pairs, theta, out_dir=tmp_path, **run)
     monkeypatch.undo()
     find_module = sys.modules["atpstar.find.loop"]  # (the package's ``find`` is the function)
-    attribute, verify = _Calls(find_module.attribute), _Calls(find_state.exact_effects)
+    attribute, verify = _Calls(find_module.attribute), _Calls(find_state.patch_nodes)
     monkeypatch.setattr(find_module, "attribute", attribute)
-    monkeypatch.setattr(find_state, "exact_effects", verify)
+    monkeypatch.setattr(find_state, "patch_nodes", verify)
     resumed = atpstar.find(model, pairs, theta, out_dir=tmp_path, **run)
     _same(resumed, whole)
     assert attribute.calls == 0 and verify.calls == 0 and resumed.cost["estimate"] == whole.cost["estimate"]

@@ -49,43 +49,6 @@ def verify_edges(
     chosen = order[:n]
     edges, pos = chosen // n_pos, chosen % n_pos
     cost = Cost()
-    effects, base_metric = edge_effects(
-        model, pairs, direction, edges, pos if positioned else None, batch_size, progress, cost
-    )
-    return Verification(
-        nodes=[("edge", (int(e), int(t)) if positioned else (int(e),)) for e, t in zip(edges.tolist(), pos.tolist())],
-        effects=effects,
-        estimate_scores=scores[chosen].clone(),
-        node_types=["edge"],
-        direction=direction,
-        metric=pairs.metric_name,
-        model_id=model.model_id,
-        cost=cost,
-        base_metric=base_metric,
-        info={
-            "estimate_method": estimate.method,
-            "budget": budget,
-            "threshold": threshold,
-            "n_nodes": graph.n_edges * n_pos,
-            "edge_graph": estimate.info["edge_graph"],
-        },
-    )
-
-
-def edge_effects(
-    model: Model,
-    pairs: PromptPairs,
-    direction: str,
-    edges: torch.Tensor,
-    pos: torch.Tensor | None,
-    batch_size: int | None,
-    progress: bool,
-    cost: Cost,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact effects [N, P] float64 of the listed edges (at positions ``pos`` [N], None: every position) and the
-    base metric [P] float64: one patched forward per edge and pair, batched by the receiver's layer."""
-    graph = graph_of(model)
-    n = len(edges)
     cache = prepare_edges(model, graph, pairs, direction, cost)
     batch = batch_size or max(1, int(2**30 // edge_bytes(model, pairs.seq_len)))
     effects = torch.zeros(n, pairs.n_pairs, dtype=torch.float64)
@@ -96,7 +59,24 @@ def edge_effects(
             pair = torch.arange(pairs.n_pairs).repeat(int((layer_of == layer).sum()))
             for start in range(0, len(rank), batch):
                 r, p = rank[start : start + batch], pair[start : start + batch]
-                at = None if pos is None else pos[r]
+                at = pos[r] if positioned else None
                 effects[r, p] = patch_edges(model, cache, layer, p, edges[r], cost, at).double().cpu()
                 bar.update(len(r))
-    return effects, cache.base_metric.detach().double().cpu()
+    return Verification(
+        nodes=[("edge", (int(e), int(t)) if positioned else (int(e),)) for e, t in zip(edges.tolist(), pos.tolist())],
+        effects=effects,
+        estimate_scores=scores[chosen].clone(),
+        node_types=["edge"],
+        direction=direction,
+        metric=pairs.metric_name,
+        model_id=model.model_id,
+        cost=cost,
+        base_metric=cache.base_metric.detach().double().cpu(),
+        info={
+            "estimate_method": estimate.method,
+            "budget": budget,
+            "threshold": threshold,
+            "n_nodes": graph.n_edges * n_pos,
+            "edge_graph": estimate.info["edge_graph"],
+        },
+    )

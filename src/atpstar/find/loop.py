@@ -41,7 +41,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import attribute
+from ..cost import Cost
 from ..errors import InputError
+from ..job import Job
 from ..methods import METHODS
 from ..model import Model, as_model
 from ..pairs import PromptPairs
@@ -149,7 +151,8 @@ def find(
     say = _say if progress else (lambda message: None)
     if journal.saved_steps:
         say(f"resuming from {journal.path}: {journal.saved_steps} completed steps")
-    search = Search(model, pairs, node_types, shapes, weight, options, journal)
+    job = Job(model, pairs, options.direction, Cost(), options.progress)  # costs are counted per stage
+    search = Search(job, node_types, shapes, weight, options, journal)
     per_pair, estimate_method = _estimate(search, estimator if given is None else given, options)  # [P, N]
     outcome = Outcome(not_ruled_out=torch.zeros(len(weight), dtype=torch.bool))
     verify_in_estimate_order(search, outcome, window, options, say)
@@ -232,9 +235,15 @@ def _estimate(search: Search, estimator: str | Attribution, options: FindOptions
     method_options = options.estimator_options or {}
 
     def compute() -> Attribution:
-        pairs, direction, progress = search.pairs, options.direction, options.progress
+        job = search.job
         return attribute(
-            search.model, pairs, estimator, node_types, direction=direction, progress=progress, **method_options
+            job.model,
+            job.pairs,
+            estimator,
+            node_types,
+            direction=job.direction,
+            progress=job.progress,
+            **method_options,
         )
 
     return search.estimate(estimator, method_options, compute)

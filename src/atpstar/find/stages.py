@@ -82,7 +82,7 @@ def bound_rounds(search: Search, outcome: Outcome, per_pair: torch.Tensor, optio
 def _round(search: Search, outcome: Outcome, round_index: int, sum_sq: float, options: FindOptions, say: Say) -> float:
     """One round: verify everything left when that is cheaper than a bound, else bound and verify what it
     flags. Returns the next round's V."""
-    n_pairs, theta = search.pairs.n_pairs, options.theta
+    n_pairs, theta = search.job.n_pairs, options.theta
     unverified = torch.nonzero(~search.verified)[:, 0]
     alpha_round = options.alpha / 2**round_index
     samples = plan_samples(len(unverified), n_pairs, theta, alpha_round, sum_sq)
@@ -142,7 +142,7 @@ def _verify_flagged(
 ) -> float:
     """Verify what the bound cannot rule out, its largest estimates first; when noise flags many nodes, spend
     at most what the next bound would cost and let that bound (more samples) sort them. Returns the next V."""
-    theta, n_pairs = options.theta, search.pairs.n_pairs
+    theta, n_pairs = options.theta, search.job.n_pairs
     unverified = torch.nonzero(~search.verified)[:, 0]
     estimate = torch.cat([bound.estimate[t].flatten() for t in search.node_types])  # [N]
     measured = bound.info.get("se_median", float("nan"))
@@ -210,7 +210,7 @@ def exhaustive_bound(search: Search, theta: float, alpha: float) -> FalseNegativ
         worst_node=None,
         assumption=NO_ASSUMPTION,
         cost=Cost(),
-        direction=search.options.direction,
+        direction=search.job.direction,
         info={"samples": 0, "p": None},
     )
 
@@ -220,7 +220,7 @@ def localization(
 ) -> Localization:
     """The ``Localization`` of a finished (or stopped) search; ``info``: the options and resume facts it records."""
     theta, alpha, bound, certified = options.theta, options.alpha, outcome.bound, outcome.certified
-    n_pairs = search.pairs.n_pairs
+    n_pairs = search.job.n_pairs
     effects = torch.stack(search.effects) if search.effects else torch.zeros(0, n_pairs, dtype=torch.float64)
     mean = effects.mean(1)  # [N verified]
     threshold = theta * (1 - THETA_TOLERANCE)
@@ -235,9 +235,9 @@ def localization(
         if search.order
         else torch.zeros(0, dtype=torch.float64),
         node_types=list(search.node_types),
-        direction=search.options.direction,
-        metric=search.pairs.metric_name,
-        model_id=search.model.model_id,
+        direction=search.job.direction,
+        metric=search.job.pairs.metric_name,
+        model_id=search.job.model.model_id,
         cost=search.cost.get("verify_estimate_order", Cost())
         + search.cost.get("verify_bound_order", Cost())
         + search.cost.get("verify_rest", Cost()),
@@ -268,9 +268,9 @@ def localization(
         exhaustive_cost=n_pairs * (2.0 + float(search.weight.sum())),
         node_types=list(search.node_types),
         estimator=estimate_method,
-        direction=search.options.direction,
-        metric=search.pairs.metric_name,
-        model_id=search.model.model_id,
+        direction=search.job.direction,
+        metric=search.job.pairs.metric_name,
+        model_id=search.job.model.model_id,
         info={"stopped": "certified" if certified else outcome.stopped, "left": left, **info, **graph},
     )
 

@@ -18,13 +18,15 @@ import torch
 
 from ..bound import FalseNegativeBound, false_negative_bound
 from ..cost import Cost
-from ..engine import PatchCache, element_bytes, prepare
+from ..engine import PatchCache, prepare
 from ..engine import patch_listed as patch_ranked
+from ..job import Job
 from ..model import Model
-from ..nodes import EDGE_TYPE, node_shape, unit_and_pos
-from ..pairs import PromptPairs
+from ..nodes import EDGE_TYPE, node_shape
 from ..progress import progress_bar
-from ..validate import batch_for_memory, check_batch_size
+from ..spaces import Spaces, spaces_for
+from ..validate import batch_for_memory
+from ..verify import patch_nodes
 from .journal import FindJournal, Step, digest
 from .options import FindOptions
 
@@ -61,59 +63,11 @@ def population(model: Model, node_types: list[str], seq_len: int) -> tuple[dict[
     return shapes, (model.n_layers - layers).double() / model.n_layers
 
 
-# Exact patching of a given list of nodes: the one place find patches nodes. ---------------------------------
-# TODO(lead): use verify.patch_nodes (and the node space's exact_effects) instead of this adapter.
-
-
-def patch_nodes(
-    model: Model,
-    cache: PatchCache,
-    node_types: list[str],
-    nodes: list[Node],
-    batch: int,
-    cost: Cost,
-    advance: Any = None,
-) -> torch.Tensor:
-    """Exact effects [k, P] float64 of the listed nodes on every pair of ``cache`` (``verify.patch_ranked``)."""
-    return patch_ranked(model, cache, node_types, _ranked(node_types, nodes), batch, cost, advance)
-
-
-def exact_effects(search: Search, nodes: list[Node], cost: Cost) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact effects [k, P] of the listed nodes and the base metric [P] in one call: edges by exact edge
-    patching, nodes as the work units of ``atpstar.verify`` (on the search's Ray workers)."""
-    model, pairs = search.model, search.pairs
-    if search.edge_graph is not None:
-        from ..edges.verify import edge_effects
-
-        options = search.options
-        edges = torch.tensor([index[0] for _, index in nodes], dtype=torch.long)  # [k]
-        return edge_effects(model, pairs, options.direction, edges, None, options.batch_size, options.progress, cost)
-    from ..distributed import executor_for
-    from ..distributed.sweeps import verify_on
-
-    executor = executor_for(model, search.options.workers, search.options.ray_address, search.options.progress)
-    ranked = _ranked(search.node_types, nodes)
-    effects, base_metric, _ = verify_on(
-        executor, model, pairs, search.node_types, search.options.direction, ranked, search._batch(), None, cost
-    )
-    return effects, base_metric.detach().double().cpu()
-
-
-def _ranked(node_types: list[str], nodes: list[Node]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The engine's node tuple of ``nodes``: (type index, layer, head/kv-head/neuron, position), each [k]."""
-    parts = torch.tensor(
-        [(node_types.index(t), index[0], *unit_and_pos(t, index)) for t, index in nodes], dtype=torch.long
-    ).reshape(len(nodes), 4)  # [k, 4]
-    type_index, layer, unit, pos = parts.unbind(1)  # [k, 4] -> 4 x [k]
-    return type_index, layer, unit, pos
-
-
 @dataclass
 class Search:
     """Mutable state of one ``find`` call: the population, what was verified, costs and history."""
 
-    model: Model
-    pairs: PromptPairs
+    job: Job  # model, pairs, direction and progress of the call (costs are kept per stage in ``cost``)
     node_types: list[str]
     shapes: dict[str, tuple[int, ...]]
     weight: torch.Tensor  # [N] forward cost (L - l) / L of patching each node on one pair
@@ -127,14 +81,16 @@ class Search:
     base_metric: torch.Tensor | None = None
     cost: dict[str, Cost] = field(default_factory=dict)
     edge_graph: dict[str, Any] | None = None  # the edge graph's description when the nodes are edges
+    spaces: Spaces = field(init=False)  # the node spaces searched, bound to the model
 
     def __post_init__(self) -> None:
         self.verified = torch.zeros(len(self.weight), dtype=torch.bool)
         self.estimate_score = torch.zeros(len(self.weight), dtype=torch.float64)
+        self.spaces = Spaces(spaces_for(self.job.model, self.node_types))
         if self.node_types == [EDGE_TYPE]:
             from ..edges.graph import graph_of
 
-            self.edge_graph = graph_of(self.model).describe()
+            self.edge_graph = graph_of(self.job.model).describe()
 
     @property
     def spent(self) -> float:
@@ -157,8 +113,7 @@ class Search:
 
     def verify_cost(self, flat: torch.Tensor) -> torch.Tensor:
         """[k] forward equivalents of verifying the first 1..k nodes of ``flat`` in one call."""
-        n_pairs = self.pairs.n_pairs
-        return n_pairs * (2.0 + self.weight[flat].cumsum(0))
+        return self.job.n_pairs * (2.0 + self.weight[flat].cumsum(0))
 
     def affordable(self, flat: torch.Tensor) -> int:
         """How many of ``flat`` (in order) one verify call can patch within the budget."""
@@ -173,7 +128,7 @@ class Search:
             return 1.0
         from ..edges.subsampling import joint_patch_cost
 
-        return joint_patch_cost(self.model, ~self.verified, p)
+        return joint_patch_cost(self.job.model, ~self.verified, p)
 
     def estimate(self, estimator: str, options: dict[str, Any], compute: Any) -> tuple[torch.Tensor, str]:
         """Run (or replay) the estimator: ([P, N] per-pair scores, method id); sets ``estimate_score``."""
@@ -195,14 +150,15 @@ class Search:
         self.add_cost("estimate", cost)
 
     def verify(self, flat: torch.Tensor, stage: str) -> torch.Tensor:
-        """Patch the nodes ``flat`` exactly (the batched engine, as ``atpstar.verify``): [k, P] effects."""
+        """Patch the nodes ``flat`` exactly (as ``atpstar.verify``): [k, P] effects."""
         if len(flat) == 0:
-            return torch.zeros(0, self.pairs.n_pairs, dtype=torch.float64)
+            return torch.zeros(0, self.job.n_pairs, dtype=torch.float64)
         key = {"stage": stage, "n": len(flat), "nodes": digest(flat.long())}
         nodes = [self.unflatten(int(i)) for i in flat]
-        if self.edge_graph is None and all(v is None for v in self.options.engine.values()):
-            effects = self._verify_by_layer(nodes, stage, key)
-        else:  # edges, or Ray workers: one call, one journal step
+        layered = self._by_layer()
+        if layered is not None:
+            effects = self._verify_by_layer(layered, nodes, stage, key)
+        else:  # nodes that cannot be patched layer by layer here, or Ray workers: one call, one journal step
             facts, tensors = self.journal.step("verify", key, lambda: self._verify_at_once(nodes))
             self.add_cost(stage, Cost.from_dict(facts["cost"]))
             self.base_metric = tensors["base_metric"]
@@ -213,37 +169,47 @@ class Search:
         self.stage_of.extend([stage] * len(flat))
         return effects
 
-    def _verify_by_layer(self, nodes: list[Node], stage: str, key: dict[str, Any]) -> torch.Tensor:
+    def _by_layer(self) -> Any:
+        """The one in-process space whose nodes the engine patches layer by layer (``ranked_index``), or None."""
+        if any(v is not None for v in self.options.engine.values()) or len(self.spaces.spaces) != 1:
+            return None
+        space = self.spaces.spaces[0]
+        return space if hasattr(space, "ranked_index") else None
+
+    def _verify_by_layer(self, space: Any, nodes: list[Node], stage: str, key: dict[str, Any]) -> torch.Tensor:
         """In-process verification of ``nodes`` as one journal step per layer: [k, P] effects.
 
-        The same forwards as one ``atpstar.verify`` call (it too patches layer by layer, each layer's nodes in
-        rank order, in the same batches), so the numbers are the same; a kill loses at most one layer's work.
-        Each step records the call's running cost (base and source runs, then the layers so far, added in
-        the same order as one call adds them); a resumed call runs the base and source runs again without
-        counting them twice.
+        The same forwards as one ``atpstar.verify`` call (``NodeSpace.exact_effects`` too patches layer by layer,
+        each layer's nodes in rank order, in the same batches), so the numbers are the same; a kill loses at most
+        one layer's work. The base and source runs are shared by the layers (one ``exact_effects`` call per layer
+        would repeat them). Each step records the call's running cost (base and source runs, then the layers so
+        far, added in the same order as one call adds them); a resumed call runs the base and source runs again
+        without counting them twice.
         """
-        layer_of = torch.tensor([index[0] for _, index in nodes], dtype=torch.long)  # [k]
-        effects = torch.zeros(len(nodes), self.pairs.n_pairs, dtype=torch.float64)
+        job, types = self.job, list(space.node_types)
+        ranked = space.ranked_index(nodes)  # (type, layer, unit, pos), each [k]
+        batch = batch_for_memory(self.options.batch_size, self.options.memory_gb, space.element_bytes(job))
+        effects = torch.zeros(len(nodes), job.n_pairs, dtype=torch.float64)
         cache: list[PatchCache] = []
         running = Cost()  # the call's cost so far
-        with progress_bar(len(nodes) * self.pairs.n_pairs, "verify", self.options.progress) as bar:
-            for layer in torch.unique(layer_of).tolist():
-                rows = torch.nonzero(layer_of == layer)[:, 0]
+        with progress_bar(len(nodes) * job.n_pairs, "verify", job.progress) as bar:
+            for layer in torch.unique(ranked[1]).tolist():
+                rows = torch.nonzero(ranked[1] == layer)[:, 0]
 
                 def run(rows: torch.Tensor = rows) -> Step:
                     cost = Cost(running.forward, running.backward)
                     if not cache:  # base and source runs: counted when the call starts, not again on a resume
-                        cache.append(prepare(self.model, self.pairs, self.options.direction, self.node_types, cost))
+                        cache.append(prepare(job.model, job.pairs, job.direction, types, cost))
                         if running.forward_equivalents > 0:
                             cost = Cost(running.forward, running.backward)
-                    chosen = [nodes[i] for i in rows.tolist()]
-                    found = patch_nodes(self.model, cache[0], self.node_types, chosen, self._batch(), cost, bar.update)
+                    listed = (ranked[0][rows], ranked[1][rows], ranked[2][rows], ranked[3][rows])
+                    found = patch_ranked(job.model, cache[0], types, listed, batch, cost, bar.update)
                     tensors = {"effects": found, "base_metric": cache[0].base_metric.detach().double().cpu()}
                     return {"cost": cost.to_dict()}, tensors
 
                 facts, tensors = self.journal.step("verify", {**key, "layer": int(layer)}, run)
                 if self.journal.last_replayed:
-                    bar.update(len(rows) * self.pairs.n_pairs)
+                    bar.update(len(rows) * job.n_pairs)
                 running = Cost.from_dict(facts["cost"])
                 self.base_metric = tensors["base_metric"]
                 effects[rows] = tensors["effects"]
@@ -251,15 +217,15 @@ class Search:
         return effects
 
     def _verify_at_once(self, nodes: list[Node]) -> Step:
-        """Edges, or nodes on Ray workers: every node of one verification in one call."""
-        cost = Cost()
-        effects, base_metric = exact_effects(self, nodes, cost)
-        return {"cost": cost.to_dict()}, {"effects": effects.double(), "base_metric": base_metric.double()}
-
-    def _batch(self) -> int:
-        """Patched forwards per batch of verification (1 GiB when ``batch_size`` is None, as ``atpstar.verify``)."""
-        item_bytes = element_bytes(self.model, self.pairs.seq_len)
-        return batch_for_memory(check_batch_size(self.options.batch_size), 1.0, item_bytes)
+        """Every node of one verification in one ``verify.patch_nodes`` call (each space patches its own)."""
+        job, options = self.job.with_cost(Cost()), self.options
+        effects, base_metric, _ = patch_nodes(
+            job, self.spaces, nodes, options.batch_size, options.memory_gb, **options.engine
+        )
+        return {"cost": job.cost.to_dict()}, {
+            "effects": effects.double(),
+            "base_metric": base_metric.detach().double().cpu(),
+        }
 
     def bound(self, samples: int, p: float, alpha: float, seed: int) -> FalseNegativeBound:
         """Run (or replay) a false-negative bound over the unverified nodes (at ``theta``, batched as the options say)."""
@@ -267,19 +233,19 @@ class Search:
 
         def run() -> Step:
             result = false_negative_bound(
-                self.model,
-                self.pairs,
+                self.job.model,
+                self.job.pairs,
                 self.verified_nodes(),
                 theta=self.options.theta,
                 samples=samples,
                 p=p,
                 alpha=alpha,
                 seed=seed,
-                direction=self.options.direction,
+                direction=self.job.direction,
                 nodes=self.node_types,
                 batch_size=self.options.batch_size,
                 memory_gb=self.options.memory_gb,
-                progress=self.options.progress,
+                progress=self.job.progress,
                 **self.options.engine,
             )
             return result.to_parts()
