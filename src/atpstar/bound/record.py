@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from ..cost import Cost
-from ..nodes import EDGE_TYPE, node_name
+from ..errors import InputError
 from ..persist import to_jsonable
+from ..spaces import Spaces, spaces_from_info
 
 ASSUMPTION = (
     "Assumes node effects are close to additive: the bound is about the quantity Subsampling estimates, "
@@ -54,18 +55,14 @@ class FalseNegativeBound:
 
     @property
     def worst_name(self) -> str | None:
-        """Name of ``worst_node`` (TransformerLens-style; an edge's MIB name when ``info["edge_graph"]`` says the graph)."""
+        """Name of ``worst_node``, as its node space names it (an edge's MIB name needs ``info["edge_graph"]``)."""
         if self.worst_node is None:
             return None
         node_type, index = self.worst_node
-        if node_type == EDGE_TYPE:
-            graph = self.info.get("edge_graph")
-            if graph is None:
-                return f"edge {index[0]}"
-            from ..edges.graph import EdgeGraph
-
-            return EdgeGraph.from_description(graph).edge_names[index[0]]
-        return node_name(node_type, index)
+        try:
+            return Spaces(spaces_from_info(self.info, [node_type])).name(node_type, index)
+        except InputError:  # a bound kept without what names its nodes (an edge bound without its graph)
+            return f"{node_type} {' '.join(str(i) for i in index)}"
 
     def __str__(self) -> str:
         worst = "" if self.worst_node is None else f" (at {self.worst_name})"

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..nodes import node_shape
 from ..persist import save_json, write_text
+from ..spaces import Spaces, spaces_for
 from .checks import check_option_values
 from .circuit import cmd_circuit
 from .common import (
@@ -158,11 +158,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             _discard(saved)
     model = load_model(args)
     pairs, task = load_task(model, args)
-    n_nodes = sum(math.prod(node_shape(t, model.sizes, pairs.seq_len)) for t in nodes if t != "edge")
-    if "edge" in nodes:  # edges: the MIB/EAP-IG graph, position-summed
-        from ..edges.graph import graph_of
-
-        n_nodes += graph_of(model).n_edges
+    spaces = Spaces(spaces_for(model, nodes))
+    n_nodes = sum(math.prod(spaces.of(t).shape(t, pairs.seq_len)) for t in nodes)
     if args.k_max is not None and args.k_max > n_nodes:
         raise InputError(f"--k-max {args.k_max} is more than the {n_nodes} nodes of types {nodes}; lower it")
     truth_options = {"checkpoint": str(resumable(out / "ground_truth.units" if args.workers else checkpoint))}
@@ -258,7 +255,8 @@ def _comparison_plots(
             plot_estimate_vs_truth(truth, shown, out / "estimate_vs_truth", node_types=nodes)[0],
         )
     ]
-    mapped = [t for t in nodes if t != "edge"]  # edges have no (layer x position) map; see `atpstar circuit`
+    spaces = Spaces(spaces_for(model, nodes))
+    mapped = [t for t in nodes if {"layer", "pos"} <= set(spaces.of(t).axes(t))]  # what a (layer x position) map shows
     if mapped:
         heatmaps = plot_heatmaps(truth, out / "heatmaps_truth", node_types=mapped, tokens=tokens(model, pairs))[0]
         images.append(("Exact contributions (ground truth)", heatmaps))

@@ -49,8 +49,9 @@ import torch
 from ..errors import IdentityMismatchError, InputError
 from ..fingerprint import MODEL_FIELDS, PAIR_FIELDS, differences
 from ..methods.base import METHODS
-from ..nodes import EDGE_TYPE, NodeLayout, check_node_types
+from ..nodes import NodeLayout, check_node_types
 from ..result import Attribution
+from ..spaces import Spaces, spaces_from_info
 from .record import Evaluation, MethodCurve
 
 SETTINGS: tuple[str, ...] = ("distribution", "per_pair")
@@ -279,19 +280,19 @@ def _oracle(truth_abs: list[torch.Tensor], k_max: int, verify_cost: float | torc
 
 
 def _partial_forward(truth: Attribution, types: list[str]) -> torch.Tensor:
-    """[N] (L - l) / L per node, l its layer: the share of a forward a patched run from layer l costs
-    (edges: ``EdgeGraph.patch_share``, by the receiver's layer; the same for every position)."""
-    scores = truth.scores
-    layer_of = {}
+    """[N] the share of a forward that patching each node alone costs, from its node space (``patch_share``:
+    (L - l) / L for a node at layer l; edges by the receiver's layer, the same for every position)."""
+    spaces = Spaces(spaces_from_info(truth.info, types))
+    share_of = {}
     for t in types:
-        if t == EDGE_TYPE:
-            share = truth.edge_graph().patch_share()  # [N]
-            layer_of[t] = share.reshape(-1, *([1] * (scores[t].ndim - 1))).expand(scores[t].shape)  # [N(, T)]
+        shape, space = tuple(truth.scores[t].shape), spaces.of(t)
+        if space.axes(t)[0] == "layer":  # the layer rule of ``patch_share``, on the result's own layout
+            layers = torch.arange(shape[0], dtype=torch.float64).reshape(-1, *([1] * (len(shape) - 1)))
+            share_of[t] = ((shape[0] - layers) / shape[0]).expand(shape)  # [*layout]
             continue
-        n_layers = scores[t].shape[0]  # layouts start with the layer axis
-        layers = torch.arange(n_layers, dtype=torch.float64).reshape(-1, *([1] * (scores[t].ndim - 1)))
-        layer_of[t] = ((n_layers - layers) / n_layers).expand(scores[t].shape)
-    return NodeLayout.like(layer_of, types).flatten(layer_of)
+        share = space.patch_share(t, shape[-1])  # [*layout], or without the position axis
+        share_of[t] = share.reshape(*share.shape, *([1] * (len(shape) - share.ndim))).expand(shape)  # [*layout]
+    return NodeLayout.like(share_of, types).flatten(share_of)
 
 
 def _flat(tensors: dict[str, torch.Tensor], types: list[str], pair: int | None = None) -> torch.Tensor:

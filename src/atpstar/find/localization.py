@@ -13,9 +13,9 @@ import torch
 
 from ..bound import FalseNegativeBound
 from ..cost import Cost
-from ..nodes import EDGE_TYPE, index_columns, node_name
 from ..persist import load_bundle, save_bundle
 from ..persist import to_jsonable as _jsonable
+from ..spaces import Spaces, spaces_from_info
 from ..verify import Verification
 
 KIND = "localization"
@@ -63,14 +63,15 @@ class Localization:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def spaces(self) -> Spaces:
+        """The node spaces of the search, rebuilt from ``info`` (they name the nodes without the model)."""
+        return Spaces(spaces_from_info(self.info, self.node_types))
+
+    @property
     def names(self) -> list[str]:
         """TransformerLens-style name of each found node (MIB's name for an edge)."""
-        if any(t == EDGE_TYPE for t, _ in self.nodes):
-            from ..edges.graph import EdgeGraph
-
-            edge_names = EdgeGraph.from_description(self.info["edge_graph"]).edge_names
-            return [edge_names[index[0]] if t == EDGE_TYPE else node_name(t, index) for t, index in self.nodes]
-        return [node_name(t, index) for t, index in self.nodes]
+        spaces = self.spaces
+        return [spaces.name(t, index) for t, index in self.nodes]
 
     @property
     def total_cost(self) -> Cost:
@@ -136,9 +137,9 @@ class Localization:
 
     def to_rows(self) -> list[dict[str, Any]]:
         """One row per found node, strongest first."""
-        rows = []
+        rows, spaces = [], self.spaces
         for rank, ((t, index), name, effect) in enumerate(zip(self.nodes, self.names, self.effects.tolist()), 1):
-            rows.append({"rank": rank, "name": name, "node_type": t, **index_columns(t, index), "effect": effect})
+            rows.append({"rank": rank, "name": name, "node_type": t, **spaces.columns(t, index), "effect": effect})
         return rows
 
     def __str__(self) -> str:
