@@ -18,7 +18,7 @@ import torch
 
 from .errors import AtpstarError, InputError
 from .evaluate.record import Evaluation
-from .nodes import NODE_TABLE, check_node_types
+from .nodes import check_node_types
 from .result import Attribution
 
 MAX_POINTS = 6000  # per scatter panel: all the largest true effects, a random sample of the rest
@@ -192,11 +192,12 @@ def _subsample(values: np.ndarray, gen: np.random.Generator) -> np.ndarray:
 def contribution_maps(attribution: Attribution, node_type: str) -> dict[str, np.ndarray]:
     """Summed |scores| of one node type: ``"layer x pos"`` [L, T] and, for attention types, ``"layer x head"`` [L, H]."""
     scores = attribution.scores[node_type].abs().double()  # [L, T, M] or [L, H|K, T]
-    row = NODE_TABLE[node_type]
+    axes = attribution.spaces().of(node_type).axes(node_type)  # e.g. ("layer", "head", "pos")
+    unit_axis = next(i for i, axis in enumerate(axes) if axis not in ("layer", "pos"))
     maps = {}
-    if "head" in row.axes:
-        maps["layer x head"] = scores.sum(row.pos_axis).numpy()  # [L, H, T] -> [L, H]
-    maps["layer x pos"] = scores.sum(row.unit_axis).numpy()  # [L, H, T] or [L, T, M] -> [L, T]
+    if "head" in axes:
+        maps["layer x head"] = scores.sum(axes.index("pos")).numpy()  # [L, H, T] -> [L, H]
+    maps["layer x pos"] = scores.sum(unit_axis).numpy()  # [L, H, T] or [L, T, M] -> [L, T]
     return maps
 
 
@@ -270,18 +271,17 @@ def plot_verified(
         effects: [n_verified, P] exact signed effects.
         estimate: the estimate the nodes were ranked by (its score is shown next to each bar).
         stem: output path without extension.
-        names: labels (default: TransformerLens-style names).
+        names: labels (default: the names the estimate's node spaces give, TransformerLens-style for sites).
         top: how many nodes to show.
 
     Returns:
         [stem.png, stem.svg]
     """
-    from .nodes import node_name
-
     plt = _pyplot()
     count = min(top, len(nodes))
     effects = torch.as_tensor(effects).double()[:count]
-    labels = list(names[:count]) if names is not None else [node_name(t, tuple(i)) for t, i in nodes[:count]]
+    spaces = estimate.spaces()
+    labels = list(names[:count]) if names is not None else [spaces.name(t, tuple(i)) for t, i in nodes[:count]]
     mean = effects.mean(1).numpy()
     low, high = effects.min(1).values.numpy(), effects.max(1).values.numpy()
     fig, ax = plt.subplots(figsize=(7.5, 0.28 * count + 1.2))

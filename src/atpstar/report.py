@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from .evaluate.record import Evaluation
-from .nodes import node_name
 from .persist import write_text
 from .result import Attribution
+from .spaces import Spaces, spaces_from_info
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -184,7 +184,7 @@ def _verified_table(verified: Any, top: int) -> str:
     mean = effects.mean(1)
     order = torch.sort(mean.abs(), descending=True, stable=True).indices[:top].tolist()
     rows = []
-    names = verified.names if hasattr(verified, "names") else [node_name(t, tuple(i)) for t, i in verified.nodes]
+    names = verified.names if hasattr(verified, "names") else _names(verified.nodes, getattr(verified, "info", {}))
     for rank, row in enumerate(order, start=1):
         rows.append(
             f"<tr><td>{rank}</td><td class='name'>{_e(names[row])}</td>"
@@ -195,6 +195,12 @@ def _verified_table(verified: Any, top: int) -> str:
         f"<h2>Verified effects</h2><p>{len(verified.nodes)} nodes patched exactly, in estimate order; "
         f"here sorted by |exact effect|.</p><table>{head}{''.join(rows)}</table>"
     )
+
+
+def _names(nodes: list[tuple[str, tuple[int, ...]]], info: dict[str, Any]) -> list[str]:
+    """Names of ``(node type, index)`` nodes, as their node spaces (rebuilt from a result's ``info``) give them."""
+    spaces = Spaces(spaces_from_info(info, list(dict.fromkeys(t for t, _ in nodes))))
+    return [spaces.name(t, tuple(i)) for t, i in nodes]
 
 
 def _bound_section(bound: Any) -> str:
