@@ -20,10 +20,12 @@ from ..cost import Cost
 from ..engine import prepare
 from ..errors import InputError
 from ..fingerprint import MODEL_FIELDS, check_identity, identity
+from ..job import Job
 from ..methods.subsampling import SubsamplingStats, check_options, subsample
 from ..model import Model, as_model
-from ..nodes import EDGE_TYPE, NodeLayout, check_node_types
+from ..nodes import NodeLayout, check_node_types
 from ..pairs import PromptPairs, check_direction
+from ..spaces import Spaces, spaces_for
 from ..validate import check_count, check_number, check_pairs_fit
 from ..verify import Verification
 from .planning import DEFAULT_SAMPLES, choose_p
@@ -99,7 +101,8 @@ def false_negative_bound(
     if theta is not None:
         check_number("theta", theta, 0.0, None, low_open=True)  # NaN would make every probability bound 1
     engine = {"workers": workers, "ray_address": ray_address, "checkpoint": checkpoint}
-    layout = _layout(model, node_types, pairs.seq_len, engine)
+    spaces = _spaces(model, node_types, engine)
+    layout = NodeLayout({t: spaces.of(t).shape(t, pairs.seq_len) for t in node_types})
     exclude = _exclusions(layout, node_list)
     check_pairs_fit(model, pairs)
     if isinstance(verified, Verification) and verified.identity is not None:  # another model's verified set
@@ -110,10 +113,10 @@ def false_negative_bound(
             "Bound with the model, tokenizer, prompt pairs and metric it was made with.",
             fields=(*MODEL_FIELDS, "pairs", "metric"),
         )
-    cost = Cost()
+    job = Job(model, pairs, direction, Cost(), progress)
     sampling = {"samples": samples, "p": p, "seed": seed, "design": "random"}
-    batching = {"batch_size": batch_size, "memory_gb": memory_gb, "progress": progress}
-    stats, run_info = _sample(model, pairs, node_types, direction, sampling, batching, exclude, engine, cost)
+    sample = SAMPLERS[spaces.spaces[0].engine]
+    stats, run_info = sample(job, node_types, sampling, (batch_size, memory_gb), exclude, engine)
     keep = ~layout.flatten(exclude)  # [N]
     estimate, upper, prob, se = node_bounds(stats, keep, int(keep.sum()), alpha, theta, combine)
     summary = summarize(keep, upper, prob, se, theta, combine)
@@ -125,13 +128,12 @@ def false_negative_bound(
         n_unverified=int(keep.sum()),
         worst_node=None if summary.worst is None else layout.locate(summary.worst),
         assumption=ASSUMPTION,
-        cost=cost,
+        cost=job.cost,
         direction=direction,
         estimate=layout.unflatten(torch.where(keep, estimate, torch.full_like(estimate, float("nan")))),
         upper=layout.unflatten(torch.where(keep, upper, torch.full_like(upper, float("nan")))),
         info={
             **_sampling_info(sampling, combine, pairs.n_pairs, len(node_list), summary),
-            **({"edge_graph": _edge_graph(model).describe()} if node_types == [EDGE_TYPE] else {}),
             **run_info,
         },
     )
@@ -171,15 +173,18 @@ def _population(verified: Any, nodes: Any, direction: str | None) -> tuple[list[
     return node_list, node_types, check_direction("noising" if direction is None else direction)
 
 
-def _layout(model: Model, node_types: list[str], seq_len: int, engine: dict[str, Any]) -> NodeLayout:
-    """The flat layout of the population (edges: one axis of N edges, bounded alone and in-process)."""
-    if EDGE_TYPE not in node_types:
-        return NodeLayout.of(node_types, model.sizes, seq_len)
-    if node_types != [EDGE_TYPE] or any(v is not None for v in engine.values()):
+def _spaces(model: Model, node_types: list[str], engine: dict[str, Any]) -> Spaces:
+    """The node spaces of the population, bound to ``model``. Subsampling of site nodes runs anywhere; other
+    engines (edges) sample their nodes on their own and in-process."""
+    spaces = Spaces(spaces_for(model, node_types))
+    engines = {space.engine for space in spaces}
+    if engines - set(SAMPLERS):
+        raise InputError(f"no false-negative bound for the nodes {node_types}: their engines {engines} cannot sample")
+    if engines != {"sites"} and (len(spaces.spaces) > 1 or any(v is not None for v in engine.values())):
         raise InputError(
             "bound edges on their own and in-process: nodes=['edge'], no workers=/ray_address=/checkpoint="
         )
-    return NodeLayout({EDGE_TYPE: (_edge_graph(model).n_edges,)})
+    return spaces
 
 
 def _exclusions(layout: NodeLayout, node_list: list[Node]) -> dict[str, torch.Tensor]:
@@ -197,42 +202,71 @@ def _exclusions(layout: NodeLayout, node_list: list[Node]) -> dict[str, torch.Te
     return exclude
 
 
-def _sample(
-    model: Model,
-    pairs: PromptPairs,
+def _sample_sites(
+    job: Job,
     node_types: list[str],
-    direction: str,
     sampling: dict[str, Any],
-    batching: dict[str, Any],
+    memory: tuple[int | None, float],
     exclude: dict[str, torch.Tensor],
     engine: dict[str, Any],
-    cost: Cost,
 ) -> tuple[SubsamplingStats, dict[str, Any]]:
-    """Subsampling over the unverified nodes: (statistics, facts of the run). Edges: random joint patches of edge
-    subsets (``edges.subsampling``); nodes: in-process, or as work units over ranges of samples (``distributed``)."""
-    if node_types == [EDGE_TYPE]:
-        from ..edges.subsampling import subsample_edges
-
-        options = {k: sampling[k] for k in ("samples", "p", "seed")}
-        stats, _ = subsample_edges(
-            model, pairs, direction, **options, cost=cost, exclude=exclude[EDGE_TYPE], **batching
-        )
-        return stats, {}
+    """Subsampling of site nodes: (statistics, facts of the run), in-process or as work units over ranges of
+    samples (``atpstar.distributed``; also in-process with a checkpoint folder)."""
     if all(v is None for v in engine.values()):
-        cache = prepare(model, pairs, direction, node_types, cost)
-        return subsample(model, cache, node_types, **sampling, cost=cost, exclude=exclude, **batching), {}
+        cache = prepare(job.model, job.pairs, job.direction, node_types, job.cost)
+        batching: dict[str, Any] = {
+            "batch_size": memory[0],
+            "memory_gb": memory[1],
+            "exclude": exclude,
+            "progress": job.progress,
+        }
+        return subsample(job.model, cache, node_types, **sampling, cost=job.cost, **batching), {}
     from ..distributed import executor_for
     from ..distributed.sweeps import subsample_on
 
-    executor = executor_for(model, engine["workers"], engine["ray_address"], batching["progress"])
-    memory = (batching["batch_size"], batching["memory_gb"])
+    executor = executor_for(job.model, engine["workers"], engine["ray_address"], job.progress)
     stats, _, run_info = subsample_on(
-        executor, model, pairs, node_types, direction, sampling, *memory, exclude, engine["checkpoint"], cost
+        executor,
+        job.model,
+        job.pairs,
+        node_types,
+        job.direction,
+        sampling,
+        *memory,
+        exclude,
+        engine["checkpoint"],
+        job.cost,
     )
     return stats, run_info
 
 
-def _edge_graph(model: Any) -> Any:
+def _sample_edges(
+    job: Job,
+    node_types: list[str],
+    sampling: dict[str, Any],
+    memory: tuple[int | None, float],
+    exclude: dict[str, torch.Tensor],
+    engine: dict[str, Any],
+) -> tuple[SubsamplingStats, dict[str, Any]]:
+    """Random joint patches of edge subsets (``edges.subsampling``), in-process; the facts name the graph."""
     from ..edges.graph import graph_of
+    from ..edges.subsampling import subsample_edges
 
-    return graph_of(model)
+    options = {k: sampling[k] for k in ("samples", "p", "seed")}
+    (edge_type,) = node_types
+    stats, _ = subsample_edges(
+        job.model,
+        job.pairs,
+        job.direction,
+        **options,
+        cost=job.cost,
+        exclude=exclude[edge_type],
+        batch_size=memory[0],
+        memory_gb=memory[1],
+        progress=job.progress,
+    )
+    return stats, {"edge_graph": graph_of(job.model).describe()}
+
+
+# The Subsampling of each node-space engine (``NodeSpace.engine``).
+SAMPLERS = {"sites": _sample_sites, "edges": _sample_edges}
