@@ -48,9 +48,11 @@ from ..methods import METHODS
 from ..model import Model, as_model
 from ..pairs import PromptPairs
 from ..result import Attribution
+from ..spaces import Spaces, check_node_types, spaces_for
+from .engines import engine_facts
 from .journal import CHECKPOINT_NAME, FindJournal, digest, find_identity
 from .localization import Localization
-from .options import FindOptions, check_find_nodes, check_options
+from .options import FindOptions, check_options
 from .stages import Outcome, bound_rounds, localization, verify_in_estimate_order
 from .state import Search, population
 
@@ -142,8 +144,10 @@ def find(
         out_dir=out_dir,
         recompute=recompute,
     )
-    node_types = check_find_nodes(nodes, options)
-    shapes, weight = population(model, node_types, pairs.seq_len)  # weight: [N]
+    node_types = check_node_types(nodes)
+    spaces = Spaces(spaces_for(model, node_types))
+    facts = engine_facts(spaces, options.engine)
+    shapes, weight = population(model, spaces, node_types, pairs.seq_len, facts)  # weight: [N]
     given = _estimate_or_check(pairs, estimator, node_types, shapes, options.direction)
     model.check_ready(torch.cat([pairs.clean, pairs.noise]))
     window = options.window(len(weight))
@@ -152,7 +156,7 @@ def find(
     if journal.saved_steps:
         say(f"resuming from {journal.path}: {journal.saved_steps} completed steps")
     job = Job(model, pairs, options.direction, Cost(), options.progress)  # costs are counted per stage
-    search = Search(job, node_types, shapes, weight, options, journal)
+    search = Search(job, node_types, shapes, weight, options, journal, spaces, facts)
     per_pair, estimate_method = _estimate(search, estimator if given is None else given, options)  # [P, N]
     outcome = Outcome(not_ruled_out=torch.zeros(len(weight), dtype=torch.bool))
     verify_in_estimate_order(search, outcome, window, options, say)

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..nodes import EDGE_TYPE, check_node_types
 from ..pairs import check_direction
 from ..validate import check_batch_size, check_count, check_memory_gb, check_number
 
@@ -90,13 +89,3 @@ def check_options(**given: Any) -> FindOptions:
             "memory_gb": check_memory_gb(given["memory_gb"]),
         }
     )
-
-
-def check_find_nodes(nodes: Any, options: FindOptions) -> list[str]:
-    """The node types to search; edges are searched alone and in-process."""
-    node_types = check_node_types(nodes)
-    if EDGE_TYPE in node_types and (
-        node_types != [EDGE_TYPE] or options.workers is not None or options.ray_address is not None
-    ):
-        raise InputError("find over edges runs on edges alone and in-process: nodes=['edge'], no workers=/ray_address=")
-    return node_types

@@ -227,7 +227,7 @@ def localization(
     strong = torch.nonzero(mean.abs() >= threshold)[:, 0]
     strong = strong[torch.sort(mean[strong].abs(), descending=True, stable=True).indices]
     verified_nodes = search.verified_nodes()
-    graph = {} if search.edge_graph is None else {"edge_graph": search.edge_graph}
+    graph = search.facts.naming(search.job.model)  # what names the nodes without the model
     verification = Verification(
         nodes=verified_nodes,
         effects=effects,

@@ -22,11 +22,11 @@ from ..engine import PatchCache, prepare
 from ..engine import patch_listed as patch_ranked
 from ..job import Job
 from ..model import Model
-from ..nodes import EDGE_TYPE, node_shape
 from ..progress import progress_bar
-from ..spaces import Spaces, spaces_for
+from ..spaces import Spaces
 from ..validate import batch_for_memory
 from ..verify import patch_nodes
+from .engines import EngineFacts
 from .journal import FindJournal, Step, digest
 from .options import FindOptions
 
@@ -36,31 +36,13 @@ NO_ASSUMPTION = "None: every node was verified by exact activation patching."
 Node = tuple[str, tuple[int, ...]]  # (node type, index in its layout)
 
 
-def population(model: Model, node_types: list[str], seq_len: int) -> tuple[dict[str, tuple[int, ...]], torch.Tensor]:
-    """(layout per node type, [N] forward cost of patching each node on one pair).
-
-    A node at layer l costs (L - l) / L of a forward (the patched run starts at its layer). An edge into
-    a q/k/v receiver at layer l costs the same plus 1/L for its receiver's own copy of the layer input;
-    an edge into the logits costs no forward (``edges.patching``).
-    """
-    if node_types == [EDGE_TYPE]:
-        from ..edges.graph import graph_of
-
-        graph = graph_of(model)
-        per_layer = 3 * model.n_heads + 1  # receivers of one layer: q, k, v of every head, then the MLP
-        receiver = graph.receiver_index  # [N]
-        layer = torch.clamp(receiver // per_layer, max=model.n_layers)  # logits: L
-        qkv = (layer < model.n_layers) & (receiver - layer * per_layer < 3 * model.n_heads)
-        weight = (model.n_layers - layer + qkv.long()).double() / model.n_layers  # [N]
-        return {EDGE_TYPE: (graph.n_edges,)}, weight
-    shapes = {t: node_shape(t, model.sizes, seq_len) for t in node_types}
-    layers = torch.cat(
-        [
-            torch.arange(shapes[t][0]).repeat_interleave(math.prod(shapes[t][1:]))  # layer is axis 0 of every layout
-            for t in node_types
-        ]
-    )
-    return shapes, (model.n_layers - layers).double() / model.n_layers
+def population(
+    model: Model, spaces: Spaces, node_types: list[str], seq_len: int, facts: EngineFacts
+) -> tuple[dict[str, tuple[int, ...]], torch.Tensor]:
+    """(layout per node type, [N] forward cost of patching each node on one pair, as the exact sweep counts it)."""
+    shapes = {t: spaces.of(t).shape(t, seq_len) for t in node_types}
+    costs = [facts.patch_cost(model, spaces.of(t), t, seq_len).flatten() for t in node_types]  # [*layout] -> [n]
+    return shapes, torch.cat(costs)  # [N]
 
 
 @dataclass
@@ -73,6 +55,8 @@ class Search:
     weight: torch.Tensor  # [N] forward cost (L - l) / L of patching each node on one pair
     options: FindOptions  # direction, budget, batching and where verification and the bounds run
     journal: FindJournal
+    spaces: Spaces  # the node spaces searched, bound to the model
+    facts: EngineFacts  # what their engine's steps cost (``find.engines``)
     estimate_score: torch.Tensor = field(init=False)  # [N] the estimator's aggregate score per node
     verified: torch.Tensor = field(init=False)  # [N] bool
     order: list[int] = field(default_factory=list)  # flat index of each verified node, in order
@@ -80,17 +64,10 @@ class Search:
     stage_of: list[str] = field(default_factory=list)
     base_metric: torch.Tensor | None = None
     cost: dict[str, Cost] = field(default_factory=dict)
-    edge_graph: dict[str, Any] | None = None  # the edge graph's description when the nodes are edges
-    spaces: Spaces = field(init=False)  # the node spaces searched, bound to the model
 
     def __post_init__(self) -> None:
         self.verified = torch.zeros(len(self.weight), dtype=torch.bool)
         self.estimate_score = torch.zeros(len(self.weight), dtype=torch.float64)
-        self.spaces = Spaces(spaces_for(self.job.model, self.node_types))
-        if self.node_types == [EDGE_TYPE]:
-            from ..edges.graph import graph_of
-
-            self.edge_graph = graph_of(self.job.model).describe()
 
     @property
     def spent(self) -> float:
@@ -122,13 +99,9 @@ class Search:
         return int((self.verify_cost(flat) <= self.left + 1e-9).sum())
 
     def sample_cost(self, p: float) -> float:
-        """Forward equivalents of one joint patch of the bound at inclusion probability ``p``: 1 for nodes; for
-        edges, also the q/k/v receiver copies a patch needs (``edges.subsampling.joint_patch_cost``)."""
-        if self.edge_graph is None:
-            return 1.0
-        from ..edges.subsampling import joint_patch_cost
-
-        return joint_patch_cost(self.job.model, ~self.verified, p)
+        """Forward equivalents of one joint patch of the bound at inclusion probability ``p`` (1 for site nodes;
+        edges add the q/k/v receiver copies a patch needs)."""
+        return self.facts.joint_patch_cost(self.job.model, ~self.verified, p)
 
     def estimate(self, estimator: str, options: dict[str, Any], compute: Any) -> tuple[torch.Tensor, str]:
         """Run (or replay) the estimator: ([P, N] per-pair scores, method id); sets ``estimate_score``."""
