@@ -1,9 +1,8 @@
-"""The state of one ``atpstar.find`` call: its population, what was verified, costs, and the result.
+"""The state of one ``atpstar.find`` call: its population, what was verified, and the costs per stage.
 
 Every expensive step (the estimate, each verification call, each bound) goes through the call's
 ``FindJournal`` (``find.journal``), so an interrupted call resumes without redoing completed steps.
-Nodes of every type lie on one flat axis (``check_node_types`` order); edges are one type with the
-layout [N edges] (``atpstar.edges``).
+Nodes of every type lie on one flat axis (``check_node_types`` order, each type in its space's layout).
 
 Shape letters: P pairs, N nodes (all node types, flattened), K nodes of one step.
 """
