@@ -204,7 +204,7 @@ def _names(nodes: list[tuple[str, tuple[int, ...]]], info: dict[str, Any]) -> li
 
 
 def _bound_section(bound: Any) -> str:
-    values = _public_fields(bound)
+    values = public_fields(bound)
     rows = "".join(f"<tr><th class='name'>{_e(k)}</th><td>{_e(_short(v))}</td></tr>" for k, v in values.items())
     assumption = getattr(bound, "assumption", "")
     note = f"<p class='note'>{_e(assumption)}</p>" if assumption else ""
@@ -252,7 +252,7 @@ def _figure(caption: str, image: Path) -> str:
     )
 
 
-def _public_fields(obj: Any) -> dict[str, Any]:
+def public_fields(obj: Any) -> dict[str, Any]:
     if isinstance(obj, dict):
         items = dict(obj)
     elif is_dataclass(obj):

@@ -114,7 +114,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bound(args: argparse.Namespace) -> int:
-    from ..report import _public_fields, write_report
+    from ..report import public_fields, write_report
     from ..verify import Verification
 
     start = time.monotonic()
@@ -126,7 +126,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
     bound = bound_unverified(
         model, pairs, verified, args.theta, args.samples, args.p, args.alpha, args.bound_seed, args
     )
-    facts = {k: v for k, v in _public_fields(bound).items()}
+    facts = {k: v for k, v in public_fields(bound).items()}
     save_json(out / "bound.json", "bound", {**facts, "assumption": getattr(bound, "assumption", "")})
     for key, value in facts.items():
         print(f"{key}: {plain(value)}")
