@@ -12,6 +12,8 @@ Shape letters: P pairs, N nodes (all node types, flattened).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -115,8 +117,8 @@ def false_negative_bound(
         )
     job = Job(model, pairs, direction, Cost(), progress)
     sampling = {"samples": samples, "p": p, "seed": seed, "design": "random"}
-    sample = SAMPLERS[spaces.spaces[0].engine]
-    stats, run_info = sample(job, node_types, sampling, (batch_size, memory_gb), exclude, engine)
+    run = Sampling(job, node_types, sampling, batch_size, memory_gb, exclude, engine)
+    stats, run_info = SAMPLERS[spaces.spaces[0].engine](run)
     keep = ~layout.flatten(exclude)  # [N]
     estimate, upper, prob, se = node_bounds(stats, keep, int(keep.sum()), alpha, theta, combine)
     summary = summarize(keep, upper, prob, se, theta, combine)
@@ -202,71 +204,59 @@ def _exclusions(layout: NodeLayout, node_list: list[Node]) -> dict[str, torch.Te
     return exclude
 
 
-def _sample_sites(
-    job: Job,
-    node_types: list[str],
-    sampling: dict[str, Any],
-    memory: tuple[int | None, float],
-    exclude: dict[str, torch.Tensor],
-    engine: dict[str, Any],
-) -> tuple[SubsamplingStats, dict[str, Any]]:
+@dataclass
+class Sampling:
+    """One bound's Subsampling job: which nodes, how many samples, how batched, and where it runs."""
+
+    job: Job  # model, pairs, direction, the pass counter and progress
+    node_types: list[str]
+    options: dict[str, Any]  # samples, p, seed, design
+    batch_size: int | None
+    memory_gb: float
+    exclude: dict[str, torch.Tensor]  # node type -> [*layout] bool: the verified nodes, never patched
+    engine: dict[str, Any]  # workers, ray_address, checkpoint (all None: in-process)
+
+
+def _sample_sites(run: Sampling) -> tuple[SubsamplingStats, dict[str, Any]]:
     """Subsampling of site nodes: (statistics, facts of the run), in-process or as work units over ranges of
     samples (``atpstar.distributed``; also in-process with a checkpoint folder)."""
+    job, engine = run.job, run.engine
     if all(v is None for v in engine.values()):
-        cache = prepare(job.model, job.pairs, job.direction, node_types, job.cost)
-        batching: dict[str, Any] = {
-            "batch_size": memory[0],
-            "memory_gb": memory[1],
-            "exclude": exclude,
-            "progress": job.progress,
-        }
-        return subsample(job.model, cache, node_types, **sampling, cost=job.cost, **batching), {}
+        cache = prepare(job.model, job.pairs, job.direction, run.node_types, job.cost)
+        batching: dict[str, Any] = {"batch_size": run.batch_size, "memory_gb": run.memory_gb, "progress": job.progress}
+        stats = subsample(
+            job.model, cache, run.node_types, **run.options, cost=job.cost, exclude=run.exclude, **batching
+        )
+        return stats, {}
     from ..distributed import executor_for
     from ..distributed.sweeps import subsample_on
 
     executor = executor_for(job.model, engine["workers"], engine["ray_address"], job.progress)
+    where = (run.batch_size, run.memory_gb, run.exclude, engine["checkpoint"], job.cost)
     stats, _, run_info = subsample_on(
-        executor,
-        job.model,
-        job.pairs,
-        node_types,
-        job.direction,
-        sampling,
-        *memory,
-        exclude,
-        engine["checkpoint"],
-        job.cost,
+        executor, job.model, job.pairs, run.node_types, job.direction, run.options, *where
     )
     return stats, run_info
 
 
-def _sample_edges(
-    job: Job,
-    node_types: list[str],
-    sampling: dict[str, Any],
-    memory: tuple[int | None, float],
-    exclude: dict[str, torch.Tensor],
-    engine: dict[str, Any],
-) -> tuple[SubsamplingStats, dict[str, Any]]:
+def _sample_edges(run: Sampling) -> tuple[SubsamplingStats, dict[str, Any]]:
     """Random joint patches of edge subsets (``edges.subsampling``), in-process; the facts name the graph."""
     from ..edges.graph import graph_of
     from ..edges.subsampling import subsample_edges
 
-    options = {k: sampling[k] for k in ("samples", "p", "seed")}
-    (edge_type,) = node_types
+    job = run.job
+    options = {k: run.options[k] for k in ("samples", "p", "seed")}
+    (edge_type,) = run.node_types
+    batching: dict[str, Any] = {"batch_size": run.batch_size, "memory_gb": run.memory_gb, "progress": job.progress}
+    exclude = run.exclude[edge_type]
     stats, _ = subsample_edges(
-        job.model,
-        job.pairs,
-        job.direction,
-        **options,
-        cost=job.cost,
-        exclude=exclude[edge_type],
-        batch_size=memory[0],
-        memory_gb=memory[1],
-        progress=job.progress,
+        job.model, job.pairs, job.direction, **options, cost=job.cost, exclude=exclude, **batching
     )
     return stats, {"edge_graph": graph_of(job.model).describe()}
 
 
 # The Subsampling of each node-space engine (``NodeSpace.engine``).
-SAMPLERS = {"sites": _sample_sites, "edges": _sample_edges}
+SAMPLERS: dict[str, Callable[[Sampling], tuple[SubsamplingStats, dict[str, Any]]]] = {
+    "sites": _sample_sites,
+    "edges": _sample_edges,
+}
