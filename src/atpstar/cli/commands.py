@@ -102,10 +102,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     start = time.monotonic()
     estimate = Attribution.load(args.estimate)
-    out = out_dir(args)
-    model = load_model(args)
-    pairs, task = load_task(model, args)
-    check_saved(estimate.identity, model, pairs, args.direction, f"estimate {args.estimate}")
+    out, model, pairs, task = _continue_from(args, estimate, f"estimate {args.estimate}")
     verified = verify_and_save(model, pairs, estimate, args.budget, args.threshold, args)
     finish_run(
         args, out, model, pairs, task, estimate, verified, None, start, title="atpstar verify", save_estimate=False
@@ -119,10 +116,7 @@ def cmd_bound(args: argparse.Namespace) -> int:
 
     start = time.monotonic()
     verified = Verification.load(args.verified)
-    out = out_dir(args)
-    model = load_model(args)
-    pairs, task = load_task(model, args)
-    check_saved(verified.identity, model, pairs, args.direction, f"verification {args.verified}")
+    out, model, pairs, task = _continue_from(args, verified, f"verification {args.verified}")
     bound = bound_unverified(
         model, pairs, verified, args.theta, args.samples, args.p, args.alpha, args.bound_seed, args
     )
@@ -143,6 +137,15 @@ def cmd_bound(args: argparse.Namespace) -> int:
     )
     say(f"wrote {out / 'bound.json'} and {path}")
     return 0
+
+
+def _continue_from(args: argparse.Namespace, saved: Any, what: str) -> tuple[Path, Any, Any, str]:
+    """(output folder, model, pairs, task) of a command that continues a saved result, checked to be its."""
+    out = out_dir(args)
+    model = load_model(args)
+    pairs, task = load_task(model, args)
+    check_saved(saved.identity, model, pairs, args.direction, what)
+    return out, model, pairs, task
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
