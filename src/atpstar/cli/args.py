@@ -6,6 +6,25 @@ The command parsers (``parser``, ``find_command``, ``circuit``) import these; th
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+
+def command(
+    sub: Any, name: str, help_text: str, description: str, *, task: bool = True, default_model: str | None = None
+) -> argparse.ArgumentParser:
+    """A command's sub-parser with the model options and (unless ``task=False``) the task options."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=description)
+    model_args(parser, default_model)
+    if task:
+        task_args(parser)
+    return parser
+
+
+def outputs(parser: argparse.ArgumentParser, default_out: str, *, workers: bool = True) -> None:
+    """The closing options of a command: where it runs (unless ``workers=False``) and what it writes."""
+    if workers:
+        worker_args(parser)
+    output_args(parser, default_out)
 
 
 def model_args(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:

@@ -7,23 +7,22 @@ import json
 import time
 
 from ..persist import write_text
-from .args import model_args, output_args, task_args
+from .args import command, outputs
 from .common import load_model, load_task, out_dir, parse_options, run_method, say
 
 CIRCUIT_DEFAULT = "atp,atp+ig,atp*"
 
 
 def add_circuit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    circuit = sub.add_parser(
+    circuit = command(
+        sub,
         "circuit",
-        help="edge scores, MIB circuit files and faithfulness (CPR/CMD) per method",
-        description="Score every edge of the MIB/EAP-IG graph with each method, write MIB circuit files "
+        "edge scores, MIB circuit files and faithfulness (CPR/CMD) per method",
+        "Score every edge of the MIB/EAP-IG graph with each method, write MIB circuit files "
         "(OUT/<method>.mib.json, every edge with its score), the circuits at MIB's sizes "
         "(OUT/<method>.circuits.json), the faithfulness curve with CPR and CMD "
         "(OUT/<method>.faithfulness.json), a table, a plot and report.html.",
     )
-    model_args(circuit)
-    task_args(circuit)
     circuit.add_argument(
         "--method",
         default=CIRCUIT_DEFAULT,
@@ -39,7 +38,7 @@ def add_circuit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
         help="comma list of circuit sizes as fractions of all edges (default MIB's 0.001,...,1)",
     )
     circuit.add_argument("--no-prune", action="store_true", help="do not prune circuits as MIB does")
-    output_args(circuit, "out/circuit")
+    outputs(circuit, "out/circuit", workers=False)
 
 
 def cmd_circuit(args: argparse.Namespace) -> int:

@@ -9,23 +9,22 @@ import time
 from typing import Any
 
 from ..persist import atomic_path, write_text
-from .args import model_args, output_args, task_args, worker_args
+from .args import command, outputs
 from .common import load_model, load_task, out_dir, parse_nodes, plain, resumable, say
 
 
 def add_find_parser(sub: Any) -> None:
     """The ``find`` subcommand's options (called by ``parser.build_parser``)."""
-    find = sub.add_parser(
+    find = command(
+        sub,
         "find",
-        help="find every component with |effect| >= theta and certify that none is missing",
-        description="Estimate (AtP* by default), verify in estimate order, bound the unverified nodes by "
+        "find every component with |effect| >= theta and certify that none is missing",
+        "Estimate (AtP* by default), verify in estimate order, bound the unverified nodes by "
         "subsampling, verify what the bound cannot rule out, and repeat until certified or the budget is "
         "spent. Writes localization.json/.safetensors, found.csv, history.csv, certificate.json and "
         "report.html; prints the components found next to the certificate. Each completed step is "
         "checkpointed to OUT/find.ckpt.safetensors: an interrupted run resumes when rerun with the same --out.",
     )
-    model_args(find)
-    task_args(find)
     find.add_argument("--theta", type=float, required=True, help="effect size sought, in metric units (e.g. 0.3)")
     find.add_argument(
         "--nodes", default="attention", help="node types: all, attention, qkv, or a comma list (default attention)"
@@ -46,8 +45,7 @@ def add_find_parser(sub: Any) -> None:
         action="store_true",
         help="discard the checkpoint OUT/find.ckpt.safetensors (also another run's) and start afresh",
     )
-    worker_args(find)
-    output_args(find, "out/find")
+    outputs(find, "out/find")
 
 
 def cmd_find(args: argparse.Namespace) -> int:

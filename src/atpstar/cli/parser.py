@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .args import model_args, output_args, task_args, worker_args
+from .args import command, outputs
 from .circuit import add_circuit_parser
 from .find_command import add_find_parser
 
@@ -34,14 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo(sub: Subparsers) -> None:
-    demo = sub.add_parser(
+    demo = command(
+        sub,
         "demo",
-        help="AtP* on the built-in SmolLM2-135M with IOI prompts, top nodes verified",
-        description="The main job on the built-in default: SmolLM2-135M on IOI prompt pairs, AtP* "
+        "AtP* on the built-in SmolLM2-135M with IOI prompts, top nodes verified",
+        "The main job on the built-in default: SmolLM2-135M on IOI prompt pairs, AtP* "
         "over all node types, the top components verified by exact activation "
         "patching, a table printed and report.html written (~2 min on 2 CPU cores).",
+        task=False,
+        default_model="smollm2-135m",
     )
-    model_args(demo, default_model="smollm2-135m")
     demo.add_argument("--pairs", type=int, default=4, metavar="N", help="number of IOI prompt pairs (default 4)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the prompt draw (default 0)")
     demo.add_argument(
@@ -63,18 +65,17 @@ def _add_demo(sub: Subparsers) -> None:
         metavar="N",
         help="if > 0, also bound the unverified nodes' effects with N subsampling samples (default 0: off)",
     )
-    output_args(demo, "out/demo")
+    outputs(demo, "out/demo", workers=False)
 
 
 def _add_run(sub: Subparsers) -> None:
-    run = sub.add_parser(
+    run = command(
+        sub,
         "run",
-        help="one attribution method on a model and task",
-        description="Run one method, save the result (estimate.json + estimate.safetensors), "
+        "one attribution method on a model and task",
+        "Run one method, save the result (estimate.json + estimate.safetensors), "
         "a CSV of top nodes, heatmaps and report.html.",
     )
-    model_args(run)
-    task_args(run)
     run.add_argument("--method", default="atp*", help="method id (see 'atpstar methods'; default atp*)")
     run.add_argument("--nodes", default="all", help="node types: all, attention, qkv, or a comma list (default all)")
     run.add_argument(
@@ -87,23 +88,21 @@ def _add_run(sub: Subparsers) -> None:
     run.add_argument(
         "--verify", type=int, default=0, metavar="N", help="also verify the top N nodes exactly (default 0)"
     )
-    worker_args(run)
-    output_args(run, "out/run")
+    outputs(run, "out/run")
 
 
 def _add_compare(sub: Subparsers) -> None:
-    compare = sub.add_parser(
+    compare = command(
+        sub,
         "compare",
-        help="compare methods by cost of verified recall against exhaustive patching",
-        description="Compute (or reuse from --out) the exhaustive ground truth by activation "
+        "compare methods by cost of verified recall against exhaustive patching",
+        "Compute (or reuse from --out) the exhaustive ground truth by activation "
         "patching, run each method, and write cost-of-verified-recall tables "
         "(markdown + CSV), plots and report.html. The ground truth is checkpointed "
         "to OUT/ground_truth.ckpt.safetensors (OUT/ground_truth.units/ with --workers) and resumes when "
         "interrupted; "
         "results already in OUT are reused unless --recompute.",
     )
-    model_args(compare)
-    task_args(compare)
     compare.add_argument(
         "--methods", default=COMPARE_DEFAULT, help=f"comma list of method ids (default {COMPARE_DEFAULT})"
     )
@@ -143,19 +142,17 @@ def _add_compare(sub: Subparsers) -> None:
         action="store_true",
         help="discard results and checkpoints saved in --out (also those of another model or options) and compute again",
     )
-    worker_args(compare)
-    output_args(compare, "out/compare")
+    outputs(compare, "out/compare")
 
 
 def _add_verify(sub: Subparsers) -> None:
-    verify = sub.add_parser(
+    verify = command(
+        sub,
         "verify",
-        help="verify an estimate's top nodes by exact activation patching",
-        description="Patch the nodes of a saved estimate in its ranking order, exactly, and save "
+        "verify an estimate's top nodes by exact activation patching",
+        "Patch the nodes of a saved estimate in its ranking order, exactly, and save "
         "the exact effects (verified.json + verified.safetensors) for 'atpstar bound'.",
     )
-    model_args(verify)
-    task_args(verify)
     verify.add_argument(
         "--estimate",
         required=True,
@@ -166,21 +163,19 @@ def _add_verify(sub: Subparsers) -> None:
     verify.add_argument(
         "--threshold", type=float, default=None, help="also stop once an estimate's |score| falls below this value"
     )
-    worker_args(verify)
-    output_args(verify, "out/verify")
+    outputs(verify, "out/verify")
 
 
 def _add_bound(sub: Subparsers) -> None:
-    bound = sub.add_parser(
+    bound = command(
+        sub,
         "bound",
-        help="bound the effects of the nodes left unverified",
-        description="Run subsampling over the unverified nodes only and report an upper confidence "
+        "bound the effects of the nodes left unverified",
+        "Run subsampling over the unverified nodes only and report an upper confidence "
         "bound on the largest remaining |effect| and a union bound on the probability "
         "that some remaining node has |effect| >= theta (assumes near-additive "
         "effects).",
     )
-    model_args(bound)
-    task_args(bound)
     bound.add_argument(
         "--verified",
         required=True,
@@ -192,5 +187,4 @@ def _add_bound(sub: Subparsers) -> None:
     bound.add_argument("--p", type=float, default=0.5, help="probability a node is in a sample (default 0.5)")
     bound.add_argument("--alpha", type=float, default=0.05, help="confidence level 1 - alpha (default 0.05)")
     bound.add_argument("--bound-seed", type=int, default=0, help="subsampling seed of the bound (default 0)")
-    worker_args(bound)
-    output_args(bound, "out/bound")
+    outputs(bound, "out/bound")

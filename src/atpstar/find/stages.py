@@ -106,7 +106,8 @@ def _round(search: Search, outcome: Outcome, round_index: int, sum_sq: float, op
         outcome.certified = True
         outcome.history.append(history_row(round_index, "bound", 0, 0, search, bound, certified=True))
         say(
-            f"round {round_index}: certified, max |c| of {bound.n_unverified} unverified <= {bound.max_effect_upper:.3g}"
+            f"round {round_index}: certified, max |c| of {bound.n_unverified} unverified "
+            f"<= {bound.max_effect_upper:.3g}"
         )
         return sum_sq
     return _verify_flagged(search, outcome, bound, flagged, round_index, sum_sq, unit, options, say)

@@ -200,7 +200,7 @@ class Search:
         }
 
     def bound(self, samples: int, p: float, alpha: float, seed: int) -> FalseNegativeBound:
-        """Run (or replay) a false-negative bound over the unverified nodes (at ``theta``, batched as the options say)."""
+        """Run (or replay) a false-negative bound over the unverified nodes (at ``theta``, batched as asked)."""
         key = {"samples": samples, "p": p, "alpha": alpha, "seed": seed, "verified": digest(self.verified)}
 
         def run() -> Step:
