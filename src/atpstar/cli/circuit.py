@@ -52,7 +52,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     options = parse_options(args.option, methods)
     for method in methods:
         built = build_method(method, **options[method])  # bad ids/options fail before the model loads
-        if "edge" not in type(built).node_types:
+        if "edges" not in type(built).engines:  # the edge engine (MIB graph) runs it
             raise InputError(f"method {method!r} has no edge form; choose from the list in --help")
     try:
         fractions = [float(x) for x in args.fractions.split(",")] if args.fractions else list(MIB_FRACTIONS)

@@ -179,20 +179,9 @@ def evaluate(
         label: _curve(label, estimate, truth_abs, types, setting, own_share, k_max, verify_cost)
         for label, estimate in labelled.items()
     }
-    return Evaluation(
-        setting,
-        np.arange(1, k_max + 1),
-        curves,
-        types,
-        n_nodes,
-        truth.n_pairs,
-        truth.model_id,
-        truth.metric,
-        truth.direction,
-        truth.cost.forward_equivalents,
-        verification,
-        _oracle(truth_abs, k_max, verify_cost),
-    )
+    facts = (truth.n_pairs, truth.model_id, truth.metric, truth.direction, truth.cost.forward_equivalents)
+    oracle = _oracle(truth_abs, k_max, verify_cost)
+    return Evaluation(setting, np.arange(1, k_max + 1), curves, types, n_nodes, *facts, verification, oracle)
 
 
 def _check_inputs(
