@@ -1,7 +1,8 @@
 """``false_negative_bound``: how large an effect could hide among the nodes verification did not reach (spec §9).
 
-The verb checks its input, builds the sampling job (the unverified nodes of the population), runs
-Subsampling over them once (``_sample``: edges, in-process, or as work units on workers), and combines
+The verb checks its input, builds the sampling job (``Sampling``: the unverified nodes of the population),
+hands it to the sampler of the population's node-space engine (``SAMPLERS``: site nodes in-process or as
+work units on workers, edges in-process), and combines
 the per-node statistics into the bound (``bound.statistics``; the maths is in that module's docstring,
 sample planning in ``bound.planning``).
 
