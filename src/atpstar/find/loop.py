@@ -46,6 +46,7 @@ from ..errors import InputError
 from ..job import Job
 from ..methods import METHODS
 from ..model import Model, as_model
+from ..nodes import NodeLayout
 from ..pairs import PromptPairs
 from ..result import Attribution
 from ..spaces import Spaces, check_node_types, spaces_for
@@ -233,8 +234,8 @@ def _estimate(search: Search, estimator: str | Attribution, options: FindOptions
     """The estimate stage: ([P, N] per-pair scores, method id), run (or replayed) or taken from a given one."""
     node_types = search.node_types
     if isinstance(estimator, Attribution):
-        search.use_estimate(_flat(estimator.scores, node_types), estimator.cost)
-        per_pair = torch.cat([estimator.per_pair[t].double().flatten(1) for t in node_types], 1)  # [P, N]
+        search.use_estimate(_flat(estimator.scores, node_types), estimator.cost)  # [N]
+        per_pair = search.layout.flatten({t: estimator.per_pair[t].double() for t in node_types})  # [P, N]
         return per_pair, estimator.method
     method_options = options.estimator_options or {}
 
@@ -255,7 +256,7 @@ def _estimate(search: Search, estimator: str | Attribution, options: FindOptions
 
 def _flat(scores: dict[str, torch.Tensor], node_types: list[str]) -> torch.Tensor:
     """[N] float64 scores of every node type, on the flat node axis."""
-    return torch.cat([scores[t].double().flatten() for t in node_types])
+    return NodeLayout.like(scores, node_types).flatten({t: scores[t].double() for t in node_types})
 
 
 def _say(message: str) -> None:

@@ -98,7 +98,7 @@ def _round(search: Search, outcome: Outcome, round_index: int, sum_sq: float, op
     samples = min(samples, affordable)
     p, seed = choose_p(samples), options.seed + round_index
     bound = outcome.bound = search.bound(samples, p, alpha_round, seed)
-    upper = torch.cat([bound.upper[t].flatten() for t in search.node_types])  # [N], nan at verified nodes
+    upper = search.layout.flatten(bound.upper)  # [N], nan at verified nodes
     flagged = torch.nonzero((upper >= theta) & ~search.verified)[:, 0]  # inf (too few samples) counts
     outcome.not_ruled_out = torch.zeros(len(upper), dtype=torch.bool)
     outcome.not_ruled_out[flagged] = True
@@ -145,7 +145,7 @@ def _verify_flagged(
     at most what the next bound would cost and let that bound (more samples) sort them. Returns the next V."""
     theta, n_pairs = options.theta, search.job.n_pairs
     unverified = torch.nonzero(~search.verified)[:, 0]
-    estimate = torch.cat([bound.estimate[t].flatten() for t in search.node_types])  # [N]
+    estimate = search.layout.flatten(bound.estimate)  # [N]
     measured = bound.info.get("se_median", float("nan"))
     if math.isfinite(measured) and measured > 0:
         sum_sq = measured**2 * bound.info["samples"] * n_pairs  # se² ≈ V / (samples · P)

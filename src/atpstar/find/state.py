@@ -21,6 +21,7 @@ from ..engine import PatchCache, prepare
 from ..engine import patch_listed as patch_ranked
 from ..job import Job
 from ..model import Model
+from ..nodes import NodeLayout
 from ..progress import progress_bar
 from ..spaces import Spaces
 from ..validate import batch_for_memory
@@ -56,6 +57,7 @@ class Search:
     journal: FindJournal
     spaces: Spaces  # the node spaces searched, bound to the model
     facts: EngineFacts  # what their engine's steps cost (``find.engines``)
+    layout: NodeLayout = field(init=False)
     estimate_score: torch.Tensor = field(init=False)  # [N] the estimator's aggregate score per node
     verified: torch.Tensor = field(init=False)  # [N] bool
     order: list[int] = field(default_factory=list)  # flat index of each verified node, in order
@@ -65,6 +67,7 @@ class Search:
     cost: dict[str, Cost] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.layout = NodeLayout(self.shapes)  # the flat node axis: node types end to end
         self.verified = torch.zeros(len(self.weight), dtype=torch.bool)
         self.estimate_score = torch.zeros(len(self.weight), dtype=torch.float64)
 
@@ -79,13 +82,9 @@ class Search:
     def add_cost(self, stage: str, cost: Cost) -> None:
         self.cost[stage] = self.cost.get(stage, Cost()) + cost
 
-    def unflatten(self, flat: int) -> tuple[str, tuple[int, ...]]:
-        for t in self.node_types:
-            size = math.prod(self.shapes[t])
-            if flat < size:
-                return t, tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), self.shapes[t]))
-            flat -= size
-        raise IndexError(flat)
+    def unflatten(self, flat: int) -> Node:
+        """(node type, layout index) of one position of the flat node axis."""
+        return self.layout.locate(flat)
 
     def verify_cost(self, flat: torch.Tensor) -> torch.Tensor:
         """[k] forward equivalents of verifying the first 1..k nodes of ``flat`` in one call."""
@@ -108,8 +107,8 @@ class Search:
         def run() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             result = compute()
             tensors = {
-                "scores": torch.cat([result.scores[t].double().flatten() for t in self.node_types]),  # [N]
-                "per_pair": torch.cat([result.per_pair[t].double().flatten(1) for t in self.node_types], 1),  # [P, N]
+                "scores": self.layout.flatten({t: result.scores[t].double() for t in self.node_types}),  # [N]
+                "per_pair": self.layout.flatten({t: result.per_pair[t].double() for t in self.node_types}),  # [P, N]
             }
             return {"method": result.method, "cost": result.cost.to_dict()}, tensors
 
