@@ -162,16 +162,7 @@ def find(
     outcome = Outcome(not_ruled_out=torch.zeros(len(weight), dtype=torch.bool))
     verify_in_estimate_order(search, outcome, window, options, say)
     bound_rounds(search, outcome, per_pair, options, say)
-    info: dict[str, Any] = {
-        "patience": window,
-        "max_rounds": options.max_rounds,
-        "seed": options.seed,
-        "budget": options.budget,
-        "estimator_options": options.estimator_options or {},
-    }
-    if journal.replayed:
-        info["resumed"] = {"checkpoint": str(journal.path), "steps": journal.replayed, "cost_fe": journal.replayed_cost}
-    found = localization(search, outcome, estimate_method, options, info)
+    found = localization(search, outcome, estimate_method, options, _recorded(options, window, journal))
     if out_dir is not None:
         found.save(Path(out_dir) / "localization")
     return found
@@ -252,6 +243,20 @@ def _estimate(search: Search, estimator: str | Attribution, options: FindOptions
         )
 
     return search.estimate(estimator, method_options, compute)
+
+
+def _recorded(options: FindOptions, window: int, journal: FindJournal) -> dict[str, Any]:
+    """The options a ``Localization`` records in ``info``, and what a resumed call took from its checkpoint."""
+    info: dict[str, Any] = {
+        "patience": window,
+        "max_rounds": options.max_rounds,
+        "seed": options.seed,
+        "budget": options.budget,
+        "estimator_options": options.estimator_options or {},
+    }
+    if journal.replayed:
+        info["resumed"] = {"checkpoint": str(journal.path), "steps": journal.replayed, "cost_fe": journal.replayed_cost}
+    return info
 
 
 def _flat(scores: dict[str, torch.Tensor], node_types: list[str]) -> torch.Tensor:
