@@ -1,5 +1,5 @@
-"""The edge forms of the registered methods: an exact sweep over every edge (resumable) and the
-gradient estimators batched over pairs. Method classes call these from ``_attribute_edges``.
+"""The exact edge sweep of the registered methods: every edge patched alone (resumable). Method classes
+call it from ``_attribute_edges``; the gradient estimators on edges are in ``edges.estimate``.
 
 Position-resolved edges (``positions=True``, the methods' ``edge_positions`` option): edge s -> r at
 position t carries only the sender's difference at residual position t (the sender's position, as
@@ -20,11 +20,8 @@ from ..cost import Cost
 from ..model import Model
 from ..pairs import PromptPairs
 from ..progress import progress_bar
-from .atpstar import edge_atp
-from .eap import eap
 from .graph import graph_of
 from .patching import edge_bytes, patch_edges, prepare_edges
-from .sites import head_out_weights
 
 
 def exact_edges(
@@ -86,44 +83,6 @@ def exact_edges(
     if prior.forward_equivalents > 0:
         info["resumed_from"] = str(checkpoint)
     return effects, info
-
-
-def estimate_edges(
-    model: Model,
-    pairs: PromptPairs,
-    direction: str,
-    cost: Cost,
-    progress: bool,
-    batch_size: int | None,
-    memory_gb: float,
-    qk_fix: bool = False,
-    grad_drop: bool = False,
-    ig_steps: int | None = None,
-    positions: bool = False,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Edge AtP (EAP), its QK fix / GradDrop / AtP* forms, or EAP-IG: [P, N] (``positions``: [P, N, T])."""
-    graph = graph_of(model)
-    w_out = head_out_weights(model)
-    shape = (pairs.n_pairs, graph.n_edges, *((pairs.seq_len,) if positions else ()))
-    out = torch.zeros(shape, dtype=model.dtype)
-    batch = batch_size or _auto_batch(model, graph.n_senders + graph.n_receivers, pairs.seq_len, memory_gb)
-    with progress_bar(pairs.n_pairs, "edge attribution", progress, unit="pair") as bar:
-        for start in range(0, pairs.n_pairs, batch):
-            index = torch.arange(start, min(start + batch, pairs.n_pairs))
-            if qk_fix or grad_drop:
-                value = edge_atp(model, graph, pairs, index, direction, w_out, cost, qk_fix, grad_drop, positions)
-            else:
-                value = eap(model, graph, pairs, index, direction, w_out, cost, positions, ig_steps)
-            out[index] = value.detach().to(out.dtype).cpu()
-            bar.update(len(index))
-    return out, {}
-
-
-def _auto_batch(model: Model, n_vectors: int, seq_len: int, memory_gb: float) -> int:
-    """Pairs per batch: sender/receiver vectors [S + R, T, D] plus an autograd graph, per pair."""
-    item = torch.finfo(model.dtype).bits // 8
-    per_pair = (n_vectors * seq_len * model.d_model + 8 * model.n_layers * edge_bytes(model, seq_len) // item) * item
-    return max(1, int(memory_gb * 2**30 // per_pair))
 
 
 def _resume(
