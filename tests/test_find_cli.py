@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_cli import make_tiny, write_pairs
 
 from atpstar.cli import main
-from atpstar.localization import Localization
-from test_cli import make_tiny, write_pairs
+from atpstar.find.localization import Localization
 
 
 @pytest.fixture(scope="module")
