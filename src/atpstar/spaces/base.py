@@ -102,10 +102,10 @@ class NodeSpace(ABC):
         """A node's index as table columns, e.g. ``{"layer": 3, "head": 2, "pos": 5}``."""
         return dict(zip(self.axes(node_type), index))
 
-    def patch_share(self, node_type: str, seq_len: int, floor: float = 0.0) -> torch.Tensor:
+    def patch_share(self, node_type: str, seq_len: int, charged: bool = False) -> torch.Tensor:
         """[*layout] the share of a full forward that patching each node alone costs, as the engine counts it
-        ((L - l) / L for a node at layer l), and at least ``floor`` (comparisons on a log scale charge every
-        verification something).
+        ((L - l) / L for a node at layer l). ``charged``: at least 1 / L, as comparisons on a log scale charge
+        every verification something.
 
         The default reads the layer from the first axis, which must then be ``"layer"``.
         """
@@ -114,7 +114,7 @@ class NodeSpace(ABC):
             raise NotImplementedError(f"{type(self).__name__} must say what patching one {node_type} node costs")
         n_layers = shape[0]
         layers = torch.arange(n_layers, dtype=torch.float64).reshape(-1, *([1] * (len(shape) - 1)))
-        return ((n_layers - layers) / n_layers).clamp(min=floor).expand(shape)
+        return ((n_layers - layers) / n_layers).expand(shape)  # >= 1 / L: charged or not
 
     # Results and identity ----------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
