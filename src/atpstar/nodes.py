@@ -60,6 +60,17 @@ class NodeType:
         lengths = {"layer": sizes.n_layers, "pos": seq_len}
         return tuple(lengths[axis] if axis in lengths else getattr(sizes, str(self.unit_size)) for axis in self.axes)
 
+    def pullback(self, diff: torch.Tensor, grad: torch.Tensor, scale: Any = None) -> torch.Tensor:
+        """Per-node linear score from the site's activation difference and gradient (both [b, *site]):
+        diff · grad per node, summed over the vector a node holds. [b, *layout[1:]].
+
+        ``scale`` (e.g. a path's mean over its points) applies to the elementwise product, before the sum.
+        """
+        prod = diff * grad  # [b, T, M] or [b, H|K, T, E] or [b, T, D]
+        if scale is not None:
+            prod = scale(prod)
+        return prod.sum(-1) if self.vector else prod
+
     def node_name(self, index: tuple[int, ...]) -> str:
         """TransformerLens-style name of one node, e.g. ``blocks.3.attn.hook_k[pos 5, head 2]``."""
         unit = "" if self.unit_axis is None else f", {self.unit_label}{index[self.unit_axis]}"

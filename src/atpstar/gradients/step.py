@@ -233,5 +233,4 @@ def atp_estimate(step: GradientStep, node_type: str, layer: int, grad: torch.Ten
     row = NODE_TABLE[node_type]
     # Half-precision gradients are upcast like the differences (ops.accumulation_dtype). No graph: the
     # difference is detached and a gradient handed to a consumer does not require grad.
-    prod = step.points.mean(step.diffs[(layer, row.site)] * upcast(grad.detach()))  # [b, T, M] or [b, H|K, T, E]
-    return prod.sum(-1) if row.vector else prod  # [b, T, M] or [b, H|K, T]
+    return row.pullback(step.diffs[(layer, row.site)], upcast(grad.detach()), step.points.mean)  # [b, *layout[1:]]

@@ -145,6 +145,14 @@ class NodeSpace(ABC):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         """Run ``method`` over this space's nodes: (per_pair, or a sink; extras; info)."""
 
+    def pullback(self, node_type: str, diff: torch.Tensor, grad: torch.Tensor, scale: Any = None) -> torch.Tensor:
+        """Per-node AtP scores from a site's source - base difference and ∂L/∂site ([b, *site] each).
+
+        Spaces served by the gradient step's site consumers implement it (``SiteNodes``); spaces with their
+        own estimators (edges: sender differences against receiver-input gradients) need not.
+        """
+        raise NotImplementedError(f"{type(self).__name__} scores its nodes with its own estimators")
+
     @abstractmethod
     def element_bytes(self, job: Job) -> int:
         """Memory of one patched forward element of ``exact_effects`` (what the batch planner divides by)."""

@@ -88,6 +88,10 @@ class SiteNodes(NodeSpace):
     def name(self, node_type: str, index: tuple[int, ...]) -> str:
         return self.row(node_type).node_name(index)
 
+    def pullback(self, node_type: str, diff: torch.Tensor, grad: torch.Tensor, scale: Any = None) -> torch.Tensor:
+        """The gradient at the node type's site as per-node scores: diff · grad per node ([b, *layout[1:]])."""
+        return self.row(node_type).pullback(diff, grad, scale)
+
     def attribute(self, method: Any, job: Any) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
         return method._attribute(job.model, job.pairs, list(self.node_types), job.direction, job.cost, job.progress)
 
