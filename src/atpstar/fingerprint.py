@@ -180,6 +180,38 @@ def check_identity(
         raise IdentityMismatchError(f"{what} does not match this run: {'; '.join(diff)}. {fix}")
 
 
+REUSE_FIELDS = (*MODEL_FIELDS, "pairs", "metric")
+
+
+def check_reuse(result: Any, model: Any, pairs: Any, what: str, fix: str | None = None) -> None:
+    """Refuse to reuse ``result`` (an estimate, a verification, any result with an ``identity``) on
+    ``model`` and ``pairs`` unless it was made on the same weights, configuration, tokenizer, prompt
+    pairs and metric; every verb that takes a finished result (verify, the bound, faithfulness curves,
+    find's given estimate) checks it here, whatever its node space. A result without a recorded
+    identity (built by hand, or read from a foreign format) is taken as it is.
+
+    Args:
+        result: has ``identity`` (``dict[str, str]`` or None).
+        model: an ``atpstar.Model``.
+        pairs: ``PromptPairs``.
+        what: how the message names the result, e.g. ``"estimate (atp)"``.
+        fix: what to do instead (default: use the model, tokenizer, pairs and metric it was made with).
+
+    Raises:
+        IdentityMismatchError: naming every field that differs.
+    """
+    saved = getattr(result, "identity", None)
+    if saved is None:
+        return
+    check_identity(
+        saved,
+        identity(model, pairs, ""),
+        what,
+        fix or "Use the model, tokenizer, prompt pairs and metric it was made with.",
+        fields=REUSE_FIELDS,
+    )
+
+
 def _dict_changes(old: Any, new: Any) -> str:
     """``key: saved X, now Y`` for each differing key when both values are JSON objects (e.g. options), else ""."""
     try:

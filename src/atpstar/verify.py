@@ -20,7 +20,7 @@ import torch
 
 from .cost import Cost
 from .errors import InputError
-from .fingerprint import MODEL_FIELDS, check_identity, identity
+from .fingerprint import check_reuse, identity
 from .job import Job
 from .model import as_model
 from .nodes import NodeLayout
@@ -86,13 +86,15 @@ def verify(
     batch_size = check_batch_size(batch_size)
     memory_gb = check_memory_gb(memory_gb)
     spaces = check_estimate(model, pairs, estimate)
-    current = identity(model, pairs, direction, estimate.node_types, "verify", {"budget": budget, "threshold": threshold})
-    check_identity(
-        estimate.identity,
-        current,
+    current = identity(
+        model, pairs, direction, estimate.node_types, "verify", {"budget": budget, "threshold": threshold}
+    )
+    check_reuse(
+        estimate,
+        model,
+        pairs,
         f"estimate ({estimate.method})",
         "Verify with the model, tokenizer, prompt pairs and metric the estimate was made with.",
-        fields=[f for f in (*MODEL_FIELDS, "pairs", "metric") if estimate.identity is not None],
     )
     nodes, ranked_scores, n_nodes = ranked_nodes(estimate, budget, threshold)
     job = Job(model, pairs, direction, Cost(), progress)

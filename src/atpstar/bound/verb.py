@@ -22,7 +22,7 @@ import torch
 from ..cost import Cost
 from ..engine import prepare
 from ..errors import InputError
-from ..fingerprint import MODEL_FIELDS, check_identity, identity
+from ..fingerprint import check_reuse
 from ..job import Job
 from ..methods.subsampling import SubsamplingStats, check_options, subsample
 from ..model import Model, as_model
@@ -108,13 +108,13 @@ def false_negative_bound(
     layout = NodeLayout({t: spaces.of(t).shape(t, pairs.seq_len) for t in node_types})
     exclude = _exclusions(layout, node_list)
     check_pairs_fit(model, pairs)
-    if isinstance(verified, Verification) and verified.identity is not None:  # another model's verified set
-        check_identity(
-            verified.identity,
-            identity(model, pairs, direction),
+    if isinstance(verified, Verification):  # another model's verified set
+        check_reuse(
+            verified,
+            model,
+            pairs,
             "verification",
             "Bound with the model, tokenizer, prompt pairs and metric it was made with.",
-            fields=(*MODEL_FIELDS, "pairs", "metric"),
         )
     job = Job(model, pairs, direction, Cost(), progress)
     sampling = {"samples": samples, "p": p, "seed": seed, "design": "random"}

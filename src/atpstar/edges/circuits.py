@@ -28,6 +28,7 @@ import torch
 
 from ..cost import Cost
 from ..errors import InputError
+from ..fingerprint import check_reuse
 from ..model import as_model
 from ..pairs import PromptPairs, check_direction
 from ..persist import write_text
@@ -168,6 +169,8 @@ def faithfulness_curve(
     if hasattr(scores, "scores"):
         if "edge" not in scores.scores:
             raise InputError("the attribution has no edge scores; run attribute(..., nodes=['edge'])")
+        fix = "Draw the curve with the model, tokenizer, prompt pairs and metric the estimate was made with."
+        check_reuse(scores, model, pairs, f"estimate ({scores.method})", fix)
         method = scores.method
         scores = scores.scores["edge"]
     scores = torch.as_tensor(scores)

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from ..api import attribute
 from ..cost import Cost
 from ..errors import InputError
+from ..fingerprint import check_reuse
 from ..job import Job
 from ..methods import METHODS
 from ..model import Model, as_model
@@ -149,7 +150,7 @@ def find(
     spaces = Spaces(spaces_for(model, node_types))
     facts = engine_facts(spaces, options.engine)
     shapes, weight = population(model, spaces, node_types, pairs.seq_len, facts)  # weight: [N]
-    given = _estimate_or_check(pairs, estimator, node_types, shapes, options.direction)
+    given = _estimate_or_check(model, pairs, estimator, node_types, shapes, options.direction)
     model.check_ready(torch.cat([pairs.clean, pairs.noise]))
     window = options.window(len(weight))
     journal = _open_journal(model, pairs, node_types, estimator if given is None else given, window, options)
@@ -169,6 +170,7 @@ def find(
 
 
 def _estimate_or_check(
+    model: Model,
     pairs: PromptPairs,
     estimator: Any,
     node_types: list[str],
@@ -189,6 +191,8 @@ def _estimate_or_check(
                 )
         if estimator.direction != direction:
             raise InputError(f"the estimate is {estimator.direction}; call find with direction={estimator.direction!r}")
+        fix = "Search with the model, tokenizer, prompt pairs and metric the estimate was made with."
+        check_reuse(estimator, model, pairs, f"estimate ({estimator.method})", fix)
         return estimator
     if not isinstance(estimator, str) or estimator not in METHODS:
         raise InputError(f"unknown estimator {estimator!r}; choose a method id from: {', '.join(METHODS)}")
