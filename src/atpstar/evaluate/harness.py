@@ -42,12 +42,13 @@ Shape letters: P pairs, N nodes (all selected node types, flattened), K ranks 1.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import IdentityMismatchError, InputError
-from ..fingerprint import MODEL_FIELDS, PAIR_FIELDS, differences
+from ..fingerprint import BOOKKEEPING_OPTIONS, MODEL_FIELDS, PAIR_FIELDS, differences
 from ..methods.base import METHODS
 from ..nodes import NodeLayout, check_node_types
 from ..result import Attribution
@@ -146,7 +147,8 @@ def evaluate(
         truth: exact effects (a method with ``exact = True``, e.g. ``activation_patching``); ``scores`` =
             mean signed effect.
         estimates: results of other methods on the same model, pairs, direction and node types;
-            a dict gives each its label (default: the method id).
+            a dict gives each its label (default: the method id; estimates of one method are labelled by the
+            options that differ between them, e.g. ``subsampling(samples=32)``, see ``labels``).
         setting: ``"distribution"`` (aggregate scores) or ``"per_pair"`` (each pair alone,
             geometric mean over pairs).
         node_types: restrict the comparison to these node types (default: the truth's).
@@ -199,7 +201,7 @@ def _check_inputs(
     if truth.method not in METHODS or not METHODS[truth.method].cls.exact:
         exact = [m for m, entry in METHODS.items() if entry.cls.exact]
         raise InputError(f"the ground truth must come from an exact method ({', '.join(exact)}); got {truth.method!r}")
-    labelled = dict(estimates) if isinstance(estimates, dict) else {e.method: e for e in estimates}
+    labelled = dict(estimates) if isinstance(estimates, dict) else labels(list(estimates))
     if not labelled:
         raise InputError("evaluate needs at least one estimate")
     types = check_node_types(list(node_types) if node_types is not None else truth.node_types)
@@ -207,6 +209,38 @@ def _check_inputs(
     for label, estimate in labelled.items():
         _check_match(truth, estimate, label, types)
     return labelled, types
+
+
+def labels(estimates: list[Attribution]) -> dict[str, Attribution]:
+    """Each estimate under its method id; estimates that share one are told apart by the options whose values
+    differ between them, e.g. ``subsampling(samples=32)`` and ``subsampling(samples=512)``.
+
+    Raises:
+        InputError: two estimates of one method with the same options (one row would replace the other).
+    """
+    by_method: dict[str, list[int]] = {}
+    for i, estimate in enumerate(estimates):
+        by_method.setdefault(estimate.method, []).append(i)
+    out: dict[int, str] = {}
+    for method, group in by_method.items():
+        options = [_numbers_options(estimates[i]) for i in group]
+        keys = sorted({k for o in options for k in o if len({repr(other.get(k)) for other in options}) > 1})
+        for i, kept in zip(group, options):
+            out[i] = method if len(group) == 1 else f"{method}({', '.join(f'{k}={kept.get(k)}' for k in keys)})"
+        seen: dict[str, int] = {}
+        for i in group:
+            if out[i] in seen:
+                raise InputError(
+                    f"estimates {seen[out[i]]} and {i} are both {method!r} with the same options, so one row would "
+                    "replace the other; pass each estimate once, or a dict {label: estimate} to name them"
+                )
+            seen[out[i]] = i
+    return {out[i]: estimate for i, estimate in enumerate(estimates)}
+
+
+def _numbers_options(estimate: Attribution) -> dict[str, Any]:
+    """The options of an estimate that change its numbers (bookkeeping ones such as ``memory_gb`` left out)."""
+    return {k: v for k, v in estimate.options.items() if k not in BOOKKEEPING_OPTIONS}
 
 
 def _problems(

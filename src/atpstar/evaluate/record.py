@@ -25,7 +25,8 @@ class MethodCurve:
     """One method's cost-of-verified-recall curve in one setting.
 
     Attributes:
-        method: method id.
+        method: the curve's label: the method id, with the options that tell it apart when several
+            estimates of one method are compared (``evaluate.harness.labels``).
         forward, backward: the method's own passes (total over all pairs).
         own_cost: own cost in forward equivalents charged to each ranking problem (per pair: total / P).
         cost: [K] cost of verified recall (per-pair setting: geometric mean over pairs).
@@ -58,7 +59,7 @@ class Evaluation:
     Attributes:
         setting: ``"distribution"`` or ``"per_pair"``.
         k: [K] the ranks 1..K_max.
-        curves: method id -> ``MethodCurve``.
+        curves: label (the method id, or with its telling options) -> ``MethodCurve``.
         node_types, n_nodes, n_pairs, model_id, metric, direction: what was compared.
         truth_cost: forward equivalents of the exhaustive ground truth (over all pairs).
         verification: ``"forward"`` (a verification costs one forward per pair) or ``"partial"``
