@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .pairs import PromptPairs
+from .pairs import PromptPairs, check_answers_differ
 from .validate import check_known_tokens, check_single_token
 
 REQUIRED = ("clean", "noise", "answer")
@@ -99,6 +99,8 @@ def read_pairs_jsonl(path: str | Path, tokenizer: Any) -> PromptPairs:
         answer.append(_single(tokenizer, record["answer"], "answer", path, number))
         if with_distractor:
             distractor.append(_single(tokenizer, record["distractor"], "distractor", path, number))
+    if with_distractor:
+        check_answers_differ(answer, distractor, [f"{path}:{number}" for number, _ in records])
     metric = "logit_diff" if with_distractor else "logprob"
     return PromptPairs(clean, noise, answer, distractor if with_distractor else None, metric=metric)
 

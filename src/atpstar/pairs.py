@@ -95,6 +95,7 @@ class PromptPairs:
         for name, ids in (("answer", self.answer), ("distractor", self.distractor)):
             if ids is not None and ids.shape[0] != self.clean.shape[0]:
                 raise InputError(f"{name} needs one token per pair ({self.clean.shape[0]}); got {ids.shape[0]}")
+        check_answers_differ(self.answer, self.distractor)
         if isinstance(metric, str):
             if metric not in _BUILTIN:
                 raise InputError(f"unknown metric {metric!r}; choose one of {list(METRICS)} or pass a callable")
@@ -190,6 +191,25 @@ class PromptPairs:
 
     def __repr__(self) -> str:
         return f"PromptPairs(n_pairs={self.n_pairs}, seq_len={self.seq_len}, metric={self.metric_name!r})"
+
+
+def check_answers_differ(answer: Any, distractor: Any, names: Sequence[str] | None = None) -> None:
+    """Refuse pairs whose distractor is their answer: the metric would be 0 for every run, so every effect is 0.
+
+    Args:
+        answer, distractor: [P] token ids (distractor None: nothing to check).
+        names: how the message names pair i (default ``"pair i"``), e.g. ``"pairs.jsonl:3"``.
+    """
+    if distractor is None:
+        return
+    same = (torch.as_tensor(answer) == torch.as_tensor(distractor)).nonzero().flatten().tolist()
+    if same:
+        shown = ", ".join(f"{names[i] if names else f'pair {i}'} (token {int(answer[i])})" for i in same[:5])
+        more = f" and {len(same) - 5} more" if len(same) > 5 else ""
+        raise InputError(
+            f"the answer and the distractor are the same token in {shown}{more}; the metric would not change under "
+            "any patch (every effect 0). Give each pair a distractor that differs from its answer."
+        )
 
 
 def prompt_ids(tokenizer: Any, text: str) -> list[int]:
