@@ -104,14 +104,34 @@ def _from_pretrained(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
 
     family_of(config)  # check the family before loading weights
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+        hf_model, loading = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, local_files_only=local_only, output_loading_info=True
+        )
     except (OSError, ValueError, RuntimeError) as err:
         raise InputError(f"could not load the weights of model {name!r}: {_first_line(err)}") from err
+    check_complete(hf_model, loading.get("missing_keys", ()), name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return hf_model.eval(), tokenizer
+
+
+def check_complete(hf_model: Any, missing_keys: Any, name: str) -> None:
+    """Refuse a model whose checkpoint lacks weights: transformers would fill them with random values.
+
+    A weight tied to a loaded one (e.g. ``lm_head`` tied to the embeddings) is not missing.
+    """
+    absent = set(missing_keys)
+    params = dict(hf_model.named_parameters(remove_duplicate=False))
+    loaded = {id(param) for key, param in params.items() if key not in absent}
+    missing = sorted(k for k in absent if k not in params or id(params[k]) not in loaded)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise InputError(
+            f"model {name!r} is missing {len(missing)} weight(s) in its checkpoint: {shown}; transformers would "
+            "fill them with random values. Use a complete checkpoint (re-save it with save_pretrained)."
+        )
 
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5")
