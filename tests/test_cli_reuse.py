@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from test_cli import make_tiny, write_pairs
 
 from atpstar.cli import main
+from test_cli import make_tiny, write_pairs
 
 
 @pytest.fixture(scope="module")

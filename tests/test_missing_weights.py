@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_cli import make_tiny, write_pairs
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import atpstar
 from atpstar.cli import main
 from atpstar.errors import InputError
 from atpstar.loading import check_complete
+from test_cli import make_tiny, write_pairs
 
 
 def _drop(folder: Path, key: str) -> Path:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_jsonl import WORDS, tokenizer  # noqa: F401  (the word-level tokenizer fixture)
 
 import atpstar
 from atpstar.errors import InputError
 from atpstar.jsonl import read_pairs_jsonl
+from test_jsonl import WORDS, tokenizer  # noqa: F401  (the word-level tokenizer fixture)
 
 
 def test_prompt_pairs_refuse_an_answer_equal_to_its_distractor() -> None:

@@ -104,9 +104,10 @@ def _from_pretrained(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
 
     family_of(config)  # check the family before loading weights
     try:
-        hf_model, loading = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, local_files_only=local_only, output_loading_info=True
         )
+        hf_model, loading = loaded  # (model, {"missing_keys": ..., ...})
     except (OSError, ValueError, RuntimeError) as err:
         raise InputError(f"could not load the weights of model {name!r}: {_first_line(err)}") from err
     check_complete(hf_model, loading.get("missing_keys", ()), name)
