@@ -19,7 +19,10 @@ def gpt2_toy(seed: int = 0, n_pairs: int = 3, seq_len: int = 5):
                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, initializer_range=0.2)
     g = torch.Generator().manual_seed(seed + 1)
     tokens = lambda *shape: torch.randint(0, 40, shape, generator=g)  # noqa: E731
-    pairs = atpstar.PromptPairs(tokens(n_pairs, seq_len), tokens(n_pairs, seq_len), tokens(n_pairs), tokens(n_pairs))
+    clean, noise = tokens(n_pairs, seq_len), tokens(n_pairs, seq_len)
+    answer, distractor = tokens(n_pairs), tokens(n_pairs)
+    distractor = torch.where(distractor == answer, (answer + 1) % 40, distractor)  # a competitor, not the answer
+    pairs = atpstar.PromptPairs(clean, noise, answer, distractor)
     return atpstar.Model(GPT2LMHeadModel(config).double().eval()), pairs
 
 

@@ -40,7 +40,10 @@ def gpt2_toy(seed: int = 0, n_pairs: int = 3, seq_len: int = 5):
 def random_pairs(seed: int, n_pairs: int, seq_len: int, vocab: int) -> atpstar.PromptPairs:
     g = torch.Generator().manual_seed(seed + 1)
     tokens = lambda *shape: torch.randint(0, vocab, shape, generator=g)  # noqa: E731
-    return atpstar.PromptPairs(tokens(n_pairs, seq_len), tokens(n_pairs, seq_len), tokens(n_pairs), tokens(n_pairs))
+    clean, noise = tokens(n_pairs, seq_len), tokens(n_pairs, seq_len)
+    answer, distractor = tokens(n_pairs), tokens(n_pairs)
+    distractor = torch.where(distractor == answer, (answer + 1) % vocab, distractor)  # a competitor, not the answer
+    return atpstar.PromptPairs(clean, noise, answer, distractor)
 
 
 # Joint patching -----------------------------------------------------------------------------------------

@@ -35,5 +35,8 @@ def sparse_additive_toy(
     def tokens(*shape: int) -> torch.Tensor:
         return torch.randint(0, 30, shape, generator=g)
 
-    pairs = atpstar.PromptPairs(tokens(n_pairs, seq_len), tokens(n_pairs, seq_len), tokens(n_pairs), tokens(n_pairs))
+    clean, noise = tokens(n_pairs, seq_len), tokens(n_pairs, seq_len)
+    answer, distractor = tokens(n_pairs), tokens(n_pairs)
+    distractor = torch.where(distractor == answer, (answer + 1) % 30, distractor)  # a competitor, not the answer
+    pairs = atpstar.PromptPairs(clean, noise, answer, distractor)
     return atpstar.Model(hf_model), pairs
