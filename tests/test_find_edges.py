@@ -14,7 +14,7 @@ from atpstar.edges.circuit_run import circuit_metric
 from atpstar.edges.graph import graph_of
 from atpstar.edges.patching import prepare_edges
 from atpstar.localization import Localization
-from atpstar.methods.subsampling import _random_subset
+from atpstar.sweeps.subsampling import random_subset
 
 
 def _setup(family: str, n_layers: int = 2, heads: int = 4, n_pairs: int = 2):
@@ -83,7 +83,7 @@ def test_edge_bound_statistics_equal_a_brute_force_loop():
     for pair in range(pairs.n_pairs):
         masks, deltas = [], []
         for sample in range(samples):
-            chosen = _random_subset(graph.n_edges, p, seed, pair, sample) & keep
+            chosen = random_subset(graph.n_edges, p, seed, pair, sample) & keep
             absent = graph.to_matrix(chosen.double()).bool()[None]  # [1, S, R]
             metric = circuit_metric(model, cache, source, torch.tensor([pair]), absent, Cost())
             masks.append(chosen)

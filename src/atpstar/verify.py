@@ -20,15 +20,16 @@ from typing import Any
 import torch
 
 from .cost import Cost
-from .engine import PatchCache, element_bytes, prepare, sweep_layer
+from .engine import element_bytes, prepare
 from .errors import CorruptFileError, InputError
 from .fingerprint import MODEL_FIELDS, check_identity, identity
-from .model import Model, as_model
+from .model import as_model
 from .nodes import NodeLayout, index_columns, node_name, node_shape, unit_and_pos
 from .pairs import PromptPairs, check_direction
 from .persist import bundle_base, load_bundle, save_bundle
 from .progress import progress_bar
 from .result import Attribution
+from .sweeps.patching import patch_ranked
 from .validate import batch_for_memory, check_batch_size, check_count, check_number, check_pairs_fit
 
 KIND = "verification"
@@ -293,35 +294,3 @@ def verify(
             "estimate_identity": estimate.identity,
         },
     )
-
-
-def patch_ranked(
-    model: Model,
-    cache: PatchCache,
-    node_types: list[str],
-    ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    batch: int,
-    cost: Cost,
-    advance: Any = None,
-) -> torch.Tensor:
-    """Exact effects [N, P] float64 of N listed nodes on every pair of ``cache``, batched by layer.
-
-    Args:
-        ranked: (type index into ``node_types``, layer, head/kv-head/neuron, position), each [N].
-    """
-    type_index, layer_index, unit_index, pos_index = ranked
-    n_nodes, n_pairs = len(type_index), cache.n_pairs
-    effects = torch.zeros(n_nodes, n_pairs, dtype=torch.float64)
-    # One element per (node, pair): the node's rank, then the engine's node tuple.
-    ranks = torch.arange(n_nodes).repeat_interleave(n_pairs)
-    pair_i = torch.arange(n_pairs).repeat(n_nodes)
-    type_i, layer_i = type_index.repeat_interleave(n_pairs), layer_index.repeat_interleave(n_pairs)
-    unit_i, pos_i = unit_index.repeat_interleave(n_pairs), pos_index.repeat_interleave(n_pairs)
-    for layer in torch.unique(layer_i).tolist():
-        rows = torch.nonzero(layer_i == layer)[:, 0]
-        group = (type_i[rows], pair_i[rows], unit_i[rows], pos_i[rows])
-        for chunk, effect in sweep_layer(model, cache, int(layer), node_types, group, batch, cost):
-            effects[ranks[rows[chunk]], pair_i[rows[chunk]]] = effect.detach().double().cpu()
-            if advance is not None:
-                advance(len(chunk))
-    return effects

@@ -12,8 +12,8 @@ from atpstar.cost import Cost
 from atpstar.distributed import sweeps
 from atpstar.distributed.units import WorkerState
 from atpstar.engine import prepare
-from atpstar.methods.subsampling import subsample_range
 from atpstar.ops import welford_merge
+from atpstar.sweeps.subsampling import subsample_range
 
 NODES = ["neuron", "query", "key", "value", "head"]
 

@@ -12,7 +12,8 @@ only when workers are asked for (``pip install 'atpstar[distributed]'``).
 
 from __future__ import annotations
 
-from .executor import LocalExecutor, RayExecutor, WorkerError, executor_for
+from .executor import LocalExecutor, RayExecutor, executor_for
+from .pool import WorkerError
 from .store import UnitStore
 from .units import BlockUnit, PatchUnit, RankUnit, SampleUnit, Sweep, UnitResult, WorkerState
 

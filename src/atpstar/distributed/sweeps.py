@@ -21,12 +21,12 @@ import torch
 
 from ..cost import Cost
 from ..fingerprint import identity
-from ..methods.subsampling import SubsamplingStats, keep_mask, sample_batch
 from ..model import Model
 from ..nodes import NodeLayout, node_shape
 from ..ops import welford_merge
 from ..pairs import PromptPairs
 from ..progress import progress_bar
+from ..sweeps.subsampling import SubsamplingStats, keep_mask, sample_batch
 from .executor import LocalExecutor, RayExecutor
 from .store import UnitStore
 from .units import BlockUnit, PatchUnit, RankUnit, SampleUnit, Sweep, Unit, UnitResult

@@ -79,7 +79,7 @@ class PatchUnit:
         return f"patch_pairs{self.pair_start}-{self.pair_stop}_layers{'-'.join(map(str, self.layers))}"
 
     def run(self, worker: WorkerState, sweep: Sweep) -> UnitResult:
-        from ..methods.patching import patch_layers
+        from ..sweeps.patching import patch_layers
 
         cache, prepared = worker.cache(sweep, self.pair_start, self.pair_stop)
         cost = Cost()
@@ -109,7 +109,7 @@ class RankUnit:
         return f"ranks{self.start}-{self.stop}"
 
     def run(self, worker: WorkerState, sweep: Sweep) -> UnitResult:
-        from ..verify import patch_ranked
+        from ..sweeps.patching import patch_ranked
 
         cache, prepared = worker.cache(sweep, 0, sweep.pairs.n_pairs)
         window = {k: v[self.start : self.stop] for k, v in sweep.tensors.items()}
@@ -139,7 +139,7 @@ class SampleUnit:
         return f"samples{self.start}-{self.stop}"
 
     def run(self, worker: WorkerState, sweep: Sweep) -> UnitResult:
-        from ..methods.subsampling import subsample_range
+        from ..sweeps.subsampling import subsample_range
 
         cache, prepared = worker.cache(sweep, 0, sweep.pairs.n_pairs)
         cost = Cost()
@@ -163,7 +163,7 @@ class SampleUnit:
 
 @dataclass(frozen=True)
 class BlockUnit:
-    """Joint patching of each of ``blocks`` (``methods.blocks.Block`` tuples) on every pair."""
+    """Joint patching of each of ``blocks`` (``sweeps.blocks.Block`` tuples) on every pair."""
 
     blocks: tuple[tuple[str, int, int, int], ...]
     work: int = field(default=0, compare=False)
@@ -175,7 +175,7 @@ class BlockUnit:
         return f"blocks{len(self.blocks)}_{digest}"
 
     def run(self, worker: WorkerState, sweep: Sweep) -> UnitResult:
-        from ..methods.blocks import Block, patch_blocks
+        from ..sweeps.blocks import Block, patch_blocks
 
         cache, prepared = worker.cache(sweep, 0, sweep.pairs.n_pairs)
         shapes = {t: node_shape(t, worker.model.sizes, sweep.pairs.seq_len) for t in sweep.node_types}

@@ -11,34 +11,21 @@ Shape letters: P pairs, B batch, L layers, R nodes per layer of one type.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from ..batching import BatchGuard
 from ..cost import Cost
-from ..engine import PatchCache, patch_masks, prepare
+from ..engine import prepare
 from ..errors import InputError
-from ..memory import MemoryPlan, cache_bytes, layout_elems, patched_forward_bytes, patching_plan
+from ..memory import MemoryPlan, layout_elems, patching_plan
 from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
 from ..progress import progress_bar
+from ..sweeps.blocks import Block, patch_blocks, per_layer
 from ..validate import check_batching
 from .base import Method, register
-
-
-class Block(NamedTuple):
-    """Nodes ``start``..``stop``-1 of the flattened per-layer layout of ``node_type`` at ``layer``."""
-
-    node_type: str
-    layer: int
-    start: int
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
 
 
 @register("blocks", summary="patch fixed blocks of nodes jointly; each node scored by its block's |effect|")
@@ -68,7 +55,7 @@ class Blocks(Method):
         cost = Cost()
         cost.add_forward(2 * pairs.n_pairs)
         for t in node_types:
-            n_blocks = -(-_per_layer(node_shape(t, model.sizes, pairs.seq_len)) // self.block_size)
+            n_blocks = -(-per_layer(node_shape(t, model.sizes, pairs.seq_len)) // self.block_size)
             for layer in range(model.n_layers):
                 cost.add_forward(pairs.n_pairs * n_blocks, start_layer=layer, n_layers=model.n_layers)
         return cost
@@ -105,10 +92,10 @@ class Blocks(Method):
     ) -> tuple[dict[str, tuple[int, ...]], list[Block]]:
         shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
         blocks = [
-            Block(t, layer, start, min(start + self.block_size, _per_layer(shapes[t])))
+            Block(t, layer, start, min(start + self.block_size, per_layer(shapes[t])))
             for t in node_types
             for layer in range(model.n_layers)
-            for start in range(0, _per_layer(shapes[t]), self.block_size)
+            for start in range(0, per_layer(shapes[t]), self.block_size)
         ]
         return shapes, blocks
 
@@ -124,7 +111,7 @@ class Blocks(Method):
         info: dict[str, Any],
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         per_pair = {
-            t: torch.zeros(pairs.n_pairs, model.n_layers, _per_layer(shapes[t]), dtype=model.dtype) for t in node_types
+            t: torch.zeros(pairs.n_pairs, model.n_layers, per_layer(shapes[t]), dtype=model.dtype) for t in node_types
         }
         for block, effect in zip(blocks, effects):
             per_pair[block.node_type][:, block.layer, block.start : block.stop] = effect[:, None].to(model.dtype)
@@ -157,48 +144,3 @@ def masks_plan(
         memory_gb=memory_gb,
         results_bytes=n_pairs * nodes * item,
     )
-
-
-def _per_layer(shape: tuple[int, ...]) -> int:
-    """Nodes per layer of a layout [L, a, b]."""
-    return int(shape[1] * shape[2])
-
-
-def patch_blocks(
-    model: Model,
-    cache: PatchCache,
-    blocks: list[Block],
-    shapes: dict[str, tuple[int, ...]],
-    batch_size: int | None,
-    memory_gb: float,
-    cost: Cost,
-    advance: Any = None,
-) -> torch.Tensor:
-    """Effects [n_blocks, P] of patching each block jointly on each pair.
-
-    Forwards are grouped by (node type, layer), so every batch starts at its blocks' own layer.
-    """
-    n_pairs = cache.n_pairs
-    effects = torch.zeros(len(blocks), n_pairs, dtype=torch.float64)
-    groups: dict[tuple[str, int], list[int]] = {}
-    guard = BatchGuard("blocks: patched forwards", model.device)
-    for i, block in enumerate(blocks):
-        groups.setdefault((block.node_type, block.layer), []).append(i)
-    for (node_type, layer), members in groups.items():
-        mask_bytes = int(torch.Size(shapes[node_type]).numel())
-        room = memory_gb * 2**30 - cache_bytes(model, n_pairs, cache.pairs.seq_len, list(shapes))
-        batch = batch_size or max(1, int(room // (patched_forward_bytes(model, cache.pairs.seq_len) + mask_bytes)))
-        members = sorted(members, key=lambda i: blocks[i].start)  # similar first positions share a batch
-        block_i = torch.tensor(members).repeat_interleave(n_pairs)  # one element per (block, pair)
-        pair_i = torch.arange(n_pairs).repeat(len(members))
-        for start in range(0, len(block_i), batch):
-            chunk_blocks, chunk_pairs = block_i[start : start + batch], pair_i[start : start + batch]
-            mask = torch.zeros(len(chunk_blocks), *shapes[node_type], dtype=torch.bool)
-            flat = mask.view(len(chunk_blocks), shapes[node_type][0], -1)  # [B, L, R]
-            for row, i in enumerate(chunk_blocks.tolist()):
-                flat[row, layer, blocks[i].start : blocks[i].stop] = True
-            effect = patch_masks(model, cache, {node_type: mask}, chunk_pairs, cost, guard)
-            effects[chunk_blocks, chunk_pairs] = effect.detach().double().cpu()
-            if advance is not None:
-                advance(len(chunk_blocks))
-    return effects

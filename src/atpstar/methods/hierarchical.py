@@ -25,9 +25,10 @@ from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
 from ..progress import progress_bar
+from ..sweeps.blocks import Block, patch_blocks, per_layer
 from ..validate import check_batching
 from .base import Method, register
-from .blocks import Block, _per_layer, masks_plan, patch_blocks
+from .blocks import masks_plan
 
 
 @register(
@@ -123,12 +124,12 @@ class Hierarchical(Method):
         """Split blocks down from whole layers; ``patch(blocks, bar)`` gives their effects [n_blocks, P]."""
         n_pairs = pairs.n_pairs
         shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
-        n_nodes = sum(model.n_layers * _per_layer(shapes[t]) for t in node_types)
+        n_nodes = sum(model.n_layers * per_layer(shapes[t]) for t in node_types)
         budget = self.budget
         if budget is None and self.threshold is None:
             budget = math.ceil(n_nodes / 10)
         per_pair = {
-            t: torch.zeros(n_pairs, model.n_layers, _per_layer(shapes[t]), dtype=model.dtype) for t in node_types
+            t: torch.zeros(n_pairs, model.n_layers, per_layer(shapes[t]), dtype=model.dtype) for t in node_types
         }
         round_size = max(self.branching, (self.batch_size or 256 * n_pairs) // n_pairs)
         heap: list[tuple[float, int, Block]] = []
@@ -145,7 +146,7 @@ class Hierarchical(Method):
                 if block.size > 1 and (self.threshold is None or size > self.threshold):
                     heapq.heappush(heap, (-size, next(tie), block))
 
-        roots = [Block(t, layer, 0, _per_layer(shapes[t])) for t in node_types for layer in range(model.n_layers)]
+        roots = [Block(t, layer, 0, per_layer(shapes[t])) for t in node_types for layer in range(model.n_layers)]
         with progress_bar(0, "hierarchical", progress, unit="block") as bar:
             run(roots, bar)
             while heap:

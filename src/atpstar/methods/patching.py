@@ -14,15 +14,16 @@ import torch
 
 from ..checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from ..cost import Cost
-from ..engine import MIN_CHUNK_TOKENS, PatchCache, prepare, sweep_layer
+from ..engine import MIN_CHUNK_TOKENS, prepare, sweep_layer
 from ..errors import InputError
 from ..fingerprint import identity
 from ..memory import MemoryPlan, layout_elems, patching_plan
 from ..model import Model
-from ..nodes import ALL_TYPES, layout_index, node_shape, unit_and_pos
+from ..nodes import ALL_TYPES, node_shape
 from ..ops import accumulation_dtype
 from ..pairs import PromptPairs
 from ..progress import progress_bar
+from ..sweeps.patching import pending_nodes, store_effects
 from ..validate import check_batch_size, check_count, check_memory_gb
 from .base import Method, check_edge_positions, register
 
@@ -184,13 +185,14 @@ class ActivationPatching(Method):
                     block_effects = {t: e[rows] for t, e in effects.items()}  # views: results land in place
                     block_done = {t: d[rows] for t, d in done.items()}
                     for layer in layers:
-                        pending = _pending(node_types, block_done, layer)  # pair indices within the block
+                        pending = pending_nodes(node_types, block_done, layer)  # pair indices within the block
                         sweep = sweep_layer(
                             model, cache, layer, node_types, pending, batch, cost, self.min_chunk_tokens
                         )
                         for chunk, effect in sweep:
                             type_i, pair_i, unit_i, pos_i = (part[chunk] for part in pending)
-                            _store(node_types, block_effects, block_done, layer, type_i, pair_i, unit_i, pos_i, effect)
+                            elements = (type_i, pair_i, unit_i, pos_i)
+                            store_effects(node_types, block_effects, block_done, layer, elements, effect)
                             bar.update(len(chunk))
                             finished += len(chunk)
                             if self.checkpoint and schedule.due(finished, total):
@@ -209,70 +211,6 @@ class ActivationPatching(Method):
         if prior.forward_equivalents > 0:
             info["resumed_from"] = str(self.checkpoint)
         return effects, {}, info
-
-
-def patch_layers(
-    model: Model,
-    cache: PatchCache,
-    node_types: list[str],
-    layers: list[int],
-    batch: int,
-    cost: Cost,
-    min_chunk_tokens: int = MIN_CHUNK_TOKENS,
-    advance: Any = None,
-) -> dict[str, torch.Tensor]:
-    """Exact effects of every node of ``layers`` on every pair of ``cache`` (one work unit's share).
-
-    Returns:
-        node type -> [P, len(layers), *rest of layout] (layers in the order given).
-    """
-    effects = {
-        t: torch.zeros(cache.n_pairs, *node_shape(t, model.sizes, cache.pairs.seq_len), dtype=cache.base_metric.dtype)
-        for t in node_types
-    }
-    done = {t: torch.zeros(e.shape, dtype=torch.bool) for t, e in effects.items()}
-    for layer in layers:
-        pending = _pending(node_types, done, layer)
-        for chunk, effect in sweep_layer(model, cache, layer, node_types, pending, batch, cost, min_chunk_tokens):
-            type_i, pair_i, unit_i, pos_i = (part[chunk] for part in pending)
-            _store(node_types, effects, done, layer, type_i, pair_i, unit_i, pos_i, effect)
-            if advance is not None:
-                advance(len(chunk))
-    return {t: e[:, layers].cpu() for t, e in effects.items()}  # [P, L_unit, ...]
-
-
-def _pending(
-    node_types: list[str], done: dict[str, torch.Tensor], layer: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unfinished nodes of all types at ``layer`` as (type, pair, unit, pos) [N] each."""
-    parts = []
-    for i, node_type in enumerate(node_types):
-        remaining = torch.nonzero(~done[node_type][:, layer])  # [n, 3] rows (pair, *layout[1:])
-        pair, a, b = remaining.unbind(1)
-        unit, pos = unit_and_pos(node_type, (layer, a, b))
-        parts.append(torch.stack([torch.full_like(pair, i), pair, unit, pos], 1))
-    type_i, pair_i, unit_i, pos_i = torch.cat(parts).unbind(1)
-    return type_i, pair_i, unit_i, pos_i
-
-
-def _store(
-    node_types: list[str],
-    effects: dict[str, torch.Tensor],
-    done: dict[str, torch.Tensor],
-    layer: int,
-    type_i: torch.Tensor,
-    pair_i: torch.Tensor,
-    unit_i: torch.Tensor,
-    pos_i: torch.Tensor,
-    effect: torch.Tensor,
-) -> None:
-    for i, node_type in enumerate(node_types):
-        rows = type_i == i
-        pair, unit, pos = pair_i[rows], unit_i[rows], pos_i[rows]
-        layer_i = torch.full_like(pair, layer)
-        index = (pair, *layout_index(node_type, layer_i, unit, pos))
-        effects[node_type][index] = effect[rows].to(effects[node_type].dtype).cpu()
-        done[node_type][index] = True
 
 
 def _resume(
