@@ -229,7 +229,7 @@ def subsample_on(
     """Subsampling as ranges of samples merged with Welford's parallel update: (stats, base metric [P], info)."""
     layout = NodeLayout.of(node_types, model.sizes, pairs.seq_len)
     keep = keep_mask(layout, exclude)
-    batch = batch_size or sample_batch(model, pairs.seq_len, len(keep), memory_gb)
+    batch = sample_batch(model, pairs.seq_len, len(keep), memory_gb, batch_size)
     sweep = Sweep("samples", pairs, direction, list(node_types), {**sampling, "batch": batch}, {"keep": keep})
     total = sampling["samples"] * pairs.n_pairs
     units = plan_sample_units(total, batch, pairs.n_pairs, _target_units(executor))

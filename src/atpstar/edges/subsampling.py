@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..batching import plan_batch
 from ..cost import Cost
 from ..model import Model
 from ..pairs import PromptPairs
@@ -57,7 +58,7 @@ def subsample_edges(
     keep = torch.ones(n_edges, dtype=torch.bool) if exclude is None else ~exclude.to(torch.bool)
     cache = prepare_edges(model, graph, pairs, direction, cost)
     source = (cache.base_senders + cache.delta).contiguous()  # [P, S, T, D] sender outputs of the source run
-    batch = batch_size or max(1, int(memory_gb * 2**30 // circuit_bytes(model, graph, pairs.seq_len)))
+    batch = plan_batch(circuit_bytes(model, graph, pairs.seq_len), memory_gb, model.device, batch_size=batch_size)
     values = {name: torch.zeros(n_pairs, n_edges, dtype=torch.float64) for name in RUNNING}
     total = samples * n_pairs
     with progress_bar(total, "edge subsampling", progress, unit="sample") as bar:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..batching import Footprint, plan_batch
 from ..checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from ..cost import Cost
 from ..model import Model
@@ -48,7 +49,7 @@ def exact_edges(
     graph = graph_of(model)
     cache = prepare_edges(model, graph, pairs, direction, cost)
     prepared = Cost(cost.forward, cost.backward)  # base and source runs: paid again on every resume
-    batch = batch_size or max(1, int(memory_gb * 2**30 // edge_bytes(model, pairs.seq_len)))
+    batch = plan_batch(edge_bytes(model, pairs.seq_len), memory_gb, model.device, batch_size=batch_size)
     shape = (pairs.n_pairs, graph.n_edges, *((pairs.seq_len,) if positions else ()))
     effects, done, prior = _resume(checkpoint, made_by or {}, shape, cache.base_metric.dtype)
     layer_of_edge = torch.tensor([graph.receiver_layer(r) for r in graph.receiver_index.tolist()])
@@ -106,7 +107,8 @@ def estimate_edges(
     w_out = head_out_weights(model)
     shape = (pairs.n_pairs, graph.n_edges, *((pairs.seq_len,) if positions else ()))
     out = torch.zeros(shape, dtype=model.dtype)
-    batch = batch_size or _auto_batch(model, graph.n_senders + graph.n_receivers, pairs.seq_len, memory_gb)
+    footprint = _pair_footprint(model, graph.n_senders + graph.n_receivers, pairs.seq_len)
+    batch = plan_batch(footprint, memory_gb, model.device, batch_size=batch_size)
     with progress_bar(pairs.n_pairs, "edge attribution", progress, unit="pair") as bar:
         for start in range(0, pairs.n_pairs, batch):
             index = torch.arange(start, min(start + batch, pairs.n_pairs))
@@ -119,11 +121,12 @@ def estimate_edges(
     return out, {}
 
 
-def _auto_batch(model: Model, n_vectors: int, seq_len: int, memory_gb: float) -> int:
-    """Pairs per batch: sender/receiver vectors [S + R, T, D] plus an autograd graph, per pair."""
+def _pair_footprint(model: Model, n_vectors: int, seq_len: int) -> Footprint:
+    """One pair: sender/receiver vectors [S + R, T, D] plus an autograd graph."""
     item = torch.finfo(model.dtype).bits // 8
-    per_pair = (n_vectors * seq_len * model.d_model + 8 * model.n_layers * edge_bytes(model, seq_len) // item) * item
-    return max(1, int(memory_gb * 2**30 // per_pair))
+    return Footprint(
+        (n_vectors * seq_len * model.d_model + 8 * model.n_layers * edge_bytes(model, seq_len) // item) * item
+    )
 
 
 def _resume(

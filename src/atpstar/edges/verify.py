@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..batching import plan_batch
 from ..cost import Cost
 from ..errors import InputError
 from ..model import Model
@@ -50,7 +51,7 @@ def verify_edges(
     edges, pos = chosen // n_pos, chosen % n_pos
     cost = Cost()
     cache = prepare_edges(model, graph, pairs, direction, cost)
-    batch = batch_size or max(1, int(2**30 // edge_bytes(model, pairs.seq_len)))
+    batch = plan_batch(edge_bytes(model, pairs.seq_len), 1.0, model.device, batch_size=batch_size)
     effects = torch.zeros(n, pairs.n_pairs, dtype=torch.float64)
     layer_of = torch.tensor([graph.receiver_layer(r) for r in graph.receiver_index[edges].tolist()], dtype=torch.long)
     with progress_bar(n * pairs.n_pairs, "verify edges", progress, unit="edge") as bar:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..batching import BatchGuard
+from ..batching import BatchGuard, Footprint, plan_batch
 from ..cost import Cost
 from ..engine import PatchCache, patch_masks
 from ..memory import patched_forward_bytes
@@ -93,7 +93,7 @@ def subsample(
     seq_len = cache.pairs.seq_len
     layout = NodeLayout.of(node_types, model.sizes, seq_len)
     keep = keep_mask(layout, exclude)
-    batch = batch_size or sample_batch(model, seq_len, layout.size, memory_gb)
+    batch = sample_batch(model, seq_len, layout.size, memory_gb, batch_size)
     total = samples * cache.n_pairs
     with progress_bar(total, "subsampling", progress, unit="sample") as bar:
         values = subsample_range(
@@ -110,10 +110,15 @@ def keep_mask(layout: NodeLayout, exclude: dict[str, torch.Tensor] | None) -> to
     return torch.ones(layout.size, dtype=torch.bool)
 
 
-def sample_batch(model: Model, seq_len: int, n_nodes: int, memory_gb: float) -> int:
-    """Samples per batch within ``memory_gb``: the forward's activations plus masks and float64
-    statistics work space over the N nodes, per element."""
-    return max(1, int(memory_gb * 2**30 // (patched_forward_bytes(model, seq_len) + n_nodes * ELEMENT_BYTES_PER_NODE)))
+def sample_footprint(model: Model, seq_len: int, n_nodes: int) -> Footprint:
+    """One sample's memory: the patched forward's activations plus its mask and float64 statistics
+    work space over the N nodes."""
+    return Footprint(patched_forward_bytes(model, seq_len) + n_nodes * ELEMENT_BYTES_PER_NODE)
+
+
+def sample_batch(model: Model, seq_len: int, n_nodes: int, memory_gb: float, batch_size: int | None = None) -> int:
+    """Samples per batch: ``batch_size``, else as many as fit ``memory_gb`` (``plan_batch`` of ``sample_footprint``)."""
+    return plan_batch(sample_footprint(model, seq_len, n_nodes), memory_gb, model.device, batch_size=batch_size)
 
 
 def subsample_range(
