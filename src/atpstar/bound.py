@@ -39,11 +39,12 @@ from .cost import Cost
 from .engine import prepare
 from .errors import InputError
 from .fingerprint import MODEL_FIELDS, check_identity, identity
-from .methods.subsampling import SubsamplingStats, check_options, subsample
+from .methods.subsampling import check_options
 from .model import as_model
 from .nodes import EDGE_TYPE, NodeLayout, check_node_types, node_name
 from .ops import student_t_cdf, student_t_quantile, welch_se_df
 from .pairs import PromptPairs, check_direction
+from .sweeps.subsampling import SubsamplingStats, subsample
 from .validate import check_number, check_pairs_fit
 from .verify import Verification
 

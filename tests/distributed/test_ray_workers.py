@@ -60,6 +60,23 @@ def test_estimators_equal_in_process(ray_cluster, setting, method, options):
         )
 
 
+@pytest.mark.parametrize(
+    ("method", "nodes"),
+    [("atp", NODES), ("atp*", NODES), ("atp+qkfix", ["query", "key"]), ("atp+graddrop", ["neuron", "head"]),
+     ("atp+ig", ["neuron", "value"]), ("atp*", ["edge"])],
+)  # fmt: skip
+def test_methods_whose_pairs_do_not_interact_run_by_pair_blocks(ray_cluster, setting, method, nodes):
+    """No code of their own: whole calls on blocks of pairs, merged by ``Attribution.concat`` (float64)."""
+    model, pairs = setting["llama"]
+    expected = atpstar.attribute(model, pairs, method, nodes=nodes)
+    result = atpstar.attribute(model, pairs, method, nodes=nodes, workers=2)
+    _same(result, expected, method)
+    for t in expected.scores:
+        assert_rel_close(result.scores[t], expected.scores[t], REL, f"{method} scores {t}")
+    assert result.cost.forward_equivalents == pytest.approx(expected.cost.forward_equivalents)
+    assert result.identity == expected.identity and result.info["units"] == pairs.n_pairs
+
+
 def test_verify_and_bound_equal_in_process(ray_cluster, setting):
     model, pairs = setting["llama"]
     estimate = atpstar.attribute(model, pairs, "atp", nodes=NODES)

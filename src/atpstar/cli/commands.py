@@ -83,8 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = out_dir(args)
     checkpoint = None
     if args.method == "activation_patching" and "checkpoint" not in options:
-        # an interrupted sweep resumes on rerun (with --workers: a folder of work-unit files)
-        checkpoint = resumable(out / ("estimate.units" if args.workers else "estimate.ckpt.safetensors"))
+        # an interrupted sweep resumes on rerun (a folder of work-unit files, in-process or on workers)
+        checkpoint = resumable(out / "estimate.units")
         options["checkpoint"] = str(checkpoint)
     model = load_model(args)
     pairs, task = load_task(model, args)
@@ -160,13 +160,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     nodes = parse_nodes(args.nodes)
     for method in methods:
         build_method(method, **options[method])  # bad options fail before the model loads
-    checkpoint = out / "ground_truth.ckpt.safetensors"
+    checkpoint = out / "ground_truth.units"
     if args.recompute and checkpoint.exists():
         say(f"--recompute: discarding {checkpoint}")
         _discard(checkpoint)
-    if args.recompute and (out / "ground_truth.units").is_dir():
-        say(f"--recompute: discarding {out / 'ground_truth.units'}")
-        _discard(out / "ground_truth.units")
     model = load_model(args)
     pairs, task = load_task(model, args)
     n_nodes = sum(math.prod(node_shape(t, model.sizes, pairs.seq_len)) for t in nodes if t != "edge")
@@ -182,7 +179,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         pairs,
         "activation_patching",
         nodes,
-        {"checkpoint": str(resumable(out / "ground_truth.units" if args.workers else checkpoint))},
+        {"checkpoint": str(resumable(checkpoint))},
         args,
     )
     estimates = {
@@ -263,7 +260,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def _discard(checkpoint: Path) -> None:
-    """Remove a checkpoint: a file in-process, a folder of work units with ``--workers``."""
+    """Remove a checkpoint: a folder of work-unit files (or a file)."""
     if checkpoint.is_dir():
         shutil.rmtree(checkpoint)
     else:

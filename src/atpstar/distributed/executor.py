@@ -30,8 +30,8 @@ class LocalExecutor:
 
     workers = 0
 
-    def __init__(self, model: Model, progress: bool) -> None:
-        self.state = WorkerState(model)
+    def __init__(self, model: Model, progress: bool, one_block: bool = False) -> None:
+        self.state = WorkerState(model, one_block)
         self.progress = progress
 
     def map(self, sweep: Sweep, jobs: list[tuple[int, Unit]], on_result: OnResult) -> int:

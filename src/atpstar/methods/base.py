@@ -55,6 +55,10 @@ class Method:
     def get_options(self) -> dict[str, Any]:
         return dict(vars(self))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as (id, options): the classes of preset ids are made at registration, not importable.
+        return (_rebuild, (self.id, self.get_options()))
+
     def attribute(
         self,
         model: Any,
@@ -111,18 +115,9 @@ class Method:
         plan = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, plain) if plain else None
         if plan is not None:
             announce(plan, progress)
-        executor = None
-        if (workers is not None or ray_address is not None) and EDGE_TYPE in node_types:
-            raise InputError("edges run in-process only; ask for edges in a call without workers=/ray_address=")
-        if workers is not None or ray_address is not None:
-            if not self.distributable:
-                raise InputError(
-                    f"method {self.id!r} does not run on workers; drop workers=/ray_address= (methods that do: "
-                    f"{', '.join(m for m, r in METHODS.items() if r.cls.distributable)})"
-                )
-            from ..distributed import executor_for
-
-            executor = executor_for(model, workers, ray_address, progress)
+        executor = _executor(self, model, node_types, workers, ray_address, progress)
+        if executor is not None and not self.distributable:  # whole calls on blocks of pairs, merged
+            return _by_pair_blocks(self, executor, model, pairs, node_types, direction, plan)
         cost = Cost()
         per_pair: dict[str, torch.Tensor] = {}
         extras: dict[str, torch.Tensor] = {}
@@ -195,6 +190,53 @@ class Method:
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Edge results [P, N] and facts for ``info`` (methods that list ``edge`` in ``node_types``)."""
         raise NotImplementedError
+
+
+def runs_on_workers(cls: type[Method]) -> bool:
+    """A method runs on workers with its own work units (``distributable``), or as whole calls on blocks
+    of pairs when a pair's result depends on nothing else in the call (not ``pairs_interact``, not
+    ``seeded``: a seeded method's draws follow the pair's place in the call)."""
+    return cls.distributable or not (cls.pairs_interact or cls.seeded)
+
+
+def _executor(
+    method: Method, model: Model, node_types: list[str], workers: Any, ray_address: Any, progress: bool
+) -> Any:
+    """The executor for ``workers=``/``ray_address=`` (``atpstar.distributed``), or None in-process."""
+    if workers is None and ray_address is None:
+        return None
+    if not runs_on_workers(type(method)):
+        raise InputError(
+            f"method {method.id!r} does not run on workers; drop workers=/ray_address= (methods that do: "
+            f"{', '.join(m for m, r in METHODS.items() if runs_on_workers(r.cls))})"
+        )
+    if method.distributable and EDGE_TYPE in node_types:
+        raise InputError("edges run in-process only; ask for edges in a call without workers=/ray_address=")
+    from ..distributed import executor_for
+
+    return executor_for(model, workers, ray_address, progress)
+
+
+def _by_pair_blocks(
+    method: Method,
+    executor: Any,
+    model: Model,
+    pairs: PromptPairs,
+    node_types: list[str],
+    direction: str,
+    plan: MemoryPlan | None,
+) -> Attribution:
+    """``method.attribute`` as whole calls on blocks of pairs run by ``executor``, merged (``Attribution.concat``)."""
+    from ..distributed.sweeps import pair_blocks_on
+
+    made_by = identity(model, pairs, direction, node_types, method.id, method.get_options())
+    info = {"n_pairs": pairs.n_pairs, **({"memory": plan.to_dict()} if plan is not None else {}), "identity": made_by}
+    return pair_blocks_on(executor, method, model, pairs, node_types, direction, info)
+
+
+def _rebuild(method_id: str, options: dict[str, Any]) -> Method:
+    """The method ``method_id`` with ``options`` (presets included): how methods travel to workers."""
+    return METHODS[method_id].cls(**options)
 
 
 def check_edge_positions(edge_positions: object, node_types: list[str]) -> None:

@@ -16,20 +16,27 @@ from typing import Any
 import torch
 
 from ..cost import Cost
-from ..engine import prepare
-from ..errors import InputError
 from ..memory import MemoryPlan, layout_elems, patching_plan
 from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
-from ..progress import progress_bar
-from ..sweeps.blocks import Block, patch_blocks, per_layer
-from ..validate import check_batching
+from ..sweeps.blocks import Block, per_layer
+from ..validate import check_batching, check_count
 from .base import Method, register
 
 
+class JointPatching(Method):
+    """A method that patches sets of nodes jointly, one bool mask of the layout per patched forward."""
+
+    batch_size: int | None
+    memory_gb: float
+
+    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+        return masks_plan(self.id, model, n_pairs, seq_len, node_types, self.batch_size, self.memory_gb)
+
+
 @register("blocks", summary="patch fixed blocks of nodes jointly; each node scored by its block's |effect|")
-class Blocks(Method):
+class Blocks(JointPatching):
     """Blocks: each node scored by the joint patching effect of its block.
 
     ``per_pair[t]`` [P, *layout] holds the signed block effect on each pair, repeated for every node of
@@ -61,21 +68,15 @@ class Blocks(Method):
         return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
-        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
-            raise InputError(f"block_size must be an integer >= 1; got {self.block_size!r}")
+        check_count("block_size", self.block_size)
         self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
-
-    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
-        return masks_plan(self.id, model, n_pairs, seq_len, node_types, self.batch_size, self.memory_gb)
 
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        cache = prepare(model, pairs, direction, node_types, cost)
-        shapes, blocks = self._plan(model, pairs, node_types)
-        with progress_bar(len(blocks) * pairs.n_pairs, "blocks", progress, unit="block") as bar:
-            effects = patch_blocks(model, cache, blocks, shapes, self.batch_size, self.memory_gb, cost, bar.update)
-        return self._finish(model, pairs, node_types, shapes, blocks, effects, cache.base_metric, {})
+        from ..distributed import LocalExecutor
+
+        return self._attribute_on(LocalExecutor(model, progress), model, pairs, node_types, direction, cost)
 
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost

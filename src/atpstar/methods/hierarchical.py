@@ -18,24 +18,21 @@ from typing import Any
 import torch
 
 from ..cost import Cost
-from ..engine import prepare
-from ..errors import InputError
-from ..memory import MemoryPlan
 from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
 from ..progress import progress_bar
-from ..sweeps.blocks import Block, patch_blocks, per_layer
-from ..validate import check_batching
-from .base import Method, register
-from .blocks import masks_plan
+from ..sweeps.blocks import Block, per_layer
+from ..validate import check_batching, check_count, check_number
+from .base import register
+from .blocks import JointPatching
 
 
 @register(
     "hierarchical",
     summary="group testing: patch coarse blocks, split those with a large |effect|, down to single nodes",
 )
-class Hierarchical(Method):
+class Hierarchical(JointPatching):
     """Hierarchical group testing: split blocks with large |effect| until single nodes.
 
     Splitting is decided on the mean over pairs of |block effect| (the same aggregation as
@@ -82,30 +79,19 @@ class Hierarchical(Method):
         return Cost(forward=2 * pairs.n_pairs + pairs.n_pairs * int(info["blocks_patched"]))
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
-        if not isinstance(self.branching, int) or isinstance(self.branching, bool) or self.branching < 2:
-            raise InputError(f"branching must be an integer >= 2; got {self.branching!r}")
-        if self.threshold is not None and (not isinstance(self.threshold, (int, float)) or self.threshold < 0):
-            raise InputError(f"threshold must be a number >= 0 or None; got {self.threshold!r}")
-        if self.budget is not None and (
-            not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1
-        ):
-            raise InputError(f"budget must be an integer >= 1 or None; got {self.budget!r}")
+        check_count("branching", self.branching, minimum=2)
+        if self.threshold is not None:
+            check_number("threshold", self.threshold, 0.0)
+        if self.budget is not None:
+            check_count("budget", self.budget)
         self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
-
-    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
-        return masks_plan(self.id, model, n_pairs, seq_len, node_types, self.batch_size, self.memory_gb)
 
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        cache = prepare(model, pairs, direction, node_types, cost)
-        shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
+        from ..distributed import LocalExecutor
 
-        def patch(blocks: list[Block], bar: Any) -> torch.Tensor:
-            return patch_blocks(model, cache, blocks, shapes, self.batch_size, self.memory_gb, cost, bar.update)
-
-        per_pair, info = self._search(model, pairs, node_types, patch, progress)
-        return per_pair, {}, {**info, "base_metric": cache.base_metric.tolist()}
+        return self._attribute_on(LocalExecutor(model, progress), model, pairs, node_types, direction, cost)
 
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost

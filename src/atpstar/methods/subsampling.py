@@ -18,12 +18,11 @@ from typing import Any
 import torch
 
 from ..cost import Cost
-from ..engine import prepare
 from ..errors import InputError
 from ..memory import MemoryPlan, layout_elems, patching_plan
 from ..model import Model
 from ..pairs import PromptPairs
-from ..sweeps.subsampling import ELEMENT_BYTES_PER_NODE, STATS, SubsamplingStats, subsample
+from ..sweeps.subsampling import ELEMENT_BYTES_PER_NODE, STATS, SubsamplingStats
 from ..validate import check_batching
 from .base import Method, register
 
@@ -111,21 +110,9 @@ class Subsampling(Method):
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        cache = prepare(model, pairs, direction, node_types, cost)
-        stats = subsample(
-            model,
-            cache,
-            node_types,
-            samples=self.samples,
-            p=self.p,
-            seed=self.seed,
-            design=self.design,
-            batch_size=self.batch_size,
-            memory_gb=self.memory_gb,
-            cost=cost,
-            progress=progress,
-        )
-        return self._finish(model, node_types, stats, {"base_metric": cache.base_metric.tolist()})
+        from ..distributed import LocalExecutor
+
+        return self._attribute_on(LocalExecutor(model, progress), model, pairs, node_types, direction, cost)
 
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
