@@ -8,9 +8,10 @@ from .errors import InputError
 from .memory import MemoryPlan
 from .methods import build_method
 from .model import as_model
-from .nodes import NODE_TYPES, check_node_types
+from .nodes import NODE_TYPES
 from .pairs import PromptPairs
 from .result import Attribution
+from .spaces import check_node_types, space_class
 
 
 def attribute(
@@ -74,7 +75,14 @@ def predict_memory(
         >>> predict_memory(model, n_pairs=256, seq_len=512, method="atp*", nodes=["neuron"], keep="top").peak_gb
     """
     chosen = build_method(method, **options)
-    plan = chosen.memory_plan(as_model(model), n_pairs, seq_len, check_node_types(nodes))
+    node_types = check_node_types(nodes)
+    unplanned = [t for t in node_types if space_class(t).engine != "sites"]
+    if unplanned:
+        raise InputError(
+            f"predict_memory plans runs over site nodes (neurons, queries, keys, values, heads, ...); node types "
+            f"{unplanned} have no memory model yet: leave them out of nodes=, or run them with batch_size= set"
+        )
+    plan = chosen.memory_plan(as_model(model), n_pairs, seq_len, node_types)
     if plan is None:
         raise InputError(f"method {method!r} makes no memory prediction")
     return plan

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -246,3 +247,35 @@ def element_bytes(model: Model, seq_len: int) -> int:
     per_layer = seq_len * (6 * s.d_model + 3 * s.d_mlp + 3 * s.n_heads * seq_len + 4 * s.n_heads * s.d_head)
     prefix = 2 * s.n_layers * s.n_kv_heads * seq_len * s.d_head
     return (per_layer + prefix) * item
+
+
+def patch_listed(
+    model: Model,
+    cache: PatchCache,
+    node_types: list[str],
+    ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    batch: int,
+    cost: Cost,
+    advance: Any = None,
+) -> torch.Tensor:
+    """Exact effects [N, P] float64 of N listed site nodes on every pair of ``cache``, batched by layer.
+
+    Args:
+        ranked: (type index into ``node_types``, layer, head/kv-head/neuron, position), each [N].
+    """
+    type_index, layer_index, unit_index, pos_index = ranked
+    n_nodes, n_pairs = len(type_index), cache.n_pairs
+    effects = torch.zeros(n_nodes, n_pairs, dtype=torch.float64)
+    # One element per (node, pair): the node's rank, then the engine's node tuple.
+    ranks = torch.arange(n_nodes).repeat_interleave(n_pairs)
+    pair_i = torch.arange(n_pairs).repeat(n_nodes)
+    type_i, layer_i = type_index.repeat_interleave(n_pairs), layer_index.repeat_interleave(n_pairs)
+    unit_i, pos_i = unit_index.repeat_interleave(n_pairs), pos_index.repeat_interleave(n_pairs)
+    for layer in torch.unique(layer_i).tolist():
+        rows = torch.nonzero(layer_i == layer)[:, 0]
+        group = (type_i[rows], pair_i[rows], unit_i[rows], pos_i[rows])
+        for chunk, effect in sweep_layer(model, cache, int(layer), node_types, group, batch, cost):
+            effects[ranks[rows[chunk]], pair_i[rows[chunk]]] = effect.detach().double().cpu()
+            if advance is not None:
+                advance(len(chunk))
+    return effects

@@ -19,6 +19,7 @@ import torch
 from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
 from .engine import PatchCache, element_bytes, prepare
+from .engine import patch_listed as patch_ranked
 from .find_resume import FindJournal, digest
 from .localization import STAGES, Localization, bound_from_parts, bound_parts
 from .model import Model
@@ -27,7 +28,7 @@ from .pairs import PromptPairs
 from .progress import progress_bar
 from .result import Attribution
 from .validate import batch_for_memory, check_batch_size
-from .verify import Verification, patch_ranked, verify
+from .verify import Verification, verify
 
 # |c| within this fraction of θ counts as >= θ: float32 patching differs by ~1e-7 between batchings.
 THETA_TOLERANCE = 1e-5

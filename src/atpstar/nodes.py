@@ -1,8 +1,10 @@
 """Node types, their per-pair layouts and TransformerLens-style names. Pure data.
 
-Every fact about a node type lives in one row of ``NODE_TABLE``; code elsewhere asks the table
-(``node_shape``, ``pos_axis``, ``layout_index``, ``NodeLayout``) instead of branching on the type.
-Adding a node type means adding a row here and, if it reads a new activation, a runner site.
+A *site node type* is a set of nodes read and patched at one runner site: one row (``NodeType``)
+says everything about it, and the engines (exact patching, the gradient step, memory) receive rows,
+never branch on names. ``NODE_TABLE`` holds the rows of every registered site space
+(``atpstar.spaces.SiteNodes``): the five built-in types below, and any a ``SiteNodes`` subclass adds.
+The node-space protocol above this module (``atpstar.spaces``) is what the verbs use.
 
 Shape letters: P pairs, L layers, H query heads, K key/value heads, T positions, M d_mlp, N nodes.
 
@@ -47,11 +49,12 @@ class NodeType:
 
     name: str
     axes: tuple[str, ...]  # index names of the per-pair layout, in order; also the ``to_rows`` columns
-    unit_size: str  # the ``Sizes`` field that sizes the unit axis (the axis that is neither layer nor pos)
+    unit_size: str | None  # the ``Sizes`` field that sizes the unit axis (neither layer nor pos); None: no unit axis
     hook: str  # TransformerLens hook name inside ``blocks.{l}``
     site: str  # runner site it is read and patched at (``runner.SITES``)
-    vector: bool  # the site holds a d_head vector per node ([B, H|K, T, E]); estimates sum over it
+    vector: bool  # the site holds a vector per node ([B, H|K, T, E], [B, T, D]); estimates sum over it
     unit_label: str  # prefix of the unit in node names ("head " -> "[pos 5, head 2]")
+    feeds_scores: bool = False  # the site is a query or key vector: the QK fix replaces its linear estimate
 
     @property
     def pos_axis(self) -> int:
@@ -59,13 +62,18 @@ class NodeType:
         return self.axes.index("pos")
 
     @property
-    def unit_axis(self) -> int:
-        """Axis of the unit (head, kv head or neuron) in the per-pair layout."""
-        return next(i for i, axis in enumerate(self.axes) if axis not in ("layer", "pos"))
+    def unit_axis(self) -> int | None:
+        """Axis of the unit (head, kv head or neuron) in the per-pair layout; None without one."""
+        return next((i for i, axis in enumerate(self.axes) if axis not in ("layer", "pos")), None)
 
     def shape(self, sizes: Sizes, seq_len: int) -> tuple[int, ...]:
         lengths = {"layer": sizes.n_layers, "pos": seq_len}
-        return tuple(lengths.get(axis, getattr(sizes, self.unit_size)) for axis in self.axes)
+        return tuple(lengths[axis] if axis in lengths else getattr(sizes, str(self.unit_size)) for axis in self.axes)
+
+    def node_name(self, index: tuple[int, ...]) -> str:
+        """TransformerLens-style name of one node, e.g. ``blocks.3.attn.hook_k[pos 5, head 2]``."""
+        unit = "" if self.unit_axis is None else f", {self.unit_label}{index[self.unit_axis]}"
+        return f"blocks.{index[0]}.{self.hook}[pos {index[self.pos_axis]}{unit}]"
 
 
 _ATTENTION_AXES = ("layer", "head", "pos")
@@ -74,8 +82,8 @@ NODE_TABLE: dict[str, NodeType] = {
     t.name: t
     for t in (
         NodeType("neuron", ("layer", "pos", "index"), "d_mlp", "mlp.hook_post", "neuron", False, ""),
-        NodeType("query", _ATTENTION_AXES, "n_heads", "attn.hook_q", "q", True, "head "),
-        NodeType("key", _ATTENTION_AXES, "n_kv_heads", "attn.hook_k", "k", True, "head "),
+        NodeType("query", _ATTENTION_AXES, "n_heads", "attn.hook_q", "q", True, "head ", feeds_scores=True),
+        NodeType("key", _ATTENTION_AXES, "n_kv_heads", "attn.hook_k", "k", True, "head ", feeds_scores=True),
         NodeType("value", _ATTENTION_AXES, "n_kv_heads", "attn.hook_v", "v", True, "head "),
         NodeType("head", _ATTENTION_AXES, "n_heads", "attn.hook_z", "z", True, "head "),
     )
@@ -112,10 +120,8 @@ def check_node_types(node_types: object) -> list[str]:
 
 
 def node_name(node_type: str, index: tuple[int, ...]) -> str:
-    """TransformerLens-style name of one node, e.g. ``blocks.3.attn.hook_k[pos 5, head 2]``."""
-    row = NODE_TABLE[node_type]
-    layer, unit, pos = index[0], index[row.unit_axis], index[row.pos_axis]
-    return f"blocks.{layer}.{row.hook}[pos {pos}, {row.unit_label}{unit}]"
+    """TransformerLens-style name of one site node, e.g. ``blocks.3.attn.hook_k[pos 5, head 2]``."""
+    return NODE_TABLE[node_type].node_name(index)
 
 
 def index_columns(node_type: str, index: tuple[int, ...]) -> dict[str, int]:
@@ -133,7 +139,7 @@ def pos_axis(node_type: str) -> int:
 def unit_and_pos(node_type: str, index: tuple[Any, ...]) -> tuple[Any, Any]:
     """(unit, pos) of a layout index ``(layer, a, b)``; works on ints and on index tensors alike."""
     row = NODE_TABLE[node_type]
-    return index[row.unit_axis], index[row.pos_axis]
+    return (0 if row.unit_axis is None else index[row.unit_axis]), index[row.pos_axis]
 
 
 def layout_index(node_type: str, layer: Any, unit: Any, pos: Any) -> tuple[Any, ...]:

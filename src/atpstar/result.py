@@ -14,9 +14,10 @@ import torch
 
 from .cost import Cost
 from .errors import CorruptFileError, InputError
-from .nodes import INDEX_COLUMNS, NodeLayout, check_node_types, index_columns, node_name
+from .nodes import INDEX_COLUMNS, NodeLayout
 from .persist import atomic_path, bundle_base, load_bundle, save_bundle
 from .sink import per_pair_from, per_pair_tensors
+from .spaces import Spaces, check_node_types, spaces_from_info
 
 KIND = "attribution"
 
@@ -85,25 +86,25 @@ class Attribution:
     def top(self, k: int = 20, node_types: list[str] | None = None) -> list[RankedNode]:
         """The k nodes with the largest ``|scores|`` across the node types, largest first."""
         types, type_index, flat_index = self.order(node_types, k)
+        spaces = self.spaces()
         ranked = []
-        from .edges.graph import edge_node_name
-
-        edge_names = self.edge_graph().edge_names if "edge" in types else []
         for type_i, position in zip(type_index.tolist(), flat_index.tolist()):
             node_type = types[type_i]
             shape = self.scores[node_type].shape
             index = tuple(int(i) for i in torch.unravel_index(torch.tensor(position), shape))
-            name = edge_node_name(edge_names, index) if node_type == "edge" else node_name(node_type, index)
+            name = spaces.name(node_type, index)
             ranked.append(RankedNode(node_type, index, name, float(self.scores[node_type][index])))
         return ranked
 
+    def spaces(self) -> Spaces:
+        """The node spaces of this result, rebuilt from ``info`` (no model needed): names, columns."""
+        return Spaces(spaces_from_info(self.info, self.node_types))
+
     def edge_graph(self) -> Any:
         """The MIB/EAP-IG edge graph of an attribution with edges (``atpstar.edges.EdgeGraph``)."""
-        from .edges.graph import EdgeGraph
+        from .spaces import EdgeNodes
 
-        if "edge_graph" not in self.info:
-            raise InputError("this attribution has no edges; run attribute(..., nodes=['edge'])")
-        return EdgeGraph.from_description(self.info["edge_graph"])
+        return EdgeNodes.from_info(self.info, []).graph  # type: ignore[attr-defined]
 
     def to_mib(self, path: str | Path, n_edges: int | None = None, prune: bool = True) -> Path:
         """Write the edge scores as a MIB circuit file (``.json`` or ``.pt``, by suffix).
@@ -117,33 +118,25 @@ class Attribution:
         Example:
             >>> atpstar.attribute(model, pairs, method="atp*", nodes=["edge"]).to_mib("circuit.json")
         """
-        from .edges.circuits import top_edges
-        from .edges.mib import save_mib
+        from .edges.mib import attribution_to_mib
 
-        graph = self.edge_graph()
-        scores = self.scores["edge"]
-        if scores.ndim != 1:
-            raise InputError(
-                "MIB's circuit files hold position-summed edges; this attribution is position-resolved "
-                "(edge_positions=True). Run the method without edge_positions to export to MIB"
-            )
-        chosen = None if n_edges is None else top_edges(graph, scores, n_edges, prune)
-        return save_mib(path, graph, int(self.info["edge_graph"].get("d_model", 0)), scores, chosen)
+        return attribution_to_mib(self, path, n_edges, prune)
 
     def to_rows(self, k: int | None = None) -> list[dict[str, Any]]:
         """Tidy table: one row per node (top k, or all), with TransformerLens-style names."""
         k = sum(s.numel() for s in self.scores.values()) if k is None else k
-        rows = []
+        rows, spaces = [], self.spaces()
         for rank, node in enumerate(self.top(k), start=1):
             row: dict[str, Any] = {"rank": rank, "name": node.name, "node_type": node.node_type}
-            row.update(index_columns(node.node_type, node.index))
+            row.update(spaces.columns(node.node_type, node.index))
             row["score"] = node.score
             rows.append(row)
         return rows
 
     def to_csv(self, path: str | Path, k: int | None = None) -> None:
         rows = self.to_rows(k)
-        fields = ["rank", "name", "node_type", *INDEX_COLUMNS, "score"]
+        extra = [c for row in rows for c in row if c not in ("rank", "name", "node_type", "score", *INDEX_COLUMNS)]
+        fields = ["rank", "name", "node_type", *INDEX_COLUMNS, *dict.fromkeys(extra), "score"]
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()

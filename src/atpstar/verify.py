@@ -3,168 +3,35 @@
 Estimators are pre-filters: ``verify`` takes their ranking (largest ``|score|`` first, across the
 estimate's node types) and patches the nodes one by one, exactly, on every pair, until ``budget``
 nodes are verified or the estimate's score falls below ``threshold``. Both stopping rules depend only
-on the estimate, so the verified set is known up front and patching is batched by layer behind the
-scenes; the result lists nodes in estimate order.
-Cost: 2P full forwards (base and source runs), then one forward per verified node and pair started at
-the node's layer, counted (L - l) / L.
+on the estimate, so the verified set is known up front; each node space patches its share of the
+nodes (``NodeSpace.exact_effects``: site nodes batched by layer, edges by receiver layer) and the
+result lists nodes in estimate order.
+Cost: 2P full forwards (base and source runs) per node space, then one forward per verified node and
+pair started at the node's layer, counted (L - l) / L.
 
 Shape letters: P pairs, N verified nodes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .cost import Cost
-from .engine import element_bytes, prepare
-from .errors import CorruptFileError, InputError
+from .errors import InputError
 from .fingerprint import MODEL_FIELDS, check_identity, identity
+from .job import Job
 from .model import as_model
-from .nodes import NodeLayout, index_columns, node_name, node_shape, unit_and_pos
+from .nodes import NodeLayout
 from .pairs import PromptPairs, check_direction
-from .persist import bundle_base, load_bundle, save_bundle
 from .progress import progress_bar
 from .result import Attribution
-from .sweeps.patching import patch_ranked
-from .validate import batch_for_memory, check_batch_size, check_count, check_number, check_pairs_fit
+from .spaces import NodeSpace, Spaces, spaces_for
+from .validate import batch_for_memory, check_batch_size, check_count, check_memory_gb, check_number, check_pairs_fit
+from .verification import Verification
 
-KIND = "verification"
-
-
-@dataclass
-class Verification:
-    """Exact effects of the nodes an estimate ranked highest, in its order.
-
-    Attributes:
-        nodes: ``(node_type, index)`` per verified node, index in the per-pair layout without the pair
-            axis (``(layer, pos, neuron)`` for neurons, ``(layer, head, pos)`` otherwise).
-        effects: [N, P] exact signed effect of each node on each pair.
-        estimate_scores: [N] the estimate's score of each node (its ranking key is the absolute value).
-        node_types: the estimate's node types (the population the verified nodes were drawn from).
-        direction, metric, model_id: as in ``Attribution``.
-        cost: passes run by the verification alone (not the estimate's).
-        base_metric: [P] metric of the unpatched base run.
-    """
-
-    nodes: list[tuple[str, tuple[int, ...]]]
-    effects: torch.Tensor
-    estimate_scores: torch.Tensor
-    node_types: list[str]
-    direction: str
-    metric: str
-    model_id: str
-    cost: Cost
-    base_metric: torch.Tensor
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_verified(self) -> int:
-        return len(self.nodes)
-
-    @property
-    def mean_effects(self) -> torch.Tensor:
-        """[N] c(n) = mean over pairs of the exact effect."""
-        return self.effects.mean(1)
-
-    @property
-    def names(self) -> list[str]:
-        """TransformerLens-style name per verified node (MIB names for edges)."""
-        if any(t == "edge" for t, _ in self.nodes):
-            from .edges.graph import EdgeGraph, edge_node_name
-
-            edge_names = EdgeGraph.from_description(self.info["edge_graph"]).edge_names
-            return [
-                edge_node_name(edge_names, index) if t == "edge" else node_name(t, index) for t, index in self.nodes
-            ]
-        return [node_name(t, index) for t, index in self.nodes]
-
-    def to_rows(self) -> list[dict[str, Any]]:
-        """One row per verified node, in verification order."""
-        rows = []
-        for rank, ((t, index), name) in enumerate(zip(self.nodes, self.names), start=1):
-            row: dict[str, Any] = {"rank": rank, "name": name, "node_type": t, **index_columns(t, index)}
-            row["estimate_score"] = float(self.estimate_scores[rank - 1])
-            row["effect"] = float(self.mean_effects[rank - 1])
-            rows.append(row)
-        return rows
-
-    def to_parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """(JSON metadata, tensors) of this verification: what ``save`` writes and ``from_parts`` reads."""
-        tensors = {
-            "effects": torch.as_tensor(self.effects),  # [N, P]
-            "estimate_scores": torch.as_tensor(self.estimate_scores),  # [N]
-            "base_metric": torch.as_tensor(self.base_metric),  # [P]
-        }
-        meta = {
-            "nodes": [[t, [int(i) for i in index]] for t, index in self.nodes],
-            "names": self.names,
-            "node_types": list(self.node_types),
-            "direction": self.direction,
-            "metric": self.metric,
-            "model_id": self.model_id,
-            "cost": self.cost.to_dict(),
-            "info": self.info,
-        }
-        return meta, tensors
-
-    @classmethod
-    def from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str | Path) -> Verification:
-        """The verification ``to_parts`` split; ``where`` names the file in the error.
-
-        Raises:
-            CorruptFileError: a field or tensor is missing or malformed.
-        """
-        try:
-            return cls(
-                nodes=[(t, tuple(int(i) for i in index)) for t, index in meta["nodes"]],
-                effects=tensors["effects"],
-                estimate_scores=tensors["estimate_scores"],
-                node_types=list(meta["node_types"]),
-                direction=meta["direction"],
-                metric=meta["metric"],
-                model_id=meta["model_id"],
-                cost=Cost.from_dict(meta["cost"]),
-                base_metric=tensors["base_metric"],
-                info=meta["info"],
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise CorruptFileError(f"{where}: saved verification is incomplete ({err!r}); save it again") from err
-
-    def save(self, path: str | Path) -> None:
-        """Write ``NAME.safetensors`` (effects, estimate scores, base metric) and ``NAME.json`` (the rest), atomically.
-
-        Args:
-            path: ``NAME``, ``NAME.json`` or ``NAME.safetensors``; any other dot is part of the name.
-        """
-        meta, tensors = self.to_parts()
-        save_bundle(path, KIND, meta, tensors)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Verification:
-        """Read a verification written by ``save`` (``path`` with or without ``.json``/``.safetensors``).
-
-        Raises:
-            InputError: no such files. CorruptFileError: truncated, corrupt, another kind of file (e.g.
-                an estimate), another format version, or halves of two saves.
-        """
-        meta, tensors = load_bundle(path, KIND)
-        return cls.from_parts(meta, tensors, bundle_base(path))
-
-    @property
-    def identity(self) -> dict[str, str] | None:
-        """What made this verification (see ``atpstar.fingerprint``), or None if not recorded."""
-        value = self.info.get("identity")
-        return value if isinstance(value, dict) else None
-
-    def __repr__(self) -> str:
-        return (
-            f"Verification(n_verified={self.n_verified}, direction={self.direction!r}, metric={self.metric!r}, "
-            f"cost={self.cost})"
-        )
+__all__ = ["Verification", "patch_nodes", "ranked_nodes", "verify"]
 
 
 def verify(
@@ -180,30 +47,33 @@ def verify(
     workers: int | None = None,
     ray_address: str | None = None,
     checkpoint: str | None = None,
+    memory_gb: float = 1.0,
 ) -> Verification:
     """Patch nodes exactly, one at a time, in the order of ``estimate`` (largest ``|score|`` first).
 
     Args:
         model: an ``atpstar.Model`` or a ``transformers`` causal LM.
         pairs: the prompt pairs to verify on (their layout must match the estimate's).
-        estimate: any ``Attribution``; its ``scores`` give the order (``estimate.order()``).
+        estimate: any ``Attribution`` (nodes of any space, edges included); its ``scores`` give the order.
         budget: verify at most this many nodes; None: no limit.
         threshold: verify only nodes with ``|score| >= threshold``; None: no limit. With neither, every
             node of the estimate is verified (exhaustive patching in estimate order).
         direction: ``"noising"`` or ``"denoising"``; None takes ``estimate.direction``.
-        batch_size: patched forwards per batch; None fits a 1 GB budget.
+        batch_size: patched forwards per batch; None fits ``memory_gb``.
         progress: show a progress bar.
         workers: verify on this many Ray workers, in windows of ranks (``pip install
             'atpstar[distributed]'``); None: in-process.
         ray_address: None starts a local Ray instance; ``"auto"`` joins a running cluster.
         checkpoint: a folder; each finished window of ranks is saved there, and a rerun with the same
             folder, model, pairs and estimate resumes from them (also in-process).
+        memory_gb: memory for one batch of patched forwards, in GiB, when ``batch_size`` is None.
 
     Returns:
         ``Verification`` with ``nodes``, ``effects`` [N, P], ``mean_effects``, ``names``, ``cost``.
 
     Raises:
         InputError: bad estimate, budget, threshold, direction or batch size.
+        IdentityMismatchError: the estimate was made on another model, tokenizer, pairs or metric.
     """
     model = as_model(model)
     if not isinstance(estimate, Attribution):
@@ -214,25 +84,11 @@ def verify(
     budget = None if budget is None else check_count("budget", budget, minimum=0)
     threshold = None if threshold is None else check_number("threshold", threshold, 0.0)
     batch_size = check_batch_size(batch_size)
-    node_types = estimate.node_types
-    if "edge" in node_types:  # edges: exact edge patching in estimate order (atpstar.edges.verify)
-        from .edges.verify import verify_edges
-
-        if node_types != ["edge"]:
-            raise InputError("verify an edge attribution on its own: attribute(..., nodes=['edge']) separately")
-        if workers is not None or ray_address is not None or checkpoint is not None:
-            raise InputError("edges are verified in-process; drop workers=/ray_address=/checkpoint=")
-        model.check_ready(torch.cat([pairs.clean, pairs.noise]))
-        return verify_edges(model, pairs, estimate, budget, threshold, direction, batch_size, progress)  # type: ignore[no-any-return]
-    for t in node_types:
-        want = node_shape(t, model.sizes, pairs.seq_len)
-        if tuple(estimate.scores[t].shape) != want:
-            raise InputError(
-                f"estimate scores for {t!r} have shape {tuple(estimate.scores[t].shape)}, but this model and these "
-                f"pairs give {want}; verify with the model and prompt length the estimate was made for"
-            )
-    check_pairs_fit(model, pairs)
-    current = identity(model, pairs, direction, node_types, "verify", {"budget": budget, "threshold": threshold})
+    memory_gb = check_memory_gb(memory_gb)
+    spaces = check_estimate(model, pairs, estimate)
+    current = identity(
+        model, pairs, direction, estimate.node_types, "verify", {"budget": budget, "threshold": threshold}
+    )
     check_identity(
         estimate.identity,
         current,
@@ -240,7 +96,50 @@ def verify(
         "Verify with the model, tokenizer, prompt pairs and metric the estimate was made with.",
         fields=[f for f in (*MODEL_FIELDS, "pairs", "metric") if estimate.identity is not None],
     )
+    nodes, ranked_scores, n_nodes = ranked_nodes(estimate, budget, threshold)
+    job = Job(model, pairs, direction, Cost(), progress)
+    effects, base_metric, info = patch_nodes(
+        job, spaces, nodes, batch_size, memory_gb, workers=workers, ray_address=ray_address, checkpoint=checkpoint
+    )
+    return Verification(
+        nodes=nodes,
+        effects=effects,
+        estimate_scores=ranked_scores,
+        node_types=list(estimate.node_types),
+        direction=direction,
+        metric=pairs.metric_name,
+        model_id=model.model_id,
+        cost=job.cost,
+        base_metric=base_metric.detach().double().cpu(),
+        info={
+            "estimate_method": estimate.method,
+            "budget": budget,
+            "threshold": threshold,
+            "n_nodes": n_nodes,
+            **info,
+            **{k: v for k, v in estimate.info.items() if k in ("edge_graph", "spaces")},
+            "identity": current,
+            "estimate_identity": estimate.identity,
+        },
+    )
 
+
+def check_estimate(model: Any, pairs: PromptPairs, estimate: Attribution) -> Spaces:
+    """The estimate's node spaces on ``model``, after checking the model and the estimate's layouts fit."""
+    spaces = Spaces(spaces_for(model, estimate.node_types, estimate.options))
+    for space in spaces:
+        space.check_model(model)
+        for t in space.node_types:
+            space.check_layout(t, estimate.scores[t], pairs.seq_len)
+    check_pairs_fit(model, pairs)
+    model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+    return spaces
+
+
+def ranked_nodes(
+    estimate: Attribution, budget: int | None, threshold: float | None
+) -> tuple[list[tuple[str, tuple[int, ...]]], torch.Tensor, int]:
+    """The nodes to verify, in estimate order: ([(node type, index)], their scores [n] float64, N of all nodes)."""
     types, type_index, flat_index = estimate.order()
     layout = NodeLayout.like(estimate.scores, types)
     flat_scores = layout.flatten({t: estimate.scores[t].double() for t in types})  # [N] in layout order
@@ -250,47 +149,58 @@ def verify(
         n_verify = int((ranked_scores.abs() >= threshold).sum())  # sorted by |score|: a prefix
     if budget is not None:
         n_verify = min(n_verify, budget)
-
-    batch = batch_for_memory(batch_size, 1.0, element_bytes(model, pairs.seq_len))
     nodes = [layout.locate(int(p)) for p in layout.position(type_index[:n_verify], flat_index[:n_verify])]
-    # Per verified node, in rank order: (type index, layer, head/kv-head/neuron, position), each [n].
-    parts = torch.tensor([(index[0], *unit_and_pos(t, index)) for t, index in nodes], dtype=torch.long)
-    layer_i, unit_i, pos_i = parts.reshape(n_verify, 3).unbind(1)  # [n, 3] -> 3 x [n]
-    ranked = (type_index[:n_verify].clone(), layer_i, unit_i, pos_i)
+    return nodes, ranked_scores[:n_verify].clone(), int(len(ranked_scores))
 
-    cost = Cost()
+
+def patch_nodes(
+    job: Job,
+    spaces: Spaces,
+    nodes: list[tuple[str, tuple[int, ...]]],
+    batch_size: int | None = None,
+    memory_gb: float = 1.0,
+    *,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    checkpoint: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Exact effects of patching each listed node alone: ([n, P] float64 in list order, base metric [P], info).
+
+    Each space patches its own nodes (``NodeSpace.exact_effects``); the batch comes from ``batch_size``
+    or, when None, from ``memory_gb`` and the space's per-element footprint.
+    """
+    effects = torch.zeros(len(nodes), job.n_pairs, dtype=torch.float64)
+    base_metric = torch.zeros(job.n_pairs, dtype=torch.float64)
     info: dict[str, Any] = {}
-    if workers is None and ray_address is None and checkpoint is None:
-        cache = prepare(model, pairs, direction, node_types, cost)
-        with progress_bar(n_verify * pairs.n_pairs, "verify", progress) as bar:
-            effects = patch_ranked(model, cache, types, ranked, batch, cost, bar.update)
-        base_metric = cache.base_metric
-    else:
-        from .distributed import executor_for
-        from .distributed.sweeps import verify_on
+    with progress_bar(len(nodes) * job.n_pairs, "verify", job.progress) as bar:
+        for space in spaces:
+            rows = [i for i, (t, _) in enumerate(nodes) if t in space.node_types]
+            mine = [nodes[i] for i in rows]
+            batch = batch_for_memory(batch_size, memory_gb, space.element_bytes(job))
+            if workers is None and ray_address is None and checkpoint is None:
+                part, base_metric = space.exact_effects(job, mine, batch, bar.update)
+            else:
+                part, base_metric, info = _on_workers(job, space, mine, batch, workers, ray_address, checkpoint)
+            effects[torch.tensor(rows, dtype=torch.long)] = part
+    return effects, base_metric, info
 
-        executor = executor_for(model, workers, ray_address, progress)
-        effects, base_metric, info = verify_on(
-            executor, model, pairs, types, direction, ranked, batch, checkpoint, cost
-        )
 
-    return Verification(
-        nodes=nodes,
-        effects=effects,
-        estimate_scores=ranked_scores[:n_verify].clone(),
-        node_types=list(node_types),
-        direction=direction,
-        metric=pairs.metric_name,
-        model_id=model.model_id,
-        cost=cost,
-        base_metric=base_metric.detach().double().cpu(),
-        info={
-            "estimate_method": estimate.method,
-            "budget": budget,
-            "threshold": threshold,
-            "n_nodes": int(len(ranked_scores)),
-            **info,
-            "identity": current,
-            "estimate_identity": estimate.identity,
-        },
-    )
+def _on_workers(
+    job: Job,
+    space: NodeSpace,
+    nodes: list[tuple[str, tuple[int, ...]]],
+    batch: int,
+    workers: int | None,
+    ray_address: str | None,
+    checkpoint: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """``exact_effects`` as rank windows on an executor (Ray workers, or in-process with a checkpoint folder)."""
+    from .distributed import executor_for
+    from .distributed.sweeps import verify_on
+
+    ranked = getattr(space, "ranked_index", None)
+    if ranked is None:
+        raise InputError(f"{space.kind} nodes are verified in-process; drop workers=/ray_address=/checkpoint= for them")
+    executor = executor_for(job.model, workers, ray_address, job.progress)
+    types = list(space.node_types)
+    return verify_on(executor, job.model, job.pairs, types, job.direction, ranked(nodes), batch, checkpoint, job.cost)  # type: ignore[no-any-return]

@@ -22,13 +22,13 @@ from typing import Any, ClassVar
 import torch
 
 from ..cost import Cost
-from ..engine import prepare
+from ..engine import patch_listed, prepare
 from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
 from ..sweeps.blocks import Block, patch_blocks
 from ..sweeps.edges import patch_edge_layer
-from ..sweeps.patching import patch_layers, patch_ranked
+from ..sweeps.patching import patch_layers
 from ..sweeps.subsampling import subsample_range
 
 
@@ -149,7 +149,7 @@ class RankUnit(RangeUnit):
             type_i, layer_i, unit_i, pos_i = (sweep.tensors[k][self.start : self.stop] for k in RANKED)  # [N] each
             ranked = (type_i, layer_i, unit_i, pos_i)
             return {
-                "effects": patch_ranked(worker.model, cache, sweep.node_types, ranked, sweep.options["batch"], cost)
+                "effects": patch_listed(worker.model, cache, sweep.node_types, ranked, sweep.options["batch"], cost)
             }
 
         return worker.compute(sweep, 0, sweep.pairs.n_pairs, compute)  # effects: [N, P]

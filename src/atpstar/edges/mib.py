@@ -158,3 +158,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def attribution_to_mib(result: Any, path: str | Path, n_edges: int | None, prune: bool) -> Path:
+    """``Attribution.to_mib``: the result's edge scores as a MIB circuit file."""
+    from .circuits import top_edges
+
+    graph = result.edge_graph()
+    scores = result.scores["edge"]
+    if scores.ndim != 1:
+        raise InputError(
+            "MIB's circuit files hold position-summed edges; this attribution is position-resolved "
+            "(edge_positions=True). Run the method without edge_positions to export to MIB"
+        )
+    chosen = None if n_edges is None else top_edges(graph, scores, n_edges, prune)
+    return save_mib(path, graph, int(result.info["edge_graph"].get("d_model", 0)), scores, chosen)

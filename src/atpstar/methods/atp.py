@@ -85,6 +85,7 @@ class AttributionPatching(Method):
 
     needs_gradients = True
     node_types = ALL_TYPES  # edges: EAP and its QK-fix / GradDrop / AtP* forms (``atpstar.edges``)
+    engines = ("sites", "edges")
 
     def __init__(
         self,

@@ -11,12 +11,14 @@ import torch
 from ..cost import Cost
 from ..errors import InputError
 from ..fingerprint import identity
+from ..job import Job
 from ..memory import MemoryPlan, announce
 from ..model import Model, as_model
-from ..nodes import EDGE_TYPE, NODE_TYPES, check_node_types
+from ..nodes import NODE_TYPES
 from ..pairs import PromptPairs, check_direction
 from ..result import Attribution, aggregate
 from ..sink import PerPairSink
+from ..spaces import BUILTIN_TYPES, Spaces, check_node_types, space_class, spaces_for
 from ..validate import check_finite_options, check_pairs_fit, warn_non_finite
 from ..version import __version__
 
@@ -39,6 +41,8 @@ class Method:
     aggregation: ClassVar[str] = "mean_abs"  # how ``scores`` come from ``per_pair`` (``result.aggregate``)
     cost_is_bound: ClassVar[bool] = False  # ``expected_cost`` is an upper bound, not the exact count
     distributable: ClassVar[bool] = False  # runs as work units on Ray workers (``workers=``)
+    # entry points it implements, by node-space engine: "sites" (``_attribute``), "edges" (``_attribute_edges``)
+    engines: ClassVar[tuple[str, ...]] = ("sites",)
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """The documented cost of a call, in passes over single prompts (see ``atpstar.cost``).
@@ -96,48 +100,43 @@ class Method:
         """
         model = as_model(model)
         node_types = check_node_types(nodes)
-        missing = [t for t in node_types if t not in self.node_types]
-        if missing:
-            raise InputError(
-                f"method {self.id!r} does not support node types {missing}; it supports {list(self.node_types)}"
-            )
+        self._check_supported(node_types)
         if not isinstance(pairs, PromptPairs):
             raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
         check_direction(direction)
         check_pairs_fit(model, pairs)
         check_finite_options(f"method {self.id!r} option ", self.get_options())
         self._validate(model, pairs, node_types)
-        if EDGE_TYPE in node_types:  # edges: a family with an edge graph (E15)
-            from ..edges.sites import check_edges_supported
-
-            check_edges_supported(model)
-        plain = [t for t in node_types if t != EDGE_TYPE]
-        plan = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, plain) if plain else None
+        spaces = Spaces(spaces_for(model, node_types, self.get_options()))
+        for space in spaces:
+            space.check_model(model)
+        sites = [t for space in spaces if space.engine == "sites" for t in space.node_types]
+        plan = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, sites) if sites else None
         if plan is not None:
             announce(plan, progress)
-        executor = _executor(self, model, node_types, workers, ray_address, progress)
+        executor = self._executor(model, spaces, workers, ray_address, progress)
         if executor is not None and not self.distributable:  # whole calls on blocks of pairs, merged
             return _by_pair_blocks(self, executor, model, pairs, node_types, direction, plan)
-        cost = Cost()
+        job = Job(model, pairs, direction, Cost(), progress)
         per_pair: dict[str, torch.Tensor] = {}
         extras: dict[str, torch.Tensor] = {}
         info: dict[str, Any] = {}
         kept_scores: dict[str, torch.Tensor] = {}
-        if plain:
+        for space in spaces:
             if executor is None:
-                results, extras, info = self._attribute(model, pairs, plain, direction, cost, progress)
+                results, more_extras, more_info = space.attribute(self, job)
             else:
-                results, extras, info = self._attribute_on(executor, model, pairs, plain, direction, cost)
+                results, more_extras, more_info = self._attribute_on(
+                    executor, model, pairs, list(space.node_types), direction, job.cost
+                )
             if isinstance(results, PerPairSink):  # kept batch by batch (keep="top"/"disk"): exact running scores
-                per_pair, kept_scores = results.per_pair(), results.scores(self.aggregation)
-                info = {**results.info(), **info}
-            else:
-                per_pair = results
-        if EDGE_TYPE in node_types:  # edges run in-process (work units for edges are not implemented)
-            from ..edges.graph import graph_of
-
-            per_pair[EDGE_TYPE], edge_info = self._attribute_edges(model, pairs, direction, cost, progress)
-            info = {**info, **edge_info, "edge_graph": {**graph_of(model).describe(), "d_model": model.d_model}}
+                kept_scores.update(results.scores(self.aggregation))
+                more_info = {**results.info(), **more_info}
+                results = results.per_pair()
+            per_pair.update(results)
+            extras.update(more_extras)
+            info.update(more_info)
+        cost = job.cost
         warn_non_finite(per_pair, f"the {self.id} result")
         options = self.get_options()
         made_by = identity(model, pairs, direction, node_types, self.id, options)
@@ -161,6 +160,41 @@ class Method:
                 "identity": made_by,
             },
         )
+
+    def _check_supported(self, node_types: list[str]) -> None:
+        """Refuse node types of a space this method has no entry point for (or not in its ``node_types``)."""
+        missing = [
+            t for t in node_types
+            if space_class(t).engine not in self.engines or (t not in self.node_types and t in BUILTIN_TYPES)
+        ]  # fmt: skip
+        if missing:
+            raise InputError(
+                f"method {self.id!r} does not support node types {missing}; it supports {list(self.node_types)}"
+            )
+
+    def _executor(
+        self, model: Model, spaces: Spaces, workers: int | None, ray_address: str | None, progress: bool
+    ) -> Any:
+        """The executor of a ``workers=``/``ray_address=`` call (None: in-process), after checking it can run there.
+
+        A method runs on workers with its own work units (``distributable``: site nodes), or as whole calls
+        on blocks of pairs (``runs_on_workers``: every space, edges included).
+        """
+        if workers is None and ray_address is None:
+            return None
+        if not runs_on_workers(type(self)):
+            raise InputError(
+                f"method {self.id!r} does not run on workers; drop workers=/ray_address= (methods that do: "
+                f"{', '.join(m for m, r in METHODS.items() if runs_on_workers(r.cls))})"
+            )
+        not_sites = [space.kind for space in spaces if space.engine != "sites"]
+        if self.distributable and not_sites:
+            raise InputError(
+                f"{not_sites} nodes run in-process only; ask for them in a call without workers=/ray_address="
+            )
+        from ..distributed import executor_for
+
+        return executor_for(model, workers, ray_address, progress)
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         """Check method options against the model and pairs (before any pass)."""
@@ -199,24 +233,6 @@ def runs_on_workers(cls: type[Method]) -> bool:
     return cls.distributable or not (cls.pairs_interact or cls.seeded)
 
 
-def _executor(
-    method: Method, model: Model, node_types: list[str], workers: Any, ray_address: Any, progress: bool
-) -> Any:
-    """The executor for ``workers=``/``ray_address=`` (``atpstar.distributed``), or None in-process."""
-    if workers is None and ray_address is None:
-        return None
-    if not runs_on_workers(type(method)):
-        raise InputError(
-            f"method {method.id!r} does not run on workers; drop workers=/ray_address= (methods that do: "
-            f"{', '.join(m for m, r in METHODS.items() if runs_on_workers(r.cls))})"
-        )
-    if method.distributable and EDGE_TYPE in node_types:
-        raise InputError("edges run in-process only; ask for edges in a call without workers=/ray_address=")
-    from ..distributed import executor_for
-
-    return executor_for(model, workers, ray_address, progress)
-
-
 def _by_pair_blocks(
     method: Method,
     executor: Any,
@@ -249,7 +265,7 @@ def check_edge_positions(edge_positions: object, node_types: list[str]) -> None:
     """
     if not isinstance(edge_positions, bool):
         raise InputError(f"edge_positions must be True or False; got {edge_positions!r}")
-    if edge_positions and EDGE_TYPE not in node_types:
+    if edge_positions and not any(space_class(t).engine == "edges" for t in node_types):
         raise InputError(f"edge_positions=True applies to edges; add 'edge' to nodes (got {node_types})")
 
 

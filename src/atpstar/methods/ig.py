@@ -41,6 +41,7 @@ class IntegratedGradients(Method):
 
     needs_gradients = True
     node_types = ALL_TYPES
+    engines = ("sites", "edges")
 
     def __init__(
         self, *, ig_steps: int = 5, batch_size: int | None = None, memory_gb: float = 2.0, edge_positions: bool = False

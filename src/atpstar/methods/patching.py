@@ -49,6 +49,7 @@ class ActivationPatching(Method):
     exact = True
     aggregation = "mean"
     node_types = ALL_TYPES  # edges: exact edge patching (``atpstar.edges.patching``)
+    engines = ("sites", "edges")
     distributable = True
 
     def __init__(

@@ -2,8 +2,8 @@
 
 I(n) = L(M(x_base | do(n <- n(x_source)))) - L(M(x_base)), one patched forward per (node, pair),
 started at the node's layer (``engine.sweep_layer`` batches the forwards). ``patch_layers`` is
-exhaustive patching's share (a pair block x layers); ``patch_ranked`` verification's (a window of
-ranked nodes).
+exhaustive patching's share (a pair block x layers); verification's (a window of listed nodes) is
+``engine.patch_listed``.
 
 Shape letters: P pairs of the cache, N nodes, L layers.
 """
@@ -82,35 +82,3 @@ def store_effects(
         index = (pair, *layout_index(node_type, layer_i, unit, pos))
         effects[node_type][index] = effect[rows].to(effects[node_type].dtype).cpu()
         done[node_type][index] = True
-
-
-def patch_ranked(
-    model: Model,
-    cache: PatchCache,
-    node_types: list[str],
-    ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    batch: int,
-    cost: Cost,
-    advance: Any = None,
-) -> torch.Tensor:
-    """Exact effects [N, P] float64 of N listed nodes on every pair of ``cache``, batched by layer.
-
-    Args:
-        ranked: (type index into ``node_types``, layer, head/kv-head/neuron, position), each [N].
-    """
-    type_index, layer_index, unit_index, pos_index = ranked
-    n_nodes, n_pairs = len(type_index), cache.n_pairs
-    effects = torch.zeros(n_nodes, n_pairs, dtype=torch.float64)
-    # One element per (node, pair): the node's rank, then the engine's node tuple.
-    ranks = torch.arange(n_nodes).repeat_interleave(n_pairs)
-    pair_i = torch.arange(n_pairs).repeat(n_nodes)
-    type_i, layer_i = type_index.repeat_interleave(n_pairs), layer_index.repeat_interleave(n_pairs)
-    unit_i, pos_i = unit_index.repeat_interleave(n_pairs), pos_index.repeat_interleave(n_pairs)
-    for layer in torch.unique(layer_i).tolist():
-        rows = torch.nonzero(layer_i == layer)[:, 0]
-        group = (type_i[rows], pair_i[rows], unit_i[rows], pos_i[rows])
-        for chunk, effect in sweep_layer(model, cache, int(layer), node_types, group, batch, cost):
-            effects[ranks[rows[chunk]], pair_i[rows[chunk]]] = effect.detach().double().cpu()
-            if advance is not None:
-                advance(len(chunk))
-    return effects
