@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 from .cost import Cost
-from .engine import prepare
 from .errors import InputError
 from .fingerprint import MODEL_FIELDS, check_identity, identity
 from .methods.subsampling import check_options
@@ -44,7 +43,7 @@ from .model import as_model
 from .nodes import EDGE_TYPE, NodeLayout, check_node_types, node_name
 from .ops import student_t_cdf, student_t_quantile, welch_se_df
 from .pairs import PromptPairs, check_direction
-from .sweeps.subsampling import SubsamplingStats, subsample
+from .sweeps.subsampling import SubsamplingStats
 from .validate import check_number, check_pairs_fit
 from .verify import Verification
 
@@ -249,12 +248,8 @@ def false_negative_bound(
     if theta is not None:
         check_number("theta", theta, 0.0, None, low_open=True)  # NaN would make every probability bound 1
     edges = EDGE_TYPE in node_types
-    if edges and (
-        node_types != [EDGE_TYPE] or workers is not None or ray_address is not None or checkpoint is not None
-    ):
-        raise InputError(
-            "bound edges on their own and in-process: nodes=['edge'], no workers=/ray_address=/checkpoint="
-        )
+    if edges and node_types != [EDGE_TYPE]:
+        raise InputError("bound edges on their own: nodes=['edge'] in a call of their own")
     layout = _edge_layout(model) if edges else NodeLayout.of(node_types, model.sizes, pairs.seq_len)
     shapes = layout.shapes
     exclude = {t: torch.zeros(shape, dtype=torch.bool) for t, shape in shapes.items()}
@@ -278,44 +273,18 @@ def false_negative_bound(
 
     cost = Cost()
     run_info: dict[str, Any] = {}
+    from .distributed import executor_for
+    from .distributed.sweeps import edge_samples_on, subsample_on
+
+    # Subsampling as ranges of samples on an executor: in-process one range (the loop of a single call),
+    # with a checkpoint or on Ray workers several, merged with Welford's update (atpstar.distributed).
+    executor = executor_for(model, workers, ray_address, progress)
+    sampling = {"samples": samples, "p": p, "seed": seed, "design": "random"}
     if edges:  # random joint patches of edge subsets (atpstar.edges.subsampling)
-        from .edges.subsampling import subsample_edges
-
-        stats, _ = subsample_edges(
-            model,
-            pairs,
-            direction,
-            samples=samples,
-            p=p,
-            seed=seed,
-            cost=cost,
-            exclude=exclude[EDGE_TYPE],
-            batch_size=batch_size,
-            memory_gb=memory_gb,
-            progress=progress,
+        stats, _, run_info = edge_samples_on(
+            executor, model, pairs, direction, sampling, batch_size, memory_gb, exclude[EDGE_TYPE], checkpoint, cost
         )
-    elif workers is None and ray_address is None and checkpoint is None:
-        cache = prepare(model, pairs, direction, node_types, cost)
-        stats = subsample(
-            model,
-            cache,
-            node_types,
-            samples=samples,
-            p=p,
-            seed=seed,
-            design="random",
-            cost=cost,
-            batch_size=batch_size,
-            memory_gb=memory_gb,
-            exclude=exclude,
-            progress=progress,
-        )
-    else:  # the same Subsampling as work units over ranges of samples (atpstar.distributed)
-        from .distributed import executor_for
-        from .distributed.sweeps import subsample_on
-
-        executor = executor_for(model, workers, ray_address, progress)
-        sampling = {"samples": samples, "p": p, "seed": seed, "design": "random"}
+    else:
         stats, _, run_info = subsample_on(
             executor, model, pairs, node_types, direction, sampling, batch_size, memory_gb, exclude, checkpoint, cost
         )

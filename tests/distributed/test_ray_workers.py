@@ -141,6 +141,16 @@ def test_interrupted_run_resumes_from_unit_checkpoints(ray_cluster, setting, tmp
     _same(resumed, expected, "resumed")
 
 
+def test_a_checkpoint_folder_started_in_process_resumes_on_workers(ray_cluster, setting, tmp_path):
+    """The same units in-process and on workers: a bound checkpointed in-process needs no work on workers."""
+    model, pairs = setting["gpt2"]
+    kwargs = dict(nodes=["head", "value"], theta=0.05, samples=8, p=0.3, batch_size=2, checkpoint=str(tmp_path / "b"))
+    here = atpstar.false_negative_bound(model, pairs, [], **kwargs)
+    there = atpstar.false_negative_bound(model, pairs, [], workers=2, **kwargs)
+    assert there.info["units_resumed"] == there.info["units"] == here.info["units"]
+    assert there.max_effect_upper == here.max_effect_upper and there.worst_node == here.worst_node
+
+
 def test_cli_runs_verifies_and_bounds_on_workers(ray_cluster, tmp_path, capsys):
     """The CLI's --workers on a model folder: workers load the folder themselves (no weights shipped)."""
     from test_cli import make_tiny, write_pairs

@@ -211,3 +211,17 @@ def test_unreadable_unit_manifest_is_reported(tmp_path, gpt2):
     manifest.write_text(manifest.read_text()[:20])  # torn
     with pytest.raises(atpstar.InputError, match="unreadable sweep.json"):
         atpstar.false_negative_bound(model, pairs, [("head", (0, 0, 0))], **kwargs)
+
+
+def test_edge_bound_as_ranges_of_samples_resumes_and_equals_one_range(tmp_path):
+    """Edge subsampling is work units too: with a checkpoint, several ranges merged equal the single range."""
+    model, pairs = load(build_hf("gpt2", n_layers=2, seed=3)), make_pairs(n_pairs=2, seq_len=5)
+    kwargs = dict(nodes=["edge"], theta=0.05, samples=8, p=0.3, batch_size=2)
+    expected = atpstar.false_negative_bound(model, pairs, [], **kwargs)
+    pieces = atpstar.false_negative_bound(model, pairs, [], checkpoint=str(tmp_path / "e"), **kwargs)
+    assert pieces.info["units"] == 8 and len(list((tmp_path / "e").glob("edge_samples*.safetensors"))) == 8
+    assert pieces.max_effect_upper == pytest.approx(expected.max_effect_upper, rel=1e-12)
+    assert pieces.worst_node == expected.worst_node
+    assert pieces.cost.forward == pytest.approx(expected.cost.forward)  # whole batches: the same forwards
+    again = atpstar.false_negative_bound(model, pairs, [], checkpoint=str(tmp_path / "e"), **kwargs)
+    assert again.info["units_resumed"] == 8 and again.max_effect_upper == pieces.max_effect_upper

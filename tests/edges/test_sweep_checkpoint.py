@@ -8,7 +8,7 @@ import pytest
 from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 import atpstar
-from atpstar.sweeps import edges as sweep
+from atpstar.edges import sweep
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from .pool import WorkerError
 from .store import UnitStore
 from .units import (
     BlockUnit,
+    EdgeSampleUnit,
     EdgeUnit,
     PairBlockUnit,
     PatchUnit,
@@ -32,6 +33,7 @@ from .units import (
 
 __all__ = [
     "BlockUnit",
+    "EdgeSampleUnit",
     "EdgeUnit",
     "LocalExecutor",
     "PairBlockUnit",

@@ -65,7 +65,7 @@ def run_units(
     _drop_repeated_prepares(units, results, {i for i, _ in jobs})
     done = [r for r in results if r is not None]
     ran = [results[i] for i, _ in jobs]
-    info = {
+    info: dict[str, Any] = {
         "workers": executor.workers,
         "units": len(units),
         "units_resumed": resumed,

@@ -20,15 +20,16 @@ from ..batching import plan_batch
 from ..cost import Cost
 from ..edges.graph import graph_of
 from ..edges.patching import edge_bytes
+from ..edges.subsampling import edge_sample_batch
+from ..edges.sweep import prepare_edge_sweep, receiver_layers
 from ..model import Model
 from ..nodes import NodeLayout, node_shape
 from ..ops import welford_merge
 from ..pairs import PromptPairs
 from ..result import Attribution, aggregate
-from ..sweeps.edges import prepare_edge_sweep, receiver_layers
 from ..sweeps.subsampling import SubsamplingStats, keep_mask, sample_batch
 from .run import Executor, digest, pair_bounds, run_units, sum_costs, target_units, unit_store
-from .units import BlockUnit, EdgeUnit, PairBlockUnit, PatchUnit, RankUnit, SampleUnit, Sweep, Unit
+from .units import BlockUnit, EdgeSampleUnit, EdgeUnit, PairBlockUnit, PatchUnit, RankUnit, SampleUnit, Sweep, Unit
 
 # Split a layer's pairs once a unit would hold more patched forwards than this (checkpoint granularity).
 MAX_UNIT_FORWARDS = 1 << 18
@@ -194,14 +195,15 @@ def verify_on(
 # Subsampling and the bound ----------------------------------------------------------------------
 
 
-def plan_sample_units(total: int, batch: int, n_pairs: int, target: int) -> list[SampleUnit]:
+def plan_sample_units(
+    total: int, batch: int, n_pairs: int, target: int, unit: type[SampleUnit] = SampleUnit
+) -> list[SampleUnit]:
     """Element ranges covering ``total`` (sample, pair) elements: whole in-process batches when there are
     enough batches (then every forward is the in-process one), else finer ranges."""
     n_batches = math.ceil(total / batch)
     size = batch * math.ceil(n_batches / target) if n_batches >= target else math.ceil(total / target)
     return [
-        SampleUnit(start, min(start + size, total), min(start + size, total) - start, 1.0)
-        for start in range(0, total, size)
+        unit(start, min(start + size, total), min(start + size, total) - start, 1.0) for start in range(0, total, size)
     ]
 
 
@@ -217,18 +219,53 @@ def subsample_on(
     exclude: dict[str, torch.Tensor] | None,
     checkpoint: str | None,
     cost: Cost,
-) -> tuple[SubsamplingStats, torch.Tensor, dict[str, int]]:
+) -> tuple[SubsamplingStats, torch.Tensor, dict[str, Any]]:
     """Subsampling as ranges of samples merged with Welford's parallel update: (stats, base metric [P], info)."""
     layout = NodeLayout.of(node_types, model.sizes, pairs.seq_len)
     keep = keep_mask(layout, exclude)
     batch = sample_batch(model, pairs.seq_len, len(keep), memory_gb, batch_size)
     sweep = Sweep("samples", pairs, direction, list(node_types), {**sampling, "batch": batch}, {"keep": keep})
-    total = sampling["samples"] * pairs.n_pairs
+    values, base_metric, info = _samples_on(executor, model, sweep, SampleUnit, checkpoint, cost)
+    return SubsamplingStats(layout.shapes, values), base_metric, info
+
+
+def edge_samples_on(
+    executor: Executor,
+    model: Model,
+    pairs: PromptPairs,
+    direction: str,
+    sampling: dict[str, Any],
+    batch_size: int | None,
+    memory_gb: float,
+    exclude: torch.Tensor | None,
+    checkpoint: str | None,
+    cost: Cost,
+) -> tuple[SubsamplingStats, torch.Tensor, dict[str, Any]]:
+    """Random joint patches of edge subsets as ranges of samples (``edges.subsampling``), merged as
+    ``subsample_on`` merges node ranges: (stats over ``{"edge": (N,)}``, base metric [P], info).
+
+    Args:
+        exclude: [N] bool, edges never patched (the verified ones); None: none.
+    """
+    n_edges = graph_of(model).n_edges
+    keep = torch.ones(n_edges, dtype=torch.bool) if exclude is None else ~exclude.to(torch.bool)  # [N]
+    batch = edge_sample_batch(model, pairs.seq_len, memory_gb, batch_size)
+    options = {**sampling, "batch": batch}
+    sweep = Sweep("edge-samples", pairs, direction, ["edge"], options, {"keep": keep}, prepare=prepare_edge_sweep)
+    values, base_metric, info = _samples_on(executor, model, sweep, EdgeSampleUnit, checkpoint, cost)
+    return SubsamplingStats({"edge": (n_edges,)}, values), base_metric, info
+
+
+def _samples_on(
+    executor: Executor, model: Model, sweep: Sweep, unit: type[SampleUnit], checkpoint: str | None, cost: Cost
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:
+    """Run a sampling sweep's ranges and merge their statistics in element order: (values [P, N], base metric, info)."""
+    total = sweep.options["samples"] * sweep.pairs.n_pairs
     # In-process without a checkpoint: one range, the very loop (and Welford merges) of a single call.
     target = target_units(executor) if executor.workers or checkpoint else 1
-    units = plan_sample_units(total, batch, pairs.n_pairs, target)
-    store = unit_store(checkpoint, "samples", model, sweep, digest(keep))
-    results, info = run_units(executor, sweep, units, store, "subsampling", unit_label="sample")
+    units = plan_sample_units(total, sweep.options["batch"], sweep.pairs.n_pairs, target, unit)
+    store = unit_store(checkpoint, sweep.kind, model, sweep, digest(sweep.tensors["keep"]))
+    results, info = run_units(executor, sweep, units, store, sweep.kind.replace("-", " "), unit_label="sample")
     values = {k: torch.zeros_like(v) for k, v in results[0].tensors.items() if k != "base_metric"}
     for result in results:  # in element order, as the in-process loop merges its batches
         for side in ("in", "out"):
@@ -236,7 +273,7 @@ def subsample_on(
             merged = welford_merge(*(values[n] for n in names), *(result.tensors[n] for n in names))
             values.update(zip(names, merged))
     sum_costs(results, cost)
-    return SubsamplingStats(layout.shapes, values), results[0].tensors["base_metric"], info
+    return values, results[0].tensors["base_metric"], info
 
 
 # Blocks and Hierarchical ----------------------------------------------------------------------

@@ -22,12 +22,13 @@ from typing import Any, ClassVar
 import torch
 
 from ..cost import Cost
+from ..edges.subsampling import sample_edge_range
+from ..edges.sweep import patch_edge_layer
 from ..engine import patch_listed, prepare
 from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
 from ..sweeps.blocks import Block, patch_blocks
-from ..sweeps.edges import patch_edge_layer
 from ..sweeps.patching import patch_layers
 from ..sweeps.subsampling import subsample_range
 
@@ -173,6 +174,23 @@ class SampleUnit(RangeUnit):
 
 
 @dataclass(frozen=True)
+class EdgeSampleUnit(SampleUnit):
+    """Random joint patches of edge subsets, elements ``start``..``stop``-1 (``edges.subsampling``)."""
+
+    prefix: ClassVar[str] = "edge_samples"
+
+    def run(self, worker: WorkerState, sweep: Sweep) -> UnitResult:
+        def compute(cache: Any, cost: Cost) -> dict[str, torch.Tensor]:
+            o, keep = sweep.options, sweep.tensors["keep"]
+            return sample_edge_range(
+                worker.model, cache, self.start, self.stop, p=o["p"], seed=o["seed"], batch=o["batch"], keep=keep,
+                cost=cost,
+            )  # fmt: skip
+
+        return worker.compute(sweep, 0, sweep.pairs.n_pairs, compute)  # statistic -> [P, N]
+
+
+@dataclass(frozen=True)
 class BlockUnit:
     """Joint patching of each of ``blocks`` (``sweeps.blocks.Block`` tuples) on every pair."""
 
@@ -210,7 +228,7 @@ class PairBlockUnit(RangeUnit):
         return UnitResult(tensors, part.cost, Cost(), {"info": part.info})
 
 
-Unit = PatchUnit | EdgeUnit | RankUnit | SampleUnit | BlockUnit | PairBlockUnit
+Unit = PatchUnit | EdgeUnit | RankUnit | SampleUnit | EdgeSampleUnit | BlockUnit | PairBlockUnit
 
 
 class WorkerState:

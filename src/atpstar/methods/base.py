@@ -219,6 +219,15 @@ class Method:
         """``_attribute`` as work units run by ``executor`` (``atpstar.distributed``); same numbers."""
         raise NotImplementedError
 
+    def _attribute_in_process(
+        self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        """``_attribute`` of a method with work units of its own: the same units on the in-process executor
+        (one code path per sweep; set ``_attribute = Method._attribute_in_process``)."""
+        from ..distributed import LocalExecutor
+
+        return self._attribute_on(LocalExecutor(model, progress), model, pairs, node_types, direction, cost)
+
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
     ) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -31,6 +31,8 @@ class JointPatching(Method):
     batch_size: int | None
     memory_gb: float
 
+    _attribute = Method._attribute_in_process  # its work units (``_attribute_on``), on the in-process executor
+
     def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
         return masks_plan(self.id, model, n_pairs, seq_len, node_types, self.batch_size, self.memory_gb)
 
@@ -70,13 +72,6 @@ class Blocks(JointPatching):
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         check_count("block_size", self.block_size)
         self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
-
-    def _attribute(
-        self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        from ..distributed import LocalExecutor
-
-        return self._attribute_on(LocalExecutor(model, progress), model, pairs, node_types, direction, cost)
 
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost

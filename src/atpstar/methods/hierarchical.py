@@ -86,13 +86,6 @@ class Hierarchical(JointPatching):
             check_count("budget", self.budget)
         self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
 
-    def _attribute(
-        self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        from ..distributed import LocalExecutor
-
-        return self._attribute_on(LocalExecutor(model, progress), model, pairs, node_types, direction, cost)
-
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:

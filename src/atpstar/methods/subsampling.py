@@ -107,12 +107,7 @@ class Subsampling(Method):
             results_bytes=EXTRAS_BYTES * n_pairs * nodes,
         )
 
-    def _attribute(
-        self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        from ..distributed import LocalExecutor
-
-        return self._attribute_on(LocalExecutor(model, progress), model, pairs, node_types, direction, cost)
+    _attribute = Method._attribute_in_process  # its work units, on the in-process executor
 
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost

@@ -8,5 +8,6 @@ import only downward (engine, nodes, ops), never methods, distributed or verify.
   nodes: ``engine.patch_listed``).
 - ``subsampling``: random joint patches and their Welford in/out statistics (``subsample_range``).
 - ``blocks``: joint patches of contiguous blocks of nodes (``patch_blocks``).
-- ``edges``: exact single-edge effects of the edges read at one layer (``patch_edge_layer``).
+
+The edge engines live with the edge graph (``atpstar.edges.sweep``, ``atpstar.edges.subsampling``).
 """
