@@ -19,15 +19,13 @@ import torch
 from ..batching import plan_batch
 from ..cost import Cost
 from ..edges.graph import graph_of
-from ..edges.patching import edge_bytes
-from ..edges.subsampling import edge_sample_batch
 from ..edges.sweep import prepare_edge_sweep, receiver_layers
 from ..model import Model
 from ..nodes import NodeLayout, node_shape
 from ..ops import welford_merge
 from ..pairs import PromptPairs
 from ..result import Attribution, aggregate
-from ..sweeps.subsampling import SubsamplingStats, keep_mask, sample_batch
+from ..sweeps.subsampling import SubsamplingStats, keep_mask
 from .run import Executor, digest, pair_bounds, run_units, sum_costs, target_units, unit_store
 from .units import BlockUnit, EdgeSampleUnit, EdgeUnit, PairBlockUnit, PatchUnit, RankUnit, SampleUnit, Sweep, Unit
 
@@ -121,9 +119,8 @@ def edges_on(
         made_by: the options that identify the sweep's checkpoint.
     """
     graph = graph_of(model)
-    batch = plan_batch(
-        edge_bytes(model, pairs.seq_len), options["memory_gb"], model.device, batch_size=options["batch_size"]
-    )
+    footprint = EdgeUnit.footprint(model, pairs)
+    batch = plan_batch(footprint, options["memory_gb"], model.device, batch_size=options["batch_size"])
     options = {"batch": batch, "positions": options["positions"]}
     sweep = Sweep("edges", pairs, direction, ["edge"], options, prepare=prepare_edge_sweep)
     layer_of = receiver_layers(graph)  # [N]
@@ -223,7 +220,7 @@ def subsample_on(
     """Subsampling as ranges of samples merged with Welford's parallel update: (stats, base metric [P], info)."""
     layout = NodeLayout.of(node_types, model.sizes, pairs.seq_len)
     keep = keep_mask(layout, exclude)
-    batch = sample_batch(model, pairs.seq_len, len(keep), memory_gb, batch_size)
+    batch = plan_batch(SampleUnit.footprint(model, pairs, keep), memory_gb, model.device, batch_size=batch_size)
     sweep = Sweep("samples", pairs, direction, list(node_types), {**sampling, "batch": batch}, {"keep": keep})
     values, base_metric, info = _samples_on(executor, model, sweep, SampleUnit, checkpoint, cost)
     return SubsamplingStats(layout.shapes, values), base_metric, info
@@ -249,7 +246,7 @@ def edge_samples_on(
     """
     n_edges = graph_of(model).n_edges
     keep = torch.ones(n_edges, dtype=torch.bool) if exclude is None else ~exclude.to(torch.bool)  # [N]
-    batch = edge_sample_batch(model, pairs.seq_len, memory_gb, batch_size)
+    batch = plan_batch(EdgeSampleUnit.footprint(model, pairs), memory_gb, model.device, batch_size=batch_size)
     options = {**sampling, "batch": batch}
     sweep = Sweep("edge-samples", pairs, direction, ["edge"], options, {"keep": keep}, prepare=prepare_edge_sweep)
     values, base_metric, info = _samples_on(executor, model, sweep, EdgeSampleUnit, checkpoint, cost)

@@ -8,6 +8,11 @@ pairs (the method's own call on those pairs). ``WorkerState`` runs units next to
 keeps the base/source runs (``engine.prepare``) of the sweep it is working on, so a worker prepares
 each pair block once however many of its units it runs.
 
+Memory: every unit's batch comes from ``batching.plan_batch``, sized by what one batch element takes:
+``footprint`` on the unit kinds that declare it (edges, samples), the method's memory plan for exact
+patching and whole-method pair blocks, ``NodeSpace.element_bytes`` for verification,
+``sweeps.blocks.block_footprint`` per (node type, layer) for blocks.
+
 Shape letters: P pairs (of the unit's pair block), N nodes of the unit, L layers of the unit.
 """
 
@@ -21,7 +26,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..batching import Footprint
 from ..cost import Cost
+from ..edges.circuit_run import circuit_bytes
+from ..edges.graph import graph_of
+from ..edges.patching import edge_bytes
 from ..edges.subsampling import sample_edge_range
 from ..edges.sweep import patch_edge_layer
 from ..engine import patch_listed, prepare
@@ -30,7 +39,7 @@ from ..nodes import node_shape
 from ..pairs import PromptPairs
 from ..sweeps.blocks import Block, patch_blocks
 from ..sweeps.patching import patch_layers
-from ..sweeps.subsampling import subsample_range
+from ..sweeps.subsampling import sample_footprint, subsample_range
 
 
 @dataclass
@@ -112,6 +121,11 @@ class EdgeUnit:
     def name(self) -> str:
         return f"edges_pairs{self.pair_start}-{self.pair_stop}_layer{self.layer}"
 
+    @staticmethod
+    def footprint(model: Model, pairs: PromptPairs, keep: torch.Tensor | None = None) -> Footprint:
+        """One element: a forward with one patched edge."""
+        return Footprint(edge_bytes(model, pairs.seq_len))
+
     def run(self, worker: WorkerState, sweep: Sweep) -> UnitResult:
         def compute(cache: Any, cost: Cost) -> dict[str, torch.Tensor]:
             o = sweep.options
@@ -162,6 +176,11 @@ class SampleUnit(RangeUnit):
 
     prefix: ClassVar[str] = "samples"
 
+    @staticmethod
+    def footprint(model: Model, pairs: PromptPairs, keep: torch.Tensor | None = None) -> Footprint:
+        """One element: a patched forward with its mask and statistics work space over the kept nodes [N]."""
+        return sample_footprint(model, pairs.seq_len, 0 if keep is None else len(keep))
+
     def run(self, worker: WorkerState, sweep: Sweep) -> UnitResult:
         def compute(cache: Any, cost: Cost) -> dict[str, torch.Tensor]:
             sampling = {k: sweep.options[k] for k in ("samples", "p", "seed", "design", "batch")}
@@ -178,6 +197,11 @@ class EdgeSampleUnit(SampleUnit):
     """Random joint patches of edge subsets, elements ``start``..``stop``-1 (``edges.subsampling``)."""
 
     prefix: ClassVar[str] = "edge_samples"
+
+    @staticmethod
+    def footprint(model: Model, pairs: PromptPairs, keep: torch.Tensor | None = None) -> Footprint:
+        """One element: a forward of the graph with a random set of edges patched."""
+        return Footprint(circuit_bytes(model, graph_of(model), pairs.seq_len))
 
     def run(self, worker: WorkerState, sweep: Sweep) -> UnitResult:
         def compute(cache: Any, cost: Cost) -> dict[str, torch.Tensor]:
