@@ -31,8 +31,8 @@ import atpstar
 from atpstar.bound import _node_bounds, choose_p
 from atpstar.cost import Cost
 from atpstar.engine import prepare
+from atpstar.methods.subsampling import subsample
 from atpstar.nodes import node_shape
-from atpstar.sweeps.subsampling import subsample
 
 RESULTS = OUT / "results.json"
 GRID = [(256, 0.5), (256, choose_p(256)), (1024, choose_p(1024))]

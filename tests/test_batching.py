@@ -144,7 +144,7 @@ def test_every_budgeted_loop_uses_the_planner():
     """The sweeps size their batches with ``plan_batch`` (same numbers as the formulas they replaced)."""
     from atpstar.batching import Footprint, plan_batch
     from atpstar.memory import patched_forward_bytes
-    from atpstar.sweeps.subsampling import ELEMENT_BYTES_PER_NODE, sample_batch
+    from atpstar.methods.subsampling import ELEMENT_BYTES_PER_NODE, sample_batch
 
     model = load(build_hf("gpt2", n_layers=2))
     per_item = patched_forward_bytes(model, 5) + 100 * ELEMENT_BYTES_PER_NODE

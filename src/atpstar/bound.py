@@ -38,7 +38,7 @@ import torch
 from .cost import Cost
 from .errors import InputError
 from .fingerprint import MODEL_FIELDS, check_identity, identity
-from .methods.subsampling import check_options
+from .methods.subsampling import check_options, sample_batch
 from .model import as_model
 from .nodes import EDGE_TYPE, NodeLayout, check_node_types, node_name
 from .ops import student_t_cdf, student_t_quantile, welch_se_df
@@ -285,8 +285,9 @@ def false_negative_bound(
             executor, model, pairs, direction, sampling, batch_size, memory_gb, exclude[EDGE_TYPE], checkpoint, cost
         )
     else:
+        batch = sample_batch(model, pairs.seq_len, layout.size, memory_gb, batch_size)
         stats, _, run_info = subsample_on(
-            executor, model, pairs, node_types, direction, sampling, batch_size, memory_gb, exclude, checkpoint, cost
+            executor, model, pairs, node_types, direction, sampling, batch, exclude, checkpoint, cost
         )
     keep = ~layout.flatten(exclude)  # [N]
     n_unverified = int(keep.sum())

@@ -112,8 +112,8 @@ def identity(
         pairs: ``PromptPairs``.
         options: the options that change the numbers (bookkeeping ones such as ``checkpoint`` dropped).
     """
-    from . import __version__
     from .persist import to_jsonable
+    from .version import __version__
 
     kept = {k: v for k, v in (options or {}).items() if k not in BOOKKEEPING_OPTIONS}
     return {

@@ -12,9 +12,9 @@ from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 import atpstar
 from atpstar.distributed import LocalExecutor
-from atpstar.distributed.sweeps import pair_blocks_on, plan_pair_units
+from atpstar.distributed.sweeps import plan_pair_units
 from atpstar.errors import InputError
-from atpstar.methods.base import METHODS, runs_on_workers
+from atpstar.methods.base import METHODS, _by_pair_blocks, runs_on_workers
 from atpstar.result import Attribution
 
 NODES = ["neuron", "query", "key", "value", "head"]
@@ -40,10 +40,7 @@ def _same(result: Attribution, expected: Attribution) -> None:
 def test_pair_blocks_on_the_local_executor_equal_one_call(gpt2, method, nodes):
     model, pairs = gpt2
     expected = atpstar.attribute(model, pairs, method, nodes=nodes)
-    built = METHODS[method]()
-    result = pair_blocks_on(
-        LocalExecutor(model, False), built, model, pairs, nodes, "noising", {"identity": expected.identity}
-    )
+    result = _by_pair_blocks(METHODS[method](), LocalExecutor(model, False), model, pairs, nodes, "noising", None)
     _same(result, expected)
     assert result.info["units"] == 5 and result.info["n_pairs"] == 5
 

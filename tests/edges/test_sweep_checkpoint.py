@@ -8,7 +8,7 @@ import pytest
 from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 import atpstar
-from atpstar.edges import sweep
+from atpstar.sweeps import edges as sweep
 
 
 @pytest.fixture(scope="module")

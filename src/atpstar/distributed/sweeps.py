@@ -19,15 +19,25 @@ import torch
 from ..batching import plan_batch
 from ..cost import Cost
 from ..edges.graph import graph_of
-from ..edges.sweep import prepare_edge_sweep, receiver_layers
 from ..model import Model
 from ..nodes import NodeLayout, node_shape
 from ..ops import welford_merge
 from ..pairs import PromptPairs
-from ..result import Attribution, aggregate
+from ..sweeps.edges import prepare_edge_sweep, receiver_layers
 from ..sweeps.subsampling import SubsamplingStats, keep_mask
 from .run import Executor, digest, pair_bounds, run_units, sum_costs, target_units, unit_store
-from .units import BlockUnit, EdgeSampleUnit, EdgeUnit, PairBlockUnit, PatchUnit, RankUnit, SampleUnit, Sweep, Unit
+from .units import (
+    BlockUnit,
+    EdgeSampleUnit,
+    EdgeUnit,
+    PairBlockUnit,
+    PatchUnit,
+    RankUnit,
+    SampleUnit,
+    Sweep,
+    Unit,
+    UnitResult,
+)
 
 # Split a layer's pairs once a unit would hold more patched forwards than this (checkpoint granularity).
 MAX_UNIT_FORWARDS = 1 << 18
@@ -211,16 +221,18 @@ def subsample_on(
     node_types: list[str],
     direction: str,
     sampling: dict[str, Any],
-    batch_size: int | None,
-    memory_gb: float,
+    batch: int,
     exclude: dict[str, torch.Tensor] | None,
     checkpoint: str | None,
     cost: Cost,
 ) -> tuple[SubsamplingStats, torch.Tensor, dict[str, Any]]:
-    """Subsampling as ranges of samples merged with Welford's parallel update: (stats, base metric [P], info)."""
+    """Subsampling as ranges of samples merged with Welford's parallel update: (stats, base metric [P], info).
+
+    Args:
+        batch: samples per forward (the method's memory plan: ``methods.subsampling.sample_batch``).
+    """
     layout = NodeLayout.of(node_types, model.sizes, pairs.seq_len)
     keep = keep_mask(layout, exclude)
-    batch = plan_batch(SampleUnit.footprint(model, pairs, keep), memory_gb, model.device, batch_size=batch_size)
     sweep = Sweep("samples", pairs, direction, list(node_types), {**sampling, "batch": batch}, {"keep": keep})
     values, base_metric, info = _samples_on(executor, model, sweep, SampleUnit, checkpoint, cost)
     return SubsamplingStats(layout.shapes, values), base_metric, info
@@ -238,7 +250,7 @@ def edge_samples_on(
     checkpoint: str | None,
     cost: Cost,
 ) -> tuple[SubsamplingStats, torch.Tensor, dict[str, Any]]:
-    """Random joint patches of edge subsets as ranges of samples (``edges.subsampling``), merged as
+    """Random joint patches of edge subsets as ranges of samples (``sweeps.edges``), merged as
     ``subsample_on`` merges node ranges: (stats over ``{"edge": (N,)}``, base metric [P], info).
 
     Args:
@@ -286,12 +298,11 @@ class BlockPatcher:
         pairs: PromptPairs,
         node_types: list[str],
         direction: str,
-        batch_size: int | None,
-        memory_gb: float,
+        batches: dict[str, int],
         cost: Cost,
     ) -> None:
         self.executor = executor
-        options = {"batch_size": batch_size, "memory_gb": memory_gb}
+        options = {"batches": batches}  # node type -> patched forwards per batch
         self.sweep = Sweep("blocks", pairs, direction, list(node_types), options)
         self.cost = cost
         self.base_metric = torch.zeros(pairs.n_pairs)
@@ -339,38 +350,20 @@ def pair_blocks_on(
     pairs: PromptPairs,
     node_types: list[str],
     direction: str,
-    info: dict[str, Any],
     checkpoint: str | None = None,
-) -> Attribution:
-    """``method``'s call on every block of pairs as work units, merged by ``Attribution.concat``.
+) -> tuple[list[UnitResult], dict[str, Any]]:
+    """``method``'s call on every block of pairs as work units, in pair order: (the blocks' results, run facts).
+
+    Each result holds ``per_pair/<t>`` [P_block, *layout] and ``extras/<k>`` tensors, the block's cost and its
+    ``info`` (``meta["info"]``); ``Attribution.concat`` merges them (``methods.base``).
 
     Args:
         method: a ``Method`` whose pairs do not interact (its result on a pair does not depend on the others).
-        info: facts of the whole call (its identity, memory plan), written over the merged ones.
     """
-    options = method.get_options()
     sweep = Sweep("pairs", pairs, direction, list(node_types), {"method": method})
     units = plan_pair_units(pairs.n_pairs, target_units(executor))
-    store = unit_store(checkpoint, method.id, model, sweep, [[u.start, u.stop] for u in units], options)
+    layout = [[u.start, u.stop] for u in units]
+    store = unit_store(checkpoint, method.id, model, sweep, layout, method.get_options())
     results, run_info = run_units(executor, sweep, units, store, method.id, unit_label="pair")
-    parts = []
-    for result in results:
-        per_pair = {t: result.tensors[f"per_pair/{t}"] for t in node_types}
-        extras = {k[len("extras/") :]: v for k, v in result.tensors.items() if k.startswith("extras/")}
-        parts.append(
-            Attribution(
-                method.id,
-                options,
-                direction,
-                pairs.metric_name,
-                model.model_id,
-                per_pair,
-                aggregate(per_pair, method.aggregation),
-                method.aggregation,
-                result.cost,
-                extras,
-                result.meta["info"],
-            )  # fmt: skip
-        )
     run_info.pop("prepare_runs")  # every block runs its own base/source runs, counted in its cost
-    return Attribution.concat(parts, {**run_info, **info})
+    return results, run_info

@@ -31,15 +31,14 @@ from ..cost import Cost
 from ..edges.circuit_run import circuit_bytes
 from ..edges.graph import graph_of
 from ..edges.patching import edge_bytes
-from ..edges.subsampling import sample_edge_range
-from ..edges.sweep import patch_edge_layer
 from ..engine import patch_listed, prepare
 from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
 from ..sweeps.blocks import Block, patch_blocks
+from ..sweeps.edges import patch_edge_layer, sample_edge_range
 from ..sweeps.patching import patch_layers
-from ..sweeps.subsampling import sample_footprint, subsample_range
+from ..sweeps.subsampling import subsample_range
 
 
 @dataclass
@@ -122,7 +121,7 @@ class EdgeUnit:
         return f"edges_pairs{self.pair_start}-{self.pair_stop}_layer{self.layer}"
 
     @staticmethod
-    def footprint(model: Model, pairs: PromptPairs, keep: torch.Tensor | None = None) -> Footprint:
+    def footprint(model: Model, pairs: PromptPairs) -> Footprint:
         """One element: a forward with one patched edge."""
         return Footprint(edge_bytes(model, pairs.seq_len))
 
@@ -176,11 +175,6 @@ class SampleUnit(RangeUnit):
 
     prefix: ClassVar[str] = "samples"
 
-    @staticmethod
-    def footprint(model: Model, pairs: PromptPairs, keep: torch.Tensor | None = None) -> Footprint:
-        """One element: a patched forward with its mask and statistics work space over the kept nodes [N]."""
-        return sample_footprint(model, pairs.seq_len, 0 if keep is None else len(keep))
-
     def run(self, worker: WorkerState, sweep: Sweep) -> UnitResult:
         def compute(cache: Any, cost: Cost) -> dict[str, torch.Tensor]:
             sampling = {k: sweep.options[k] for k in ("samples", "p", "seed", "design", "batch")}
@@ -194,12 +188,12 @@ class SampleUnit(RangeUnit):
 
 @dataclass(frozen=True)
 class EdgeSampleUnit(SampleUnit):
-    """Random joint patches of edge subsets, elements ``start``..``stop``-1 (``edges.subsampling``)."""
+    """Random joint patches of edge subsets, elements ``start``..``stop``-1 (``sweeps.edges``)."""
 
     prefix: ClassVar[str] = "edge_samples"
 
     @staticmethod
-    def footprint(model: Model, pairs: PromptPairs, keep: torch.Tensor | None = None) -> Footprint:
+    def footprint(model: Model, pairs: PromptPairs) -> Footprint:
         """One element: a forward of the graph with a random set of edges patched."""
         return Footprint(circuit_bytes(model, graph_of(model), pairs.seq_len))
 
@@ -232,7 +226,7 @@ class BlockUnit:
             shapes = {t: node_shape(t, worker.model.sizes, sweep.pairs.seq_len) for t in sweep.node_types}
             blocks = [Block(*b) for b in self.blocks]
             o = sweep.options
-            return {"effects": patch_blocks(worker.model, cache, blocks, shapes, o["batch_size"], o["memory_gb"], cost)}
+            return {"effects": patch_blocks(worker.model, cache, blocks, shapes, o["batches"], cost)}
 
         return worker.compute(sweep, 0, sweep.pairs.n_pairs, compute)  # effects: [B, P]
 

@@ -17,19 +17,16 @@ Shape letters: P pairs, B batch, S senders, R receivers, N edges.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ..batching import plan_batch
 from ..cost import Cost
 from ..model import Model
 from ..pairs import PromptPairs
 from ..progress import progress_bar
-from ..sweeps.subsampling import RUNNING, SubsamplingStats, random_subset, update_stats
-from .circuit_run import circuit_bytes, circuit_metric
+from ..sweeps.edges import edge_sample_batch, sample_edge_range
+from ..sweeps.subsampling import SubsamplingStats
 from .graph import graph_of
-from .patching import EdgeCache, prepare_edges
+from .patching import prepare_edges
 
 
 def subsample_edges(
@@ -64,54 +61,6 @@ def subsample_edges(
         values = sample_edge_range(model, cache, 0, total, p=p, seed=seed, batch=batch, keep=keep, cost=cost,
                                    advance=bar.update)  # fmt: skip
     return SubsamplingStats({"edge": (graph.n_edges,)}, values), cache.base_metric.detach().double().cpu()
-
-
-def edge_sample_batch(model: Model, seq_len: int, memory_gb: float, batch_size: int | None = None) -> int:
-    """Joint edge patches per forward: ``batch_size``, else as many circuit runs as fit ``memory_gb``."""
-    return plan_batch(circuit_bytes(model, graph_of(model), seq_len), memory_gb, model.device, batch_size=batch_size)
-
-
-def sample_edge_range(
-    model: Model,
-    cache: EdgeCache,
-    start: int,
-    stop: int,
-    *,
-    p: float,
-    seed: int,
-    batch: int,
-    keep: torch.Tensor,
-    cost: Cost,
-    advance: Any = None,
-) -> dict[str, torch.Tensor]:
-    """Statistics of elements ``start``..``stop``-1 (element = sample x P + pair) in batches of ``batch`` from
-    ``start``; ranges merge with ``ops.welford_merge`` (a work unit's share).
-
-    Args:
-        keep: [N] bool, the edges that may be patched.
-
-    Returns:
-        ``count_in``, ``mean_in``, ``m2_in`` and the same for ``out``, each [P, N] float64.
-    """
-    graph = cache.graph
-    n_edges, n_pairs = graph.n_edges, cache.pairs.n_pairs
-    source = (cache.base_senders + cache.delta).contiguous()  # [P, S, T, D] sender outputs of the source run
-    base_metric = cache.base_metric.detach().double().cpu()  # [P]
-    values = {name: torch.zeros(n_pairs, n_edges, dtype=torch.float64) for name in RUNNING}
-    for first in range(start, stop, batch):
-        element = torch.arange(first, min(first + batch, stop))
-        pair_index, sample_index = element % n_pairs, element // n_pairs
-        chosen = torch.stack(
-            [random_subset(n_edges, p, seed, int(j), int(s)) for j, s in zip(pair_index, sample_index)]
-        )  # [B, N]
-        chosen &= keep
-        absent = graph.to_matrix(chosen).bool()  # [B, N] -> [B, S, R]
-        metric = circuit_metric(model, cache, source, pair_index, absent, cost)  # [B]
-        delta = metric.detach().double().cpu() - base_metric[pair_index]  # [B]
-        update_stats(values, chosen, delta, pair_index, n_pairs)
-        if advance is not None:
-            advance(len(element))
-    return values
 
 
 def joint_patch_cost(model: Model, keep: torch.Tensor, p: float) -> float:

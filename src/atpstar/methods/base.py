@@ -254,9 +254,18 @@ def _by_pair_blocks(
     """``method.attribute`` as whole calls on blocks of pairs run by ``executor``, merged (``Attribution.concat``)."""
     from ..distributed.sweeps import pair_blocks_on
 
-    made_by = identity(model, pairs, direction, node_types, method.id, method.get_options())
-    info = {"n_pairs": pairs.n_pairs, **({"memory": plan.to_dict()} if plan is not None else {}), "identity": made_by}
-    return pair_blocks_on(executor, method, model, pairs, node_types, direction, info)
+    options = method.get_options()
+    results, run_info = pair_blocks_on(executor, method, model, pairs, node_types, direction)
+    parts = []
+    for result in results:  # blocks in pair order
+        per_pair = {t: result.tensors[f"per_pair/{t}"] for t in node_types}  # [P_block, *layout]
+        extras = {k[len("extras/") :]: v for k, v in result.tensors.items() if k.startswith("extras/")}
+        scores = aggregate(per_pair, method.aggregation)
+        meta = (method.id, options, direction, pairs.metric_name, model.model_id)
+        parts.append(Attribution(*meta, per_pair, scores, method.aggregation, result.cost, extras, result.meta["info"]))
+    made_by = identity(model, pairs, direction, node_types, method.id, options)
+    memory = {"memory": plan.to_dict()} if plan is not None else {}
+    return Attribution.concat(parts, {**run_info, "n_pairs": pairs.n_pairs, **memory, "identity": made_by})
 
 
 def _rebuild(method_id: str, options: dict[str, Any]) -> Method:

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from ..batching import Footprint, plan_batch
 from ..cost import Cost
-from ..memory import MemoryPlan, layout_elems, patching_plan
+from ..memory import MemoryPlan, cache_bytes, layout_elems, patched_forward_bytes, patching_plan
 from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
@@ -79,7 +80,8 @@ class Blocks(JointPatching):
         from ..distributed.sweeps import BlockPatcher
 
         shapes, blocks = self._plan(model, pairs, node_types)
-        patcher = BlockPatcher(executor, pairs, node_types, direction, self.batch_size, self.memory_gb, cost)
+        batches = block_batches(model, pairs.n_pairs, pairs.seq_len, shapes, self.batch_size, self.memory_gb)
+        patcher = BlockPatcher(executor, pairs, node_types, direction, batches, cost)
         effects = patcher(blocks, "blocks")
         return self._finish(model, pairs, node_types, shapes, blocks, effects, patcher.base_metric, patcher.info)
 
@@ -140,3 +142,30 @@ def masks_plan(
         memory_gb=memory_gb,
         results_bytes=n_pairs * nodes * item,
     )
+
+
+def block_footprint(
+    model: Model, n_pairs: int, seq_len: int, shapes: dict[str, tuple[int, ...]], node_type: str
+) -> Footprint:
+    """One patched forward with its bool mask over ``node_type``'s layout, beside the cache of ``n_pairs``."""
+    mask_bytes = int(torch.Size(shapes[node_type]).numel())
+    return Footprint(
+        patched_forward_bytes(model, seq_len) + mask_bytes, held=cache_bytes(model, n_pairs, seq_len, list(shapes))
+    )
+
+
+def block_batches(
+    model: Model,
+    n_pairs: int,
+    seq_len: int,
+    shapes: dict[str, tuple[int, ...]],
+    batch_size: int | None,
+    memory_gb: float,
+) -> dict[str, int]:
+    """Patched forwards per batch for each node type's blocks (``batch_size``, else what fits ``memory_gb``)."""
+    return {
+        t: plan_batch(
+            block_footprint(model, n_pairs, seq_len, shapes, t), memory_gb, model.device, batch_size=batch_size
+        )
+        for t in shapes
+    }

@@ -25,7 +25,7 @@ from ..progress import progress_bar
 from ..sweeps.blocks import Block, per_layer
 from ..validate import check_batching, check_count, check_number
 from .base import register
-from .blocks import JointPatching
+from .blocks import JointPatching, block_batches
 
 
 @register(
@@ -91,7 +91,9 @@ class Hierarchical(JointPatching):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         from ..distributed.sweeps import BlockPatcher
 
-        patcher = BlockPatcher(executor, pairs, node_types, direction, self.batch_size, self.memory_gb, cost)
+        shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
+        batches = block_batches(model, pairs.n_pairs, pairs.seq_len, shapes, self.batch_size, self.memory_gb)
+        patcher = BlockPatcher(executor, pairs, node_types, direction, batches, cost)
         per_pair, info = self._search(
             model, pairs, node_types, lambda blocks, bar: patcher(blocks, advance=bar.update), executor.progress
         )

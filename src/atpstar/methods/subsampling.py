@@ -17,17 +17,22 @@ from typing import Any
 
 import torch
 
+from ..batching import Footprint, plan_batch
 from ..cost import Cost
+from ..engine import PatchCache
 from ..errors import InputError
-from ..memory import MemoryPlan, layout_elems, patching_plan
+from ..memory import MemoryPlan, layout_elems, patched_forward_bytes, patching_plan
 from ..model import Model
+from ..nodes import NodeLayout
 from ..pairs import PromptPairs
-from ..sweeps.subsampling import ELEMENT_BYTES_PER_NODE, STATS, SubsamplingStats
+from ..progress import progress_bar
+from ..sweeps.subsampling import STATS, SubsamplingStats, keep_mask, subsample_range
 from ..validate import check_batching
 from .base import Method, register
 
 DESIGNS: tuple[str, ...] = ("random", "balanced")
 STATS_BYTES = 6 * 8  # per pair and node: running (count, mean, M2) in and out, float64
+ELEMENT_BYTES_PER_NODE = 40  # per patched forward and node: its mask and the batch's statistics work space
 EXTRAS_BYTES = 8 * 8  # per pair and node: the returned estimate and six statistics (float64)
 
 
@@ -114,18 +119,11 @@ class Subsampling(Method):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         from ..distributed.sweeps import subsample_on
 
+        sampling = {"samples": self.samples, "p": self.p, "seed": self.seed, "design": self.design}
+        n_nodes = layout_elems(model, node_types, pairs.seq_len)
+        batch = sample_batch(model, pairs.seq_len, n_nodes, self.memory_gb, self.batch_size)
         stats, base_metric, info = subsample_on(
-            executor,
-            model,
-            pairs,
-            node_types,
-            direction,
-            {"samples": self.samples, "p": self.p, "seed": self.seed, "design": self.design},
-            self.batch_size,
-            self.memory_gb,
-            None,
-            None,
-            cost,
+            executor, model, pairs, node_types, direction, sampling, batch, None, None, cost
         )
         return self._finish(model, node_types, stats, {"base_metric": base_metric.tolist(), **info})
 
@@ -155,3 +153,48 @@ def check_options(samples: Any, p: Any, design: Any, batch_size: Any, memory_gb:
                 f"design='balanced' puts every node in exactly half the samples, so p must be 0.5; got {p}"
             )
     check_batching(batch_size, memory_gb)
+
+
+def sample_footprint(model: Model, seq_len: int, n_nodes: int) -> Footprint:
+    """One sample's memory: the patched forward's activations plus its mask and float64 statistics
+    work space over the N nodes."""
+    return Footprint(patched_forward_bytes(model, seq_len) + n_nodes * ELEMENT_BYTES_PER_NODE)
+
+
+def sample_batch(model: Model, seq_len: int, n_nodes: int, memory_gb: float, batch_size: int | None = None) -> int:
+    """Samples per batch: ``batch_size``, else as many as fit ``memory_gb`` (``plan_batch`` of ``sample_footprint``)."""
+    return plan_batch(sample_footprint(model, seq_len, n_nodes), memory_gb, model.device, batch_size=batch_size)
+
+
+def subsample(
+    model: Model,
+    cache: PatchCache,
+    node_types: list[str],
+    *,
+    samples: int,
+    p: float,
+    seed: int,
+    design: str,
+    cost: Cost,
+    batch_size: int | None = None,
+    memory_gb: float = 1.0,
+    exclude: dict[str, torch.Tensor] | None = None,
+    progress: bool = False,
+) -> SubsamplingStats:
+    """Run Algorithm 1 on every pair of ``cache`` and return the in/out statistics.
+
+    Args:
+        exclude: node type -> bool [*layout]; these nodes are never patched (their statistics are
+            meaningless). Used by the false-negative bound to leave verified nodes alone.
+    """
+    seq_len = cache.pairs.seq_len
+    layout = NodeLayout.of(node_types, model.sizes, seq_len)
+    keep = keep_mask(layout, exclude)
+    batch = sample_batch(model, seq_len, layout.size, memory_gb, batch_size)
+    total = samples * cache.n_pairs
+    with progress_bar(total, "subsampling", progress, unit="sample") as bar:
+        values = subsample_range(
+            model, cache, node_types, 0, total, samples=samples, p=p, seed=seed, design=design, batch=batch,
+            keep=keep, cost=cost, advance=bar.update,
+        )  # fmt: skip
+    return SubsamplingStats(layout.shapes, values)

@@ -9,5 +9,6 @@ import only downward (engine, nodes, ops), never methods, distributed or verify.
 - ``subsampling``: random joint patches and their Welford in/out statistics (``subsample_range``).
 - ``blocks``: joint patches of contiguous blocks of nodes (``patch_blocks``).
 
-The edge engines live with the edge graph (``atpstar.edges.sweep``, ``atpstar.edges.subsampling``).
+- ``edges``: exact single-edge effects of the edges read at one layer (``patch_edge_layer``), and
+  random joint patches of edge subsets (``sample_edge_range``).
 """

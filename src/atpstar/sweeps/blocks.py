@@ -9,14 +9,14 @@ Shape letters: P pairs, B batch, L layers, R nodes per layer of one type.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
 
-from ..batching import BatchGuard, Footprint, plan_batch
+from ..batching import BatchGuard
 from ..cost import Cost
 from ..engine import PatchCache, patch_masks
-from ..memory import cache_bytes, patched_forward_bytes
 from ..model import Model
 
 
@@ -38,23 +38,12 @@ def per_layer(shape: tuple[int, ...]) -> int:
     return int(shape[1] * shape[2])
 
 
-def block_footprint(
-    model: Model, n_pairs: int, seq_len: int, shapes: dict[str, tuple[int, ...]], node_type: str
-) -> Footprint:
-    """One patched forward with its bool mask over ``node_type``'s layout, beside the cache of ``n_pairs``."""
-    mask_bytes = int(torch.Size(shapes[node_type]).numel())
-    return Footprint(
-        patched_forward_bytes(model, seq_len) + mask_bytes, held=cache_bytes(model, n_pairs, seq_len, list(shapes))
-    )
-
-
 def patch_blocks(
     model: Model,
     cache: PatchCache,
     blocks: list[Block],
     shapes: dict[str, tuple[int, ...]],
-    batch_size: int | None,
-    memory_gb: float,
+    batches: Mapping[str, int],
     cost: Cost,
     advance: Any = None,
 ) -> torch.Tensor:
@@ -69,8 +58,7 @@ def patch_blocks(
     for i, block in enumerate(blocks):
         groups.setdefault((block.node_type, block.layer), []).append(i)
     for (node_type, layer), members in groups.items():
-        footprint = block_footprint(model, n_pairs, cache.pairs.seq_len, shapes, node_type)
-        batch = plan_batch(footprint, memory_gb, model.device, batch_size=batch_size)
+        batch = batches[node_type]
         members = sorted(members, key=lambda i: blocks[i].start)  # similar first positions share a batch
         block_i = torch.tensor(members).repeat_interleave(n_pairs)  # one element per (block, pair)
         pair_i = torch.arange(n_pairs).repeat(len(members))

@@ -17,18 +17,15 @@ from typing import Any
 
 import torch
 
-from ..batching import BatchGuard, Footprint, plan_batch
+from ..batching import BatchGuard
 from ..cost import Cost
 from ..engine import PatchCache, patch_masks
-from ..memory import patched_forward_bytes
 from ..model import Model
 from ..nodes import NodeLayout
 from ..ops import welford_merge
-from ..progress import progress_bar
 
 STATS: tuple[str, ...] = ("count_in", "mean_in", "var_in", "count_out", "mean_out", "var_out")
 RUNNING: tuple[str, ...] = ("count_in", "mean_in", "m2_in", "count_out", "mean_out", "m2_out")
-ELEMENT_BYTES_PER_NODE = 40  # per patched forward and node: its mask and the batch's statistics work space
 
 
 @dataclass
@@ -69,56 +66,11 @@ class SubsamplingStats:
         return torch.where(seen, diff, torch.zeros_like(diff))
 
 
-def subsample(
-    model: Model,
-    cache: PatchCache,
-    node_types: list[str],
-    *,
-    samples: int,
-    p: float,
-    seed: int,
-    design: str,
-    cost: Cost,
-    batch_size: int | None = None,
-    memory_gb: float = 1.0,
-    exclude: dict[str, torch.Tensor] | None = None,
-    progress: bool = False,
-) -> SubsamplingStats:
-    """Run Algorithm 1 on every pair of ``cache`` and return the in/out statistics.
-
-    Args:
-        exclude: node type -> bool [*layout]; these nodes are never patched (their statistics are
-            meaningless). Used by the false-negative bound to leave verified nodes alone.
-    """
-    seq_len = cache.pairs.seq_len
-    layout = NodeLayout.of(node_types, model.sizes, seq_len)
-    keep = keep_mask(layout, exclude)
-    batch = sample_batch(model, seq_len, layout.size, memory_gb, batch_size)
-    total = samples * cache.n_pairs
-    with progress_bar(total, "subsampling", progress, unit="sample") as bar:
-        values = subsample_range(
-            model, cache, node_types, 0, total, samples=samples, p=p, seed=seed, design=design, batch=batch,
-            keep=keep, cost=cost, advance=bar.update,
-        )  # fmt: skip
-    return SubsamplingStats(layout.shapes, values)
-
-
 def keep_mask(layout: NodeLayout, exclude: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """bool [N] over the layout's nodes: False where ``exclude`` (node type -> bool [*layout]) marks one."""
     if exclude is not None and any(t in exclude for t in layout.node_types):
         return ~layout.flatten(exclude, fill=False)  # [N]
     return torch.ones(layout.size, dtype=torch.bool)
-
-
-def sample_footprint(model: Model, seq_len: int, n_nodes: int) -> Footprint:
-    """One sample's memory: the patched forward's activations plus its mask and float64 statistics
-    work space over the N nodes."""
-    return Footprint(patched_forward_bytes(model, seq_len) + n_nodes * ELEMENT_BYTES_PER_NODE)
-
-
-def sample_batch(model: Model, seq_len: int, n_nodes: int, memory_gb: float, batch_size: int | None = None) -> int:
-    """Samples per batch: ``batch_size``, else as many as fit ``memory_gb`` (``plan_batch`` of ``sample_footprint``)."""
-    return plan_batch(sample_footprint(model, seq_len, n_nodes), memory_gb, model.device, batch_size=batch_size)
 
 
 def subsample_range(
