@@ -6,7 +6,7 @@ an executor: ``LocalExecutor`` in-process, ``RayExecutor`` on ``workers=`` / ``r
 ``checkpoint=`` is always a folder of unit files. Ray is imported only when workers are asked for
 (``pip install 'atpstar[distributed]'``). The engines the units run live below, in ``atpstar.sweeps``.
 
-- ``units``: the work units and the worker-side state that runs them.
+- ``units``: the work units (``Unit``: one class per kind of share) and the worker-side state that runs them.
 - ``sweeps``: planning units per sweep kind and merging their results.
 - ``run``: running a list of units (resume, progress, cost).
 - ``store``: one checkpoint file per finished unit, for resuming.
@@ -18,30 +18,13 @@ from __future__ import annotations
 from .executor import LocalExecutor, RayExecutor, executor_for
 from .pool import WorkerError
 from .store import UnitStore
-from .units import (
-    BlockUnit,
-    EdgeSampleUnit,
-    EdgeUnit,
-    PairBlockUnit,
-    PatchUnit,
-    RankUnit,
-    SampleUnit,
-    Sweep,
-    UnitResult,
-    WorkerState,
-)
+from .units import Sweep, Unit, UnitResult, WorkerState
 
 __all__ = [
-    "BlockUnit",
-    "EdgeSampleUnit",
-    "EdgeUnit",
     "LocalExecutor",
-    "PairBlockUnit",
-    "PatchUnit",
-    "RankUnit",
     "RayExecutor",
-    "SampleUnit",
     "Sweep",
+    "Unit",
     "UnitResult",
     "UnitStore",
     "WorkerError",

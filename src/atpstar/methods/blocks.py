@@ -17,25 +17,30 @@ import torch
 
 from ..batching import Footprint, plan_batch
 from ..cost import Cost
-from ..memory import MemoryPlan, cache_bytes, layout_elems, patched_forward_bytes, patching_plan
+from ..memory import cache_bytes, layout_elems, patched_forward_bytes
 from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
 from ..sweeps.blocks import Block, per_layer
 from ..validate import check_batching, check_count
 from .base import Method, register
+from .patched import PatchedForwards
 
 
-class JointPatching(Method):
+class JointPatching(PatchedForwards):
     """A method that patches sets of nodes jointly, one bool mask of the layout per patched forward."""
-
-    batch_size: int | None
-    memory_gb: float
 
     _attribute = Method._attribute_in_process  # its work units (``_attribute_on``), on the in-process executor
 
-    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
-        return masks_plan(self.id, model, n_pairs, seq_len, node_types, self.batch_size, self.memory_gb)
+    def _sizes(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> dict[str, Any]:
+        nodes = layout_elems(model, node_types, seq_len)
+        item = torch.finfo(model.dtype).bits // 8
+        return {
+            "n_items": n_pairs * nodes,
+            "run_bytes": 0,
+            "item_extra": nodes,
+            "results_bytes": n_pairs * nodes * item,
+        }
 
 
 @register("blocks", summary="patch fixed blocks of nodes jointly; each node scored by its block's |effect|")
@@ -115,33 +120,6 @@ class Blocks(JointPatching):
             per_pair[block.node_type][:, block.layer, block.start : block.stop] = effect[:, None].to(model.dtype)
         per_pair = {t: v.reshape(pairs.n_pairs, *shapes[t]) for t, v in per_pair.items()}  # [P, L, R] -> [P, *layout]
         return per_pair, {}, {"n_blocks": len(blocks), "base_metric": base_metric.tolist(), **info}
-
-
-def masks_plan(
-    method: str,
-    model: Model,
-    n_pairs: int,
-    seq_len: int,
-    node_types: list[str],
-    batch_size: int | None,
-    memory_gb: float,
-) -> MemoryPlan:
-    """Memory of a run of jointly patched node sets: one bool mask of the whole layout per patched forward."""
-    nodes = layout_elems(model, node_types, seq_len)
-    item = torch.finfo(model.dtype).bits // 8
-    return patching_plan(
-        model,
-        method,
-        n_pairs,
-        seq_len,
-        node_types,
-        n_items=n_pairs * nodes,
-        run_bytes=0,
-        item_extra=nodes,
-        batch_size=batch_size,
-        memory_gb=memory_gb,
-        results_bytes=n_pairs * nodes * item,
-    )
 
 
 def block_footprint(

@@ -16,19 +16,20 @@ import torch
 from ..cost import Cost
 from ..engine import MIN_CHUNK_TOKENS
 from ..errors import InputError
-from ..memory import MemoryPlan, layout_elems, patching_plan
+from ..memory import layout_elems
 from ..model import Model
 from ..nodes import ALL_TYPES, node_shape
 from ..pairs import PromptPairs
 from ..validate import check_batch_size, check_count, check_memory_gb
-from .base import Method, check_edge_positions, register
+from .base import check_edge_positions, register
+from .patched import PatchedForwards
 
 
 @register(
     "activation_patching",
     summary="exact: patch every node alone, one forward per node and pair (the ground truth)",
 )
-class ActivationPatching(Method):
+class ActivationPatching(PatchedForwards):
     """The ground truth: patch every node on its own.
 
     Args:
@@ -94,24 +95,17 @@ class ActivationPatching(Method):
                 f"layers must be a non-empty list of layer indices in [0, {model.n_layers}); got {self.layers}"
             )
 
-    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+    def _sizes(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> dict[str, Any]:
         n_layers = len(self.layers) if self.layers is not None else model.n_layers
         nodes = layout_elems(model, node_types, seq_len)
         item = torch.finfo(model.dtype).bits // 8
-        return patching_plan(
-            model,
-            self.id,
-            n_pairs,
-            seq_len,
-            node_types,
-            n_items=n_pairs * nodes * n_layers // model.n_layers,
-            run_bytes=0,
-            item_extra=0,
-            batch_size=self.batch_size,
-            memory_gb=self.memory_gb,
-            results_bytes=n_pairs * nodes * (item + 1),  # effects and the done mask
-            pair_blocks=True,
-        )
+        return {
+            "n_items": n_pairs * nodes * n_layers // model.n_layers,
+            "run_bytes": 0,
+            "item_extra": 0,
+            "results_bytes": n_pairs * nodes * (item + 1),  # effects and the done mask
+            "pair_blocks": True,
+        }
 
     def _batch(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> int:
         return self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types).batch

@@ -21,7 +21,7 @@ from ..batching import Footprint, plan_batch
 from ..cost import Cost
 from ..engine import PatchCache
 from ..errors import InputError
-from ..memory import MemoryPlan, layout_elems, patched_forward_bytes, patching_plan
+from ..memory import layout_elems, patched_forward_bytes
 from ..model import Model
 from ..nodes import NodeLayout
 from ..pairs import PromptPairs
@@ -29,6 +29,7 @@ from ..progress import progress_bar
 from ..sweeps.subsampling import STATS, SubsamplingStats, keep_mask, subsample_range
 from ..validate import check_batching
 from .base import Method, register
+from .patched import PatchedForwards
 
 DESIGNS: tuple[str, ...] = ("random", "balanced")
 STATS_BYTES = 6 * 8  # per pair and node: running (count, mean, M2) in and out, float64
@@ -40,7 +41,7 @@ EXTRAS_BYTES = 8 * 8  # per pair and node: the returned estimate and six statist
     "subsampling",
     summary="patch random node subsets jointly; estimate = mean effect with the node in - mean without",
 )
-class Subsampling(Method):
+class Subsampling(PatchedForwards):
     """Subsampling: patch random node subsets jointly; ĉ(n) = mean Δ with n patched - mean Δ without.
 
     ``per_pair[t]`` [P, *layout] is ``mean_in - mean_out`` per pair (0 where a node was never in, or
@@ -96,21 +97,14 @@ class Subsampling(Method):
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         check_options(self.samples, self.p, self.design, self.batch_size, self.memory_gb)
 
-    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+    def _sizes(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> dict[str, Any]:
         nodes = layout_elems(model, node_types, seq_len)
-        return patching_plan(
-            model,
-            self.id,
-            n_pairs,
-            seq_len,
-            node_types,
-            n_items=n_pairs * self.samples,
-            run_bytes=STATS_BYTES * n_pairs * nodes,
-            item_extra=ELEMENT_BYTES_PER_NODE * nodes,
-            batch_size=self.batch_size,
-            memory_gb=self.memory_gb,
-            results_bytes=EXTRAS_BYTES * n_pairs * nodes,
-        )
+        return {
+            "n_items": n_pairs * self.samples,
+            "run_bytes": STATS_BYTES * n_pairs * nodes,  # running statistics
+            "item_extra": ELEMENT_BYTES_PER_NODE * nodes,
+            "results_bytes": EXTRAS_BYTES * n_pairs * nodes,
+        }
 
     _attribute = Method._attribute_in_process  # its work units, on the in-process executor
 
