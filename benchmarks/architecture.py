@@ -33,8 +33,8 @@ from pathlib import Path
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["errors", "version", "cost", "devices", "progress", "ops", "persist", "lock", "validate",
               "batching"]),
-    ("model and data", ["families", "runner", "model", "backends", "backends.*", "loading", "zoo", "pairs", "job",
-                        "jsonl", "tasks", "tasks.*"]),
+    ("model and data", ["families", "runner", "model", "model_hooks", "origin", "backends", "backends.*", "loading",
+                        "zoo", "pairs", "job", "jsonl", "tasks", "tasks.*"]),
     ("fingerprint", ["fingerprint"]),
     ("node spaces", ["nodes", "spaces", "spaces.*", "edges.graph", "edges.sites"]),
     ("engine", ["engine", "engine.*", "gradients", "edges.capture", "edges.patching", "edges.circuit_run"]),

@@ -12,6 +12,7 @@ from reference.models import build_hf, load, make_pairs
 
 import atpstar
 from atpstar.errors import InputError
+from atpstar.gradients import path
 from atpstar.memory import GB, gradient_plan, weights_bytes
 
 METHOD_IDS = sorted(atpstar.METHODS)
@@ -66,10 +67,14 @@ def test_predict_memory_before_running(model):
         atpstar.predict_memory(model, 256, 512, method="atp*", nodes=["neuron"], memory_gb=1e-6)
 
 
-def test_gradients_consumed_in_the_backward_need_less_per_pair(model):
-    """AtP's plan (gradients consumed in the backward, differences only) is below the conservative one."""
-    kwargs = dict(qk_fix=True, grad_drop=True, keep="all", top_k=1, batch_size=None, memory_gb=4.0)
+def test_a_path_holds_the_gradients_summed_over_its_points(model):
+    """atp+ig's plan is AtP's plus one running sum per grad site and layer (none for a one-point path)."""
+    kwargs = dict(qk_fix=False, grad_drop=False, keep="all", top_k=1, batch_size=None, memory_gb=4.0)
     nodes = ["neuron", "query", "key", "value", "head"]
-    consumed = gradient_plan(model, "atp*", 8, 16, nodes, consumed=True, **kwargs)
-    recorded = gradient_plan(model, "atp*", 8, 16, nodes, **kwargs)
-    assert 0 < consumed.per_item_gb < recorded.per_item_gb
+    atp = gradient_plan(model, "atp", 8, 16, nodes, **kwargs)
+    one = gradient_plan(model, "atp+ig", 8, 16, nodes, points=path(1), **kwargs)
+    five = gradient_plan(model, "atp+ig", 8, 16, nodes, points=path(5), **kwargs)
+    assert one.per_item_gb == atp.per_item_gb < five.per_item_gb
+    s = model.sizes
+    sums = s.n_layers * 16 * (s.d_mlp + (2 * s.n_heads + 2 * s.n_kv_heads) * s.d_head) * 8  # float64 model
+    assert five.per_item_gb - atp.per_item_gb == pytest.approx(sums / GB)

@@ -200,9 +200,12 @@ def test_wrong_module_path_names_family_and_field():
     from dataclasses import replace
 
     from atpstar.families import FAMILIES, get_path
+    from atpstar.model_hooks import layer_parts
 
     llama = next(f for f in FAMILIES if f.name == "llama")
-    broken = replace(llama, mlp_out="mlp.c_proj")
+    broken = replace(llama, down_proj="mlp.c_proj")
     hf = build_hf("llama")
-    with pytest.raises(atpstar.UnsupportedModelError, match=r"family 'llama' field 'mlp_out'.*'c_proj'"):
-        get_path(hf.model.layers[0], broken.mlp_out, broken, "mlp_out")
+    with pytest.raises(atpstar.UnsupportedModelError, match=r"family 'llama' field 'down_proj'.*'c_proj'"):
+        get_path(hf.model.layers[0], broken.down_proj, broken, "down_proj")
+    with pytest.raises(atpstar.UnsupportedModelError, match=r"family 'llama' field 'down_proj'.*'c_proj'"):
+        layer_parts(broken, hf.model.layers[0], parallel=False)  # what Model resolves for its sites

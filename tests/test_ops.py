@@ -6,6 +6,7 @@ import pytest
 import torch
 from reference import brute
 
+from atpstar import ops
 from atpstar.ops import attention_scores, graddrop_combine, key_fix, query_fix
 
 REL = 1e-6
@@ -182,3 +183,14 @@ def test_ties_and_float32_stay_finite():
 def test_graddrop_combine():
     total = torch.tensor([0.0, 3.0, 6.0])
     assert torch.equal(graddrop_combine(total, 4), total / 3)
+
+
+def test_one_key_patterns_change_one_key_at_a_time():
+    """Block p of ``one_key_patterns`` is the pattern with key p alone taken from the new keys."""
+    torch.manual_seed(5)
+    q, k, new_k = (torch.randn(2, 3, 4, 5, dtype=torch.float64) for _ in range(3))
+    got = ops.one_key_patterns(q, k, new_k, 0.4, cap=2.0, window=3).view(2, 4, 3, 4, 4)  # [X, p, H, T, S]
+    for p in range(4):
+        mixed = k.clone()
+        mixed[:, :, p] = new_k[:, :, p]
+        torch.testing.assert_close(got[:, p], ops.attention_pattern(q, mixed, 0.4, 2.0, 3), rtol=0, atol=0)

@@ -1,7 +1,10 @@
 """Where each supported model family keeps its parts, and what its attention does layer by layer.
 
-One ``Family`` row per family (keyword fields, one comment each). Module paths are dotted: ``base``
-is relative to the causal-LM object, the other paths relative to ``base`` or to one decoder layer.
+One ``Family`` row per family (keyword fields, one comment each); the Llama-like rows derive from
+``LLAMA`` and name only what differs. Module paths are dotted: ``base`` is relative to the causal-LM
+object, the other paths relative to ``base`` or to one decoder layer. The layer paths name the
+modules whose inputs and outputs are run sites (``runner.SITES``: attention and MLP outputs, the
+stream the MLP reads, the neurons), so edges and other consumers never need a path of their own.
 Per-layer attention arguments (sliding window, score soft-cap, score scaling, rotary table) are read
 from the config into one ``LayerAttention`` per layer; the attention function checks them against
 what the model itself passes, so a family row can never silently compute something else.
@@ -9,13 +12,12 @@ what the model itself passes, so a family row can never silently compute somethi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from .errors import UnsupportedModelError
-from .nodes import Sizes
 
 
 @dataclass(frozen=True)
@@ -40,126 +42,89 @@ class Family:
     final_norm: str  # norm before the unembedding, relative to base
     token_embed: str  # token embedding (Gemma's multiplies by sqrt(d_model) itself), relative to base
     attention: str  # attention module, relative to a layer (its q/k/v reach the attention function)
-    mlp_out: str  # MLP output projection, relative to a layer; its input holds the neurons
+    out_proj: str  # attention output projection, relative to a layer: W_O of every head (attn_proj site)
+    mlp: str  # MLP block, relative to a layer; its output is the mlp_out site unless mlp_post_norm is set
+    mlp_in: str  # module whose input is what the MLP reads (its input norm, or the MLP itself): mlp_in site
+    down_proj: str  # MLP output projection, relative to a layer; its input holds the neurons (neuron site)
+    attn_post_norm: str | None = None  # norm between the attention output and the residual stream (post-norm)
+    mlp_post_norm: str | None = None  # norm between the MLP output and the residual stream (post-norm)
     rotary: str | None = None  # rotary embedding module, relative to base; None for learned positions
     position_embed: str | None = None  # learned absolute position embedding, relative to base
-    parallel_residual: bool = False  # attention and MLP read the same residual (GPT-NeoX)
+    parallel_residual: bool = False  # attention and MLP read the same residual (GPT-NeoX, unless its config says not)
     window_layers: str = "none"  # where config.sliding_window applies: "none", "all" layers, or per "layer_types"
     score_softcap: str | None = None  # config field with the attention-score soft-cap (Gemma-2)
     logit_softcap: str | None = None  # config field with the final-logit soft-cap applied in unembed (Gemma-2/3)
     rotary_per_layer_type: bool = False  # the rotary module takes a layer type (Gemma-3: local and global bases)
-    qk_norm: str | None = None  # "per_head" or "whole" projection; query/key nodes are read after it
 
+
+# Rows: what the family is; where its stack keeps embeddings, norm and layers; where a layer keeps
+# the site modules; then its features. The Llama layout most families share comes first, and the
+# rows derived from it change only what differs.
+# fmt: off
+LLAMA = Family(
+    name="llama", model_types=("llama", "mistral", "qwen2"),
+    label="Llama-family incl. SmolLM2, Mistral (sliding window), Qwen2/Qwen2.5 (q/k/v biases)",
+    base="model", token_embed="embed_tokens", rotary="rotary_emb", layers="layers", final_norm="norm",
+    attention="self_attn", out_proj="self_attn.o_proj",
+    mlp_in="post_attention_layernorm", mlp="mlp", down_proj="mlp.down_proj",
+    window_layers="layer_types_or_all",
+)
+GPT2 = Family(
+    name="gpt2", model_types=("gpt2",), label="GPT-2",
+    base="transformer", token_embed="wte", position_embed="wpe", layers="h", final_norm="ln_f",
+    attention="attn", out_proj="attn.c_proj",
+    mlp_in="ln_2", mlp="mlp", down_proj="mlp.c_proj",
+)
+GPT_NEOX = Family(
+    name="gpt_neox", model_types=("gpt_neox",), label="GPT-NeoX/Pythia",
+    base="gpt_neox", token_embed="embed_in", rotary="rotary_emb", layers="layers", final_norm="final_layer_norm",
+    attention="attention", out_proj="attention.dense",
+    mlp_in="post_attention_layernorm", mlp="mlp", down_proj="mlp.dense_4h_to_h",
+    parallel_residual=True,
+)
+# fmt: on
+# Gemma-2/3: norms before and after attention and MLP; the MLP's input norm has its own name.
+_GEMMA = replace(
+    LLAMA,
+    mlp_in="pre_feedforward_layernorm",
+    attn_post_norm="post_attention_layernorm",
+    mlp_post_norm="post_feedforward_layernorm",
+    window_layers="layer_types",
+)
 
 FAMILIES: tuple[Family, ...] = (
-    Family(
-        name="gpt2",
-        model_types=("gpt2",),
-        label="GPT-2",
-        base="transformer",
-        layers="h",
-        final_norm="ln_f",
-        token_embed="wte",
-        attention="attn",
-        mlp_out="mlp.c_proj",
-        position_embed="wpe",
+    GPT2,
+    GPT_NEOX,
+    LLAMA,
+    replace(LLAMA, name="qwen3", model_types=("qwen3",), label="Qwen3 (per-head QK-norm)", window_layers="layer_types"),
+    replace(
+        LLAMA, name="phi3", model_types=("phi3",), label="Phi-3 (fused qkv_proj and gate_up_proj)", window_layers="all"
     ),
-    Family(
-        name="gpt_neox",
-        model_types=("gpt_neox",),
-        label="GPT-NeoX/Pythia",
-        base="gpt_neox",
-        layers="layers",
-        final_norm="final_layer_norm",
-        token_embed="embed_in",
-        attention="attention",
-        mlp_out="mlp.dense_4h_to_h",
-        rotary="rotary_emb",
-        parallel_residual=True,
-    ),
-    Family(
-        name="llama",
-        model_types=("llama", "mistral", "qwen2"),
-        label="Llama-family incl. SmolLM2, Mistral (sliding window), Qwen2/Qwen2.5 (q/k/v biases)",
-        base="model",
-        layers="layers",
-        final_norm="norm",
-        token_embed="embed_tokens",
-        attention="self_attn",
-        mlp_out="mlp.down_proj",
-        rotary="rotary_emb",
-        window_layers="layer_types_or_all",
-    ),
-    Family(
-        name="qwen3",
-        model_types=("qwen3",),
-        label="Qwen3 (per-head QK-norm)",
-        base="model",
-        layers="layers",
-        final_norm="norm",
-        token_embed="embed_tokens",
-        attention="self_attn",
-        mlp_out="mlp.down_proj",
-        rotary="rotary_emb",
-        window_layers="layer_types",
-        qk_norm="per_head",
-    ),
-    Family(
-        name="phi3",
-        model_types=("phi3",),
-        label="Phi-3 (fused qkv_proj and gate_up_proj)",
-        base="model",
-        layers="layers",
-        final_norm="norm",
-        token_embed="embed_tokens",
-        attention="self_attn",
-        mlp_out="mlp.down_proj",
-        rotary="rotary_emb",
-        window_layers="all",
-    ),
-    Family(
+    replace(
+        LLAMA,
         name="olmo2",
         model_types=("olmo2",),
         label="OLMo-2 (QK-norm over the whole projection, norms after attention and MLP)",
-        base="model",
-        layers="layers",
-        final_norm="norm",
-        token_embed="embed_tokens",
-        attention="self_attn",
-        mlp_out="mlp.down_proj",
-        rotary="rotary_emb",
-        qk_norm="whole",
+        mlp_in="mlp",  # no norm in front of the MLP
+        attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+        window_layers="none",
     ),
-    Family(
+    replace(
+        _GEMMA,
         name="gemma2",
         model_types=("gemma2",),
         label="Gemma-2 (score and logit soft-caps, alternating sliding windows)",
-        base="model",
-        layers="layers",
-        final_norm="norm",
-        token_embed="embed_tokens",
-        attention="self_attn",
-        mlp_out="mlp.down_proj",
-        rotary="rotary_emb",
-        window_layers="layer_types",
         score_softcap="attn_logit_softcapping",
         logit_softcap="final_logit_softcapping",
     ),
-    Family(
+    replace(
+        _GEMMA,
         name="gemma3",
         model_types=("gemma3_text",),
         label="Gemma-3 text (sliding-window pattern, local/global rotary, QK-norm)",
-        base="model",
-        layers="layers",
-        final_norm="norm",
-        token_embed="embed_tokens",
-        attention="self_attn",
-        mlp_out="mlp.down_proj",
-        rotary="rotary_emb",
-        window_layers="layer_types",
         logit_softcap="final_logit_softcapping",
         rotary_per_layer_type=True,
-        qk_norm="per_head",
     ),
 )
 
@@ -271,15 +236,6 @@ def layer_attention(family: Family, config: Any, attention_module: Any, layer: i
         softcap=float(softcap) if softcap else None,
         rotary=layer_type if family.rotary_per_layer_type else None,
     )
-
-
-def sizes_of(config: Any) -> Sizes:
-    n_heads = int(config.num_attention_heads)
-    d_model = int(config.hidden_size)
-    d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
-    d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    return Sizes(int(config.num_hidden_layers), n_heads, int(n_kv), d_head, int(d_mlp), d_model)
 
 
 def embed(family: Family, hf_model: Any, ids: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 from .errors import InputError
 from .model import Model
+from .origin import Origin, weights_signature
 from .validate import check_device
 
 
@@ -30,7 +31,8 @@ def load_model(
         device: for names and folders, where to put the model (default cpu).
 
     Returns:
-        A ``Model`` in eval mode (switched with a warning if it was training).
+        A ``Model`` in eval mode (switched with a warning if it was training); for a name or folder its
+        ``origin`` records what was loaded (``atpstar.origin.Origin``), for a model object it is None.
 
     Raises:
         UnsupportedModelError: the family or an attention feature is not implemented.
@@ -54,11 +56,21 @@ def load_model(
     if device is not None:
         check_device(device)
         hf_model = hf_model.to(device)
-    wrapped = Model(hf_model, tokenizer if tokenizer is not None else loaded_tokenizer, model_id=name)
-    from .distributed.source import record_loaded
+    # Ray workers load the same name instead of receiving the weights.
+    origin = _origin(name, name in zoo.BUILTIN_MODELS, torch_dtype, device, hf_model)
+    return Model(hf_model, tokenizer if tokenizer is not None else loaded_tokenizer, model_id=name, origin=origin)
 
-    record_loaded(wrapped, name, torch_dtype)  # Ray workers load the same name instead of receiving weights
-    return wrapped
+
+def _origin(name: str, builtin: bool, dtype: torch.dtype, device: str | torch.device | None, hf_model: Any) -> Origin:
+    """Where a model loaded by name came from; folders become absolute (workers may run elsewhere in the tree)."""
+    if builtin:
+        kind = "builtin"
+    elif os.path.isdir(os.path.expanduser(name)):
+        kind, name = "folder", os.path.abspath(os.path.expanduser(name))
+    else:
+        kind = "hub"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return Origin(kind, name, dtype_name, None if device is None else str(device), weights_signature(hf_model))
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:

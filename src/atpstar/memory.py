@@ -23,6 +23,8 @@ import torch
 
 from .batching import Footprint, plan_batch
 from .errors import InputError
+from .gradients.consumers import plan_sites
+from .gradients.points import AT_BASE, Points
 from .model import Model
 from .nodes import NODE_TABLE, node_shape
 
@@ -144,78 +146,38 @@ def gradient_plan(
     top_k: int,
     batch_size: int | None,
     memory_gb: float,
-    consumed: bool = False,
+    points: Points = AT_BASE,
 ) -> MemoryPlan:
-    """Memory of AtP and its fixes (one gradient step per batch of pairs, ``gradients.gradient_step``).
+    """Memory of AtP, its fixes and AtP on a path (one gradient step per batch, ``gradients.gradient_step``).
 
-    ``consumed=False`` keeps the conservative accounting of an implementation that records both runs and
-    returns every site's gradient (``atp+ig`` uses it for its own gradient code).
-
-    Per pair: the graph; source - base at every layer's diff sites (the accumulation dtype); the QK fix's
-    queries and keys of both runs; one layer's gradients and products at a time (they are consumed in the
-    backward, ``gradients``), with the QK fix's [H, T, T] temporaries; per-layer estimates (GradDrop: the
-    running sums) and their stack; GradDrop's residual-stream gradients; the logits. For the run: the
-    dense per-pair results (twice while scores are aggregated) or, with keep='top'/'disk', the top-k
-    entries and one float64 running sum per node.
+    Per pair: one gradient run's graph; source - base at every layer's diff sites (the accumulation dtype);
+    the QK fix's queries and keys of both runs; one layer's gradients and products at a time (they are
+    consumed in the backward, ``gradients``), with the QK fix's [H, T, T] temporaries; on a path of m > 1
+    points, the running sum of every grad site's gradient; per-layer estimates (GradDrop: the running sums)
+    and their stack; GradDrop's residual-stream gradients; the logits. For the run: the dense per-pair
+    results (twice while scores are aggregated) or, with keep='top'/'disk', the top-k entries and one
+    float64 running sum per node.
     """
-    if not consumed:
-        return _recorded_plan(model, method, n_pairs, seq_len, node_types, qk_fix, grad_drop, keep, top_k,
-                              batch_size, memory_gb)  # fmt: skip
     s, item = model.sizes, _item(model)
     acc = max(item, F32)  # differences, products and estimates: float32 for half-precision models
-    fix = qk_fix and bool({"query", "key"} & set(node_types))
-    diff_sites = {NODE_TABLE[t].site for t in node_types if not (fix and t in ("query", "key"))}
-    grad_sites = diff_sites | ({"pattern"} if fix else set())
+    sites = plan_sites(node_types, qk_fix)  # the step's own choice of sites
+    fix, diff_sites, grad_sites = sites.fix, sites.diff_sites, sites.grad_sites
+    grad_elems = sum(_site_elems(model, site, seq_len) for site in grad_sites)  # one layer's gradients
     diffs = s.n_layers * sum(_site_elems(model, site, seq_len) for site in diff_sites) * acc
     raw = 2 * s.n_layers * sum(_site_elems(model, site, seq_len) for site in ("q", "k")) * item if fix else 0
-    one_layer = sum(_site_elems(model, site, seq_len) for site in grad_sites) * (item + acc)
+    one_layer = grad_elems * (item + acc)
     if fix:  # query_fix / key_fix hold a few [H, T, T] tensors of one layer
         one_layer += 8 * s.n_heads * seq_len * seq_len * acc
+    path_sums = s.n_layers * grad_elems * acc if points.n > 1 else 0  # gradients summed over the points
     nodes = layout_elems(model, node_types, seq_len)
     estimates = 2 * nodes * acc  # per-layer estimates or GradDrop's running sums, and their stack
     resid = s.n_layers * seq_len * s.d_model * item if grad_drop else 0  # seeds of GradDrop's partial backwards
     logits = 3 * _vocab(model) * F32
-    per_pair = graph_bytes_per_pair(model, seq_len) + diffs + raw + one_layer + estimates + resid + logits
+    graph = graph_bytes_per_pair(model, seq_len)
+    per_pair = graph + diffs + raw + one_layer + path_sums + estimates + resid + logits
     scores = 0 if keep == "all" else nodes * F64  # running sum of the aggregation (sink.PerPairSink)
     # Dense results, plus their absolute value while the scores are aggregated at the end; or top-k entries.
     results = n_pairs * (2 * nodes * acc if keep == "all" else len(node_types) * top_k * (acc + 8 * 4))
-    return _plan(model, method, scores, results, per_pair, n_pairs, batch_size, memory_gb)
-
-
-def _recorded_plan(
-    model: Model,
-    method: str,
-    n_pairs: int,
-    seq_len: int,
-    node_types: list[str],
-    qk_fix: bool,
-    grad_drop: bool,
-    keep: str,
-    top_k: int,
-    batch_size: int | None,
-    memory_gb: float,
-) -> MemoryPlan:
-    """Both runs' records, every site's gradient and a generous graph (12 D + 6 M + 2 K E + 2 H T per token)."""
-    s, item = model.sizes, _item(model)
-    fix = qk_fix and bool({"query", "key"} & set(node_types))
-    sites = {NODE_TABLE[t].site for t in node_types} | ({"q", "k"} if fix else set())
-    grad_sites = {"pattern" if fix and t in ("query", "key") else NODE_TABLE[t].site for t in node_types}
-    source = s.n_layers * sum(_site_elems(model, site, seq_len) for site in sites) * item
-    grads = s.n_layers * sum(_site_elems(model, site, seq_len) for site in grad_sites) * item
-    nodes = layout_elems(model, node_types, seq_len)
-    estimates = nodes * F32 * (3 if grad_drop else 2)  # per-layer estimates, their stack, GradDrop's running sums
-    extra = 0
-    if grad_drop:  # residual-stream gradients of every layer and one dropped layer's gradients at the sites
-        extra = s.n_layers * seq_len * s.d_model * item + grads
-    logits = 3 * _vocab(model) * F32
-    per_token = (12 * s.d_model + 6 * s.d_mlp + 2 * s.n_kv_heads * s.d_head) * item + 2 * s.n_heads * seq_len * max(
-        item, F32
-    )
-    graph = s.n_layers * seq_len * per_token
-    per_pair = graph + source + grads + estimates + extra + logits
-    scores = 2 * nodes * F64
-    # Dense results, plus their absolute value while the scores are aggregated at the end; or top-k entries.
-    results = n_pairs * (2 * nodes * F32 if keep == "all" else len(node_types) * top_k * (F32 + 8 * 4))
     return _plan(model, method, scores, results, per_pair, n_pairs, batch_size, memory_gb)
 
 

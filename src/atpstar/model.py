@@ -1,6 +1,22 @@
 """The wrapped model: sizes, tokenizer, and layer-by-layer forward passes with a ``Run``.
 
-Shape letters: B batch, T positions, D d_model, V vocabulary.
+``Model`` is the backend: everything else in the package reaches a model through the members below
+and through the run sites (``runner.SITES``), never through its modules. A TransformerLens or nnsight
+model would implement the same members (its hook points mapped onto the same sites).
+
+- Description: ``sizes`` (``n_layers``, ``n_heads``, ``n_kv_heads``, ``d_head``, ``d_mlp``, ``d_model``),
+  ``model_id``, ``origin`` (where it was loaded from, or None), ``tokenizer``, ``dtype``, ``device``,
+  ``output_device``, ``layer_device(layer)``, ``attention_args`` (per layer ``LayerAttention``),
+  ``logit_softcap``, ``parallel_residual`` and ``post_norm`` (the block layout).
+- Passes: ``check_ready(tokens)``, ``embed(tokens)``, ``run_layers(hidden, run)``, ``unembed(hidden)``,
+  ``logits(tokens)``. ``run_layers`` hands every site of every layer it computes to ``run.site``, in
+  this order: ``resid_pre``, q, k, v, pattern, z, ``attn_proj``, ``attn_out``, ``resid_mid`` (sequential
+  blocks), ``mlp_in``, neuron, ``mlp_out``; and after the last layer ``resid_pre`` at index ``n_layers``.
+- Per-layer helpers (edges): ``layer_qkv(layer, hidden)``, ``head_out_weights()``, ``qkv_share()``.
+- ``hf_model``: the ``torch.nn.Module`` holding the weights (fingerprints, memory plans and checks read
+  its parameters and config).
+
+Shape letters: B batch, T positions (T' = T - start_pos), H heads, K kv-heads, E d_head, D d_model, V vocabulary.
 """
 
 from __future__ import annotations
@@ -8,19 +24,42 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .devices import execution_device
 from .errors import InputError
-from .families import Family, LayerAttention, embed, family_of, get_path, layer_attention, sizes_of
-from .nodes import Sizes
+from .families import Family, LayerAttention, embed, family_of, get_path, layer_attention
+from .model_hooks import LayerParts, layer_parts, site_hooks
 from .ops import upcast
+from .origin import Origin
 from .runner import ACTIVE_RUN, Run, atpstar_attention
 
 ATTN_IMPLEMENTATION = "atpstar"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Model sizes that fix every node layout."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    d_model: int
+
+    @classmethod
+    def of_config(cls, config: Any) -> Sizes:
+        """The sizes a ``transformers`` config declares (GPT-2's and Llama's field names alike)."""
+        n_heads = int(config.num_attention_heads)
+        d_model = int(config.hidden_size)
+        d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
+        d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        return cls(int(config.num_hidden_layers), n_heads, int(n_kv), d_head, int(d_mlp), d_model)
 
 
 class Model:
@@ -30,10 +69,16 @@ class Model:
         hf_model: the underlying ``transformers`` model (never copied).
         tokenizer: its tokenizer, or None.
         model_id: a name for reports (hub id, folder or class name).
+        origin: where ``load_model`` loaded it from (None for a model handed over as an object).
         n_layers, n_heads, n_kv_heads, d_head, d_mlp, d_model: sizes.
+        parallel_residual: attention and MLP of a layer read the same residual stream (no ``resid_mid``).
+        post_norm: attention and MLP outputs pass a norm before the residual stream (``attn_out`` is
+            norm(``attn_proj``); Gemma-2/3, OLMo-2).
     """
 
-    def __init__(self, hf_model: Any, tokenizer: Any = None, model_id: str | None = None) -> None:
+    def __init__(
+        self, hf_model: Any, tokenizer: Any = None, model_id: str | None = None, origin: Origin | None = None
+    ) -> None:
         if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
             raise InputError(
                 f"expected a transformers causal LM (torch.nn.Module with .config); got {type(hf_model).__name__}"
@@ -47,23 +92,27 @@ class Model:
         self.hf_model: Any = hf_model
         self.tokenizer = tokenizer
         self.model_id = model_id or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
-        self.sizes: Sizes = sizes_of(hf_model.config)
+        self.origin = origin
+        self.sizes: Sizes = Sizes.of_config(hf_model.config)
         family = self.family
         base = get_path(hf_model, family.base, family, "base")
         self._layers = list(get_path(base, family.layers, family, "layers"))
         self._final_norm = get_path(base, family.final_norm, family, "final_norm")
         self._rotary = get_path(base, family.rotary, family, "rotary") if family.rotary else None
-        self._attention_modules = [get_path(layer, family.attention, family, "attention") for layer in self._layers]
-        self._mlp_out_modules = [get_path(layer, family.mlp_out, family, "mlp_out") for layer in self._layers]
         get_path(base, family.token_embed, family, "token_embed")
+        # GPT-NeoX reads use_parallel_residual from its config; its family row says whether it may.
+        parallel = family.parallel_residual and bool(getattr(hf_model.config, "use_parallel_residual", True))
+        self.parallel_residual: bool = parallel
+        self.post_norm: bool = family.attn_post_norm is not None
+        self._parts: list[LayerParts] = [layer_parts(family, layer, parallel) for layer in self._layers]
         # What each layer's attention computes (window, soft-cap, scaling, rotary table), checked on every call.
         self.attention_args: tuple[LayerAttention, ...] = tuple(
-            layer_attention(family, hf_model.config, module, i) for i, module in enumerate(self._attention_modules)
+            layer_attention(family, hf_model.config, parts.attention, i) for i, parts in enumerate(self._parts)
         )
         cap = getattr(hf_model.config, family.logit_softcap, None) if family.logit_softcap else None
         self.logit_softcap: float | None = float(cap) if cap else None
         # The attention function is handed the module; this finds its layer.
-        self._layer_of_attention = {id(module): layer for layer, module in enumerate(self._attention_modules)}
+        self._layer_of_attention = {id(parts.attention): layer for layer, parts in enumerate(self._parts)}
         from transformers import AttentionInterface
 
         AttentionInterface.register(ATTN_IMPLEMENTATION, atpstar_attention)
@@ -78,7 +127,7 @@ class Model:
 
     @property
     def layer_modules(self) -> list[torch.nn.Module]:
-        """The decoder layers, in order (for module hooks in tools and tests; do not modify)."""
+        """The decoder layers, in order (for module hooks in brute-force test references; do not modify)."""
         return list(self._layers)
 
     @property
@@ -126,21 +175,24 @@ class Model:
 
     # Forward passes --------------------------------------------------------------------------
     @contextmanager
-    def engaged(self, run: Run) -> Iterator[None]:
-        """Route attention and MLP neurons through ``run``; restore everything afterwards, also on error."""
+    def engaged(self, run: Run) -> Iterator[dict[int, torch.Tensor]]:
+        """Route attention and the module sites through ``run``; restore everything afterwards, also on error.
+
+        Yields the per-layer change a patch made to ``resid_mid`` ([B, T', D]), which the layer's output
+        still lacks (the layer adds its MLP write to the residual it saved before the patch).
+        """
         config: Any = self.hf_model.config
         saved_impl = config._attn_implementation
         saved_grad = [p.requires_grad for p in self.hf_model.parameters()]
+        shifts: dict[int, torch.Tensor] = {}
         handles = []
         token = ACTIVE_RUN.set((run, self._layer_of_attention, self.attention_args))
         try:
             config._attn_implementation = ATTN_IMPLEMENTATION
             for p in self.hf_model.parameters():
                 p.requires_grad_(False)  # no parameter gradients, and autograd saves less
-            if "neuron" in run.record or run.patch is not None:
-                for layer, module in enumerate(self._mlp_out_modules):
-                    handles.append(module.register_forward_pre_hook(partial(_neuron_hook, layer, run)))
-            yield
+            handles = site_hooks(self._parts, run, shifts)
+            yield shifts
         finally:
             for handle in handles:
                 handle.remove()
@@ -168,15 +220,16 @@ class Model:
                 # Gemma-3 keeps one table per layer type (local and global bases); others have one.
                 extra = () if table is None else (table,)
                 rotary_tables[table] = self._rotary(hidden, position_ids, *extra)
-        with self.engaged(run):
+        with self.engaged(run) as shifts:
             for layer in range(run.start_layer, self.n_layers):
-                run.resid(layer, hidden)
+                hidden = run.site(layer, "resid_pre", hidden)
                 if self._rotary is not None:
                     kwargs["position_embeddings"] = rotary_tables[self.attention_args[layer].rotary]
                 out = self._layers[layer](hidden, **kwargs)
                 hidden = out[0] if isinstance(out, tuple) else out
-        run.resid(self.n_layers, hidden)  # resid_post of the last layer
-        return hidden
+                if layer in shifts:  # a patched resid_mid reached the MLP; the stream gets the change too
+                    hidden = hidden + shifts.pop(layer)
+        return run.site(self.n_layers, "resid_pre", hidden)  # the final residual stream
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the final residual stream: [..., D] -> [..., V] (soft-capped where the family does;
@@ -193,9 +246,51 @@ class Model:
         run = run or Run(self.n_layers)
         return self.unembed(self.run_layers(self.embed(tokens), run))
 
+    # Per-layer helpers (edges) ---------------------------------------------------------------
+    def layer_qkv(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, T, E], k and v [B, K, T, E] (post-rotary) of ``layer`` for residual inputs hidden [B, T, D].
 
-def _neuron_hook(layer: int, run: Run, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return (run.site(layer, "neuron", args[0]),) + tuple(args[1:])
+        Runs the layer's own norm, projections and rotary (QK-norm included), and stops before the
+        attention itself.
+        """
+        found: dict[str, torch.Tensor] = {}
+
+        def stop(at_layer: int, site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
+            if at_layer == layer and site in ("q", "k", "v"):
+                found[site] = x
+                if site == "v":
+                    raise _Stop
+            return x
+
+        try:
+            self.run_layers(hidden, Run(self.n_layers, patch=stop, start_layer=layer))
+        except _Stop:
+            pass
+        return found["q"], found["k"], found["v"]
+
+    def head_out_weights(self) -> list[torch.Tensor]:
+        """Per layer W_O as [H, E, D]: what head h adds to ``attn_proj`` is z_h W_O[h] (bias excluded)."""
+        sizes = self.sizes
+        width = sizes.n_heads * sizes.d_head
+        out = []
+        with torch.no_grad():
+            for parts in self._parts:
+                eye = torch.eye(width, dtype=self.dtype, device=self.device)
+                # Read off the projection itself: works for Linear and GPT-2's Conv1D alike.
+                weight = parts.out_proj(eye) - parts.out_proj(torch.zeros_like(eye[:1]))  # [H*E, D]
+                out.append(weight.view(sizes.n_heads, sizes.d_head, -1))  # [H, E, D]
+        return out
+
+    def qkv_share(self) -> float:
+        """Fraction of a layer's weights in its q/k/v projections (the cost unit of one ``layer_qkv`` input)."""
+        parts = self._parts[0]
+        total = sum(p.numel() for p in self._layers[0].parameters())
+        qkv = sum(p.numel() for p in parts.attention.parameters()) - sum(p.numel() for p in parts.out_proj.parameters())
+        return qkv / max(total, 1)
+
+
+class _Stop(Exception):
+    """Ends a partial forward once the layer's q, k, v are known."""
 
 
 def as_model(model: Any) -> Model:

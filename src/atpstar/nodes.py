@@ -25,18 +25,7 @@ from typing import Any
 import torch
 
 from .errors import InputError
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Model sizes that fix every node layout."""
-
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    d_mlp: int
-    d_model: int
+from .model import Sizes  # the model's sizes fix every node layout
 
 
 @dataclass(frozen=True)

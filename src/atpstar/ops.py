@@ -1,4 +1,5 @@
-"""Pure tensor math: the QK fix and GradDrop's combination. No hooks, no model.
+"""Pure tensor math: attention patterns, the QK fix (nodes; the changed patterns of edges) and GradDrop's
+combination. No hooks, no model.
 
 Shape letters: B batch, H query heads, K kv-heads, T query positions, S key positions, E d_head.
 """
@@ -75,6 +76,33 @@ def attention_pattern(
     the input precision otherwise, so float64 runs stay float64.
     """
     return torch.softmax(attention_scores(q, k, scaling, cap, window), dim=-1).to(q.dtype)
+
+
+def one_key_patterns(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    new_k: torch.Tensor,
+    scaling: float,
+    cap: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Patterns with the key of one position p (p = 0 .. S-1) taken from ``new_k``: [X*S, H, T, S].
+
+    Args:
+        q: [X, H, T, E]; k, new_k: [X, H, S, E] (keys per query head).
+        scaling, cap, window: the layer's score scaling, soft-cap and sliding window.
+    """
+    x, heads, n_pos, e = k.shape
+    one = torch.eye(n_pos, dtype=torch.bool, device=k.device)[None, :, None, :, None]  # [1, S(p), 1, S, 1]
+    mixed = torch.where(one, new_k[:, None], k[:, None])  # [X, S(p), H, S, E]
+    q_rep = q[:, None].expand(x, n_pos, heads, q.shape[-2], e)  # [X, S(p), H, T, E]
+    return attention_pattern(
+        q_rep.reshape(x * n_pos, heads, q.shape[-2], e),  # [X·S(p), H, T, E]
+        mixed.reshape(x * n_pos, heads, n_pos, e),  # [X·S(p), H, S, E]
+        scaling,
+        cap,
+        window,
+    )
 
 
 def query_fix(

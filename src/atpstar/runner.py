@@ -1,9 +1,12 @@
 """One forward pass through a wrapped model, layer by layer, with activations recorded or patched.
 
-The attention function registered with ``transformers.AttentionInterface`` hands every layer's
-post-rotary q/k/v to the active ``Run``; MLP neurons come through a pre-hook on the MLP output
-projection. A run may start at any layer and any position: positions before ``start_pos`` are
-never recomputed, their keys/values come from a cached prefix (causal models cannot change them).
+The model hands every site of every layer it computes to the active ``Run`` (``Run.site``): the
+residual stream entering the layer, the post-rotary q/k/v (through the attention function registered
+with ``transformers.AttentionInterface``), the pattern and z, the attention and MLP outputs as they
+join the residual stream, the stream the MLP reads, and the MLP neurons. A patch function sees them
+all in that order and may replace any. A run may start at any layer and any position: positions
+before ``start_pos`` are never recomputed, their keys/values come from a cached prefix (causal models
+cannot change them).
 
 Shape letters: B batch, H heads, K kv-heads, T positions (T' = T - start_pos), E d_head, D d_model, M d_mlp.
 """
@@ -21,8 +24,21 @@ from .errors import AtpstarError
 from .families import LayerAttention
 from .ops import attention_pattern, expand_kv
 
-# q, k, v: [B, H|K, T', E]; pattern: [B, H, T', T]; z: [B, H, T', E]; neuron: [B, T', M]
-SITES: tuple[str, ...] = ("q", "k", "v", "pattern", "z", "neuron")
+# Every site, in the order a layer reaches it (``Model`` documents where each comes from):
+#   resid_pre [B, T', D]  residual stream entering the layer (index n_layers: the final residual stream)
+#   q [B, H, T', E], k and v [B, K, T', E]  post-rotary (and post-QK-norm) projections
+#   pattern [B, H, T', T]  attention probabilities; z [B, H, T', E]  pattern-weighted values
+#   attn_proj [B, T', D]  attention output projection Σ_h W_O^h z_h + b_O
+#   attn_out [B, T', D]   attention output as added to the residual stream (post-norm families: norm(attn_proj))
+#   resid_mid [B, T', D]  residual stream after attention, before the MLP (sequential blocks only; a patch
+#                         changes the stream the MLP reads and the layer's output)
+#   mlp_in [B, T', D]     the residual stream as the MLP reads it, before its norm (resid_pre in parallel
+#                         blocks); a patch changes what the MLP reads only
+#   neuron [B, T', M]     MLP hidden activations (input of its output projection)
+#   mlp_out [B, T', D]    MLP output as added to the residual stream (post-norm families: after the norm)
+SITES: tuple[str, ...] = (
+    "resid_pre", "q", "k", "v", "pattern", "z", "attn_proj", "attn_out", "resid_mid", "mlp_in", "neuron", "mlp_out"
+)  # fmt: skip
 
 # A patch receives (layer, site, activation, run) and returns the activation to use instead.
 PatchFn = Callable[[int, str, torch.Tensor, "Run"], torch.Tensor]
@@ -38,15 +54,16 @@ class Run:
     """What one forward pass records and patches.
 
     The caller builds a run (everything it needs goes into the constructor) and hands it to
-    ``Model.run_layers``; during the pass the model calls ``site``, ``attention`` and ``resid``;
+    ``Model.run_layers``; during the pass the model calls ``site`` and ``attention``;
     afterwards the caller reads ``records``/``get`` and ``scaling``, and may ``release`` records it is done
     with. Nothing else writes to a run.
 
     Args:
         n_layers: layers of the model.
-        record: sites to keep, per layer (``SITES``, and ``"resid_pre"``: the residual stream
-            entering each layer, with the final residual stream at index ``n_layers``).
-        patch: optional function that replaces activations at sites.
+        record: sites to keep, per layer (``SITES``; ``"resid_pre"`` keeps ``n_layers + 1``: the final
+            residual stream at index ``n_layers``).
+        patch: optional function that replaces activations at sites (it receives every site; return
+            ``x`` itself where nothing changes).
         start_layer: first layer computed (the input hidden state enters this layer).
         start_pos: first position computed; earlier positions come from ``prefix_kv``.
         prefix_kv: per layer, (keys [B, K, start_pos, E], values [B, K, start_pos, E]) for earlier positions.
@@ -100,11 +117,6 @@ class Run:
         if name in self.record:
             self._records[name][layer] = x
         return x
-
-    def resid(self, layer: int, hidden: torch.Tensor) -> None:
-        """The residual stream entering ``layer`` (``n_layers``: after the last layer) [B, T', D]."""
-        if "resid_pre" in self.record:
-            self._records["resid_pre"][layer] = hidden
 
     def attention(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, args: LayerAttention

@@ -124,9 +124,8 @@ class PerPairSink:
             rows = pairs[:, None].expand_as(index)  # [P, k]
             coords = torch.unravel_index(index.flatten(), shape)  # each [P·k]
             indices = torch.stack([rows.flatten(), *coords])  # [1 + len(layout), P·k]
-            out[t] = torch.sparse_coo_tensor(
-                indices, value.flatten(), (self.n_pairs, *shape), check_invariants=True
-            ).coalesce()
+            values = value.flatten()  # [P·k]
+            out[t] = torch.sparse_coo_tensor(indices, values, (self.n_pairs, *shape), check_invariants=True).coalesce()
         return out
 
     def scores(self, aggregation: str) -> dict[str, torch.Tensor]:

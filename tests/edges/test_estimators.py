@@ -95,3 +95,28 @@ def test_verify_edges_in_estimate_order(setup, tmp_path):
     assert verified.names == [graph.edge_names[i] for i in order.tolist()]
     verified.save(tmp_path / "v")
     assert atpstar.Verification.load(tmp_path / "v").names == verified.names
+
+
+@pytest.mark.parametrize("method", ["atp", "atp*", "atp+ig"])
+def test_out_of_memory_halves_the_edge_batch_and_keeps_the_numbers(setup, method, monkeypatch):
+    from atpstar.edges import atpstar as edge_atpstar
+    from atpstar.edges import eap as edge_eap
+    from test_batching import oom_above
+
+    _, model, pairs, _, _, _ = setup
+    want = run(model, pairs, method, batch_size=2)
+    target = (edge_atpstar, "edge_atp") if method == "atp*" else (edge_eap, "eap")
+    flaky = oom_above(1, lambda batch, *rest: len(batch.index))(getattr(*target))
+    monkeypatch.setattr(*target, flaky)
+    with pytest.warns(UserWarning, match="edge attribution: pairs: out of memory .* batch of 2; halved it to 1"):
+        result = atpstar.attribute(model, pairs, method=method, nodes=["edge"], batch_size=2)
+    assert flaky.calls == [2, 1, 1] and result.info["edge_oom_retries"] == 1
+    assert_rel_close(result.per_pair["edge"], want, 1e-12, f"{method} after a retry")
+
+
+def test_keep_top_says_edges_stay_dense(setup):
+    _, model, pairs, _, refs, _ = setup
+    with pytest.warns(UserWarning, match=r"keep='top' applies to site node types; \['edge'\] results are kept dense"):
+        result = atpstar.attribute(model, pairs, method="atp", nodes=["neuron", "edge"], keep="top", top_k=3)
+    assert result.per_pair["neuron"].is_sparse and not result.per_pair["edge"].is_sparse
+    assert_rel_close(result.per_pair["edge"], refs[None]["eap"], 1e-10, "EAP next to top-k neurons")

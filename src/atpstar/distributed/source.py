@@ -1,7 +1,7 @@
 """How a worker gets the model: by name, or from the driver's weights in Ray's object store.
 
-- A model from ``load_model(name)`` (built-in name, folder or hub id) whose weights are unchanged since
-  loading is loaded by every worker from that name (nothing large crosses the network).
+- A model with an ``origin`` (``load_model`` of a built-in name, folder or hub id) whose weights are
+  unchanged since loading is loaded by every worker from that name (nothing large crosses the network).
 - Any other model is shipped: its config and ``state_dict`` when ``from_config`` rebuilds the same
   module tree, else the pickled module itself (custom modules swapped in by the user). The weights
   are put into the object store once and referenced, so every worker reads the same copy.
@@ -9,31 +9,14 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..model import Model
-
-# Models loaded by name: Model -> (name, dtype, weights signature at load time).
-_LOADED_FROM: weakref.WeakKeyDictionary[Model, tuple[str, str, tuple[Any, ...]]] = weakref.WeakKeyDictionary()
-
-
-def weights_signature(hf_model: torch.nn.Module) -> tuple[Any, ...]:
-    """Changes whenever a parameter or buffer is replaced or modified in place (tensor version counters)."""
-    tensors = list(hf_model.parameters()) + list(hf_model.buffers())
-    return (id(hf_model), tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
-
-
-def record_loaded(model: Model, name: str, dtype: torch.dtype) -> None:
-    """Remember that ``model`` came from ``name`` in ``dtype`` (called by ``load_model``)."""
-    if os.path.isdir(name):  # workers may run elsewhere in the file system tree
-        name = os.path.abspath(name)
-    _LOADED_FROM[model] = (name, str(dtype).removeprefix("torch."), weights_signature(model.hf_model))
+from ..origin import weights_signature
 
 
 @dataclass
@@ -104,10 +87,10 @@ def source_for(model: Model) -> ModelSource:
     import ray
 
     signature = weights_signature(model.hf_model)
-    loaded = _LOADED_FROM.get(model)
-    if loaded is not None and loaded[2] == signature:
+    origin = model.origin
+    if origin is not None and origin.weights == signature:
         return ModelSource(
-            key=f"name:{loaded[0]}:{loaded[1]}", model_id=model.model_id, name=loaded[0], dtype=loaded[1]
+            key=f"name:{origin.name}:{origin.dtype}", model_id=model.model_id, name=origin.name, dtype=origin.dtype
         )
     if signature in _SHIPPED:
         return _SHIPPED[signature]

@@ -7,7 +7,8 @@
 - GradDrop: Î_l(s -> r) is the estimate with layer l's residual write held constant in the backward
   pass; the score is Σ_{l=0}^{L-1} |Î_l| / (L - 1). Dropping a layer below the receiver's leaves its
   gradient unchanged, dropping the receiver's own layer gives 0 (a logits receiver sits at layer L),
-  so only layers above the receiver need a backward, each run from that layer down.
+  so only layers above the receiver need a backward, each run from that layer down (``gradients.Tape``'s
+  partial backwards, the ones node GradDrop uses; the site gradients come from the same tape as EAP's).
 
 Position-resolved (``positions``; edge s -> r at the sender's position t, only Δ_s,t reaches r): the
 plain estimate keeps the sum over d_model only. A query change at t moves row t of the pattern alone, so
@@ -25,120 +26,101 @@ Shape letters: B batch, S senders, R receivers, N edges, L layers, H heads, T po
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from ..cost import Cost
-from ..model import Model
-from ..ops import attention_pattern
-from ..pairs import PromptPairs
+from ..gradients import Tape
+from ..ops import attention_pattern, graddrop_combine, one_key_patterns
 from ..runner import expand_kv
 from .capture import SenderRun, receiver_grads
-from .eap import _count_copies, _or_zero, gradient_run, site_tensors, source_senders
-from .graph import EdgeGraph
+from .eap import FINAL, EdgeBatch, collect, count_copies, source_senders, taped_run
 from .sites import layer_qkv, qkv_share
 
 
-def edge_atp(
-    model: Model,
-    graph: EdgeGraph,
-    pairs: PromptPairs,
-    index: torch.Tensor,
-    direction: str,
-    w_out: list[torch.Tensor],
-    cost: Cost,
-    qk_fix: bool,
-    grad_drop: bool,
-    positions: bool = False,
-) -> torch.Tensor:
-    """Edge AtP with the QK fix and/or GradDrop for the pairs ``index``: [b, N] (``positions``: [b, N, T])."""
-    n_layers, b = model.n_layers, len(index)
-    base_tokens, source_tokens = (tokens[index] for tokens in pairs.base_and_source(direction))
-    source = source_senders(model, source_tokens, w_out)
-    with torch.enable_grad():
-        run, metric = gradient_run(model, pairs, index, model.embed(base_tokens), w_out, ("pattern",) if qk_fix else ())
-        cost.add_forward(2 * b)
-        keys, tensors = site_tensors(run, n_layers)
-        if qk_fix:
-            keys += [(layer, "pattern") for layer in range(n_layers)]
-            tensors += [run.run.records["pattern"][layer] for layer in range(n_layers)]
-        outputs = tensors + run.resid[1:]  # resid[L] is the final residual stream
-        grads = torch.autograd.grad(metric.sum(), outputs, retain_graph=grad_drop, allow_unused=True)
-        cost.add_backward(b)
-        sites = {k: _or_zero(g, t) for k, g, t in zip(keys, grads, tensors)}
-        resid_grads = [_or_zero(g, t) for g, t in zip(grads[len(tensors) :], run.resid[1:])]  # ∂L/∂resid_{l+1}
+def edge_atp(batch: EdgeBatch, qk_fix: bool, grad_drop: bool, positions: bool = False) -> torch.Tensor:
+    """Edge AtP with the QK fix and/or GradDrop for the batch's pairs: [b, N] (``positions``: [b, N, T])."""
+    model, cost = batch.model, batch.cost
+    base_tokens, source_tokens = batch.tokens()
+    source = source_senders(model, source_tokens, batch.w_out)
+    sites: dict[tuple[int, str], torch.Tensor] = {}
+    tape = Tape(model.n_layers, cost, grad_drop)
+    try:
+        with torch.enable_grad():
+            run, metric = taped_run(batch, model.embed(base_tokens), tape, ("pattern",) if qk_fix else ())
+            cost.add_forward(2 * len(batch.index))
+            tape.backward(metric, collect(sites))
+            final = sites.pop((model.n_layers, FINAL))  # [B, T, D] ∂L/∂resid_L: the logits receiver's input
+            with torch.no_grad():
+                delta = source.to(run.final.device) - run.senders.detach()  # [B, S, T, D]
+                patterns = _new_patterns(batch, run, delta, positions) if qk_fix else {}
+            fixed = _Estimates(batch, run, delta, patterns, positions)
+            plain = fixed.of(sites, final, range(model.n_layers))
+            return fixed.edges(fixed.graddrop(tape, plain) if grad_drop else plain)
+    finally:
+        tape.close()
+
+
+@dataclass
+class _Estimates:
+    """One batch's base run, sender differences and QK-fix patterns: estimates from any set of site gradients."""
+
+    batch: EdgeBatch
+    run: SenderRun
+    delta: torch.Tensor  # [B, S, T, D] source - base sender outputs
+    patterns: dict[tuple[int, str], torch.Tensor]  # (layer, q|k) -> A' - A (``_new_patterns``); empty: no fix
+    positions: bool
+
+    def of(
+        self, sites: dict[tuple[int, str], torch.Tensor], final_grad: torch.Tensor | None, layers: range
+    ) -> torch.Tensor:
+        """[B, S, R] (``positions``: [B, T, S, R]) estimates of every (sender, receiver) from site gradients
+        of ``layers`` (+ logits)."""
+        model, graph, delta = self.batch.model, self.batch.graph, self.delta
+        grads = receiver_grads(model, graph, self.run, sites, final_grad, layers)  # [B, R, T, D]
+        count_copies(model, self.batch.cost, delta.shape[0], len(layers) / model.n_layers)
         with torch.no_grad():
-            delta = source.to(run.final.device) - run.senders.detach()  # [B, S, T, D]
-            patterns = _new_patterns(model, graph, run, delta, cost, positions) if qk_fix else {}
-        plain = _estimates(model, graph, run, delta, sites, resid_grads[-1], range(n_layers), patterns, cost, positions)
-        if not grad_drop:
-            return _edges(graph, plain, positions)
+            if self.positions:
+                matrix = torch.einsum("bstd,brtd->btsr", delta, grads)  # [B, T, S, R]
+            else:
+                matrix = torch.bmm(delta.flatten(2), grads.flatten(2).transpose(1, 2))  # [B, S, R]
+            for layer in layers:
+                for kind in ("q", "k"):
+                    if (layer, kind) in self.patterns:
+                        self._fix(matrix, layer, kind, sites[(layer, "pattern")])
+            return matrix * graph.valid.to(matrix.device)
+
+    def _fix(self, matrix: torch.Tensor, layer: int, kind: str, grad: torch.Tensor) -> None:
+        """Write the QK fix Σ (A' - A) · ∂L/∂A (grad [B, H, T, T]) into the query or key receivers of ``layer``."""
+        change = self.patterns[(layer, kind)]  # [B, S_l, H, T, T]; positions, k: [B, S_l, T, H, T, T]
+        if not self.positions:
+            fixed = torch.einsum("bshqk,bhqk->bsh", change, grad)  # [B, S_l, H]
+        elif kind == "q":
+            fixed = torch.einsum("bshqk,bhqk->bqsh", change, grad)  # [B, T, S_l, H]: row q = position q
+        else:
+            fixed = torch.einsum("bsphqk,bhqk->bpsh", change, grad)  # [B, T, S_l, H]: key p changed
+        first = self.batch.graph.qkv_receiver(layer, kind, 0)
+        matrix[..., : change.shape[1], first : first + self.batch.model.n_heads] = fixed
+
+    def graddrop(self, tape: Tape, plain: torch.Tensor) -> torch.Tensor:
+        """ĉ = Σ_l |Î_l| / (L - 1) from the plain estimates [B, (T,) S, R] and the tape's dropped backwards."""
+        graph = self.batch.graph
         layer_of = torch.tensor([graph.receiver_layer(r) for r in range(graph.n_receivers)], device=plain.device)
         total = plain.abs() * layer_of.to(plain.dtype)  # the layers below each receiver leave it unchanged
-        for drop in range(1, n_layers):
-            below = [i for i, (layer, _) in enumerate(keys) if layer < drop]
-            dropped = torch.autograd.grad(
-                run.resid[drop],
-                [tensors[i] for i in below],
-                grad_outputs=resid_grads[drop],  # ∂L/∂resid_post_drop: layer drop's write held constant
-                retain_graph=drop < n_layers - 1,
-                allow_unused=True,
-            )
-            cost.add_backward(b, layers_covered=drop, n_layers=n_layers)
-            drop_sites = {keys[i]: _or_zero(g, tensors[i]) for i, g in zip(below, dropped)}
-            estimate = _estimates(model, graph, run, delta, drop_sites, None, range(drop), patterns, cost, positions)
-            total = total + estimate.abs() * (layer_of < drop).to(plain.dtype)
-        return _edges(graph, total / (n_layers - 1), positions)
+        dropped: dict[tuple[int, str], torch.Tensor] = {}
+        for drop in tape.dropped(collect(dropped)):  # the sites of layers < drop, with layer drop's write dropped
+            total = total + self.of(dropped, None, range(drop)).abs() * (layer_of < drop).to(plain.dtype)
+            dropped.clear()
+        return graddrop_combine(total, self.batch.model.n_layers)
 
-
-def _edges(graph: EdgeGraph, matrix: torch.Tensor, positions: bool) -> torch.Tensor:
-    """[B, S, R] -> [B, N]; position-resolved [B, T, S, R] -> [B, N, T]."""
-    edges = graph.from_matrix(matrix)  # [B, N] or [B, T, N]
-    return edges.transpose(1, 2) if positions else edges
-
-
-def _estimates(
-    model: Model,
-    graph: EdgeGraph,
-    run: SenderRun,
-    delta: torch.Tensor,
-    sites: dict[tuple[int, str], torch.Tensor],
-    final_grad: torch.Tensor | None,
-    layers: range,
-    patterns: dict[tuple[int, str], torch.Tensor],
-    cost: Cost,
-    positions: bool = False,
-) -> torch.Tensor:
-    """[B, S, R] (``positions``: [B, T, S, R]) estimates of every (sender, receiver) from site gradients
-    of ``layers`` (+ logits)."""
-    grads = receiver_grads(model, graph, run, sites, final_grad, layers)  # [B, R, T, D]
-    _count_copies(model, cost, delta.shape[0], len(layers) / model.n_layers)
-    with torch.no_grad():
-        if positions:
-            matrix = torch.einsum("bstd,brtd->btsr", delta, grads)  # [B, T, S, R]
-        else:
-            matrix = torch.bmm(delta.flatten(2), grads.flatten(2).transpose(1, 2))  # [B, S, R]
-        heads = model.n_heads
-        for layer in layers:
-            for kind in ("q", "k"):
-                if (layer, kind) not in patterns:
-                    continue
-                change = patterns[(layer, kind)]  # [B, S_l, H, T, T]; positions, k: [B, S_l, T, H, T, T]
-                grad = sites[(layer, "pattern")]  # [B, H, T, T]
-                if not positions:
-                    fixed = torch.einsum("bshqk,bhqk->bsh", change, grad)  # [B, S_l, H]
-                elif kind == "q":
-                    fixed = torch.einsum("bshqk,bhqk->bqsh", change, grad)  # [B, T, S_l, H]: row q = position q
-                else:
-                    fixed = torch.einsum("bsphqk,bhqk->bpsh", change, grad)  # [B, T, S_l, H]: key p changed
-                first = graph.qkv_receiver(layer, kind, 0)
-                matrix[..., : change.shape[1], first : first + heads] = fixed
-        return matrix * graph.valid.to(matrix.device)
+    def edges(self, matrix: torch.Tensor) -> torch.Tensor:
+        """[B, S, R] -> [B, N]; position-resolved [B, T, S, R] -> [B, N, T]."""
+        edges = self.batch.graph.from_matrix(matrix)  # [B, N] or [B, T, N]
+        return edges.transpose(1, 2) if self.positions else edges
 
 
 def _new_patterns(
-    model: Model, graph: EdgeGraph, run: SenderRun, delta: torch.Tensor, cost: Cost, positions: bool = False
+    batch: EdgeBatch, run: SenderRun, delta: torch.Tensor, positions: bool = False
 ) -> dict[tuple[int, str], torch.Tensor]:
     """(layer, q|k) -> [B, S_l, H, T, T]: A' - A of every head when one upstream sender's difference
     reaches its query (q) or its key (k) input, exact through norm, projection, rotary and softmax.
@@ -146,6 +128,7 @@ def _new_patterns(
     With ``positions``, (layer, k) is [B, S_l, T, H, T, T]: A' - A with the key of one position p changed
     (norm, projection and rotary act per position, so k' at p is the same as when all positions change).
     """
+    model, graph, cost = batch.model, batch.graph, batch.cost
     out = {}
     b, _, n_pos, d = delta.shape
     for layer in range(model.n_layers):
@@ -157,36 +140,16 @@ def _new_patterns(
         q = run.run.records["q"][layer].detach()  # [B, H, T, E]
         k = run.run.records["k"][layer].detach()  # [B, H, T, E] (per query head)
         pattern = run.run.records["pattern"][layer].detach()[:, None]  # [B, 1, H, T, T]
-        q_rep = q[:, None].expand(b, n_up, *q.shape[1:]).reshape(b * n_up, *q.shape[1:])
-        k_rep = k[:, None].expand(b, n_up, *k.shape[1:]).reshape(b * n_up, *k.shape[1:])
+        q_rep = q[:, None].expand(b, n_up, *q.shape[1:]).reshape(b * n_up, *q.shape[1:])  # [B*S_l, H, T, E]
+        k_rep = k[:, None].expand(b, n_up, *k.shape[1:]).reshape(b * n_up, *k.shape[1:])  # [B*S_l, H, T, E]
         with_q = attention_pattern(new_q, k_rep, args.scaling, args.softcap, args.window)  # [B*S_l, H, T, T]
         with_k = attention_pattern(q_rep, new_k, args.scaling, args.softcap, args.window)
-        with_q, with_k = with_q.view(b, n_up, *pattern.shape[2:]), with_k.view(b, n_up, *pattern.shape[2:])
-        out[(layer, "q")] = with_q - pattern
-        out[(layer, "k")] = with_k - pattern
+        per_sender = (b, n_up, *pattern.shape[2:])
+        out[(layer, "q")] = with_q.view(per_sender) - pattern  # [B, S_l, H, T, T]
+        out[(layer, "k")] = with_k.view(per_sender) - pattern  # [B, S_l, H, T, T]
         if positions:
-            out[(layer, "k")] = (
-                _one_key_patterns(q_rep, k_rep, expand_kv(new_k, model.n_heads), args, n_pos).view(
-                    b, n_up, n_pos, *pattern.shape[2:]
-                )
-                - pattern[:, :, None]
-            )  # [B, S_l, T, H, T, T]
+            new_k = expand_kv(new_k, model.n_heads)  # [B*S_l, H, T, E]
+            one_key = one_key_patterns(q_rep, k_rep, new_k, args.scaling, args.softcap, args.window)
+            per_key = (b, n_up, n_pos, *pattern.shape[2:])
+            out[(layer, "k")] = one_key.view(per_key) - pattern[:, :, None]  # [B, S_l, T, H, T, T]
     return out
-
-
-def _one_key_patterns(q: torch.Tensor, k: torch.Tensor, new_k: torch.Tensor, args: Any, n_pos: int) -> torch.Tensor:
-    """[X*T, H, T, T] patterns with the keys of one position p (p = 0 .. T-1) taken from ``new_k``.
-
-    q, k, new_k: [X, H, T, E] (k per query head).
-    """
-    x, heads, _, e = k.shape
-    one = torch.eye(n_pos, dtype=torch.bool, device=k.device)[None, :, None, :, None]  # [1, P, 1, T, 1]
-    mixed = torch.where(one, new_k[:, None], k[:, None])  # [X, P, H, T, E]
-    q_rep = q[:, None].expand(x, n_pos, heads, n_pos, e)  # [X, P, H, T, E]
-    return attention_pattern(
-        q_rep.reshape(x * n_pos, heads, n_pos, e),
-        mixed.reshape(x * n_pos, heads, n_pos, e),
-        args.scaling,
-        args.softcap,
-        args.window,
-    )

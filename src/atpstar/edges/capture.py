@@ -13,14 +13,13 @@ Shape letters: B batch, S senders, R receivers, H heads, K kv-heads, T positions
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from ..model import Model
 from ..runner import Run
 from .graph import EdgeGraph
-from .sites import head_outputs, layer_qkv, mlp_hooks, ungroup
+from .sites import head_outputs, layer_qkv, post_norm_share, ungroup
 
 
 @dataclass
@@ -32,7 +31,7 @@ class SenderRun:
         resid: L + 1 tensors [B, T, D]: residual stream entering each layer, then the final one.
         mlp_in: L tensors [B, T, D]: what each MLP's norm read (the m{l} receiver's input).
         final: [B, T, D] the final residual stream (a view of ``resid[-1]``).
-        run: the runner's records (q, ungrouped k/v, pattern, z per layer).
+        run: the runner's records (q, ungrouped k/v, pattern, z, mlp_in, mlp_out per layer).
     """
 
     senders: torch.Tensor
@@ -60,30 +59,24 @@ def run_senders(
         mlp_copy: give each MLP a private copy of its input, so its gradient counts the MLP path only.
     """
     n_layers = model.n_layers
-    run = Run(n_layers, record={"z", "resid_pre", *record}, patch=ungroup(model.n_heads))
-    mlp_in: list[Any] = [None] * n_layers
-    mlp_out: list[Any] = [None] * n_layers
+    ungrouped = ungroup(model.n_heads)
 
-    def on_input(layer: int, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone() if mlp_copy else x  # a fresh autograd node: its gradient flows through the MLP only
-        mlp_in[layer] = x
-        return x
+    def patch(layer: int, site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
+        if site == "mlp_in" and mlp_copy:
+            return x.clone()  # a fresh autograd node: its gradient flows through the MLP only
+        return ungrouped(layer, site, x, run)
 
-    def on_output(layer: int, out: torch.Tensor) -> None:
-        mlp_out[layer] = out
-
-    def on_share(layer: int, value: torch.Tensor) -> None:
-        share[layer] = value
-
-    share: list[Any] = [None] * n_layers  # post-norm families: norm(a) / a per layer [B, T, D]
-    with mlp_hooks(model, on_input, on_output, on_share):
-        model.run_layers(hidden, run)
+    shares = ("attn_proj", "attn_out") if model.post_norm else ()
+    run = Run(n_layers, record={"z", "resid_pre", "mlp_in", "mlp_out", *shares, *record}, patch=patch)
+    model.run_layers(hidden, run)
     blocks = [hidden[:, None]]
     for layer in range(n_layers):
-        blocks.append(head_outputs(run.records["z"][layer], w_out[layer], share[layer]))  # [B, H, T, D]
-        blocks.append(mlp_out[layer][:, None].to(hidden.device))
+        # post-norm families: norm(a) / a per layer [B, T, D]
+        share = post_norm_share(run.get("attn_proj", layer), run.get("attn_out", layer)) if shares else None
+        blocks.append(head_outputs(run.records["z"][layer], w_out[layer], share))  # [B, H, T, D]
+        blocks.append(run.records["mlp_out"][layer][:, None].to(hidden.device))
     senders = torch.cat([b.to(hidden.device) for b in blocks], 1)  # [B, S, T, D]
-    return SenderRun(senders, list(run.records["resid_pre"]), mlp_in, run)
+    return SenderRun(senders, list(run.records["resid_pre"]), list(run.records["mlp_in"]), run)
 
 
 def qkv_input_grads(

@@ -21,7 +21,7 @@ from ..model import Model
 from ..runner import Run, expand_kv
 from .graph import EdgeGraph
 from .patching import EdgeCache
-from .sites import edge_parts, head_out_weights, head_outputs, layer_qkv, mlp_hooks
+from .sites import head_out_weights, head_outputs, layer_qkv, post_norm_share
 
 
 def circuit_metric(
@@ -51,7 +51,7 @@ def circuit_metric(
         """[B, r, T, D] Σ_s absent · (source_s - current_s) for a block of receivers."""
         return torch.einsum("bsr,bstd->brtd", weight[:, :, receivers], src - current)
 
-    post_norm = edge_parts(model).attn_write is not None
+    post_norm = model.post_norm
     z_of: dict[int, torch.Tensor] = {}
 
     def set_heads(layer: int, share: torch.Tensor | None) -> None:
@@ -64,24 +64,18 @@ def circuit_metric(
             if not post_norm:
                 set_heads(layer, None)
             return x
+        if site == "attn_out" and post_norm:
+            set_heads(layer, post_norm_share(run.get("attn_proj", layer), x))
+            return x
+        if site == "mlp_in":
+            return shift_mlp_input(layer, x)
+        if site == "mlp_out":
+            current[:, graph.mlp_sender(layer)] = x.to(current.dtype)
+            return x
         if site not in ("q", "k", "v"):
             return x
         if site == "q":
-            replace.clear()
-            q0 = graph.qkv_receiver(layer, "q", 0)
-            block = slice(q0, q0 + 3 * heads)
-            if bool(used[:, block].any()):
-                resid = run.get("resid_pre", layer)  # [B, T, D]
-                change = shift(block)  # [B, 3H, T, D]
-                rows, recv = torch.nonzero(used[:, block], as_tuple=True)
-                new_q, new_k, new_v = layer_qkv(model, layer, resid[rows] + change[rows, recv].to(resid.dtype))
-                cost.forward += len(rows) / n_layers  # one layer's norm and projections per copy (upper bound)
-                kinds = {"q": new_q, "k": expand_kv(new_k, heads), "v": expand_kv(new_v, heads)}
-                for kind_i, kind in enumerate(("q", "k", "v")):
-                    sel = torch.nonzero(recv // heads == kind_i)[:, 0]
-                    if len(sel):
-                        head = recv[sel] % heads
-                        replace[kind] = torch.stack([rows[sel], head]), kinds[kind][sel, head]
+            replace_qkv(layer, run)
         if site != "q":
             x = expand_kv(x, heads)  # per query head
         if site in replace:
@@ -89,19 +83,35 @@ def circuit_metric(
             x = x.index_put((index[0].to(x.device), index[1].to(x.device)), values.to(x.device, x.dtype))
         return x
 
-    def on_input(layer: int, x: torch.Tensor) -> torch.Tensor:
+    def replace_qkv(layer: int, run: Run) -> None:
+        """The new q/k/v of this layer's receivers that read a changed input (one partial forward)."""
+        replace.clear()
+        q0 = graph.qkv_receiver(layer, "q", 0)
+        block = slice(q0, q0 + 3 * heads)
+        if not bool(used[:, block].any()):
+            return
+        resid = run.get("resid_pre", layer)  # [B, T, D]
+        change = shift(block)  # [B, 3H, T, D]
+        rows, recv = torch.nonzero(used[:, block], as_tuple=True)
+        new_q, new_k, new_v = layer_qkv(model, layer, resid[rows] + change[rows, recv].to(resid.dtype))
+        cost.forward += len(rows) / n_layers  # one layer's norm and projections per copy (upper bound)
+        kinds = {"q": new_q, "k": expand_kv(new_k, heads), "v": expand_kv(new_v, heads)}
+        for kind_i, kind in enumerate(("q", "k", "v")):
+            sel = torch.nonzero(recv // heads == kind_i)[:, 0]
+            if len(sel):
+                head = recv[sel] % heads
+                replace[kind] = torch.stack([rows[sel], head]), kinds[kind][sel, head]
+
+    def shift_mlp_input(layer: int, x: torch.Tensor) -> torch.Tensor:
         receiver = graph.mlp_receiver(layer)
         if not bool(used[:, receiver].any()):
             return x
         return x + shift(slice(receiver, receiver + 1))[:, 0].to(x.device, x.dtype)
 
-    def on_output(layer: int, out: torch.Tensor) -> None:
-        current[:, graph.mlp_sender(layer)] = out.to(current.dtype)
-
     with torch.no_grad():
-        run = Run(n_layers, record=("resid_pre",), patch=patch, start_layer=start)
-        with mlp_hooks(model, on_input, on_output, set_heads if post_norm else None):
-            final = model.run_layers(cache.resid[start][pair_index], run) if start < n_layers else None
+        record = ("resid_pre", "attn_proj") if post_norm else ("resid_pre",)
+        run = Run(n_layers, record=record, patch=patch, start_layer=start)
+        final = model.run_layers(cache.resid[start][pair_index], run) if start < n_layers else None
         final = cache.resid[-1][pair_index] if final is None else final
         final = final + shift(slice(graph.logits_receiver, graph.logits_receiver + 1))[:, 0].to(final.dtype)
         logits = model.unembed(final[:, -1])

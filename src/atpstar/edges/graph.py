@@ -219,9 +219,7 @@ def graph_of(model: Any) -> EdgeGraph:
 
 def is_parallel(model: Any) -> bool:
     """Attention and MLP of a layer read the same residual stream (GPT-NeoX unless disabled in its config)."""
-    if not model.family.parallel_residual:
-        return False
-    return bool(getattr(model.hf_model.config, "use_parallel_residual", True))
+    return bool(model.parallel_residual)
 
 
 def edge_names(model: Any) -> list[str]:

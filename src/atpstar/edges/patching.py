@@ -7,8 +7,8 @@ clean input; everything downstream of r is recomputed as usual. The effect is th
 Edges are patched many per forward along the batch dimension, grouped by the receiver's layer, and
 each forward starts at that layer from the cached base run. A q/k/v receiver's input first goes
 through a partial forward of its layer (norm, projection, rotary) to give the head its new q, k or
-v; an MLP receiver's input is changed in front of its norm; a ``logits`` receiver needs only the
-unembedding (counted as no forward).
+v; an MLP receiver's input is changed at its ``mlp_in`` site (in front of its norm, for the MLP alone); a
+``logits`` receiver needs only the unembedding (counted as no forward).
 
 Shape letters: P pairs, B batch, S senders, N edges, H heads, T positions, D d_model.
 """
@@ -25,7 +25,7 @@ from ..pairs import PromptPairs
 from ..runner import Run, expand_kv
 from .capture import run_senders
 from .graph import EdgeGraph
-from .sites import head_out_weights, layer_qkv, mlp_hooks
+from .sites import head_out_weights, layer_qkv
 
 
 @dataclass
@@ -109,7 +109,11 @@ def patch_edges(
         mlp_delta = delta * mlp_rows[:, None, None].to(delta.dtype)
 
         def patch(at_layer: int, site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
-            if at_layer != layer or site not in ("q", "k", "v"):
+            if at_layer != layer:
+                return x
+            if site == "mlp_in":  # the MLP receivers' own copy of their input
+                return x + mlp_delta.to(x.device, x.dtype) if bool(mlp_rows.any()) else x
+            if site not in ("q", "k", "v"):
                 return x
             if site != "q":
                 x = expand_kv(x, heads)  # per query head, so one head's k/v can change alone
@@ -118,11 +122,7 @@ def patch_edges(
             row, head, values = replace[site]
             return x.index_put((row.to(x.device), head.to(x.device)), values.to(x.device, x.dtype))
 
-        def add_to_mlp_input(at_layer: int, x: torch.Tensor) -> torch.Tensor:
-            return x + mlp_delta.to(x.device, x.dtype) if at_layer == layer and bool(mlp_rows.any()) else x
-
-        with mlp_hooks(model, on_input=add_to_mlp_input):
-            final = model.run_layers(hidden, Run(model.n_layers, patch=patch, start_layer=layer))
+        final = model.run_layers(hidden, Run(model.n_layers, patch=patch, start_layer=layer))
         cost.add_forward(len(pair_index), start_layer=layer, n_layers=model.n_layers)
         return _metric_change(model, cache, final, pair_index)
 

@@ -5,10 +5,16 @@ softmax exactly for patched queries/keys (§4); GradDrop averages |Î_l| over ru
 residual write dropped from the backward graph, ĉ = Σ_l |Î_l| / (L - 1) (§5).
 Cost per pair: 2 forwards + 1 backward; GradDrop adds partial backwards from every layer l, each
 counted l / L (about L/2 backwards in all), the exact cheap scheme of §5.
+
+Built on ``gradients.gradient_step``: a subclass changes where the gradient is taken (``_points``;
+``atp+ig`` takes a path) and keeps the batch loop, out-of-memory retry, sinks and edge entry point.
+
+Shape letters: P pairs, b pairs in a batch, L layers.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,15 +23,17 @@ import torch
 from ..batching import BatchGuard
 from ..cost import Cost
 from ..errors import InputError
-from ..families import LayerAttention
-from ..gradients import GradientStep, atp_estimate, gradient_step
+from ..gradients import AT_BASE, Points, gradient_step
+from ..gradients.consumers import node_estimates, plan_sites
+from ..job import Job
 from ..memory import MemoryPlan, gradient_plan
 from ..model import Model
-from ..nodes import ALL_TYPES, NODE_TABLE, node_shape
-from ..ops import accumulation_dtype, graddrop_combine, key_fix, query_fix, upcast
+from ..nodes import ALL_TYPES, node_shape
+from ..ops import accumulation_dtype
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..sink import PerPairSink, check_keep
+from ..spaces import space_class
 from ..validate import check_batching
 from .base import Method, check_edge_positions, register
 
@@ -124,6 +132,13 @@ class AttributionPatching(Method):
         self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
         check_keep(self.keep, self.top_k, self.out_dir)
         check_edge_positions(self.edge_positions, node_types)
+        dense = [t for t in node_types if space_class(t).engine != "sites"]
+        if self.keep != "all" and dense:
+            warnings.warn(
+                f"atpstar: {self.id}: keep={self.keep!r} applies to site node types; {dense} results are kept "
+                "dense (all pairs in memory)",
+                stacklevel=3,
+            )
 
     def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
         return gradient_plan(
@@ -138,8 +153,12 @@ class AttributionPatching(Method):
             top_k=self.top_k,
             batch_size=self.batch_size,
             memory_gb=self.memory_gb,
-            consumed=True,
+            points=self._points(),
         )
+
+    def _points(self) -> Points:
+        """Where the gradient is taken: the base run (``atp+ig`` takes a path of interpolated inputs)."""
+        return AT_BASE
 
     def _attribute(
         self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
@@ -163,19 +182,13 @@ class AttributionPatching(Method):
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        from ..edges.sweep import estimate_edges
+        """EAP and its QK-fix / GradDrop / AtP* forms at the base run; EAP-IG on ``atp+ig``'s path."""
+        from ..edges.estimate import estimate_edges
 
+        options = {"qk_fix": self.qk_fix, "grad_drop": self.grad_drop, "positions": self.edge_positions}
+        job = Job(model, pairs, direction, cost, progress)
         return estimate_edges(
-            model,
-            pairs,
-            direction,
-            cost,
-            progress,
-            self.batch_size,
-            self.memory_gb,
-            self.qk_fix,
-            self.grad_drop,
-            positions=self.edge_positions,
+            job, batch_size=self.batch_size, memory_gb=self.memory_gb, points=self._points(), **options
         )
 
     def _estimate(
@@ -188,103 +201,17 @@ class AttributionPatching(Method):
         goes too). So a batch holds the graph, the differences and the estimates, never the gradients of
         every site at once, nor both runs' activations.
         """
-        fix = self.qk_fix and bool({"query", "key"} & set(node_types))
-        from_site: dict[str, list[str]] = {}  # grad site -> node types estimated from its gradient
-        for t in node_types:
-            from_site.setdefault("pattern" if fix and t in ("query", "key") else NODE_TABLE[t].site, []).append(t)
-        # what each grad site's estimates read: the QK fix queries, keys and the pattern, the rest source - base
-        reads: dict[str, tuple[str, ...]] = {
-            site: ("q", "k", "pattern") if site == "pattern" else (site,) for site in from_site
-        }
+        plan = plan_sites(node_types, self.qk_fix)
         with gradient_step(
             model,
             pairs,
             index,
             direction=direction,
-            sites=["q", "k"] if fix else [],
-            diff_sites=[site for site in from_site if site != "pattern"],
-            grad_sites=list(from_site),
+            sites=plan.sites,
+            diff_sites=plan.diff_sites,
+            grad_sites=plan.grad_sites,
             cost=cost,
             grad_drop=self.grad_drop,
+            points=self._points(),
         ) as step:
-            return self._backward_passes(step, model, node_types, from_site, reads, fix)
-
-    def _backward_passes(
-        self,
-        step: GradientStep,
-        model: Model,
-        node_types: list[str],
-        from_site: dict[str, list[str]],
-        reads: dict[str, tuple[str, ...]],
-        fix: bool,
-    ) -> dict[str, torch.Tensor]:
-        """Run the step's backward passes, folding each site's gradient into estimates as it comes."""
-        n_layers, attention_args = model.n_layers, model.attention_args
-        per_layer: dict[str, dict[int, torch.Tensor]] = {t: {} for t in node_types}  # t -> layer -> [b, *layout[1:]]
-
-        def estimate(layer: int, node_type: str, grad: torch.Tensor) -> torch.Tensor:
-            return _node_estimate(step, attention_args[layer], node_type, layer, grad, fix)
-
-        if not self.grad_drop:
-
-            def keep_plain(layer: int, site: str, grad: torch.Tensor) -> None:
-                for t in from_site[site]:
-                    per_layer[t][layer] = estimate(layer, t, grad)
-                for read in reads[site]:
-                    step.release(read, layer)
-
-            step.backward(keep_plain)
-            return {t: _stack([v[m] for m in range(n_layers)]) for t, v in per_layer.items()}  # [b, *layout]
-
-        # ĉ = Σ_l |Î_l| / (L - 1). A node at layer m keeps its plain estimate when any of the m layers below
-        # it is dropped, and scores 0 when its own layer is; layers above it need a partial backward. Only
-        # the running sums live on: the plain estimates and every dropped layer's are folded in as formed.
-        def start_sums(layer: int, site: str, grad: torch.Tensor) -> None:
-            for t in from_site[site]:
-                per_layer[t][layer] = layer * estimate(layer, t, grad).abs()
-
-        def add_dropped(layer: int, site: str, grad: torch.Tensor) -> None:
-            for t in from_site[site]:
-                per_layer[t][layer].add_(estimate(layer, t, grad).abs())
-
-        step.backward(start_sums)
-        for site in {*from_site, *(("q", "k") if fix else ())}:  # the top layer is never below a dropped layer
-            step.release(site, n_layers - 1)
-        for _ in step.dropped(add_dropped):
-            pass
-        return {t: graddrop_combine(_stack([v[m] for m in range(n_layers)]), n_layers) for t, v in per_layer.items()}
-
-
-def _node_estimate(
-    step: GradientStep, args: LayerAttention, node_type: str, layer: int, grad: torch.Tensor, fix: bool
-) -> torch.Tensor:
-    """Estimates of the nodes of one type at one layer, [b, *layout[1:]], from the gradient at their grad site."""
-    base, source = step.base, step.source
-    with torch.no_grad():
-        if fix and node_type == "query":
-            return query_fix(
-                upcast(source.get("q", layer)),  # [b, H, T, E]
-                upcast(base.get("k", layer).detach()),  # [b, K, T, E]
-                upcast(base.get("pattern", layer).detach()),  # [b, H, T, T]
-                upcast(grad),  # ∂L/∂pattern [b, H, T, T]
-                args.scaling,  # scaling, soft-cap and window of this layer's scores
-                args.softcap,
-                args.window,
-            )  # [b, H, T]
-        if fix and node_type == "key":
-            return key_fix(
-                upcast(base.get("q", layer).detach()),
-                upcast(base.get("k", layer).detach()),
-                upcast(source.get("k", layer)),
-                upcast(grad),
-                args.scaling,
-                args.softcap,
-                args.window,
-            )  # [b, K, T]
-        return atp_estimate(step, node_type, layer, grad)  # [b, T, M] or [b, H|K, T]
-
-
-def _stack(per_layer: list[torch.Tensor]) -> torch.Tensor:
-    """L x [b, ...] -> [b, L, ...] on the first layer's device (layers of a dispatched model differ)."""
-    device = per_layer[0].device
-    return torch.stack([est.to(device) for est in per_layer], 1)
+            return node_estimates(step, model.attention_args, node_types, plan)
