@@ -9,9 +9,9 @@ from .memory import MemoryPlan
 from .methods import build_method
 from .model import as_model
 from .nodes import NODE_TYPES
+from .spaces import check_node_types, space_class
 from .pairs import PromptPairs
 from .result import Attribution
-from .spaces import check_node_types, space_class
 
 
 def attribute(

@@ -86,9 +86,7 @@ def verify(
     batch_size = check_batch_size(batch_size)
     memory_gb = check_memory_gb(memory_gb)
     spaces = check_estimate(model, pairs, estimate)
-    current = identity(
-        model, pairs, direction, estimate.node_types, "verify", {"budget": budget, "threshold": threshold}
-    )
+    current = identity(model, pairs, direction, estimate.node_types, "verify", {"budget": budget, "threshold": threshold})
     check_identity(
         estimate.identity,
         current,
@@ -200,7 +198,9 @@ def _on_workers(
 
     ranked = getattr(space, "ranked_index", None)
     if ranked is None:
-        raise InputError(f"{space.kind} nodes are verified in-process; drop workers=/ray_address=/checkpoint= for them")
+        raise InputError(
+            f"{space.kind} nodes are verified in-process; drop workers=/ray_address=/checkpoint= for them"
+        )
     executor = executor_for(job.model, workers, ray_address, job.progress)
     types = list(space.node_types)
     return verify_on(executor, job.model, job.pairs, types, job.direction, ranked(nodes), batch, checkpoint, job.cost)  # type: ignore[no-any-return]

@@ -91,9 +91,7 @@ class EdgeNodes(NodeSpace):
     def check_model(self, model: Any) -> None:
         check_edges_supported(model)
 
-    def attribute(
-        self, method: Any, job: Any
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    def attribute(self, method: Any, job: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         per_pair, info = method._attribute_edges(job.model, job.pairs, job.direction, job.cost, job.progress)
         return {EDGE: per_pair}, {}, {**info, "edge_graph": self.describe()}
 
