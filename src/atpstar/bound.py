@@ -272,7 +272,6 @@ def false_negative_bound(
         )
 
     cost = Cost()
-    run_info: dict[str, Any] = {}
     from .distributed import executor_for
     from .distributed.sweeps import edge_samples_on, subsample_on
 
