@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("results", ["result", "verification", "sink", "memory"]),
     ("methods", ["methods", "methods.*", "edges.eap", "edges.atpstar", "edges.subsampling"]),
     ("verbs", ["verify", "bound", "bound.*", "find", "find.*", "find_state", "find_resume", "localization",
-               "evaluate", "api", "edges.verify", "edges.circuits", "edges.mib", "edges", ""]),
+               "evaluate", "evaluate.*", "api", "edges.verify", "edges.circuits", "edges.mib", "edges", ""]),
     ("report", ["report", "plots", "testing", "edges.report"]),
     ("cli", ["cli", "cli.*"]),
 ]  # fmt: skip

@@ -28,7 +28,8 @@ import torch
 from find_truth import OUT, SETTINGS, make_pairs, truth
 
 import atpstar
-from atpstar.bound import _node_bounds, choose_p
+from atpstar.bound import choose_p
+from atpstar.bound.statistics import node_bounds as _node_bounds
 from atpstar.cost import Cost
 from atpstar.engine import prepare
 from atpstar.methods.subsampling import subsample

@@ -127,3 +127,14 @@ def test_bad_options(planted):
             false_negative_bound(model, pairs, verified, **options)
     with pytest.raises(atpstar.InputError, match="outside"):
         false_negative_bound(model, pairs, [("neuron", (0, 9, 0))], nodes=["neuron"])
+
+
+def test_bound_record_round_trips_through_its_parts(planted):
+    model, pairs, truth = planted
+    verified = verify(model, pairs, truth, budget=1)
+    bound = false_negative_bound(model, pairs, verified, theta=0.1, samples=64)
+    meta, tensors = bound.to_parts()
+    back = type(bound).from_parts(meta, tensors)
+    assert back.worst_node == bound.worst_node and back.worst_name == bound.worst_name
+    assert back.max_effect_upper == bound.max_effect_upper and back.cost == bound.cost
+    torch.testing.assert_close(back.upper["neuron"], bound.upper["neuron"].double(), equal_nan=True, rtol=0, atol=0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import atpstar
-from atpstar.localization import Localization
+from atpstar.find.localization import Localization
 from reference.toys import sparse_additive_toy
 
 
@@ -165,3 +165,19 @@ def test_bad_input_fails_before_any_work(planted):
         atpstar.find(model, "pairs", 0.1, nodes=["neuron"])
     with pytest.raises(atpstar.InputError, match="shape"):
         atpstar.find(model, pairs.subset([0]), 0.1, nodes=["neuron"], estimator=truth)
+
+
+def test_each_searched_engine_is_priced_and_kept_to_its_rules():
+    from atpstar.find.engines import ENGINES, engine_facts
+    from atpstar.spaces import Spaces, spaces_for
+
+    model = atpstar.load_model("toy-ioi")
+    sites = Spaces(spaces_for(model, ["query", "head"]))
+    assert engine_facts(sites, {"workers": 2, "ray_address": None}) is ENGINES["sites"]
+    seq_len = 5
+    share = ENGINES["sites"].patch_cost(model, sites.of("head"), "head", seq_len)  # [L, H, T]
+    layers = torch.arange(model.n_layers, dtype=torch.float64)
+    torch.testing.assert_close(share[:, 0, 0], (model.n_layers - layers) / model.n_layers)
+    mixed = Spaces(spaces_for(model, ["head", "edge"]))
+    with pytest.raises(atpstar.InputError, match="edges alone"):
+        engine_facts(mixed, {"workers": None, "ray_address": None})

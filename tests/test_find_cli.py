@@ -8,7 +8,7 @@ import pytest
 from test_cli import make_tiny, write_pairs
 
 from atpstar.cli import main
-from atpstar.localization import Localization
+from atpstar.find.localization import Localization
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import torch
 from reference.models import build_hf, load, make_pairs
 
 import atpstar
-import atpstar.find_state as find_state
+from atpstar.find import state as find_state
 from atpstar.cost import Cost
 from atpstar.edges.circuit_run import circuit_metric
 from atpstar.edges.graph import graph_of
 from atpstar.edges.patching import prepare_edges
-from atpstar.localization import Localization
+from atpstar.find.localization import Localization
 from atpstar.sweeps.subsampling import random_subset
 
 

@@ -1,4 +1,4 @@
-"""Resume of an interrupted ``atpstar.find`` (``find_resume``): interrupted runs end where uninterrupted
+"""Resume of an interrupted ``atpstar.find`` (``find.journal``): interrupted runs end where uninterrupted
 ones do, with the whole work's cost; completed steps are not redone; another computation's checkpoint
 is refused naming what differs; a truncated one is reported and recomputed."""
 
@@ -11,8 +11,8 @@ import torch
 from test_find import _misleading_estimate
 
 import atpstar
-import atpstar.find_state as find_state
-from atpstar.localization import Localization
+from atpstar.find import state as find_state
+from atpstar.find.localization import Localization
 from reference.toys import sparse_additive_toy
 
 
@@ -67,9 +67,9 @@ def test_interrupted_after_round_1_resumes_to_the_uninterrupted_result(planted, 
     assert path.is_file() and not list(tmp_path.glob("*.tmp"))
 
     bound = _Calls(find_state.false_negative_bound.function)
-    verify = _Calls(find_state.verify)
+    verify = _Calls(find_state.patch_nodes)
     monkeypatch.setattr(find_state, "false_negative_bound", bound)
-    monkeypatch.setattr(find_state, "verify", verify)
+    monkeypatch.setattr(find_state, "patch_nodes", verify)
     resumed = atpstar.find(model, pairs, theta, checkpoint=path, **run)
     _same(resumed, whole)
     assert bound.calls == 1 and verify.calls == 0  # only round 2's bound ran again
@@ -87,10 +87,10 @@ def test_ctrl_c_during_the_first_bound_keeps_the_estimate_and_verified_nodes(pla
     with pytest.raises(KeyboardInterrupt):
         atpstar.find(model, pairs, theta, out_dir=tmp_path, **run)
     monkeypatch.undo()
-    find_module = sys.modules["atpstar.find"]  # (the package's ``find`` is the function)
-    attribute, verify = _Calls(find_module.attribute), _Calls(find_state.verify)
+    find_module = sys.modules["atpstar.find.loop"]  # (the package's ``find`` is the function)
+    attribute, verify = _Calls(find_module.attribute), _Calls(find_state.patch_nodes)
     monkeypatch.setattr(find_module, "attribute", attribute)
-    monkeypatch.setattr(find_state, "verify", verify)
+    monkeypatch.setattr(find_state, "patch_nodes", verify)
     resumed = atpstar.find(model, pairs, theta, out_dir=tmp_path, **run)
     _same(resumed, whole)
     assert attribute.calls == 0 and verify.calls == 0 and resumed.cost["estimate"] == whole.cost["estimate"]

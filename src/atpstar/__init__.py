@@ -27,10 +27,9 @@ from .errors import (
     UnsupportedModelError,
 )
 from .evaluate import Evaluation, evaluate
-from .find import find
+from .find import Localization, find
 from .jsonl import read_pairs_jsonl
 from .loading import load_model
-from .localization import Localization
 from .memory import MemoryPlan
 from .methods import METHODS
 from .model import Model

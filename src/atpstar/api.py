@@ -9,9 +9,9 @@ from .memory import MemoryPlan
 from .methods import build_method
 from .model import as_model
 from .nodes import NODE_TYPES
-from .spaces import check_node_types, space_class
 from .pairs import PromptPairs
 from .result import Attribution
+from .spaces import check_node_types, space_class
 
 
 def attribute(
@@ -33,14 +33,14 @@ def attribute(
     Args:
         model: an ``atpstar.Model`` (``load_model``) or a ``transformers`` causal LM.
         pairs: ``PromptPairs`` with their metric.
-        method: a method id from ``atpstar.METHODS`` (``activation_patching``, ``atp``, ``atp+qkfix``,
-            ``atp+graddrop``, ``atp*``, ``subsampling``, ``blocks``, ``hierarchical``).
-        nodes: node types: ``neuron``, ``query``, ``key``, ``value``, ``head``.
+        method: a method id from ``atpstar.METHODS`` (``atpstar methods`` lists them with one line each).
+        nodes: node types of the registered node spaces: ``neuron``, ``query``, ``key``, ``value``, ``head``
+            (site nodes), ``edge`` (the MIB/EAP-IG edge graph), and any a registered space adds.
         direction: ``"noising"`` (default, the paper's) or ``"denoising"``.
         progress: show a progress bar.
-        workers: run on this many Ray workers (``activation_patching``, ``subsampling``, ``blocks``,
-            ``hierarchical``; needs ``pip install 'atpstar[distributed]'``); None: in-process. Same
-            numbers either way (up to float rounding of batch composition).
+        workers: run on this many Ray workers (methods with ``distributable = True``; needs
+            ``pip install 'atpstar[distributed]'``); None: in-process. Same numbers either way (up to float
+            rounding of batch composition).
         ray_address: None starts a local Ray instance; ``"auto"`` joins a running cluster.
         **options: the method's own options (see its class).
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .errors import IdentityMismatchError, UnsupportedModelError
+from .version import __version__
 
 # Fields that decide the numbers of a result on given prompt pairs (``check_identity`` default).
 MODEL_FIELDS = ("weights", "model_config", "tokenizer")
@@ -113,7 +114,6 @@ def identity(
         options: the options that change the numbers (bookkeeping ones such as ``checkpoint`` dropped).
     """
     from .persist import to_jsonable
-    from .version import __version__
 
     kept = {k: v for k, v in (options or {}).items() if k not in BOOKKEEPING_OPTIONS}
     return {

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from .errors import AtpstarError, InputError
-from .evaluate import Evaluation
-from .nodes import NODE_TABLE, check_node_types
+from .evaluate.record import Evaluation
+from .nodes import check_node_types
 from .result import Attribution
 
 MAX_POINTS = 6000  # per scatter panel: all the largest true effects, a random sample of the rest
@@ -141,43 +141,40 @@ def plot_estimate_vs_truth(
         keep = _subsample(x_all, gen)
         x = x_all[keep]
         for col, estimate in enumerate(estimates):
-            ax = axes[row][col]
             values = estimate.per_pair[node_type] if per_pair else estimate.scores[node_type]
             y = values.abs().flatten().double().numpy()[keep]
-            top = float(max(x.max(initial=0.0), y.max(initial=0.0), 1e-30)) * 1.5
-            positive = np.concatenate([x[x > 0], y[y > 0]])
-            # Values more than 1e7 below the largest are float noise; they and exact zeros sit on the floor.
-            floor = max(float(positive.min()) / 2 if positive.size else top * 1e-7, top * 1e-7)
-            low = y <= floor
-            ax.scatter(np.maximum(x[~low], floor), y[~low], s=4, alpha=0.4, color=f"C{col}", linewidths=0)
-            if low.any():
-                ax.scatter(
-                    np.maximum(x[low], floor),
-                    np.full(int(low.sum()), floor),
-                    s=10,
-                    marker="v",
-                    color="C3",
-                    alpha=0.5,
-                    linewidths=0,
-                    label=f"|estimate| ≈ 0 ({int(low.sum())})",
-                )
-                ax.legend(fontsize=6, loc="upper left")
-            ax.plot([floor, top], [floor, top], color="black", linewidth=0.8, linestyle="--")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlim(floor, top)
-            ax.set_ylim(floor, top)
-            ax.set_title(f"{estimate.method}: {node_type}", fontsize=9)
+            _scatter_panel(axes[row][col], x, y, col, f"{estimate.method}: {node_type}")
             if row == len(types) - 1:
-                ax.set_xlabel("|true effect|", fontsize=8)
+                axes[row][col].set_xlabel("|true effect|", fontsize=8)
             if col == 0:
-                ax.set_ylabel("|estimate|", fontsize=8)
-            ax.tick_params(labelsize=7)
+                axes[row][col].set_ylabel("|estimate|", fontsize=8)
     fig.suptitle(
         f"estimate vs exact effect ({'per pair' if per_pair else 'aggregate'}, {truth.direction})", fontsize=10
     )
     fig.tight_layout()
     return _save(fig, stem)
+
+
+def _scatter_panel(ax: Any, x: np.ndarray, y: np.ndarray, color: int, title: str) -> None:
+    """One panel: |estimate| ``y`` against |true effect| ``x`` (both [n]) on log axes, the diagonal dashed."""
+    top = float(max(x.max(initial=0.0), y.max(initial=0.0), 1e-30)) * 1.5
+    positive = np.concatenate([x[x > 0], y[y > 0]])
+    # Values more than 1e7 below the largest are float noise; they and exact zeros sit on the floor.
+    floor = max(float(positive.min()) / 2 if positive.size else top * 1e-7, top * 1e-7)
+    low = y <= floor
+    ax.scatter(np.maximum(x[~low], floor), y[~low], s=4, alpha=0.4, color=f"C{color}", linewidths=0)
+    if low.any():
+        lows = (np.maximum(x[low], floor), np.full(int(low.sum()), floor))
+        label = f"|estimate| ≈ 0 ({int(low.sum())})"
+        ax.scatter(*lows, s=10, marker="v", color="C3", alpha=0.5, linewidths=0, label=label)
+        ax.legend(fontsize=6, loc="upper left")
+    ax.plot([floor, top], [floor, top], color="black", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(floor, top)
+    ax.set_ylim(floor, top)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=7)
 
 
 def _subsample(values: np.ndarray, gen: np.random.Generator) -> np.ndarray:
@@ -192,11 +189,12 @@ def _subsample(values: np.ndarray, gen: np.random.Generator) -> np.ndarray:
 def contribution_maps(attribution: Attribution, node_type: str) -> dict[str, np.ndarray]:
     """Summed |scores| of one node type: ``"layer x pos"`` [L, T] and, for attention types, ``"layer x head"`` [L, H]."""
     scores = attribution.scores[node_type].abs().double()  # [L, T, M] or [L, H|K, T]
-    row = NODE_TABLE[node_type]
+    axes = attribution.spaces().of(node_type).axes(node_type)  # e.g. ("layer", "head", "pos")
+    unit_axis = next(i for i, axis in enumerate(axes) if axis not in ("layer", "pos"))
     maps = {}
-    if "head" in row.axes:
-        maps["layer x head"] = scores.sum(row.pos_axis).numpy()  # [L, H, T] -> [L, H]
-    maps["layer x pos"] = scores.sum(row.unit_axis).numpy()  # [L, H, T] or [L, T, M] -> [L, T]
+    if axes[unit_axis] != "index":  # named units (heads) make a map; plain indices (neurons) are too many
+        maps[f"layer x {axes[unit_axis]}"] = scores.sum(axes.index("pos")).numpy()  # [L, H, T] -> [L, H]
+    maps["layer x pos"] = scores.sum(unit_axis).numpy()  # [L, H, T] or [L, T, M] -> [L, T]
     return maps
 
 
@@ -270,18 +268,17 @@ def plot_verified(
         effects: [n_verified, P] exact signed effects.
         estimate: the estimate the nodes were ranked by (its score is shown next to each bar).
         stem: output path without extension.
-        names: labels (default: TransformerLens-style names).
+        names: labels (default: the names the estimate's node spaces give, TransformerLens-style for sites).
         top: how many nodes to show.
 
     Returns:
         [stem.png, stem.svg]
     """
-    from .nodes import node_name
-
     plt = _pyplot()
     count = min(top, len(nodes))
     effects = torch.as_tensor(effects).double()[:count]
-    labels = list(names[:count]) if names is not None else [node_name(t, tuple(i)) for t, i in nodes[:count]]
+    spaces = estimate.spaces()
+    labels = list(names[:count]) if names is not None else [spaces.name(t, tuple(i)) for t, i in nodes[:count]]
     mean = effects.mean(1).numpy()
     low, high = effects.min(1).values.numpy(), effects.max(1).values.numpy()
     fig, ax = plt.subplots(figsize=(7.5, 0.28 * count + 1.2))

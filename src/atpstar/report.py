@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .evaluate import Evaluation
-from .nodes import node_name
+from .evaluate.record import Evaluation
 from .persist import write_text
 from .result import Attribution
+from .spaces import Spaces, spaces_from_info
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -184,7 +184,7 @@ def _verified_table(verified: Any, top: int) -> str:
     mean = effects.mean(1)
     order = torch.sort(mean.abs(), descending=True, stable=True).indices[:top].tolist()
     rows = []
-    names = verified.names if hasattr(verified, "names") else [node_name(t, tuple(i)) for t, i in verified.nodes]
+    names = verified.names if hasattr(verified, "names") else _names(verified.nodes, getattr(verified, "info", {}))
     for rank, row in enumerate(order, start=1):
         rows.append(
             f"<tr><td>{rank}</td><td class='name'>{_e(names[row])}</td>"
@@ -197,8 +197,14 @@ def _verified_table(verified: Any, top: int) -> str:
     )
 
 
+def _names(nodes: list[tuple[str, tuple[int, ...]]], info: dict[str, Any]) -> list[str]:
+    """Names of ``(node type, index)`` nodes, as their node spaces (rebuilt from a result's ``info``) give them."""
+    spaces = Spaces(spaces_from_info(info, list(dict.fromkeys(t for t, _ in nodes))))
+    return [spaces.name(t, tuple(i)) for t, i in nodes]
+
+
 def _bound_section(bound: Any) -> str:
-    values = _public_fields(bound)
+    values = public_fields(bound)
     rows = "".join(f"<tr><th class='name'>{_e(k)}</th><td>{_e(_short(v))}</td></tr>" for k, v in values.items())
     assumption = getattr(bound, "assumption", "")
     note = f"<p class='note'>{_e(assumption)}</p>" if assumption else ""
@@ -246,7 +252,7 @@ def _figure(caption: str, image: Path) -> str:
     )
 
 
-def _public_fields(obj: Any) -> dict[str, Any]:
+def public_fields(obj: Any) -> dict[str, Any]:
     if isinstance(obj, dict):
         items = dict(obj)
     elif is_dataclass(obj):

@@ -1,13 +1,15 @@
-"""The ``atpstar`` command line: demo, run, compare, verify, bound, models, methods.
+"""The ``atpstar`` command line: demo, run, compare, verify, bound, find, circuit, models, methods.
 
 Every command writes into ``--out``: results as safetensors + JSON (``Attribution.save``,
-``Verification.save``), a CSV of top nodes, plots (PNG and SVG) and a self-contained ``report.html``.
-User errors print ``error: ...`` to stderr and exit with code 2, without a traceback.
+``Verification.save``, ``Localization.save``), CSV tables, plots (PNG and SVG) and a self-contained
+``report.html``. User errors print ``error: ...`` to stderr and exit with code 2, without a traceback.
 
-Modules: ``parser`` (the argparse options), ``common`` (option parsing, loading the model and the
-prompt pairs, running a method, verifying, bounding), ``output`` (files, table and report of a run),
-``commands`` (one function per command). ``commands`` imports ``output`` and ``common``, ``output``
-imports ``common``, ``parser`` imports none of them; this module joins ``parser`` and ``commands``.
+Modules, each importing only those listed before it: ``args`` (options several commands share),
+``checks`` (values checked before the model loads), ``common`` (option parsing, loading the model and
+the prompt pairs, running a method, verifying, bounding), ``output`` (files, table and report of a run),
+``find_command`` and ``circuit`` (those commands' options and functions), ``parser`` (the argparse
+parser: one sub-parser per command), ``commands`` (one function per command). This module joins
+``parser`` and ``commands``.
 """
 
 from __future__ import annotations

@@ -7,24 +7,22 @@ import json
 import time
 
 from ..persist import write_text
+from .args import command, outputs
 from .common import load_model, load_task, out_dir, parse_options, run_method, say
 
 CIRCUIT_DEFAULT = "atp,atp+ig,atp*"
 
 
 def add_circuit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from .parser import _model_args, _output_args, _task_args
-
-    circuit = sub.add_parser(
+    circuit = command(
+        sub,
         "circuit",
-        help="edge scores, MIB circuit files and faithfulness (CPR/CMD) per method",
-        description="Score every edge of the MIB/EAP-IG graph with each method, write MIB circuit files "
+        "edge scores, MIB circuit files and faithfulness (CPR/CMD) per method",
+        "Score every edge of the MIB/EAP-IG graph with each method, write MIB circuit files "
         "(OUT/<method>.mib.json, every edge with its score), the circuits at MIB's sizes "
         "(OUT/<method>.circuits.json), the faithfulness curve with CPR and CMD "
         "(OUT/<method>.faithfulness.json), a table, a plot and report.html.",
     )
-    _model_args(circuit)
-    _task_args(circuit)
     circuit.add_argument(
         "--method",
         default=CIRCUIT_DEFAULT,
@@ -40,7 +38,7 @@ def add_circuit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
         help="comma list of circuit sizes as fractions of all edges (default MIB's 0.001,...,1)",
     )
     circuit.add_argument("--no-prune", action="store_true", help="do not prune circuits as MIB does")
-    _output_args(circuit, "out/circuit")
+    outputs(circuit, "out/circuit", workers=False)
 
 
 def cmd_circuit(args: argparse.Namespace) -> int:
@@ -54,7 +52,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     options = parse_options(args.option, methods)
     for method in methods:
         built = build_method(method, **options[method])  # bad ids/options fail before the model loads
-        if "edge" not in type(built).node_types:
+        if "edges" not in type(built).engines:  # the edge engine (MIB graph) runs it
             raise InputError(f"method {method!r} has no edge form; choose from the list in --help")
     try:
         fractions = [float(x) for x in args.fractions.split(",")] if args.fractions else list(MIB_FRACTIONS)

@@ -8,10 +8,11 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError
-from ..nodes import node_shape
 from ..persist import save_json, write_text
+from ..spaces import Spaces, spaces_for
 from .checks import check_option_values
 from .circuit import cmd_circuit
 from .common import (
@@ -73,7 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..methods import build_method
+    from ..methods import METHODS, build_method
 
     start = time.monotonic()
     nodes = parse_nodes(args.nodes)
@@ -82,8 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     build_method(args.method, **options)  # unknown ids and options fail before the model loads
     out = out_dir(args)
     checkpoint = None
-    if args.method == "activation_patching" and "checkpoint" not in options:
-        # an interrupted sweep resumes on rerun (a folder of work-unit files, in-process or on workers)
+    if METHODS[args.method].cls.exact and "checkpoint" not in options:
+        # the exhaustive sweep resumes on rerun when interrupted (a folder of work-unit files, in-process or on workers)
         checkpoint = resumable(out / "estimate.units")
         options["checkpoint"] = str(checkpoint)
     model = load_model(args)
@@ -101,10 +102,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     start = time.monotonic()
     estimate = Attribution.load(args.estimate)
-    out = out_dir(args)
-    model = load_model(args)
-    pairs, task = load_task(model, args)
-    check_saved(estimate.identity, model, pairs, args.direction, f"estimate {args.estimate}")
+    out, model, pairs, task = _continue_from(args, estimate, f"estimate {args.estimate}")
     verified = verify_and_save(model, pairs, estimate, args.budget, args.threshold, args)
     finish_run(
         args, out, model, pairs, task, estimate, verified, None, start, title="atpstar verify", save_estimate=False
@@ -113,19 +111,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bound(args: argparse.Namespace) -> int:
-    from ..report import _public_fields, write_report
+    from ..report import public_fields, write_report
     from ..verify import Verification
 
     start = time.monotonic()
     verified = Verification.load(args.verified)
-    out = out_dir(args)
-    model = load_model(args)
-    pairs, task = load_task(model, args)
-    check_saved(verified.identity, model, pairs, args.direction, f"verification {args.verified}")
+    out, model, pairs, task = _continue_from(args, verified, f"verification {args.verified}")
     bound = bound_unverified(
         model, pairs, verified, args.theta, args.samples, args.p, args.alpha, args.bound_seed, args
     )
-    facts = {k: v for k, v in _public_fields(bound).items()}
+    facts = {k: v for k, v in public_fields(bound).items()}
     save_json(out / "bound.json", "bound", {**facts, "assumption": getattr(bound, "assumption", "")})
     for key, value in facts.items():
         print(f"{key}: {plain(value)}")
@@ -144,83 +139,39 @@ def cmd_bound(args: argparse.Namespace) -> int:
     return 0
 
 
+def _continue_from(args: argparse.Namespace, saved: Any, what: str) -> tuple[Path, Any, Any, str]:
+    """(output folder, model, pairs, task) of a command that continues a saved result, checked to be its."""
+    out = out_dir(args)
+    model = load_model(args)
+    pairs, task = load_task(model, args)
+    check_saved(saved.identity, model, pairs, args.direction, what)
+    return out, model, pairs, task
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate
-    from ..methods import METHODS, build_method
     from ..report import write_report
 
     start = time.monotonic()
     out = out_dir(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise InputError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
-    options = parse_options(args.option, methods)
-    check_option_values(options)
-    nodes = parse_nodes(args.nodes)
-    for method in methods:
-        build_method(method, **options[method])  # bad options fail before the model loads
+    methods, options, nodes = _compare_methods(args)
     checkpoint = out / "ground_truth.units"
     if args.recompute and checkpoint.exists():
         say(f"--recompute: discarding {checkpoint}")
         _discard(checkpoint)
     model = load_model(args)
     pairs, task = load_task(model, args)
-    n_nodes = sum(math.prod(node_shape(t, model.sizes, pairs.seq_len)) for t in nodes if t != "edge")
-    if "edge" in nodes:  # edges (E15): the MIB/EAP-IG graph, position-summed
-        from ..edges.graph import graph_of
-
-        n_nodes += graph_of(model).n_edges
+    spaces = Spaces(spaces_for(model, nodes))
+    n_nodes = sum(math.prod(spaces.of(t).shape(t, pairs.seq_len)) for t in nodes)
     if args.k_max is not None and args.k_max > n_nodes:
         raise InputError(f"--k-max {args.k_max} is more than the {n_nodes} nodes of types {nodes}; lower it")
-    truth = cached_or_run(
-        out / "ground_truth",
-        model,
-        pairs,
-        "activation_patching",
-        nodes,
-        {"checkpoint": str(resumable(checkpoint))},
-        args,
-    )
+    truth_options = {"checkpoint": str(resumable(checkpoint))}
+    truth = cached_or_run(out / "ground_truth", model, pairs, _exact_method(), nodes, truth_options, args)
     estimates = {
         m: cached_or_run(out / "estimates" / _file_name(m), model, pairs, m, nodes, options[m], args) for m in methods
     }
-    settings = ["per_pair", "distribution"] if args.setting == "both" else [args.setting]
-    evaluations, images = [], []
-    for setting in settings:
-        ev = evaluate(
-            truth, estimates, setting=setting, node_types=nodes, k_max=args.k_max, verification=args.verification
-        )
-        evaluations.append(ev)
-        ev.save(out / f"evaluation_{setting}.json")
-        ev.to_csv(out / f"comparison_{setting}.csv")
-        write_text(out / f"comparison_{setting}.md", ev.to_markdown() + "\n")
-        print(f"\n## cost of verified recall: {setting} ({', '.join(nodes)}, K max {ev.k_max})\n")
-        print(ev.to_markdown())
-        if not args.no_plots:
-            from ..plots import plot_cost_curves
-
-            images.append(
-                (f"Cost of verified recall ({setting})", plot_cost_curves(ev, out / f"cost_curves_{setting}")[0])
-            )
+    evaluations, images = _evaluations(args, out, truth, estimates, nodes)
     if not args.no_plots:
-        from ..plots import plot_estimate_vs_truth, plot_heatmaps
-
-        shown = [estimates[m] for m in ("atp", "atp*") if m in estimates] or list(estimates.values())[:2]
-        images.append(
-            (
-                "|estimate| against |exact effect| per pair; points far below the diagonal are false negatives",
-                plot_estimate_vs_truth(truth, shown, out / "estimate_vs_truth", node_types=nodes)[0],
-            )
-        )
-        mapped = [t for t in nodes if t != "edge"]  # edges have no (layer x position) map; see `atpstar circuit`
-        if mapped:
-            images.append(
-                (
-                    "Exact contributions (ground truth)",
-                    plot_heatmaps(truth, out / "heatmaps_truth", node_types=mapped, tokens=tokens(model, pairs))[0],
-                )
-            )
+        images += _comparison_plots(out, model, pairs, truth, estimates, nodes)
     truth.to_csv(out / "top_nodes_truth.csv", k=min(1000, sum(truth.scores[t].numel() for t in nodes)))
     facts = {
         f"wall time {name}": f"{a.info.get('wall_s', 0):.1f} s"
@@ -240,6 +191,78 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     say(f"wrote {path}")
     return 0
+
+
+def _compare_methods(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]], list[str]]:
+    """(method ids, their options, node types) of ``compare``, checked before the model loads."""
+    from ..methods import METHODS, build_method
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise InputError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
+    options = parse_options(args.option, methods)
+    check_option_values(options)
+    nodes = parse_nodes(args.nodes)
+    for method in methods:
+        build_method(method, **options[method])  # bad options fail before the model loads
+    return methods, options, nodes
+
+
+def _exact_method() -> str:
+    """The method id of the ground truth: the registered exact method (exhaustive activation patching)."""
+    from ..methods import METHODS
+
+    return next(m for m, entry in METHODS.items() if entry.cls.exact)
+
+
+def _evaluations(
+    args: argparse.Namespace, out: Path, truth: Any, estimates: dict[str, Any], nodes: list[str]
+) -> tuple[list[Any], list[tuple[str, Path]]]:
+    """Cost of verified recall per setting: saved, printed, and plotted unless --no-plots."""
+    from ..evaluate import evaluate
+
+    settings = ["per_pair", "distribution"] if args.setting == "both" else [args.setting]
+    evaluations, images = [], []
+    for setting in settings:
+        ev = evaluate(
+            truth, estimates, setting=setting, node_types=nodes, k_max=args.k_max, verification=args.verification
+        )
+        evaluations.append(ev)
+        ev.save(out / f"evaluation_{setting}.json")
+        ev.to_csv(out / f"comparison_{setting}.csv")
+        write_text(out / f"comparison_{setting}.md", ev.to_markdown() + "\n")
+        print(f"\n## cost of verified recall: {setting} ({', '.join(nodes)}, K max {ev.k_max})\n")
+        print(ev.to_markdown())
+        if not args.no_plots:
+            from ..plots import plot_cost_curves
+
+            curves = plot_cost_curves(ev, out / f"cost_curves_{setting}")[0]
+            images.append((f"Cost of verified recall ({setting})", curves))
+    return evaluations, images
+
+
+def _comparison_plots(
+    out: Path, model: Any, pairs: Any, truth: Any, estimates: dict[str, Any], nodes: list[str]
+) -> list[tuple[str, Path]]:
+    """Estimates against the truth (the first and last gradient estimator), and the truth's heatmaps."""
+    from ..methods import METHODS
+    from ..plots import plot_estimate_vs_truth, plot_heatmaps
+
+    gradient = [m for m in estimates if METHODS[m].cls.needs_gradients]
+    shown = [estimates[m] for m in dict.fromkeys(gradient[:1] + gradient[-1:])] or list(estimates.values())[:2]
+    images = [
+        (
+            "|estimate| against |exact effect| per pair; points far below the diagonal are false negatives",
+            plot_estimate_vs_truth(truth, shown, out / "estimate_vs_truth", node_types=nodes)[0],
+        )
+    ]
+    spaces = Spaces(spaces_for(model, nodes))
+    mapped = [t for t in nodes if {"layer", "pos"} <= set(spaces.of(t).axes(t))]  # what a (layer x position) map shows
+    if mapped:
+        heatmaps = plot_heatmaps(truth, out / "heatmaps_truth", node_types=mapped, tokens=tokens(model, pairs))[0]
+        images.append(("Exact contributions (ground truth)", heatmaps))
+    return images
 
 
 def _file_name(method: str) -> str:

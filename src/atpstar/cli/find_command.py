@@ -9,24 +9,22 @@ import time
 from typing import Any
 
 from ..persist import atomic_path, write_text
+from .args import command, outputs
 from .common import load_model, load_task, out_dir, parse_nodes, plain, resumable, say
 
 
 def add_find_parser(sub: Any) -> None:
     """The ``find`` subcommand's options (called by ``parser.build_parser``)."""
-    from .parser import _model_args, _output_args, _task_args, _worker_args
-
-    find = sub.add_parser(
+    find = command(
+        sub,
         "find",
-        help="find every component with |effect| >= theta and certify that none is missing",
-        description="Estimate (AtP* by default), verify in estimate order, bound the unverified nodes by "
+        "find every component with |effect| >= theta and certify that none is missing",
+        "Estimate (AtP* by default), verify in estimate order, bound the unverified nodes by "
         "subsampling, verify what the bound cannot rule out, and repeat until certified or the budget is "
         "spent. Writes localization.json/.safetensors, found.csv, history.csv, certificate.json and "
         "report.html; prints the components found next to the certificate. Each completed step is "
         "checkpointed to OUT/find.ckpt.safetensors: an interrupted run resumes when rerun with the same --out.",
     )
-    _model_args(find)
-    _task_args(find)
     find.add_argument("--theta", type=float, required=True, help="effect size sought, in metric units (e.g. 0.3)")
     find.add_argument(
         "--nodes", default="attention", help="node types: all, attention, qkv, or a comma list (default attention)"
@@ -47,13 +45,12 @@ def add_find_parser(sub: Any) -> None:
         action="store_true",
         help="discard the checkpoint OUT/find.ckpt.safetensors (also another run's) and start afresh",
     )
-    _worker_args(find)
-    _output_args(find, "out/find")
+    outputs(find, "out/find")
 
 
 def cmd_find(args: argparse.Namespace) -> int:
     from ..find import find
-    from ..find_resume import CHECKPOINT_NAME
+    from ..find.journal import CHECKPOINT_NAME
     from ..report import write_report
 
     start = time.monotonic()

@@ -1,13 +1,24 @@
-"""The argparse options of every ``atpstar`` command (no work is done here)."""
+"""The argparse options of every ``atpstar`` command (no work is done here).
+
+One function per command adds its sub-parser; the options several commands share come from ``args``,
+and ``find`` and ``circuit`` add their own (``find_command``, ``circuit``).
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from .args import command, outputs
+from .circuit import add_circuit_parser
+from .find_command import add_find_parser
 
 COMPARE_DEFAULT = "atp,atp+qkfix,atp*,subsampling,blocks,hierarchical"
+Subparsers = Any  # argparse's private _SubParsersAction
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``atpstar`` parser: one sub-parser per command."""
     parser = argparse.ArgumentParser(
         prog="atpstar",
         description="Find the components of a transformer LM that cause a behaviour: exact activation patching, "
@@ -15,15 +26,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'atpstar COMMAND --help' for the options of one command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_demo, _add_run, _add_compare, _add_verify, _add_bound, add_find_parser, add_circuit_parser):
+        add(sub)
+    sub.add_parser("models", help="list the built-in models", description="List the built-in models (--model NAME).")
+    sub.add_parser("methods", help="list the method ids", description="List the method ids with one-line descriptions.")
+    return parser
 
-    demo = sub.add_parser(
+
+def _add_demo(sub: Subparsers) -> None:
+    demo = command(
+        sub,
         "demo",
-        help="AtP* on the built-in SmolLM2-135M with IOI prompts, top nodes verified",
-        description="The main job on the built-in default: SmolLM2-135M on IOI prompt pairs, AtP* "
+        "AtP* on the built-in SmolLM2-135M with IOI prompts, top nodes verified",
+        "The main job on the built-in default: SmolLM2-135M on IOI prompt pairs, AtP* "
         "over all node types, the top components verified by exact activation "
         "patching, a table printed and report.html written (~2 min on 2 CPU cores).",
+        task=False,
+        default_model="smollm2-135m",
     )
-    _model_args(demo, default_model="smollm2-135m")
     demo.add_argument("--pairs", type=int, default=4, metavar="N", help="number of IOI prompt pairs (default 4)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the prompt draw (default 0)")
     demo.add_argument(
@@ -45,16 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="if > 0, also bound the unverified nodes' effects with N subsampling samples (default 0: off)",
     )
-    _output_args(demo, "out/demo")
+    outputs(demo, "out/demo", workers=False)
 
-    run = sub.add_parser(
+
+def _add_run(sub: Subparsers) -> None:
+    run = command(
+        sub,
         "run",
-        help="one attribution method on a model and task",
-        description="Run one method, save the result (estimate.json + estimate.safetensors), "
+        "one attribution method on a model and task",
+        "Run one method, save the result (estimate.json + estimate.safetensors), "
         "a CSV of top nodes, heatmaps and report.html.",
     )
-    _model_args(run)
-    _task_args(run)
     run.add_argument("--method", default="atp*", help="method id (see 'atpstar methods'; default atp*)")
     run.add_argument("--nodes", default="all", help="node types: all, attention, qkv, or a comma list (default all)")
     run.add_argument(
@@ -67,21 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--verify", type=int, default=0, metavar="N", help="also verify the top N nodes exactly (default 0)"
     )
-    _worker_args(run)
-    _output_args(run, "out/run")
+    outputs(run, "out/run")
 
-    compare = sub.add_parser(
+
+def _add_compare(sub: Subparsers) -> None:
+    compare = command(
+        sub,
         "compare",
-        help="compare methods by cost of verified recall against exhaustive patching",
-        description="Compute (or reuse from --out) the exhaustive ground truth by activation "
+        "compare methods by cost of verified recall against exhaustive patching",
+        "Compute (or reuse from --out) the exhaustive ground truth by activation "
         "patching, run each method, and write cost-of-verified-recall tables "
         "(markdown + CSV), plots and report.html. The ground truth is checkpointed "
         "to OUT/ground_truth.ckpt.safetensors (OUT/ground_truth.units/ with --workers) and resumes when "
         "interrupted; "
         "results already in OUT are reused unless --recompute.",
     )
-    _model_args(compare)
-    _task_args(compare)
     compare.add_argument(
         "--methods", default=COMPARE_DEFAULT, help=f"comma list of method ids (default {COMPARE_DEFAULT})"
     )
@@ -121,17 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="discard results and checkpoints saved in --out (also those of another model or options) and compute again",
     )
-    _worker_args(compare)
-    _output_args(compare, "out/compare")
+    outputs(compare, "out/compare")
 
-    verify = sub.add_parser(
+
+def _add_verify(sub: Subparsers) -> None:
+    verify = command(
+        sub,
         "verify",
-        help="verify an estimate's top nodes by exact activation patching",
-        description="Patch the nodes of a saved estimate in its ranking order, exactly, and save "
+        "verify an estimate's top nodes by exact activation patching",
+        "Patch the nodes of a saved estimate in its ranking order, exactly, and save "
         "the exact effects (verified.json + verified.safetensors) for 'atpstar bound'.",
     )
-    _model_args(verify)
-    _task_args(verify)
     verify.add_argument(
         "--estimate",
         required=True,
@@ -142,19 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--threshold", type=float, default=None, help="also stop once an estimate's |score| falls below this value"
     )
-    _worker_args(verify)
-    _output_args(verify, "out/verify")
+    outputs(verify, "out/verify")
 
-    bound = sub.add_parser(
+
+def _add_bound(sub: Subparsers) -> None:
+    bound = command(
+        sub,
         "bound",
-        help="bound the effects of the nodes left unverified",
-        description="Run subsampling over the unverified nodes only and report an upper confidence "
+        "bound the effects of the nodes left unverified",
+        "Run subsampling over the unverified nodes only and report an upper confidence "
         "bound on the largest remaining |effect| and a union bound on the probability "
         "that some remaining node has |effect| >= theta (assumes near-additive "
         "effects).",
     )
-    _model_args(bound)
-    _task_args(bound)
     bound.add_argument(
         "--verified",
         required=True,
@@ -166,75 +187,4 @@ def build_parser() -> argparse.ArgumentParser:
     bound.add_argument("--p", type=float, default=0.5, help="probability a node is in a sample (default 0.5)")
     bound.add_argument("--alpha", type=float, default=0.05, help="confidence level 1 - alpha (default 0.05)")
     bound.add_argument("--bound-seed", type=int, default=0, help="subsampling seed of the bound (default 0)")
-    _worker_args(bound)
-    _output_args(bound, "out/bound")
-
-    from .find_command import add_find_parser  # issue 14: certified localization
-
-    add_find_parser(sub)
-
-    from .circuit import add_circuit_parser
-
-    add_circuit_parser(sub)
-
-    sub.add_parser("models", help="list the built-in models", description="List the built-in models (--model NAME).")
-    sub.add_parser("methods", help="list the method ids", description="List the method ids with one-line descriptions.")
-    return parser
-
-
-def _model_args(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
-    help_text = "built-in name (see 'atpstar models'), a local folder with config.json, or a Hugging Face hub id"
-    if default_model:
-        parser.add_argument("--model", default=default_model, help=f"{help_text} (default {default_model})")
-    else:
-        parser.add_argument("--model", required=True, help=help_text)
-    parser.add_argument("--dtype", default="float32", help="dtype to compute in: float32 (default), float64, bfloat16")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument(
-        "--direction",
-        choices=["noising", "denoising"],
-        default="noising",
-        help="noising: patch noise activations into the clean run (the paper's, default); "
-        "denoising: patch clean activations into the noise run",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-
-
-def _worker_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        metavar="N",
-        help="run exact patching, verification, subsampling, blocks, hierarchical and the bound on N Ray workers "
-        "(one per GPU when the cluster has GPUs; needs pip install 'atpstar[distributed]'; default: in-process)",
-    )
-    parser.add_argument(
-        "--ray-address",
-        default=None,
-        metavar="ADDR",
-        help="Ray cluster to join with --workers: 'auto' (the running cluster) or ray://host:10001 "
-        "(default: start a local Ray instance)",
-    )
-
-
-def _task_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--task",
-        required=True,
-        help="ioi, cities, random (pairs of model samples, metric: log-prob of the clean next "
-        'token), or a .jsonl file with one {"clean", "noise", "answer", "distractor"} '
-        "object per line (distractor optional: metric logprob instead of logit difference)",
-    )
-    parser.add_argument(
-        "--n-pairs", type=int, default=4, metavar="N", help="prompt pairs for ioi/cities/random (default 4)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt draw (default 0)")
-    parser.add_argument("--seq-len", type=int, default=16, help="prompt length for --task random (default 16)")
-
-
-def _output_args(parser: argparse.ArgumentParser, default_out: str) -> None:
-    parser.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
-    parser.add_argument("--top", type=int, default=20, help="rows of the printed table and report (default 20)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--no-plots", action="store_true", help="skip plots (no matplotlib needed)")
+    outputs(bound, "out/bound")

@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CHECKPOINT_FIELDS, KIND
-from .cost import Cost
-from .errors import CorruptFileError, InputError
-from .fingerprint import check_identity, identity
-from .persist import load_tensors, save_tensors, to_jsonable
+from ..checkpoint import CHECKPOINT_FIELDS, KIND
+from ..cost import Cost
+from ..errors import CorruptFileError, InputError
+from ..fingerprint import check_identity, identity
+from ..persist import load_tensors, save_tensors, to_jsonable
 
 # Identity fields of a find checkpoint beyond those of every checkpoint.
 FIND_FIELDS = ("node_types", "theta", "alpha", "estimator", "seed, patience and estimator options")

@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from .bound import FalseNegativeBound
-from .cost import Cost
-from .nodes import EDGE_TYPE, index_columns, node_name
-from .persist import load_bundle, save_bundle
-from .persist import to_jsonable as _jsonable
-from .verify import Verification
+from ..bound import FalseNegativeBound
+from ..cost import Cost
+from ..persist import load_bundle, save_bundle
+from ..persist import to_jsonable as _jsonable
+from ..spaces import Spaces, spaces_from_info
+from ..verify import Verification
 
 KIND = "localization"
 # Stages of the loop, in the order they first run; ``Localization.cost`` has one entry per stage.
@@ -63,14 +63,15 @@ class Localization:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def spaces(self) -> Spaces:
+        """The node spaces of the search, rebuilt from ``info`` (they name the nodes without the model)."""
+        return Spaces(spaces_from_info(self.info, self.node_types))
+
+    @property
     def names(self) -> list[str]:
         """TransformerLens-style name of each found node (MIB's name for an edge)."""
-        if any(t == EDGE_TYPE for t, _ in self.nodes):
-            from .edges.graph import EdgeGraph
-
-            edge_names = EdgeGraph.from_description(self.info["edge_graph"]).edge_names
-            return [edge_names[index[0]] if t == EDGE_TYPE else node_name(t, index) for t, index in self.nodes]
-        return [node_name(t, index) for t, index in self.nodes]
+        spaces = self.spaces
+        return [spaces.name(t, index) for t, index in self.nodes]
 
     @property
     def total_cost(self) -> Cost:
@@ -136,9 +137,9 @@ class Localization:
 
     def to_rows(self) -> list[dict[str, Any]]:
         """One row per found node, strongest first."""
-        rows = []
+        rows, spaces = [], self.spaces
         for rank, ((t, index), name, effect) in enumerate(zip(self.nodes, self.names, self.effects.tolist()), 1):
-            rows.append({"rank": rank, "name": name, "node_type": t, **index_columns(t, index), "effect": effect})
+            rows.append({"rank": rank, "name": name, "node_type": t, **spaces.columns(t, index), "effect": effect})
         return rows
 
     def __str__(self) -> str:
@@ -167,7 +168,7 @@ class Localization:
         tensors.update({f"verified/{k}": t.double().contiguous() for k, t in verified_tensors.items()})
         bound_meta = None
         if self.bound is not None:
-            bound_meta, bound_tensors = bound_parts(self.bound)
+            bound_meta, bound_tensors = self.bound.to_parts()
             tensors.update({f"bound/{k}": v for k, v in bound_tensors.items()})
         meta = {
             "nodes": [[t, list(index)] for t, index in self.nodes],
@@ -209,7 +210,9 @@ class Localization:
         )
         bound = None
         if meta["bound"] is not None:
-            bound = bound_from_parts(meta["bound"], {k[6:]: v for k, v in tensors.items() if k.startswith("bound/")})
+            bound = FalseNegativeBound.from_parts(
+                meta["bound"], {k[6:]: v for k, v in tensors.items() if k.startswith("bound/")}
+            )
         return cls(
             nodes=[(t, tuple(int(i) for i in index)) for t, index in meta["nodes"]],
             effects=tensors["effects"],
@@ -228,44 +231,6 @@ class Localization:
             model_id=meta["model_id"],
             info=meta["info"],
         )
-
-
-def bound_parts(bound: FalseNegativeBound) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A bound as (JSON-ready facts, tensors ``estimate/{t}``, ``upper/{t}``); ``bound_from_parts`` inverts it."""
-    tensors = {f"estimate/{t}": x.double().contiguous() for t, x in bound.estimate.items()}
-    tensors.update({f"upper/{t}": x.double().contiguous() for t, x in bound.upper.items()})
-    meta = {
-        "max_effect_upper": bound.max_effect_upper,
-        "prob_upper": bound.prob_upper,
-        "theta": bound.theta,
-        "alpha": bound.alpha,
-        "n_unverified": bound.n_unverified,
-        "worst_node": None if bound.worst_node is None else [bound.worst_node[0], list(bound.worst_node[1])],
-        "assumption": bound.assumption,
-        "cost": bound.cost.to_dict(),
-        "direction": bound.direction,
-        "info": _jsonable(bound.info),
-    }
-    return meta, tensors
-
-
-def bound_from_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FalseNegativeBound:
-    """The bound ``bound_parts`` split (non-finite numbers may come back from JSON as strings)."""
-    worst = meta["worst_node"]
-    return FalseNegativeBound(
-        max_effect_upper=float(meta["max_effect_upper"]),
-        prob_upper=float(meta["prob_upper"]),
-        theta=None if meta["theta"] is None else float(meta["theta"]),
-        alpha=float(meta["alpha"]),
-        n_unverified=int(meta["n_unverified"]),
-        worst_node=None if worst is None else (worst[0], tuple(int(i) for i in worst[1])),
-        assumption=meta["assumption"],
-        cost=Cost.from_dict(meta["cost"]),
-        direction=meta["direction"],
-        estimate={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("estimate/")},
-        upper={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("upper/")},
-        info=meta["info"],
-    )
 
 
 def _bound_summary(bound: FalseNegativeBound) -> dict[str, Any]:

@@ -41,21 +41,18 @@ Shape letters: P pairs, N nodes (all selected node types, flattened), K ranks 1.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import CorruptFileError, IdentityMismatchError, InputError
-from .fingerprint import MODEL_FIELDS, PAIR_FIELDS, differences
-from .methods.base import METHODS
-from .nodes import EDGE_TYPE, NodeLayout, check_node_types
-from .persist import load_json, save_json
-from .result import Attribution
+from ..errors import IdentityMismatchError, InputError
+from ..fingerprint import MODEL_FIELDS, PAIR_FIELDS, differences
+from ..methods.base import METHODS
+from ..nodes import NodeLayout, check_node_types
+from ..result import Attribution
+from ..spaces import Spaces, spaces_from_info
+from .record import Evaluation, MethodCurve
 
 SETTINGS: tuple[str, ...] = ("distribution", "per_pair")
 DEFAULT_K_MAX = 1000
@@ -64,7 +61,6 @@ DEFAULT_K_MAX = 1000
 # leaves noise of ~1e-6 of the logits on nodes that cannot matter (an identical token at that
 # position), which is about 1e-6 of a typical largest effect: 1e-4 stays clear of it.
 ZERO_EFFECT = 1e-4
-KIND = "evaluation"
 VERIFICATION_UNITS: tuple[str, ...] = ("forward", "partial")
 
 
@@ -116,210 +112,6 @@ def verified_recall_cost(
     counts = torch.bincount(first_k[first_k < k_max], minlength=k_max).cumsum(0).double()
     recall = counts / torch.arange(1, k_max + 1, dtype=torch.double)
     return cost.numpy(), recall.numpy()
-
-
-@dataclass
-class MethodCurve:
-    """One method's cost-of-verified-recall curve in one setting.
-
-    Attributes:
-        method: method id.
-        forward, backward: the method's own passes (total over all pairs).
-        own_cost: own cost in forward equivalents charged to each ranking problem (per pair: total / P).
-        cost: [K] cost of verified recall (per-pair setting: geometric mean over pairs).
-        recall: [K] recall of the true top-K within the estimated top-K (per pair: mean over pairs).
-        cost_min, cost_q25, cost_q75, cost_max: [K] spread over pairs (per-pair setting only).
-        options: the method's options.
-    """
-
-    method: str
-    forward: float
-    backward: float
-    own_cost: float
-    cost: np.ndarray
-    recall: np.ndarray
-    cost_min: np.ndarray | None = None
-    cost_q25: np.ndarray | None = None
-    cost_q75: np.ndarray | None = None
-    cost_max: np.ndarray | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def verifications(self) -> np.ndarray:
-        """[K] cost minus the method's own cost: patching forwards spent verifying."""
-        return self.cost - self.own_cost
-
-
-@dataclass
-class Evaluation:
-    """Cost-of-verified-recall curves of several methods against one exhaustive ground truth.
-
-    Attributes:
-        setting: ``"distribution"`` or ``"per_pair"``.
-        k: [K] the ranks 1..K_max.
-        curves: method id -> ``MethodCurve``.
-        node_types, n_nodes, n_pairs, model_id, metric, direction: what was compared.
-        truth_cost: forward equivalents of the exhaustive ground truth (over all pairs).
-        verification: ``"forward"`` (a verification costs one forward per pair) or ``"partial"``
-            ((L - l) / L of a forward per pair for a node at layer l).
-        oracle: [K] cost of verifying exactly the true top-K (``k`` x P forwards in the distribution
-            setting, ``k`` per pair; per pair with ``"partial"``: geometric mean over pairs).
-    """
-
-    setting: str
-    k: np.ndarray
-    curves: dict[str, MethodCurve]
-    node_types: list[str]
-    n_nodes: int
-    n_pairs: int
-    model_id: str
-    metric: str
-    direction: str
-    truth_cost: float
-    verification: str = "forward"
-    oracle: np.ndarray | None = None
-
-    def oracle_cost(self) -> np.ndarray:
-        """[K] cost of verifying exactly the true top-K (see ``oracle``)."""
-        if self.oracle is not None:
-            return self.oracle
-        return self.k * (self.n_pairs if self.setting == "distribution" else 1.0)
-
-    @property
-    def k_max(self) -> int:
-        return int(self.k[-1])
-
-    def report_ks(self, count: int = 5) -> list[int]:
-        """A few log-spaced K values for tables (1, 10, 100, ..., K_max)."""
-        ks = sorted({1, *(10**i for i in range(1, 7) if 10**i < self.k_max), self.k_max})
-        return ks if len(ks) <= count else [*ks[: count - 1], self.k_max]
-
-    def relative_cost(self, method: str) -> float:
-        """Geometric mean over log-spaced K of cost(K) / oracle(K): one number per method, lower is better."""
-        curve = self.curves[method]
-        ks = np.unique(np.round(np.logspace(0, math.log10(self.k_max), 25)).astype(int))
-        return float(np.exp(np.mean(np.log(curve.cost[ks - 1] / self.oracle_cost()[ks - 1]))))
-
-    def ranking(self) -> list[str]:
-        """Method ids from cheapest to most expensive by ``relative_cost``."""
-        return sorted(self.curves, key=self.relative_cost)
-
-    def to_rows(self, ks: Sequence[int] | None = None) -> list[dict[str, Any]]:
-        """One row per method: own passes, cost and recall at a few K, relative cost to the oracle."""
-        ks = list(ks) if ks is not None else self.report_ks()
-        rows = []
-        for method in self.ranking():
-            curve = self.curves[method]
-            row: dict[str, Any] = {
-                "method": method,
-                "forward": round(curve.forward, 2),
-                "backward": round(curve.backward, 2),
-                "own_cost": round(curve.own_cost, 2),
-            }
-            for k in ks:
-                row[f"cost@{k}"] = round(float(curve.cost[k - 1]), 1)
-            for k in ks:
-                row[f"recall@{k}"] = round(float(curve.recall[k - 1]), 3)
-            row["cost/oracle"] = round(self.relative_cost(method), 2)
-            rows.append(row)
-        return rows
-
-    def to_markdown(self, ks: Sequence[int] | None = None) -> str:
-        rows = self.to_rows(ks)
-        if not rows:
-            return ""
-        header = list(rows[0])
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in rows]
-        return "\n".join(lines)
-
-    def to_csv(self, path: str | Path, ks: Sequence[int] | None = None) -> None:
-        import csv
-
-        from .persist import atomic_path
-
-        rows = self.to_rows(ks)
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["method"])
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def to_dict(self) -> dict[str, Any]:
-        curves = {}
-        for method, curve in self.curves.items():
-            data: dict[str, Any] = {
-                "forward": curve.forward,
-                "backward": curve.backward,
-                "own_cost": curve.own_cost,
-                "options": curve.options,
-            }
-            for name in ("cost", "recall", "cost_min", "cost_q25", "cost_q75", "cost_max"):
-                value = getattr(curve, name)
-                data[name] = None if value is None else [float(v) for v in value]
-            curves[method] = data
-        return {
-            "setting": self.setting,
-            "k_max": self.k_max,
-            "node_types": self.node_types,
-            "n_nodes": self.n_nodes,
-            "n_pairs": self.n_pairs,
-            "model_id": self.model_id,
-            "metric": self.metric,
-            "direction": self.direction,
-            "truth_cost": self.truth_cost,
-            "verification": self.verification,
-            "oracle": [float(v) for v in self.oracle_cost()],
-            "curves": curves,
-        }
-
-    def save(self, path: str | Path) -> None:
-        """Write the evaluation as JSON (``path``, ``.json`` added if missing), atomically."""
-        path = Path(path)
-        save_json(path if path.suffix == ".json" else Path(str(path) + ".json"), KIND, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> Evaluation:
-        """Read an evaluation written by ``save``.
-
-        Raises:
-            InputError: no such file. CorruptFileError: truncated, another kind, another format version.
-        """
-        path = Path(path)
-        data = load_json(path if path.suffix == ".json" else Path(str(path) + ".json"), KIND)
-        try:
-            return cls._from_dict(data)
-        except (KeyError, TypeError, ValueError) as err:
-            raise CorruptFileError(f"{path}: saved evaluation is incomplete ({err!r})") from err
-
-    @classmethod
-    def _from_dict(cls, data: dict[str, Any]) -> Evaluation:
-        curves = {}
-        for method, c in data["curves"].items():
-            arrays = {
-                name: None if c[name] is None else np.asarray(c[name], dtype=float)
-                for name in ("cost", "recall", "cost_min", "cost_q25", "cost_q75", "cost_max")
-            }
-            curves[method] = MethodCurve(
-                method,
-                c["forward"],
-                c["backward"],
-                c["own_cost"],
-                options=c["options"],
-                **arrays,  # type: ignore[arg-type]
-            )
-        return cls(
-            data["setting"],
-            np.arange(1, data["k_max"] + 1),
-            curves,
-            data["node_types"],
-            data["n_nodes"],
-            data["n_pairs"],
-            data["model_id"],
-            data["metric"],
-            data["direction"],
-            data["truth_cost"],
-            data["verification"],
-            np.asarray(data["oracle"], dtype=float),
-        )
 
 
 def _check_complete(truth: Attribution, types: list[str]) -> None:
@@ -374,6 +166,32 @@ def evaluate(
         >>> ev = evaluate(truth, [atp, atp_star], setting="per_pair")  # doctest: +SKIP
         >>> print(ev.to_markdown())  # doctest: +SKIP
     """
+    labelled, types = _check_inputs(truth, estimates, setting, node_types, verification)
+    truth_abs, own_share, verify_cost = _problems(truth, types, setting, verification)
+    n_nodes = truth_abs[0].numel()
+    limit = min(_nonzero(t) for t in truth_abs)
+    if limit == 0:
+        raise InputError("every true effect is zero: the clean and noise prompts make no difference to the metric")
+    k_max = min(DEFAULT_K_MAX, limit) if k_max is None else k_max
+    if not 1 <= k_max <= n_nodes:
+        raise InputError(f"k_max must be in [1, {n_nodes}] (the number of nodes); got {k_max}")
+    curves = {
+        label: _curve(label, estimate, truth_abs, types, setting, own_share, k_max, verify_cost)
+        for label, estimate in labelled.items()
+    }
+    facts = (truth.n_pairs, truth.model_id, truth.metric, truth.direction, truth.cost.forward_equivalents)
+    oracle = _oracle(truth_abs, k_max, verify_cost)
+    return Evaluation(setting, np.arange(1, k_max + 1), curves, types, n_nodes, *facts, verification, oracle)
+
+
+def _check_inputs(
+    truth: Attribution,
+    estimates: Sequence[Attribution] | dict[str, Attribution],
+    setting: str,
+    node_types: Sequence[str] | None,
+    verification: str,
+) -> tuple[dict[str, Attribution], list[str]]:
+    """(label -> estimate, node types compared), after checking the truth, the estimates and the options."""
     if setting not in SETTINGS:
         raise InputError(f"unknown setting {setting!r}; choose one of {list(SETTINGS)}")
     if verification not in VERIFICATION_UNITS:
@@ -388,8 +206,15 @@ def evaluate(
     _check_complete(truth, types)
     for label, estimate in labelled.items():
         _check_match(truth, estimate, label, types)
-    n_pairs = truth.n_pairs
+    return labelled, types
 
+
+def _problems(
+    truth: Attribution, types: list[str], setting: str, verification: str
+) -> tuple[list[torch.Tensor], float, float | torch.Tensor]:
+    """The ranking problems: (true |effect| [N] per problem, share of an estimator's cost charged to each
+    problem, cost of one verification: a number or [N] per node)."""
+    n_pairs = truth.n_pairs
     if setting == "distribution":
         truth_abs = [_flat(truth.scores, types).abs()]
         own_share, pairs_per_verification = 1.0, n_pairs
@@ -399,57 +224,41 @@ def evaluate(
     verify_cost: float | torch.Tensor = float(pairs_per_verification)
     if verification == "partial":
         verify_cost = pairs_per_verification * _partial_forward(truth, types)  # [N]
-    n_nodes = truth_abs[0].numel()
-    limit = min(_nonzero(t) for t in truth_abs)
-    if limit == 0:
-        raise InputError("every true effect is zero: the clean and noise prompts make no difference to the metric")
-    k_max = min(DEFAULT_K_MAX, limit) if k_max is None else k_max
-    if not 1 <= k_max <= n_nodes:
-        raise InputError(f"k_max must be in [1, {n_nodes}] (the number of nodes); got {k_max}")
+    return truth_abs, own_share, verify_cost
 
-    curves = {}
-    for label, estimate in labelled.items():
-        own = estimate.cost.forward_equivalents * own_share
-        if setting == "distribution":
-            cost, recall = verified_recall_cost(
-                truth_abs[0], _flat(estimate.scores, types).abs(), own, k_max, verify_cost
-            )
-            curves[label] = MethodCurve(
-                label, estimate.cost.forward, estimate.cost.backward, own, cost, recall, options=dict(estimate.options)
-            )
-            continue
-        per_pair = [
-            verified_recall_cost(truth_abs[p], _flat(estimate.per_pair, types, p).abs(), own, k_max, verify_cost)
-            for p in range(n_pairs)
-        ]
-        costs = np.stack([c for c, _ in per_pair])  # [P, K]
-        recalls = np.stack([r for _, r in per_pair])  # [P, K]
-        curves[label] = MethodCurve(
-            label,
-            estimate.cost.forward,
-            estimate.cost.backward,
-            own,
-            cost=np.exp(np.log(costs).mean(0)),
-            recall=recalls.mean(0),
-            cost_min=costs.min(0),
-            cost_q25=np.quantile(costs, 0.25, axis=0),
-            cost_q75=np.quantile(costs, 0.75, axis=0),
-            cost_max=costs.max(0),
-            options=dict(estimate.options),
-        )
-    return Evaluation(
-        setting,
-        np.arange(1, k_max + 1),
-        curves,
-        types,
-        n_nodes,
-        n_pairs,
-        truth.model_id,
-        truth.metric,
-        truth.direction,
-        truth.cost.forward_equivalents,
-        verification,
-        _oracle(truth_abs, k_max, verify_cost),
+
+def _curve(
+    label: str,
+    estimate: Attribution,
+    truth_abs: list[torch.Tensor],
+    types: list[str],
+    setting: str,
+    own_share: float,
+    k_max: int,
+    verify_cost: float | torch.Tensor,
+) -> MethodCurve:
+    """One estimate's curve: over the one aggregate problem, or the geometric mean over the per-pair ones."""
+    own = estimate.cost.forward_equivalents * own_share
+    passes = (label, estimate.cost.forward, estimate.cost.backward, own)
+    if setting == "distribution":
+        estimate_abs = _flat(estimate.scores, types).abs()
+        cost, recall = verified_recall_cost(truth_abs[0], estimate_abs, own, k_max, verify_cost)
+        return MethodCurve(*passes, cost, recall, options=dict(estimate.options))
+    per_pair = [
+        verified_recall_cost(truth, _flat(estimate.per_pair, types, p).abs(), own, k_max, verify_cost)
+        for p, truth in enumerate(truth_abs)
+    ]
+    costs = np.stack([c for c, _ in per_pair])  # [P, K]
+    recalls = np.stack([r for _, r in per_pair])  # [P, K]
+    return MethodCurve(
+        *passes,
+        cost=np.exp(np.log(costs).mean(0)),
+        recall=recalls.mean(0),
+        cost_min=costs.min(0),
+        cost_q25=np.quantile(costs, 0.25, axis=0),
+        cost_q75=np.quantile(costs, 0.75, axis=0),
+        cost_max=costs.max(0),
+        options=dict(estimate.options),
     )
 
 
@@ -460,19 +269,19 @@ def _oracle(truth_abs: list[torch.Tensor], k_max: int, verify_cost: float | torc
 
 
 def _partial_forward(truth: Attribution, types: list[str]) -> torch.Tensor:
-    """[N] (L - l) / L per node, l its layer: the share of a forward a patched run from layer l costs
-    (edges: ``EdgeGraph.patch_share``, by the receiver's layer; the same for every position)."""
-    scores = truth.scores
-    layer_of = {}
+    """[N] the share of a forward that patching each node alone costs, from its node space (``patch_share``:
+    (L - l) / L for a node at layer l; edges by the receiver's layer, the same for every position)."""
+    spaces = Spaces(spaces_from_info(truth.info, types))
+    share_of = {}
     for t in types:
-        if t == EDGE_TYPE:
-            share = truth.edge_graph().patch_share()  # [N]
-            layer_of[t] = share.reshape(-1, *([1] * (scores[t].ndim - 1))).expand(scores[t].shape)  # [N(, T)]
+        shape, space = tuple(truth.scores[t].shape), spaces.of(t)
+        if space.axes(t)[0] == "layer":  # the layer rule of ``patch_share``, on the result's own layout
+            layers = torch.arange(shape[0], dtype=torch.float64).reshape(-1, *([1] * (len(shape) - 1)))
+            share_of[t] = ((shape[0] - layers) / shape[0]).expand(shape)  # [*layout]
             continue
-        n_layers = scores[t].shape[0]  # layouts start with the layer axis
-        layers = torch.arange(n_layers, dtype=torch.float64).reshape(-1, *([1] * (scores[t].ndim - 1)))
-        layer_of[t] = ((n_layers - layers) / n_layers).expand(scores[t].shape)
-    return NodeLayout.like(layer_of, types).flatten(layer_of)
+        share = space.patch_share(t, shape[-1])  # [*layout], or without the position axis
+        share_of[t] = share.reshape(*share.shape, *([1] * (len(shape) - share.ndim))).expand(shape)  # [*layout]
+    return NodeLayout.like(share_of, types).flatten(share_of)
 
 
 def _flat(tensors: dict[str, torch.Tensor], types: list[str], pair: int | None = None) -> torch.Tensor:
@@ -509,9 +318,3 @@ def _check_match(truth: Attribution, estimate: Attribution, label: str, types: l
                 f"estimate {label!r} node type {t!r} has shape {tuple(estimate.per_pair[t].shape)} but the ground "
                 f"truth has {tuple(truth.per_pair[t].shape)}: not the same model or prompt pairs"
             )
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)

@@ -1,0 +1,268 @@
+"""Certified localization: ``find`` closes the loop from an estimate to a guarantee.
+
+Goal: every node with |c(n)| >= θ (c = exact mean effect over the pairs), verified by exact patching,
+and a certificate that no unverified node is that large. The loop:
+
+1. Estimate: one estimator (AtP* by default) ranks every node.
+2. Verify in estimate order, in windows of ``patience`` nodes. Stopping rule: stop after the first
+   window that found no node with |c| >= θ AND did not pay for itself. A verified node leaves the
+   bound's population, and the bound's cost is linear in V = mean_j Σ c_j(n)² over the unverified
+   nodes (``bound.bound_cost``: SAFETY q² V / θ²), so verifying n saves SAFETY q² mean_j c_j(n)² / θ²
+   forward equivalents of bound samples; a window pays when its savings exceed its verification
+   cost. (Verifying any node above roughly θ·sqrt(P (L-l)/L / (SAFETY q²)), about θ/10 on one pair,
+   pays; AtP*'s order is good at the top and unreliable in its tail, so windows stop paying.)
+3. Bound round r: Subsampling over the unverified nodes (fresh seed), at level α_r = α / 2^r, with
+   ``samples`` planned from the nodes left and p = ``choose_p(samples)`` (``atpstar.bound``).
+   Certified when the bound's max_n U(n) < θ.
+4. Otherwise verify the nodes the bound cannot rule out (U(n) >= θ), in decreasing order of that
+   bound's own |ĉ(n)|, and go to 3 with samples re-planned from the measured standard errors.
+Stops when certified, when the budget is spent, or after ``max_rounds`` rounds (not certified; the
+result says what is left). Whenever verifying every remaining node costs no more than the next bound,
+they are all verified instead: exact, and certified with no assumption.
+
+Why α / 2^r: each round is a new chance to certify wrongly. Given the history, round r certifies
+while some unverified node n0 has |c(n0)| >= θ with probability <= α_r (its fresh samples put
+U(n0) < θ with at most that probability), so over all rounds the error is <= Σ α / 2^r < α.
+The guarantee is about Subsampling's quantity, which equals c(n) when effects are near-additive.
+
+Cost: the estimator's, plus (per verify call) 2P forwards and one forward per node and pair started
+at the node's layer, plus per bound 2P + samples × P forwards. ``budget`` caps the total in forward
+equivalents; every stage checks it before it runs.
+
+Shape letters: P pairs, N nodes (all node types, flattened in ``check_node_types`` order).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..api import attribute
+from ..cost import Cost
+from ..errors import InputError
+from ..job import Job
+from ..methods import METHODS
+from ..model import Model, as_model
+from ..nodes import NodeLayout
+from ..pairs import PromptPairs
+from ..result import Attribution
+from ..spaces import Spaces, check_node_types, spaces_for
+from .engines import engine_facts
+from .journal import CHECKPOINT_NAME, FindJournal, digest, find_identity
+from .localization import Localization
+from .options import FindOptions, check_options
+from .stages import Outcome, bound_rounds, localization, verify_in_estimate_order
+from .state import Search, population
+
+
+def find(
+    model: Any,
+    pairs: PromptPairs,
+    theta: float,
+    *,
+    nodes: Any,
+    estimator: str | Attribution = "atp*",
+    alpha: float = 0.05,
+    budget: float | None = None,
+    direction: str = "noising",
+    progress: bool = False,
+    patience: int | None = None,
+    max_rounds: int = 6,
+    seed: int = 0,
+    estimator_options: dict[str, Any] | None = None,
+    batch_size: int | None = None,
+    memory_gb: float = 1.0,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    checkpoint: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    recompute: bool = False,
+) -> Localization:
+    """Find every node with |c(n)| >= ``theta`` and certify that no other node is that large.
+
+    Args:
+        model: an ``atpstar.Model`` or a ``transformers`` causal LM.
+        pairs: the prompt pairs; c(n) is the exact effect of patching n alone, averaged over them.
+        theta: the effect size sought (in metric units, e.g. logit difference), > 0.
+        nodes: node types to search (``neuron``, ``query``, ``key``, ``value``, ``head``), or ``["edge"]``
+            alone for the edges of the MIB/EAP-IG graph (estimated by the edge estimators, verified by exact
+            edge patching, bounded by random joint patches of edge subsets; in-process only).
+        estimator: a method id from ``atpstar.METHODS`` (default ``"atp*"``), or an ``Attribution``
+            already computed on these pairs (its cost is counted as the estimate stage).
+        alpha: error rate of the certificate (it is wrong with probability <= alpha, under its assumption).
+        budget: cap on the total cost in forward-pass equivalents (backward = 2 forwards), estimate
+            included; None: run until certified (at worst every node is verified).
+        direction: ``"noising"`` (default) or ``"denoising"``.
+        progress: progress bars and one line per round on stderr.
+        patience: window of the estimate-order stage (stops after a window with no |c| >= theta);
+            None: max(16, N / 200) for N nodes.
+        max_rounds: bound rounds at most.
+        seed: seed of the bounds' Subsampling (round r uses seed + r).
+        estimator_options: options of the estimator method.
+        batch_size, memory_gb: batching of the exact and joint patches.
+        workers, ray_address: run verification and the bounds' Subsampling on Ray workers (as
+            ``atpstar.verify`` and ``atpstar.false_negative_bound``); None: in-process.
+        checkpoint: a file where each completed step (estimate, verification call, bound) is saved; a rerun
+            with the same file and computation resumes after the last completed step, and its cost is the
+            whole work's (``atpstar.find.journal``). Another computation's file is refused, naming what
+            differs; a corrupt one is reported and ignored. None: nothing is saved (unless ``out_dir``).
+        out_dir: a folder: the checkpoint goes to ``out_dir/find.ckpt.safetensors`` and the result to
+            ``out_dir/localization.json``/``.safetensors`` when the loop ends.
+        recompute: discard the checkpoint and start afresh.
+
+    Returns:
+        ``Localization``: ``nodes``, ``effects``, ``verified``, ``bound``, ``certified``, ``cost`` per stage,
+        ``history``, ``certificate()``, ``save``/``load``.
+
+    Raises:
+        InputError: bad theta, alpha, budget, node types, estimator or options (before any forward pass).
+
+    Example:
+        >>> found = atpstar.find(model, pairs, 0.3, nodes=["query", "key", "value", "head"])
+        >>> found.certified, found.names[:5], found.cost_fraction
+    """
+    model = as_model(model)
+    if not isinstance(pairs, PromptPairs):
+        raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
+    options = check_options(
+        theta=theta,
+        alpha=alpha,
+        budget=budget,
+        direction=direction,
+        progress=progress,
+        patience=patience,
+        max_rounds=max_rounds,
+        seed=seed,
+        estimator_options=estimator_options,
+        batch_size=batch_size,
+        memory_gb=memory_gb,
+        workers=workers,
+        ray_address=ray_address,
+        checkpoint=checkpoint,
+        out_dir=out_dir,
+        recompute=recompute,
+    )
+    node_types = check_node_types(nodes)
+    spaces = Spaces(spaces_for(model, node_types))
+    facts = engine_facts(spaces, options.engine)
+    shapes, weight = population(model, spaces, node_types, pairs.seq_len, facts)  # weight: [N]
+    given = _estimate_or_check(pairs, estimator, node_types, shapes, options.direction)
+    model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+    window = options.window(len(weight))
+    journal = _open_journal(model, pairs, node_types, estimator if given is None else given, window, options)
+    say = _say if progress else (lambda message: None)
+    if journal.saved_steps:
+        say(f"resuming from {journal.path}: {journal.saved_steps} completed steps")
+    job = Job(model, pairs, options.direction, Cost(), options.progress)  # costs are counted per stage
+    search = Search(job, node_types, shapes, weight, options, journal, spaces, facts)
+    per_pair, estimate_method = _estimate(search, estimator if given is None else given, options)  # [P, N]
+    outcome = Outcome(not_ruled_out=torch.zeros(len(weight), dtype=torch.bool))
+    verify_in_estimate_order(search, outcome, window, options, say)
+    bound_rounds(search, outcome, per_pair, options, say)
+    found = localization(search, outcome, estimate_method, options, _recorded(options, window, journal))
+    if out_dir is not None:
+        found.save(Path(out_dir) / "localization")
+    return found
+
+
+def _estimate_or_check(
+    pairs: PromptPairs,
+    estimator: Any,
+    node_types: list[str],
+    shapes: dict[str, tuple[int, ...]],
+    direction: str,
+) -> Attribution | None:
+    """The given ``Attribution`` after checking it fits, or None for a method id (checked here)."""
+    if isinstance(estimator, Attribution):
+        missing = [t for t in node_types if t not in estimator.scores]
+        if missing:
+            raise InputError(f"the estimate has no scores for node types {missing}; estimate them or drop them")
+        for t in node_types:
+            want = shapes[t]
+            if tuple(estimator.scores[t].shape) != want or estimator.per_pair[t].shape[0] != pairs.n_pairs:
+                raise InputError(
+                    f"the estimate's {t!r} scores have shape {tuple(estimator.scores[t].shape)} over "
+                    f"{estimator.per_pair[t].shape[0]} pairs; these pairs need {want} over {pairs.n_pairs}"
+                )
+        if estimator.direction != direction:
+            raise InputError(f"the estimate is {estimator.direction}; call find with direction={estimator.direction!r}")
+        return estimator
+    if not isinstance(estimator, str) or estimator not in METHODS:
+        raise InputError(f"unknown estimator {estimator!r}; choose a method id from: {', '.join(METHODS)}")
+    return None
+
+
+def _open_journal(
+    model: Model,
+    pairs: PromptPairs,
+    node_types: list[str],
+    estimator: str | Attribution,
+    window: int,
+    options: FindOptions,
+) -> FindJournal:
+    """The call's journal (``find.journal``): its identity names the estimator, or a digest of a given estimate."""
+    if isinstance(estimator, Attribution):
+        named = f"{estimator.method}#{digest(_flat(estimator.scores, node_types))}"
+    else:
+        named = estimator
+    current = find_identity(
+        model,
+        pairs,
+        options.direction,
+        node_types,
+        options.theta,
+        options.alpha,
+        named,
+        {"seed": options.seed, "patience": window, "estimator_options": options.estimator_options or {}},
+    )
+    return FindJournal.open(options.checkpoint_path(CHECKPOINT_NAME), current, options.recompute)
+
+
+def _estimate(search: Search, estimator: str | Attribution, options: FindOptions) -> tuple[torch.Tensor, str]:
+    """The estimate stage: ([P, N] per-pair scores, method id), run (or replayed) or taken from a given one."""
+    node_types = search.node_types
+    if isinstance(estimator, Attribution):
+        search.use_estimate(_flat(estimator.scores, node_types), estimator.cost)  # [N]
+        per_pair = search.layout.flatten({t: estimator.per_pair[t].double() for t in node_types})  # [P, N]
+        return per_pair, estimator.method
+    method_options = options.estimator_options or {}
+
+    def compute() -> Attribution:
+        job = search.job
+        return attribute(
+            job.model,
+            job.pairs,
+            estimator,
+            node_types,
+            direction=job.direction,
+            progress=job.progress,
+            **method_options,
+        )
+
+    return search.estimate(estimator, method_options, compute)
+
+
+def _recorded(options: FindOptions, window: int, journal: FindJournal) -> dict[str, Any]:
+    """The options a ``Localization`` records in ``info``, and what a resumed call took from its checkpoint."""
+    info: dict[str, Any] = {
+        "patience": window,
+        "max_rounds": options.max_rounds,
+        "seed": options.seed,
+        "budget": options.budget,
+        "estimator_options": options.estimator_options or {},
+    }
+    if journal.replayed:
+        info["resumed"] = {"checkpoint": str(journal.path), "steps": journal.replayed, "cost_fe": journal.replayed_cost}
+    return info
+
+
+def _flat(scores: dict[str, torch.Tensor], node_types: list[str]) -> torch.Tensor:
+    """[N] float64 scores of every node type, on the flat node axis."""
+    return NodeLayout.like(scores, node_types).flatten({t: scores[t].double() for t in node_types})
+
+
+def _say(message: str) -> None:
+    tqdm.write(f"[find] {message}")

@@ -1,0 +1,283 @@
+"""The stages of ``atpstar.find`` (verify in estimate order, then bound rounds) and the record they add up to.
+
+Each stage reads and advances one ``Search`` (``find.state``) and one ``Outcome`` (where the loop stands:
+the last bound, whether it certified, why it stopped, its history). The rules are those of the ``find``
+module docstring.
+
+Shape letters: P pairs, N nodes (all node types, flattened), K nodes of one step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..bound import MIN_SAMPLES, P_MAX, FalseNegativeBound, bound_cost, choose_p, plan_samples
+from ..cost import Cost
+from ..verify import Verification
+from .localization import STAGES, Localization
+from .options import FindOptions
+from .state import NO_ASSUMPTION, THETA_TOLERANCE, Search
+
+Say = Callable[[str], None]  # one progress line (or nothing)
+
+
+@dataclass
+class Outcome:
+    """Where the loop stands."""
+
+    not_ruled_out: torch.Tensor  # [N] bool: flagged by the last bound and not verified since
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per stage run (``history_row``)
+    stopped: str = ""  # why the loop stopped early ("" while it runs or when certified)
+    certified: bool = False
+    bound: FalseNegativeBound | None = None  # the last bound (an exact one when every node was verified)
+
+
+def verify_in_estimate_order(search: Search, outcome: Outcome, window: int, options: FindOptions, say: Say) -> None:
+    """Stage 1: verify in estimate order, in windows of ``window`` nodes, while the windows pay for themselves."""
+    theta, alpha = options.theta, options.alpha
+    threshold = theta * (1 - THETA_TOLERANCE)
+    order = torch.sort(search.estimate_score.abs(), descending=True, stable=True).indices  # [N]
+    position, found_here = 0, 0
+    while position < len(order) and not outcome.stopped:
+        chunk = order[position : position + window]
+        fit = search.affordable(chunk)
+        if fit < len(chunk):
+            outcome.stopped = "budget spent while verifying in estimate order"
+            chunk = chunk[:fit]
+        window_cost = float(search.verify_cost(chunk)[-1]) if len(chunk) else 0.0
+        effects = search.verify(chunk, "verify_estimate_order")  # [K, P]
+        position += len(chunk)
+        hits = int((effects.mean(1).abs() >= threshold).sum())
+        found_here += hits
+        saved = bound_cost(int((~search.verified).sum()), theta, alpha / 2, float((effects**2).mean(1).sum()))
+        saved *= search.sample_cost(P_MAX)
+        if hits == 0 and saved < window_cost:
+            break
+    outcome.history.append(history_row(0, "verify_estimate_order", position, found_here, search, None))
+    say(f"estimate order: verified {position} nodes, {found_here} with |c| >= {theta:g}")
+
+
+def bound_rounds(search: Search, outcome: Outcome, per_pair: torch.Tensor, options: FindOptions, say: Say) -> None:
+    """Stages 3-4: bound the unverified nodes, verify what the bound cannot rule out, until certified or stopped.
+
+    Args:
+        per_pair: [P, N] the estimate's per-pair scores (the first round's guess at V = mean_j Σ c_j(n)²).
+    """
+    if search.spent > options.limit:
+        outcome.stopped = "budget spent by the estimate"
+    sum_sq = float((per_pair[:, ~search.verified] ** 2).sum(1).mean())  # V: mean over pairs of Σ c_j(n)²
+    for round_index in range(1, options.max_rounds + 1):
+        if outcome.stopped or outcome.certified:
+            break
+        sum_sq = _round(search, outcome, round_index, sum_sq, options, say)
+    if not outcome.certified and not outcome.stopped:
+        outcome.stopped = f"max_rounds={options.max_rounds} rounds without a certificate"
+
+
+def _round(search: Search, outcome: Outcome, round_index: int, sum_sq: float, options: FindOptions, say: Say) -> float:
+    """One round: verify everything left when that is cheaper than a bound, else bound and verify what it
+    flags. Returns the next round's V."""
+    n_pairs, theta = search.job.n_pairs, options.theta
+    unverified = torch.nonzero(~search.verified)[:, 0]
+    alpha_round = options.alpha / 2**round_index
+    samples = plan_samples(len(unverified), n_pairs, theta, alpha_round, sum_sq)
+    rest_cost = float(search.verify_cost(unverified)[-1]) if len(unverified) else 0.0
+    unit = search.sample_cost(choose_p(samples))  # forward equivalents of one joint patch (1 for nodes)
+    if rest_cost <= n_pairs * (samples * unit + 2):
+        _verify_rest(search, outcome, unverified, round_index, options, say)
+        return sum_sq
+    affordable = samples if options.budget is None else _affordable_samples(search.left, n_pairs, unit)
+    if affordable < MIN_SAMPLES:
+        outcome.stopped = f"budget spent: a bound needs {n_pairs * (MIN_SAMPLES + 2)} forward equivalents"
+        return sum_sq
+    samples = min(samples, affordable)
+    p, seed = choose_p(samples), options.seed + round_index
+    bound = outcome.bound = search.bound(samples, p, alpha_round, seed)
+    upper = search.layout.flatten(bound.upper)  # [N], nan at verified nodes
+    flagged = torch.nonzero((upper >= theta) & ~search.verified)[:, 0]  # inf (too few samples) counts
+    outcome.not_ruled_out = torch.zeros(len(upper), dtype=torch.bool)
+    outcome.not_ruled_out[flagged] = True
+    if bound.max_effect_upper < theta:
+        outcome.certified = True
+        outcome.history.append(history_row(round_index, "bound", 0, 0, search, bound, certified=True))
+        say(
+            f"round {round_index}: certified, max |c| of {bound.n_unverified} unverified "
+            f"<= {bound.max_effect_upper:.3g}"
+        )
+        return sum_sq
+    return _verify_flagged(search, outcome, bound, flagged, round_index, sum_sq, unit, options, say)
+
+
+def _verify_rest(
+    search: Search, outcome: Outcome, unverified: torch.Tensor, round_index: int, options: FindOptions, say: Say
+) -> None:
+    """Exact is cheaper than a bound: verify everything left (certified without assumption)."""
+    fit = search.affordable(unverified)
+    effects = search.verify(unverified[:fit], "verify_rest")  # [K, P]
+    hits = int((effects.mean(1).abs() >= options.theta * (1 - THETA_TOLERANCE)).sum())
+    if fit < len(unverified):
+        outcome.stopped = "budget spent while verifying the remaining nodes"
+    else:
+        outcome.certified = True
+        outcome.bound = exhaustive_bound(search, options.theta, options.alpha)
+    row = history_row(round_index, "verify_rest", fit, hits, search, outcome.bound, certified=outcome.certified)
+    outcome.history.append(row)
+    say(f"round {round_index}: verified the {fit} remaining nodes exactly")
+
+
+def _verify_flagged(
+    search: Search,
+    outcome: Outcome,
+    bound: FalseNegativeBound,
+    flagged: torch.Tensor,
+    round_index: int,
+    sum_sq: float,
+    unit: float,
+    options: FindOptions,
+    say: Say,
+) -> float:
+    """Verify what the bound cannot rule out, its largest estimates first; when noise flags many nodes, spend
+    at most what the next bound would cost and let that bound (more samples) sort them. Returns the next V."""
+    theta, n_pairs = options.theta, search.job.n_pairs
+    unverified = torch.nonzero(~search.verified)[:, 0]
+    estimate = search.layout.flatten(bound.estimate)  # [N]
+    measured = bound.info.get("se_median", float("nan"))
+    if math.isfinite(measured) and measured > 0:
+        sum_sq = measured**2 * bound.info["samples"] * n_pairs  # se² ≈ V / (samples · P)
+    flagged = flagged[torch.sort(estimate[flagged].abs(), descending=True, stable=True).indices]
+    next_samples = plan_samples(len(unverified) - len(flagged), n_pairs, theta, bound.alpha / 2, sum_sq)
+    next_cost = n_pairs * (next_samples * unit + 2)
+    cap = max(next_cost, float(search.verify_cost(flagged[:1])[-1]) if len(flagged) else 0.0)
+    within = int((search.verify_cost(flagged) <= cap).sum()) if len(flagged) else 0
+    if float(search.verify_cost(unverified)[-1]) <= next_cost:
+        within = 0  # the next round verifies everything left at once: no separate pass over the flagged
+    chunk = flagged[:within]
+    fit = search.affordable(chunk)
+    if fit < len(chunk):
+        outcome.stopped = "budget spent while verifying what the bound could not rule out"
+    effects = search.verify(chunk[:fit], "verify_bound_order")  # [K, P]
+    outcome.not_ruled_out[chunk[:fit]] = False
+    hits = int((effects.mean(1).abs() >= theta * (1 - THETA_TOLERANCE)).sum())
+    # Nodes just verified leave the sum of squares the next bound's noise comes from (at most 4x less).
+    removed = float((effects**2).sum(0).mean()) if len(effects) else 0.0
+    outcome.history.append(history_row(round_index, "bound", fit, hits, search, bound, n_flagged=len(flagged)))
+    say(
+        f"round {round_index}: bound {bound.max_effect_upper:.3g} >= {theta:g} ({len(flagged)} nodes not ruled out, "
+        f"{bound.info['samples']} samples, p {bound.info['p']:.3g}); verified {fit}, {hits} with |c| >= {theta:g}"
+    )
+    return max(sum_sq - removed, sum_sq / 4)
+
+
+def history_row(
+    round_index: int,
+    stage: str,
+    n_verified: int,
+    n_found: int,
+    search: Search,
+    bound: FalseNegativeBound | None,
+    certified: bool = False,
+    n_flagged: int = 0,
+) -> dict[str, Any]:
+    """One history row: what a round did and where the search stands after it."""
+    return {
+        "round": round_index,
+        "stage": stage,
+        "verified": n_verified,
+        "found": n_found,
+        "n_unverified": int((~search.verified).sum()),
+        "samples": None if bound is None or stage != "bound" else bound.info.get("samples"),
+        "p": None if bound is None or stage != "bound" else bound.info.get("p"),
+        "alpha_round": None if bound is None or stage != "bound" else bound.alpha,
+        "max_effect_upper": None if bound is None else bound.max_effect_upper,
+        "n_flagged": n_flagged,
+        "cost_fe": search.spent,
+        "certified": certified,
+    }
+
+
+def exhaustive_bound(search: Search, theta: float, alpha: float) -> FalseNegativeBound:
+    """The 'bound' when nothing is left unverified: exact, so no assumption and nothing can hide."""
+    return FalseNegativeBound(
+        max_effect_upper=0.0,
+        prob_upper=0.0,
+        theta=theta,
+        alpha=alpha,
+        n_unverified=0,
+        worst_node=None,
+        assumption=NO_ASSUMPTION,
+        cost=Cost(),
+        direction=search.job.direction,
+        info={"samples": 0, "p": None},
+    )
+
+
+def localization(
+    search: Search, outcome: Outcome, estimate_method: str, options: FindOptions, info: dict[str, Any]
+) -> Localization:
+    """The ``Localization`` of a finished (or stopped) search; ``info``: the options and resume facts it records."""
+    theta, alpha, bound, certified = options.theta, options.alpha, outcome.bound, outcome.certified
+    n_pairs = search.job.n_pairs
+    effects = torch.stack(search.effects) if search.effects else torch.zeros(0, n_pairs, dtype=torch.float64)
+    mean = effects.mean(1)  # [N verified]
+    threshold = theta * (1 - THETA_TOLERANCE)
+    strong = torch.nonzero(mean.abs() >= threshold)[:, 0]
+    strong = strong[torch.sort(mean[strong].abs(), descending=True, stable=True).indices]
+    verified_nodes = search.verified_nodes()
+    graph = search.facts.naming(search.job.model)  # what names the nodes without the model
+    verification = Verification(
+        nodes=verified_nodes,
+        effects=effects,
+        estimate_scores=search.estimate_score[torch.tensor(search.order, dtype=torch.long)]
+        if search.order
+        else torch.zeros(0, dtype=torch.float64),
+        node_types=list(search.node_types),
+        direction=search.job.direction,
+        metric=search.job.pairs.metric_name,
+        model_id=search.job.model.model_id,
+        cost=search.cost.get("verify_estimate_order", Cost())
+        + search.cost.get("verify_bound_order", Cost())
+        + search.cost.get("verify_rest", Cost()),
+        base_metric=search.base_metric if search.base_metric is not None else torch.zeros(n_pairs),
+        info={
+            "estimate_method": estimate_method,
+            "stage": list(search.stage_of),
+            "n_nodes": len(search.weight),
+            **graph,
+        },
+    )
+    left = {
+        "n_unverified": int((~search.verified).sum()),
+        "n_not_ruled_out": int((outcome.not_ruled_out & ~search.verified).sum()),
+        "max_effect_upper": None if bound is None else float(bound.max_effect_upper),
+        "budget_left": None if search.options.budget is None else max(0.0, search.left),
+    }
+    return Localization(
+        nodes=[verified_nodes[i] for i in strong.tolist()],
+        effects=mean[strong].clone(),
+        verified=verification,
+        bound=bound,
+        certified=certified,
+        theta=float(theta),
+        alpha=float(alpha),
+        cost={stage: search.cost[stage] for stage in STAGES if stage in search.cost},
+        history=outcome.history,
+        exhaustive_cost=n_pairs * (2.0 + float(search.weight.sum())),
+        node_types=list(search.node_types),
+        estimator=estimate_method,
+        direction=search.job.direction,
+        metric=search.job.pairs.metric_name,
+        model_id=search.job.model.model_id,
+        info={"stopped": "certified" if certified else outcome.stopped, "left": left, **info, **graph},
+    )
+
+
+def _affordable_samples(left: float, n_pairs: int, unit: float) -> int:
+    """Samples per pair a bound can take within ``left`` forward equivalents (2P of them prepare the bound)."""
+    if unit == 1.0:
+        return math.floor(left / n_pairs) - 2
+    return math.floor((left / n_pairs - 2) / unit)
