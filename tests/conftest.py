@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import atpstar
 from reference.models import (  # noqa: F401  (re-exported for tests that import them from here)
     FAMILIES,
     N_CTX,
@@ -19,8 +21,6 @@ from reference.models import (  # noqa: F401  (re-exported for tests that import
     make_pairs,
     snapshot,
 )
-
-import atpstar
 
 
 @pytest.fixture(params=FAMILIES)

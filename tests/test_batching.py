@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.models import build_hf, load, make_pairs
 
 import atpstar
 from atpstar import engine
 from atpstar.batching import BatchGuard
 from atpstar.errors import OutOfMemory
 from atpstar.methods.atp import AttributionPatching
+from reference.models import build_hf, load, make_pairs
 
 
 def oom_above(capacity: int, size_of):

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 import atpstar
-from reference.toys import sparse_additive_toy
 from atpstar.bound import false_negative_bound
 from atpstar.ops import betainc, student_t_cdf, student_t_quantile, welch_se_df, welford_merge
 from atpstar.verify import verify
-
+from reference.toys import sparse_additive_toy
 
 # Pure statistics -----------------------------------------------------------------------------------------
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import make_tiny, write_pairs
 
 from atpstar.cli import main
 from atpstar.lock import folder_lock
+from test_cli import make_tiny, write_pairs
 
 
 @pytest.fixture(scope="module")

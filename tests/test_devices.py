@@ -10,10 +10,10 @@ import copy
 
 import pytest
 import torch
-from reference.models import build_hf, load, make_pairs
 
 import atpstar
 from atpstar.devices import execution_device
+from reference.models import build_hf, load, make_pairs
 
 accelerate = pytest.importorskip("accelerate", reason="accelerate is the device_map engine (extra 'models'/'dev')")
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from reference.models import assert_rel_close, load, make_pairs
-from reference import hooks
 
 from atpstar.cost import Cost
 from atpstar.engine import patch_masks, patch_node_batch, prepare
+from reference import hooks
+from reference.models import assert_rel_close, load, make_pairs
 
 
 def test_prepare_caches_base_and_source(hf_model):

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import brute, hooks
-from reference.models import NEW_FAMILIES, assert_rel_close, build_hf, load, make_pairs
 
 import atpstar
+from reference import brute, hooks
+from reference.models import NEW_FAMILIES, assert_rel_close, build_hf, load, make_pairs
 
 ALL = ["neuron", "query", "key", "value", "head"]
 REL = 1e-9  # float64 throughout; the observed agreement is ~1e-15

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.models import build_hf, load, make_pairs
 
 import atpstar
-from atpstar.find import state as find_state
 from atpstar.cost import Cost
 from atpstar.edges.circuit_run import circuit_metric
 from atpstar.edges.graph import graph_of
 from atpstar.edges.patching import prepare_edges
+from atpstar.find import state as find_state
 from atpstar.find.localization import Localization
 from atpstar.sweeps.subsampling import random_subset
+from reference.models import build_hf, load, make_pairs
 
 
 def _setup(family: str, n_layers: int = 2, heads: int = 4, n_pairs: int = 2):

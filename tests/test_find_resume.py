@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-from test_find import _misleading_estimate
 
 import atpstar
 from atpstar.find import state as find_state
 from atpstar.find.localization import Localization
 from reference.toys import sparse_additive_toy
+from test_find import _misleading_estimate
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from reference.models import build_hf, load, make_pairs
 
 from atpstar.errors import IdentityMismatchError
 from atpstar.fingerprint import RESULT_FIELDS, check_identity, identity, weights_hash
+from reference.models import build_hf, load, make_pairs
 
 
 def test_identity_fields_and_mismatch_message() -> None:

@@ -9,9 +9,9 @@ CUDA peak of a run against its ``memory_gb`` plan. The checks live in ``referenc
 from __future__ import annotations
 
 import pytest
-from reference import gpu_checks
 
 import atpstar
+from reference import gpu_checks
 
 pytestmark = pytest.mark.gpu
 

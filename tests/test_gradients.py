@@ -7,13 +7,13 @@ import weakref
 
 import pytest
 import torch
-from reference import brute, hooks
-from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 from atpstar.cost import Cost
 from atpstar.errors import InputError
 from atpstar.gradients import AT_BASE, Points, Tape, atp_estimate, gradient_step, path, summed_over_points
 from atpstar.nodes import NODE_TABLE
+from reference import brute, hooks
+from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 ALL = ["neuron", "query", "key", "value", "head"]
 SITES = [NODE_TABLE[t].site for t in ALL]

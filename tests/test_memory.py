@@ -8,12 +8,12 @@ belong to benchmarks, not tests).
 from __future__ import annotations
 
 import pytest
-from reference.models import build_hf, load, make_pairs
 
 import atpstar
 from atpstar.errors import InputError
 from atpstar.gradients import path
 from atpstar.memory import GB, gradient_plan, weights_bytes
+from reference.models import build_hf, load, make_pairs
 
 METHOD_IDS = sorted(atpstar.METHODS)
 

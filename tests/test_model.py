@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
-from reference.models import FAMILIES, VOCAB, assert_unchanged, build_hf, load, make_pairs, snapshot
 
 import atpstar
 from atpstar.runner import Run
+from reference.models import FAMILIES, VOCAB, assert_unchanged, build_hf, load, make_pairs, snapshot
 
 
 @pytest.mark.parametrize("exact_norm", [True, False])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import brute
 
 from atpstar import ops
 from atpstar.ops import attention_scores, graddrop_combine, key_fix, query_fix
+from reference import brute
 
 REL = 1e-6
 

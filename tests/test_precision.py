@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.models import build_hf, load, make_pairs
 
 import atpstar
-
+from reference.models import build_hf, load, make_pairs
 
 # Gradient estimates: one bf16 forward/backward, products and sums in float32 (~1% error). Exact effects are
 # differences of two bf16 forwards, so their noise is bf16's relative to the logits, not to the effect.

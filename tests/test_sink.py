@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.models import build_hf, load, make_pairs
 
 import atpstar
 from atpstar.errors import InputError
 from atpstar.sink import read_per_pair
+from reference.models import build_hf, load, make_pairs
 
 NODES = ["neuron", "query", "key"]
 

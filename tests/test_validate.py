@@ -91,9 +91,8 @@ def test_finite_metric() -> None:
                                                 ("batch_size", 0), ("batch_size", True)])
 def test_every_method_checks_batching_with_the_shared_rule(method, option, value) -> None:
     """One rule for batch_size/memory_gb in every method (NaN budgets used to slip through the API)."""
-    from reference.models import build_hf, load, make_pairs
-
     import atpstar
+    from reference.models import build_hf, load, make_pairs
 
     model, pairs = load(build_hf("gpt2", n_layers=2)), make_pairs(n_pairs=1, seq_len=4)
     with pytest.raises(InputError, match=option):
@@ -101,9 +100,8 @@ def test_every_method_checks_batching_with_the_shared_rule(method, option, value
 
 
 def test_whole_float_batch_size_is_stored_as_int() -> None:
-    from reference.models import build_hf, load, make_pairs
-
     import atpstar
+    from reference.models import build_hf, load, make_pairs
 
     model, pairs = load(build_hf("gpt2", n_layers=2)), make_pairs(n_pairs=2, seq_len=4)
     a = atpstar.attribute(model, pairs, "blocks", nodes=["head"], batch_size=4.0)

@@ -107,6 +107,7 @@ def _site_elems(model: Model, site: str, seq_len: int) -> int:
         "k": s.n_kv_heads * s.d_head,
         "v": s.n_kv_heads * s.d_head,
         "pattern": s.n_heads * seq_len,
+        **dict.fromkeys(("resid_pre", "attn_proj", "attn_out", "resid_mid", "mlp_in", "mlp_out"), s.d_model),
     }[site]
     return per_token * seq_len
 

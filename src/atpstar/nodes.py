@@ -19,6 +19,7 @@ Shape letters: P pairs, L layers, H query heads, K key/value heads, T positions,
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,17 @@ class NodeType:
         lengths = {"layer": sizes.n_layers, "pos": seq_len}
         return tuple(lengths[axis] if axis in lengths else getattr(sizes, str(self.unit_size)) for axis in self.axes)
 
+    def pullback(self, diff: torch.Tensor, grad: torch.Tensor, scale: Any = None) -> torch.Tensor:
+        """Per-node linear score from the site's activation difference and gradient (both [b, *site]):
+        diff · grad per node, summed over the vector a node holds. [b, *layout[1:]].
+
+        ``scale`` (e.g. a path's mean over its points) applies to the elementwise product, before the sum.
+        """
+        prod = diff * grad  # [b, T, M] or [b, H|K, T, E] or [b, T, D]
+        if scale is not None:
+            prod = scale(prod)
+        return prod.sum(-1) if self.vector else prod
+
     def node_name(self, index: tuple[int, ...]) -> str:
         """TransformerLens-style name of one node, e.g. ``blocks.3.attn.hook_k[pos 5, head 2]``."""
         unit = "" if self.unit_axis is None else f", {self.unit_label}{index[self.unit_axis]}"
@@ -91,8 +103,9 @@ INDEX_COLUMNS: tuple[str, ...] = ("layer", "head", "pos", "index")
 
 
 def node_shape(node_type: str, sizes: Sizes, seq_len: int) -> tuple[int, ...]:
-    """Layout of one pair's nodes of ``node_type`` (without the pair axis)."""
-    check_node_types([node_type])
+    """Layout of one pair's site nodes of ``node_type`` (without the pair axis)."""
+    if node_type not in NODE_TABLE:
+        raise InputError(f"{node_type!r} is not a site node type; site node types: {list(NODE_TABLE)}")
     return NODE_TABLE[node_type].shape(sizes, seq_len)
 
 
@@ -128,7 +141,10 @@ def pos_axis(node_type: str) -> int:
 def unit_and_pos(node_type: str, index: tuple[Any, ...]) -> tuple[Any, Any]:
     """(unit, pos) of a layout index ``(layer, a, b)``; works on ints and on index tensors alike."""
     row = NODE_TABLE[node_type]
-    return (0 if row.unit_axis is None else index[row.unit_axis]), index[row.pos_axis]
+    pos = index[row.pos_axis]
+    if row.unit_axis is None:  # one node per (layer, pos): unit 0
+        return (torch.zeros_like(pos) if isinstance(pos, torch.Tensor) else 0), pos
+    return index[row.unit_axis], pos
 
 
 def layout_index(node_type: str, layer: Any, unit: Any, pos: Any) -> tuple[Any, ...]:
@@ -154,7 +170,13 @@ class NodeLayout:
 
     @classmethod
     def of(cls, node_types: list[str], sizes: Sizes, seq_len: int) -> NodeLayout:
+        """The layout of site node types (``NODE_TABLE`` rows) on a model of ``sizes``."""
         return cls({t: node_shape(t, sizes, seq_len) for t in node_types})
+
+    @classmethod
+    def spanning(cls, spaces: Iterable[Any], seq_len: int) -> NodeLayout:
+        """The layout of every node type of ``spaces`` (bound ``atpstar.spaces.NodeSpace``s), in their order."""
+        return cls({t: tuple(space.shape(t, seq_len)) for space in spaces for t in space.node_types})
 
     @classmethod
     def like(cls, tensors: dict[str, torch.Tensor], node_types: list[str], lead: int = 0) -> NodeLayout:

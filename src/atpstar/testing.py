@@ -28,9 +28,10 @@ import torch
 from .errors import InputError
 from .methods.base import METHODS, Method, Registered
 from .model import Model
-from .nodes import ALL_TYPES, NODE_TYPES, node_shape
+from .nodes import NODE_TYPES
 from .pairs import PromptPairs
 from .result import Attribution
+from .spaces import check_node_types, known_types, spaces_for
 from .version import __version__
 
 VOCAB = 48
@@ -94,6 +95,7 @@ class Contract:
     entry: Registered
     model: Model
     pairs: PromptPairs
+    nodes: list[str] | None = None  # node types to check (None: the built-in site types the method scores)
     _result: Attribution | None = field(default=None, repr=False)
 
     @property
@@ -102,6 +104,8 @@ class Contract:
 
     @property
     def node_types(self) -> list[str]:
+        if self.nodes is not None:
+            return check_node_types(self.nodes)
         return [t for t in NODE_TYPES if t in self.cls.node_types]
 
     def build(self) -> Method:
@@ -120,7 +124,10 @@ class Contract:
 
 
 def contract(
-    method: str | type[Method] | Registered, model: Model | None = None, pairs: PromptPairs | None = None
+    method: str | type[Method] | Registered,
+    model: Model | None = None,
+    pairs: PromptPairs | None = None,
+    nodes: list[str] | None = None,
 ) -> Contract:
     """The ``Contract`` of a method id, a registry entry, or a method class (registered or not)."""
     if isinstance(method, str):
@@ -136,7 +143,7 @@ def contract(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' notices about random weights
         model = model if model is not None else tiny_model()
-    return Contract(entry, model, pairs if pairs is not None else tiny_pairs())
+    return Contract(entry, model, pairs if pairs is not None else tiny_pairs(), nodes)
 
 
 # The checks ----------------------------------------------------------------------------------------------
@@ -147,7 +154,7 @@ def check_capabilities(c: Contract) -> None:
     assert isinstance(cls.summary, str) and cls.summary.strip(), f"{cls.__name__}: declare a one-line summary"
     for flag in ("exact", "needs_gradients", "seeded", "pairs_interact", "cost_is_bound", "distributable"):
         assert isinstance(getattr(cls, flag), bool), f"{cls.__name__}.{flag} must be a bool"
-    assert c.node_types and set(cls.node_types) <= set(ALL_TYPES), f"{cls.__name__}.node_types: {cls.node_types}"
+    assert c.node_types and set(cls.node_types) <= set(known_types()), f"{cls.__name__}.node_types: {cls.node_types}"
     assert cls.aggregation in ("mean", "mean_abs"), f"{cls.__name__}.aggregation: {cls.aggregation!r}"
 
 
@@ -157,8 +164,9 @@ def check_shapes_and_record(c: Contract) -> None:
     assert result.method == c.cls.id, f"result.method {result.method!r} != id {c.cls.id!r}"
     assert (result.direction, result.metric) == ("noising", c.pairs.metric_name)
     assert result.node_types == c.node_types, f"{result.node_types} != {c.node_types}"
+    spaces = {t: space for space in spaces_for(c.model, c.node_types, c.build().get_options()) for t in space.node_types}
     for t in c.node_types:
-        layout = node_shape(t, c.model.sizes, c.pairs.seq_len)
+        layout = spaces[t].shape(t, c.pairs.seq_len)
         assert tuple(result.per_pair[t].shape) == (c.pairs.n_pairs, *layout), f"per_pair[{t!r}] shape"
         assert tuple(result.scores[t].shape) == layout, f"scores[{t!r}] shape"
         assert torch.isfinite(result.per_pair[t]).all(), f"per_pair[{t!r}] not finite"
@@ -274,6 +282,42 @@ def check_bad_input(c: Contract) -> None:
         raise AssertionError("a metric returning one number instead of [P] was accepted")
 
 
+def check_edges(c: Contract) -> None:
+    """Edges (the edge space): documented shape, finite, same twice, pair-independent, cost, names; or refused.
+
+    A method without an entry point for edges must refuse ``nodes=["edge"]`` before any pass.
+    """
+    method = c.build()
+    if "edges" not in c.cls.engines:
+        try:
+            method.attribute(c.model, c.pairs, ["edge"])
+        except InputError:
+            return
+        raise AssertionError("edges are not among its engines, yet nodes=['edge'] was accepted")
+    before = snapshot(c.model.hf_model)
+    result = method.attribute(c.model, c.pairs, ["edge"])
+    assert_unchanged(c.model.hf_model, before)
+    (space,) = spaces_for(c.model, ["edge"], method.get_options())
+    layout = space.shape("edge", c.pairs.seq_len)
+    assert tuple(result.per_pair["edge"].shape) == (c.pairs.n_pairs, *layout), "per_pair['edge'] shape"
+    assert torch.isfinite(result.per_pair["edge"]).all(), "edge results not finite"
+    again = method.attribute(c.model, c.pairs, ["edge"])
+    assert torch.allclose(again.per_pair["edge"], result.per_pair["edge"], rtol=1e-12, atol=1e-14), "edges differ"
+    if not (c.cls.seeded or c.cls.pairs_interact):
+        alone = method.attribute(c.model, c.pairs.subset([0]), ["edge"]).per_pair["edge"][0]
+        scale = float(result.per_pair["edge"].abs().max()) + 1e-300
+        err = float((alone - result.per_pair["edge"][0]).abs().max())
+        assert err <= 1e-10 * scale, f"edges of pair 0 alone differ by {err:.2e}"
+    expected = method.expected_cost(c.model, c.pairs, ["edge"], result.info)
+    bound = c.cls.cost_is_bound
+    ok = (result.cost.forward <= expected.forward * (1 + 1e-12)) if bound else math.isclose(
+        result.cost.forward, expected.forward, rel_tol=1e-12
+    )
+    assert ok, f"edge forward cost {result.cost.forward} vs expected {expected.forward}"
+    names = [node.name for node in result.top(3)]
+    assert all("->" in name for name in names), f"edge names {names}"
+
+
 CHECKS: dict[str, Callable[[Contract], None]] = {
     "capabilities": check_capabilities,
     "shapes_and_record": check_shapes_and_record,
@@ -283,11 +327,16 @@ CHECKS: dict[str, Callable[[Contract], None]] = {
     "save_load": check_save_load,
     "unchanged_after_error": check_unchanged_after_error,
     "bad_input": check_bad_input,
+    "edges": check_edges,
 }
 
 
 def check_method(
-    method: str | type[Method] | Registered, *, model: Model | None = None, pairs: PromptPairs | None = None
+    method: str | type[Method] | Registered,
+    *,
+    model: Model | None = None,
+    pairs: PromptPairs | None = None,
+    nodes: list[str] | None = None,
 ) -> None:
     """Run every contract check on ``method`` (a ``Method`` subclass, a ``METHODS`` entry or an id).
 
@@ -295,11 +344,13 @@ def check_method(
         method: the method; a registered class is run with its registry presets.
         model: the model to run on (default: ``tiny_model()``).
         pairs: the prompt pairs (default: ``tiny_pairs()``).
+        nodes: the node types to check on (default: the built-in site types the method scores); a new
+            node space is checked by naming its types here.
 
     Raises:
         AssertionError: the first failed check, named.
     """
-    c = contract(method, model, pairs)
+    c = contract(method, model, pairs, nodes)
     for name, check in CHECKS.items():
         try:
             check(c)

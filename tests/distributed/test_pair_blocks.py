@@ -8,7 +8,6 @@ import pickle
 
 import pytest
 import torch
-from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 import atpstar
 from atpstar.distributed import LocalExecutor
@@ -16,6 +15,7 @@ from atpstar.distributed.sweeps import plan_pair_units
 from atpstar.errors import InputError
 from atpstar.methods.base import METHODS, _by_pair_blocks, runs_on_workers
 from atpstar.result import Attribution
+from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 NODES = ["neuron", "query", "key", "value", "head"]
 REL = 1e-12  # float64 models: the block a pair is batched with changes only rounding

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.faults import CrashOnce
-from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 import atpstar
 from atpstar.distributed import sweeps
+from reference.faults import CrashOnce
+from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 pytestmark = pytest.mark.ray
 NODES = ["neuron", "query", "key", "value", "head"]
@@ -153,9 +153,8 @@ def test_a_checkpoint_folder_started_in_process_resumes_on_workers(ray_cluster, 
 
 def test_cli_runs_verifies_and_bounds_on_workers(ray_cluster, tmp_path, capsys):
     """The CLI's --workers on a model folder: workers load the folder themselves (no weights shipped)."""
-    from test_cli import make_tiny, write_pairs
-
     from atpstar.cli import main
+    from test_cli import make_tiny, write_pairs
 
     folder, pairs_file = make_tiny(tmp_path / "model"), write_pairs(tmp_path / "pairs.jsonl")
     common = ["--model", str(folder), "--task", str(pairs_file), "--no-progress", "--no-plots", "--workers", "2"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 import atpstar
 from atpstar.cost import Cost
@@ -14,6 +13,7 @@ from atpstar.distributed.units import WorkerState
 from atpstar.engine import prepare
 from atpstar.ops import welford_merge
 from atpstar.sweeps.subsampling import subsample_range
+from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 NODES = ["neuron", "query", "key", "value", "head"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.models import build_hf, load, make_pairs
 
 import atpstar
 from atpstar.cost import Cost
@@ -13,6 +12,7 @@ from atpstar.edges.circuits import MIB_FRACTIONS, areas, faithfulness_curve, pru
 from atpstar.edges.graph import EdgeGraph, graph_of
 from atpstar.edges.patching import prepare_edges
 from atpstar.runner import Run
+from reference.models import build_hf, load, make_pairs
 
 
 @pytest.fixture(scope="module", params=("gpt2", "gpt_neox", "llama"))

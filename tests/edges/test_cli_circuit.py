@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from test_cli import make_tiny, write_pairs
 
 from atpstar import Attribution
 from atpstar.cli import main
 from atpstar.edges.circuits import FaithfulnessCurve, areas
 from atpstar.edges.mib import load_mib
+from test_cli import make_tiny, write_pairs
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.edges import edge_references, qk_fix_references
-from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 import atpstar
 from atpstar.cost import Cost
@@ -18,6 +16,8 @@ from atpstar.edges.circuit_run import circuit_metric
 from atpstar.edges.graph import graph_of
 from atpstar.edges.patching import prepare_edges
 from atpstar.runner import Run
+from reference.edges import edge_references, qk_fix_references
+from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 FAMILIES = ("qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2")
 REL = 1e-10

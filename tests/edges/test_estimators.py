@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.edges import edge_references, qk_fix_references
-from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 import atpstar
 from atpstar.edges.graph import graph_of
+from reference.edges import edge_references, qk_fix_references
+from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 FAMILIES = ("gpt2", "gpt_neox", "llama")
 

@@ -8,10 +8,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from reference.models import build_hf, load, make_pairs
 
 import atpstar
 from atpstar.edges.graph import graph_of
+from reference.models import build_hf, load, make_pairs
 
 
 @pytest.fixture(scope="module")

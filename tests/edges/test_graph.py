@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.models import build_hf, load
 
 import atpstar
 from atpstar.edges.graph import EdgeGraph, graph_of
+from reference.models import build_hf, load
 
 
 def expected_count(n_layers: int, n_heads: int, parallel: bool) -> int:

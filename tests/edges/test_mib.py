@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from reference.models import build_hf, load, make_pairs
 
 import atpstar
 from atpstar.edges.mib import load_mib, save_mib
 from atpstar.errors import InputError
+from reference.models import build_hf, load, make_pairs
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ reported and recomputed."""
 from __future__ import annotations
 
 import pytest
-from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 import atpstar
 from atpstar.sweeps import edges as sweep
+from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.models import assert_rel_close, build_hf, load, make_pairs
-from reference import brute, hooks
 
 import atpstar
 from atpstar.runner import Run
+from reference import brute, hooks
+from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 ALL = ["neuron", "query", "key", "value", "head"]
 REL = 1e-6

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.models import build_hf, load, make_pairs
 
 import atpstar
 from atpstar.nodes import node_shape
 from atpstar.testing import CHECKS, check_method, contract
+from reference.models import build_hf, load, make_pairs
 
 ALL = ["neuron", "query", "key", "value", "head"]
 METHOD_IDS = sorted(atpstar.METHODS)

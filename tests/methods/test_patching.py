@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference.models import assert_rel_close, build_hf, load, make_pairs
-from reference import hooks
 
 import atpstar
+from reference import hooks
+from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 ALL = ["neuron", "query", "key", "value", "head"]
 REL = 1e-6

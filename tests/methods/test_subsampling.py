@@ -9,8 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForC
 import atpstar
 from atpstar import engine
 from atpstar.cost import Cost
-from atpstar.nodes import NODE_TABLE
-from atpstar.nodes import node_shape
+from atpstar.nodes import NODE_TABLE, node_shape
 from atpstar.runner import Run
 
 TYPES = ["neuron", "query", "key", "value", "head"]

@@ -22,7 +22,6 @@ Shape letters: N edges (batch), T positions, D d_model, H heads, E d_head.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from reference.models import build_hf, load, make_pairs
 
 import atpstar
 from atpstar.errors import IdentityMismatchError, InputError
+from reference.models import build_hf, load, make_pairs
 
 
 @pytest.fixture(scope="module")

@@ -279,7 +279,7 @@ def _partial_forward(truth: Attribution, types: list[str]) -> torch.Tensor:
             layers = torch.arange(shape[0], dtype=torch.float64).reshape(-1, *([1] * (len(shape) - 1)))
             share_of[t] = ((shape[0] - layers) / shape[0]).expand(shape)  # [*layout]
             continue
-        share = space.patch_share(t, shape[-1])  # [*layout], or without the position axis
+        share = space.patch_share(t, shape[-1], charged=True)  # [*layout], or without the position axis
         share_of[t] = share.reshape(*share.shape, *([1] * (len(shape) - share.ndim))).expand(shape)  # [*layout]
     return NodeLayout.like(share_of, types).flatten(share_of)
 

@@ -1,8 +1,7 @@
 """What ``find`` needs to know of each node-space engine (``NodeSpace.engine``) beyond the protocol.
 
 The search prices its steps before it runs them: the forward cost of patching one node alone as the
-exact sweep counts it (``NodeSpace.patch_share`` charges an edge into the logits 1/L for evaluation's log
-scale; the sweep counts it free), and the cost of one joint patch of the bound. It also records what
+exact sweep counts it (``NodeSpace.patch_share``), and the cost of one joint patch of the bound. It also records what
 names its nodes in a saved result, and whether the engine verifies and bounds on Ray workers (and
 together with other spaces).
 
@@ -32,21 +31,8 @@ class EngineFacts:
     distributable: bool  # runs on workers and beside other spaces
 
 
-def _site_patch_cost(model: Model, space: NodeSpace, node_type: str, seq_len: int) -> torch.Tensor:
-    return space.patch_share(node_type, seq_len)  # (L - l) / L: the patched run starts at the node's layer
-
-
-def _edge_patch_cost(model: Model, space: NodeSpace, node_type: str, seq_len: int) -> torch.Tensor:
-    """An edge into a q/k/v receiver at layer l: (L - l) / L plus 1/L for its receiver's own copy of the layer
-    input; an edge into the logits: no forward (``edges.patching``)."""
-    from ..edges.graph import graph_of
-
-    graph = graph_of(model)
-    per_layer = 3 * model.n_heads + 1  # receivers of one layer: q, k, v of every head, then the MLP
-    receiver = graph.receiver_index  # [N]
-    layer = torch.clamp(receiver // per_layer, max=model.n_layers)  # logits: L
-    qkv = (layer < model.n_layers) & (receiver - layer * per_layer < 3 * model.n_heads)
-    return (model.n_layers - layer + qkv.long()).double() / model.n_layers  # [N]
+def _patch_cost(model: Model, space: NodeSpace, node_type: str, seq_len: int) -> torch.Tensor:
+    return space.patch_share(node_type, seq_len)  # as the exact sweep counts it (an edge into the logits: free)
 
 
 def _edge_joint_patch_cost(model: Model, unverified: torch.Tensor, p: float) -> float:
@@ -62,8 +48,8 @@ def _edge_naming(model: Model) -> dict[str, Any]:
 
 
 ENGINES: dict[str, EngineFacts] = {
-    "sites": EngineFacts(_site_patch_cost, lambda model, unverified, p: 1.0, lambda model: {}, True),
-    "edges": EngineFacts(_edge_patch_cost, _edge_joint_patch_cost, _edge_naming, False),
+    "sites": EngineFacts(_patch_cost, lambda model, unverified, p: 1.0, lambda model: {}, True),
+    "edges": EngineFacts(_patch_cost, _edge_joint_patch_cost, _edge_naming, False),
 }
 
 

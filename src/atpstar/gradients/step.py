@@ -88,6 +88,8 @@ class GradientStep:
 
     def _observe(self, layer: int, site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
         """Form source - base at diff sites and watch the gradient at grad sites; ``x`` itself is unchanged."""
+        if layer >= self._n_layers:  # the final residual stream (``resid_pre`` of index L) holds no nodes
+            return x
         if site in self.diff_sites:  # neither operand requires grad: no graph is built
             self.diffs[(layer, site)] = upcast(self.source.get(site, layer)) - upcast(x.detach())
             if site not in self.sites:
@@ -119,7 +121,7 @@ class GradientStep:
             self.tape.backward(self.metric, consume)
 
     def _watch(self, layer: int, site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
-        if site in self.grad_sites:
+        if site in self.grad_sites and layer < self._n_layers:
             self.tape.watch(layer, site, x)
         return x
 
@@ -131,7 +133,9 @@ class GradientStep:
         """Drop the difference and both runs' records of ``site`` at ``layer`` (the graph may still hold some)."""
         self.diffs.pop((layer, site), None)
         for run in (self.source, self.base):
-            if site in run.record:
+            # GradDrop's partial backwards start at the base run's resid_pre: keep it while they may run
+            keep = run is self.base and self.tape.grad_drop and site == "resid_pre"
+            if site in run.record and not keep:
                 run.release(site, layer)
 
     def close(self) -> None:
@@ -229,5 +233,4 @@ def atp_estimate(step: GradientStep, node_type: str, layer: int, grad: torch.Ten
     row = NODE_TABLE[node_type]
     # Half-precision gradients are upcast like the differences (ops.accumulation_dtype). No graph: the
     # difference is detached and a gradient handed to a consumer does not require grad.
-    prod = step.points.mean(step.diffs[(layer, row.site)] * upcast(grad.detach()))  # [b, T, M] or [b, H|K, T, E]
-    return prod.sum(-1) if row.vector else prod  # [b, T, M] or [b, H|K, T]
+    return row.pullback(step.diffs[(layer, row.site)], upcast(grad.detach()), step.points.mean)  # [b, *layout[1:]]

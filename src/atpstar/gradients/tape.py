@@ -47,6 +47,7 @@ class Tape:
         self._lowest: list[torch.Tensor] = []  # layer 0's watched tensors: where every backward ends
         self._consume: Consumer | None = None  # where the running pass sends gradients
         self._seen: set[tuple[int, str]] = set()
+        self._below = 0  # the running pass hands out gradients of layers below this one
         self._resid_grads: dict[int, torch.Tensor] = {}  # ∂L/∂resid_pre of layers 2..L
 
     def watch(self, layer: int, site: str, x: torch.Tensor) -> None:
@@ -58,7 +59,8 @@ class Tape:
                 self._lowest.append(x)
 
     def _on_grad(self, layer: int, site: str, grad: torch.Tensor) -> None:
-        if self._consume is not None:  # autograd runs hooks with grad mode off (no create_graph here)
+        # A partial backward starts at resid_pre of the dropped layer: a node there gets nothing from it.
+        if self._consume is not None and layer < self._below:  # hooks run with grad mode off (no create_graph)
             self._seen.add((layer, site))
             self._consume(layer, site, grad)
 
@@ -108,7 +110,7 @@ class Tape:
               retain: bool) -> None:  # fmt: skip
         """Backward from ``output`` (gradient ``seed``) to layer 0; watched sites of layers < ``below``
         that autograd never reached get zeros."""
-        self._consume, self._seen = consume, set()
+        self._consume, self._seen, self._below = consume, set(), below
         try:
             # autograd computes nothing below layer 0's sites (the input only when no site needs a gradient)
             inputs = self._lowest or ([] if self.hidden is None else [self.hidden])

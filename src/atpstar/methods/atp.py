@@ -117,13 +117,21 @@ class AttributionPatching(Method):
         self.edge_positions = edge_positions
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
-        """2 forwards and 1 backward per pair; GradDrop adds a partial backward from each layer l >= 1, counted l / L."""
+        """2 forwards and 1 backward per pair; GradDrop adds a partial backward from each layer l >= 1, counted l / L.
+
+        Edges add the receivers' input copies (3H prompts through each layer's q/k/v share, forward and
+        backward, per gradient pass), and the QK fix one q/k projection per upstream sender and layer.
+        """
+        n, n_layers = pairs.n_pairs, model.n_layers
         cost = Cost()
-        cost.add_forward(2 * pairs.n_pairs)
-        cost.add_backward(pairs.n_pairs)
-        if self.grad_drop:
-            for layer in range(1, model.n_layers):
-                cost.add_backward(pairs.n_pairs, layers_covered=layer, n_layers=model.n_layers)
+        for engine in dict.fromkeys(space_class(t).engine for t in node_types):
+            cost.add_forward(2 * n)
+            cost.add_backward(n)
+            if self.grad_drop:
+                for layer in range(1, n_layers):
+                    cost.add_backward(n, layers_covered=layer, n_layers=n_layers)
+            if engine == "edges":
+                cost = cost + _edge_extra_cost(model, n, self.qk_fix, self.grad_drop)
         return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
@@ -215,3 +223,19 @@ class AttributionPatching(Method):
             points=self._points(),
         ) as step:
             return node_estimates(step, model.attention_args, node_types, plan)
+
+
+def _edge_extra_cost(model: Model, n_pairs: int, qk_fix: bool, grad_drop: bool) -> Cost:
+    """What edge estimates add to a gradient step: receiver copies per pass, the QK fix's projections."""
+    from ..edges.graph import graph_of
+    from ..edges.sites import qkv_share
+
+    share, n_layers = qkv_share(model), model.n_layers
+    copies = 3 * model.n_heads * n_pairs * share  # one full backward's copies (all layers)
+    passes = 1.0 + (sum(range(1, n_layers)) / n_layers if grad_drop else 0.0)  # in full backwards
+    extra = Cost(forward=copies * passes, backward=copies * passes)
+    if qk_fix:
+        graph = graph_of(model)
+        ups = sum(graph.senders_before(graph.qkv_receiver(layer, "q", 0)) for layer in range(n_layers))
+        extra.forward += n_pairs * ups * share / n_layers
+    return extra

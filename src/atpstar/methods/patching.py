@@ -6,7 +6,6 @@ node's layer, counted (L - l) / L.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,9 @@ from ..engine import MIN_CHUNK_TOKENS
 from ..errors import InputError
 from ..memory import layout_elems
 from ..model import Model
-from ..nodes import ALL_TYPES, node_shape
+from ..nodes import ALL_TYPES
 from ..pairs import PromptPairs
+from ..spaces import spaces_for
 from ..validate import check_batch_size, check_count, check_memory_gb
 from .base import check_edge_positions, register
 from .patched import PatchedForwards
@@ -71,14 +71,16 @@ class ActivationPatching(PatchedForwards):
         self.edge_positions = edge_positions
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
-        """2P full forwards, then one forward per node and pair of the patched layers, counted (L - l) / L."""
+        """2P full forwards per node space, then one forward per node and pair, counted (L - l) / L (the
+        node's ``patch_share``; an edge's from its receiver's layer)."""
         cost = Cost()
-        cost.add_forward(2 * pairs.n_pairs)
-        layers = sorted(set(self.layers)) if self.layers is not None else range(model.n_layers)
-        for t in node_types:
-            per_layer = math.prod(node_shape(t, model.sizes, pairs.seq_len)[1:])
-            for layer in layers:
-                cost.add_forward(pairs.n_pairs * per_layer, start_layer=layer, n_layers=model.n_layers)
+        for space in spaces_for(model, node_types, self.get_options()):
+            cost.add_forward(2 * pairs.n_pairs)
+            for t in space.node_types:
+                share = space.patch_share(t, pairs.seq_len)  # [*layout]
+                if self.layers is not None:
+                    share = share[sorted(set(self.layers))]  # layouts start with the layer axis
+                cost.forward += pairs.n_pairs * float(share.sum())
         return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:

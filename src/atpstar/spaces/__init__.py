@@ -17,6 +17,7 @@ from .base import (
     space_class,
     spaces_for,
     spaces_from_info,
+    unregister_space,
 )
 from .sites import BuiltinSites, SiteNodes
 
@@ -43,4 +44,5 @@ __all__ = [
     "space_class",
     "spaces_for",
     "spaces_from_info",
+    "unregister_space",
 ]

@@ -50,6 +50,15 @@ class NodeSpace(ABC):
     def __init__(self, node_types: Sequence[str]) -> None:
         self.node_types = tuple(node_types)
 
+    # Registration ------------------------------------------------------------------------------------
+    @classmethod
+    def on_register(cls) -> None:
+        """Called by ``register_space`` (e.g. to make the space's rows known to the engines)."""
+
+    @classmethod
+    def on_unregister(cls) -> None:
+        """Called by ``unregister_space``: undo ``on_register``."""
+
     # Which names a space answers to --------------------------------------------------------------
     @classmethod
     @abstractmethod
@@ -93,8 +102,10 @@ class NodeSpace(ABC):
         """A node's index as table columns, e.g. ``{"layer": 3, "head": 2, "pos": 5}``."""
         return dict(zip(self.axes(node_type), index))
 
-    def patch_share(self, node_type: str, seq_len: int) -> torch.Tensor:
-        """[*layout] the share of a full forward that patching each node alone costs ((L - l) / L).
+    def patch_share(self, node_type: str, seq_len: int, charged: bool = False) -> torch.Tensor:
+        """[*layout] the share of a full forward that patching each node alone costs, as the engine counts it
+        ((L - l) / L for a node at layer l). ``charged``: at least 1 / L, as comparisons on a log scale charge
+        every verification something.
 
         The default reads the layer from the first axis, which must then be ``"layer"``.
         """
@@ -103,7 +114,7 @@ class NodeSpace(ABC):
             raise NotImplementedError(f"{type(self).__name__} must say what patching one {node_type} node costs")
         n_layers = shape[0]
         layers = torch.arange(n_layers, dtype=torch.float64).reshape(-1, *([1] * (len(shape) - 1)))
-        return ((n_layers - layers) / n_layers).expand(shape)
+        return ((n_layers - layers) / n_layers).expand(shape)  # >= 1 / L: charged or not
 
     # Results and identity ----------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -134,6 +145,14 @@ class NodeSpace(ABC):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         """Run ``method`` over this space's nodes: (per_pair, or a sink; extras; info)."""
 
+    def pullback(self, node_type: str, diff: torch.Tensor, grad: torch.Tensor, scale: Any = None) -> torch.Tensor:
+        """Per-node AtP scores from a site's source - base difference and ∂L/∂site ([b, *site] each).
+
+        Spaces served by the gradient step's site consumers implement it (``SiteNodes``); spaces with their
+        own estimators (edges: sender differences against receiver-input gradients) need not.
+        """
+        raise NotImplementedError(f"{type(self).__name__} scores its nodes with its own estimators")
+
     @abstractmethod
     def element_bytes(self, job: Job) -> int:
         """Memory of one patched forward element of ``exact_effects`` (what the batch planner divides by)."""
@@ -161,8 +180,17 @@ def register_space(cls: type[NodeSpace]) -> type[NodeSpace]:
     clash = [t for t in cls.known_types() if any(other.owns(t) for other in SPACES)]
     if clash:
         raise ValueError(f"node types {clash} belong to another registered space")
+    cls.on_register()
     SPACES.append(cls)
     return cls
+
+
+def unregister_space(cls: type[NodeSpace]) -> None:
+    """Remove a registered space (tests that add a space for their own duration)."""
+    if cls not in SPACES:
+        raise ValueError(f"{cls.__name__} is not registered")
+    SPACES.remove(cls)
+    cls.on_unregister()
 
 
 def space_class(node_type: str) -> type[NodeSpace]:

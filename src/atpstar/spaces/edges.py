@@ -74,8 +74,11 @@ class EdgeNodes(NodeSpace):
     def columns(self, node_type: str, index: tuple[int, ...]) -> dict[str, int]:
         return {"index": index[0]} if len(index) == 1 else {"index": index[0], "pos": index[1]}
 
-    def patch_share(self, node_type: str, seq_len: int) -> torch.Tensor:
-        share = self.graph.patch_share()  # [N], by the receiver's layer
+    def patch_share(self, node_type: str, seq_len: int, charged: bool = False) -> torch.Tensor:
+        # EdgeGraph.patch_share charges a logits receiver 1 / L; the engine counts its unembedding as free.
+        share = self.graph.patch_share()  # [N], by the receiver's layer (a q/k/v receiver adds 1 / L)
+        if not charged:
+            share = torch.where(self.graph.receiver_index == self.graph.logits_receiver, 0.0, share)
         return share[:, None].expand(-1, seq_len) if self.positions else share  # [N(, T)]
 
     def describe(self) -> dict[str, Any]:

@@ -46,12 +46,17 @@ class SiteNodes(NodeSpace):
         super().__init__(node_types)
         self.sizes = sizes
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
+    @classmethod
+    def on_register(cls) -> None:
         for name, row in cls.ROWS.items():  # the engines look rows up by name
             if NODE_TABLE.get(name, row) != row:
                 raise ValueError(f"site node type {name!r} is defined twice with different rows")
-            NODE_TABLE[name] = row
+        NODE_TABLE.update(cls.ROWS)
+
+    @classmethod
+    def on_unregister(cls) -> None:
+        for name in cls.ROWS:
+            NODE_TABLE.pop(name, None)
 
     @classmethod
     def owns(cls, node_type: str) -> bool:
@@ -82,6 +87,10 @@ class SiteNodes(NodeSpace):
 
     def name(self, node_type: str, index: tuple[int, ...]) -> str:
         return self.row(node_type).node_name(index)
+
+    def pullback(self, node_type: str, diff: torch.Tensor, grad: torch.Tensor, scale: Any = None) -> torch.Tensor:
+        """The gradient at the node type's site as per-node scores: diff · grad per node ([b, *layout[1:]])."""
+        return self.row(node_type).pullback(diff, grad, scale)
 
     def attribute(self, method: Any, job: Any) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
         return method._attribute(job.model, job.pairs, list(self.node_types), job.direction, job.cost, job.progress)
@@ -115,3 +124,7 @@ class BuiltinSites(SiteNodes):
 
     kind = "sites"
     ROWS = dict(NODE_TABLE)
+
+    @classmethod
+    def on_unregister(cls) -> None:  # the built-in rows stay: the engines' own table
+        pass

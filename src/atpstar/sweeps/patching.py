@@ -57,9 +57,9 @@ def pending_nodes(node_types: list[str], done: dict[str, torch.Tensor], layer: i
     """Unfinished (node, pair) elements of all types at ``layer``: (type, pair, unit, pos) [N] each."""
     parts = []
     for i, node_type in enumerate(node_types):
-        remaining = torch.nonzero(~done[node_type][:, layer])  # [n, 3] rows (pair, *layout[1:])
-        pair, a, b = remaining.unbind(1)
-        unit, pos = unit_and_pos(node_type, (layer, a, b))
+        remaining = torch.nonzero(~done[node_type][:, layer])  # [n, 1 + len(layout) - 1] rows (pair, *layout[1:])
+        pair, *rest = remaining.unbind(1)
+        unit, pos = unit_and_pos(node_type, (layer, *rest))
         parts.append(torch.stack([torch.full_like(pair, i), pair, unit, pos], 1))
     type_i, pair_i, unit_i, pos_i = torch.cat(parts).unbind(1)
     return type_i, pair_i, unit_i, pos_i
