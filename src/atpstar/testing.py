@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .cost import Cost
 from .errors import InputError
 from .methods.base import METHODS, Method, Registered
 from .model import Model
@@ -318,6 +319,55 @@ def check_edges(c: Contract) -> None:
     assert all("->" in name for name in names), f"edge names {names}"
 
 
+def check_workers(c: Contract) -> None:
+    """The method on work units (the in-process executor, the same units Ray workers run) gives the in-process
+    numbers: its own units when ``distributable``, else whole calls on blocks of pairs merged by
+    ``Attribution.concat`` (nodes and, where supported, edges); a method that cannot run there refuses
+    ``workers=`` before any pass."""
+    from .distributed import LocalExecutor
+    from .methods.base import _by_pair_blocks, runs_on_workers
+
+    method = c.build()
+    if not runs_on_workers(c.cls):
+        calls: list[int] = []
+
+        def counting(logits: torch.Tensor, answer: torch.Tensor, distractor: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            return logits[:, 0]
+
+        try:
+            method.attribute(c.model, tiny_pairs(n_pairs=2, seq_len=5, metric=counting), c.node_types, workers=2)
+        except InputError:
+            assert calls == [], "a pass ran before workers= was refused"
+            return
+        raise AssertionError("runs_on_workers is False, yet workers= was accepted")
+    if c.cls.distributable:
+        cost = Cost()
+        on_units, _, _ = method._attribute_on(
+            LocalExecutor(c.model, False), c.model, c.pairs, c.node_types, "noising", cost
+        )
+        _assert_same(on_units, c.result.per_pair, c.node_types, "own work units")
+        return
+    for nodes in [c.node_types] + ([["edge"]] if "edges" in c.cls.engines else []):
+        whole = c.result if nodes == c.node_types else method.attribute(c.model, c.pairs, nodes)
+        blocks = _by_pair_blocks(method, LocalExecutor(c.model, False), c.model, c.pairs, nodes, "noising", None)
+        _assert_same(blocks.per_pair, whole.per_pair, nodes, "blocks of pairs")
+        assert math.isclose(blocks.cost.forward, whole.cost.forward, rel_tol=1e-12), "forward cost of pair blocks"
+        assert math.isclose(blocks.cost.backward, whole.cost.backward, rel_tol=1e-12, abs_tol=1e-12), (
+            "backward cost of pair blocks"
+        )
+        for t in nodes:
+            assert torch.allclose(blocks.scores[t], whole.scores[t], rtol=1e-10, atol=1e-14), f"{t} scores of blocks"
+
+
+def _assert_same(got: Any, want: Any, node_types: list[str], how: str) -> None:
+    for t in node_types:
+        a, b = got[t], want[t]
+        a, b = (a.to_dense() if a.is_sparse else a), (b.to_dense() if b.is_sparse else b)
+        assert a.shape == b.shape, f"{t} on {how}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), f"{t} on {how} differs from the in-process result"
+
+
 CHECKS: dict[str, Callable[[Contract], None]] = {
     "capabilities": check_capabilities,
     "shapes_and_record": check_shapes_and_record,
@@ -328,6 +378,7 @@ CHECKS: dict[str, Callable[[Contract], None]] = {
     "unchanged_after_error": check_unchanged_after_error,
     "bad_input": check_bad_input,
     "edges": check_edges,
+    "workers": check_workers,
 }
 
 

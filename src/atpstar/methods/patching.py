@@ -19,7 +19,7 @@ from ..memory import layout_elems
 from ..model import Model
 from ..nodes import ALL_TYPES
 from ..pairs import PromptPairs
-from ..spaces import spaces_for
+from ..spaces import space_class, spaces_for
 from ..validate import check_batch_size, check_count, check_memory_gb
 from .base import check_edge_positions, register
 from .patched import PatchedForwards
@@ -84,8 +84,9 @@ class ActivationPatching(PatchedForwards):
         return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
-        if self.layers is not None and "edge" in node_types:
-            raise InputError("layers= restricts node patching only; ask for edges in a call without it")
+        not_sites = [t for t in node_types if space_class(t).engine != "sites"]
+        if self.layers is not None and not_sites:
+            raise InputError(f"layers= restricts site-node patching only; ask for {not_sites} in a call without it")
         check_edge_positions(self.edge_positions, node_types)
         check_batch_size(self.batch_size)
         check_memory_gb(self.memory_gb)
