@@ -53,22 +53,12 @@ class ActivationPatching(PatchedForwards):
     engines = ("sites", "edges")
     distributable = True
 
-    def __init__(
-        self,
-        *,
-        batch_size: int | None = None,
-        memory_gb: float = 1.0,
-        checkpoint: str | None = None,
-        min_chunk_tokens: int = MIN_CHUNK_TOKENS,
-        layers: list[int] | None = None,
-        edge_positions: bool = False,
-    ) -> None:
-        self.batch_size = batch_size
-        self.memory_gb = memory_gb
-        self.checkpoint = checkpoint
-        self.min_chunk_tokens = min_chunk_tokens
-        self.layers = None if layers is None else list(layers)
-        self.edge_positions = edge_positions
+    batch_size: int | None = None
+    memory_gb: float = 1.0
+    checkpoint: str | None = None
+    min_chunk_tokens: int = MIN_CHUNK_TOKENS
+    layers: list[int] | None = None
+    edge_positions: bool = False
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """2P full forwards per node space, then one forward per node and pair, counted (L - l) / L (the
@@ -84,6 +74,7 @@ class ActivationPatching(PatchedForwards):
         return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
+        self.layers = None if self.layers is None else list(self.layers)
         not_sites = [t for t in node_types if space_class(t).engine != "sites"]
         if self.layers is not None and not_sites:
             raise InputError(f"layers= restricts site-node patching only; ask for {not_sites} in a call without it")
