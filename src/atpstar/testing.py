@@ -36,6 +36,7 @@ from .spaces import check_node_types, known_types, spaces_for
 from .version import __version__
 
 VOCAB = 48
+MethodLike = str | type[Method] | Registered  # a method id, a ``METHODS`` entry or a ``Method`` subclass
 
 
 def tiny_model(seed: int = 8, n_layers: int = 2) -> Model:
@@ -124,12 +125,8 @@ class Contract:
         return self._result
 
 
-def contract(
-    method: str | type[Method] | Registered,
-    model: Model | None = None,
-    pairs: PromptPairs | None = None,
-    nodes: list[str] | None = None,
-) -> Contract:
+def contract(method: MethodLike, model: Model | None = None, pairs: PromptPairs | None = None,
+             nodes: list[str] | None = None) -> Contract:  # fmt: skip
     """The ``Contract`` of a method id, a registry entry, or a method class (registered or not)."""
     if isinstance(method, str):
         if method not in METHODS:
