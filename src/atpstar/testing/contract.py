@@ -1,17 +1,4 @@
-"""The contract every attribution method meets, as checks a method's author can run.
-
-    >>> from atpstar.testing import check_method
-    >>> check_method(MyMethod)  # doctest: +SKIP
-
-runs the same checks the package runs on every registered method (``tests/methods/test_contract.py``):
-capabilities declared, documented shapes and record, same answer twice, per-pair results independent
-of the other pairs, cost equal to the declared ``expected_cost``, save/load round trip, model left as
-it was (also after an error), bad input refused before any pass. A failed check raises
-``AssertionError`` naming the check and the method.
-
-The default model is a tiny random float64 Llama with grouped-query attention (built offline from a
-config); pass ``model=``/``pairs=`` to check on your own.
-"""
+"""The checks of the method contract (``check_method``), each a function of a ``Contract``."""
 
 from __future__ import annotations
 
@@ -25,69 +12,18 @@ from typing import Any
 
 import torch
 
-from .cost import Cost
-from .errors import InputError
-from .methods.base import METHODS, Method, Registered
-from .model import Model
-from .nodes import NODE_TYPES
-from .pairs import PromptPairs
-from .result import Attribution
-from .spaces import check_node_types, known_types, spaces_for
-from .version import __version__
+from ..cost import Cost
+from ..errors import InputError
+from ..methods.base import METHODS, Method, Registered
+from ..model import Model
+from ..nodes import NODE_TYPES
+from ..pairs import PromptPairs
+from ..result import Attribution
+from ..spaces import check_node_types, known_types, spaces_for
+from ..version import __version__
+from .fixtures import assert_unchanged, snapshot, tiny_model, tiny_pairs
 
-VOCAB = 48
 MethodLike = str | type[Method] | Registered  # a method id, a ``METHODS`` entry or a ``Method`` subclass
-
-
-def tiny_model(seed: int = 8, n_layers: int = 2) -> Model:
-    """A tiny random float64 Llama (d_model 32, 4 heads, 2 kv heads, d_mlp 32) in eval mode."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        max_position_embeddings=16,
-        hidden_size=32,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=32,
-        initializer_range=0.25,  # metrics and effects of order 1
-    )
-    torch.manual_seed(seed)
-    return Model(AutoModelForCausalLM.from_config(config).to(torch.float64).eval(), model_id="atpstar-testing-llama")
-
-
-def tiny_pairs(n_pairs: int = 3, seq_len: int = 5, seed: int = 9, metric: Any = "logit_diff") -> PromptPairs:
-    """Random prompt pairs over ``VOCAB`` tokens whose noise prompt differs at two positions."""
-    gen = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, VOCAB, (n_pairs, seq_len), generator=gen)
-    noise = clean.clone()
-    noise[:, 1] = (clean[:, 1] + 1 + torch.randint(0, VOCAB - 1, (n_pairs,), generator=gen)) % VOCAB
-    noise[:, seq_len - 2] = (clean[:, seq_len - 2] + 7) % VOCAB
-    answer = torch.randint(0, VOCAB, (n_pairs,), generator=gen)
-    distractor = (answer + 1 + torch.randint(0, VOCAB - 1, (n_pairs,), generator=gen)) % VOCAB
-    return PromptPairs(clean=clean, noise=noise, answer=answer, distractor=distractor, metric=metric)
-
-
-def snapshot(hf_model: torch.nn.Module) -> dict[str, Any]:
-    """Everything ``attribute`` must leave as it found it: weights, modes, requires_grad, attention, hooks."""
-    return {
-        "state": {k: v.detach().clone() for k, v in hf_model.state_dict().items()},
-        "training": [m.training for m in hf_model.modules()],
-        "requires_grad": [p.requires_grad for p in hf_model.parameters()],
-        "attn": [getattr(m.config, "_attn_implementation", None) for m in hf_model.modules() if hasattr(m, "config")],
-        "hooks": [
-            (len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_hooks)) for m in hf_model.modules()
-        ],
-    }
-
-
-def assert_unchanged(hf_model: torch.nn.Module, before: dict[str, Any]) -> None:
-    after = snapshot(hf_model)
-    for key in ("training", "requires_grad", "attn", "hooks"):
-        assert after[key] == before[key], f"model {key} changed"
-    for name, value in before["state"].items():
-        assert torch.equal(after["state"][name], value), f"weight {name} changed"
 
 
 @dataclass
@@ -321,8 +257,8 @@ def check_workers(c: Contract) -> None:
     numbers: its own units when ``distributable``, else whole calls on blocks of pairs merged by
     ``Attribution.concat`` (nodes and, where supported, edges); a method that cannot run there refuses
     ``workers=`` before any pass."""
-    from .distributed import LocalExecutor
-    from .methods.base import _by_pair_blocks, runs_on_workers
+    from ..distributed import LocalExecutor
+    from ..methods.base import _by_pair_blocks, runs_on_workers
 
     method = c.build()
     if not runs_on_workers(c.cls):
