@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import atpstar
 from atpstar.cli import main
 from atpstar.lock import folder_lock
 from test_cli import make_tiny, write_pairs
@@ -276,14 +277,11 @@ def test_a_method_without_the_node_space_is_refused_before_the_first_pass(setup,
 
 @pytest.fixture(scope="module")
 def loaded(setup):
-    import atpstar
-
     model = atpstar.load_model(str(setup["model"]))
     return model, atpstar.read_pairs_jsonl(str(setup["pairs"]), model.tokenizer)
 
 
 def test_faithfulness_curve_takes_a_loaded_mib_circuit(loaded, tmp_path) -> None:
-    import atpstar
     from atpstar.edges.graph import EdgeGraph
     from atpstar.edges.mib import save_mib
 
@@ -303,8 +301,6 @@ def test_faithfulness_curve_takes_a_loaded_mib_circuit(loaded, tmp_path) -> None
 
 
 def test_find_takes_a_keep_top_estimate(loaded) -> None:
-    import atpstar
-
     model, pairs = loaded
     dense = atpstar.attribute(model, pairs, "atp*", ["head"])
     top = atpstar.attribute(model, pairs, "atp*", ["head"], keep="top", top_k=3)
@@ -317,7 +313,6 @@ def test_find_takes_a_keep_top_estimate(loaded) -> None:
 
 
 def test_weights_on_the_meta_device_are_refused(loaded) -> None:
-    import atpstar
     from transformers import AutoModelForCausalLM
 
     model, pairs = loaded
@@ -328,8 +323,6 @@ def test_weights_on_the_meta_device_are_refused(loaded) -> None:
 
 
 def test_writers_name_the_folder_they_cannot_create_never_a_temporary_file(loaded, tmp_path) -> None:
-    import atpstar
-
     model, pairs = loaded
     estimate = atpstar.attribute(model, pairs, "atp", ["edge"])
     for name in ("c.json", "c.pt"):  # a missing folder is created, as every writer does
