@@ -253,6 +253,19 @@ def test_plots_without_matplotlib_are_refused_before_the_model_loads(setup, tmp_
     assert not list((tmp_path / "out").glob("*.json"))
 
 
+def test_a_command_without_plots_runs_without_matplotlib(setup, tmp_path, capsys, monkeypatch) -> None:
+    import atpstar.cli.find_command
+
+    def reached(*args, **kwargs):
+        raise atpstar.InputError("the model is loading")
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(atpstar.cli.find_command, "load_model", reached)
+    code = main(["find", "--model", str(setup["model"]), "--task", str(setup["pairs"]), "--theta", "0.5",
+                 "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 2 and "the model is loading" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command,methods,nodes", [
     ("compare", "atp,subsampling", "edge"),
     ("compare", "atp,hierarchical", "edge"),

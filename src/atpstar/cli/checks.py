@@ -52,7 +52,7 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if getattr(args, "device", None) is not None:
         check_device(args.device)
-    if getattr(args, "no_plots", True) is False:  # commands that plot: refuse now, not after the computation
+    if getattr(args, "draws_plots", False) and not args.no_plots:  # refuse now, not after the computation
         from ..plots import require_matplotlib
 
         require_matplotlib("--no-plots")
