@@ -45,7 +45,6 @@ def test_no_module_over_400_lines(figures):
     assert figures.long_modules == {}
 
 
-@pytest.mark.xfail(strict=True, reason="methods/distributed/verify, cli parser and loading/source circles remain")
 def test_no_import_circles(figures):
     assert figures.circles == []
 

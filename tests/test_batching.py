@@ -109,3 +109,45 @@ def test_joint_patching_halves_batches(method_id, model, pairs, monkeypatch):
     torch.testing.assert_close(
         got.per_pair["value"], want.per_pair["value"], rtol=1e-10, atol=1e-13
     )  # batch shapes change float64 rounding only
+
+
+# The batch planner ------------------------------------------------------------------------------
+
+
+def test_plan_batch_fills_the_budget_next_to_what_the_loop_holds():
+    from atpstar.batching import GIB, Footprint, plan_batch
+
+    assert plan_batch(GIB / 8, 1.0) == 8
+    assert plan_batch(Footprint(GIB / 8, held=GIB / 2), 1.0) == 4
+    assert plan_batch(Footprint(GIB / 8, held=GIB / 2), 1.0, batch_size=3) == 3  # the user's batch wins
+    assert plan_batch(Footprint(GIB / 8), 1.0, most=5) == 5
+    assert plan_batch(Footprint(2 * GIB), 1.0) == 1  # at least one element unless asked to refuse
+
+
+def test_plan_batch_counts_host_results_only_on_the_cpu():
+    from atpstar.batching import GIB, Footprint, plan_batch
+
+    footprint = Footprint(GIB / 8, held=0, host=GIB / 2)
+    assert plan_batch(footprint, 1.0, "cpu") == 4
+    assert plan_batch(footprint, 1.0, torch.device("meta")) == 8
+
+
+def test_plan_batch_refuses_a_budget_too_small_for_one_element_when_named():
+    from atpstar.batching import GIB, Footprint, plan_batch
+    from atpstar.errors import InputError
+
+    with pytest.raises(InputError, match="blocks: memory_gb=0.5 is too small.*Raise memory_gb"):
+        plan_batch(Footprint(GIB / 4, held=GIB / 2), 0.5, what="blocks")
+
+
+def test_every_budgeted_loop_uses_the_planner():
+    """The sweeps size their batches with ``plan_batch`` (same numbers as the formulas they replaced)."""
+    from atpstar.batching import Footprint, plan_batch
+    from atpstar.memory import patched_forward_bytes
+    from atpstar.methods.subsampling import ELEMENT_BYTES_PER_NODE, sample_batch
+
+    model = load(build_hf("gpt2", n_layers=2))
+    per_item = patched_forward_bytes(model, 5) + 100 * ELEMENT_BYTES_PER_NODE
+    assert sample_batch(model, 5, 100, 0.01) == max(1, int(0.01 * 2**30 // per_item))
+    assert sample_batch(model, 5, 100, 0.01) == plan_batch(Footprint(per_item), 0.01, model.device)
+    assert sample_batch(model, 5, 100, 0.01, batch_size=7) == 7

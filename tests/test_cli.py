@@ -145,8 +145,11 @@ def test_verify_then_bound(tiny, tmp_path, capsys) -> None:
     assert "Bound on remaining false negatives" in (tmp_path / "bnd" / "report.html").read_text()
 
 
-def test_workers_on_a_method_that_cannot_split_exit_2(tiny, tmp_path, capsys) -> None:
+def test_workers_on_a_method_that_cannot_split_exit_2(tiny, tmp_path, capsys, monkeypatch) -> None:
+    from atpstar.methods import METHODS
+
     model, pairs = tiny
+    monkeypatch.setattr(METHODS["atp"].cls, "seeded", True)  # every built-in method splits now: pretend one cannot
     code = main(["run", "--model", str(model), "--task", str(pairs), "--method", "atp", "--workers", "2",
                  "--out", str(tmp_path), "--no-progress", "--no-plots"])
     assert code == 2 and "does not run on workers" in capsys.readouterr().err

@@ -186,7 +186,7 @@ def test_interrupt_message_is_true(setup, tmp_path, capsys, monkeypatch) -> None
               "--nodes", "head"]
     assert main(["run", *common, "--method", "activation_patching", "--out", str(tmp_path / "ap")]) == 130
     err = capsys.readouterr().err
-    assert "estimate.ckpt.safetensors" in err and (tmp_path / "ap" / "estimate.ckpt.safetensors").is_file()
+    assert "estimate.units" in err and (tmp_path / "ap" / "estimate.units").is_dir()
     from atpstar.methods.atp import AttributionPatching
 
     monkeypatch.setattr(AttributionPatching, "_attribute", lambda *a, **k: interrupt())

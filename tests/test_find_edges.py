@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import atpstar
-from atpstar.find import state as find_state
 from atpstar.cost import Cost
 from atpstar.edges.circuit_run import circuit_metric
 from atpstar.edges.graph import graph_of
 from atpstar.edges.patching import prepare_edges
+from atpstar.find import state as find_state
 from atpstar.find.localization import Localization
-from atpstar.methods.subsampling import _random_subset
+from atpstar.sweeps.subsampling import random_subset
 from reference.models import build_hf, load, make_pairs
 
 
@@ -83,7 +83,7 @@ def test_edge_bound_statistics_equal_a_brute_force_loop():
     for pair in range(pairs.n_pairs):
         masks, deltas = [], []
         for sample in range(samples):
-            chosen = _random_subset(graph.n_edges, p, seed, pair, sample) & keep
+            chosen = random_subset(graph.n_edges, p, seed, pair, sample) & keep
             absent = graph.to_matrix(chosen.double()).bool()[None]  # [1, S, R]
             metric = circuit_metric(model, cache, source, torch.tensor([pair]), absent, Cost())
             masks.append(chosen)

@@ -1,20 +1,90 @@
-"""Batches that halve on CUDA out-of-memory errors and remember the size that fit.
+"""Batch sizes: one planner from a memory budget, and batches that halve on CUDA out-of-memory errors.
 
-A batch that runs out of accelerator memory is retried in halves (the user is told with a warning);
-later batches of the same run start at the size that fit, so one OOM costs one retry, not one per
-batch. Nothing is counted twice: methods add a pass to their ``Cost`` only after it completes.
+``plan_batch`` is the one batching rule: every loop declares its ``Footprint`` (what one batch element
+adds, what the loop holds beside the batch) and gets ``batch_size`` if the user gave one, else the
+most elements that fit in ``memory_gb`` GiB next to what it holds (at least one).
+
+A batch that runs out of accelerator memory is retried in halves (``BatchGuard``; the user is told
+with a warning); later batches of the same run start at the size that fit, so one OOM costs one retry,
+not one per batch. Nothing is counted twice: methods add a pass to their ``Cost`` only after it completes.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
 from .devices import free_cached_memory, is_cuda_oom
-from .errors import OutOfMemory
+from .errors import InputError, OutOfMemory
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """The memory of a batched loop, in bytes.
+
+    Attributes:
+        per_item: one batch element (a patched forward's activations and masks, a pair's autograd graph).
+        held: held for the whole loop beside the batch (cached activations, running statistics).
+        host: results kept in host memory: counted against the budget only when the loop computes on
+            the CPU (beside an accelerator they live in the host's memory, not the device's).
+    """
+
+    per_item: float
+    held: float = 0
+    host: float = 0
+
+    def fixed(self, device: torch.device | str | None) -> float:
+        """Bytes held beside the batch on ``device``."""
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        return self.held + (self.host if on_cpu else 0)
+
+
+def plan_batch(
+    footprint: Footprint | float,
+    memory_gb: float,
+    device: torch.device | str | None = None,
+    *,
+    batch_size: int | None = None,
+    most: int | None = None,
+    what: str | None = None,
+    fix: str = "Raise memory_gb",
+) -> int:
+    """The batch of a loop: ``batch_size`` if given, else as many elements as fit in ``memory_gb`` GiB.
+
+    Args:
+        footprint: the loop's ``Footprint``, or the bytes of one element (nothing else held).
+        memory_gb: the budget in GiB, besides the model's weights.
+        device: where the loop computes (decides whether ``footprint.host`` counts).
+        batch_size: the user's batch size; None plans from the budget.
+        most: elements in the whole loop (the batch never exceeds it).
+        what: name the loop to refuse a budget that does not hold one element (``InputError``);
+            None plans at least one element whatever the budget.
+        fix: what the refusal tells the user to do.
+
+    Returns:
+        The batch, at least 1 (and at most ``most``).
+    """
+    if not isinstance(footprint, Footprint):
+        footprint = Footprint(footprint)
+    if batch_size is None:
+        fixed = footprint.fixed(device)
+        room = memory_gb * GIB - fixed
+        if what is not None and room < footprint.per_item:
+            raise InputError(
+                f"{what}: memory_gb={memory_gb:g} is too small: the run holds {fixed / GIB:.2f} GB (caches and "
+                f"results) and one batch element needs {footprint.per_item / GIB:.3f} GB more. {fix}"
+            )
+        batch = int(room // max(1, footprint.per_item))
+    else:
+        batch = batch_size
+    return max(1, batch if most is None else min(batch, max(1, most)))
+
 
 R = TypeVar("R")
 

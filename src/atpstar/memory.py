@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from .batching import Footprint, plan_batch
 from .errors import InputError
 from .gradients.consumers import plan_sites
 from .gradients.points import AT_BASE, Points
@@ -273,25 +274,18 @@ def _plan(
     """Choose the batch: ``batch_size``, else the most items that fit in ``memory_gb`` next to ``fixed``."""
     on_cpu = model.device.type == "cpu"
     fixed_total = fixed + (results if on_cpu else 0)
-    if batch_size is None:
-        room = memory_gb * GB - fixed_total
-        if room < per_item:
-            raise InputError(
-                f"{method}: memory_gb={memory_gb:g} is too small: the run holds {fixed_total / GB:.2f} GB "
-                f"(caches and results) and one batch element needs {per_item / GB:.3f} GB more. Raise memory_gb, "
-                "use fewer pairs or shorter prompts"
-                + (", or keep='top' / keep='disk' to keep only top-k per pair" if "atp" in method else "")
-            )
-        batch = int(room // per_item)
-    else:
-        batch = batch_size
+    fix = "Raise memory_gb, use fewer pairs or shorter prompts" + (
+        ", or keep='top' / keep='disk' to keep only top-k per pair" if "atp" in method else ""
+    )
+    footprint = Footprint(per_item, fixed, results)
+    batch = plan_batch(footprint, memory_gb, model.device, batch_size=batch_size, most=n_items, what=method, fix=fix)
     return MemoryPlan(
         method=method,
         device=str(model.device),
         weights_gb=weights_bytes(model) / GB,
         fixed_gb=fixed_total / GB,
         per_item_gb=per_item / GB,
-        batch=max(1, min(batch, max(1, n_items))),
+        batch=batch,
         budget_gb=float(memory_gb),
         host_results_gb=0.0 if on_cpu else results / GB,
     )

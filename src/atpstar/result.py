@@ -196,6 +196,60 @@ class Attribution:
                 f"{bundle_base(path)}: saved attribution is incomplete ({err!r}); save it again"
             ) from err
 
+    @classmethod
+    def concat(cls, parts: list[Attribution], info: dict[str, Any] | None = None) -> Attribution:
+        """One attribution from the results of one method on consecutive blocks of pairs.
+
+        ``per_pair`` and ``extras`` are concatenated on the pair axis, ``scores`` aggregated from the
+        whole ``per_pair`` exactly as one call would, costs summed. In ``info``, counts (``n_pairs``,
+        ``oom_retries``) are summed, facts equal in every part kept, lists (per-pair values such as
+        ``base_metric``) concatenated, others taken from the first part; the parts' identities (of their own pairs) are dropped:
+        pass the whole call's in ``info`` (``{"identity": ...}``), which overrides what is merged.
+
+        Args:
+            parts: results of the same method, options, direction, metric, model and node types, in
+                pair order; dense ``per_pair`` (``keep="all"``).
+            info: facts of the whole call (identity, memory plan), written over the merged ones.
+
+        Raises:
+            InputError: no parts, parts of different computations, or top-k (sparse) per-pair results.
+        """
+        if not parts:
+            raise InputError("Attribution.concat needs at least one part")
+        first = parts[0]
+        fields = ("method", "options", "direction", "metric", "model_id", "aggregation", "node_types")
+        for part in parts[1:]:
+            differ = [f for f in fields if getattr(part, f) != getattr(first, f)]
+            if differ:
+                raise InputError(
+                    f"Attribution.concat: the parts differ in {differ}; concatenate results of one method call "
+                    "split over blocks of pairs"
+                )
+        if any(v.is_sparse for part in parts for v in part.per_pair.values()):
+            raise InputError(
+                "Attribution.concat: top-k per-pair results (keep='top'/'disk') cannot be merged exactly; use "
+                "keep='all' to split a call over blocks of pairs"
+            )
+        per_pair = {t: torch.cat([part.per_pair[t] for part in parts]) for t in first.per_pair}  # [P, *layout]
+        extras = {k: torch.cat([part.extras[k] for part in parts]) for k in first.extras}  # [P, ...]
+        cost = Cost()
+        for part in parts:
+            cost = cost + part.cost
+        merged = _merge_info([{k: v for k, v in part.info.items() if k != "identity"} for part in parts])
+        return cls(
+            first.method,
+            dict(first.options),
+            first.direction,
+            first.metric,
+            first.model_id,
+            per_pair,
+            aggregate(per_pair, first.aggregation),
+            first.aggregation,
+            cost,
+            extras,
+            {**merged, **(info or {})},
+        )
+
     @property
     def identity(self) -> dict[str, str] | None:
         """What made this result (see ``atpstar.fingerprint``), or None for results built by hand."""
@@ -214,3 +268,25 @@ def aggregate(per_pair: dict[str, torch.Tensor], aggregation: str) -> dict[str, 
     if aggregation == "mean_abs":
         return {t: v.abs().mean(0) for t, v in per_pair.items()}
     raise InputError(f"unknown aggregation {aggregation!r}; choose 'mean' or 'mean_abs'")
+
+
+# Facts that count something per pair or per pass: the whole call's is the sum of the parts'.
+_COUNTS = frozenset({"n_pairs", "oom_retries", "units", "units_resumed", "units_retried", "prepare_runs"})
+
+
+def _merge_info(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """Facts of parts over blocks of pairs: counts summed, equal kept, lists concatenated, else the first's
+    (a fact some parts lack is merged over the parts that have it)."""
+    merged: dict[str, Any] = {}
+    for key in dict.fromkeys(k for info in infos for k in info):  # every key, in first-seen order
+        values = [info[key] for info in infos if key in info]
+        value = values[0]
+        if key in _COUNTS:
+            merged[key] = sum(values)
+        elif all(v == value for v in values):
+            merged[key] = value
+        elif all(isinstance(v, list) for v in values):
+            merged[key] = [x for v in values for x in v]
+        else:
+            merged[key] = value
+    return merged

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .batching import plan_batch
 from .errors import InputError
 
 GIB = 2**30
@@ -76,10 +77,8 @@ def check_batching(batch_size: Any, memory_gb: Any) -> tuple[int | None, float]:
 
 
 def batch_for_memory(batch_size: int | None, memory_gb: float, bytes_per_item: float) -> int:
-    """The one batching rule: ``batch_size`` if given, else as many items as fit in ``memory_gb`` GiB (at least 1)."""
-    if batch_size is not None:
-        return batch_size
-    return max(1, int(memory_gb * GIB // max(1.0, bytes_per_item)))
+    """``batching.plan_batch(bytes_per_item, memory_gb, batch_size=batch_size)`` (the one batching rule)."""
+    return plan_batch(bytes_per_item, memory_gb, batch_size=batch_size)
 
 
 def available_memory_bytes(device: torch.device | str | None = None) -> int | None:

@@ -60,6 +60,23 @@ def test_estimators_equal_in_process(ray_cluster, setting, method, options):
         )
 
 
+@pytest.mark.parametrize(
+    ("method", "nodes"),
+    [("atp", NODES), ("atp*", NODES), ("atp+qkfix", ["query", "key"]), ("atp+graddrop", ["neuron", "head"]),
+     ("atp+ig", ["neuron", "value"]), ("atp*", ["edge"])],
+)  # fmt: skip
+def test_methods_whose_pairs_do_not_interact_run_by_pair_blocks(ray_cluster, setting, method, nodes):
+    """No code of their own: whole calls on blocks of pairs, merged by ``Attribution.concat`` (float64)."""
+    model, pairs = setting["llama"]
+    expected = atpstar.attribute(model, pairs, method, nodes=nodes)
+    result = atpstar.attribute(model, pairs, method, nodes=nodes, workers=2)
+    _same(result, expected, method)
+    for t in expected.scores:
+        assert_rel_close(result.scores[t], expected.scores[t], REL, f"{method} scores {t}")
+    assert result.cost.forward_equivalents == pytest.approx(expected.cost.forward_equivalents)
+    assert result.identity == expected.identity and result.info["units"] == pairs.n_pairs
+
+
 def test_verify_and_bound_equal_in_process(ray_cluster, setting):
     model, pairs = setting["llama"]
     estimate = atpstar.attribute(model, pairs, "atp", nodes=NODES)
@@ -122,6 +139,16 @@ def test_interrupted_run_resumes_from_unit_checkpoints(ray_cluster, setting, tmp
     assert resumed.info["units_resumed"] == 2 and resumed.info["units"] > 2
     assert len(list(folder.glob("patch_*.safetensors"))) == resumed.info["units"]
     _same(resumed, expected, "resumed")
+
+
+def test_a_checkpoint_folder_started_in_process_resumes_on_workers(ray_cluster, setting, tmp_path):
+    """The same units in-process and on workers: a bound checkpointed in-process needs no work on workers."""
+    model, pairs = setting["gpt2"]
+    kwargs = dict(nodes=["head", "value"], theta=0.05, samples=8, p=0.3, batch_size=2, checkpoint=str(tmp_path / "b"))
+    here = atpstar.false_negative_bound(model, pairs, [], **kwargs)
+    there = atpstar.false_negative_bound(model, pairs, [], workers=2, **kwargs)
+    assert there.info["units_resumed"] == there.info["units"] == here.info["units"]
+    assert there.max_effect_upper == here.max_effect_upper and there.worst_node == here.worst_node
 
 
 def test_cli_runs_verifies_and_bounds_on_workers(ray_cluster, tmp_path, capsys):

@@ -11,8 +11,8 @@ from atpstar.cost import Cost
 from atpstar.distributed import sweeps
 from atpstar.distributed.units import WorkerState
 from atpstar.engine import prepare
-from atpstar.methods.subsampling import subsample_range
 from atpstar.ops import welford_merge
+from atpstar.sweeps.subsampling import subsample_range
 from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 NODES = ["neuron", "query", "key", "value", "head"]
@@ -92,7 +92,8 @@ def test_verify_with_checkpoint_resumes_after_interrupt(gpt2, tmp_path, monkeypa
     # Units saved before the interrupt keep their cost: patched forwards equal the in-process count.
     patched = expected.cost.forward - 2 * pairs.n_pairs
     prepares = resumed.cost.forward - patched
-    assert prepares == pytest.approx(2 * pairs.n_pairs * 2)  # the first run and the resumed run each prepared once
+    # The resumed run prepared again: that repeat is work lost to the interrupt, counted once (as one call).
+    assert prepares == pytest.approx(2 * pairs.n_pairs)
 
 
 def test_bound_with_checkpoint_equals_in_process(gpt2, tmp_path):
@@ -150,9 +151,16 @@ def test_bad_worker_options_are_refused_before_ray(gpt2, kwargs, message):
 
 
 def test_methods_that_do_not_split_refuse_workers(gpt2):
+    """No work units of its own, and its pairs cannot be split (seeded by the pair's place in the call)."""
+    from atpstar.methods.base import Method
+
+    class Seeded(Method):
+        id = "seeded"
+        seeded = True
+
     model, pairs = gpt2
-    with pytest.raises(atpstar.InputError, match="does not run on workers.*activation_patching"):
-        atpstar.attribute(model, pairs, "atp*", nodes=["head"], workers=2)
+    with pytest.raises(atpstar.InputError, match="does not run on workers.*activation_patching.*atp\\*"):
+        Seeded().attribute(model, pairs, ["head"], workers=2)
 
 
 def test_checkpoint_resumes_in_a_new_process(tmp_path):
@@ -203,3 +211,17 @@ def test_unreadable_unit_manifest_is_reported(tmp_path, gpt2):
     manifest.write_text(manifest.read_text()[:20])  # torn
     with pytest.raises(atpstar.InputError, match="unreadable sweep.json"):
         atpstar.false_negative_bound(model, pairs, [("head", (0, 0, 0))], **kwargs)
+
+
+def test_edge_bound_as_ranges_of_samples_resumes_and_equals_one_range(tmp_path):
+    """Edge subsampling is work units too: with a checkpoint, several ranges merged equal the single range."""
+    model, pairs = load(build_hf("gpt2", n_layers=2, seed=3)), make_pairs(n_pairs=2, seq_len=5)
+    kwargs = dict(nodes=["edge"], theta=0.05, samples=8, p=0.3, batch_size=2)
+    expected = atpstar.false_negative_bound(model, pairs, [], **kwargs)
+    pieces = atpstar.false_negative_bound(model, pairs, [], checkpoint=str(tmp_path / "e"), **kwargs)
+    assert pieces.info["units"] == 8 and len(list((tmp_path / "e").glob("edge_samples*.safetensors"))) == 8
+    assert pieces.max_effect_upper == pytest.approx(expected.max_effect_upper, rel=1e-12)
+    assert pieces.worst_node == expected.worst_node
+    assert pieces.cost.forward == pytest.approx(expected.cost.forward)  # whole batches: the same forwards
+    again = atpstar.false_negative_bound(model, pairs, [], checkpoint=str(tmp_path / "e"), **kwargs)
+    assert again.info["units_resumed"] == 8 and again.max_effect_upper == pieces.max_effect_upper

@@ -1,12 +1,13 @@
-"""The exact edge sweep's checkpoint (``atpstar.checkpoint``): resumed only by the same computation,
-refused with the differences named otherwise, and a truncated file reported and recomputed."""
+"""The exact edge sweep's checkpoint (the ``edges`` folder of unit files in the checkpoint folder): resumed
+only by the same computation, refused with the differences named otherwise, and a truncated unit file
+reported and recomputed."""
 
 from __future__ import annotations
 
 import pytest
 
 import atpstar
-from atpstar.edges import sweep
+from atpstar.sweeps import edges as sweep
 from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 
@@ -41,8 +42,8 @@ def test_interrupted_sweep_resumes_to_the_same_numbers_and_cost(setup, tmp_path,
     model, pairs, full = setup
     path = tmp_path / "truth.ckpt"
     _interrupted(model, pairs, path, monkeypatch)
-    saved = tmp_path / "truth.ckpt.edges"
-    assert saved.is_file()
+    saved = tmp_path / "truth.ckpt" / "edges"
+    assert list(saved.glob("edges_*.safetensors"))
     resumed = atpstar.attribute(
         model, pairs, method="activation_patching", nodes=["edge"], checkpoint=str(path), batch_size=16
     )
@@ -84,9 +85,9 @@ def test_truncated_checkpoint_is_reported_and_recomputed(setup, tmp_path, monkey
     model, pairs, full = setup
     path = tmp_path / "truth.ckpt"
     _interrupted(model, pairs, path, monkeypatch)
-    saved = tmp_path / "truth.ckpt.edges"
-    saved.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
-    with pytest.warns(UserWarning, match="unusable"):
+    for unit_file in (tmp_path / "truth.ckpt" / "edges").glob("edges_*.safetensors"):
+        unit_file.write_bytes(unit_file.read_bytes()[: unit_file.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="unreadable"):
         again = atpstar.attribute(model, pairs, method="activation_patching", nodes=["edge"], checkpoint=str(path))
     assert_rel_close(again.per_pair["edge"], full.per_pair["edge"], 1e-12, "recomputed")
     assert again.cost.forward == pytest.approx(full.cost.forward)

@@ -96,25 +96,23 @@ def test_layers_option_patches_only_those_layers():
 
 
 def test_interrupted_sweep_resumes_from_checkpoint(tmp_path, monkeypatch):
-    """An interrupt keeps finished nodes in the checkpoint; a rerun patches only the rest."""
+    """An interrupt keeps finished units (pair block x layer) in the checkpoint folder; a rerun patches only the rest."""
     import atpstar.engine as engine_module
 
     hf = build_hf("llama")
     pairs = make_pairs(n_pairs=2, seq_len=5)
     full = atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["key", "head"], batch_size=4)
-    checkpoint = str(tmp_path / "sweep.safetensors")
+    checkpoint = str(tmp_path / "sweep")
     real_patch = engine_module.patch_node_batch
     calls = {"n": 0}
 
-    def interrupt_on_fourth(*args, **kwargs):
+    def interrupt_after_first_unit(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:
-            # written by count before any interrupt: a SIGKILL here would keep the first batches
-            assert (tmp_path / "sweep.safetensors").is_file()
-            raise KeyboardInterrupt
+        if list((tmp_path / "sweep").glob("patch_*.safetensors")):
+            raise KeyboardInterrupt  # the first unit is saved as it finishes: a SIGKILL here would keep it
         return real_patch(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "patch_node_batch", interrupt_on_fourth)
+    monkeypatch.setattr(engine_module, "patch_node_batch", interrupt_after_first_unit)
     with pytest.raises(KeyboardInterrupt):
         atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["key", "head"], batch_size=4,
                           checkpoint=checkpoint)
@@ -124,9 +122,9 @@ def test_interrupted_sweep_resumes_from_checkpoint(tmp_path, monkeypatch):
     for t in ("key", "head"):
         assert_rel_close(resumed.per_pair[t], full.per_pair[t], REL, t)
     assert resumed.cost == full.cost  # the whole computation's cost, not only the resumed part's
-    assert resumed.info["resumed_from"] == checkpoint
+    assert resumed.info["resumed_from"] == checkpoint and resumed.info["units_resumed"] == 1
     calls["n"] = 0
-    monkeypatch.setattr(engine_module, "patch_node_batch", interrupt_on_fourth)
+    monkeypatch.setattr(engine_module, "patch_node_batch", interrupt_after_first_unit)
     again = atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["key", "head"], batch_size=4,
                               checkpoint=checkpoint)  # everything done: no patched forward at all
     assert calls["n"] == 0 and again.cost == full.cost
@@ -135,12 +133,21 @@ def test_interrupted_sweep_resumes_from_checkpoint(tmp_path, monkeypatch):
     other = make_pairs(n_pairs=2, seq_len=5, seed=7)
     with pytest.raises(atpstar.InputError, match=r"checkpoint .* prompt pairs \(tokens\) \(saved"):
         atpstar.attribute(load(hf), other, method="activation_patching", nodes=["key", "head"], checkpoint=checkpoint)
-    data = (tmp_path / "sweep.safetensors").read_bytes()
-    (tmp_path / "sweep.safetensors").write_bytes(data[: len(data) // 2])  # truncated: reported, recomputed
-    with pytest.warns(UserWarning, match="unusable"):
+    for unit_file in (tmp_path / "sweep").glob("patch_*.safetensors"):
+        data = unit_file.read_bytes()
+        unit_file.write_bytes(data[: len(data) // 2])  # truncated: reported, recomputed
+    with pytest.warns(UserWarning, match="unreadable"):
         fresh = atpstar.attribute(load(hf), pairs, method="activation_patching", nodes=["key", "head"], batch_size=4,
                                   checkpoint=checkpoint)
     assert fresh.cost == full.cost and "resumed_from" not in fresh.info
+
+
+def test_single_file_checkpoint_of_an_older_version_is_refused(tmp_path):
+    model, pairs = load(build_hf("gpt2")), make_pairs(n_pairs=2, seq_len=5)
+    old = tmp_path / "sweep.safetensors"
+    old.write_bytes(b"an atpstar 0.2 checkpoint")
+    with pytest.raises(atpstar.InputError, match="is a file.*cannot be resumed.*run again"):
+        atpstar.attribute(model, pairs, method="activation_patching", nodes=["head"], checkpoint=str(old))
 
 
 def test_pairs_stream_through_in_blocks_when_memory_is_short():

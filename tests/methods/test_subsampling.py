@@ -128,13 +128,13 @@ def test_random_design_statistics_match_brute_force_and_costs_add_up():
     # 7-element batch patches something at layer 0, so each counts in full.
     assert result.cost.forward == pytest.approx(2 * 2 + samples * 2)
     assert result.cost.backward == 0
-    from atpstar.methods.subsampling import _random_subset
+    from atpstar.sweeps.subsampling import random_subset
 
     cache = engine.prepare(model, pairs, "noising", nodes, Cost())
     shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in nodes}
     sizes = [int(torch.Size(shapes[t]).numel()) for t in nodes]
     for j in range(pairs.n_pairs):
-        subsets = torch.stack([_random_subset(sum(sizes), p, seed, j, s) for s in range(samples)])  # [S, N]
+        subsets = torch.stack([random_subset(sum(sizes), p, seed, j, s) for s in range(samples)])  # [S, N]
         masks = {t: part.reshape(samples, *shapes[t]) for t, part in zip(nodes, subsets.split(sizes, 1))}
         delta = engine.patch_masks(model, cache, masks, torch.full((samples,), j), Cost())
         for n in range(sum(sizes)):

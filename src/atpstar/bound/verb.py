@@ -20,11 +20,10 @@ from typing import Any
 import torch
 
 from ..cost import Cost
-from ..engine import prepare
 from ..errors import InputError
 from ..fingerprint import MODEL_FIELDS, check_identity, identity
 from ..job import Job
-from ..methods.subsampling import SubsamplingStats, check_options, subsample
+from ..methods.subsampling import SubsamplingStats, check_options, sample_batch
 from ..model import Model, as_model
 from ..nodes import NodeLayout, check_node_types
 from ..pairs import PromptPairs, check_direction
@@ -177,16 +176,14 @@ def _population(verified: Any, nodes: Any, direction: str | None) -> tuple[list[
 
 
 def _spaces(model: Model, node_types: list[str], engine: dict[str, Any]) -> Spaces:
-    """The node spaces of the population, bound to ``model``. Subsampling of site nodes runs anywhere; other
-    engines (edges) sample their nodes on their own and in-process."""
+    """The node spaces of the population, bound to ``model``. Every engine's Subsampling runs anywhere (in-process,
+    with a checkpoint folder, on workers); other engines than sites (edges) sample their nodes on their own."""
     spaces = Spaces(spaces_for(model, node_types))
     engines = {space.engine for space in spaces}
     if engines - set(SAMPLERS):
         raise InputError(f"no false-negative bound for the nodes {node_types}: their engines {engines} cannot sample")
-    if engines != {"sites"} and (len(spaces.spaces) > 1 or any(v is not None for v in engine.values())):
-        raise InputError(
-            "bound edges on their own and in-process: nodes=['edge'], no workers=/ray_address=/checkpoint="
-        )
+    if engines != {"sites"} and len(spaces.spaces) > 1:
+        raise InputError("bound edges on their own: nodes=['edge'] in a call of their own")
     return spaces
 
 
@@ -221,39 +218,37 @@ class Sampling:
 def _sample_sites(run: Sampling) -> tuple[SubsamplingStats, dict[str, Any]]:
     """Subsampling of site nodes: (statistics, facts of the run), in-process or as work units over ranges of
     samples (``atpstar.distributed``; also in-process with a checkpoint folder)."""
-    job, engine = run.job, run.engine
-    if all(v is None for v in engine.values()):
-        cache = prepare(job.model, job.pairs, job.direction, run.node_types, job.cost)
-        batching: dict[str, Any] = {"batch_size": run.batch_size, "memory_gb": run.memory_gb, "progress": job.progress}
-        stats = subsample(
-            job.model, cache, run.node_types, **run.options, cost=job.cost, exclude=run.exclude, **batching
-        )
-        return stats, {}
-    from ..distributed import executor_for
     from ..distributed.sweeps import subsample_on
 
-    executor = executor_for(job.model, engine["workers"], engine["ray_address"], job.progress)
-    where = (run.batch_size, run.memory_gb, run.exclude, engine["checkpoint"], job.cost)
+    job, engine = run.job, run.engine
+    n_nodes = NodeLayout.of(run.node_types, job.model.sizes, job.pairs.seq_len).size
+    batch = sample_batch(job.model, job.pairs.seq_len, n_nodes, run.memory_gb, run.batch_size)
+    where = (batch, run.exclude, engine["checkpoint"], job.cost)
     stats, _, run_info = subsample_on(
-        executor, job.model, job.pairs, run.node_types, job.direction, run.options, *where
+        _executor(run), job.model, job.pairs, run.node_types, job.direction, run.options, *where
     )
     return stats, run_info
 
 
 def _sample_edges(run: Sampling) -> tuple[SubsamplingStats, dict[str, Any]]:
-    """Random joint patches of edge subsets (``edges.subsampling``), in-process; the facts name the graph."""
+    """Random joint patches of edge subsets (``sweeps.edges``) as ranges of samples; the facts name the graph."""
+    from ..distributed.sweeps import edge_samples_on
     from ..edges.graph import graph_of
-    from ..edges.subsampling import subsample_edges
 
     job = run.job
     options = {k: run.options[k] for k in ("samples", "p", "seed")}
     (edge_type,) = run.node_types
-    batching: dict[str, Any] = {"batch_size": run.batch_size, "memory_gb": run.memory_gb, "progress": job.progress}
-    exclude = run.exclude[edge_type]
-    stats, _ = subsample_edges(
-        job.model, job.pairs, job.direction, **options, cost=job.cost, exclude=exclude, **batching
-    )
-    return stats, {"edge_graph": graph_of(job.model).describe()}
+    where = (run.batch_size, run.memory_gb, run.exclude[edge_type], run.engine["checkpoint"], job.cost)
+    stats, _, run_info = edge_samples_on(_executor(run), job.model, job.pairs, job.direction, options, *where)
+    return stats, {**run_info, "edge_graph": graph_of(job.model).describe()}
+
+
+def _executor(run: Sampling) -> Any:
+    """Where the Subsampling's ranges of samples run: in-process (one range, the loop of a single call; with a
+    checkpoint folder several) or on Ray workers (``atpstar.distributed``)."""
+    from ..distributed import executor_for
+
+    return executor_for(run.job.model, run.engine["workers"], run.engine["ray_address"], run.job.progress)
 
 
 # The Subsampling of each node-space engine (``NodeSpace.engine``).

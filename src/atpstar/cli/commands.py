@@ -81,8 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = out_dir(args)
     checkpoint = None
     if METHODS[args.method].cls.exact and "checkpoint" not in options:
-        # the exhaustive sweep resumes on rerun when interrupted (with --workers: a folder of work-unit files)
-        checkpoint = resumable(out / ("estimate.units" if args.workers else "estimate.ckpt.safetensors"))
+        # the exhaustive sweep resumes on rerun when interrupted (a folder of work-unit files, in-process or on workers)
+        checkpoint = resumable(out / "estimate.units")
         options["checkpoint"] = str(checkpoint)
     model = load_model(args)
     pairs, task = load_task(model, args)
@@ -151,18 +151,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     start = time.monotonic()
     out = out_dir(args)
     methods, options, nodes = _compare_methods(args)
-    checkpoint = out / "ground_truth.ckpt.safetensors"
-    for saved in (checkpoint, out / "ground_truth.units"):
-        if args.recompute and saved.exists():
-            say(f"--recompute: discarding {saved}")
-            _discard(saved)
+    checkpoint = out / "ground_truth.units"
+    if args.recompute and checkpoint.exists():
+        say(f"--recompute: discarding {checkpoint}")
+        _discard(checkpoint)
     model = load_model(args)
     pairs, task = load_task(model, args)
     spaces = Spaces(spaces_for(model, nodes))
     n_nodes = sum(math.prod(spaces.of(t).shape(t, pairs.seq_len)) for t in nodes)
     if args.k_max is not None and args.k_max > n_nodes:
         raise InputError(f"--k-max {args.k_max} is more than the {n_nodes} nodes of types {nodes}; lower it")
-    truth_options = {"checkpoint": str(resumable(out / "ground_truth.units" if args.workers else checkpoint))}
+    truth_options = {"checkpoint": str(resumable(checkpoint))}
     truth = cached_or_run(out / "ground_truth", model, pairs, _exact_method(), nodes, truth_options, args)
     estimates = {
         m: cached_or_run(out / "estimates" / _file_name(m), model, pairs, m, nodes, options[m], args) for m in methods
@@ -278,7 +277,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def _discard(checkpoint: Path) -> None:
-    """Remove a checkpoint: a file in-process, a folder of work units with ``--workers``."""
+    """Remove a checkpoint: a folder of work-unit files (or a file)."""
     if checkpoint.is_dir():
         shutil.rmtree(checkpoint)
     else:

@@ -190,7 +190,7 @@ def run_method(
 
 def worker_options(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
     """``workers``/``ray_address`` from ``--workers``/``--ray-address``, for ``method`` when it runs on
-    workers (others run in-process; with ``run`` a method that cannot is refused by ``attribute``)."""
+    workers (others run in-process; with ``run`` a method that cannot is refused by ``check_methods``)."""
     workers, address = getattr(args, "workers", None), getattr(args, "ray_address", None)
     if workers is None and address is None:
         return {}

@@ -13,10 +13,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from ..errors import AtpstarError, InputError
 from ..model import Model
+from .pool import WorkerError, get_pool
 from .units import Sweep, Unit, UnitResult, WorkerState
 
 # A unit is handed out at most this many times before the sweep fails (a unit that kills every
@@ -26,17 +25,13 @@ MAX_ATTEMPTS = 4
 OnResult = Callable[[int, UnitResult], None]
 
 
-class WorkerError(AtpstarError):
-    """Workers kept dying on the same unit, or the cluster cannot host the workers asked for."""
-
-
 class LocalExecutor:
     """Runs units one after another in this process (resumable sweeps without Ray)."""
 
     workers = 0
 
-    def __init__(self, model: Model, progress: bool) -> None:
-        self.state = WorkerState(model)
+    def __init__(self, model: Model, progress: bool, one_block: bool = False) -> None:
+        self.state = WorkerState(model, one_block)
         self.progress = progress
 
     def map(self, sweep: Sweep, jobs: list[tuple[int, Unit]], on_result: OnResult) -> int:
@@ -92,7 +87,6 @@ class RayExecutor:
     """Runs units on ``workers`` Ray actors (see the module docstring)."""
 
     def __init__(self, model: Model, workers: int, ray_address: str | None, progress: bool) -> None:
-        from .pool import get_pool
         from .source import source_for
 
         self.ray = connect(ray_address, workers)
@@ -153,8 +147,3 @@ class RayExecutor:
 def _actor_death(ray: Any) -> tuple[type[BaseException], ...]:
     e = ray.exceptions
     return (e.RayActorError, e.WorkerCrashedError, e.NodeDiedError, e.OutOfMemoryError, e.ObjectLostError)
-
-
-def worker_device() -> str:
-    """``cuda`` when Ray gave this worker a GPU (it sets CUDA_VISIBLE_DEVICES), else ``cpu``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"

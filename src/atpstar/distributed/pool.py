@@ -13,9 +13,18 @@ from typing import Any
 
 import torch
 
-from .executor import WorkerError, worker_device
+from ..errors import AtpstarError
 from .source import ModelSource
 from .units import Sweep, Unit, UnitResult, WorkerState
+
+
+class WorkerError(AtpstarError):
+    """Workers kept dying on the same unit, or the cluster cannot host the workers asked for."""
+
+
+def worker_device() -> str:
+    """``cuda`` when Ray gave this worker a GPU (it sets CUDA_VISIBLE_DEVICES), else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class AtpstarWorker:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from ..cost import Cost
 from ..errors import CorruptFileError, InputError
 from ..fingerprint import check_identity
-from ..persist import atomic_path, load_json, save_json
+from ..persist import atomic_path, load_json, save_json, to_jsonable
 from .units import Unit, UnitResult
 
 MANIFEST_KIND = "unit-sweep"
@@ -39,8 +39,9 @@ class UnitStore:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise InputError(
-                f"checkpoint {self.path} is a file, but runs on workers keep one file per work unit in a folder; "
-                "choose a folder path (the in-process checkpoint file cannot be resumed on workers)"
+                f"checkpoint {self.path} is a file, but checkpoints are folders holding one file per finished work "
+                "unit (a single-file checkpoint of atpstar 0.2 cannot be resumed): delete it or choose a folder "
+                "path, and run again"
             )
         self.path.mkdir(parents=True, exist_ok=True)
         manifest = self.path / "sweep.json"
@@ -77,15 +78,20 @@ class UnitStore:
                 meta = handle.metadata()
             cost = Cost.from_dict(json.loads(meta["cost"]))
             prepare = Cost.from_dict(json.loads(meta["prepare"]))
+            facts = json.loads(meta.get("meta", "{}"))
         except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:  # torn or foreign file
             warnings.warn(
                 f"atpstar: unit checkpoint {path} is unreadable ({err}); running that unit again", stacklevel=2
             )
             return None
-        return UnitResult(tensors, cost, prepare)
+        return UnitResult(tensors, cost, prepare, facts)
 
     def save(self, unit: Unit, result: UnitResult) -> None:
-        meta = {"cost": json.dumps(result.cost.to_dict()), "prepare": json.dumps(result.prepare.to_dict())}
+        meta = {
+            "cost": json.dumps(result.cost.to_dict()),
+            "prepare": json.dumps(result.prepare.to_dict()),
+            "meta": json.dumps(to_jsonable(result.meta)),
+        }
         with atomic_path(self._file(unit)) as tmp:
             save_file({k: v.contiguous() for k, v in result.tensors.items()}, str(tmp), metadata=meta)
 

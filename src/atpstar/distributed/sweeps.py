@@ -11,117 +11,64 @@ Shape letters: P pairs, N nodes, B blocks.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ..batching import plan_batch
 from ..cost import Cost
-from ..fingerprint import identity
-from ..methods.subsampling import SubsamplingStats, keep_mask, sample_batch
+from ..edges.graph import graph_of
 from ..model import Model
 from ..nodes import NodeLayout, node_shape
 from ..ops import welford_merge
 from ..pairs import PromptPairs
-from ..progress import progress_bar
-from .executor import LocalExecutor, RayExecutor
-from .store import UnitStore
-from .units import BlockUnit, PatchUnit, RankUnit, SampleUnit, Sweep, Unit, UnitResult
+from ..sweeps.edges import prepare_edge_sweep, receiver_layers
+from ..sweeps.subsampling import SubsamplingStats, keep_mask
+from .run import Executor, digest, pair_bounds, run_units, sum_costs, target_units, unit_store
+from .units import (
+    BlockUnit,
+    EdgeSampleUnit,
+    EdgeUnit,
+    PairBlockUnit,
+    PatchUnit,
+    RankUnit,
+    SampleUnit,
+    Sweep,
+    Unit,
+    UnitResult,
+)
 
-Executor = LocalExecutor | RayExecutor
-
-# Aim for at least this many units per worker (units differ in size; more units balance better).
-UNITS_PER_WORKER = 4
 # Split a layer's pairs once a unit would hold more patched forwards than this (checkpoint granularity).
 MAX_UNIT_FORWARDS = 1 << 18
 # Largest verification window (nodes).
 MAX_WINDOW = 4096
 
 
-def run_units(
-    executor: Executor,
-    sweep: Sweep,
-    units: Sequence[Unit],
-    store: UnitStore | None,
-    description: str,
-    unit_label: str = "node",
-    advance: Any = None,
-) -> tuple[list[UnitResult], dict[str, int]]:
-    """Run every unit not already in ``store``; results in unit order, and run facts for ``info``.
-
-    The progress bar counts the whole sweep (units resumed from checkpoints count as done); pass
-    ``advance`` to count on an outer bar instead.
-    """
-    results: list[UnitResult | None] = [store.load(u) if store else None for u in units]
-    resumed = sum(r is not None for r in results)
-    jobs = [(i, u) for i, (u, r) in enumerate(zip(units, results)) if r is None]
-
-    def finish(index: int, result: UnitResult, update: Any) -> None:
-        if store is not None:
-            store.save(units[index], result)
-        results[index] = result
-        update(units[index].work)
-
-    if advance is not None:
-        retries = executor.map(sweep, jobs, lambda i, r: finish(i, r, advance))
-    else:
-        total = sum(u.work for u in units)
-        with progress_bar(total, description, executor.progress, unit=unit_label) as bar:
-            bar.update(sum(u.work for u, r in zip(units, results) if r is not None))
-            retries = executor.map(sweep, jobs, lambda i, r: finish(i, r, bar.update))
-    done = [r for r in results if r is not None]
-    ran = [results[i] for i, _ in jobs]
-    info = {
-        "workers": executor.workers,
-        "units": len(units),
-        "units_resumed": resumed,
-        "units_retried": retries,
-        "prepare_runs": sum(r is not None and r.prepare.forward > 0 for r in ran),
-    }
-    return done, info
-
-
-def sum_costs(results: list[UnitResult], cost: Cost) -> None:
-    """Add every unit's passes and the base/source runs its worker needed to ``cost``."""
-    for result in results:
-        cost.forward += result.cost.forward + result.prepare.forward
-        cost.backward += result.cost.backward + result.prepare.backward
-
-
-def _store(checkpoint: str | None, kind: str, model: Model, sweep: Sweep, extra: Any) -> UnitStore | None:
-    if checkpoint is None:
-        return None
-    made_by = identity(model, sweep.pairs, sweep.direction, sweep.node_types, kind, sweep.options)
-    made_by["layout"] = json.dumps(extra, sort_keys=True, default=str)  # the sweep's own units and layers
-    return UnitStore(checkpoint, made_by)
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    """Content hash of a CPU tensor (stable across processes, unlike ``hash``)."""
-    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()[:24]
-
-
-def _target_units(executor: Executor) -> int:
-    return max(8, UNITS_PER_WORKER * executor.workers)
-
-
 # Exact patching -------------------------------------------------------------------------------
 
 
 def plan_patch_units(
-    model: Model, pairs: PromptPairs, node_types: list[str], layers: list[int], target: int
+    model: Model,
+    pairs: PromptPairs,
+    node_types: list[str],
+    layers: list[int],
+    target: int,
+    pair_block: int | None = None,
 ) -> list[PatchUnit]:
-    """One unit per (pair block, layer); pairs split when there are too few layers or too many forwards."""
+    """One unit per (pair block, layer), block by block.
+
+    Args:
+        target: units wanted (workers): pairs split when there are too few layers or too many forwards.
+        pair_block: pairs per block instead (in-process: the memory plan's, so every forward is the one of a
+            sweep over the blocks).
+    """
     per_layer = sum(int(torch.Size(node_shape(t, model.sizes, pairs.seq_len)[1:]).numel()) for t in node_types)
     blocks = max(math.ceil(target / len(layers)), math.ceil(per_layer * pairs.n_pairs / MAX_UNIT_FORWARDS))
-    blocks = min(pairs.n_pairs, blocks)
-    bounds = [pairs.n_pairs * k // blocks for k in range(blocks + 1)]
+    bounds = pair_bounds(pairs.n_pairs, blocks, pair_block)
     units = []
-    for layer in layers:
-        for start, stop in zip(bounds, bounds[1:]):
+    for start, stop in zip(bounds, bounds[1:]):
+        for layer in layers:
             work = per_layer * (stop - start)
             units.append(PatchUnit(start, stop, (layer,), work, work * (model.n_layers - layer) / model.n_layers))
     return units
@@ -137,11 +84,19 @@ def patch_on(
     options: dict[str, Any],
     checkpoint: str | None,
     cost: Cost,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, int]]:
-    """Exhaustive exact patching of ``layers`` as work units: (effects [P, *layout] per type, base metric [P], info)."""
+    pair_block: int | None = None,
+    made_by: dict[str, Any] | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:
+    """Exhaustive exact patching of ``layers`` as work units: (effects [P, *layout] per type, base metric [P], info).
+
+    Args:
+        options: ``batch`` and ``min_chunk_tokens``.
+        pair_block: pairs per unit (None: split for ``executor``'s workers).
+        made_by: the options that identify the sweep's checkpoint (None: ``options``).
+    """
     sweep = Sweep("patch", pairs, direction, list(node_types), options)
-    units = plan_patch_units(model, pairs, node_types, layers, _target_units(executor))
-    store = _store(checkpoint, "patch", model, sweep, layers)
+    units = plan_patch_units(model, pairs, node_types, layers, target_units(executor), pair_block)
+    store = unit_store(checkpoint, "patch", model, sweep, layers, made_by)
     results, info = run_units(executor, sweep, units, store, "activation patching")
     dtype = results[0].tensors["base_metric"].dtype
     effects = {
@@ -151,6 +106,51 @@ def patch_on(
     for unit, result in zip(units, results):
         for t in node_types:
             effects[t][unit.pair_start : unit.pair_stop, list(unit.layers)] = result.tensors[t]
+        base_metric[unit.pair_start : unit.pair_stop] = result.tensors["base_metric"]
+    sum_costs(results, cost)
+    return effects, base_metric, info
+
+
+def edges_on(
+    executor: Executor,
+    model: Model,
+    pairs: PromptPairs,
+    direction: str,
+    options: dict[str, Any],
+    checkpoint: str | None,
+    cost: Cost,
+    made_by: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Exact patching of every edge alone as (pair block, receiver layer) units: (effects [P, N] (``positions``:
+    [P, N, T]), base metric [P], info).
+
+    Args:
+        options: ``batch_size``, ``memory_gb`` and ``positions``.
+        made_by: the options that identify the sweep's checkpoint.
+    """
+    graph = graph_of(model)
+    footprint = EdgeUnit.footprint(model, pairs)
+    batch = plan_batch(footprint, options["memory_gb"], model.device, batch_size=options["batch_size"])
+    options = {"batch": batch, "positions": options["positions"]}
+    sweep = Sweep("edges", pairs, direction, ["edge"], options, prepare=prepare_edge_sweep)
+    layer_of = receiver_layers(graph)  # [N]
+    per_position = pairs.seq_len if options["positions"] else 1
+    blocks = math.ceil(target_units(executor) / (model.n_layers + 1)) if executor.workers else 1
+    bounds = pair_bounds(pairs.n_pairs, blocks)
+    units = [
+        EdgeUnit(a, b, layer, work := int((layer_of == layer).sum()) * per_position * (b - a), float(work))
+        for a, b in zip(bounds, bounds[1:])
+        for layer in range(model.n_layers + 1)
+    ]
+    store = unit_store(checkpoint, "edges", model, sweep, bounds, made_by)
+    results, info = run_units(executor, sweep, units, store, "exact edge patching", unit_label="edge")
+    dtype = results[0].tensors["base_metric"].dtype
+    effects = torch.zeros(
+        pairs.n_pairs, graph.n_edges, *((pairs.seq_len,) if options["positions"] else ()), dtype=dtype
+    )
+    base_metric = torch.zeros(pairs.n_pairs, dtype=dtype)
+    for unit, result in zip(units, results):
+        effects[unit.pair_start : unit.pair_stop, layer_of == unit.layer] = result.tensors["edge"]
         base_metric[unit.pair_start : unit.pair_stop] = result.tensors["base_metric"]
     sum_costs(results, cost)
     return effects, base_metric, info
@@ -191,8 +191,8 @@ def verify_on(
             prepare(model, pairs, direction, node_types, cost).base_metric,
             {"workers": executor.workers, "units": 0},
         )
-    units = plan_rank_units(n_nodes, pairs.n_pairs, _target_units(executor))
-    store = _store(checkpoint, "verify", model, sweep, [n_nodes, _digest(torch.stack(ranked))])
+    units = plan_rank_units(n_nodes, pairs.n_pairs, target_units(executor))
+    store = unit_store(checkpoint, "verify", model, sweep, [n_nodes, digest(torch.stack(ranked))])
     results, info = run_units(executor, sweep, units, store, "verify")
     effects = torch.cat([r.tensors["effects"] for r in results])  # windows in rank order: [N, P]
     sum_costs(results, cost)
@@ -202,14 +202,15 @@ def verify_on(
 # Subsampling and the bound ----------------------------------------------------------------------
 
 
-def plan_sample_units(total: int, batch: int, n_pairs: int, target: int) -> list[SampleUnit]:
+def plan_sample_units(
+    total: int, batch: int, n_pairs: int, target: int, unit: type[SampleUnit] = SampleUnit
+) -> list[SampleUnit]:
     """Element ranges covering ``total`` (sample, pair) elements: whole in-process batches when there are
     enough batches (then every forward is the in-process one), else finer ranges."""
     n_batches = math.ceil(total / batch)
     size = batch * math.ceil(n_batches / target) if n_batches >= target else math.ceil(total / target)
     return [
-        SampleUnit(start, min(start + size, total), min(start + size, total) - start, 1.0)
-        for start in range(0, total, size)
+        unit(start, min(start + size, total), min(start + size, total) - start, 1.0) for start in range(0, total, size)
     ]
 
 
@@ -220,21 +221,60 @@ def subsample_on(
     node_types: list[str],
     direction: str,
     sampling: dict[str, Any],
-    batch_size: int | None,
-    memory_gb: float,
+    batch: int,
     exclude: dict[str, torch.Tensor] | None,
     checkpoint: str | None,
     cost: Cost,
-) -> tuple[SubsamplingStats, torch.Tensor, dict[str, int]]:
-    """Subsampling as ranges of samples merged with Welford's parallel update: (stats, base metric [P], info)."""
+) -> tuple[SubsamplingStats, torch.Tensor, dict[str, Any]]:
+    """Subsampling as ranges of samples merged with Welford's parallel update: (stats, base metric [P], info).
+
+    Args:
+        batch: samples per forward (the method's memory plan: ``methods.subsampling.sample_batch``).
+    """
     layout = NodeLayout.of(node_types, model.sizes, pairs.seq_len)
     keep = keep_mask(layout, exclude)
-    batch = batch_size or sample_batch(model, pairs.seq_len, len(keep), memory_gb)
     sweep = Sweep("samples", pairs, direction, list(node_types), {**sampling, "batch": batch}, {"keep": keep})
-    total = sampling["samples"] * pairs.n_pairs
-    units = plan_sample_units(total, batch, pairs.n_pairs, _target_units(executor))
-    store = _store(checkpoint, "samples", model, sweep, _digest(keep))
-    results, info = run_units(executor, sweep, units, store, "subsampling", unit_label="sample")
+    values, base_metric, info = _samples_on(executor, model, sweep, SampleUnit, checkpoint, cost)
+    return SubsamplingStats(layout.shapes, values), base_metric, info
+
+
+def edge_samples_on(
+    executor: Executor,
+    model: Model,
+    pairs: PromptPairs,
+    direction: str,
+    sampling: dict[str, Any],
+    batch_size: int | None,
+    memory_gb: float,
+    exclude: torch.Tensor | None,
+    checkpoint: str | None,
+    cost: Cost,
+) -> tuple[SubsamplingStats, torch.Tensor, dict[str, Any]]:
+    """Random joint patches of edge subsets as ranges of samples (``sweeps.edges``), merged as
+    ``subsample_on`` merges node ranges: (stats over ``{"edge": (N,)}``, base metric [P], info).
+
+    Args:
+        exclude: [N] bool, edges never patched (the verified ones); None: none.
+    """
+    n_edges = graph_of(model).n_edges
+    keep = torch.ones(n_edges, dtype=torch.bool) if exclude is None else ~exclude.to(torch.bool)  # [N]
+    batch = plan_batch(EdgeSampleUnit.footprint(model, pairs), memory_gb, model.device, batch_size=batch_size)
+    options = {**sampling, "batch": batch}
+    sweep = Sweep("edge-samples", pairs, direction, ["edge"], options, {"keep": keep}, prepare=prepare_edge_sweep)
+    values, base_metric, info = _samples_on(executor, model, sweep, EdgeSampleUnit, checkpoint, cost)
+    return SubsamplingStats({"edge": (n_edges,)}, values), base_metric, info
+
+
+def _samples_on(
+    executor: Executor, model: Model, sweep: Sweep, unit: type[SampleUnit], checkpoint: str | None, cost: Cost
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:
+    """Run a sampling sweep's ranges and merge their statistics in element order: (values [P, N], base metric, info)."""
+    total = sweep.options["samples"] * sweep.pairs.n_pairs
+    # In-process without a checkpoint: one range, the very loop (and Welford merges) of a single call.
+    target = target_units(executor) if executor.workers or checkpoint else 1
+    units = plan_sample_units(total, sweep.options["batch"], sweep.pairs.n_pairs, target, unit)
+    store = unit_store(checkpoint, sweep.kind, model, sweep, digest(sweep.tensors["keep"]))
+    results, info = run_units(executor, sweep, units, store, sweep.kind.replace("-", " "), unit_label="sample")
     values = {k: torch.zeros_like(v) for k, v in results[0].tensors.items() if k != "base_metric"}
     for result in results:  # in element order, as the in-process loop merges its batches
         for side in ("in", "out"):
@@ -242,7 +282,7 @@ def subsample_on(
             merged = welford_merge(*(values[n] for n in names), *(result.tensors[n] for n in names))
             values.update(zip(names, merged))
     sum_costs(results, cost)
-    return SubsamplingStats(layout.shapes, values), results[0].tensors["base_metric"], info
+    return values, results[0].tensors["base_metric"], info
 
 
 # Blocks and Hierarchical ----------------------------------------------------------------------
@@ -258,12 +298,11 @@ class BlockPatcher:
         pairs: PromptPairs,
         node_types: list[str],
         direction: str,
-        batch_size: int | None,
-        memory_gb: float,
+        batches: dict[str, int],
         cost: Cost,
     ) -> None:
         self.executor = executor
-        options = {"batch_size": batch_size, "memory_gb": memory_gb}
+        options = {"batches": batches}  # node type -> patched forwards per batch
         self.sweep = Sweep("blocks", pairs, direction, list(node_types), options)
         self.cost = cost
         self.base_metric = torch.zeros(pairs.n_pairs)
@@ -275,7 +314,10 @@ class BlockPatcher:
         groups: dict[tuple[str, int], list[int]] = {}
         for i, block in enumerate(blocks):
             groups.setdefault((block.node_type, block.layer), []).append(i)
-        per_unit = max(1, math.ceil(len(blocks) / _target_units(self.executor)))
+        # In-process: one unit per (node type, layer), the batches of one sweep over the blocks.
+        per_unit = (
+            max(1, math.ceil(len(blocks) / target_units(self.executor))) if self.executor.workers else len(blocks)
+        )
         members = [g[k : k + per_unit] for g in groups.values() for k in range(0, len(g), per_unit)]
         units: list[Unit] = [
             BlockUnit(tuple(tuple(blocks[i]) for i in m), len(m) * n_pairs, float(len(m))) for m in members
@@ -289,3 +331,39 @@ class BlockPatcher:
             self.info[key] += info[key]
         sum_costs(results, self.cost)
         return effects
+
+
+# Any method whose pairs do not interact -----------------------------------------------------------
+
+
+def plan_pair_units(n_pairs: int, target: int) -> list[PairBlockUnit]:
+    """Consecutive blocks of pairs, as even as they come, at most ``target`` of them."""
+    blocks = min(n_pairs, target)
+    bounds = [n_pairs * k // blocks for k in range(blocks + 1)]
+    return [PairBlockUnit(start, stop, stop - start, float(stop - start)) for start, stop in zip(bounds, bounds[1:])]
+
+
+def pair_blocks_on(
+    executor: Executor,
+    method: Any,
+    model: Model,
+    pairs: PromptPairs,
+    node_types: list[str],
+    direction: str,
+    checkpoint: str | None = None,
+) -> tuple[list[UnitResult], dict[str, Any]]:
+    """``method``'s call on every block of pairs as work units, in pair order: (the blocks' results, run facts).
+
+    Each result holds ``per_pair/<t>`` [P_block, *layout] and ``extras/<k>`` tensors, the block's cost and its
+    ``info`` (``meta["info"]``); ``Attribution.concat`` merges them (``methods.base``).
+
+    Args:
+        method: a ``Method`` whose pairs do not interact (its result on a pair does not depend on the others).
+    """
+    sweep = Sweep("pairs", pairs, direction, list(node_types), {"method": method})
+    units = plan_pair_units(pairs.n_pairs, target_units(executor))
+    layout = [[u.start, u.stop] for u in units]
+    store = unit_store(checkpoint, method.id, model, sweep, layout, method.get_options())
+    results, run_info = run_units(executor, sweep, units, store, method.id, unit_label="pair")
+    run_info.pop("prepare_runs")  # every block runs its own base/source runs, counted in its cost
+    return results, run_info

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..batching import plan_batch
 from ..cost import Cost
 from ..errors import InputError
 from ..model import as_model
@@ -228,7 +229,7 @@ def faithfulness_curve(
     masks = [torch.zeros_like(valid), valid]  # m(M): nothing absent; m(∅): every edge absent
     for chosen in circuits:
         masks.append(valid & ~graph.to_matrix(chosen.to(torch.float64)).bool())
-    batch = batch_size or max(1, int(memory_gb * 2**30 // circuit_bytes(model, graph, pairs.seq_len)))
+    batch = plan_batch(circuit_bytes(model, graph, pairs.seq_len), memory_gb, model.device, batch_size=batch_size)
     jobs = [(c, p) for c in range(len(masks)) for p in range(pairs.n_pairs)]
     values = torch.zeros(len(masks), pairs.n_pairs, dtype=torch.float64)
     with progress_bar(len(jobs), "faithfulness", progress, unit="forward") as bar:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..batching import BatchGuard
+from ..batching import BatchGuard, Footprint, plan_batch
 from ..errors import InputError
 from ..gradients import AT_BASE, Points
 from ..job import Job
@@ -49,7 +49,8 @@ def estimate_edges(
     shape = (pairs.n_pairs, graph.n_edges, *((pairs.seq_len,) if positions else ()))
     out = torch.zeros(shape, dtype=model.dtype)
     guard = BatchGuard("edge attribution: pairs", model.device)
-    guard.limit = batch_size or _auto_batch(model, graph.n_senders + graph.n_receivers, pairs.seq_len, memory_gb)
+    footprint = _pair_footprint(model, graph.n_senders + graph.n_receivers, pairs.seq_len)
+    guard.limit = plan_batch(footprint, memory_gb, model.device, batch_size=batch_size)
 
     def step(part: slice) -> None:
         index = torch.arange(part.start, part.stop)
@@ -66,8 +67,8 @@ def estimate_edges(
     return out, ({"edge_oom_retries": guard.retries} if guard.retries else {})
 
 
-def _auto_batch(model: Model, n_vectors: int, seq_len: int, memory_gb: float) -> int:
-    """Pairs per batch: sender/receiver vectors [S + R, T, D] plus an autograd graph, per pair."""
+def _pair_footprint(model: Model, n_vectors: int, seq_len: int) -> Footprint:
+    """One pair: sender/receiver vectors [S + R, T, D] plus an autograd graph."""
     item = torch.finfo(model.dtype).bits // 8
     per_pair = (n_vectors * seq_len * model.d_model + 8 * model.n_layers * edge_bytes(model, seq_len) // item) * item
-    return max(1, int(memory_gb * 2**30 // per_pair))
+    return Footprint(per_pair)

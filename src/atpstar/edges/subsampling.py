@@ -20,15 +20,13 @@ from __future__ import annotations
 import torch
 
 from ..cost import Cost
-from ..methods.subsampling import SubsamplingStats, _random_subset, _update
 from ..model import Model
 from ..pairs import PromptPairs
 from ..progress import progress_bar
-from .circuit_run import circuit_bytes, circuit_metric
+from ..sweeps.edges import edge_sample_batch, sample_edge_range
+from ..sweeps.subsampling import SubsamplingStats
 from .graph import graph_of
 from .patching import prepare_edges
-
-STATS = ("count_in", "mean_in", "m2_in", "count_out", "mean_out", "m2_out")
 
 
 def subsample_edges(
@@ -55,27 +53,14 @@ def subsample_edges(
         (``SubsamplingStats`` with shapes ``{"edge": (N,)}``, base metric [P]).
     """
     graph = graph_of(model)
-    n_edges, n_pairs = graph.n_edges, pairs.n_pairs
-    keep = torch.ones(n_edges, dtype=torch.bool) if exclude is None else ~exclude.to(torch.bool)
+    keep = torch.ones(graph.n_edges, dtype=torch.bool) if exclude is None else ~exclude.to(torch.bool)
     cache = prepare_edges(model, graph, pairs, direction, cost)
-    source = (cache.base_senders + cache.delta).contiguous()  # [P, S, T, D] sender outputs of the source run
-    batch = batch_size or max(1, int(memory_gb * 2**30 // circuit_bytes(model, graph, pairs.seq_len)))
-    values = {name: torch.zeros(n_pairs, n_edges, dtype=torch.float64) for name in STATS}
-    total = samples * n_pairs
+    batch = edge_sample_batch(model, pairs.seq_len, memory_gb, batch_size)
+    total = samples * pairs.n_pairs
     with progress_bar(total, "edge subsampling", progress, unit="sample") as bar:
-        for first in range(0, total, batch):
-            element = torch.arange(first, min(first + batch, total))  # element = sample x P + pair
-            pair_index, sample_index = element % n_pairs, element // n_pairs
-            chosen = torch.stack(
-                [_random_subset(n_edges, p, seed, int(j), int(s)) for j, s in zip(pair_index, sample_index)]
-            )  # [B, N]
-            chosen &= keep
-            absent = graph.to_matrix(chosen).bool()  # [B, N] -> [B, S, R]
-            metric = circuit_metric(model, cache, source, pair_index, absent, cost)  # [B]
-            delta = metric.detach().double().cpu() - cache.base_metric.detach().double().cpu()[pair_index]  # [B]
-            _update(values, chosen, delta, pair_index, n_pairs)
-            bar.update(len(element))
-    return SubsamplingStats({"edge": (n_edges,)}, values), cache.base_metric.detach().double().cpu()
+        values = sample_edge_range(model, cache, 0, total, p=p, seed=seed, batch=batch, keep=keep, cost=cost,
+                                   advance=bar.update)  # fmt: skip
+    return SubsamplingStats({"edge": (graph.n_edges,)}, values), cache.base_metric.detach().double().cpu()
 
 
 def joint_patch_cost(model: Model, keep: torch.Tensor, p: float) -> float:

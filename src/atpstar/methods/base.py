@@ -59,6 +59,10 @@ class Method:
     def get_options(self) -> dict[str, Any]:
         return dict(vars(self))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as (id, options): the classes of preset ids are made at registration, not importable.
+        return (_rebuild, (self.id, self.get_options()))
+
     def attribute(
         self,
         model: Any,
@@ -111,6 +115,8 @@ class Method:
         if plan is not None:
             announce(plan, progress)
         executor = self._executor(model, workers, ray_address, progress)
+        if executor is not None and not self.distributable:  # whole calls on blocks of pairs, merged
+            return _by_pair_blocks(self, executor, model, pairs, node_types, direction, plan)
         job = Job(model, pairs, direction, Cost(), progress)
         per_pair: dict[str, torch.Tensor] = {}
         extras: dict[str, torch.Tensor] = {}
@@ -160,7 +166,9 @@ class Method:
 
         Args:
             node_types: checked node-type names (``check_node_types``).
-            on_workers: the call asks for ``workers=``/``ray_address=``.
+            on_workers: the call asks for ``workers=``/``ray_address=``: a method runs there with its own
+                work units (``distributable``: site nodes), or as whole calls on blocks of pairs
+                (``runs_on_workers``: every space, edges included).
 
         Raises:
             InputError: a node type of a space this method has no entry point for (or not in its
@@ -178,15 +186,15 @@ class Method:
             )
         if not on_workers:
             return
-        not_sites = [t for t in node_types if space_class(t).engine != "sites"]
-        if not_sites:
-            raise InputError(
-                f"{not_sites} nodes run in-process only; ask for them in a call without workers=/ray_address="
-            )
-        if not self.distributable:
+        if not runs_on_workers(type(self)):
             raise InputError(
                 f"method {self.id!r} does not run on workers; drop workers=/ray_address= (methods that do: "
-                f"{', '.join(m for m, r in METHODS.items() if r.cls.distributable)})"
+                f"{', '.join(m for m, r in METHODS.items() if runs_on_workers(r.cls))})"
+            )
+        not_sites = [t for t in node_types if space_class(t).engine != "sites"]
+        if self.distributable and not_sites:  # its own work units are site sweeps; whole calls run any space
+            raise InputError(
+                f"{not_sites} nodes run in-process only; ask for them in a call without workers=/ray_address="
             )
 
     def _executor(self, model: Model, workers: int | None, ray_address: str | None, progress: bool) -> Any:
@@ -220,11 +228,58 @@ class Method:
         """``_attribute`` as work units run by ``executor`` (``atpstar.distributed``); same numbers."""
         raise NotImplementedError
 
+    def _attribute_in_process(
+        self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        """``_attribute`` of a method with work units of its own: the same units on the in-process executor
+        (one code path per sweep; set ``_attribute = Method._attribute_in_process``)."""
+        from ..distributed import LocalExecutor
+
+        return self._attribute_on(LocalExecutor(model, progress), model, pairs, node_types, direction, cost)
+
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Edge results [P, N] and facts for ``info`` (methods that list ``edge`` in ``node_types``)."""
         raise NotImplementedError
+
+
+def runs_on_workers(cls: type[Method]) -> bool:
+    """A method runs on workers with its own work units (``distributable``), or as whole calls on blocks
+    of pairs when a pair's result depends on nothing else in the call (not ``pairs_interact``, not
+    ``seeded``: a seeded method's draws follow the pair's place in the call)."""
+    return cls.distributable or not (cls.pairs_interact or cls.seeded)
+
+
+def _by_pair_blocks(
+    method: Method,
+    executor: Any,
+    model: Model,
+    pairs: PromptPairs,
+    node_types: list[str],
+    direction: str,
+    plan: MemoryPlan | None,
+) -> Attribution:
+    """``method.attribute`` as whole calls on blocks of pairs run by ``executor``, merged (``Attribution.concat``)."""
+    from ..distributed.sweeps import pair_blocks_on
+
+    options = method.get_options()
+    results, run_info = pair_blocks_on(executor, method, model, pairs, node_types, direction)
+    parts = []
+    for result in results:  # blocks in pair order
+        per_pair = {t: result.tensors[f"per_pair/{t}"] for t in node_types}  # [P_block, *layout]
+        extras = {k[len("extras/") :]: v for k, v in result.tensors.items() if k.startswith("extras/")}
+        scores = aggregate(per_pair, method.aggregation)
+        meta = (method.id, options, direction, pairs.metric_name, model.model_id)
+        parts.append(Attribution(*meta, per_pair, scores, method.aggregation, result.cost, extras, result.meta["info"]))
+    made_by = identity(model, pairs, direction, node_types, method.id, options)
+    memory = {"memory": plan.to_dict()} if plan is not None else {}
+    return Attribution.concat(parts, {**run_info, "n_pairs": pairs.n_pairs, **memory, "identity": made_by})
+
+
+def _rebuild(method_id: str, options: dict[str, Any]) -> Method:
+    """The method ``method_id`` with ``options`` (presets included): how methods travel to workers."""
+    return METHODS[method_id].cls(**options)
 
 
 def check_edge_positions(edge_positions: object, node_types: list[str]) -> None:
@@ -300,4 +355,3 @@ def build_method(method: str, **options: Any) -> Method:
         return METHODS[method](**options)
     except TypeError as err:
         raise InputError(f"bad options for method {method!r}: {err}") from err
-

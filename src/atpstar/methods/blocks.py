@@ -11,38 +11,40 @@ Shape letters: P pairs, B batch, L layers, R nodes per layer of one type.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from ..batching import BatchGuard
+from ..batching import Footprint, plan_batch
 from ..cost import Cost
-from ..engine import PatchCache, patch_masks, prepare
-from ..errors import InputError
-from ..memory import MemoryPlan, cache_bytes, layout_elems, patched_forward_bytes, patching_plan
+from ..memory import cache_bytes, layout_elems, patched_forward_bytes
 from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
-from ..progress import progress_bar
-from ..validate import check_batching
+from ..sweeps.blocks import Block, per_layer
+from ..validate import check_batching, check_count
 from .base import Method, register
+from .patched import PatchedForwards
 
 
-class Block(NamedTuple):
-    """Nodes ``start``..``stop``-1 of the flattened per-layer layout of ``node_type`` at ``layer``."""
+class JointPatching(PatchedForwards):
+    """A method that patches sets of nodes jointly, one bool mask of the layout per patched forward."""
 
-    node_type: str
-    layer: int
-    start: int
-    stop: int
+    _attribute = Method._attribute_in_process  # its work units (``_attribute_on``), on the in-process executor
 
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
+    def _sizes(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> dict[str, Any]:
+        nodes = layout_elems(model, node_types, seq_len)
+        item = torch.finfo(model.dtype).bits // 8
+        return {
+            "n_items": n_pairs * nodes,
+            "run_bytes": 0,
+            "item_extra": nodes,
+            "results_bytes": n_pairs * nodes * item,
+        }
 
 
 @register("blocks", summary="patch fixed blocks of nodes jointly; each node scored by its block's |effect|")
-class Blocks(Method):
+class Blocks(JointPatching):
     """Blocks: each node scored by the joint patching effect of its block.
 
     ``per_pair[t]`` [P, *layout] holds the signed block effect on each pair, repeated for every node of
@@ -68,27 +70,14 @@ class Blocks(Method):
         cost = Cost()
         cost.add_forward(2 * pairs.n_pairs)
         for t in node_types:
-            n_blocks = -(-_per_layer(node_shape(t, model.sizes, pairs.seq_len)) // self.block_size)
+            n_blocks = -(-per_layer(node_shape(t, model.sizes, pairs.seq_len)) // self.block_size)
             for layer in range(model.n_layers):
                 cost.add_forward(pairs.n_pairs * n_blocks, start_layer=layer, n_layers=model.n_layers)
         return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
-        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
-            raise InputError(f"block_size must be an integer >= 1; got {self.block_size!r}")
+        check_count("block_size", self.block_size)
         self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
-
-    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
-        return masks_plan(self.id, model, n_pairs, seq_len, node_types, self.batch_size, self.memory_gb)
-
-    def _attribute(
-        self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        cache = prepare(model, pairs, direction, node_types, cost)
-        shapes, blocks = self._plan(model, pairs, node_types)
-        with progress_bar(len(blocks) * pairs.n_pairs, "blocks", progress, unit="block") as bar:
-            effects = patch_blocks(model, cache, blocks, shapes, self.batch_size, self.memory_gb, cost, bar.update)
-        return self._finish(model, pairs, node_types, shapes, blocks, effects, cache.base_metric, {})
 
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
@@ -96,7 +85,8 @@ class Blocks(Method):
         from ..distributed.sweeps import BlockPatcher
 
         shapes, blocks = self._plan(model, pairs, node_types)
-        patcher = BlockPatcher(executor, pairs, node_types, direction, self.batch_size, self.memory_gb, cost)
+        batches = block_batches(model, pairs.n_pairs, pairs.seq_len, shapes, self.batch_size, self.memory_gb)
+        patcher = BlockPatcher(executor, pairs, node_types, direction, batches, cost)
         effects = patcher(blocks, "blocks")
         return self._finish(model, pairs, node_types, shapes, blocks, effects, patcher.base_metric, patcher.info)
 
@@ -105,10 +95,10 @@ class Blocks(Method):
     ) -> tuple[dict[str, tuple[int, ...]], list[Block]]:
         shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
         blocks = [
-            Block(t, layer, start, min(start + self.block_size, _per_layer(shapes[t])))
+            Block(t, layer, start, min(start + self.block_size, per_layer(shapes[t])))
             for t in node_types
             for layer in range(model.n_layers)
-            for start in range(0, _per_layer(shapes[t]), self.block_size)
+            for start in range(0, per_layer(shapes[t]), self.block_size)
         ]
         return shapes, blocks
 
@@ -124,7 +114,7 @@ class Blocks(Method):
         info: dict[str, Any],
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         per_pair = {
-            t: torch.zeros(pairs.n_pairs, model.n_layers, _per_layer(shapes[t]), dtype=model.dtype) for t in node_types
+            t: torch.zeros(pairs.n_pairs, model.n_layers, per_layer(shapes[t]), dtype=model.dtype) for t in node_types
         }
         for block, effect in zip(blocks, effects):
             per_pair[block.node_type][:, block.layer, block.start : block.stop] = effect[:, None].to(model.dtype)
@@ -132,73 +122,28 @@ class Blocks(Method):
         return per_pair, {}, {"n_blocks": len(blocks), "base_metric": base_metric.tolist(), **info}
 
 
-def masks_plan(
-    method: str,
-    model: Model,
-    n_pairs: int,
-    seq_len: int,
-    node_types: list[str],
-    batch_size: int | None,
-    memory_gb: float,
-) -> MemoryPlan:
-    """Memory of a run of jointly patched node sets: one bool mask of the whole layout per patched forward."""
-    nodes = layout_elems(model, node_types, seq_len)
-    item = torch.finfo(model.dtype).bits // 8
-    return patching_plan(
-        model,
-        method,
-        n_pairs,
-        seq_len,
-        node_types,
-        n_items=n_pairs * nodes,
-        run_bytes=0,
-        item_extra=nodes,
-        batch_size=batch_size,
-        memory_gb=memory_gb,
-        results_bytes=n_pairs * nodes * item,
+def block_footprint(
+    model: Model, n_pairs: int, seq_len: int, shapes: dict[str, tuple[int, ...]], node_type: str
+) -> Footprint:
+    """One patched forward with its bool mask over ``node_type``'s layout, beside the cache of ``n_pairs``."""
+    mask_bytes = int(torch.Size(shapes[node_type]).numel())
+    return Footprint(
+        patched_forward_bytes(model, seq_len) + mask_bytes, held=cache_bytes(model, n_pairs, seq_len, list(shapes))
     )
 
 
-def _per_layer(shape: tuple[int, ...]) -> int:
-    """Nodes per layer of a layout [L, a, b]."""
-    return int(shape[1] * shape[2])
-
-
-def patch_blocks(
+def block_batches(
     model: Model,
-    cache: PatchCache,
-    blocks: list[Block],
+    n_pairs: int,
+    seq_len: int,
     shapes: dict[str, tuple[int, ...]],
     batch_size: int | None,
     memory_gb: float,
-    cost: Cost,
-    advance: Any = None,
-) -> torch.Tensor:
-    """Effects [n_blocks, P] of patching each block jointly on each pair.
-
-    Forwards are grouped by (node type, layer), so every batch starts at its blocks' own layer.
-    """
-    n_pairs = cache.n_pairs
-    effects = torch.zeros(len(blocks), n_pairs, dtype=torch.float64)
-    groups: dict[tuple[str, int], list[int]] = {}
-    guard = BatchGuard("blocks: patched forwards", model.device)
-    for i, block in enumerate(blocks):
-        groups.setdefault((block.node_type, block.layer), []).append(i)
-    for (node_type, layer), members in groups.items():
-        mask_bytes = int(torch.Size(shapes[node_type]).numel())
-        room = memory_gb * 2**30 - cache_bytes(model, n_pairs, cache.pairs.seq_len, list(shapes))
-        batch = batch_size or max(1, int(room // (patched_forward_bytes(model, cache.pairs.seq_len) + mask_bytes)))
-        members = sorted(members, key=lambda i: blocks[i].start)  # similar first positions share a batch
-        block_i = torch.tensor(members).repeat_interleave(n_pairs)  # one element per (block, pair)
-        pair_i = torch.arange(n_pairs).repeat(len(members))
-        for start in range(0, len(block_i), batch):
-            chunk_blocks, chunk_pairs = block_i[start : start + batch], pair_i[start : start + batch]
-            mask = torch.zeros(len(chunk_blocks), *shapes[node_type], dtype=torch.bool)
-            flat = mask.view(len(chunk_blocks), shapes[node_type][0], -1)  # [B, L, R]
-            for row, i in enumerate(chunk_blocks.tolist()):
-                flat[row, layer, blocks[i].start : blocks[i].stop] = True
-            effect = patch_masks(model, cache, {node_type: mask}, chunk_pairs, cost, guard)
-            effects[chunk_blocks, chunk_pairs] = effect.detach().double().cpu()
-            if advance is not None:
-                advance(len(chunk_blocks))
-    return effects
+) -> dict[str, int]:
+    """Patched forwards per batch for each node type's blocks (``batch_size``, else what fits ``memory_gb``)."""
+    return {
+        t: plan_batch(
+            block_footprint(model, n_pairs, seq_len, shapes, t), memory_gb, model.device, batch_size=batch_size
+        )
+        for t in shapes
+    }

@@ -18,23 +18,21 @@ from typing import Any
 import torch
 
 from ..cost import Cost
-from ..engine import prepare
-from ..errors import InputError
-from ..memory import MemoryPlan
 from ..model import Model
 from ..nodes import node_shape
 from ..pairs import PromptPairs
 from ..progress import progress_bar
-from ..validate import check_batching
-from .base import Method, register
-from .blocks import Block, _per_layer, masks_plan, patch_blocks
+from ..sweeps.blocks import Block, per_layer
+from ..validate import check_batching, check_count, check_number
+from .base import register
+from .blocks import JointPatching, block_batches
 
 
 @register(
     "hierarchical",
     summary="group testing: patch coarse blocks, split those with a large |effect|, down to single nodes",
 )
-class Hierarchical(Method):
+class Hierarchical(JointPatching):
     """Hierarchical group testing: split blocks with large |effect| until single nodes.
 
     Splitting is decided on the mean over pairs of |block effect| (the same aggregation as
@@ -81,37 +79,21 @@ class Hierarchical(Method):
         return Cost(forward=2 * pairs.n_pairs + pairs.n_pairs * int(info["blocks_patched"]))
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
-        if not isinstance(self.branching, int) or isinstance(self.branching, bool) or self.branching < 2:
-            raise InputError(f"branching must be an integer >= 2; got {self.branching!r}")
-        if self.threshold is not None and (not isinstance(self.threshold, (int, float)) or self.threshold < 0):
-            raise InputError(f"threshold must be a number >= 0 or None; got {self.threshold!r}")
-        if self.budget is not None and (
-            not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1
-        ):
-            raise InputError(f"budget must be an integer >= 1 or None; got {self.budget!r}")
+        check_count("branching", self.branching, minimum=2)
+        if self.threshold is not None:
+            check_number("threshold", self.threshold, 0.0)
+        if self.budget is not None:
+            check_count("budget", self.budget)
         self.batch_size, self.memory_gb = check_batching(self.batch_size, self.memory_gb)
-
-    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
-        return masks_plan(self.id, model, n_pairs, seq_len, node_types, self.batch_size, self.memory_gb)
-
-    def _attribute(
-        self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        cache = prepare(model, pairs, direction, node_types, cost)
-        shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
-
-        def patch(blocks: list[Block], bar: Any) -> torch.Tensor:
-            return patch_blocks(model, cache, blocks, shapes, self.batch_size, self.memory_gb, cost, bar.update)
-
-        per_pair, info = self._search(model, pairs, node_types, patch, progress)
-        return per_pair, {}, {**info, "base_metric": cache.base_metric.tolist()}
 
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         from ..distributed.sweeps import BlockPatcher
 
-        patcher = BlockPatcher(executor, pairs, node_types, direction, self.batch_size, self.memory_gb, cost)
+        shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
+        batches = block_batches(model, pairs.n_pairs, pairs.seq_len, shapes, self.batch_size, self.memory_gb)
+        patcher = BlockPatcher(executor, pairs, node_types, direction, batches, cost)
         per_pair, info = self._search(
             model, pairs, node_types, lambda blocks, bar: patcher(blocks, advance=bar.update), executor.progress
         )
@@ -123,12 +105,12 @@ class Hierarchical(Method):
         """Split blocks down from whole layers; ``patch(blocks, bar)`` gives their effects [n_blocks, P]."""
         n_pairs = pairs.n_pairs
         shapes = {t: node_shape(t, model.sizes, pairs.seq_len) for t in node_types}
-        n_nodes = sum(model.n_layers * _per_layer(shapes[t]) for t in node_types)
+        n_nodes = sum(model.n_layers * per_layer(shapes[t]) for t in node_types)
         budget = self.budget
         if budget is None and self.threshold is None:
             budget = math.ceil(n_nodes / 10)
         per_pair = {
-            t: torch.zeros(n_pairs, model.n_layers, _per_layer(shapes[t]), dtype=model.dtype) for t in node_types
+            t: torch.zeros(n_pairs, model.n_layers, per_layer(shapes[t]), dtype=model.dtype) for t in node_types
         }
         round_size = max(self.branching, (self.batch_size or 256 * n_pairs) // n_pairs)
         heap: list[tuple[float, int, Block]] = []
@@ -145,7 +127,7 @@ class Hierarchical(Method):
                 if block.size > 1 and (self.threshold is None or size > self.threshold):
                     heapq.heappush(heap, (-size, next(tie), block))
 
-        roots = [Block(t, layer, 0, _per_layer(shapes[t])) for t in node_types for layer in range(model.n_layers)]
+        roots = [Block(t, layer, 0, per_layer(shapes[t])) for t in node_types for layer in range(model.n_layers)]
         with progress_bar(0, "hierarchical", progress, unit="block") as bar:
             run(roots, bar)
             while heap:

@@ -7,40 +7,38 @@ node's layer, counted (L - l) / L.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from ..cost import Cost
-from ..engine import MIN_CHUNK_TOKENS, PatchCache, prepare, sweep_layer
+from ..engine import MIN_CHUNK_TOKENS
 from ..errors import InputError
-from ..fingerprint import identity
-from ..memory import MemoryPlan, layout_elems, patching_plan
+from ..memory import layout_elems
 from ..model import Model
-from ..nodes import ALL_TYPES, layout_index, node_shape, unit_and_pos
-from ..ops import accumulation_dtype
+from ..nodes import ALL_TYPES
 from ..pairs import PromptPairs
-from ..progress import progress_bar
 from ..spaces import spaces_for
 from ..validate import check_batch_size, check_count, check_memory_gb
-from .base import Method, check_edge_positions, register
+from .base import check_edge_positions, register
+from .patched import PatchedForwards
 
 
 @register(
     "activation_patching",
     summary="exact: patch every node alone, one forward per node and pair (the ground truth)",
 )
-class ActivationPatching(Method):
+class ActivationPatching(PatchedForwards):
     """The ground truth: patch every node on its own.
 
     Args:
         batch_size: patched forwards per batch; None picks it from ``memory_gb``.
         memory_gb: bound on the run's memory besides the weights (cached activations, results, one batch;
             ``info["memory"]`` holds the prediction).
-        checkpoint: a file path; partial results are saved there as they complete (and on
-            interrupt), and a rerun with the same path, model and pairs resumes from them. With
-            ``workers=``, a folder holding one file per finished work unit (pair block x layer).
+        checkpoint: a folder holding one file per finished work unit (pair block x layer; edges in its
+            ``edges`` subfolder), in-process or on workers; a rerun with the same folder, model, pairs and
+            options resumes from them (another computation's folder is refused, naming what differs).
         min_chunk_tokens: a batch may end at a change of patched position once it holds this many
             token-rows; smaller batches start later (less compute), larger ones use the hardware better.
         layers: patch only the nodes of these layers (None: all). Nodes of other layers are not
@@ -99,24 +97,17 @@ class ActivationPatching(Method):
                 f"layers must be a non-empty list of layer indices in [0, {model.n_layers}); got {self.layers}"
             )
 
-    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+    def _sizes(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> dict[str, Any]:
         n_layers = len(self.layers) if self.layers is not None else model.n_layers
         nodes = layout_elems(model, node_types, seq_len)
         item = torch.finfo(model.dtype).bits // 8
-        return patching_plan(
-            model,
-            self.id,
-            n_pairs,
-            seq_len,
-            node_types,
-            n_items=n_pairs * nodes * n_layers // model.n_layers,
-            run_bytes=0,
-            item_extra=0,
-            batch_size=self.batch_size,
-            memory_gb=self.memory_gb,
-            results_bytes=n_pairs * nodes * (item + 1),  # effects and the done mask
-            pair_blocks=True,
-        )
+        return {
+            "n_items": n_pairs * nodes * n_layers // model.n_layers,
+            "run_bytes": 0,
+            "item_extra": 0,
+            "results_bytes": n_pairs * nodes * (item + 1),  # effects and the done mask
+            "pair_blocks": True,
+        }
 
     def _batch(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> int:
         return self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types).batch
@@ -124,179 +115,51 @@ class ActivationPatching(Method):
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        from ..edges.sweep import exact_edges
+        from ..distributed import LocalExecutor
+        from ..distributed.sweeps import edges_on
 
-        checkpoint = f"{self.checkpoint}.edges" if self.checkpoint else None
-        effects, info = exact_edges(
-            model,
-            pairs,
-            direction,
-            cost,
-            progress,
-            self.batch_size,
-            self.memory_gb,
-            checkpoint,
-            self.edge_positions,
-            identity(model, pairs, direction, ["edge"], self.id, self.get_options()),
+        checkpoint = str(Path(self.checkpoint) / "edges") if self.checkpoint else None
+        options = {"batch_size": self.batch_size, "memory_gb": self.memory_gb, "positions": self.edge_positions}
+        effects, base_metric, info = edges_on(
+            LocalExecutor(model, progress), model, pairs, direction, options, checkpoint, cost, self.get_options()
         )
         resumed = {"edge_resumed_from": info["resumed_from"]} if "resumed_from" in info else {}
-        return effects, {"edge_base_metric": info["base_metric"], **resumed}
+        return effects, {"edge_base_metric": base_metric.tolist(), **resumed}
 
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        return self._sweep(executor, model, pairs, node_types, direction, cost, None)
+
+    def _attribute(
+        self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        from ..distributed import LocalExecutor
+
+        plan = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types)
+        block = plan.pair_block or pairs.n_pairs  # pairs stream through in blocks: one block's cache at a time
+        executor = LocalExecutor(model, progress, one_block=True)
+        return self._sweep(executor, model, pairs, node_types, direction, cost, block)
+
+    def _sweep(
+        self,
+        executor: Any,
+        model: Model,
+        pairs: PromptPairs,
+        node_types: list[str],
+        direction: str,
+        cost: Cost,
+        block: int | None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        """The sweep as (pair block x layer) units on ``executor`` (``block``: pairs per unit; None: split for workers)."""
         from ..distributed.sweeps import patch_on
 
         layers = sorted(set(self.layers)) if self.layers is not None else list(range(model.n_layers))
         options = {"batch": self._batch(model, pairs, node_types), "min_chunk_tokens": self.min_chunk_tokens}
         effects, base_metric, info = patch_on(
-            executor, model, pairs, node_types, direction, layers, options, self.checkpoint, cost
-        )
-        return effects, {}, {"base_metric": base_metric.tolist(), "layers": layers, **info}
-
-    def _attribute(
-        self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        plan = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types)
-        batch, block = plan.batch, plan.pair_block or pairs.n_pairs
-        made_by = identity(model, pairs, direction, node_types, self.id, self.get_options())
-        dtype = accumulation_dtype(model.dtype)  # the metric's dtype (logits are upcast for half models)
-        effects, done, prior = _resume(self.checkpoint, made_by, model, pairs, node_types, dtype)
-        prepared = Cost()  # base and source runs: paid again on every resume
-        base_metric = torch.zeros(pairs.n_pairs, dtype=dtype)
-
-        def save() -> None:
-            if self.checkpoint:  # the saved part's cost: earlier runs' plus this run's patching
-                spent = prior + Cost(cost.forward - prepared.forward, cost.backward - prepared.backward)
-                tensors = {f"effects/{t}": e for t, e in effects.items()}
-                tensors.update({f"done/{t}": d.to(torch.uint8) for t, d in done.items()})
-                save_checkpoint(self.checkpoint, made_by, tensors, spent)
-
-        layers = sorted(set(self.layers)) if self.layers is not None else list(range(model.n_layers))
-        total = sum(int((~d[:, layers]).sum()) for d in done.values())
-        schedule, finished = CheckpointSchedule(), 0
-        try:
-            with progress_bar(total, "activation patching", progress) as bar:
-                # Pairs stream through in blocks: only one block's cached activations exist at a time.
-                for first in range(0, pairs.n_pairs, block):
-                    rows = slice(first, min(first + block, pairs.n_pairs))
-                    before = Cost(cost.forward, cost.backward)
-                    cache = prepare(model, pairs.subset(range(rows.start, rows.stop)), direction, node_types, cost)
-                    prepared = prepared + Cost(cost.forward - before.forward, cost.backward - before.backward)
-                    base_metric[rows] = cache.base_metric.cpu()
-                    block_effects = {t: e[rows] for t, e in effects.items()}  # views: results land in place
-                    block_done = {t: d[rows] for t, d in done.items()}
-                    for layer in layers:
-                        pending = _pending(node_types, block_done, layer)  # pair indices within the block
-                        sweep = sweep_layer(
-                            model, cache, layer, node_types, pending, batch, cost, self.min_chunk_tokens
-                        )
-                        for chunk, effect in sweep:
-                            type_i, pair_i, unit_i, pos_i = (part[chunk] for part in pending)
-                            _store(node_types, block_effects, block_done, layer, type_i, pair_i, unit_i, pos_i, effect)
-                            bar.update(len(chunk))
-                            finished += len(chunk)
-                            if self.checkpoint and schedule.due(finished, total):
-                                save()
-                                schedule.saved(finished)
-                    del cache
-        except BaseException:
-            save()
-            raise
-        save()
-        cost.forward += prior.forward  # the whole computation's cost, also after resuming
-        cost.backward += prior.backward
-        info: dict[str, Any] = {"base_metric": base_metric.tolist(), "layers": layers}
-        if block < pairs.n_pairs:
+            executor, model, pairs, node_types, direction, layers, options, self.checkpoint, cost, block,
+            self.get_options(),
+        )  # fmt: skip
+        if block is not None and block < pairs.n_pairs:
             info["pair_block"] = block
-        if prior.forward_equivalents > 0:
-            info["resumed_from"] = str(self.checkpoint)
-        return effects, {}, info
-
-
-def patch_layers(
-    model: Model,
-    cache: PatchCache,
-    node_types: list[str],
-    layers: list[int],
-    batch: int,
-    cost: Cost,
-    min_chunk_tokens: int = MIN_CHUNK_TOKENS,
-    advance: Any = None,
-) -> dict[str, torch.Tensor]:
-    """Exact effects of every node of ``layers`` on every pair of ``cache`` (one work unit's share).
-
-    Returns:
-        node type -> [P, len(layers), *rest of layout] (layers in the order given).
-    """
-    effects = {
-        t: torch.zeros(cache.n_pairs, *node_shape(t, model.sizes, cache.pairs.seq_len), dtype=cache.base_metric.dtype)
-        for t in node_types
-    }
-    done = {t: torch.zeros(e.shape, dtype=torch.bool) for t, e in effects.items()}
-    for layer in layers:
-        pending = _pending(node_types, done, layer)
-        for chunk, effect in sweep_layer(model, cache, layer, node_types, pending, batch, cost, min_chunk_tokens):
-            type_i, pair_i, unit_i, pos_i = (part[chunk] for part in pending)
-            _store(node_types, effects, done, layer, type_i, pair_i, unit_i, pos_i, effect)
-            if advance is not None:
-                advance(len(chunk))
-    return {t: e[:, layers].cpu() for t, e in effects.items()}  # [P, L_unit, ...]
-
-
-def _pending(
-    node_types: list[str], done: dict[str, torch.Tensor], layer: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unfinished nodes of all types at ``layer`` as (type, pair, unit, pos) [N] each."""
-    parts = []
-    for i, node_type in enumerate(node_types):
-        remaining = torch.nonzero(~done[node_type][:, layer])  # [n, 1 + len(layout) - 1] rows (pair, *layout[1:])
-        pair, *rest = remaining.unbind(1)
-        unit, pos = unit_and_pos(node_type, (layer, *rest))
-        parts.append(torch.stack([torch.full_like(pair, i), pair, unit, pos], 1))
-    type_i, pair_i, unit_i, pos_i = torch.cat(parts).unbind(1)
-    return type_i, pair_i, unit_i, pos_i
-
-
-def _store(
-    node_types: list[str],
-    effects: dict[str, torch.Tensor],
-    done: dict[str, torch.Tensor],
-    layer: int,
-    type_i: torch.Tensor,
-    pair_i: torch.Tensor,
-    unit_i: torch.Tensor,
-    pos_i: torch.Tensor,
-    effect: torch.Tensor,
-) -> None:
-    for i, node_type in enumerate(node_types):
-        rows = type_i == i
-        pair, unit, pos = pair_i[rows], unit_i[rows], pos_i[rows]
-        layer_i = torch.full_like(pair, layer)
-        index = (pair, *layout_index(node_type, layer_i, unit, pos))
-        effects[node_type][index] = effect[rows].to(effects[node_type].dtype).cpu()
-        done[node_type][index] = True
-
-
-def _resume(
-    path: str | None,
-    made_by: dict[str, str],
-    model: Model,
-    pairs: PromptPairs,
-    node_types: list[str],
-    dtype: torch.dtype,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Cost]:
-    """(effects, done, cost of the saved part): from the checkpoint at ``path`` if it has one, else empty."""
-    effects = {
-        t: torch.zeros(pairs.n_pairs, *node_shape(t, model.sizes, pairs.seq_len), dtype=dtype) for t in node_types
-    }
-    done = {t: torch.zeros(e.shape, dtype=torch.bool) for t, e in effects.items()}
-    saved = load_checkpoint(path, made_by)
-    if saved is None:
-        return effects, done, Cost()
-    tensors, prior = saved
-    for t in node_types:
-        if f"effects/{t}" in tensors and tensors[f"effects/{t}"].shape == effects[t].shape:
-            effects[t] = tensors[f"effects/{t}"].to(dtype)
-            done[t] = tensors[f"done/{t}"].bool()
-    return effects, done, prior
+        return effects, {}, {"base_metric": base_metric.tolist(), "layers": layers, **info}

@@ -13,26 +13,25 @@ Shape letters: P pairs, B batch, N nodes (all requested node types, flattened).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..batching import BatchGuard
+from ..batching import Footprint, plan_batch
 from ..cost import Cost
-from ..engine import PatchCache, patch_masks, prepare
+from ..engine import PatchCache
 from ..errors import InputError
-from ..memory import MemoryPlan, layout_elems, patched_forward_bytes, patching_plan
+from ..memory import layout_elems, patched_forward_bytes
 from ..model import Model
 from ..nodes import NodeLayout
-from ..ops import welford_merge
 from ..pairs import PromptPairs
 from ..progress import progress_bar
+from ..sweeps.subsampling import STATS, SubsamplingStats, keep_mask, subsample_range
 from ..validate import check_batching
 from .base import Method, register
+from .patched import PatchedForwards
 
 DESIGNS: tuple[str, ...] = ("random", "balanced")
-STATS: tuple[str, ...] = ("count_in", "mean_in", "var_in", "count_out", "mean_out", "var_out")
 STATS_BYTES = 6 * 8  # per pair and node: running (count, mean, M2) in and out, float64
 ELEMENT_BYTES_PER_NODE = 40  # per patched forward and node: its mask and the batch's statistics work space
 EXTRAS_BYTES = 8 * 8  # per pair and node: the returned estimate and six statistics (float64)
@@ -42,7 +41,7 @@ EXTRAS_BYTES = 8 * 8  # per pair and node: the returned estimate and six statist
     "subsampling",
     summary="patch random node subsets jointly; estimate = mean effect with the node in - mean without",
 )
-class Subsampling(Method):
+class Subsampling(PatchedForwards):
     """Subsampling: patch random node subsets jointly; ĉ(n) = mean Δ with n patched - mean Δ without.
 
     ``per_pair[t]`` [P, *layout] is ``mean_in - mean_out`` per pair (0 where a node was never in, or
@@ -98,58 +97,27 @@ class Subsampling(Method):
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         check_options(self.samples, self.p, self.design, self.batch_size, self.memory_gb)
 
-    def memory_plan(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> MemoryPlan:
+    def _sizes(self, model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> dict[str, Any]:
         nodes = layout_elems(model, node_types, seq_len)
-        return patching_plan(
-            model,
-            self.id,
-            n_pairs,
-            seq_len,
-            node_types,
-            n_items=n_pairs * self.samples,
-            run_bytes=STATS_BYTES * n_pairs * nodes,
-            item_extra=ELEMENT_BYTES_PER_NODE * nodes,
-            batch_size=self.batch_size,
-            memory_gb=self.memory_gb,
-            results_bytes=EXTRAS_BYTES * n_pairs * nodes,
-        )
+        return {
+            "n_items": n_pairs * self.samples,
+            "run_bytes": STATS_BYTES * n_pairs * nodes,  # running statistics
+            "item_extra": ELEMENT_BYTES_PER_NODE * nodes,
+            "results_bytes": EXTRAS_BYTES * n_pairs * nodes,
+        }
 
-    def _attribute(
-        self, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost, progress: bool
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        cache = prepare(model, pairs, direction, node_types, cost)
-        stats = subsample(
-            model,
-            cache,
-            node_types,
-            samples=self.samples,
-            p=self.p,
-            seed=self.seed,
-            design=self.design,
-            batch_size=self.batch_size,
-            memory_gb=self.memory_gb,
-            cost=cost,
-            progress=progress,
-        )
-        return self._finish(model, node_types, stats, {"base_metric": cache.base_metric.tolist()})
+    _attribute = Method._attribute_in_process  # its work units, on the in-process executor
 
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         from ..distributed.sweeps import subsample_on
 
+        sampling = {"samples": self.samples, "p": self.p, "seed": self.seed, "design": self.design}
+        n_nodes = layout_elems(model, node_types, pairs.seq_len)
+        batch = sample_batch(model, pairs.seq_len, n_nodes, self.memory_gb, self.batch_size)
         stats, base_metric, info = subsample_on(
-            executor,
-            model,
-            pairs,
-            node_types,
-            direction,
-            {"samples": self.samples, "p": self.p, "seed": self.seed, "design": self.design},
-            self.batch_size,
-            self.memory_gb,
-            None,
-            None,
-            cost,
+            executor, model, pairs, node_types, direction, sampling, batch, None, None, cost
         )
         return self._finish(model, node_types, stats, {"base_metric": base_metric.tolist(), **info})
 
@@ -181,42 +149,15 @@ def check_options(samples: Any, p: Any, design: Any, batch_size: Any, memory_gb:
     check_batching(batch_size, memory_gb)
 
 
-@dataclass
-class SubsamplingStats:
-    """Running in/out statistics per pair and node, flattened over node types.
+def sample_footprint(model: Model, seq_len: int, n_nodes: int) -> Footprint:
+    """One sample's memory: the patched forward's activations plus its mask and float64 statistics
+    work space over the N nodes."""
+    return Footprint(patched_forward_bytes(model, seq_len) + n_nodes * ELEMENT_BYTES_PER_NODE)
 
-    Attributes:
-        shapes: node type -> per-pair layout; the flat node axis concatenates the types in this order.
-        values: statistic name (``STATS``, with ``m2_in``/``m2_out`` instead of variances) -> [P, N] float64.
-    """
 
-    shapes: dict[str, tuple[int, ...]]
-    values: dict[str, torch.Tensor]
-
-    @property
-    def layout(self) -> NodeLayout:
-        return NodeLayout(self.shapes)
-
-    def flat(self, name: str) -> torch.Tensor:
-        """Statistic ``name`` (one of ``STATS``) over all nodes: [P, N] float64."""
-        if name in ("var_in", "var_out"):
-            side = name[4:]
-            count = self.values[f"count_{side}"]
-            return torch.where(
-                count >= 2, self.values[f"m2_{side}"] / (count - 1).clamp(min=1), torch.zeros_like(count)
-            )
-        return self.values[name]
-
-    def get(self, name: str, node_type: str) -> torch.Tensor:
-        """Statistic ``name`` for one node type: [P, *layout]."""
-        value = self.layout.unflatten(self.flat(name))[node_type]  # [P, N] -> [P, *layout]
-        return value.long() if name.startswith("count") else value
-
-    def estimate(self, node_type: str) -> torch.Tensor:
-        """mean_in - mean_out per pair, 0 where either side has no sample: [P, *layout] float64."""
-        seen = (self.get("count_in", node_type) > 0) & (self.get("count_out", node_type) > 0)
-        diff = self.get("mean_in", node_type) - self.get("mean_out", node_type)
-        return torch.where(seen, diff, torch.zeros_like(diff))
+def sample_batch(model: Model, seq_len: int, n_nodes: int, memory_gb: float, batch_size: int | None = None) -> int:
+    """Samples per batch: ``batch_size``, else as many as fit ``memory_gb`` (``plan_batch`` of ``sample_footprint``)."""
+    return plan_batch(sample_footprint(model, seq_len, n_nodes), memory_gb, model.device, batch_size=batch_size)
 
 
 def subsample(
@@ -243,7 +184,7 @@ def subsample(
     seq_len = cache.pairs.seq_len
     layout = NodeLayout.of(node_types, model.sizes, seq_len)
     keep = keep_mask(layout, exclude)
-    batch = batch_size or sample_batch(model, seq_len, layout.size, memory_gb)
+    batch = sample_batch(model, seq_len, layout.size, memory_gb, batch_size)
     total = samples * cache.n_pairs
     with progress_bar(total, "subsampling", progress, unit="sample") as bar:
         values = subsample_range(
@@ -251,103 +192,3 @@ def subsample(
             keep=keep, cost=cost, advance=bar.update,
         )  # fmt: skip
     return SubsamplingStats(layout.shapes, values)
-
-
-def keep_mask(layout: NodeLayout, exclude: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    """bool [N] over the layout's nodes: False where ``exclude`` (node type -> bool [*layout]) marks one."""
-    if exclude is not None and any(t in exclude for t in layout.node_types):
-        return ~layout.flatten(exclude, fill=False)  # [N]
-    return torch.ones(layout.size, dtype=torch.bool)
-
-
-def sample_batch(model: Model, seq_len: int, n_nodes: int, memory_gb: float) -> int:
-    """Samples per batch within ``memory_gb``: the forward's activations plus masks and float64
-    statistics work space over the N nodes, per element."""
-    return max(1, int(memory_gb * 2**30 // (patched_forward_bytes(model, seq_len) + n_nodes * ELEMENT_BYTES_PER_NODE)))
-
-
-def subsample_range(
-    model: Model,
-    cache: PatchCache,
-    node_types: list[str],
-    start: int,
-    stop: int,
-    *,
-    samples: int,
-    p: float,
-    seed: int,
-    design: str,
-    batch: int,
-    keep: torch.Tensor | None,
-    cost: Cost,
-    advance: Any = None,
-) -> dict[str, torch.Tensor]:
-    """Statistics of elements ``start``..``stop``-1 (element = sample x P + pair) in batches of
-    ``batch`` from ``start``; ranges merge with ``ops.welford_merge`` (a work unit's share).
-
-    Returns:
-        ``count_in``, ``mean_in``, ``m2_in`` and the same for ``out``, each [P, N] float64.
-    """
-    n_pairs = cache.n_pairs
-    layout = NodeLayout.of(node_types, model.sizes, cache.pairs.seq_len)
-    n_nodes = layout.size
-    keep = torch.ones(n_nodes, dtype=torch.bool) if keep is None else keep
-    codes = _balanced_codes(n_nodes, samples, seed) if design == "balanced" else None
-    values = {
-        name: torch.zeros(n_pairs, n_nodes, dtype=torch.float64)
-        for name in ("count_in", "mean_in", "m2_in", "count_out", "mean_out", "m2_out")
-    }
-    guard = BatchGuard("subsampling: patched forwards", model.device)  # halves on CUDA out-of-memory
-    for first in range(start, stop, batch):
-        element = torch.arange(first, min(first + batch, stop))
-        pair_index, sample_index = element % n_pairs, element // n_pairs
-        if codes is None:
-            chosen = torch.stack(
-                [_random_subset(n_nodes, p, seed, int(j), int(s)) for j, s in zip(pair_index, sample_index)]
-            )  # [B, N]
-        else:
-            chosen = _balanced_subset(codes, sample_index)
-        chosen &= keep
-        masks = layout.unflatten(chosen)  # [B, N] -> {t: [B, *layout]}
-        delta = patch_masks(model, cache, masks, pair_index, cost, guard).detach().double().cpu()  # [B]
-        _update(values, chosen, delta, pair_index, n_pairs)
-        if advance is not None:
-            advance(len(element))
-    return values
-
-
-def _update(
-    values: dict[str, torch.Tensor], chosen: torch.Tensor, delta: torch.Tensor, pair_index: torch.Tensor, n_pairs: int
-) -> None:
-    """Merge one batch of samples into the running per-pair, per-node statistics."""
-    onehot = torch.nn.functional.one_hot(pair_index, n_pairs).double()  # [B, P]
-    for side, member in (("in", chosen.double()), ("out", (~chosen).double())):
-        count = onehot.T @ member  # [P, N]
-        mean = (onehot.T @ (member * delta[:, None])) / count.clamp(min=1)
-        m2 = onehot.T @ (member * (delta[:, None] - mean[pair_index]).square())
-        merged = welford_merge(values[f"count_{side}"], values[f"mean_{side}"], values[f"m2_{side}"], count, mean, m2)
-        values[f"count_{side}"], values[f"mean_{side}"], values[f"m2_{side}"] = merged
-
-
-def _random_subset(n_nodes: int, p: float, seed: int, pair: int, sample: int) -> torch.Tensor:
-    """Subset of sample ``sample`` on pair ``pair``: bool [N], from its own generator (batch-independent)."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + pair) * 1_000_033 + sample)
-    return torch.rand(n_nodes, generator=generator, dtype=torch.float64) < p
-
-
-def _balanced_codes(n_nodes: int, samples: int, seed: int) -> torch.Tensor:
-    """Hadamard column codes in 1..samples-1 per node: [N] int64 (distinct when N < samples)."""
-    generator = torch.Generator().manual_seed(seed)
-    if n_nodes < samples:
-        return torch.randperm(samples - 1, generator=generator)[:n_nodes] + 1
-    return torch.randint(1, samples, (n_nodes,), generator=generator)
-
-
-def _balanced_subset(codes: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
-    """Node n is in sample s iff popcount(s & code_n) is odd (Sylvester-Hadamard entry -1): bool [B, N]."""
-    bits = sample_index[:, None] & codes[None, :]  # [B, N]
-    parity = torch.zeros_like(bits)
-    while bool(bits.any()):
-        parity ^= bits & 1
-        bits = bits >> 1
-    return parity.bool()
