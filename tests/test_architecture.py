@@ -49,12 +49,10 @@ def test_no_import_circles(figures):
     assert figures.circles == []
 
 
-@pytest.mark.xfail(strict=True, reason="13 arrows run up the layers of benchmarks/architecture.py's table")
 def test_at_most_two_imports_run_up_the_layers(figures):
     assert len({(i.source, i.target) for i in figures.upward}) <= 2
 
 
-@pytest.mark.xfail(strict=True, reason="verbs, results and methods still branch on 'edge' and other node types")
 def test_no_node_type_conditionals_outside_node_spaces(figures):
     assert figures.node_type_conditions == []
 

@@ -30,11 +30,9 @@ class SmoothAtp(IntegratedGradients):
     """AtP whose gradient is the mean over ``ig_steps`` noisy copies of the base input."""
 
     seeded = True
-
-    def __init__(self, *, ig_steps: int = 4, noise: float = 0.05, seed: int = 0, **options: object) -> None:
-        super().__init__(ig_steps=ig_steps, **options)  # type: ignore[arg-type]
-        self.noise = noise
-        self.seed = seed
+    ig_steps: int = 4  # noisy copies
+    noise: float = 0.05  # std of the Gaussian noise added to the base embedding
+    seed: int = 0
 
     def _points(self) -> Points:
         return NoisyPoints(tuple([1.0] * self.ig_steps), scale=self.noise, seed=self.seed)

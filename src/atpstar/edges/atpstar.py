@@ -40,7 +40,7 @@ from .sites import layer_qkv, qkv_share
 
 def edge_atp(batch: EdgeBatch, qk_fix: bool, grad_drop: bool, positions: bool = False) -> torch.Tensor:
     """Edge AtP with the QK fix and/or GradDrop for the batch's pairs: [b, N] (``positions``: [b, N, T])."""
-    model, cost = batch.model, batch.cost
+    model, cost = batch.job.model, batch.job.cost
     base_tokens, source_tokens = batch.tokens()
     source = source_senders(model, source_tokens, batch.w_out)
     sites: dict[tuple[int, str], torch.Tensor] = {}
@@ -76,9 +76,9 @@ class _Estimates:
     ) -> torch.Tensor:
         """[B, S, R] (``positions``: [B, T, S, R]) estimates of every (sender, receiver) from site gradients
         of ``layers`` (+ logits)."""
-        model, graph, delta = self.batch.model, self.batch.graph, self.delta
+        model, graph, delta = self.batch.job.model, self.batch.graph, self.delta
         grads = receiver_grads(model, graph, self.run, sites, final_grad, layers)  # [B, R, T, D]
-        count_copies(model, self.batch.cost, delta.shape[0], len(layers) / model.n_layers)
+        count_copies(model, self.batch.job.cost, delta.shape[0], len(layers) / model.n_layers)
         with torch.no_grad():
             if self.positions:
                 matrix = torch.einsum("bstd,brtd->btsr", delta, grads)  # [B, T, S, R]
@@ -100,7 +100,7 @@ class _Estimates:
         else:
             fixed = torch.einsum("bsphqk,bhqk->bpsh", change, grad)  # [B, T, S_l, H]: key p changed
         first = self.batch.graph.qkv_receiver(layer, kind, 0)
-        matrix[..., : change.shape[1], first : first + self.batch.model.n_heads] = fixed
+        matrix[..., : change.shape[1], first : first + self.batch.job.model.n_heads] = fixed
 
     def graddrop(self, tape: Tape, plain: torch.Tensor) -> torch.Tensor:
         """ĉ = Σ_l |Î_l| / (L - 1) from the plain estimates [B, (T,) S, R] and the tape's dropped backwards."""
@@ -111,7 +111,7 @@ class _Estimates:
         for drop in tape.dropped(collect(dropped)):  # the sites of layers < drop, with layer drop's write dropped
             total = total + self.of(dropped, None, range(drop)).abs() * (layer_of < drop).to(plain.dtype)
             dropped.clear()
-        return graddrop_combine(total, self.batch.model.n_layers)
+        return graddrop_combine(total, self.batch.job.model.n_layers)
 
     def edges(self, matrix: torch.Tensor) -> torch.Tensor:
         """[B, S, R] -> [B, N]; position-resolved [B, T, S, R] -> [B, N, T]."""
@@ -128,7 +128,7 @@ def _new_patterns(
     With ``positions``, (layer, k) is [B, S_l, T, H, T, T]: A' - A with the key of one position p changed
     (norm, projection and rotary act per position, so k' at p is the same as when all positions change).
     """
-    model, graph, cost = batch.model, batch.graph, batch.cost
+    model, graph, cost = batch.job.model, batch.graph, batch.job.cost
     out = {}
     b, _, n_pos, d = delta.shape
     for layer in range(model.n_layers):

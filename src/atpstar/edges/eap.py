@@ -52,14 +52,6 @@ class EdgeBatch:
     w_out: list[torch.Tensor]  # per layer W_O [H, E, D] (``sites.head_out_weights``)
     index: torch.Tensor  # [b] the pairs of this batch
 
-    @property
-    def model(self) -> Model:
-        return self.job.model
-
-    @property
-    def cost(self) -> Cost:
-        return self.job.cost
-
     def tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(base tokens [b, T], source tokens [b, T]) of the batch's pairs."""
         base, source = self.job.base_and_source()
@@ -93,7 +85,7 @@ def taped_run(
     The tape gets (layer, site) for ``GRAD_SITES`` and ``record`` (e.g. ``pattern`` for the QK fix) at every
     layer, (L, ``FINAL``), and the residual stream for GradDrop. Returns (the run, metric [B]).
     """
-    model, pairs = batch.model, batch.job.pairs
+    model, pairs = batch.job.model, batch.job.pairs
     hidden = hidden.detach().requires_grad_(True)
     run = run_senders(model, hidden, batch.w_out, record=("q", "k", "v", *record), mlp_copy=True)
     metric = pairs.evaluate_metric(model.unembed(run.final[:, -1]), batch.index.to(run.final.device))
@@ -119,16 +111,16 @@ def point_receiver_grads(batch: EdgeBatch, hidden: torch.Tensor, forwards: int =
 
     ``forwards`` passes are counted once the forward is done (before the backward, as the caller's base run).
     """
-    model, sites = batch.model, dict[tuple[int, str], torch.Tensor]()
-    tape = Tape(model.n_layers, batch.cost)
+    model, sites = batch.job.model, dict[tuple[int, str], torch.Tensor]()
+    tape = Tape(model.n_layers, batch.job.cost)
     try:
         run, metric = taped_run(batch, hidden, tape)
         if forwards:
-            batch.cost.add_forward(forwards)
+            batch.job.cost.add_forward(forwards)
         tape.backward(metric, collect(sites))
     finally:
         tape.close()
-    count_copies(model, batch.cost, len(batch.index))
+    count_copies(model, batch.job.cost, len(batch.index))
     final = sites.pop((model.n_layers, FINAL))
     return run, receiver_grads(model, batch.graph, run, sites, final, range(model.n_layers))
 
@@ -141,7 +133,7 @@ def source_senders(model: Model, tokens: torch.Tensor, w_out: list[torch.Tensor]
 
 def eap(batch: EdgeBatch, points: Points, positions: bool = False) -> torch.Tensor:
     """EAP (``points`` at the base run) or EAP-IG (a path) scores [b, N] (or [b, N, T]) for the batch's pairs."""
-    model, b = batch.model, len(batch.index)
+    model, b = batch.job.model, len(batch.index)
     base_tokens, source_tokens = batch.tokens()
     source = source_senders(model, source_tokens, batch.w_out)
     with torch.enable_grad():
@@ -158,7 +150,7 @@ def eap(batch: EdgeBatch, points: Points, positions: bool = False) -> torch.Tens
                 _, grads = point_receiver_grads(batch, point)
                 total = grads if k == 0 else total + grads
             grads = points.mean(total)
-            batch.cost.add_forward((2 + points.n) * b)
+            batch.job.cost.add_forward((2 + points.n) * b)
     with torch.no_grad():
         return edge_scores(batch.graph, source - base, grads, positions)
 

@@ -95,26 +95,14 @@ class AttributionPatching(Method):
     node_types = ALL_TYPES  # edges: EAP and its QK-fix / GradDrop / AtP* forms (``atpstar.edges``)
     engines = ("sites", "edges")
 
-    def __init__(
-        self,
-        *,
-        qk_fix: bool = False,
-        grad_drop: bool = False,
-        batch_size: int | None = None,
-        memory_gb: float = 2.0,
-        keep: str = "all",
-        top_k: int = 100,
-        out_dir: str | None = None,
-        edge_positions: bool = False,
-    ) -> None:
-        self.qk_fix = qk_fix
-        self.grad_drop = grad_drop
-        self.batch_size = batch_size
-        self.memory_gb = memory_gb
-        self.keep = keep
-        self.top_k = top_k
-        self.out_dir = out_dir
-        self.edge_positions = edge_positions
+    qk_fix: bool = False
+    grad_drop: bool = False
+    batch_size: int | None = None
+    memory_gb: float = 2.0
+    keep: str = "all"
+    top_k: int = 100
+    out_dir: str | None = None
+    edge_positions: bool = False
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """2 forwards and 1 backward per pair; GradDrop adds a partial backward from each layer l >= 1, counted l / L.

@@ -56,8 +56,30 @@ class Method:
         """
         raise NotImplementedError(f"{type(self).__name__} does not document its cost (expected_cost)")
 
+    # Options are annotated class attributes with defaults, declared on the method class (one comment or a
+    # docstring line each); the constructor takes them as keywords and stores them unchanged.
+    fixed_options: ClassVar[frozenset[str]] = frozenset()  # inherited options this class fixes (class attributes)
+
+    def __init__(self, **options: Any) -> None:
+        names = self.option_names()
+        unknown = [name for name in options if name not in names]
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}")
+        for name in names:
+            setattr(self, name, options.get(name, getattr(type(self), name)))
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The options of this method class, in declaration order (base classes first)."""
+        names: dict[str, None] = {}
+        for klass in reversed(cls.__mro__):
+            for name, annotation in vars(klass).get("__annotations__", {}).items():
+                if not str(annotation).startswith(("ClassVar", "typing.ClassVar")) and hasattr(klass, name):
+                    names[name] = None
+        return tuple(name for name in names if name not in cls.fixed_options)
+
     def get_options(self) -> dict[str, Any]:
-        return dict(vars(self))
+        return {name: getattr(self, name) for name in self.option_names()}
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled as (id, options): the classes of preset ids are made at registration, not importable.

@@ -60,10 +60,9 @@ class Blocks(JointPatching):
     aggregation = "mean_abs"
     distributable = True
 
-    def __init__(self, *, block_size: int = 16, batch_size: int | None = None, memory_gb: float = 1.0) -> None:
-        self.block_size = block_size
-        self.batch_size = batch_size
-        self.memory_gb = memory_gb
+    block_size: int = 16
+    batch_size: int | None = None
+    memory_gb: float = 1.0
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """2P full forwards, then one forward per block and pair started at the block's layer ((L - l) / L)."""

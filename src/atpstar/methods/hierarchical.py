@@ -59,20 +59,11 @@ class Hierarchical(JointPatching):
     cost_is_bound = True  # which blocks get split (and at which layers) depends on the effects
     distributable = True
 
-    def __init__(
-        self,
-        *,
-        branching: int = 4,
-        threshold: float | None = None,
-        budget: int | None = None,
-        batch_size: int | None = None,
-        memory_gb: float = 1.0,
-    ) -> None:
-        self.branching = branching
-        self.threshold = threshold
-        self.budget = budget
-        self.batch_size = batch_size
-        self.memory_gb = memory_gb
+    branching: int = 4
+    threshold: float | None = None
+    budget: int | None = None
+    batch_size: int | None = None
+    memory_gb: float = 1.0
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """At most 2P full forwards and one forward per patched block and pair (``info["blocks_patched"]``)."""

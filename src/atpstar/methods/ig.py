@@ -40,27 +40,11 @@ class IntegratedGradients(AttributionPatching):
             (``AttributionPatching``); the memory plan adds the gradients summed over the path.
     """
 
-    qk_fix = False  # fixed: the QK fix and GradDrop are options of the base-run estimators only
+    fixed_options = frozenset({"qk_fix", "grad_drop"})  # options of the base-run estimators only
+    qk_fix = False
     grad_drop = False
 
-    def __init__(
-        self,
-        *,
-        ig_steps: int = 5,
-        batch_size: int | None = None,
-        memory_gb: float = 2.0,
-        keep: str = "all",
-        top_k: int = 100,
-        out_dir: str | None = None,
-        edge_positions: bool = False,
-    ) -> None:
-        self.ig_steps = ig_steps
-        self.batch_size = batch_size
-        self.memory_gb = memory_gb
-        self.keep = keep
-        self.top_k = top_k
-        self.out_dir = out_dir
-        self.edge_positions = edge_positions
+    ig_steps: int = 5
 
     def _points(self) -> Points:
         return path(self.ig_steps)

@@ -19,7 +19,7 @@ from ..memory import layout_elems
 from ..model import Model
 from ..nodes import ALL_TYPES
 from ..pairs import PromptPairs
-from ..spaces import spaces_for
+from ..spaces import space_class, spaces_for
 from ..validate import check_batch_size, check_count, check_memory_gb
 from .base import check_edge_positions, register
 from .patched import PatchedForwards
@@ -53,22 +53,12 @@ class ActivationPatching(PatchedForwards):
     engines = ("sites", "edges")
     distributable = True
 
-    def __init__(
-        self,
-        *,
-        batch_size: int | None = None,
-        memory_gb: float = 1.0,
-        checkpoint: str | None = None,
-        min_chunk_tokens: int = MIN_CHUNK_TOKENS,
-        layers: list[int] | None = None,
-        edge_positions: bool = False,
-    ) -> None:
-        self.batch_size = batch_size
-        self.memory_gb = memory_gb
-        self.checkpoint = checkpoint
-        self.min_chunk_tokens = min_chunk_tokens
-        self.layers = None if layers is None else list(layers)
-        self.edge_positions = edge_positions
+    batch_size: int | None = None
+    memory_gb: float = 1.0
+    checkpoint: str | None = None
+    min_chunk_tokens: int = MIN_CHUNK_TOKENS
+    layers: list[int] | None = None
+    edge_positions: bool = False
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """2P full forwards per node space, then one forward per node and pair, counted (L - l) / L (the
@@ -84,8 +74,10 @@ class ActivationPatching(PatchedForwards):
         return cost
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
-        if self.layers is not None and "edge" in node_types:
-            raise InputError("layers= restricts node patching only; ask for edges in a call without it")
+        self.layers = None if self.layers is None else list(self.layers)
+        not_sites = [t for t in node_types if space_class(t).engine != "sites"]
+        if self.layers is not None and not_sites:
+            raise InputError(f"layers= restricts site-node patching only; ask for {not_sites} in a call without it")
         check_edge_positions(self.edge_positions, node_types)
         check_batch_size(self.batch_size)
         check_memory_gb(self.memory_gb)

@@ -73,22 +73,12 @@ class Subsampling(PatchedForwards):
     cost_is_bound = True  # each batch starts at its lowest patched layer, which the random subsets decide
     distributable = True
 
-    def __init__(
-        self,
-        *,
-        samples: int = 256,
-        p: float = 0.5,
-        seed: int = 0,
-        design: str = "random",
-        batch_size: int | None = None,
-        memory_gb: float = 1.0,
-    ) -> None:
-        self.samples = samples
-        self.p = p
-        self.seed = seed
-        self.design = design
-        self.batch_size = batch_size
-        self.memory_gb = memory_gb
+    samples: int = 256
+    p: float = 0.5
+    seed: int = 0
+    design: str = "random"
+    batch_size: int | None = None
+    memory_gb: float = 1.0
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """At most 2P full forwards and ``samples`` x P patched forwards."""

@@ -1,17 +1,4 @@
-"""The contract every attribution method meets, as checks a method's author can run.
-
-    >>> from atpstar.testing import check_method
-    >>> check_method(MyMethod)  # doctest: +SKIP
-
-runs the same checks the package runs on every registered method (``tests/methods/test_contract.py``):
-capabilities declared, documented shapes and record, same answer twice, per-pair results independent
-of the other pairs, cost equal to the declared ``expected_cost``, save/load round trip, model left as
-it was (also after an error), bad input refused before any pass. A failed check raises
-``AssertionError`` naming the check and the method.
-
-The default model is a tiny random float64 Llama with grouped-query attention (built offline from a
-config); pass ``model=``/``pairs=`` to check on your own.
-"""
+"""The checks of the method contract (``check_method``), each a function of a ``Contract``."""
 
 from __future__ import annotations
 
@@ -25,67 +12,18 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
-from .methods.base import METHODS, Method, Registered
-from .model import Model
-from .nodes import NODE_TYPES
-from .pairs import PromptPairs
-from .result import Attribution
-from .spaces import check_node_types, known_types, spaces_for
-from .version import __version__
+from ..cost import Cost
+from ..errors import InputError
+from ..methods.base import METHODS, Method, Registered
+from ..model import Model
+from ..nodes import NODE_TYPES
+from ..pairs import PromptPairs
+from ..result import Attribution
+from ..spaces import check_node_types, known_types, spaces_for
+from ..version import __version__
+from .fixtures import assert_unchanged, snapshot, tiny_model, tiny_pairs
 
-VOCAB = 48
-
-
-def tiny_model(seed: int = 8, n_layers: int = 2) -> Model:
-    """A tiny random float64 Llama (d_model 32, 4 heads, 2 kv heads, d_mlp 32) in eval mode."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        max_position_embeddings=16,
-        hidden_size=32,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=32,
-        initializer_range=0.25,  # metrics and effects of order 1
-    )
-    torch.manual_seed(seed)
-    return Model(AutoModelForCausalLM.from_config(config).to(torch.float64).eval(), model_id="atpstar-testing-llama")
-
-
-def tiny_pairs(n_pairs: int = 3, seq_len: int = 5, seed: int = 9, metric: Any = "logit_diff") -> PromptPairs:
-    """Random prompt pairs over ``VOCAB`` tokens whose noise prompt differs at two positions."""
-    gen = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, VOCAB, (n_pairs, seq_len), generator=gen)
-    noise = clean.clone()
-    noise[:, 1] = (clean[:, 1] + 1 + torch.randint(0, VOCAB - 1, (n_pairs,), generator=gen)) % VOCAB
-    noise[:, seq_len - 2] = (clean[:, seq_len - 2] + 7) % VOCAB
-    answer = torch.randint(0, VOCAB, (n_pairs,), generator=gen)
-    distractor = (answer + 1 + torch.randint(0, VOCAB - 1, (n_pairs,), generator=gen)) % VOCAB
-    return PromptPairs(clean=clean, noise=noise, answer=answer, distractor=distractor, metric=metric)
-
-
-def snapshot(hf_model: torch.nn.Module) -> dict[str, Any]:
-    """Everything ``attribute`` must leave as it found it: weights, modes, requires_grad, attention, hooks."""
-    return {
-        "state": {k: v.detach().clone() for k, v in hf_model.state_dict().items()},
-        "training": [m.training for m in hf_model.modules()],
-        "requires_grad": [p.requires_grad for p in hf_model.parameters()],
-        "attn": [getattr(m.config, "_attn_implementation", None) for m in hf_model.modules() if hasattr(m, "config")],
-        "hooks": [
-            (len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_hooks)) for m in hf_model.modules()
-        ],
-    }
-
-
-def assert_unchanged(hf_model: torch.nn.Module, before: dict[str, Any]) -> None:
-    after = snapshot(hf_model)
-    for key in ("training", "requires_grad", "attn", "hooks"):
-        assert after[key] == before[key], f"model {key} changed"
-    for name, value in before["state"].items():
-        assert torch.equal(after["state"][name], value), f"weight {name} changed"
+MethodLike = str | type[Method] | Registered  # a method id, a ``METHODS`` entry or a ``Method`` subclass
 
 
 @dataclass
@@ -123,12 +61,8 @@ class Contract:
         return self._result
 
 
-def contract(
-    method: str | type[Method] | Registered,
-    model: Model | None = None,
-    pairs: PromptPairs | None = None,
-    nodes: list[str] | None = None,
-) -> Contract:
+def contract(method: MethodLike, model: Model | None = None, pairs: PromptPairs | None = None,
+             nodes: list[str] | None = None) -> Contract:  # fmt: skip
     """The ``Contract`` of a method id, a registry entry, or a method class (registered or not)."""
     if isinstance(method, str):
         if method not in METHODS:
@@ -318,6 +252,55 @@ def check_edges(c: Contract) -> None:
     assert all("->" in name for name in names), f"edge names {names}"
 
 
+def check_workers(c: Contract) -> None:
+    """The method on work units (the in-process executor, the same units Ray workers run) gives the in-process
+    numbers: its own units when ``distributable``, else whole calls on blocks of pairs merged by
+    ``Attribution.concat`` (nodes and, where supported, edges); a method that cannot run there refuses
+    ``workers=`` before any pass."""
+    from ..distributed import LocalExecutor
+    from ..methods.base import _by_pair_blocks, runs_on_workers
+
+    method = c.build()
+    if not runs_on_workers(c.cls):
+        calls: list[int] = []
+
+        def counting(logits: torch.Tensor, answer: torch.Tensor, distractor: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            return logits[:, 0]
+
+        try:
+            method.attribute(c.model, tiny_pairs(n_pairs=2, seq_len=5, metric=counting), c.node_types, workers=2)
+        except InputError:
+            assert calls == [], "a pass ran before workers= was refused"
+            return
+        raise AssertionError("runs_on_workers is False, yet workers= was accepted")
+    if c.cls.distributable:
+        cost = Cost()
+        on_units, _, _ = method._attribute_on(
+            LocalExecutor(c.model, False), c.model, c.pairs, c.node_types, "noising", cost
+        )
+        _assert_same(on_units, c.result.per_pair, c.node_types, "own work units")
+        return
+    for nodes in [c.node_types] + ([["edge"]] if "edges" in c.cls.engines else []):
+        whole = c.result if nodes == c.node_types else method.attribute(c.model, c.pairs, nodes)
+        blocks = _by_pair_blocks(method, LocalExecutor(c.model, False), c.model, c.pairs, nodes, "noising", None)
+        _assert_same(blocks.per_pair, whole.per_pair, nodes, "blocks of pairs")
+        assert math.isclose(blocks.cost.forward, whole.cost.forward, rel_tol=1e-12), "forward cost of pair blocks"
+        assert math.isclose(blocks.cost.backward, whole.cost.backward, rel_tol=1e-12, abs_tol=1e-12), (
+            "backward cost of pair blocks"
+        )
+        for t in nodes:
+            assert torch.allclose(blocks.scores[t], whole.scores[t], rtol=1e-10, atol=1e-14), f"{t} scores of blocks"
+
+
+def _assert_same(got: Any, want: Any, node_types: list[str], how: str) -> None:
+    for t in node_types:
+        a, b = got[t], want[t]
+        a, b = (a.to_dense() if a.is_sparse else a), (b.to_dense() if b.is_sparse else b)
+        assert a.shape == b.shape, f"{t} on {how}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), f"{t} on {how} differs from the in-process result"
+
+
 CHECKS: dict[str, Callable[[Contract], None]] = {
     "capabilities": check_capabilities,
     "shapes_and_record": check_shapes_and_record,
@@ -328,6 +311,7 @@ CHECKS: dict[str, Callable[[Contract], None]] = {
     "unchanged_after_error": check_unchanged_after_error,
     "bad_input": check_bad_input,
     "edges": check_edges,
+    "workers": check_workers,
 }
 
 
