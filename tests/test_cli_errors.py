@@ -331,8 +331,18 @@ def test_weights_on_the_meta_device_are_refused(loaded) -> None:
     model, pairs = loaded
     with torch.device("meta"):
         empty = AutoModelForCausalLM.from_config(model.hf_model.config).eval()
-    with pytest.raises(atpstar.InputError, match="on the meta device .* device_map"):
-        atpstar.attribute(atpstar.Model(empty, tokenizer=model.tokenizer), pairs, "atp", ["head"])
+    empty_model = atpstar.Model(empty, tokenizer=model.tokenizer)
+    estimate = atpstar.attribute(model, pairs, "atp", ["edge"])
+    verified = atpstar.verify(model, pairs, estimate, budget=3)
+    for call in (
+        lambda: atpstar.attribute(empty_model, pairs, "atp", ["head"]),
+        lambda: atpstar.verify(empty_model, pairs, estimate, budget=3),
+        lambda: atpstar.find(empty_model, pairs, 0.1, nodes=["head"]),
+        lambda: atpstar.faithfulness_curve(empty_model, pairs, estimate, [0.5, 1.0]),
+        lambda: atpstar.false_negative_bound(empty_model, pairs, verified),
+    ):
+        with pytest.raises(atpstar.InputError, match="on the meta device .* device_map"):
+            call()
 
 
 def test_writers_name_the_folder_they_cannot_create_never_a_temporary_file(loaded, tmp_path) -> None:

@@ -33,6 +33,7 @@ from ..model import as_model
 from ..pairs import PromptPairs, check_direction
 from ..persist import write_text
 from ..progress import progress_bar
+from ..validate import check_pairs_fit
 from .circuit_run import circuit_bytes, circuit_metric
 from .graph import EdgeGraph, graph_of
 from .patching import prepare_edges
@@ -212,6 +213,7 @@ def faithfulness_curve(
     """
     model = as_model(model)
     check_direction(direction)
+    check_pairs_fit(model, pairs)
     graph = graph_of(model)
     scores, method = _edge_scores(scores, graph)
     if scores.shape != (graph.n_edges,):
