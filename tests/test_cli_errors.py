@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import atpstar
 from atpstar.cli import main
 from atpstar.lock import folder_lock
 from test_cli import make_tiny, write_pairs
@@ -104,6 +105,12 @@ BAD = [
     ("out is under a file", "run --model {model} --task {pairs} --out {root}/afile/out", "not writable"),
     ("unreachable hub", "run --model someone/some-model --task {pairs}", "cannot reach the Hugging Face hub"),
     ("option without value", "run --model {model} --task {pairs} --option samples", "KEY=VALUE"),
+    ("NaN fractions", "circuit --model {model} --task {pairs} --method atp --fractions nan",
+     "--fractions must be increasing finite values in [0, 1]"),
+    ("infinite fractions", "circuit --model {model} --task {pairs} --method atp --fractions 0.1,inf", "got [0.1, inf]"),
+    ("fraction above 1", "circuit --model {model} --task {pairs} --method atp --fractions 0.5,1e400", "--fractions"),
+    ("known first word not listed as unknown", "run --model {model} --task {root}/unknown.jsonl",
+     "(unknown: ['Zelda'])"),
 ]
 
 
@@ -224,3 +231,127 @@ def test_api_errors(setup) -> None:
         atpstar.load_model(str(setup["model"]), device="bogus")
     with pytest.raises(atpstar.InputError, match="floating-point"):
         atpstar.load_model(str(setup["model"]), dtype=torch.int64)
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the options were all checked")
+
+
+@pytest.mark.parametrize("command", ["run", "compare", "circuit"])
+def test_plots_without_matplotlib_are_refused_before_the_model_loads(setup, tmp_path, capsys, monkeypatch, command):
+    import atpstar.cli.circuit
+    import atpstar.cli.commands
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(atpstar.cli.commands, "load_model", _no_model)
+    monkeypatch.setattr(atpstar.cli.circuit, "load_model", _no_model)
+    methods = {"run": ["--method", "atp"], "compare": ["--methods", "atp"], "circuit": ["--method", "atp"]}[command]
+    code = main([command, "--model", str(setup["model"]), "--task", str(setup["pairs"]), *methods,
+                 "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "pip install matplotlib" in err and "--no-plots" in err, err
+    assert not list((tmp_path / "out").glob("*.json"))
+
+
+def test_a_command_without_plots_runs_without_matplotlib(setup, tmp_path, capsys, monkeypatch) -> None:
+    import atpstar.cli.find_command
+
+    def reached(*args, **kwargs):
+        raise atpstar.InputError("the model is loading")
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(atpstar.cli.find_command, "load_model", reached)
+    code = main(["find", "--model", str(setup["model"]), "--task", str(setup["pairs"]), "--theta", "0.5",
+                 "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 2 and "the model is loading" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,methods,nodes", [
+    ("compare", "atp,subsampling", "edge"),
+    ("compare", "atp,hierarchical", "edge"),
+    ("run", "subsampling", "edge"),
+    ("circuit", "atp,subsampling", None),
+])
+def test_a_method_without_the_node_space_is_refused_before_the_first_pass(setup, tmp_path, capsys, monkeypatch,
+                                                                        command, methods, nodes):
+    import atpstar.cli.circuit
+    import atpstar.cli.commands
+
+    monkeypatch.setattr(atpstar.cli.commands, "load_model", _no_model)
+    monkeypatch.setattr(atpstar.cli.circuit, "load_model", _no_model)
+    flag = "--methods" if command == "compare" else "--method"
+    argv = [command, "--model", str(setup["model"]), "--task", str(setup["pairs"]), flag, methods,
+            "--out", str(tmp_path / "out"), "--no-progress", "--no-plots"]
+    code = main(argv + (["--nodes", nodes] if nodes else []))
+    err = capsys.readouterr().err
+    assert code == 2 and "does not support node types ['edge'] (it has no edge form)" in err, err
+    assert not (tmp_path / "out" / "ground_truth.json").exists()
+
+
+@pytest.fixture(scope="module")
+def loaded(setup):
+    model = atpstar.load_model(str(setup["model"]))
+    return model, atpstar.read_pairs_jsonl(str(setup["pairs"]), model.tokenizer)
+
+
+def test_faithfulness_curve_takes_a_loaded_mib_circuit(loaded, tmp_path) -> None:
+    from atpstar.edges.graph import EdgeGraph
+    from atpstar.edges.mib import save_mib
+
+    model, pairs = loaded
+    estimate = atpstar.attribute(model, pairs, "atp", ["edge"])
+    estimate.to_mib(tmp_path / "c.json")
+    fractions = [0.1, 0.5, 1.0]
+    from_file = atpstar.faithfulness_curve(model, pairs, atpstar.load_mib(tmp_path / "c.json"), fractions)
+    direct = atpstar.faithfulness_curve(model, pairs, estimate, fractions)
+    assert from_file.faithfulness == direct.faithfulness and from_file.cpr == direct.cpr
+    other = EdgeGraph(1, 4, True)
+    save_mib(tmp_path / "other.json", other, 32, torch.ones(other.n_edges))
+    with pytest.raises(atpstar.InputError, match="the MIB circuit is for 1 layers x 4 heads"):
+        atpstar.faithfulness_curve(model, pairs, atpstar.load_mib(tmp_path / "other.json"), fractions)
+    with pytest.raises(atpstar.InputError, match="finite values in"):
+        atpstar.faithfulness_curve(model, pairs, estimate, [float("nan")])
+
+
+def test_find_takes_a_keep_top_estimate(loaded) -> None:
+    model, pairs = loaded
+    dense = atpstar.attribute(model, pairs, "atp*", ["head"])
+    top = atpstar.attribute(model, pairs, "atp*", ["head"], keep="top", top_k=3)
+    truth = atpstar.attribute(model, pairs, "activation_patching", ["head"])
+    theta = float(truth.scores["head"].abs().max()) / 3
+    with_dense = atpstar.find(model, pairs, theta, nodes=["head"], estimator=dense)
+    with_top = atpstar.find(model, pairs, theta, nodes=["head"], estimator=top)
+    assert with_top.certified and with_dense.certified and with_top.names
+    assert sorted(with_top.names) == sorted(with_dense.names)
+
+
+def test_weights_on_the_meta_device_are_refused(loaded) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model, pairs = loaded
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(model.hf_model.config).eval()
+    empty_model = atpstar.Model(empty, tokenizer=model.tokenizer)
+    estimate = atpstar.attribute(model, pairs, "atp", ["edge"])
+    verified = atpstar.verify(model, pairs, estimate, budget=3)
+    for call in (
+        lambda: atpstar.attribute(empty_model, pairs, "atp", ["head"]),
+        lambda: atpstar.verify(empty_model, pairs, estimate, budget=3),
+        lambda: atpstar.find(empty_model, pairs, 0.1, nodes=["head"]),
+        lambda: atpstar.faithfulness_curve(empty_model, pairs, estimate, [0.5, 1.0]),
+        lambda: atpstar.false_negative_bound(empty_model, pairs, verified),
+    ):
+        with pytest.raises(atpstar.InputError, match="on the meta device .* device_map"):
+            call()
+
+
+def test_writers_name_the_folder_they_cannot_create_never_a_temporary_file(loaded, tmp_path) -> None:
+    model, pairs = loaded
+    estimate = atpstar.attribute(model, pairs, "atp", ["edge"])
+    for name in ("c.json", "c.pt"):  # a missing folder is created, as every writer does
+        assert estimate.to_mib(tmp_path / "missing_dir" / name).is_file()
+    (tmp_path / "afile").write_text("x")
+    for name in ("c.json", "c.pt"):
+        with pytest.raises(atpstar.InputError, match="its folder .*afile.* cannot be created") as caught:
+            estimate.to_mib(tmp_path / "afile" / name)
+        assert ".tmp" not in str(caught.value)

@@ -25,6 +25,36 @@ def execution_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def check_weights_loaded(hf_model: torch.nn.Module) -> None:
+    """Refuse a model with weights on the ``meta`` device that no accelerate hook loads for the call.
+
+    Such weights have a shape but no values (``init_empty_weights``, ``torch.device("meta")``, or a
+    ``from_pretrained`` that skipped them); offloaded weights (``device_map`` with CPU/disk offload)
+    sit on ``meta`` too, under a module with ``_hf_hook``, and are fine.
+
+    Raises:
+        InputError: naming the first empty weights and the two ways to give them values.
+    """
+    hooked = [name for name, module in hf_model.named_modules() if getattr(module, "_hf_hook", None) is not None]
+    empty = [
+        name for name, tensor in (*hf_model.named_parameters(), *hf_model.named_buffers())
+        if tensor.device.type == "meta" and not any(_under(name, prefix) for prefix in hooked)
+    ]  # fmt: skip
+    if empty:
+        from .errors import InputError
+
+        raise InputError(
+            f"{len(empty)} model weights are on the meta device (they have no values), e.g. {empty[:3]}; load "
+            "the weights (from_pretrained without init_empty_weights, or load_state_dict(..., assign=True)), "
+            "or let accelerate offload them (from_pretrained(..., device_map='auto'))"
+        )
+
+
+def _under(name: str, prefix: str) -> bool:
+    """``name`` is ``prefix`` or inside the module ``prefix`` (``""``: the root module holds everything)."""
+    return not prefix or name == prefix or name.startswith(prefix + ".")
+
+
 def _hook_device(hook: Any) -> torch.device | None:
     if hook is None:
         return None

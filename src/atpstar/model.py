@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .devices import execution_device
+from .devices import check_weights_loaded, execution_device
 from .errors import InputError
 from .families import Family, LayerAttention, embed, family_of, get_path, layer_attention
 from .model_hooks import LayerParts, layer_parts, site_hooks
@@ -157,11 +157,12 @@ class Model:
 
     # Checks ----------------------------------------------------------------------------------
     def check_ready(self, tokens: torch.Tensor) -> None:
-        """Refuse a model in training mode or token ids it cannot embed."""
+        """Refuse a model in training mode, weights that were never loaded, or token ids it cannot embed."""
         if self.hf_model.training:
             raise InputError(
                 "the model is in training mode (dropout makes patching effects noise); call model.hf_model.eval()"
             )
+        check_weights_loaded(self.hf_model)
         vocab = self.hf_model.get_input_embeddings().num_embeddings
         if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
             raise InputError(

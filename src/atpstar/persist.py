@@ -57,20 +57,34 @@ def remove_bundle(path: str | Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path next to ``path``; renamed onto ``path`` when the block ends without error."""
+    """A temporary path next to ``path``; renamed onto ``path`` when the block ends without error.
+
+    The folder of ``path`` is created when missing, as every writer of atpstar does. Errors name
+    ``path`` or its folder, never the temporary file.
+
+    Raises:
+        InputError: the folder cannot be created, or the file cannot be written (disk full, read-only).
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a part of the folder is a file, or a parent is read-only
+        raise InputError(
+            f"cannot write {path}: its folder {path.parent} does not exist and cannot be created "
+            f"({err.strerror or err}); choose a writable folder"
+        ) from err
+    try:
         handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(handle)
     except OSError as err:
-        raise InputError(f"cannot write {path}: {err.strerror or err}; choose a writable --out folder") from err
+        raise InputError(f"cannot write {path}: {err.strerror or err}; choose a writable folder") from err
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError as err:
-        raise InputError(f"cannot write {path}: {err.strerror or err} (disk full or folder not writable?)") from err
+    except OSError as err:  # the message names ``path``, never the temporary file
+        reason = err.strerror or str(err).replace(str(tmp), str(path))
+        raise InputError(f"cannot write {path}: {reason} (disk full or folder not writable?)") from err
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -24,13 +24,26 @@ from .result import Attribution
 MAX_POINTS = 6000  # per scatter panel: all the largest true effects, a random sample of the rest
 
 
-def _pyplot() -> Any:
+def require_matplotlib(alternative: str = "") -> None:
+    """Refuse to go on without matplotlib, naming the fix (and ``alternative``, e.g. ``"--no-plots"``).
+
+    Raises:
+        AtpstarError: matplotlib is not installed.
+    """
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError as err:
+        other = f", or pass {alternative}" if alternative else ""
         raise AtpstarError(
-            "plots need matplotlib; install it with: pip install 'atpstar[plots]' (or pip install matplotlib)"
+            f"plots need matplotlib, which is not installed; install it with: pip install matplotlib "
+            f"(or pip install 'atpstar[plots]'){other}"
         ) from err
+
+
+def _pyplot() -> Any:
+    require_matplotlib()
+    import matplotlib
+
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

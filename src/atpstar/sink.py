@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import InputError
-from .persist import write_text
+from .persist import atomic_path, write_text
 
 KEEP: tuple[str, ...] = ("all", "top", "disk")
 INDEX_FILE = "per_pair_index.json"
@@ -105,9 +105,8 @@ class PerPairSink:
         name = f"per_pair-{first:07d}-{last:07d}.safetensors"
         tensors = {f"per_pair/{t}": v.to(self.dtype).cpu().contiguous() for t, v in values.items()}
         tensors["pairs"] = index.cpu().contiguous()
-        tmp = self.out_dir / (name + ".tmp")  # type: ignore[operator]
-        save_file(tensors, str(tmp))
-        tmp.replace(self.out_dir / name)  # type: ignore[operator]
+        with atomic_path(self.out_dir / name) as tmp:  # type: ignore[operator]
+            save_file(tensors, str(tmp))
         self.shards.append(name)
         meta = {"n_pairs": self.n_pairs, "shapes": {t: list(s) for t, s in self.shapes.items()}, "shards": self.shards}
         write_text(self.out_dir / INDEX_FILE, json.dumps(meta, indent=2))  # type: ignore[operator]

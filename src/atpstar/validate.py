@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 import warnings
 from typing import Any
 
@@ -121,12 +122,21 @@ def check_known_tokens(tokenizer: Any, ids: list[int], text: str, what: str, whe
     """Refuse text that tokenized into the unknown token: the word is not in the vocabulary."""
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is not None and unk in ids and _unk_text(tokenizer) not in text:
-        words = [w for w in text.split() if unk in tokenizer.encode(" " + w, add_special_tokens=False)]
+        words = [w for w, piece in _words(text) if unk in tokenizer.encode(piece, add_special_tokens=False)]
         hint = f" (unknown: {words})" if words else ""
         raise InputError(
             f"{where}{what} {text!r} contains words outside the tokenizer's vocabulary{hint}; they would all become "
             "the unknown token. Use words the model knows."
         )
+
+
+def _words(text: str) -> list[tuple[str, str]]:
+    """(word, the word as it stands in ``text``): with the whitespace before it, none at the start.
+
+    Tokenizers such as GPT-2's or a word-level one give ``"When"`` and ``" When"`` different tokens;
+    a word is looked up as the prompt spells it, so a known first word is not reported as unknown.
+    """
+    return [(m.group(), text[max(m.start() - 1, 0) : m.end()]) for m in re.finditer(r"\S+", text)]
 
 
 def _unk_text(tokenizer: Any) -> str:

@@ -20,11 +20,13 @@ def command(
     return parser
 
 
-def outputs(parser: argparse.ArgumentParser, default_out: str, *, workers: bool = True) -> None:
-    """The closing options of a command: where it runs (unless ``workers=False``) and what it writes."""
+def outputs(parser: argparse.ArgumentParser, default_out: str, *, workers: bool = True, plots: bool = True) -> None:
+    """The closing options of a command: where it runs (unless ``workers=False``) and what it writes
+    (``plots=False``: the command draws no plots, so it runs without matplotlib)."""
     if workers:
         worker_args(parser)
     output_args(parser, default_out)
+    parser.set_defaults(draws_plots=plots)  # checked before the model loads (``checks.check_args``)
 
 
 def model_args(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:

@@ -32,6 +32,7 @@ def check_args(args: argparse.Namespace) -> None:
     Raises:
         InputError: a count below its minimum, a non-finite or out-of-range number, an unknown dtype or
             device, a device that is not there, or a request too large for this machine's memory.
+        AtpstarError: plots asked for (no ``--no-plots``) without matplotlib installed.
     """
     for name, minimum in COUNTS.items():
         value = getattr(args, name, None)
@@ -51,6 +52,10 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if getattr(args, "device", None) is not None:
         check_device(args.device)
+    if getattr(args, "draws_plots", False) and not args.no_plots:  # refuse now, not after the computation
+        from ..plots import require_matplotlib
+
+        require_matplotlib("--no-plots")
     pairs = getattr(args, "n_pairs", None) or getattr(args, "pairs", None)
     if pairs is not None:
         # The prompt tokens alone (clean and noise, int64) must fit; activations need far more.

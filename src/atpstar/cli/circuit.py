@@ -8,7 +8,7 @@ import time
 
 from ..persist import write_text
 from .args import command, outputs
-from .common import load_model, load_task, out_dir, parse_options, run_method, say
+from .common import check_methods, load_model, load_task, out_dir, run_method, say
 
 CIRCUIT_DEFAULT = "atp,atp+ig,atp*"
 
@@ -42,22 +42,14 @@ def add_circuit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
 
 def cmd_circuit(args: argparse.Namespace) -> int:
-    from ..edges.circuits import MIB_FRACTIONS, faithfulness_curve, top_edges
+    from ..edges.circuits import MIB_FRACTIONS, check_fractions, faithfulness_curve, top_edges
     from ..edges.report import curve_table, plot_curves, report_section
-    from ..errors import InputError
-    from ..methods import build_method
 
     start = time.monotonic()
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    options = parse_options(args.option, methods)
-    for method in methods:
-        built = build_method(method, **options[method])  # bad ids/options fail before the model loads
-        if "edges" not in type(built).engines:  # the edge engine (MIB graph) runs it
-            raise InputError(f"method {method!r} has no edge form; choose from the list in --help")
-    try:
-        fractions = [float(x) for x in args.fractions.split(",")] if args.fractions else list(MIB_FRACTIONS)
-    except ValueError as err:
-        raise InputError(f"--fractions must be a comma list of numbers; got {args.fractions!r}") from err
+    options = check_methods(args, methods, ["edge"])  # bad ids, options or no edge form: before the model loads
+    given = [x.strip() for x in args.fractions.split(",")] if args.fractions else list(MIB_FRACTIONS)
+    fractions = check_fractions(given, "--fractions")  # NaN, inf, out of range or order: before the model loads
     out = out_dir(args)
     model = load_model(args)
     pairs, task = load_task(model, args)

@@ -13,17 +13,16 @@ from typing import Any
 from ..errors import InputError
 from ..persist import save_json, write_text
 from ..spaces import Spaces, spaces_for
-from .checks import check_option_values
 from .circuit import cmd_circuit
 from .common import (
     bound_unverified,
     cached_or_run,
+    check_methods,
     check_saved,
     load_model,
     load_task,
     out_dir,
     parse_nodes,
-    parse_options,
     plain,
     resumable,
     run_method,
@@ -74,13 +73,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..methods import METHODS, build_method
+    from ..methods import METHODS
 
     start = time.monotonic()
     nodes = parse_nodes(args.nodes)
-    options = parse_options(args.option, [args.method])[args.method]
-    check_option_values({args.method: options})
-    build_method(args.method, **options)  # unknown ids and options fail before the model loads
+    options = check_methods(args, [args.method], nodes)[args.method]  # before the model loads
     out = out_dir(args)
     checkpoint = None
     if METHODS[args.method].cls.exact and "checkpoint" not in options:
@@ -195,17 +192,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _compare_methods(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]], list[str]]:
     """(method ids, their options, node types) of ``compare``, checked before the model loads."""
-    from ..methods import METHODS, build_method
+    from ..methods import METHODS
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InputError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
-    options = parse_options(args.option, methods)
-    check_option_values(options)
     nodes = parse_nodes(args.nodes)
-    for method in methods:
-        build_method(method, **options[method])  # bad options fail before the model loads
+    options = check_methods(args, methods, nodes)  # every method, before the ground truth's first pass
     return methods, options, nodes
 
 

@@ -53,6 +53,24 @@ def parse_options(items: Sequence[str], methods: Sequence[str]) -> dict[str, dic
 RESUMABLE: list[Path] = []
 
 
+def check_methods(args: argparse.Namespace, methods: Sequence[str], nodes: list[str]) -> dict[str, dict[str, Any]]:
+    """The ``--option`` values of each method, checked with the methods and node types before the model loads.
+
+    Raises:
+        InputError: an unknown method or option, a non-finite option value, a node type the method does
+            not support, or (with ``--workers``) nodes or a method that do not run on workers.
+    """
+    from ..methods import build_method
+    from .checks import check_option_values
+
+    options = parse_options(args.option, methods)
+    check_option_values(options)
+    for method in methods:
+        built = build_method(method, **options[method])
+        built.check_supported(nodes, on_workers=bool(worker_options(args, method)))
+    return options
+
+
 def resumable(path: Path) -> Path:
     """Record ``path`` as a file a rerun resumes from or reuses; returns it."""
     RESUMABLE.append(Path(path))
@@ -172,7 +190,7 @@ def run_method(
 
 def worker_options(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
     """``workers``/``ray_address`` from ``--workers``/``--ray-address``, for ``method`` when it runs on
-    workers (others run in-process; with ``run`` a method that cannot is refused by ``attribute``)."""
+    workers (others run in-process; with ``run`` a method that cannot is refused by ``check_methods``)."""
     workers, address = getattr(args, "workers", None), getattr(args, "ray_address", None)
     if workers is None and address is None:
         return {}

@@ -45,7 +45,7 @@ def add_find_parser(sub: Any) -> None:
         action="store_true",
         help="discard the checkpoint OUT/find.ckpt.safetensors (also another run's) and start afresh",
     )
-    outputs(find, "out/find")
+    outputs(find, "out/find", plots=False)
 
 
 def cmd_find(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ from ..model import as_model
 from ..pairs import PromptPairs, check_direction
 from ..persist import write_text
 from ..progress import progress_bar
+from ..validate import check_pairs_fit
 from .circuit_run import circuit_bytes, circuit_metric
 from .graph import EdgeGraph, graph_of
 from .patching import prepare_edges
@@ -130,6 +131,34 @@ class FaithfulnessCurve:
         return cls(**json.loads(Path(path).read_text()))
 
 
+def _edge_scores(scores: Any, graph: EdgeGraph) -> tuple[torch.Tensor, str]:
+    """([N] edge scores in edge order, method id or "") of an ``Attribution``, a ``MibCircuit`` or a tensor."""
+    circuit_graph = getattr(scores, "graph", None)
+    if isinstance(circuit_graph, EdgeGraph):  # a MIB circuit file (``load_mib``): scores in edge order
+        if circuit_graph != graph:
+            raise InputError(
+                f"the MIB circuit is for {_graph_text(circuit_graph)}, but the model has {_graph_text(graph)}; "
+                "use the circuit file made for this model"
+            )
+        return torch.as_tensor(scores.scores), ""
+    if hasattr(scores, "per_pair"):  # an Attribution
+        if "edge" not in scores.scores:
+            raise InputError("the attribution has no edge scores; run attribute(..., nodes=['edge'])")
+        return torch.as_tensor(scores.scores["edge"]), scores.method
+    try:
+        return torch.as_tensor(scores), ""
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InputError(
+            f"scores must be an Attribution with edges, a MIB circuit (load_mib) or a tensor of edge scores; "
+            f"got {type(scores).__name__}"
+        ) from err
+
+
+def _graph_text(graph: EdgeGraph) -> str:
+    layout = "parallel" if graph.parallel else "sequential"
+    return f"{graph.n_layers} layers x {graph.n_heads} heads ({layout} attention/MLP)"
+
+
 def areas(fractions: Sequence[float], faithfulness: Sequence[float]) -> tuple[float, float]:
     """(CPR, CMD): trapezoid areas under f and under |1 - f| over ``fractions``."""
     cpr = cmd = 0.0
@@ -138,6 +167,25 @@ def areas(fractions: Sequence[float], faithfulness: Sequence[float]) -> tuple[fl
         cpr += width * (faithfulness[i] + faithfulness[i + 1]) / 2
         cmd += width * (abs(1 - faithfulness[i]) + abs(1 - faithfulness[i + 1])) / 2
     return cpr, cmd
+
+
+def check_fractions(fractions: Sequence[Any], what: str = "fractions") -> list[float]:
+    """``fractions`` as floats after checking they are circuit sizes: finite, in [0, 1], increasing.
+
+    Args:
+        what: how the message names them (``"--fractions"`` on the command line).
+
+    Raises:
+        InputError: none given, a value that is not a number, NaN, infinite, outside [0, 1], or out of order.
+    """
+    try:
+        values = [float(x) for x in fractions]
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{what} must be numbers in [0, 1]; got {list(fractions)!r}") from err
+    # NaN fails every comparison, so the range test refuses it with the infinities.
+    if not values or any(not 0 <= x <= 1 for x in values) or values != sorted(values):
+        raise InputError(f"{what} must be increasing finite values in [0, 1] (e.g. 0.01,0.1,1); got {values}")
+    return values
 
 
 def faithfulness_curve(
@@ -157,7 +205,8 @@ def faithfulness_curve(
     Args:
         model: an ``atpstar.Model`` or a ``transformers`` causal LM.
         pairs: the prompt pairs the circuits are evaluated on.
-        scores: an ``Attribution`` with edges (its ``scores["edge"]``) or a tensor [N] of edge scores.
+        scores: an ``Attribution`` with edges (its ``scores["edge"]``), a MIB circuit file read by
+            ``load_mib`` (its scores; its graph must be the model's), or a tensor [N] of edge scores.
         fractions: circuit sizes as fractions of all edges, increasing (MIB's by default).
         direction: ``"noising"`` (edges outside the circuit get noise values) or ``"denoising"``.
         prune: prune circuits as MIB does.
@@ -165,24 +214,18 @@ def faithfulness_curve(
     """
     model = as_model(model)
     check_direction(direction)
+    check_pairs_fit(model, pairs)
     graph = graph_of(model)
-    method = ""
-    if hasattr(scores, "scores"):
-        if "edge" not in scores.scores:
-            raise InputError("the attribution has no edge scores; run attribute(..., nodes=['edge'])")
+    if hasattr(scores, "per_pair"):  # an Attribution: made on this model and these pairs
         fix = "Draw the curve with the model, tokenizer, prompt pairs and metric the estimate was made with."
         check_reuse(scores, model, pairs, f"estimate ({scores.method})", fix)
-        method = scores.method
-        scores = scores.scores["edge"]
-    scores = torch.as_tensor(scores)
+    scores, method = _edge_scores(scores, graph)
     if scores.shape != (graph.n_edges,):
         raise InputError(
             f"faithfulness needs one score per edge ({graph.n_edges}); got shape {tuple(scores.shape)}. MIB's "
             "circuits are position-summed: run the method without edge_positions=True"
         )
-    fractions = [float(x) for x in fractions]
-    if not fractions or any(not 0 <= x <= 1 for x in fractions) or fractions != sorted(fractions):
-        raise InputError(f"fractions must be increasing values in [0, 1]; got {fractions}")
+    fractions = check_fractions(fractions)
     sizes = [int(x * graph.n_edges) for x in fractions]
     circuits = [top_edges(graph, scores, k, prune) for k in sizes]
     cost = Cost()

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..persist import atomic_path, write_text
 from .circuits import receiver_owner
 from .graph import EdgeGraph
 
@@ -82,7 +83,7 @@ def save_mib(
             name: {"score": float(s), "in_graph": bool(c)}
             for name, s, c in zip(graph.edge_names, scores.tolist(), chosen.tolist())
         }
-        _atomic_write(path, json.dumps({"cfg": cfg, "nodes": node_dict, "edges": edges}).encode())
+        write_text(path, json.dumps({"cfg": cfg, "nodes": node_dict, "edges": edges}))
     elif path.suffix == ".pt":
         data = {
             "cfg": cfg,
@@ -92,9 +93,8 @@ def save_mib(
             "edges_in_graph": graph.to_matrix(chosen.float()).bool(),
             "nodes_in_graph": nodes,
         }
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(data, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)
     else:
         raise InputError(f"MIB circuit files end in .json or .pt; got {path.name!r}")
     return path
@@ -152,12 +152,6 @@ def _graph_of_cfg(data: Any, path: Path) -> tuple[EdgeGraph, int]:
         raise InputError(f"{path}: a MIB circuit file needs cfg with {list(CFG_KEYS)}")
     graph = EdgeGraph(int(cfg["n_layers"]), int(cfg["n_heads"]), bool(cfg["parallel_attn_mlp"]))
     return graph, int(cfg.get("d_model", 0))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def attribution_to_mib(result: Any, path: str | Path, n_edges: int | None, prune: bool) -> Path:

@@ -230,7 +230,7 @@ def _estimate(search: Search, estimator: str | Attribution, options: FindOptions
     node_types = search.node_types
     if isinstance(estimator, Attribution):
         search.use_estimate(_flat(estimator.scores, node_types), estimator.cost)  # [N]
-        per_pair = search.layout.flatten({t: estimator.per_pair[t].double() for t in node_types})  # [P, N]
+        per_pair = search.layout.flatten({t: _dense(estimator.per_pair[t]) for t in node_types})  # [P, N]
         return per_pair, estimator.method
     method_options = options.estimator_options or {}
 
@@ -261,6 +261,16 @@ def _recorded(options: FindOptions, window: int, journal: FindJournal) -> dict[s
     if journal.replayed:
         info["resumed"] = {"checkpoint": str(journal.path), "steps": journal.replayed, "cost_fe": journal.replayed_cost}
     return info
+
+
+def _dense(per_pair: torch.Tensor) -> torch.Tensor:
+    """[P, *layout] float64 per-pair scores; a ``keep="top"``/``"disk"`` result's sparse ones with 0 where not kept.
+
+    Only the first bound round's guess at V reads them (the ranking uses the result's exact ``scores``);
+    the dropped values are each pair's smallest, so the guess is a little low and the round may plan
+    fewer samples: the certificate does not depend on it, and later rounds use the measured V.
+    """
+    return per_pair.to_dense().double() if per_pair.is_sparse else per_pair.double()
 
 
 def _flat(scores: dict[str, torch.Tensor], node_types: list[str]) -> torch.Tensor:

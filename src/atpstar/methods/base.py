@@ -122,7 +122,7 @@ class Method:
         """
         model = as_model(model)
         node_types = check_node_types(nodes)
-        self._check_supported(node_types)
+        self.check_supported(node_types, on_workers=workers is not None or ray_address is not None)
         if not isinstance(pairs, PromptPairs):
             raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
         check_direction(direction)
@@ -136,7 +136,7 @@ class Method:
         plan = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, sites) if sites else None
         if plan is not None:
             announce(plan, progress)
-        executor = self._executor(model, spaces, workers, ray_address, progress)
+        executor = self._executor(model, workers, ray_address, progress)
         if executor is not None and not self.distributable:  # whole calls on blocks of pairs, merged
             return _by_pair_blocks(self, executor, model, pairs, node_types, direction, plan)
         job = Job(model, pairs, direction, Cost(), progress)
@@ -183,37 +183,46 @@ class Method:
             },
         )
 
-    def _check_supported(self, node_types: list[str]) -> None:
-        """Refuse node types of a space this method has no entry point for (or not in its ``node_types``)."""
+    def check_supported(self, node_types: list[str], on_workers: bool = False) -> None:
+        """Refuse node types this method cannot run, before any model is loaded or pass is made.
+
+        Args:
+            node_types: checked node-type names (``check_node_types``).
+            on_workers: the call asks for ``workers=``/``ray_address=``: a method runs there with its own
+                work units (``distributable``: site nodes), or as whole calls on blocks of pairs
+                (``runs_on_workers``: every space, edges included).
+
+        Raises:
+            InputError: a node type of a space this method has no entry point for (or not in its
+                ``node_types``); on workers, a space that runs in-process only or a method that does
+                not run on workers.
+        """
         missing = [
             t for t in node_types
             if space_class(t).engine not in self.engines or (t not in self.node_types and t in BUILTIN_TYPES)
         ]  # fmt: skip
         if missing:
             raise InputError(
-                f"method {self.id!r} does not support node types {missing}; it supports {list(self.node_types)}"
+                f"method {self.id!r} does not support node types {missing} (it has no {'/'.join(missing)} form); "
+                f"it supports {list(self.node_types)}"
             )
-
-    def _executor(
-        self, model: Model, spaces: Spaces, workers: int | None, ray_address: str | None, progress: bool
-    ) -> Any:
-        """The executor of a ``workers=``/``ray_address=`` call (None: in-process), after checking it can run there.
-
-        A method runs on workers with its own work units (``distributable``: site nodes), or as whole calls
-        on blocks of pairs (``runs_on_workers``: every space, edges included).
-        """
-        if workers is None and ray_address is None:
-            return None
+        if not on_workers:
+            return
         if not runs_on_workers(type(self)):
             raise InputError(
                 f"method {self.id!r} does not run on workers; drop workers=/ray_address= (methods that do: "
                 f"{', '.join(m for m, r in METHODS.items() if runs_on_workers(r.cls))})"
             )
-        not_sites = [space.kind for space in spaces if space.engine != "sites"]
-        if self.distributable and not_sites:
+        not_sites = [t for t in node_types if space_class(t).engine != "sites"]
+        if self.distributable and not_sites:  # its own work units are site sweeps; whole calls run any space
             raise InputError(
                 f"{not_sites} nodes run in-process only; ask for them in a call without workers=/ray_address="
             )
+
+    def _executor(self, model: Model, workers: int | None, ray_address: str | None, progress: bool) -> Any:
+        """The executor of a ``workers=``/``ray_address=`` call (None: in-process); ``check_supported`` ran first."""
+        if workers is None and ray_address is None:
+            return None
         from ..distributed import executor_for
 
         return executor_for(model, workers, ray_address, progress)
