@@ -9,7 +9,7 @@ import torch
 
 import atpstar
 from atpstar.distributed import sweeps
-from reference.faults import CrashOnce
+from reference.faults import CrashOnce, Slow
 from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 pytestmark = pytest.mark.ray
@@ -139,6 +139,45 @@ def test_interrupted_run_resumes_from_unit_checkpoints(ray_cluster, setting, tmp
     assert resumed.info["units_resumed"] == 2 and resumed.info["units"] > 2
     assert len(list(folder.glob("patch_*.safetensors"))) == resumed.info["units"]
     _same(resumed, expected, "resumed")
+
+
+def test_ctrl_c_stops_the_workers_keeps_finished_units_and_resumes(ray_cluster, setting, tmp_path, monkeypatch):
+    """SIGINT while a long unit runs: the call stops at once, the busy worker is stopped (the rerun does not
+    wait for the abandoned unit), the finished units stay on disk and the rerun resumes from them."""
+    import os
+    import signal
+    import threading
+    import time
+
+    model, pairs = setting["gpt2"]
+    kwargs = dict(nodes=["head", "value"], workers=2, checkpoint=str(tmp_path / "ck"))
+    expected = atpstar.attribute(model, pairs, "activation_patching", nodes=["head", "value"])
+    plan = sweeps.plan_patch_units
+    monkeypatch.setattr(sweeps, "plan_patch_units", lambda *a, **k: [Slow(u, 120.0) for u in plan(*a, **k)[:1]]
+                        + plan(*a, **k)[1:])  # fmt: skip
+    folder = tmp_path / "ck"
+
+    def ctrl_c_after_two_units() -> None:
+        while len(list(folder.glob("patch_*.safetensors"))) < 2:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_after_two_units, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        atpstar.attribute(model, pairs, "activation_patching", **kwargs)
+    assert time.monotonic() - start < 60, "Ctrl-C was not acted on while the long unit ran"
+    finished = len(list(folder.glob("patch_*.safetensors")))
+    assert finished >= 2
+    monkeypatch.setattr(sweeps, "plan_patch_units", plan)
+    start = time.monotonic()
+    resumed = atpstar.attribute(model, pairs, "activation_patching", **kwargs)
+    assert time.monotonic() - start < 60, "the rerun waited for the unit abandoned on a worker"
+    assert resumed.info["units_resumed"] == finished
+    assert len(list(folder.glob("patch_*.safetensors"))) == resumed.info["units"]
+    _same(resumed, expected, "resumed after Ctrl-C")
+    patched = expected.cost.forward - 2 * pairs.n_pairs
+    assert resumed.cost.forward >= patched  # every unit counted, none twice (one file each)
 
 
 def test_a_checkpoint_folder_started_in_process_resumes_on_workers(ray_cluster, setting, tmp_path):

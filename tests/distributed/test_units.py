@@ -225,3 +225,43 @@ def test_edge_bound_as_ranges_of_samples_resumes_and_equals_one_range(tmp_path):
     assert pieces.cost.forward == pytest.approx(expected.cost.forward)  # whole batches: the same forwards
     again = atpstar.false_negative_bound(model, pairs, [], checkpoint=str(tmp_path / "e"), **kwargs)
     assert again.info["units_resumed"] == 8 and again.max_effect_upper == pieces.max_effect_upper
+
+
+def test_patching_folder_resumes_with_another_memory_budget(gpt2, tmp_path):
+    """``memory_gb`` only sizes the forwards: a folder resumes under another one, reusing its units (planned
+    again on the folder's pair blocks when they fit), and the numbers are the same."""
+    model, pairs = gpt2
+    kwargs = dict(nodes=["head", "value"], checkpoint=str(tmp_path / "ck"))
+    first = atpstar.attribute(model, pairs, "activation_patching", memory_gb=1e-4, **kwargs)  # pair blocks of 2
+    assert first.info["pair_block"] == 2
+    files = sorted((tmp_path / "ck").glob("patch_*.safetensors"))
+    files[0].unlink()  # as if interrupted before the last unit
+    again = atpstar.attribute(model, pairs, "activation_patching", memory_gb=1e-3, **kwargs)
+    assert again.info["units_resumed"] == len(files) - 1 and again.info["units"] == len(files)
+    assert sorted((tmp_path / "ck").glob("patch_*.safetensors")) == files  # the same layout, nothing mixed
+    for t in first.per_pair:
+        assert_rel_close(again.per_pair[t], first.per_pair[t], 1e-12, t)
+
+
+def test_patching_folder_with_blocks_too_big_for_the_budget_is_refused(gpt2, tmp_path):
+    model, pairs = gpt2
+    kwargs = dict(nodes=["head", "value"], checkpoint=str(tmp_path / "ck"))
+    atpstar.attribute(model, pairs, "activation_patching", memory_gb=1e-3, **kwargs)  # one block of 3 pairs
+    with pytest.raises(atpstar.errors.IdentityMismatchError, match="Delete the folder") as err:
+        atpstar.attribute(model, pairs, "activation_patching", memory_gb=1e-4, **kwargs)
+    assert "--recompute" not in str(err.value)
+
+
+@pytest.mark.parametrize("budget", [dict(memory_gb=1e-4), dict(batch_size=1)])
+def test_verify_and_bound_folders_resume_with_another_batch(gpt2, tmp_path, budget):
+    model, pairs = gpt2
+    estimate = atpstar.attribute(model, pairs, "atp", nodes=["head"])
+    first = atpstar.verify(model, pairs, estimate, budget=10, checkpoint=str(tmp_path / "v"))
+    again = atpstar.verify(model, pairs, estimate, budget=10, checkpoint=str(tmp_path / "v"), **budget)
+    assert again.info["units_resumed"] == again.info["units"] > 0
+    assert torch.equal(again.effects, first.effects)
+    kwargs = dict(nodes=["head"], samples=4, checkpoint=str(tmp_path / "b"))
+    bound = atpstar.false_negative_bound(model, pairs, first, **kwargs)
+    resumed = atpstar.false_negative_bound(model, pairs, first, **kwargs, **budget)
+    assert resumed.info["units_resumed"] == resumed.info["units"] > 0
+    assert resumed.max_effect_upper == bound.max_effect_upper

@@ -30,3 +30,22 @@ class CrashOnce:
             marker.write_text(str(os.getpid()))
             os._exit(1)  # no cleanup, no exception: the process is just gone
         return self.inner.run(worker, sweep)
+
+
+@dataclass(frozen=True)
+class Slow:
+    """Wraps a real work unit; its worker sleeps ``seconds`` before running it (a long unit to interrupt)."""
+
+    inner: Any
+    seconds: float
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def run(self, worker: Any, sweep: Any) -> Any:
+        import time
+
+        time.sleep(self.seconds)
+        return self.inner.run(worker, sweep)

@@ -22,6 +22,9 @@ from .units import Sweep, Unit, UnitResult, WorkerState
 # worker it runs on is a bug to report, not to retry forever).
 MAX_ATTEMPTS = 4
 
+# Seconds the driver blocks in ``ray.wait`` at a time (signals are handled between slices).
+WAIT_SLICE_S = 0.5
+
 OnResult = Callable[[int, UnitResult], None]
 
 
@@ -113,7 +116,7 @@ class RayExecutor:
                     attempts[index] = attempts.get(index, 0) + 1
                     ref = self.pool.actor(slot).run.remote([self.source], sweep_ref, unit)
                     running[ref] = (slot, index, unit)
-                ready, _ = ray.wait(list(running), num_returns=1)
+                ready = _wait_one(ray, running)
                 slot, index, unit = running.pop(ready[0])
                 try:
                     result = ray.get(ready[0])
@@ -136,12 +139,28 @@ class RayExecutor:
                 free.append(slot)
                 on_result(index, result)
         finally:
-            for ref in running:  # interrupted or failed: stop what is still running (finished units are saved)
-                try:
-                    ray.cancel(ref)
-                except (ValueError, TypeError, ray.exceptions.RayError):
-                    pass  # already finished or its worker is gone: nothing left to stop
+            self.stop(running)  # interrupted (Ctrl-C) or failed; finished units are already saved
         return retries
+
+    def stop(self, running: dict[Any, tuple[int, int, Unit]]) -> None:
+        """Stop the units still running: cancel their tasks and replace their actors (a running task of an
+        actor cannot be cancelled, and an actor busy with an abandoned unit would hold up the next sweep)."""
+        ray = self.ray
+        for ref, (slot, _, _) in running.items():
+            try:
+                ray.cancel(ref)
+            except (ValueError, TypeError, ray.exceptions.RayError):
+                pass  # already finished or its worker is gone: nothing left to stop
+            self.pool.replace(slot)
+        running.clear()
+
+
+def _wait_one(ray: Any, running: dict[Any, Any]) -> list[Any]:
+    """The next finished task, waiting in short slices so that Ctrl-C reaches the driver within a second."""
+    while True:
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_SLICE_S)
+        if ready:
+            return ready
 
 
 def _actor_death(ray: Any) -> tuple[type[BaseException], ...]:

@@ -27,6 +27,10 @@ from .units import EdgeUnit, PatchUnit, Sweep, Unit, UnitResult
 
 Executor = LocalExecutor | RayExecutor
 
+# Sweep options that only size the forwards (from ``batch_size``/``memory_gb``): not part of a unit folder's
+# identity. Where the units themselves depend on them, the sweep's layout (stored beside) says so.
+FORWARD_SIZE = frozenset({"batch"})
+
 # Aim for at least this many units per worker (units differ in size; more units balance better).
 UNITS_PER_WORKER = 4
 
@@ -104,10 +108,13 @@ def sum_costs(results: list[UnitResult], cost: Cost) -> None:
 def unit_store(
     checkpoint: str | None, kind: str, model: Model, sweep: Sweep, extra: Any, options: dict[str, Any] | None = None
 ) -> UnitStore | None:
-    """The unit folder of a sweep, identified by what computes it (``options``: the sweep's by default)."""
+    """The unit folder of a sweep, identified by what computes it (``options``: the sweep's by default, less
+    what only sizes the forwards) and by ``extra``, the sweep's layout (units that depend on the batch must
+    say so here: a folder of another layout is refused, never mixed)."""
     if checkpoint is None:
         return None
-    made_by = identity(model, sweep.pairs, sweep.direction, sweep.node_types, kind, options or sweep.options)
+    numbers = {k: v for k, v in (options or sweep.options).items() if k not in FORWARD_SIZE}
+    made_by = identity(model, sweep.pairs, sweep.direction, sweep.node_types, kind, numbers)
     made_by["layout"] = json.dumps(extra, sort_keys=True, default=str)  # the sweep's own units and layers
     return UnitStore(checkpoint, made_by)
 

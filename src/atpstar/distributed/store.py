@@ -26,6 +26,18 @@ from .units import Unit, UnitResult
 MANIFEST_KIND = "unit-sweep"
 
 
+def saved_layout(path: str | Path | None) -> Any:
+    """The layout (``identity["layout"]``, decoded) saved in checkpoint folder ``path``; None when there is none
+    or it cannot be read (the store reports that when it opens the folder)."""
+    manifest = Path(path) / "sweep.json" if path is not None else None
+    if manifest is None or not manifest.is_file():
+        return None
+    try:
+        return json.loads(load_json(manifest, MANIFEST_KIND)["identity"]["layout"])
+    except (CorruptFileError, KeyError, TypeError, ValueError):
+        return None
+
+
 class UnitStore:
     """The checkpoint folder of one sweep.
 
@@ -53,14 +65,14 @@ class UnitStore:
         except (CorruptFileError, KeyError) as err:
             raise InputError(
                 f"checkpoint folder {self.path} has an unreadable sweep.json ({err}); its units cannot be trusted: "
-                "delete the folder (or pass --recompute) and run again"
+                "delete the folder and run again"
             ) from err
         check_identity(
             saved,
             identity,
             f"checkpoint folder {self.path}",
-            "Delete it, choose another folder, or pass --recompute on the command line.",
-            fields=sorted(set(saved) | set(identity)),
+            "Delete the folder (or choose another checkpoint folder) and run again.",
+            fields=sorted(set(saved) | set(identity), key=lambda f: (f == "layout", f)),  # causes before layout
         )
 
     def _file(self, unit: Unit) -> Path:

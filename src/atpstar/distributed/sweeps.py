@@ -26,6 +26,7 @@ from ..pairs import PromptPairs
 from ..sweeps.edges import prepare_edge_sweep, receiver_layers
 from ..sweeps.subsampling import SubsamplingStats, keep_mask
 from .run import Executor, digest, pair_bounds, run_units, sum_costs, target_units, unit_store
+from .store import saved_layout
 from .units import (
     BlockUnit,
     EdgeSampleUnit,
@@ -55,6 +56,7 @@ def plan_patch_units(
     layers: list[int],
     target: int,
     pair_block: int | None = None,
+    bounds: list[int] | None = None,
 ) -> list[PatchUnit]:
     """One unit per (pair block, layer), block by block.
 
@@ -62,10 +64,11 @@ def plan_patch_units(
         target: units wanted (workers): pairs split when there are too few layers or too many forwards.
         pair_block: pairs per block instead (in-process: the memory plan's, so every forward is the one of a
             sweep over the blocks).
+        bounds: the pair blocks' bounds instead (a resumed folder's).
     """
     per_layer = sum(int(torch.Size(node_shape(t, model.sizes, pairs.seq_len)[1:]).numel()) for t in node_types)
     blocks = max(math.ceil(target / len(layers)), math.ceil(per_layer * pairs.n_pairs / MAX_UNIT_FORWARDS))
-    bounds = pair_bounds(pairs.n_pairs, blocks, pair_block)
+    bounds = bounds or pair_bounds(pairs.n_pairs, blocks, pair_block)
     units = []
     for start, stop in zip(bounds, bounds[1:]):
         for layer in layers:
@@ -96,7 +99,15 @@ def patch_on(
     """
     sweep = Sweep("patch", pairs, direction, list(node_types), options)
     units = plan_patch_units(model, pairs, node_types, layers, target_units(executor), pair_block)
-    store = unit_store(checkpoint, "patch", model, sweep, layers, made_by)
+    saved = saved_layout(checkpoint)
+    if isinstance(saved, dict) and saved.get("layers") == layers and _partition(saved.get("pairs"), pairs.n_pairs):
+        # Resuming: the folder's pair blocks when they fit this run's memory plan (else the folder is refused).
+        if pair_block is None or max(b - a for a, b in saved["pairs"]) <= pair_block:
+            bounds = [a for a, _ in saved["pairs"]] + [pairs.n_pairs]
+            units = plan_patch_units(model, pairs, node_types, layers, target_units(executor), None, bounds)
+    blocks = sorted({(u.pair_start, u.pair_stop) for u in units})
+    layout = {"layers": layers, "pairs": [list(b) for b in blocks]}
+    store = unit_store(checkpoint, "patch", model, sweep, layout, made_by)
     results, info = run_units(executor, sweep, units, store, "activation patching")
     dtype = results[0].tensors["base_metric"].dtype
     effects = {
@@ -273,7 +284,13 @@ def _samples_on(
     # In-process without a checkpoint: one range, the very loop (and Welford merges) of a single call.
     target = target_units(executor) if executor.workers or checkpoint else 1
     units = plan_sample_units(total, sweep.options["batch"], sweep.pairs.n_pairs, target, unit)
-    store = unit_store(checkpoint, sweep.kind, model, sweep, digest(sweep.tensors["keep"]))
+    keep = digest(sweep.tensors["keep"])
+    saved = saved_layout(checkpoint)
+    if isinstance(saved, dict) and saved.get("keep") == keep and _partition(saved.get("ranges"), total):
+        # Resuming: the folder's ranges, whatever batch planned them (a range's statistics do not depend on it).
+        units = [unit(a, b, b - a, 1.0) for a, b in saved["ranges"]]
+    layout = {"keep": keep, "ranges": [[u.start, u.stop] for u in units]}
+    store = unit_store(checkpoint, sweep.kind, model, sweep, layout)
     results, info = run_units(executor, sweep, units, store, sweep.kind.replace("-", " "), unit_label="sample")
     values = {k: torch.zeros_like(v) for k, v in results[0].tensors.items() if k != "base_metric"}
     for result in results:  # in element order, as the in-process loop merges its batches
@@ -283,6 +300,18 @@ def _samples_on(
             values.update(zip(names, merged))
     sum_costs(results, cost)
     return values, results[0].tensors["base_metric"], info
+
+
+def _partition(ranges: Any, total: int) -> bool:
+    """Whether ``ranges`` ([[start, stop], ...]) cover 0..``total`` in order, without gaps."""
+    if not isinstance(ranges, list) or not ranges:
+        return False
+    bounds = [0]
+    for item in ranges:
+        if not (isinstance(item, list) and len(item) == 2 and item[0] == bounds[-1] and item[1] > item[0]):
+            return False
+        bounds.append(item[1])
+    return bounds[-1] == total
 
 
 # Blocks and Hierarchical ----------------------------------------------------------------------
