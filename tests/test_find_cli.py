@@ -103,3 +103,14 @@ def test_find_over_edges_from_the_command_line(tiny, tmp_path, capsys) -> None:
     assert found.node_types == ["edge"] and found.certified
     printed = capsys.readouterr().out
     assert all(name in printed for name in found.names[:3]) and "-&gt;" in (tmp_path / "report.html").read_text()
+
+
+def test_find_budget_below_the_estimate_is_refused_before_any_pass(tiny, tmp_path, capsys) -> None:
+    model, pairs = tiny
+    out = tmp_path / "find"
+    common = ["find", "--model", str(model), "--task", str(pairs), "--out", str(out), "--no-progress", "--no-plots"]
+    assert main([*common, "--theta", "0.01", "--nodes", "attention", "--budget", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: the atp* estimate alone costs" in err and "Traceback" not in err
+    assert "budget=5" in err and "costs 10 forward equivalents" in err and "budget >= 10" in err
+    assert not (out / "find.ckpt.safetensors").exists()  # refused before the first step
