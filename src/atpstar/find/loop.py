@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import attribute
-from ..bound import MIN_SAMPLES, choose_p
+from ..bound import MIN_SAMPLES, choose_p, plan_samples
 from ..cost import Cost
 from ..errors import InputError
 from ..fingerprint import check_reuse
@@ -173,6 +173,7 @@ def find(
         exhaustive_fallback(search, outcome, options, fallback, say)
     else:
         per_pair, estimate_method = _estimate(search, estimator if given is None else given, options)  # [P, N]
+        fallback = fallback or _fallback_planned(search, per_pair, window, options)
         if fallback:
             exhaustive_fallback(search, outcome, options, fallback, say)
         else:
@@ -256,6 +257,31 @@ def _fallback(search: Search, estimate: float | None) -> str:
     return (
         f"the estimate and one bound would cost at least {planned:g} forward equivalents, no less than "
         f"exhaustive patching ({exhaustive:g})"
+    )
+
+
+def _fallback_planned(search: Search, per_pair: torch.Tensor, window: int, options: FindOptions) -> str:
+    """After the estimate: why exhaustive patching is the plan ("" when the loop should run), now that the
+    first bound can be planned from the estimate (``per_pair``: [P, N]) as the first round plans it.
+
+    The loop's next steps cost at least its first window (the estimate's top ``window`` nodes) and that bound;
+    when they are no cheaper than patching every node, patching every node is cheaper and exact.
+    """
+    n_pairs, theta = search.job.n_pairs, options.theta
+    exhaustive = float(search.verify_cost(torch.nonzero(~search.verified)[:, 0])[-1])
+    order = torch.sort(search.estimate_score.abs(), descending=True, stable=True).indices  # [N]
+    top, rest = order[:window], order[window:]
+    if len(rest) == 0 or exhaustive > search.left + 1e-9:
+        return ""
+    sum_sq = float((per_pair[:, rest] ** 2).sum(1).mean())  # V of the nodes the first bound would cover
+    samples = plan_samples(len(rest), n_pairs, theta, options.alpha / 2, sum_sq)
+    bound = n_pairs * (samples * search.sample_cost(choose_p(samples)) + 2)
+    planned = float(search.verify_cost(top)[-1]) + bound
+    if planned < exhaustive:
+        return ""
+    return (
+        f"the first window and the first bound ({samples} samples) would cost {planned:g} forward equivalents, "
+        f"no less than exhaustive patching ({exhaustive:g})"
     )
 
 
