@@ -13,6 +13,7 @@ import torch
 
 import atpstar
 from atpstar.find.localization import Localization
+from atpstar.model import as_model
 from reference.toys import sparse_additive_toy
 
 
@@ -118,6 +119,38 @@ def test_small_population_is_verified_exactly(planted):
     assert found.certified and found.verified.n_verified == 64
     assert found.bound is not None and found.bound.n_unverified == 0 and found.bound.max_effect_upper == 0.0
     assert "every node was verified" in found.statement()
+
+
+def test_a_budget_below_the_estimate_is_refused_before_any_pass(planted):
+    model, pairs, truth = planted
+    theta = 0.5 * float(truth.scores["neuron"].abs().max())
+    cost = atpstar.METHODS["atp"]().expected_cost(as_model(model), pairs, ["neuron"], {}).forward_equivalents
+    calls = []
+    hooks = [m.register_forward_hook(lambda *args: calls.append(1)) for m in model.hf_model.modules()]
+    try:
+        with pytest.raises(atpstar.errors.InputError, match=f"costs {cost:g} forward equivalents, over budget=") as err:
+            atpstar.find(model, pairs, theta, nodes=["neuron"], estimator="atp", budget=cost / 2, patience=4)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert f"budget >= {cost:g}" in str(err.value)
+    assert calls == []  # no pass ran
+    given = _misleading_estimate(truth, (0, 0))  # an estimate given already made counts its cost too
+    with pytest.raises(atpstar.errors.InputError, match="budget"):
+        atpstar.find(model, pairs, theta, nodes=["neuron"], estimator=given, budget=4.0, patience=4)
+
+
+def test_exhaustive_fallback_costs_no_more_than_activation_patching():
+    """When the estimate and one bound would cost as much as patching everything, find patches everything."""
+    model, pairs = sparse_additive_toy(planted=True, seq_len=4)  # 64 neurons
+    truth = atpstar.attribute(model, pairs, "activation_patching", nodes=["neuron"])
+    for theta in (0.05, 0.5 * float(truth.scores["neuron"].abs().max())):
+        found = atpstar.find(model, pairs, theta, nodes=["neuron"], estimator="atp")
+        assert found.certified and found.verified.n_verified == 64
+        assert found.total_cost.forward_equivalents <= truth.cost.forward_equivalents + 1e-9
+        assert set(found.nodes) == _true_large(truth, theta)
+        assert "exhaustive patching" in found.certificate()["fallback"]
+        assert found.history[-1]["fallback"] == found.certificate()["fallback"]
 
 
 def test_save_load_round_trip(planted, tmp_path):

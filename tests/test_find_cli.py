@@ -103,3 +103,28 @@ def test_find_over_edges_from_the_command_line(tiny, tmp_path, capsys) -> None:
     assert found.node_types == ["edge"] and found.certified
     printed = capsys.readouterr().out
     assert all(name in printed for name in found.names[:3]) and "-&gt;" in (tmp_path / "report.html").read_text()
+
+
+def test_find_budget_below_the_estimate_is_refused_before_any_pass(tiny, tmp_path, capsys) -> None:
+    model, pairs = tiny
+    out = tmp_path / "find"
+    common = ["find", "--model", str(model), "--task", str(pairs), "--out", str(out), "--no-progress", "--no-plots"]
+    assert main([*common, "--theta", "0.01", "--nodes", "attention", "--budget", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: the atp* estimate alone costs" in err and "Traceback" not in err
+    assert "budget=5" in err and "costs 10 forward equivalents" in err and "budget >= 10" in err
+    assert not (out / "find.ckpt.safetensors").exists()  # refused before the first step
+
+
+def test_find_patches_exhaustively_when_the_first_bound_cannot_pay(tiny, tmp_path) -> None:
+    """On the tiny model the first bound would cost more than patching every attention node: after the estimate,
+    find patches them all in one call (no more than the estimate over exhaustive patching)."""
+    model, pairs = tiny
+    out = tmp_path / "find"
+    common = ["find", "--model", str(model), "--task", str(pairs), "--out", str(out), "--no-progress", "--no-plots"]
+    assert main([*common, "--theta", "0.01", "--nodes", "attention"]) == 0
+    found = Localization.load(out / "localization")
+    assert found.certified and found.bound is not None and found.bound.n_unverified == 0
+    estimate = found.cost["estimate"].forward_equivalents
+    assert found.total_cost.forward_equivalents <= found.exhaustive_cost + estimate + 1e-9
+    assert "exhaustive patching" in found.certificate()["fallback"]

@@ -163,14 +163,14 @@ def test_a_verification_interrupted_midway_keeps_its_finished_layers(tmp_path, m
     counting = _Calls(find_state.patch_ranked)
     monkeypatch.setattr(find_state, "patch_ranked", counting)
     whole = atpstar.find(model, pairs, 0.3, **run)
-    total = counting.calls
-    assert total >= 3
+    total = counting.calls  # one call per layer: the toy's nodes cost less to patch exhaustively than to bound
+    assert total >= 2 and "exhaustive patching" in whole.certificate()["fallback"]
     path = tmp_path / "find.ckpt.safetensors"
-    monkeypatch.setattr(find_state, "patch_ranked", _Calls(counting.function, total - 1, KeyboardInterrupt))
+    monkeypatch.setattr(find_state, "patch_ranked", _Calls(counting.function, total, KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         atpstar.find(model, pairs, 0.3, checkpoint=path, **run)
     resumed_calls = _Calls(counting.function)
     monkeypatch.setattr(find_state, "patch_ranked", resumed_calls)
     resumed = atpstar.find(model, pairs, 0.3, checkpoint=path, **run)
-    assert resumed_calls.calls == 2  # the interrupted layer and the one after it; the others were kept
+    assert resumed_calls.calls == 1  # the interrupted (last) layer; the layers before it were kept
     _same(resumed, whole)

@@ -108,6 +108,7 @@ class Localization:
             "n_verified": self.verified.n_verified,
             "final_bound": None if bound is None else _bound_summary(bound),
             "stopped": self.info.get("stopped", ""),
+            "fallback": self.info.get("fallback", ""),  # why every node was patched exhaustively, if it was
             "left": self.info.get("left", {}),
         }
 

@@ -18,7 +18,10 @@ and a certificate that no unverified node is that large. The loop:
    bound's own |ĉ(n)|, and go to 3 with samples re-planned from the measured standard errors.
 Stops when certified, when the budget is spent, or after ``max_rounds`` rounds (not certified; the
 result says what is left). Whenever verifying every remaining node costs no more than the next bound,
-they are all verified instead: exact, and certified with no assumption.
+they are all verified instead: exact, and certified with no assumption. Before any pass, when the estimate
+and one bound of ``MIN_SAMPLES`` samples would already cost as much as exhaustive patching, the loop does
+not run: every node is patched in one call, at exactly ``activation_patching``'s cost (the certificate's
+``fallback`` says why).
 
 Why α / 2^r: each round is a new chance to certify wrongly. Given the history, round r certifies
 while some unverified node n0 has |c(n0)| >= θ with probability <= α_r (its fresh samples put
@@ -27,7 +30,8 @@ The guarantee is about Subsampling's quantity, which equals c(n) when effects ar
 
 Cost: the estimator's, plus (per verify call) 2P forwards and one forward per node and pair started
 at the node's layer, plus per bound 2P + samples × P forwards. ``budget`` caps the total in forward
-equivalents; every stage checks it before it runs.
+equivalents; every stage checks it before it runs, and an estimate that alone costs more than the budget
+(its method's ``expected_cost``, or a given estimate's cost) is refused before any pass.
 
 Shape letters: P pairs, N nodes (all node types, flattened in ``check_node_types`` order).
 """
@@ -41,11 +45,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import attribute
+from ..bound import MIN_SAMPLES, choose_p, plan_samples
 from ..cost import Cost
 from ..errors import InputError
 from ..fingerprint import check_reuse
 from ..job import Job
-from ..methods import METHODS
+from ..methods import METHODS, build_method
 from ..model import Model, as_model
 from ..nodes import NodeLayout
 from ..pairs import PromptPairs
@@ -55,7 +60,7 @@ from .engines import engine_facts
 from .journal import CHECKPOINT_NAME, FindJournal, digest, find_identity
 from .localization import Localization
 from .options import FindOptions, check_options
-from .stages import Outcome, bound_rounds, localization, verify_in_estimate_order
+from .stages import Outcome, bound_rounds, exhaustive_fallback, localization, verify_in_estimate_order
 from .state import Search, population
 
 
@@ -119,7 +124,8 @@ def find(
         ``history``, ``certificate()``, ``save``/``load``.
 
     Raises:
-        InputError: bad theta, alpha, budget, node types, estimator or options (before any forward pass).
+        InputError: bad theta, alpha, budget, node types, estimator or options, or an estimate that alone
+            costs more than ``budget`` (all before any forward pass).
 
     Example:
         >>> found = atpstar.find(model, pairs, 0.3, nodes=["query", "key", "value", "head"])
@@ -153,16 +159,26 @@ def find(
     given = _estimate_or_check(model, pairs, estimator, node_types, shapes, options.direction)
     model.check_ready(torch.cat([pairs.clean, pairs.noise]))
     window = options.window(len(weight))
+    estimate_cost = _check_budget(model, pairs, estimator if given is None else given, node_types, weight, options)
     journal = _open_journal(model, pairs, node_types, estimator if given is None else given, window, options)
     say = _say if progress else (lambda message: None)
     if journal.saved_steps:
         say(f"resuming from {journal.path}: {journal.saved_steps} completed steps")
     job = Job(model, pairs, options.direction, Cost(), options.progress)  # costs are counted per stage
     search = Search(job, node_types, shapes, weight, options, journal, spaces, facts)
-    per_pair, estimate_method = _estimate(search, estimator if given is None else given, options)  # [P, N]
     outcome = Outcome(not_ruled_out=torch.zeros(len(weight), dtype=torch.bool))
-    verify_in_estimate_order(search, outcome, window, options, say)
-    bound_rounds(search, outcome, per_pair, options, say)
+    fallback = _fallback(search, 0.0 if given is not None else estimate_cost)
+    if fallback and given is None:
+        estimate_method = str(estimator)  # never run: exhaustive patching needs no ranking
+        exhaustive_fallback(search, outcome, options, fallback, say)
+    else:
+        per_pair, estimate_method = _estimate(search, estimator if given is None else given, options)  # [P, N]
+        fallback = fallback or _fallback_planned(search, per_pair, window, options)
+        if fallback:
+            exhaustive_fallback(search, outcome, options, fallback, say)
+        else:
+            verify_in_estimate_order(search, outcome, window, options, say)
+            bound_rounds(search, outcome, per_pair, options, say)
     found = localization(search, outcome, estimate_method, options, _recorded(options, window, journal))
     if out_dir is not None:
         found.save(Path(out_dir) / "localization")
@@ -197,6 +213,92 @@ def _estimate_or_check(
     if not isinstance(estimator, str) or estimator not in METHODS:
         raise InputError(f"unknown estimator {estimator!r}; choose a method id from: {', '.join(METHODS)}")
     return None
+
+
+def _check_budget(
+    model: Model,
+    pairs: PromptPairs,
+    estimator: str | Attribution,
+    node_types: list[str],
+    weight: torch.Tensor,
+    options: FindOptions,
+) -> float | None:
+    """Before any pass: the estimate stage's cost (``_estimate_cost``), checked against the budget.
+
+    Raises:
+        InputError: the estimate alone costs more than ``budget`` and exhaustive patching does not fit it either
+            (the loop would overspend before anything else ran).
+    """
+    budget = options.budget
+    exhaustive = pairs.n_pairs * (2.0 + float(weight.sum()))  # [N] -> activation patching's cost
+    estimate = _estimate_cost(model, pairs, estimator, node_types, options)
+    if budget is not None and estimate is not None and estimate > budget and exhaustive > budget:
+        name = estimator.method if isinstance(estimator, Attribution) else estimator
+        raise InputError(
+            f"the {name} estimate alone costs {estimate:g} forward equivalents, over budget={budget:g}: a budget "
+            f"is a ceiling. Pass budget >= {estimate:g} (that much buys only the estimate; verifying and bounding "
+            f"need more, and exhaustive patching of every node costs {exhaustive:g}), a cheaper estimator, or no budget"
+        )
+    return estimate
+
+
+def _fallback(search: Search, estimate: float | None) -> str:
+    """Why patching every node exhaustively is the plan ("" when the loop should run).
+
+    Exhaustive patching costs P (2 + Σ weight); the loop at least pays for its estimate (``estimate``: still to
+    run; None when unknown) and one bound of ``MIN_SAMPLES`` samples. When that is no cheaper, exhaustive
+    patching within the budget is taken instead: exact, and never dearer than ``activation_patching``.
+    """
+    n_pairs = search.job.n_pairs
+    exhaustive = float(search.verify_cost(torch.nonzero(~search.verified)[:, 0])[-1])
+    planned = (estimate or 0.0) + n_pairs * (MIN_SAMPLES * search.sample_cost(choose_p(MIN_SAMPLES)) + 2)
+    if planned < exhaustive or exhaustive > search.left + 1e-9:
+        return ""
+    return (
+        f"the estimate and one bound would cost at least {planned:g} forward equivalents, no less than "
+        f"exhaustive patching ({exhaustive:g})"
+    )
+
+
+def _fallback_planned(search: Search, per_pair: torch.Tensor, window: int, options: FindOptions) -> str:
+    """After the estimate: why exhaustive patching is the plan ("" when the loop should run), now that the
+    first bound can be planned from the estimate (``per_pair``: [P, N]) as the first round plans it.
+
+    The loop's next steps cost at least its first window (the estimate's top ``window`` nodes) and that bound;
+    when they are no cheaper than patching every node, patching every node is cheaper and exact.
+    """
+    n_pairs, theta = search.job.n_pairs, options.theta
+    exhaustive = float(search.verify_cost(torch.nonzero(~search.verified)[:, 0])[-1])
+    order = torch.sort(search.estimate_score.abs(), descending=True, stable=True).indices  # [N]
+    top, rest = order[:window], order[window:]
+    if len(rest) == 0 or exhaustive > search.left + 1e-9:
+        return ""
+    sum_sq = float((per_pair[:, rest] ** 2).sum(1).mean())  # V of the nodes the first bound would cover
+    samples = plan_samples(len(rest), n_pairs, theta, options.alpha / 2, sum_sq)
+    bound = n_pairs * (samples * search.sample_cost(choose_p(samples)) + 2)
+    planned = float(search.verify_cost(top)[-1]) + bound
+    if planned < exhaustive:
+        return ""
+    return (
+        f"the first window and the first bound ({samples} samples) would cost {planned:g} forward equivalents, "
+        f"no less than exhaustive patching ({exhaustive:g})"
+    )
+
+
+def _estimate_cost(
+    model: Model, pairs: PromptPairs, estimator: str | Attribution, node_types: list[str], options: FindOptions
+) -> float | None:
+    """Forward equivalents the estimate stage adds: a given estimate's own cost, else the method's documented
+    ``expected_cost``; None when the method counts it only as it runs (or bounds it from above)."""
+    if isinstance(estimator, Attribution):
+        return estimator.cost.forward_equivalents
+    method = build_method(estimator, **(options.estimator_options or {}))
+    if method.cost_is_bound:
+        return None
+    try:
+        return method.expected_cost(model, pairs, node_types, {}).forward_equivalents
+    except (KeyError, NotImplementedError):
+        return None
 
 
 def _open_journal(

@@ -35,6 +35,7 @@ class Outcome:
     stopped: str = ""  # why the loop stopped early ("" while it runs or when certified)
     certified: bool = False
     bound: FalseNegativeBound | None = None  # the last bound (an exact one when every node was verified)
+    fallback: str = ""  # why the search patched every node exhaustively instead ("" when it did not)
 
 
 def verify_in_estimate_order(search: Search, outcome: Outcome, window: int, options: FindOptions, say: Say) -> None:
@@ -60,6 +61,18 @@ def verify_in_estimate_order(search: Search, outcome: Outcome, window: int, opti
             break
     outcome.history.append(history_row(0, "verify_estimate_order", position, found_here, search, None))
     say(f"estimate order: verified {position} nodes, {found_here} with |c| >= {theta:g}")
+
+
+def exhaustive_fallback(search: Search, outcome: Outcome, options: FindOptions, reason: str, say: Say) -> None:
+    """Patch every unverified node in one call, at exhaustive patching's cost: exact, certified with no assumption."""
+    unverified = torch.nonzero(~search.verified)[:, 0]
+    effects = search.verify(unverified, "verify_rest")  # [K, P]
+    hits = int((effects.mean(1).abs() >= options.theta * (1 - THETA_TOLERANCE)).sum())
+    outcome.certified, outcome.fallback = True, reason
+    outcome.bound = exhaustive_bound(search, options.theta, options.alpha)
+    row = history_row(0, "verify_rest", len(unverified), hits, search, outcome.bound, certified=True)
+    outcome.history.append({**row, "fallback": reason})
+    say(f"exhaustive patching of all {len(unverified)} nodes: {reason}")
 
 
 def bound_rounds(search: Search, outcome: Outcome, per_pair: torch.Tensor, options: FindOptions, say: Say) -> None:
@@ -272,7 +285,13 @@ def localization(
         direction=search.job.direction,
         metric=search.job.pairs.metric_name,
         model_id=search.job.model.model_id,
-        info={"stopped": "certified" if certified else outcome.stopped, "left": left, **info, **graph},
+        info={
+            "stopped": "certified" if certified else outcome.stopped,
+            "left": left,
+            **({"fallback": outcome.fallback} if outcome.fallback else {}),
+            **info,
+            **graph,
+        },
     )
 
 
