@@ -13,7 +13,7 @@ or more to the OS when freed, so timing is not slowed by that setting; GPU:
 (``MemoryPlan.working_gb``). A second table times ``atp`` and ``atp*`` on the first model at growing
 numbers of pairs and prompt lengths and fits the exponent b of time ~ size^b.
 
-Targets (issue #12): atp <= 1.6x and atp* <= 12x one forward+backward at every size; atp* working memory
+Targets: atp <= 1.6x and atp* <= 12x one forward+backward at every size; atp* working memory
 <= 1.5x that of one forward+backward; time linear in the number of pairs (exponent ~1).
 
 Usage:

@@ -1,4 +1,4 @@
-"""False-negative bound (spec §9) and the statistics under it (ops: Welford merge, Student t, Welch)."""
+"""False-negative bound (Kramár et al. 2024) and the statistics under it (ops: Welford merge, Student t, Welch)."""
 
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def test_partial_ground_truth_is_refused() -> None:
 
 
 def test_one_unit_per_setting_hand_computed() -> None:
-    """Verifying a node over the distribution patches it on every pair: P forwards (issue #10 item 5)."""
+    """Verifying a node over the distribution patches it on every pair: P forwards."""
 
     def two_layers(method: str, values: list[float], cost: Cost, aggregation: str) -> Attribution:
         per_pair = torch.tensor([values, values]).reshape(2, 2, 1, 3).double()  # P=2, layout [L=2, H=1, T=3]

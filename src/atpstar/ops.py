@@ -192,7 +192,7 @@ def graddrop_combine(per_layer_abs_sum: torch.Tensor, n_layers: int) -> torch.Te
     return per_layer_abs_sum / (n_layers - 1)
 
 
-# Subsampling statistics and the Welch bound (spec §7, §9) -------------------------------------------------
+# Subsampling statistics and the Welch bound (Kramár et al. 2024) -------------------------------------------------
 
 
 def welford_merge(

@@ -1,4 +1,4 @@
-"""Verification: exact activation patching of nodes in the order an estimate ranks them (spec §8).
+"""Verification: exact activation patching of nodes in the order an estimate ranks them (Kramár et al. 2024).
 
 Estimators are pre-filters: ``verify`` takes their ranking (largest ``|score|`` first, across the
 estimate's node types) and patches the nodes one by one, exactly, on every pair, until ``budget``

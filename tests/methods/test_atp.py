@@ -1,4 +1,4 @@
-"""AtP, the QK fix and GradDrop against brute-force references, and the identities of spec §10 (float64)."""
+"""AtP, the QK fix and GradDrop against brute-force references, and the identities the AtP* paper states (float64)."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ torch.set_num_threads(1)  # tiny tensors: threading overhead dominates on small 
 
 N_CTX = 16
 FAMILIES = ("gpt2", "gpt_neox", "llama")
-# The families of issue #11, each with its features switched on: windows of 3 on prompts of 6,
+# The newer families, each with its features switched on: windows of 3 on prompts of 6,
 # soft-caps that bind, QK-norms; built by ``make_config`` like the three above.
 NEW_FAMILIES = ("gemma2", "gemma3", "qwen2", "qwen3", "mistral", "phi3", "olmo2")
 WINDOW = 3

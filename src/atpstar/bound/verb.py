@@ -1,4 +1,4 @@
-"""``false_negative_bound``: how large an effect could hide among the nodes verification did not reach (spec §9).
+"""``false_negative_bound``: how large an effect could hide among the nodes verification did not reach (Kramár et al. 2024).
 
 The verb checks its input, builds the sampling job (``Sampling``: the unverified nodes of the population),
 hands it to the sampler of the population's node-space engine (``SAMPLERS``: site nodes in-process or as

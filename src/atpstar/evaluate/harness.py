@@ -1,4 +1,4 @@
-"""Cost of verified recall: how much an estimator plus verification costs to find the true top-K (spec §8).
+"""Cost of verified recall: how much an estimator plus verification costs to find the true top-K (Kramár et al. 2024).
 
 An estimator ranks the nodes; nodes are then verified by exact patching in that order. The cost of
 verified recall at K is the estimator's own cost plus the cost of the verifications until every one

@@ -9,7 +9,7 @@ gradients) each of the m interpolated inputs gets its own forward with a graph. 
 hands ∂metric/∂activation at the grad sites of every layer to a consumer the moment autograd has it
 (``gradients.tape``), point by point; ``GradientStep.dropped`` runs GradDrop's partial backwards.
 
-``atp_estimate`` is the AtP product Î(n) = (n(x_source) - n(x_base)) · ∂L/∂n (spec §3), on a path with
+``atp_estimate`` is the AtP product Î(n) = (n(x_source) - n(x_base)) · ∂L/∂n (Kramár et al. 2024), on a path with
 the gradient summed over the points (``summed_over_points``) and divided by m.
 ``GradientStep.release`` drops a site's differences and records once the estimator is done with them.
 

@@ -1,6 +1,6 @@
 """Attribution patching and AtP*.
 
-Î_AtP(n) = (n(x_source) - n(x_base)) · ∂L/∂n at the base run (spec §3); the QK fix recomputes the
+Î_AtP(n) = (n(x_source) - n(x_base)) · ∂L/∂n at the base run (Kramár et al. 2024); the QK fix recomputes the
 softmax exactly for patched queries/keys (§4); GradDrop averages |Î_l| over runs with layer l's
 residual write dropped from the backward graph, ĉ = Σ_l |Î_l| / (L - 1) (§5).
 Cost per pair: 2 forwards + 1 backward; GradDrop adds partial backwards from every layer l, each

@@ -305,7 +305,7 @@ def _rebuild(method_id: str, options: dict[str, Any]) -> Method:
 
 
 def check_edge_positions(edge_positions: object, node_types: list[str]) -> None:
-    """The ``edge_positions`` option (E15): position-resolved edges, ``per_pair["edge"]`` [P, N, T].
+    """The ``edge_positions`` option: position-resolved edges, ``per_pair["edge"]`` [P, N, T].
 
     Edge s -> r at position t carries only the sender's output difference at residual position t (the
     sender's position, as EAP-IG's position-resolved graphs); the last axis is t. Only linear estimates

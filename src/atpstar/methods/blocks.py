@@ -1,4 +1,4 @@
-"""Blocks: patch contiguous blocks of nodes jointly; every node gets its block's effect (spec §7).
+"""Blocks: patch contiguous blocks of nodes jointly; every node gets its block's effect (Kramár et al. 2024).
 
 Î_block(n; pair) = L(M(x_base | do(block(n) <- source))) - L(M(x_base)), blocks of ``block_size``
 contiguous nodes within one layer and node type, contiguous along the flattened per-layer layout

@@ -1,4 +1,4 @@
-"""Hierarchical: patch coarse blocks, split the ones with large |effect|, recurse to single nodes (spec §7).
+"""Hierarchical: patch coarse blocks, split the ones with large |effect|, recurse to single nodes (Kramár et al. 2024).
 
 Group testing over the flattened per-layer layout of each node type: the roots are whole layers of
 one node type; a block whose mean over pairs of |effect| is large is split into ``branching``

@@ -47,7 +47,7 @@ class Subsampling(PatchedForwards):
     ``per_pair[t]`` [P, *layout] is ``mean_in - mean_out`` per pair (0 where a node was never in, or
     never out, of a sample); ``scores`` the mean of its absolute value over pairs. ``extras`` holds,
     per node type, ``count_in/<t>``, ``mean_in/<t>``, ``var_in/<t>`` (unbiased; 0 below 2 samples) and
-    the same for ``out``, each [P, *layout] float64, for the Welch bound of spec §9.
+    the same for ``out``, each [P, *layout] float64, for the Welch bound of the false-negative bound.
 
     Args:
         samples: subsets drawn per prompt pair (forwards per pair).
