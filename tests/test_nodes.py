@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import atpstar
-from atpstar.nodes import Sizes, check_node_types, node_name, node_shape, pos_axis
+from atpstar.nodes import NODE_TABLE, Sizes, node_name, node_shape
+from atpstar.spaces import BuiltinSites, check_node_types
 
 SIZES = Sizes(n_layers=3, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=16, d_model=32)
 
@@ -29,7 +30,7 @@ def test_shapes():
     assert node_shape("head", SIZES, 6) == (3, 4, 6)
     assert node_shape("key", SIZES, 6) == (3, 2, 6)
     assert node_shape("value", SIZES, 6) == (3, 2, 6)
-    assert pos_axis("neuron") == 1 and pos_axis("key") == 2
+    assert NODE_TABLE["neuron"].pos_axis == 1 and NODE_TABLE["key"].pos_axis == 2
 
 
 def test_check_node_types_canonical_order_and_errors():
@@ -44,7 +45,9 @@ def test_check_node_types_canonical_order_and_errors():
 
 
 def test_table_rows_agree_with_names_and_columns():
-    from atpstar.nodes import NODE_TABLE, index_columns, layout_index, unit_and_pos
+    from atpstar.nodes import layout_index, unit_and_pos
+
+    index_columns = BuiltinSites(list(NODE_TABLE)).columns
 
     assert set(NODE_TABLE) == set(atpstar.NODE_TYPES)
     assert index_columns("neuron", (1, 4, 7)) == {"layer": 1, "pos": 4, "index": 7}

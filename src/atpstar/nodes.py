@@ -92,12 +92,6 @@ NODE_TABLE: dict[str, NodeType] = {
 
 NODE_TYPES: tuple[str, ...] = tuple(NODE_TABLE)
 
-# Edges of the MIB/EAP-IG graph (``atpstar.edges``): layout [N] per pair, N = len(edge_names(model)).
-# Asked for by name (``nodes=["edge"]``), never part of the default node types; not a table row,
-# because their layout depends on the model's graph, not on ``Sizes``.
-EDGE_TYPE = "edge"
-ALL_TYPES: tuple[str, ...] = NODE_TYPES + (EDGE_TYPE,)
-
 # Columns of node tables (``Attribution.to_rows``, ``Verification.to_rows``): the union of the axes.
 INDEX_COLUMNS: tuple[str, ...] = ("layer", "head", "pos", "index")
 
@@ -109,33 +103,9 @@ def node_shape(node_type: str, sizes: Sizes, seq_len: int) -> tuple[int, ...]:
     return NODE_TABLE[node_type].shape(sizes, seq_len)
 
 
-def check_node_types(node_types: object) -> list[str]:
-    """Validate a list of node type names and return it as a list, in canonical order."""
-    if isinstance(node_types, str):
-        node_types = [node_types]
-    if not isinstance(node_types, (list, tuple)) or not node_types:
-        raise InputError(f"nodes must be a non-empty list of node types from {list(ALL_TYPES)}; got {node_types!r}")
-    unknown = [t for t in node_types if t not in ALL_TYPES]
-    if unknown:
-        raise InputError(f"unknown node type(s) {unknown}; choose from {list(ALL_TYPES)}")
-    return [t for t in ALL_TYPES if t in node_types]
-
-
 def node_name(node_type: str, index: tuple[int, ...]) -> str:
     """TransformerLens-style name of one site node, e.g. ``blocks.3.attn.hook_k[pos 5, head 2]``."""
     return NODE_TABLE[node_type].node_name(index)
-
-
-def index_columns(node_type: str, index: tuple[int, ...]) -> dict[str, int]:
-    """A node's index as table columns, e.g. ``{"layer": 3, "head": 2, "pos": 5}`` (an edge: its ``index``)."""
-    if node_type == EDGE_TYPE:  # (n,) or, position-resolved, (n, t)
-        return {"index": index[0]} if len(index) == 1 else {"index": index[0], "pos": index[1]}
-    return dict(zip(NODE_TABLE[node_type].axes, index))
-
-
-def pos_axis(node_type: str) -> int:
-    """Axis of the position index in a per-pair layout."""
-    return NODE_TABLE[node_type].pos_axis
 
 
 def unit_and_pos(node_type: str, index: tuple[Any, ...]) -> tuple[Any, Any]:

@@ -18,8 +18,8 @@ import torch
 
 from .errors import AtpstarError, InputError
 from .evaluate.record import Evaluation
-from .nodes import check_node_types
 from .result import Attribution
+from .spaces import check_node_types
 
 MAX_POINTS = 6000  # per scatter panel: all the largest true effects, a random sample of the rest
 

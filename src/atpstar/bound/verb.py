@@ -25,9 +25,9 @@ from ..fingerprint import check_reuse
 from ..job import Job
 from ..methods.subsampling import SubsamplingStats, check_options, sample_batch
 from ..model import Model, as_model
-from ..nodes import NodeLayout, check_node_types
+from ..nodes import NodeLayout
 from ..pairs import PromptPairs, check_direction
-from ..spaces import Spaces, spaces_for
+from ..spaces import Spaces, check_node_types, spaces_for
 from ..validate import check_count, check_number, check_pairs_fit
 from ..verify import Verification
 from .planning import DEFAULT_SAMPLES, choose_p

@@ -23,7 +23,7 @@ NODE_GROUPS = {
 
 def parse_nodes(text: str) -> list[str]:
     """``all``, ``attention``, ``qkv`` or a comma list of node types."""
-    from ..nodes import check_node_types
+    from ..spaces import check_node_types
 
     if text in NODE_GROUPS:
         return NODE_GROUPS[text]

@@ -50,9 +50,9 @@ import torch
 from ..errors import IdentityMismatchError, InputError
 from ..fingerprint import BOOKKEEPING_OPTIONS, MODEL_FIELDS, PAIR_FIELDS, differences
 from ..methods.base import METHODS
-from ..nodes import NodeLayout, check_node_types
+from ..nodes import NodeLayout
 from ..result import Attribution
-from ..spaces import Spaces, spaces_from_info
+from ..spaces import Spaces, check_node_types, spaces_from_info
 from .record import Evaluation, MethodCurve
 
 SETTINGS: tuple[str, ...] = ("distribution", "per_pair")

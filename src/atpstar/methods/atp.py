@@ -28,12 +28,12 @@ from ..gradients.consumers import node_estimates, plan_sites
 from ..job import Job
 from ..memory import MemoryPlan, gradient_plan
 from ..model import Model
-from ..nodes import ALL_TYPES, node_shape
+from ..nodes import node_shape
 from ..ops import accumulation_dtype
 from ..pairs import PromptPairs
 from ..progress import progress_bar
 from ..sink import PerPairSink, check_keep
-from ..spaces import space_class
+from ..spaces import BUILTIN_TYPES, space_class
 from ..validate import check_batching
 from .base import Method, check_edge_positions, register
 
@@ -92,7 +92,7 @@ class AttributionPatching(Method):
     """
 
     needs_gradients = True
-    node_types = ALL_TYPES  # edges: EAP and its QK-fix / GradDrop / AtP* forms (``atpstar.edges``)
+    node_types = BUILTIN_TYPES  # edges: EAP and its QK-fix / GradDrop / AtP* forms (``atpstar.edges``)
     engines = ("sites", "edges")
 
     qk_fix: bool = False

@@ -17,9 +17,8 @@ from ..engine import MIN_CHUNK_TOKENS
 from ..errors import InputError
 from ..memory import layout_elems
 from ..model import Model
-from ..nodes import ALL_TYPES
 from ..pairs import PromptPairs
-from ..spaces import space_class, spaces_for
+from ..spaces import BUILTIN_TYPES, space_class, spaces_for
 from ..validate import check_batch_size, check_count, check_memory_gb
 from .base import check_edge_positions, register
 from .patched import PatchedForwards
@@ -49,7 +48,7 @@ class ActivationPatching(PatchedForwards):
 
     exact = True
     aggregation = "mean"
-    node_types = ALL_TYPES  # edges: exact edge patching (``atpstar.edges.patching``)
+    node_types = BUILTIN_TYPES  # edges: exact edge patching (``atpstar.edges.patching``)
     engines = ("sites", "edges")
     distributable = True
 

@@ -272,13 +272,3 @@ class Spaces:
 
     def columns(self, node_type: str, index: tuple[int, ...]) -> dict[str, int]:
         return self.of(node_type).columns(node_type, index)
-
-    def describe(self) -> dict[str, Any]:
-        """``info["spaces"]`` of a result: each space's description under its kind (empty ones left out)."""
-        return {space.kind: space.describe() for space in self.spaces if space.describe()}
-
-    def identity(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for space in self.spaces:
-            out.update(space.identity())
-        return out
