@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--trees", default=None, help="label=path,... source trees to compare (default: this one)")
     parser.add_argument("--model", default="smollm2-135m", choices=sorted(configs()))
     parser.add_argument("--layers", type=int, default=None, help="override the model's depth (say so in results)")
+    parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary size (say so in results)")
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--calls", default=DEFAULT_CALLS, help=f"fwd+bwd (always), exact, {', '.join(CALLS)}")
@@ -54,11 +55,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown calls {unknown}; choose from fwd+bwd, exact, {', '.join(CALLS)}")
     trees = parse_trees(args.trees)
-    spec = {"model": args.model, "layers": args.layers, "pairs": args.pairs, "seq": args.seq, "calls": calls,
+    spec = {"model": args.model, "layers": args.layers, "vocab": args.vocab, "pairs": args.pairs, "seq": args.seq, "calls": calls,
             "threads": args.threads, "device": args.device}  # fmt: skip
     memory = memory_calls(trees, spec, sys.stderr) if args.memory else None
     timings = time_calls(trees, spec, args.rounds, sys.stderr, args.clock)
-    depth = f", {args.layers} layers" if args.layers else ""
+    depth = (f", {args.layers} layers" if args.layers else "") + (f", vocabulary {args.vocab}" if args.vocab else "")
     lines = [
         f"## AtP variants on a {args.model}-shaped model{depth} (random weights), {args.pairs} pairs x {args.seq} "
         f"tokens, {args.device}",

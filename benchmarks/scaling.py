@@ -56,7 +56,7 @@ def growth(args: argparse.Namespace, trees: Any, log: Any) -> list[str]:
         runs: dict[tuple[str, str], list[float]] = {}
         for size in grid:
             n_pairs, seq = (size, seq_grid[len(seq_grid) // 2]) if axis == "pairs" else (pairs_grid[0], size)
-            spec = {"model": args.growth_model, "layers": args.layers, "pairs": n_pairs, "seq": seq,
+            spec = {"model": args.growth_model, "layers": args.layers, "vocab": args.vocab, "pairs": n_pairs, "seq": seq,
                     "calls": calls, "threads": args.threads, "device": args.device}  # fmt: skip
             t = time_calls(trees, spec, args.growth_rounds, log, args.clock)
             for tree in trees:
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", default=None, help="comma-separated (default: CPU three, GPU four; none)")
     parser.add_argument("--layers", type=int, default=None, help="override every model's depth (say so in results)")
+    parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary size (say so in results)")
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--calls", default="atp,atp*,eap,edge atp*,exact", help="measured besides fwd+bwd")
@@ -115,12 +116,14 @@ def main() -> None:
     lines = [f"## Scaling ({args.device}, {args.pairs} pairs x {args.seq} tokens, random weights)", ""]
     last: Timings | None = None
     for name in names:
-        spec = {"model": name, "layers": args.layers, "pairs": args.pairs, "seq": args.seq, "calls": calls,
+        spec = {"model": name, "layers": args.layers, "vocab": args.vocab, "pairs": args.pairs, "seq": args.seq, "calls": calls,
                 "threads": args.threads, "device": args.device}  # fmt: skip
         predicted: dict[tuple[str, str], float] = {}
         memory = None if args.no_memory else memory_calls(trees, spec, sys.stderr, predicted)
         last = time_calls(trees, spec, args.rounds, sys.stderr, args.clock)
-        depth = f", {args.layers} layers" if args.layers else ""
+        depth = (f", {args.layers} layers" if args.layers else "") + (
+            f", vocabulary {args.vocab}" if args.vocab else ""
+        )
         lines += [f"### {name}{depth}: {args.rounds} interleaved rounds, {args.clock} clock; "
                   f"{conditions(last, args.threads)}", "", *time_table(name, last, memory),
                   *predicted_column(predicted), ""]  # fmt: skip

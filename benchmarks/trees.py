@@ -102,8 +102,9 @@ def configs() -> dict[str, tuple[Any, str]]:
 # Worker side ---------------------------------------------------------------------------------------------
 
 
-def build(name: str, device: str, layers: int | None = None) -> Any:
-    """A random-weight model built directly on ``device`` in its dtype (seed 0); ``layers`` overrides the depth."""
+def build(name: str, device: str, layers: int | None = None, vocab: int | None = None) -> Any:
+    """A random-weight model built directly on ``device`` in its dtype (seed 0); ``layers`` and ``vocab`` override
+    the depth and the vocabulary (the layers keep their shapes; only the last position is unembedded)."""
     import torch
     import transformers as tf
 
@@ -112,6 +113,8 @@ def build(name: str, device: str, layers: int | None = None) -> Any:
     config, dtype_name = configs()[name]
     if layers:
         config.num_hidden_layers = layers
+    if vocab:
+        config.vocab_size = vocab
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype_name))
@@ -241,7 +244,7 @@ def serve(spec: dict[str, Any]) -> None:
     import atpstar
 
     device = spec["device"]
-    model = build(spec["model"], device, spec.get("layers"))
+    model = build(spec["model"], device, spec.get("layers"), spec.get("vocab"))
     pairs = make_pairs(model, spec["pairs"], spec["seq"])
     calls: dict[str, Callable[[], Any] | None] = {}
     for label in spec["calls"]:

@@ -102,7 +102,11 @@ def node_estimate(
 
 
 def node_estimates(
-    step: GradientStep, attention_args: Sequence[LayerAttention], node_types: list[str], plan: SitePlan
+    step: GradientStep,
+    attention_args: Sequence[LayerAttention],
+    node_types: list[str],
+    plan: SitePlan,
+    into: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run the step's backward passes, folding each site's gradient into estimates as it comes.
 
@@ -110,12 +114,15 @@ def node_estimates(
         attention_args: per layer, the attention's scaling, soft-cap and window (the QK fix).
         node_types: the node types to estimate.
         plan: the step's sites (``plan_sites``).
+        into: optional node type -> [b, *layout] tensors in the estimates' dtype (e.g. the result's rows of
+            these pairs) that the estimates are written into layer by layer, GradDrop's running sums too,
+            so no second copy of the results exists; returned filled.
 
     Returns:
         node type -> [b, *layout]: Î (AtP, on a path IG) or GradDrop's ĉ with ``step.grad_drop``.
     """
     n_layers, from_site, reads, fix = len(attention_args), plan.from_site, plan.reads, plan.fix
-    out = _Layers(n_layers)  # node type -> [b, L, *layout[1:]], written layer by layer as gradients arrive
+    out = _Layers(n_layers, into)  # node type -> [b, L, *layout[1:]], written layer by layer as gradients arrive
 
     def estimate(layer: int, node_type: str, grad: torch.Tensor) -> torch.Tensor:
         return node_estimate(step, attention_args[layer], node_type, layer, grad, fix)
@@ -152,13 +159,13 @@ def node_estimates(
 class _Layers:
     """Per node type one [b, L, *layout[1:]] tensor, filled layer by layer (no per-layer list to stack).
 
-    Allocated at the first layer's estimate; an estimate on another device (a dispatched model) is moved
-    there, and the whole tensor to layer 0's device at the end, as stacking the layers did.
+    Allocated at the first layer's estimate unless given; an estimate on another device (a dispatched model)
+    is moved there, and the whole tensor to layer 0's device at the end, as stacking the layers did.
     """
 
-    def __init__(self, n_layers: int) -> None:
+    def __init__(self, n_layers: int, into: dict[str, torch.Tensor] | None = None) -> None:
         self.n_layers = n_layers
-        self._out: dict[str, torch.Tensor] = {}
+        self._out: dict[str, torch.Tensor] = dict(into or {})
         self._device: dict[str, torch.device] = {}
 
     def put(self, node_type: str, layer: int, est: torch.Tensor) -> None:
