@@ -240,6 +240,29 @@ def _first_pos(node_type: str, mask: torch.Tensor) -> int:
     return int(torch.nonzero(mask.permute(pos_dim, *other).flatten(1).any(1))[0])  # [T, B*rest] -> first T
 
 
+def site_elems(model: Model, site: str, seq_len: int) -> int:
+    """Elements of one pair's activation at a runner site, one layer."""
+    s = model.sizes
+    per_token = {
+        "neuron": s.d_mlp,
+        "q": s.n_heads * s.d_head,
+        "z": s.n_heads * s.d_head,
+        "k": s.n_kv_heads * s.d_head,
+        "v": s.n_kv_heads * s.d_head,
+        "pattern": s.n_heads * seq_len,
+        **dict.fromkeys(("resid_pre", "attn_proj", "attn_out", "resid_mid", "mlp_in", "mlp_out"), s.d_model),
+    }[site]
+    return per_token * seq_len
+
+
+def cache_bytes(model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> int:
+    """``prepare``'s cache: base residual stream, keys and values, and source activations of all pairs."""
+    s, item = model.sizes, torch.finfo(model.dtype).bits // 8
+    base = s.n_layers * seq_len * (s.d_model + 2 * s.n_kv_heads * s.d_head)
+    source = s.n_layers * sum(site_elems(model, NODE_TABLE[t].site, seq_len) for t in node_types)
+    return n_pairs * (base + source) * item
+
+
 def element_bytes(model: Model, seq_len: int) -> int:
     """Rough memory of one patched forward element (activations of one layer plus the KV prefix)."""
     s = model.sizes

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .batching import Footprint, pairs_per_block, plan_batch
 from .cost import Cost
 from .errors import InputError
 from .fingerprint import check_reuse, identity
@@ -174,15 +175,39 @@ def patch_nodes(
     info: dict[str, Any] = {}
     with progress_bar(len(nodes) * job.n_pairs, "verify", job.progress) as bar:
         for space in spaces:
-            rows = [i for i, (t, _) in enumerate(nodes) if t in space.node_types]
-            mine = [nodes[i] for i in rows]
-            batch = batch_for_memory(batch_size, memory_gb, space.element_bytes(job))
+            rows = torch.tensor([i for i, (t, _) in enumerate(nodes) if t in space.node_types], dtype=torch.long)
+            mine = [nodes[i] for i in rows.tolist()]
             if workers is None and ray_address is None and checkpoint is None:
-                part, base_metric = space.exact_effects(job, mine, batch, bar.update)
+                _in_pair_blocks(job, space, mine, batch_size, memory_gb, effects, rows, base_metric, bar.update)
             else:
+                batch = batch_for_memory(batch_size, memory_gb, space.element_bytes(job))
                 part, base_metric, info = _on_workers(job, space, mine, batch, workers, ray_address, checkpoint)
-            effects[torch.tensor(rows, dtype=torch.long)] = part
+                effects[rows] = part
     return effects, base_metric, info
+
+
+def _in_pair_blocks(
+    job: Job,
+    space: NodeSpace,
+    nodes: list[tuple[str, tuple[int, ...]]],
+    batch_size: int | None,
+    memory_gb: float,
+    effects: torch.Tensor,
+    rows: torch.Tensor,
+    base_metric: torch.Tensor,
+    advance: Any,
+) -> None:
+    """``space.exact_effects`` over blocks of pairs whose prepared runs fit half of ``memory_gb`` (each
+    (node, pair) effect is independent of the other pairs, so blocks only bound the memory): fills
+    ``effects[rows]`` [n, P] and ``base_metric`` [P]."""
+    per_pair = space.pair_bytes(job)
+    block = pairs_per_block(job.n_pairs, per_pair, memory_gb, "verify", "Raise memory_gb or use shorter prompts")
+    batch = plan_batch(Footprint(space.element_bytes(job), held=block * per_pair), memory_gb, batch_size=batch_size)
+    for start in range(0, job.n_pairs, block):
+        pairs = slice(start, min(start + block, job.n_pairs))
+        part_job = job if block == job.n_pairs else job.with_pairs(job.pairs.subset(range(pairs.start, pairs.stop)))
+        part, base_metric[pairs] = space.exact_effects(part_job, nodes, batch, advance)
+        effects[rows, pairs] = part
 
 
 def _on_workers(
@@ -196,7 +221,7 @@ def _on_workers(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """``exact_effects`` as rank windows on an executor (Ray workers, or in-process with a checkpoint folder)."""
     from .distributed import executor_for
-    from .distributed.sweeps import verify_on
+    from .distributed.verify_units import verify_on
 
     ranked = getattr(space, "ranked_index", None)
     if ranked is None:

@@ -157,6 +157,15 @@ class NodeSpace(ABC):
     def element_bytes(self, job: Job) -> int:
         """Memory of one patched forward element of ``exact_effects`` (what the batch planner divides by)."""
 
+    def pair_bytes(self, job: Job) -> int:
+        """Memory ``exact_effects`` holds per pair for the whole call (its prepared base and source runs).
+
+        ``verify`` patches the pairs in blocks whose share fits half of ``memory_gb``. The default counts
+        the base residual stream at every layer, twice (base and source); spaces that keep more say so.
+        """
+        sizes = job.model.sizes
+        return 2 * (sizes.n_layers + 1) * job.seq_len * sizes.d_model * torch.finfo(job.model.dtype).bits // 8
+
     @abstractmethod
     def exact_effects(
         self, job: Job, nodes: list[tuple[str, tuple[int, ...]]], batch: int | None, advance: Advance | None = None

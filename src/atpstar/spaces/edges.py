@@ -101,6 +101,12 @@ class EdgeNodes(NodeSpace):
     def element_bytes(self, job: Any) -> int:
         return int(edge_bytes(job.model, job.seq_len))
 
+    def pair_bytes(self, job: Any) -> int:
+        """``prepare_edges``' cache: residual streams and MLP inputs of every layer, senders and their deltas."""
+        sizes = job.model.sizes
+        vectors = 2 * sizes.n_layers + 1 + 2 * self.graph.n_senders  # [T, D] each
+        return vectors * job.seq_len * sizes.d_model * torch.finfo(job.model.dtype).bits // 8
+
     def exact_effects(
         self, job: Any, nodes: list[tuple[str, tuple[int, ...]]], batch: int | None, advance: Advance | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..engine import element_bytes, patch_listed, prepare
+from ..engine import cache_bytes, element_bytes, patch_listed, prepare
 from ..nodes import NODE_TABLE, NodeType, unit_and_pos
 from .base import Advance, NodeSpace, register_space
 
@@ -97,6 +97,9 @@ class SiteNodes(NodeSpace):
 
     def element_bytes(self, job: Any) -> int:
         return element_bytes(job.model, job.seq_len)
+
+    def pair_bytes(self, job: Any) -> int:
+        return cache_bytes(job.model, 1, job.seq_len, list(self.node_types))
 
     def exact_effects(
         self, job: Any, nodes: list[tuple[str, tuple[int, ...]]], batch: int | None, advance: Advance | None = None
