@@ -62,7 +62,7 @@ def test_find_verifies_in_pair_blocks_with_the_same_outcome(monkeypatch):
     whole = atpstar.find(model, pairs, theta=0.05, nodes=NODES, batch_size=8)
     prepared = []
     original = find_state.prepare
-    monkeypatch.setattr(find_state, "prepare", lambda m, p, *a: prepared.append(p.n_pairs) or original(m, p, *a))
+    monkeypatch.setattr(find_state, "prepare", lambda m, p, *a, **k: prepared.append(p.n_pairs) or original(m, p, *a, **k))
     blocked = atpstar.find(model, pairs, theta=0.05, nodes=NODES, batch_size=8, memory_gb=tight)
     assert prepared and max(prepared) == 1  # every verification held one pair's runs at a time
     assert blocked.names == whole.names and blocked.certified == whole.certified

@@ -196,7 +196,7 @@ class Search:
                 cost = Cost(running.forward, running.backward)
                 if not cache:  # base and source runs: counted when the block starts, not again on a resume
                     fresh = Cost()
-                    cache.append(prepare(part.model, part.pairs, part.direction, types, fresh))
+                    cache.append(prepare(part.model, part.pairs, part.direction, types, fresh, chunk=batch))
                     cost = cost if counted else cost + fresh
                 listed = (ranked[0][rows], ranked[1][rows], ranked[2][rows], ranked[3][rows])
                 found = patch_ranked(part.model, cache[0], types, listed, batch, cost, bar.update)

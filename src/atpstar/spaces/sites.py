@@ -104,7 +104,7 @@ class SiteNodes(NodeSpace):
     def exact_effects(
         self, job: Any, nodes: list[tuple[str, tuple[int, ...]]], batch: int | None, advance: Advance | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = prepare(job.model, job.pairs, job.direction, list(self.node_types), job.cost)
+        cache = prepare(job.model, job.pairs, job.direction, list(self.node_types), job.cost, chunk=batch)
         ranked = self.ranked_index(nodes)
         effects = patch_listed(job.model, cache, list(self.node_types), ranked, batch or 1, job.cost, advance)
         return effects, cache.base_metric
