@@ -93,7 +93,7 @@ class AttributionPatching(Method):
 
     needs_gradients = True
     node_types = BUILTIN_TYPES  # edges: EAP and its QK-fix / GradDrop / AtP* forms (``atpstar.edges``)
-    engines = ("sites", "edges")
+    engines = ("sites", "edges", "latents")
 
     qk_fix: bool = False
     grad_drop: bool = False
@@ -186,6 +186,16 @@ class AttributionPatching(Method):
         return estimate_edges(
             job, batch_size=self.batch_size, memory_gb=self.memory_gb, points=self._points(), **options
         )
+
+    def _attribute_latents(self, job: Job, space: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Dictionary latents and errors (``atpstar.dictionaries.estimate``), on the same points and fixes."""
+        from ..dictionaries.estimate import latent_estimates
+
+        per_pair = latent_estimates(
+            job, space.ordered, grad_drop=self.grad_drop, qk_fix=self.qk_fix, points=self._points(),
+            batch_size=self.batch_size, label=self.id,
+        )  # fmt: skip
+        return per_pair, {}
 
     def _estimate(
         self, model: Model, pairs: PromptPairs, index: torch.Tensor, node_types: list[str], direction: str, cost: Cost

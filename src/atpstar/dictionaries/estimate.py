@@ -1,0 +1,137 @@
+"""Gradient estimates over dictionary latents, on the shared gradient step (``atpstar.gradients``).
+
+With the error term kept, a dictionary's write site y = write(f) + error, so ∂L/∂f_i = scale · W_dec[i] · ∂L/∂y
+and ∂L/∂error = ∂L/∂y. The latent pullback of the gradient at the write site:
+
+    Î(latent i, t) = Δf_i(t) · scale(t) · (W_dec[i] · ∂L/∂y_t)          (AtP; on a path the mean gradient)
+    Î(error, t)    = Δerror_t · ∂L/∂y_t
+
+with Δ = source - base of the real runs. ``gradient_step`` runs both prompts (both runs keep the
+dictionaries' read and write sites), hands each write site's gradient to the consumer as autograd forms it,
+and runs GradDrop's partial backwards: a latent at write layer m scores (m · |Î| + Σ_{l>m} |Î_l|) / (L - 1),
+as site nodes at that run site do (``gradients.consumers``). The QK fix is ``dictionaries.qkfix``.
+
+Cost per pair: as AtP on site nodes (2 forwards + 1 backward; GradDrop adds the partial backwards; a path
+of m points adds m forwards and m - 1 backwards); the QK fix adds one q/k projection per changed latent.
+
+Shape letters: P pairs, b pairs in a step, T positions, S d_sae, D d_model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..batching import BatchGuard
+from ..gradients import AT_BASE, Points, gradient_step, summed_over_points
+from ..job import Job
+from ..ops import graddrop_combine, upcast
+from ..progress import progress_bar
+from .dictionary import Dictionary
+from .patching import Differences, dictionary_sites, differences
+from .registry import node_types_of
+from .sites import run_site
+
+
+def latent_pullback(
+    dictionary: Dictionary, diff: Differences, grad: torch.Tensor, points: Points = AT_BASE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents [b, S, T], error [b, T]) estimates from the gradient ∂L/∂y [b, T, D] at the write site."""
+    grad = upcast(grad.detach())
+    grad_f = (grad * diff.scale) @ dictionary.W_dec.to(grad.device, grad.dtype).T  # [b, T, S]
+    latents = points.mean(diff.latents * grad_f).transpose(1, 2)  # [b, T, S] -> [b, S, T]
+    error = points.mean(diff.error * grad).sum(-1)  # [b, T]
+    return latents, error
+
+
+def estimate_step(
+    job: Job, dictionaries: Sequence[Dictionary], index: torch.Tensor, grad_drop: bool, qk_fix: bool, points: Points
+) -> dict[str, torch.Tensor]:
+    """Estimates of every latent and error node of ``dictionaries`` on pairs ``index``: node type -> [b, *layout]."""
+    model, n_layers = job.model, job.model.n_layers
+    writes = {d.name: run_site(d.write_hook) for d in dictionaries}
+    at_site: dict[tuple[int, str], list[Dictionary]] = {}
+    for d in dictionaries:
+        at_site.setdefault((writes[d.name].layer, writes[d.name].site), []).append(d)
+    sites = dictionary_sites(dictionaries)
+    grad_sites = list(dict.fromkeys(w.site for w in writes.values()))
+    kept: dict[str, list[torch.Tensor]] = {}
+    with gradient_step(
+        model, job.pairs, index, direction=job.direction, sites=sites, diff_sites=[], grad_sites=grad_sites,
+        cost=job.cost, grad_drop=grad_drop, points=points,
+    ) as step:  # fmt: skip
+        diffs = {d.name: differences(d, step.source, step.base) for d in dictionaries}
+        fixes = _qk_fixes(job, step, dictionaries, diffs) if qk_fix else {}
+
+        def estimate(d: Dictionary, grad: torch.Tensor) -> list[torch.Tensor]:
+            latents, error = latent_pullback(d, diffs[d.name], grad, step.points)
+            if d.name in fixes:
+                latents = latents + fixes[d.name].to(latents.device, latents.dtype)
+            return [latents, error]
+
+        def plain(layer: int, site: str, grad: torch.Tensor) -> None:
+            for d in at_site.get((layer, site), []):
+                kept[d.name] = estimate(d, grad)
+
+        if not grad_drop:
+            step.backward(summed_over_points(step, plain))
+        else:
+            _graddrop(step, at_site, estimate, kept)
+    out = {}
+    for d in dictionaries:
+        latents, error = kept[d.name]
+        if grad_drop:
+            latents, error = graddrop_combine(latents, n_layers), graddrop_combine(error, n_layers)
+        out.update(dict(zip(node_types_of(d), (latents, error))))
+    return out
+
+
+def _graddrop(step, at_site, estimate, kept) -> None:  # type: ignore[no-untyped-def]
+    """GradDrop's running sums Σ_l |Î_l| (the m layers below a latent at write layer m leave Î unchanged)."""
+
+    def start(layer: int, site: str, grad: torch.Tensor) -> None:
+        for d in at_site.get((layer, site), []):
+            kept[d.name] = [layer * est.abs() for est in estimate(d, grad)]
+
+    def add(layer: int, site: str, grad: torch.Tensor) -> None:
+        for d in at_site.get((layer, site), []):
+            for total, est in zip(kept[d.name], estimate(d, grad)):
+                total.add_(est.abs())
+
+    step.backward(start)
+    for _ in step.dropped(add):
+        pass
+
+
+def _qk_fixes(job, step, dictionaries, diffs) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    from .qkfix import qk_fixes
+
+    return qk_fixes(job, step, dictionaries, diffs)
+
+
+def latent_estimates(
+    job: Job,
+    dictionaries: Sequence[Dictionary],
+    *,
+    grad_drop: bool = False,
+    qk_fix: bool = False,
+    points: Points = AT_BASE,
+    batch_size: int | None = None,
+    label: str = "latents",
+) -> dict[str, torch.Tensor]:
+    """Per-pair estimates over every latent and error node: node type -> [P, *layout] (``node_types_of``)."""
+    pairs = job.pairs
+    parts: dict[str, list[torch.Tensor]] = {}
+    guard = BatchGuard(f"{label}: pairs", job.model.device)
+    guard.limit = batch_size or pairs.n_pairs
+
+    def step(part: slice) -> None:
+        index = torch.arange(part.start, part.stop)
+        for t, est in estimate_step(job, dictionaries, index, grad_drop, qk_fix, points).items():
+            parts.setdefault(t, []).append(est.detach().cpu())
+        bar.update(len(index))
+
+    with progress_bar(pairs.n_pairs, label, job.progress, unit="pair") as bar:
+        guard.run(pairs.n_pairs, step)
+    return {t: torch.cat(p) for t, p in parts.items()}
