@@ -88,18 +88,33 @@ def estimate_step(
 
 
 def _graddrop(step, at_site, estimate, kept) -> None:  # type: ignore[no-untyped-def]
-    """GradDrop's running sums Σ_l |Î_l| (the m layers below a latent at write layer m leave Î unchanged)."""
+    """GradDrop's running sums Σ_l |Î_l| (Kramár et al. 2024 §5) over the L dropped layers l.
+
+    A latent at write layer m keeps its plain estimate for the m layers below it, and gets its terms for layers
+    above it from the partial backwards. Its own layer: a write inside layer m (attn_out, mlp_out, resid_mid,
+    mlp_in) is dropped with it (0); the stream entering layer m (resid_pre) then passes through unchanged, so
+    its gradient is ∂L/∂resid_pre_{m+1} of the full backward.
+    """
+    passed: dict[str, list[torch.Tensor]] = {}  # resid_pre latents: the own-layer term
 
     def start(layer: int, site: str, grad: torch.Tensor) -> None:
         for d in at_site.get((layer, site), []):
             kept[d.name] = [layer * est.abs() for est in estimate(d, grad)]
+        for d in at_site.get((layer - 1, site), []) if site == "resid_pre" else []:
+            passed[d.name] = [est.abs() for est in estimate(d, grad)]
 
     def add(layer: int, site: str, grad: torch.Tensor) -> None:
         for d in at_site.get((layer, site), []):
             for total, est in zip(kept[d.name], estimate(d, grad)):
                 total.add_(est.abs())
 
+    final = step.base.records.get("resid_pre", [None])[-1]
+    if any(site == "resid_pre" and layer == step.tape.n_layers - 1 for layer, site in at_site) and final is not None:
+        step.tape.watch(step.tape.n_layers, "resid_pre", final)  # the final stream: the run does not watch it
     step.backward(start)
+    for name, terms in passed.items():
+        for total, term in zip(kept[name], terms):
+            total.add_(term)
     for _ in step.dropped(add):
         pass
 
