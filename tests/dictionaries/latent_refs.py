@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+import atpstar
 from atpstar.runner import Run
 from reference.brute import dropped_layer
 
@@ -159,4 +160,89 @@ def _spliced_grads(model, pairs, spec, base, drop_layer, hidden=None):
 def graddrop(model, pairs, spec: Spec, direction: str = "noising"):
     """Σ_l |Î_l| / (L - 1) over the L layers dropped one at a time."""
     terms = [linearised(model, pairs, spec, direction, layer) for layer in range(model.n_layers)]
+    return tuple(sum(term[i].abs() for term in terms) / (model.n_layers - 1) for i in range(2))
+
+
+def downstream(spec: Spec, n_layers: int) -> int | None:
+    """The attention layer reading the write directly (resid_pre: that layer; attn_out/mlp_out: the next)."""
+    site, layer = site_of(spec.write)
+    m = layer if site == "resid_pre" else layer + 1 if site in ("attn_out", "mlp_out", "resid_mid") else None
+    return m if m is not None and m < n_layers else None
+
+
+def _grads_with_attention(model, pairs, spec, base, m, drop_layer):
+    """(∂L/∂f, ∂L/∂error, ∂L/∂q_m, ∂L/∂k_m, ∂L/∂pattern_m, base resid_pre_m, base pattern_m), spliced dictionary."""
+    leaves = {}
+    ws, wl = site_of(spec.write)
+    rs, rl = site_of(spec.read)
+
+    def splice(layer, site, x, run):
+        if layer == m and site == "resid_pre":
+            leaves["resid_pre"] = x.detach()
+        if layer == rl and site == rs:
+            leaves["x"] = x.detach()
+        if layer == wl and site == ws:
+            xb = leaves["x"]
+            f = spec.encode(xb).requires_grad_(True)
+            err = (x.detach() - spec.write_of(f.detach(), xb)).requires_grad_(True)
+            leaves["f"], leaves["err"] = f, err
+            return spec.write_of(f, xb) + err
+        if layer == m and site in ("q", "k", "pattern"):
+            leaves[site] = x
+        return x
+
+    with torch.enable_grad(), dropped_layer(model, drop_layer):
+        metric, _ = _metric(model, pairs, base, splice)
+        keys = ["f", "err", "q", "k", "pattern"]
+        grads = torch.autograd.grad(metric.sum(), [leaves[k] for k in keys], allow_unused=True)
+    grads = [torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(keys, grads)]
+    return (*grads, leaves["resid_pre"].detach(), leaves["pattern"].detach())
+
+
+def qk_fixed(model, pairs, spec: Spec, direction: str = "noising", drop_layer: int | None = None):
+    """(latents [P, S, T], error [P, T]) AtP with the QK fix at the downstream attention layer m:
+    Î - δ · (∂L/∂x_m through q_m, k_m only) + Σ (A'(q(x_m + δ_t), k(x_m + δ_t)) - A) · ∂L/∂A."""
+    base, source = pairs.base_and_source(direction)
+    m = downstream(spec, model.n_layers)
+    with torch.no_grad():
+        _, source_run = _metric(model, pairs, source)
+        _, base_run = _metric(model, pairs, base)
+        (xs, ys), (xb, yb) = _io(spec, source_run), _io(spec, base_run)
+        fs, fb = spec.encode(xs), spec.encode(xb)
+    d_f, d_err = fs - fb, (ys - spec.write_of(fs, xs)) - (yb - spec.write_of(fb, xb))
+    grad_f, grad_err, g_q, g_k, g_a, x_m, pattern = _grads_with_attention(model, pairs, spec, base, m, drop_layer)
+    latents = (d_f * grad_f).transpose(1, 2).double()
+    error = (d_err * grad_err).sum(-1).double()
+    with torch.enable_grad():
+        x = x_m.clone().requires_grad_(True)
+        q, k, _ = model.layer_qkv(m, x)
+        (through_qk,) = torch.autograd.grad((q * g_q).sum() + (k * g_k).sum(), x)
+    args = model.attention_args[m]
+    scale = spec.scale(xb)
+    n_pairs, n_pos, n_sae = fb.shape
+    with torch.no_grad():
+        for p in range(n_pairs):
+            for t in range(n_pos):
+                for i in range(-1, n_sae):
+                    delta = d_err[p, t] if i < 0 else d_f[p, t, i] * scale[p, t] * spec.weights["W_dec"][i]
+                    moved = x_m[p : p + 1].clone()
+                    moved[0, t] += delta
+                    q2, k2, _ = model.layer_qkv(m, moved)
+                    new = atpstar.ops.attention_pattern(q2, k2, args.scaling, args.softcap, args.window)
+                    fix = ((new[0] - pattern[p]) * g_a[p]).sum() - (delta * through_qk[p, t]).sum()
+                    if i < 0:
+                        error[p, t] += fix
+                    else:
+                        latents[p, i, t] += fix
+    return latents, error
+
+
+def atpstar_reference(model, pairs, spec: Spec, direction: str = "noising"):
+    """AtP*: Σ_l |QK-fixed Î_l| / (L - 1); a pass that drops the layer holding the write scores 0."""
+    site, layer = site_of(spec.write)
+    terms = []
+    for drop in range(model.n_layers):
+        if site != "resid_pre" and drop == layer:
+            continue
+        terms.append(qk_fixed(model, pairs, spec, direction, drop))
     return tuple(sum(term[i].abs() for term in terms) / (model.n_layers - 1) for i in range(2))

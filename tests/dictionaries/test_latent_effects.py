@@ -131,3 +131,20 @@ def test_latents_mix_with_site_nodes_in_one_call(setting):
     alone = atpstar.attribute(model, pairs, "atp", nodes=["head"])
     assert torch.equal(mixed.per_pair["head"], alone.per_pair["head"])
     assert list(mixed.per_pair)[0] == "head" and len(mixed.per_pair) == 1 + 2 * len(found)
+
+
+def test_qk_fix_recomputes_the_downstream_attention(setting):
+    model, pairs, found = setting
+    result = run(model, pairs, "atp+qkfix", found)
+    plain = run(model, pairs, "atp", found)
+    # every write here is read by a later attention: resid_post 0 and 1 (layers 1, 2), attn_out and mlp_out of 1 (2)
+    assert all(ref.downstream(spec, model.n_layers) is not None for _, spec in found)
+    compare(result, found, lambda spec: ref.qk_fixed(model, pairs, spec), rtol=1e-8)
+    for d, _ in found:
+        assert not torch.allclose(result.per_pair[d.name], plain.per_pair[d.name])
+
+
+def test_atpstar_combines_the_qk_fix_and_graddrop(setting):
+    model, pairs, found = setting
+    result = run(model, pairs, "atp*", found)
+    compare(result, found, lambda spec: ref.atpstar_reference(model, pairs, spec), rtol=1e-8)

@@ -20,16 +20,19 @@ Shape letters: P pairs, b pairs in a step, T positions, S d_sae, D d_model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ..batching import BatchGuard
+from ..cost import Cost
 from ..gradients import AT_BASE, Points, gradient_step, summed_over_points
 from ..job import Job
 from ..ops import graddrop_combine, upcast
 from ..progress import progress_bar
 from .dictionary import Dictionary
 from .patching import Differences, dictionary_sites, differences
+from .qkfix import FIX_SITES, LatentQKFix
 from .registry import node_types_of
 from .sites import run_site
 
@@ -47,63 +50,76 @@ def latent_pullback(
 
 def estimate_step(
     job: Job, dictionaries: Sequence[Dictionary], index: torch.Tensor, grad_drop: bool, qk_fix: bool, points: Points
-) -> dict[str, torch.Tensor]:
-    """Estimates of every latent and error node of ``dictionaries`` on pairs ``index``: node type -> [b, *layout]."""
+) -> tuple[dict[str, torch.Tensor], Cost]:
+    """Estimates of every latent and error node of ``dictionaries`` on pairs ``index``: (node type -> [b, *layout],
+    the passes the QK fix added to ``job.cost``)."""
     model, n_layers = job.model, job.model.n_layers
     writes = {d.name: run_site(d.write_hook) for d in dictionaries}
     at_site: dict[tuple[int, str], list[Dictionary]] = {}
     for d in dictionaries:
         at_site.setdefault((writes[d.name].layer, writes[d.name].site), []).append(d)
-    sites = dictionary_sites(dictionaries)
-    grad_sites = list(dict.fromkeys(w.site for w in writes.values()))
+    fix_sites = ("resid_pre", *FIX_SITES) if qk_fix else ()
+    sites = list(dict.fromkeys([*dictionary_sites(dictionaries), *fix_sites]))
+    grad_sites = list(dict.fromkeys([*(w.site for w in writes.values()), *fix_sites[1:]]))
     kept: dict[str, list[torch.Tensor]] = {}
+    pass_grads: dict[tuple[int, str], torch.Tensor] = {}  # this pass's gradients at the QK fix's layers
     with gradient_step(
         model, job.pairs, index, direction=job.direction, sites=sites, diff_sites=[], grad_sites=grad_sites,
         cost=job.cost, grad_drop=grad_drop, points=points,
     ) as step:  # fmt: skip
         diffs = {d.name: differences(d, step.source, step.base) for d in dictionaries}
-        fixes = _qk_fixes(job, step, dictionaries, diffs) if qk_fix else {}
+        fix = LatentQKFix(model, step, dictionaries, diffs) if qk_fix else None
 
-        def estimate(d: Dictionary, grad: torch.Tensor) -> list[torch.Tensor]:
+        def estimate(d: Dictionary, grad: torch.Tensor, fixed: bool = True) -> list[torch.Tensor]:
             latents, error = latent_pullback(d, diffs[d.name], grad, step.points)
-            if d.name in fixes:
-                latents = latents + fixes[d.name].to(latents.device, latents.dtype)
+            correction = fix.correction(d, pass_grads, d.d_sae) if fix is not None and fixed else None
+            if correction is not None:
+                latents, error = latents + correction[0].to(latents), error + correction[1].to(error)
             return [latents, error]
 
-        def plain(layer: int, site: str, grad: torch.Tensor) -> None:
+        def consume(layer: int, site: str, grad: torch.Tensor) -> None:
+            if site in FIX_SITES:
+                pass_grads[(layer, site)] = upcast(grad.detach())
             for d in at_site.get((layer, site), []):
                 kept[d.name] = estimate(d, grad)
 
         if not grad_drop:
-            step.backward(summed_over_points(step, plain))
+            step.backward(summed_over_points(step, consume))
         else:
-            _graddrop(step, at_site, estimate, kept)
+            _graddrop(step, at_site, estimate, kept, pass_grads)
     out = {}
     for d in dictionaries:
         latents, error = kept[d.name]
         if grad_drop:
             latents, error = graddrop_combine(latents, n_layers), graddrop_combine(error, n_layers)
         out.update(dict(zip(node_types_of(d), (latents, error))))
-    return out
+    extra = fix.cost if fix is not None else Cost()
+    job.cost.forward, job.cost.backward = job.cost.forward + extra.forward, job.cost.backward + extra.backward
+    return out, extra
 
 
-def _graddrop(step, at_site, estimate, kept) -> None:  # type: ignore[no-untyped-def]
+def _graddrop(step, at_site, estimate, kept, pass_grads) -> None:  # type: ignore[no-untyped-def]
     """GradDrop's running sums Σ_l |Î_l| (Kramár et al. 2024 §5) over the L dropped layers l.
 
     A latent at write layer m keeps its plain estimate for the m layers below it, and gets its terms for layers
     above it from the partial backwards. Its own layer: a write inside layer m (attn_out, mlp_out, resid_mid,
     mlp_in) is dropped with it (0); the stream entering layer m (resid_pre) then passes through unchanged, so
-    its gradient is ∂L/∂resid_pre_{m+1} of the full backward.
+    its gradient is ∂L/∂resid_pre_{m+1} of the full backward (and no path through layer m's attention).
+    ``pass_grads`` holds the running pass's gradients at the QK fix's sites; each pass starts it empty.
     """
     passed: dict[str, list[torch.Tensor]] = {}  # resid_pre latents: the own-layer term
 
     def start(layer: int, site: str, grad: torch.Tensor) -> None:
+        if site in FIX_SITES:
+            pass_grads[(layer, site)] = upcast(grad.detach())
         for d in at_site.get((layer, site), []):
             kept[d.name] = [layer * est.abs() for est in estimate(d, grad)]
         for d in at_site.get((layer - 1, site), []) if site == "resid_pre" else []:
-            passed[d.name] = [est.abs() for est in estimate(d, grad)]
+            passed[d.name] = [est.abs() for est in estimate(d, grad, fixed=False)]
 
     def add(layer: int, site: str, grad: torch.Tensor) -> None:
+        if site in FIX_SITES:
+            pass_grads[(layer, site)] = upcast(grad.detach())
         for d in at_site.get((layer, site), []):
             for total, est in zip(kept[d.name], estimate(d, grad)):
                 total.add_(est.abs())
@@ -112,17 +128,12 @@ def _graddrop(step, at_site, estimate, kept) -> None:  # type: ignore[no-untyped
     if any(site == "resid_pre" and layer == step.tape.n_layers - 1 for layer, site in at_site) and final is not None:
         step.tape.watch(step.tape.n_layers, "resid_pre", final)  # the final stream: the run does not watch it
     step.backward(start)
+    pass_grads.clear()
     for name, terms in passed.items():
         for total, term in zip(kept[name], terms):
             total.add_(term)
     for _ in step.dropped(add):
-        pass
-
-
-def _qk_fixes(job, step, dictionaries, diffs) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
-    from .qkfix import qk_fixes
-
-    return qk_fixes(job, step, dictionaries, diffs)
+        pass_grads.clear()
 
 
 def latent_estimates(
@@ -134,19 +145,24 @@ def latent_estimates(
     points: Points = AT_BASE,
     batch_size: int | None = None,
     label: str = "latents",
-) -> dict[str, torch.Tensor]:
-    """Per-pair estimates over every latent and error node: node type -> [P, *layout] (``node_types_of``)."""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Per-pair estimates over every latent and error node: (node type -> [P, *layout] (``node_types_of``), info
+    with the passes the QK fix added, ``latent_qk_fix_cost``, which depend on how many latents changed)."""
     pairs = job.pairs
     parts: dict[str, list[torch.Tensor]] = {}
+    extra = Cost()
     guard = BatchGuard(f"{label}: pairs", job.model.device)
     guard.limit = batch_size or pairs.n_pairs
 
     def step(part: slice) -> None:
         index = torch.arange(part.start, part.stop)
-        for t, est in estimate_step(job, dictionaries, index, grad_drop, qk_fix, points).items():
+        estimates, spent = estimate_step(job, dictionaries, index, grad_drop, qk_fix, points)
+        extra.forward, extra.backward = extra.forward + spent.forward, extra.backward + spent.backward
+        for t, est in estimates.items():
             parts.setdefault(t, []).append(est.detach().cpu())
         bar.update(len(index))
 
     with progress_bar(pairs.n_pairs, label, job.progress, unit="pair") as bar:
         guard.run(pairs.n_pairs, step)
-    return {t: torch.cat(p) for t, p in parts.items()}
+    info = {"latent_qk_fix_cost": extra.to_dict()} if qk_fix else {}
+    return {t: torch.cat(p) for t, p in parts.items()}, info
