@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("engine", ["engine", "engine.*", "gradients", "gradients.*", "edges.capture", "edges.patching",
                 "edges.circuit_run", "dictionaries.patching", "dictionaries.estimate", "dictionaries.qkfix"]),
     ("node spaces", ["spaces", "spaces.*"]),
-    ("sweeps", ["sweeps", "sweeps.*", "checkpoint", "distributed.units", "edges.sweep"]),
+    ("sweeps", ["sweeps", "sweeps.*", "checkpoint", "distributed.units", "edges.sweep", "dictionaries.sampling"]),
     ("distributed", ["distributed", "distributed.*"]),
     ("results", ["result", "verification", "sink", "memory"]),
     ("methods", ["methods", "methods.*", "edges.eap", "edges.atpstar", "edges.subsampling", "edges.estimate"]),
