@@ -101,7 +101,11 @@ def sample_latents(
     total = samples * n_pairs
     for first in range(0, total, batch):
         element = torch.arange(first, min(first + batch, total))
-        guard.run(len(element), lambda part, element=element: run(element[part]))
+
+        def part_of(part: slice, element: torch.Tensor = element) -> None:
+            run(element[part])
+
+        guard.run(len(element), part_of)
     return SubsamplingStats(dict(shapes), values), cache.patch.base_metric
 
 
@@ -112,7 +116,7 @@ def bound_sampler(run: Any) -> tuple[SubsamplingStats, dict[str, Any]]:
 
     if any(value is not None for value in run.engine.values()):
         raise InputError("the bound over dictionary latents runs in-process: drop workers=/ray_address=/checkpoint=")
-    (space,) = spaces_for(run.job.model, run.node_types)
+    space: Any = spaces_for(run.job.model, run.node_types)[0]
     shapes = {t: space.shape(t, run.job.seq_len) for t in run.node_types}
     options = {k: run.options[k] for k in ("samples", "p", "seed")}
     batch = run.batch_size or max(1, int(run.memory_gb * 2**30) // space.element_bytes(run.job))
