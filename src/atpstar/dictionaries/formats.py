@@ -126,6 +126,9 @@ def _saelens(folder: Path, site: str | None, layer: int | None) -> Dictionary:
     if architecture not in ("standard", "jumprelu", "topk") or activation not in ACTIVATIONS:
         raise InputError(f"SAELens architecture {architecture!r} with activation {fn!r} is not supported; "
                          f"supported: standard (relu or topk), jumprelu, topk")  # fmt: skip
+    k = int(cfg.get("k") or kwargs.get("k") or 0) or None
+    if activation == "topk" and k is None:
+        raise InputError(f"the TopK SAE at {str(folder)!r} does not say its k (cfg.json 'k' or activation_fn_kwargs.k)")
     norm = str(cfg.get("normalize_activations") or "none")
     if norm not in NORMALISATIONS:
         raise InputError(f"SAELens normalize_activations={norm!r} is not supported; supported: {list(NORMALISATIONS)} "
@@ -135,7 +138,7 @@ def _saelens(folder: Path, site: str | None, layer: int | None) -> Dictionary:
         name=folder.name, hook=hook, layer=parse_hook(hook)[0],
         W_enc=weights["W_enc"], W_dec=weights["W_dec"], b_enc=weights["b_enc"], b_dec=weights["b_dec"],
         activation=activation, threshold=weights.get("threshold"),
-        k=int(cfg.get("k") or kwargs.get("k") or 0) or None,
+        k=k,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), normalize_activations=norm,
         format="saelens", source=str(folder), neuronpedia_id=cfg.get("neuronpedia_id") or meta.get("neuronpedia_id"),
     )  # fmt: skip
