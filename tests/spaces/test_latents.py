@@ -87,3 +87,8 @@ def test_verify_and_the_bound_on_latents_use_exact_latent_patches(sae):
 def test_a_method_without_a_latent_form_refuses_before_any_pass(sae):
     with pytest.raises(InputError, match="does not support"):
         atpstar.attribute(tiny_model(), tiny_pairs(), "subsampling", nodes=["sae-a"])
+
+
+def test_latents_refuse_workers_before_any_pass(sae):
+    with pytest.raises(InputError, match="in-process only"):
+        atpstar.attribute(tiny_model(), tiny_pairs(), "atp", nodes=["sae-a"], workers=2)
