@@ -148,7 +148,7 @@ class Dictionary:
             normed = normed - w["b_dec"]
         pre = normed @ w["W_enc"] + w["b_enc"]  # [.., S]
         if self.activation == "jumprelu":
-            return pre * (pre > w["threshold"])
+            return torch.relu(pre) * (pre > w["threshold"])
         if self.activation == "topk":
             top = torch.topk(pre, int(self.k or 1), dim=-1)
             return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
