@@ -200,7 +200,9 @@ def _on_workers(
 
     ranked = getattr(space, "ranked_index", None)
     if ranked is None:
-        raise InputError(f"{space.kind} nodes are verified in-process; drop workers=/ray_address=/checkpoint= for them")
+        raise InputError(
+            f"{space.kind} nodes are verified in-process; drop workers=/ray_address=/checkpoint= for them"
+        )
     executor = executor_for(job.model, workers, ray_address, job.progress)
     types = list(space.node_types)
     return verify_on(executor, job.model, job.pairs, types, job.direction, ranked(nodes), batch, checkpoint, job.cost)  # type: ignore[no-any-return]

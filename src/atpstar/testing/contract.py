@@ -98,9 +98,7 @@ def check_shapes_and_record(c: Contract) -> None:
     assert result.method == c.cls.id, f"result.method {result.method!r} != id {c.cls.id!r}"
     assert (result.direction, result.metric) == ("noising", c.pairs.metric_name)
     assert result.node_types == c.node_types, f"{result.node_types} != {c.node_types}"
-    spaces = {
-        t: space for space in spaces_for(c.model, c.node_types, c.build().get_options()) for t in space.node_types
-    }
+    spaces = {t: space for space in spaces_for(c.model, c.node_types, c.build().get_options()) for t in space.node_types}
     for t in c.node_types:
         layout = spaces[t].shape(t, c.pairs.seq_len)
         assert tuple(result.per_pair[t].shape) == (c.pairs.n_pairs, *layout), f"per_pair[{t!r}] shape"
@@ -246,10 +244,8 @@ def check_edges(c: Contract) -> None:
         assert err <= 1e-10 * scale, f"edges of pair 0 alone differ by {err:.2e}"
     expected = method.expected_cost(c.model, c.pairs, ["edge"], result.info)
     bound = c.cls.cost_is_bound
-    ok = (
-        (result.cost.forward <= expected.forward * (1 + 1e-12))
-        if bound
-        else math.isclose(result.cost.forward, expected.forward, rel_tol=1e-12)
+    ok = (result.cost.forward <= expected.forward * (1 + 1e-12)) if bound else math.isclose(
+        result.cost.forward, expected.forward, rel_tol=1e-12
     )
     assert ok, f"edge forward cost {result.cost.forward} vs expected {expected.forward}"
     names = [node.name for node in result.top(3)]
