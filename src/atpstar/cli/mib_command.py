@@ -10,18 +10,19 @@ from .args import command, outputs
 from .common import check_methods, load_model, load_task, out_dir, say
 
 
+HELP = "MIB circuit-track submission folder and MIB's evaluation (CPR/CMD)"
+DESCRIPTION = (
+    "Run an edge method (MIB's head convention), write the submission folder MIB expects "
+    "(OUT/submission/<method>_patching_edge/<task>_<model>/: the score file or the nine circuits), "
+    "evaluate it as MIB does (counterfactual patching of the edges outside each circuit at MIB's ten "
+    "fractions; CPR from the signed ranking, CMD from the |score| ranking) and write MIB's numbers "
+    "(OUT/results/...), the curve, a table and a plot. A rerun reuses what was already made for the "
+    "same computation."
+)
+
+
 def add_mib_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    mib = command(
-        sub,
-        "mib",
-        "MIB circuit-track submission folder and MIB's evaluation (CPR/CMD)",
-        "Run an edge method (MIB's head convention), write the submission folder MIB expects "
-        "(OUT/submission/<method>_patching_edge/<task>_<model>/: the score file or the nine circuits), "
-        "evaluate it as MIB does (counterfactual patching of the edges outside each circuit at MIB's ten "
-        "fractions; CPR from the signed ranking, CMD from the |score| ranking) and write MIB's numbers "
-        "(OUT/results/...), the curve, a table and a plot. A rerun reuses what was already made for the "
-        "same computation.",
-    )
+    mib = command(sub, "mib", HELP, DESCRIPTION)
     mib.add_argument("--method", default="atp*", help="an edge method: atp, atp+ig, atp*, activation_patching, ...")
     mib.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option, repeatable")
     mib.add_argument("--mib-task", default=None, help="MIB's task id for the folder names (default: --task)")
