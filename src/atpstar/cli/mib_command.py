@@ -9,7 +9,6 @@ from ..persist import write_text
 from .args import command, outputs
 from .common import check_methods, load_model, load_task, out_dir, say
 
-
 HELP = "MIB circuit-track submission folder and MIB's evaluation (CPR/CMD)"
 DESCRIPTION = (
     "Run an edge method (MIB's head convention), write the submission folder MIB expects "
