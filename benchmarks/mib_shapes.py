@@ -9,7 +9,7 @@ the vocabulary), each method in its own process (max RSS), P pairs x T tokens, f
 the full model does not fit this machine. Ratios are against one forward+backward of the same
 truncated model; the full-depth time grows with the layers (and edge AtP*'s GradDrop with L^2).
 
-    .venv/bin/python benchmarks/mib_shapes.py                  # all four, 2 layers (Llama: 1)
+    .venv/bin/python benchmarks/mib_shapes.py                  # GPT-2-small whole, the others on 2 layers
     .venv/bin/python benchmarks/mib_shapes.py --shapes gpt2 --layers 12
 """
 
@@ -109,7 +109,7 @@ def worker(shape: str, method: str, layers: int, vocab: int, n_pairs: int, seq: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="gpt2,qwen2.5,gemma2,llama3")
-    parser.add_argument("--layers", type=int, default=2, help="measured layers (Llama-3.1-8B: at most 1)")
+    parser.add_argument("--layers", type=int, default=2, help="measured layers (at least 2: GradDrop drops one)")
     parser.add_argument("--gpt2-layers", type=int, default=12, help="measured layers of GPT-2-small (its full 12)")
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--pairs", type=int, default=2)
@@ -135,7 +135,7 @@ def main() -> None:
     from atpstar.edges.graph import EdgeGraph
 
     for shape in shapes:
-        layers = {"llama3": min(args.layers, 1), "gpt2": args.gpt2_layers}.get(shape, args.layers)
+        layers = args.gpt2_layers if shape == "gpt2" else args.layers
         heads = config(shape).num_attention_heads
         edges = EdgeGraph(layers, heads, False).n_edges
         base = None
