@@ -42,7 +42,7 @@ def add_circuit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
 
 def cmd_circuit(args: argparse.Namespace) -> int:
-    from ..edges.circuits import MIB_FRACTIONS, check_fractions, faithfulness_curve, top_edges
+    from ..edges.circuits import MIB_FRACTIONS, check_fractions, faithfulness_curve, signed_importance, top_edges
     from ..edges.report import curve_table, plot_curves, report_section
 
     start = time.monotonic()
@@ -55,15 +55,18 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     pairs, task = load_task(model, args)
     curves, costs, tops = [], {}, {}
     for method in methods:
-        result = run_method(model, pairs, method, ["edge"], options[method], args)
+        # MIB files are written: MIB's head senders on post-norm models unless asked otherwise (0019)
+        method_options = {"edge_convention": "mib", **options[method]}
+        result = run_method(model, pairs, method, ["edge"], method_options, args)
         name = method.replace("*", "_star").replace("+", "_")
         result.save(out / f"{name}.edges")
-        result.to_mib(out / f"{name}.mib.json")
+        result.to_mib(out / f"{name}.mib.json", convention=method_options["edge_convention"])
         graph = result.edge_graph()
         names = graph.edge_names
         circuits = {}
         for x in fractions:
-            chosen = top_edges(graph, result.scores["edge"], int(x * graph.n_edges), not args.no_prune)
+            # MIB's signed ranking (its CPR circuits, 0019)
+            chosen = top_edges(graph, signed_importance(result), int(x * graph.n_edges), not args.no_prune, False)
             circuits[f"{x:g}"] = [names[i] for i in chosen.nonzero()[:, 0].tolist()]
         write_text(out / f"{name}.circuits.json", json.dumps(circuits))
         say(f"{method}: faithfulness at {len(fractions)} circuit sizes")
