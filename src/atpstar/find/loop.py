@@ -56,6 +56,7 @@ from ..nodes import NodeLayout
 from ..pairs import PromptPairs
 from ..result import Attribution
 from ..spaces import Spaces, check_node_types, spaces_for
+from .calibrate import calibration_cost
 from .engines import engine_facts
 from .journal import CHECKPOINT_NAME, FindJournal, digest, find_identity
 from .localization import Localization
@@ -173,6 +174,7 @@ def find(
         exhaustive_fallback(search, outcome, options, fallback, say)
     else:
         per_pair, estimate_method = _estimate(search, estimator if given is None else given, options)  # [P, N]
+        search.ceiling = _exhaustive(search) + search.spent  # never more than exhaustive patching after the estimate
         fallback = fallback or _fallback_planned(search, per_pair, window, options)
         if fallback:
             exhaustive_fallback(search, outcome, options, fallback, say)
@@ -250,12 +252,13 @@ def _fallback(search: Search, estimate: float | None) -> str:
     patching within the budget is taken instead: exact, and never dearer than ``activation_patching``.
     """
     n_pairs = search.job.n_pairs
-    exhaustive = float(search.verify_cost(torch.nonzero(~search.verified)[:, 0])[-1])
-    planned = (estimate or 0.0) + n_pairs * (MIN_SAMPLES * search.sample_cost(choose_p(MIN_SAMPLES)) + 2)
+    exhaustive = _exhaustive(search)
+    bound = n_pairs * (MIN_SAMPLES * search.sample_cost(choose_p(MIN_SAMPLES)) + 2) + calibration_cost(search)
+    planned = (estimate or 0.0) + bound
     if planned < exhaustive or exhaustive > search.left + 1e-9:
         return ""
     return (
-        f"the estimate and one bound would cost at least {planned:g} forward equivalents, no less than "
+        f"the estimate and one calibrated bound would cost at least {planned:g} forward equivalents, no less than "
         f"exhaustive patching ({exhaustive:g})"
     )
 
@@ -268,21 +271,28 @@ def _fallback_planned(search: Search, per_pair: torch.Tensor, window: int, optio
     when they are no cheaper than patching every node, patching every node is cheaper and exact.
     """
     n_pairs, theta = search.job.n_pairs, options.theta
-    exhaustive = float(search.verify_cost(torch.nonzero(~search.verified)[:, 0])[-1])
+    exhaustive = _exhaustive(search)
     order = torch.sort(search.estimate_score.abs(), descending=True, stable=True).indices  # [N]
     top, rest = order[:window], order[window:]
     if len(rest) == 0 or exhaustive > search.left + 1e-9:
         return ""
     sum_sq = float((per_pair[:, rest] ** 2).sum(1).mean())  # V of the nodes the first bound would cover
-    samples = plan_samples(len(rest), n_pairs, theta, options.alpha / 2, sum_sq)
-    bound = n_pairs * (samples * search.sample_cost(choose_p(samples)) + 2)
+    samples = plan_samples(len(rest), n_pairs, theta, options.alpha / 4, sum_sq)  # round 1: half of α / 2
+    bound = n_pairs * (samples * search.sample_cost(choose_p(samples)) + 2) + calibration_cost(search)
     planned = float(search.verify_cost(top)[-1]) + bound
     if planned < exhaustive:
         return ""
     return (
-        f"the first window and the first bound ({samples} samples) would cost {planned:g} forward equivalents, "
+        f"the first window and the first calibrated bound ({samples} samples) would cost {planned:g} forward "
+        "equivalents, "
         f"no less than exhaustive patching ({exhaustive:g})"
     )
+
+
+def _exhaustive(search: Search) -> float:
+    """Forward equivalents of patching every unverified node in one call (activation patching's cost at the start)."""
+    unverified = torch.nonzero(~search.verified)[:, 0]
+    return float(search.verify_cost(unverified)[-1]) if len(unverified) else 0.0
 
 
 def _estimate_cost(
