@@ -85,3 +85,22 @@ def measured_p(search: Search, bound: FalseNegativeBound, checked: torch.Tensor,
     measured = shrinkage(effects.mean(1), estimate, se, bound.alpha)
     floor = 1.0 / max(int((~search.verified).sum()), 1)  # about one node per joint patch
     return next_p(p, measured.estimate, floor)
+
+
+def rescue(search: Search, bound: FalseNegativeBound | None) -> tuple[Calibration, FalseNegativeBound] | None:
+    """A calibrated bound that failed only because its widened maximum reached θ, re-read over the nodes still
+    unverified (the ones it ranked highest were verified since): (the calibration, the bound) when it now lies
+    below θ, else None. Same samples, same checked nodes, same level: only the maximum is over fewer nodes."""
+    figures = None if bound is None else bound.info.get("calibration")
+    if bound is None or figures is None or figures["large"] or figures["outside"] > figures["allowed"]:
+        return None
+    widen, rest = float(figures["widen"]), ~search.verified
+    if not math.isfinite(widen) or not bool(rest.any()):
+        return None
+    max_upper = widen * float(search.layout.flatten(bound.upper)[rest].max())
+    if not max_upper < search.options.theta:
+        return None
+    fields = {k: v for k, v in figures.items() if k != "level"}
+    found = Calibration(**{**fields, "max_upper": max_upper, "passed": True, "reason": ""})
+    info = {**bound.info, "calibration": found.to_dict()}
+    return found, replace(bound, max_effect_upper=max_upper, n_unverified=int(rest.sum()), info=info)

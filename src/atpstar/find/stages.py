@@ -20,7 +20,7 @@ from ..bound import MIN_IN_SAMPLES, MIN_SAMPLES, P_MAX, FalseNegativeBound, boun
 from ..bound.calibration import Calibration, next_p
 from ..cost import Cost
 from ..verify import Verification
-from .calibrate import calibration_cost, check_bound, measured_p
+from .calibrate import calibration_cost, check_bound, measured_p, rescue
 from .localization import STAGES, Localization
 from .options import FindOptions
 from .state import NO_ASSUMPTION, THETA_TOLERANCE, Search
@@ -40,6 +40,7 @@ class Outcome:
     fallback: str = ""  # why the search patched every node exhaustively instead ("" when it did not)
     calibration: Calibration | None = None  # the last bound's calibration (None: none ran)
     p_next: float | None = None  # the inclusion probability the measured interaction asks of the next bound
+    reuse: FalseNegativeBound | None = None  # a bound all of whose flagged nodes are verified: below θ on the rest
 
 
 def verify_in_estimate_order(search: Search, outcome: Outcome, window: int, options: FindOptions, say: Say) -> None:
@@ -118,9 +119,16 @@ def _round(search: Search, outcome: Outcome, round_index: int, sum_sq: float, op
     n_pairs, theta = search.job.n_pairs, options.theta
     unverified = torch.nonzero(~search.verified)[:, 0]
     alpha_bound = options.alpha / 2**round_index / 2
-    samples, p = _plan(search, outcome, len(unverified), alpha_bound, sum_sq)
     rest_cost = float(search.verify_cost(unverified)[-1]) if len(unverified) else 0.0
+    samples, p = _plan(search, outcome, len(unverified), alpha_bound, sum_sq)
     unit = search.sample_cost(p)  # forward equivalents of one joint patch (1 for nodes)
+    fresh = _affordable_samples(search.left - calibration_cost(search), n_pairs, unit) >= MIN_SAMPLES
+    reuse, outcome.reuse = outcome.reuse, None
+    if reuse is not None and not fresh and rest_cost > search.left and calibration_cost(search) <= search.left:
+        # Neither a fresh bound nor the rest fits the limit, but the last bound's samples already rule out every
+        # node left (its flagged ones are verified): calibrate it instead.
+        outcome.history.append({**history_row(round_index, "bound", 0, 0, search, reuse), "reused": True})
+        return _calibrate(search, outcome, reuse, round_index, alpha_bound, sum_sq, options, say)
     if rest_cost <= n_pairs * (samples * unit + 2) + calibration_cost(search):
         _verify_rest(search, outcome, unverified, round_index, options, say)
         return sum_sq
@@ -135,7 +143,8 @@ def _round(search: Search, outcome: Outcome, round_index: int, sum_sq: float, op
     outcome.not_ruled_out = torch.zeros(len(upper), dtype=torch.bool)
     outcome.not_ruled_out[flagged] = True
     if bound.max_effect_upper < theta:
-        return _calibrate(search, outcome, bound, round_index, sum_sq, options, say)
+        outcome.history.append(history_row(round_index, "bound", 0, 0, search, bound))
+        return _calibrate(search, outcome, bound, round_index, alpha_bound, sum_sq, options, say)
     return _verify_flagged(search, outcome, bound, flagged, round_index, sum_sq, unit, options, say)
 
 
@@ -144,21 +153,20 @@ def _calibrate(
     outcome: Outcome,
     bound: FalseNegativeBound,
     round_index: int,
+    alpha: float,
     sum_sq: float,
     options: FindOptions,
     say: Say,
 ) -> float:
-    """A bound below θ: certified when its calibration passes; else the next round bounds at the p the measured
-    shrinkage asks for. Returns the next round's V."""
-    found, widened = check_bound(search, bound, bound.alpha, options.seed + round_index)
+    """A bound below θ on every unverified node: certified when its calibration (at error rate ``alpha``) passes;
+    else the next round bounds at the p the measured shrinkage asks for. Returns the next round's V."""
+    found, widened = check_bound(search, bound, alpha, options.seed + round_index)
     if found is None:
         outcome.stopped = search.limit_reason("calibrating the bound")
-        outcome.history.append(history_row(round_index, "bound", 0, 0, search, bound))
         return sum_sq
     outcome.bound, outcome.calibration = widened, found
     outcome.not_ruled_out &= ~search.verified
-    n_large = found.large
-    row = history_row(round_index, "bound", found.checked, n_large, search, bound, certified=found.passed)
+    row = history_row(round_index, "calibrate", found.checked, found.large, search, widened, certified=found.passed)
     outcome.history.append({**row, "calibration": found.to_dict()})
     if found.passed:
         outcome.certified = True
@@ -185,11 +193,20 @@ def _measured_sum_sq(bound: FalseNegativeBound, n_pairs: int, sum_sq: float) -> 
 def _verify_rest(
     search: Search, outcome: Outcome, unverified: torch.Tensor, round_index: int, options: FindOptions, say: Say
 ) -> None:
-    """Exact is cheaper than a bound: verify everything left (certified without assumption)."""
+    """Exact is cheaper than a bound: verify everything left (certified without assumption). When the limit cuts
+    it short, the nodes the last bound ranks highest go first, and the last calibrated bound may still cover the
+    rest (``calibrate.rescue``)."""
+    if search.affordable(unverified) < len(unverified) and outcome.bound is not None and outcome.bound.upper:
+        upper = search.layout.flatten(outcome.bound.upper)[unverified].nan_to_num(nan=math.inf)  # [K]
+        unverified = unverified[torch.sort(upper, descending=True, stable=True).indices]
     fit = search.affordable(unverified)
     effects = search.verify(unverified[:fit], "verify_rest")  # [K, P]
     hits = int((effects.mean(1).abs() >= options.theta * (1 - THETA_TOLERANCE)).sum())
-    if fit < len(unverified):
+    rescued = rescue(search, outcome.bound) if fit < len(unverified) else None
+    if rescued is not None:  # the last calibrated bound covers what the limit left unverified
+        outcome.calibration, outcome.bound = rescued
+        outcome.certified = True
+    elif fit < len(unverified):
         outcome.stopped = search.limit_reason("while verifying the remaining nodes")
     else:
         outcome.certified = True
@@ -231,6 +248,8 @@ def _verify_flagged(
     effects = search.verify(chunk[:fit], "verify_bound_order")  # [K, P]
     outcome.not_ruled_out[chunk[:fit]] = False
     outcome.p_next = measured_p(search, bound, chunk[:fit], effects)
+    if fit == len(flagged) and len(flagged):
+        outcome.reuse = bound  # every node it could not rule out is now exact: it bounds the rest below θ
     hits = int((effects.mean(1).abs() >= theta * (1 - THETA_TOLERANCE)).sum())
     # Nodes just verified leave the sum of squares the next bound's noise comes from (at most 4x less).
     removed = float((effects**2).sum(0).mean()) if len(effects) else 0.0
@@ -325,6 +344,8 @@ def localization(
         "n_not_ruled_out": int((outcome.not_ruled_out & ~search.verified).sum()),
         "max_effect_upper": None if bound is None else float(bound.max_effect_upper),
         "budget_left": None if search.options.budget is None else max(0.0, search.options.budget - search.spent),
+        # exhaustive patching + the estimate + 2P per extra verification call: what the search never spends past
+        "cost_ceiling": None if math.isinf(search.limit) else search.limit,
     }
     return Localization(
         nodes=[verified_nodes[i] for i in strong.tolist()],

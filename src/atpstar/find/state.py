@@ -65,8 +65,10 @@ class Search:
     stage_of: list[str] = field(default_factory=list)
     base_metric: torch.Tensor | None = None
     cost: dict[str, Cost] = field(default_factory=dict)
-    # Never spend past this (forward equivalents): exhaustive patching plus the estimate once the estimate ran.
+    # Never spend past this (forward equivalents): exhaustive patching plus the estimate once the estimate ran,
+    # plus 2P per verification call made (the base and source runs a split verification repeats).
     ceiling: float = math.inf
+    calls: int = 0  # verification calls made
 
     def __post_init__(self) -> None:
         self.layout = NodeLayout(self.shapes)  # the flat node axis: node types end to end
@@ -80,7 +82,7 @@ class Search:
     @property
     def limit(self) -> float:
         """What the search may spend in all: ``budget``, and never more than ``ceiling``."""
-        return min(self.options.limit, self.ceiling)
+        return min(self.options.limit, self.ceiling + 2.0 * self.job.n_pairs * self.calls)
 
     @property
     def left(self) -> float:
@@ -88,8 +90,8 @@ class Search:
 
     def limit_reason(self, where: str) -> str:
         """Why the search stopped at its limit (``where``: what it was doing)."""
-        if self.ceiling < self.options.limit:
-            return f"reached the cost of exhaustive patching plus the estimate ({self.ceiling:g}) {where}"
+        if self.limit < self.options.limit:
+            return f"reached the cost of exhaustive patching plus the estimate ({self.limit:g}) {where}"
         return f"budget spent {where}"
 
     def add_cost(self, stage: str, cost: Cost) -> None:
@@ -150,6 +152,7 @@ class Search:
             self.base_metric = tensors["base_metric"]
             effects = tensors["effects"]  # [k, P], rows in the order of flat
         self.verified[flat] = True
+        self.calls += 1
         self.order.extend(int(i) for i in flat)
         self.effects.extend(effects)
         self.stage_of.extend([stage] * len(flat))
