@@ -83,6 +83,8 @@ def toy_settings() -> dict[str, Any]:
         for hide in (False, True):
             name = f"llama-h32 q×{scale:g}{', largest hidden' if hide else ''}"
             settings[name] = (lambda s=scale: saturated_toy(s), pairs, FIVE, 0.5, hide)
+    # θ between the largest node's Subsampling estimand (about 0.7 c) and c itself: the raw bound can miss it.
+    settings["llama-h32 q×6, largest hidden, θ = 0.9 max"] = (lambda: saturated_toy(6.0), pairs, FIVE, 0.9, True)
     return settings
 
 
