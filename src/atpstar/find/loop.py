@@ -11,27 +11,31 @@ and a certificate that no unverified node is that large. The loop:
    forward equivalents of bound samples; a window pays when its savings exceed its verification
    cost. (Verifying any node above roughly θ·sqrt(P (L-l)/L / (SAFETY q²)), about θ/10 on one pair,
    pays; AtP*'s order is good at the top and unreliable in its tail, so windows stop paying.)
-3. Bound round r: Subsampling over the unverified nodes (fresh seed), at level α_r = α / 2^r, with
-   ``samples`` planned from the nodes left and p = ``choose_p(samples)`` (``atpstar.bound``).
-   Certified when the bound's max_n U(n) < θ.
+3. Bound round r: Subsampling over the unverified nodes (fresh seed), at level α_r / 2 (α_r = α / 2^r),
+   ``samples`` planned from the nodes left, p = ``choose_p(samples)`` or lower where the interaction
+   measured so far asks for it. When max_n U(n) < θ, calibrate (``find.calibrate``, at α_r / 2): patch
+   the bound's top and stratified random nodes exactly, widen the bound by the measured shrinkage;
+   certified only when calibration passes.
 4. Otherwise verify the nodes the bound cannot rule out (U(n) >= θ), in decreasing order of that
    bound's own |ĉ(n)|, and go to 3 with samples re-planned from the measured standard errors.
-Stops when certified, when the budget is spent, or after ``max_rounds`` rounds (not certified; the
-result says what is left). Whenever verifying every remaining node costs no more than the next bound,
-they are all verified instead: exact, and certified with no assumption. Before any pass, when the estimate
-and one bound of ``MIN_SAMPLES`` samples would already cost as much as exhaustive patching, the loop does
-not run: every node is patched in one call, at exactly ``activation_patching``'s cost (the certificate's
-``fallback`` says why).
+Stops when certified, when the budget or the ceiling is reached, or after ``max_rounds`` rounds (not
+certified; the result says what is left). Whenever verifying every remaining node costs no more than the
+next bound and its calibration, they are all verified instead: exact, certified with no assumption. Before
+any pass, when the estimate and one calibrated bound of ``MIN_SAMPLES`` samples would already cost as much
+as exhaustive patching, the loop does not run: every node is patched in one call, at exactly
+``activation_patching``'s cost (the certificate's ``fallback`` says why). After the estimate the search
+never spends more than exhaustive patching plus the estimate, plus 2P per extra verification call (the
+ceiling; design record 0021).
 
 Why α / 2^r: each round is a new chance to certify wrongly. Given the history, round r certifies
 while some unverified node n0 has |c(n0)| >= θ with probability <= α_r (its fresh samples put
-U(n0) < θ with at most that probability), so over all rounds the error is <= Σ α / 2^r < α.
-The guarantee is about Subsampling's quantity, which equals c(n) when effects are near-additive.
+U(n0) < θ with at most α_r / 2, the shrinkage bound fails with at most α_r / 2), so over all rounds the
+error is <= Σ α / 2^r < α, assuming unchecked nodes shrink no more than the checked ones.
 
 Cost: the estimator's, plus (per verify call) 2P forwards and one forward per node and pair started
-at the node's layer, plus per bound 2P + samples × P forwards. ``budget`` caps the total in forward
-equivalents; every stage checks it before it runs, and an estimate that alone costs more than the budget
-(its method's ``expected_cost``, or a given estimate's cost) is refused before any pass.
+at the node's layer, plus per bound 2P + samples × P forwards and its calibration's verify call.
+``budget`` caps the total in forward equivalents; every stage checks it before it runs, and an estimate
+that alone costs more than the budget is refused before any pass.
 
 Shape letters: P pairs, N nodes (all node types, flattened in ``check_node_types`` order).
 """
