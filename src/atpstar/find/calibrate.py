@@ -53,7 +53,7 @@ def check_bound(
         seed: draws the random part of the sample.
     """
     keep = ~search.verified  # [N] the bound's population (nothing was verified since it ran)
-    upper, estimate, se = (search.layout.flatten(getattr(bound, name)) for name in ("upper", "estimate", "se"))
+    upper, estimate, se = (_flat(search, bound, name) for name in ("upper", "estimate", "se"))
     sample, top = calibration_sample(upper, estimate, keep, seed, CALIBRATION_TOP, CALIBRATION_RANDOM)  # [K]
     if search.affordable(sample, ceiling=False) < len(sample):
         return None, bound
@@ -81,7 +81,7 @@ def measured_p(search: Search, bound: FalseNegativeBound, checked: torch.Tensor,
     p = float(bound.info["p"])
     if len(checked) == 0:
         return p
-    estimate, se = (search.layout.flatten(getattr(bound, name))[checked] for name in ("estimate", "se"))
+    estimate, se = (_flat(search, bound, name)[checked] for name in ("estimate", "se"))
     measured = shrinkage(effects.mean(1), estimate, se, bound.alpha)
     floor = 1.0 / max(int((~search.verified).sum()), 1)  # about one node per joint patch
     return next_p(p, measured.estimate, floor)
@@ -104,3 +104,11 @@ def rescue(search: Search, bound: FalseNegativeBound | None) -> tuple[Calibratio
     found = Calibration(**{**fields, "max_upper": max_upper, "passed": True, "reason": ""})
     info = {**bound.info, "calibration": found.to_dict()}
     return found, replace(bound, max_effect_upper=max_upper, n_unverified=int(rest.sum()), info=info)
+
+
+def _flat(search: Search, bound: FalseNegativeBound, name: str) -> torch.Tensor:
+    """[N] one of the bound's per-node tensors on the flat axis (nan where a bound saved before ``se`` has none)."""
+    tensors = getattr(bound, name)
+    if not tensors:
+        return torch.full((len(search.weight),), float("nan"), dtype=torch.float64)
+    return search.layout.flatten(tensors)
