@@ -7,10 +7,10 @@ patching, and why the runs that did not certify stopped (calibration refusing, m
 
 Settings: tiny 2-layer Llama-shaped models (hidden 32, ``atpstar.testing.fixtures.tiny_model``) with their
 attention saturated (queries scaled, so joint patches interact strongly) or left as built; the estimate is
-AtP*, or AtP* with the largest node hidden (scored 0: the bound alone must catch it). SmolLM2-135M attention
-settings run when ``--smollm2`` is given (their truth is cached under ``--cache``).
+AtP*, or AtP* with the largest node hidden (scored 0: the bound alone must catch it). Truths are cached under
+``--cache``. Only the public API is used, so the same script measures an older source tree (PYTHONPATH).
 
-Run:  PYTHONPATH=src python benchmarks/certificates.py [--seeds 20] [--smollm2] [--cache /tmp/E/certificates]
+Run:  PYTHONPATH=src python benchmarks/certificates.py [--seeds 20] [--only NAME] [--cache /tmp/E/certificates]
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import atpstar
 from atpstar.testing.fixtures import tiny_model, tiny_pairs
 
 FIVE = ["neuron", "query", "key", "value", "head"]
-ATTENTION = ["query", "key", "value", "head"]
 
 
 def saturated_toy(scale: float, seed: int = 8) -> atpstar.Model:
@@ -86,17 +85,6 @@ def toy_settings() -> dict[str, Any]:
     # θ between the largest node's Subsampling estimand (about 0.7 c) and c itself: the raw bound can miss it.
     settings["llama-h32 q×6, largest hidden, θ = 0.9 max"] = (lambda: saturated_toy(6.0), pairs, FIVE, 0.9, True)
     return settings
-
-
-def smollm2_settings() -> dict[str, Any]:
-    from atpstar import tasks
-
-    def pairs(model: atpstar.Model, task: str, n: int) -> atpstar.PromptPairs:
-        return getattr(tasks, task)(model.tokenizer, 4, seed=0).subset(list(range(n)))
-
-    return {
-        "smollm2 attention, ioi, 1 pair": ("smollm2-135m", ("ioi", 1), ATTENTION, 0.3, False),
-    }
 
 
 def run_setting(name: str, spec: Any, seeds: int, cache: Path, alpha: float) -> dict[str, Any]:
