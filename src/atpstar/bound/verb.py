@@ -135,6 +135,7 @@ def false_negative_bound(
         direction=direction,
         estimate=layout.unflatten(torch.where(keep, estimate, torch.full_like(estimate, float("nan")))),
         upper=layout.unflatten(torch.where(keep, upper, torch.full_like(upper, float("nan")))),
+        se=layout.unflatten(torch.where(keep, se, torch.full_like(se, float("nan")))),
         info={
             **_sampling_info(sampling, combine, pairs.n_pairs, len(node_list), summary),
             **run_info,

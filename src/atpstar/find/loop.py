@@ -11,27 +11,31 @@ and a certificate that no unverified node is that large. The loop:
    forward equivalents of bound samples; a window pays when its savings exceed its verification
    cost. (Verifying any node above roughly θ·sqrt(P (L-l)/L / (SAFETY q²)), about θ/10 on one pair,
    pays; AtP*'s order is good at the top and unreliable in its tail, so windows stop paying.)
-3. Bound round r: Subsampling over the unverified nodes (fresh seed), at level α_r = α / 2^r, with
-   ``samples`` planned from the nodes left and p = ``choose_p(samples)`` (``atpstar.bound``).
-   Certified when the bound's max_n U(n) < θ.
+3. Bound round r: Subsampling over the unverified nodes (fresh seed), at level α_r / 2 (α_r = α / 2^r),
+   ``samples`` planned from the nodes left, p = ``choose_p(samples)`` or lower where the interaction
+   measured so far asks for it. When max_n U(n) < θ, calibrate (``find.calibrate``, at α_r / 2): patch
+   the bound's top and stratified random nodes exactly, widen the bound by the measured shrinkage;
+   certified only when calibration passes.
 4. Otherwise verify the nodes the bound cannot rule out (U(n) >= θ), in decreasing order of that
    bound's own |ĉ(n)|, and go to 3 with samples re-planned from the measured standard errors.
-Stops when certified, when the budget is spent, or after ``max_rounds`` rounds (not certified; the
-result says what is left). Whenever verifying every remaining node costs no more than the next bound,
-they are all verified instead: exact, and certified with no assumption. Before any pass, when the estimate
-and one bound of ``MIN_SAMPLES`` samples would already cost as much as exhaustive patching, the loop does
-not run: every node is patched in one call, at exactly ``activation_patching``'s cost (the certificate's
-``fallback`` says why).
+Stops when certified, when the budget or the ceiling is reached, or after ``max_rounds`` rounds (not
+certified; the result says what is left). Whenever verifying every remaining node costs no more than the
+next bound and its calibration, they are all verified instead: exact, certified with no assumption. Before
+any pass, when the estimate and one calibrated bound of ``MIN_SAMPLES`` samples would already cost as much
+as exhaustive patching, the loop does not run: every node is patched in one call, at exactly
+``activation_patching``'s cost (the certificate's ``fallback`` says why). After the estimate the search
+never spends more than exhaustive patching plus the estimate, plus 2P per extra verification call (the
+ceiling; design record 0021).
 
 Why α / 2^r: each round is a new chance to certify wrongly. Given the history, round r certifies
 while some unverified node n0 has |c(n0)| >= θ with probability <= α_r (its fresh samples put
-U(n0) < θ with at most that probability), so over all rounds the error is <= Σ α / 2^r < α.
-The guarantee is about Subsampling's quantity, which equals c(n) when effects are near-additive.
+U(n0) < θ with at most α_r / 2, the shrinkage bound fails with at most α_r / 2), so over all rounds the
+error is <= Σ α / 2^r < α, assuming unchecked nodes shrink no more than the checked ones.
 
 Cost: the estimator's, plus (per verify call) 2P forwards and one forward per node and pair started
-at the node's layer, plus per bound 2P + samples × P forwards. ``budget`` caps the total in forward
-equivalents; every stage checks it before it runs, and an estimate that alone costs more than the budget
-(its method's ``expected_cost``, or a given estimate's cost) is refused before any pass.
+at the node's layer, plus per bound 2P + samples × P forwards and its calibration's verify call.
+``budget`` caps the total in forward equivalents; every stage checks it before it runs, and an estimate
+that alone costs more than the budget is refused before any pass.
 
 Shape letters: P pairs, N nodes (all node types, flattened in ``check_node_types`` order).
 """
@@ -56,6 +60,7 @@ from ..nodes import NodeLayout
 from ..pairs import PromptPairs
 from ..result import Attribution
 from ..spaces import Spaces, check_node_types, spaces_for
+from .calibrate import calibration_cost
 from .engines import engine_facts
 from .journal import CHECKPOINT_NAME, FindJournal, digest, find_identity
 from .localization import Localization
@@ -173,6 +178,7 @@ def find(
         exhaustive_fallback(search, outcome, options, fallback, say)
     else:
         per_pair, estimate_method = _estimate(search, estimator if given is None else given, options)  # [P, N]
+        search.ceiling = _exhaustive(search) + search.spent  # never more than exhaustive patching after the estimate
         fallback = fallback or _fallback_planned(search, per_pair, window, options)
         if fallback:
             exhaustive_fallback(search, outcome, options, fallback, say)
@@ -250,12 +256,13 @@ def _fallback(search: Search, estimate: float | None) -> str:
     patching within the budget is taken instead: exact, and never dearer than ``activation_patching``.
     """
     n_pairs = search.job.n_pairs
-    exhaustive = float(search.verify_cost(torch.nonzero(~search.verified)[:, 0])[-1])
-    planned = (estimate or 0.0) + n_pairs * (MIN_SAMPLES * search.sample_cost(choose_p(MIN_SAMPLES)) + 2)
+    exhaustive = _exhaustive(search)
+    bound = n_pairs * (MIN_SAMPLES * search.sample_cost(choose_p(MIN_SAMPLES)) + 2) + calibration_cost(search)
+    planned = (estimate or 0.0) + bound
     if planned < exhaustive or exhaustive > search.left + 1e-9:
         return ""
     return (
-        f"the estimate and one bound would cost at least {planned:g} forward equivalents, no less than "
+        f"the estimate and one calibrated bound would cost at least {planned:g} forward equivalents, no less than "
         f"exhaustive patching ({exhaustive:g})"
     )
 
@@ -268,21 +275,28 @@ def _fallback_planned(search: Search, per_pair: torch.Tensor, window: int, optio
     when they are no cheaper than patching every node, patching every node is cheaper and exact.
     """
     n_pairs, theta = search.job.n_pairs, options.theta
-    exhaustive = float(search.verify_cost(torch.nonzero(~search.verified)[:, 0])[-1])
+    exhaustive = _exhaustive(search)
     order = torch.sort(search.estimate_score.abs(), descending=True, stable=True).indices  # [N]
     top, rest = order[:window], order[window:]
     if len(rest) == 0 or exhaustive > search.left + 1e-9:
         return ""
     sum_sq = float((per_pair[:, rest] ** 2).sum(1).mean())  # V of the nodes the first bound would cover
-    samples = plan_samples(len(rest), n_pairs, theta, options.alpha / 2, sum_sq)
-    bound = n_pairs * (samples * search.sample_cost(choose_p(samples)) + 2)
+    samples = plan_samples(len(rest), n_pairs, theta, options.alpha / 4, sum_sq)  # round 1: half of α / 2
+    bound = n_pairs * (samples * search.sample_cost(choose_p(samples)) + 2) + calibration_cost(search)
     planned = float(search.verify_cost(top)[-1]) + bound
     if planned < exhaustive:
         return ""
     return (
-        f"the first window and the first bound ({samples} samples) would cost {planned:g} forward equivalents, "
+        f"the first window and the first calibrated bound ({samples} samples) would cost {planned:g} forward "
+        "equivalents, "
         f"no less than exhaustive patching ({exhaustive:g})"
     )
+
+
+def _exhaustive(search: Search) -> float:
+    """Forward equivalents of patching every unverified node in one call (activation patching's cost at the start)."""
+    unverified = torch.nonzero(~search.verified)[:, 0]
+    return float(search.verify_cost(unverified)[-1]) if len(unverified) else 0.0
 
 
 def _estimate_cost(

@@ -65,6 +65,10 @@ class Search:
     stage_of: list[str] = field(default_factory=list)
     base_metric: torch.Tensor | None = None
     cost: dict[str, Cost] = field(default_factory=dict)
+    # Never spend past this (forward equivalents): exhaustive patching plus the estimate once the estimate ran,
+    # plus 2P per verification call made (the base and source runs a split verification repeats).
+    ceiling: float = math.inf
+    calls: int = 0  # verification calls made
 
     def __post_init__(self) -> None:
         self.layout = NodeLayout(self.shapes)  # the flat node axis: node types end to end
@@ -76,8 +80,19 @@ class Search:
         return sum(c.forward_equivalents for c in self.cost.values())
 
     @property
+    def limit(self) -> float:
+        """What the search may spend in all: ``budget``, and never more than ``ceiling``."""
+        return min(self.options.limit, self.ceiling + 2.0 * self.job.n_pairs * self.calls)
+
+    @property
     def left(self) -> float:
-        return math.inf if self.options.budget is None else self.options.budget - self.spent
+        return self.limit - self.spent
+
+    def limit_reason(self, where: str) -> str:
+        """Why the search stopped at its limit (``where``: what it was doing)."""
+        if self.limit < self.options.limit:
+            return f"reached the cost of exhaustive patching plus the estimate ({self.limit:g}) {where}"
+        return f"budget spent {where}"
 
     def add_cost(self, stage: str, cost: Cost) -> None:
         self.cost[stage] = self.cost.get(stage, Cost()) + cost
@@ -90,11 +105,13 @@ class Search:
         """[k] forward equivalents of verifying the first 1..k nodes of ``flat`` in one call."""
         return self.job.n_pairs * (2.0 + self.weight[flat].cumsum(0))
 
-    def affordable(self, flat: torch.Tensor) -> int:
-        """How many of ``flat`` (in order) one verify call can patch within the budget."""
-        if self.options.budget is None or len(flat) == 0:
+    def affordable(self, flat: torch.Tensor, ceiling: bool = True) -> int:
+        """How many of ``flat`` (in order) one verify call can patch within the budget (and the ``ceiling``, unless
+        ``ceiling`` is False: a bound's calibration, planned with the bound, is never cut short by it)."""
+        left = self.left if ceiling else self.options.limit - self.spent
+        if math.isinf(left) or len(flat) == 0:
             return len(flat)
-        return int((self.verify_cost(flat) <= self.left + 1e-9).sum())
+        return int((self.verify_cost(flat) <= left + 1e-9).sum())
 
     def sample_cost(self, p: float) -> float:
         """Forward equivalents of one joint patch of the bound at inclusion probability ``p`` (1 for site nodes;
@@ -135,6 +152,7 @@ class Search:
             self.base_metric = tensors["base_metric"]
             effects = tensors["effects"]  # [k, P], rows in the order of flat
         self.verified[flat] = True
+        self.calls += 1
         self.order.extend(int(i) for i in flat)
         self.effects.extend(effects)
         self.stage_of.extend([stage] * len(flat))
