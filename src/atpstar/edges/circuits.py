@@ -107,6 +107,15 @@ class FaithfulnessCurve:
         metric_full, metric_empty: m(M) and m(∅) (means over pairs).
         cpr, cmd: areas under f and under |1 - f| (trapezoid over ``fractions``).
         method: the scores' method id; cost: passes spent on the curve.
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> result = atpstar.attribute(model, pairs, method="atp", nodes=["edge"])
+        >>> curve = atpstar.faithfulness_curve(model, pairs, result, fractions=[0.1, 0.5, 1.0])
+        >>> curve.n_edges, [round(f, 3) for f in curve.faithfulness]
+        ([5, 51, 102], [-0.064, 0.592, 1.0])
     """
 
     fractions: list[float]
@@ -211,6 +220,15 @@ def faithfulness_curve(
         direction: ``"noising"`` (edges outside the circuit get noise values) or ``"denoising"``.
         prune: prune circuits as MIB does.
         batch_size: circuit forwards per batch (pairs x sizes); None picks it from ``memory_gb``.
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> result = atpstar.attribute(model, pairs, method="atp+ig", nodes=["edge"], ig_steps=5)
+        >>> curve = atpstar.faithfulness_curve(model, pairs, result)
+        >>> round(curve.cpr, 3), round(curve.cmd, 3)
+        (0.725, 0.274)
     """
     model = as_model(model)
     check_direction(direction)

@@ -38,6 +38,14 @@ class EdgeGraph:
         n_layers: transformer layers.
         n_heads: query heads per layer (key/value receivers are per query head).
         parallel: attention and MLP of one layer read the same residual stream (GPT-NeoX).
+
+    Example:
+        >>> import atpstar
+        >>> graph = atpstar.EdgeGraph(n_layers=2, n_heads=4, parallel=True)  # toy-ioi's graph
+        >>> graph.n_senders, graph.n_receivers, graph.n_edges
+        (11, 27, 102)
+        >>> graph.sender_names[:3], graph.receiver_names[-2:]
+        (['input', 'a0.h0', 'a0.h1'], ['m1', 'logits'])
     """
 
     n_layers: int
@@ -226,8 +234,11 @@ def edge_names(model: Any) -> list[str]:
     """MIB/EAP-IG names of every edge of ``model``, in the order of ``per_pair["edge"]``.
 
     Example:
-        >>> atpstar.edge_names(model)[:2]
-        ['input->a0.h0<q>', 'input->a0.h0<k>']
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> names = atpstar.edge_names(model)
+        >>> len(names), names[:2]
+        (102, ['input->a0.h0<q>', 'input->a0.h0<k>'])
     """
     return graph_of(model).edge_names
 
