@@ -6,6 +6,9 @@
   those pages show their code without outputs, under a note that says so.
 - The command-line reference is generated from the argparse parser (`<!-- atpstar-cli-help -->`).
 - CHANGELOG.md is included in the site; its links are relative to the repository root.
+- The house style heads runnable examples "Example:" (docs/style: Args / Returns / Raises / Example);
+  griffe reads only "Examples:" as an examples section (code blocks) and renders "Example:" as an
+  admonition of plain text, so the singular is mapped to the same section.
 - Notebook pages are rendered by nbconvert, whose links MkDocs does not check: after the build,
   every relative link of every page is checked against the built site (a broken one is a warning,
   which fails the strict build).
@@ -20,6 +23,10 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path, PurePath
 from urllib.parse import unquote, urlsplit
+
+from griffe._internal.docstrings import google as _google  # griffe is pinned by the docs extra
+
+_google._section_kind.setdefault("example", _google.DocstringSectionKind.examples)
 
 log = logging.getLogger("mkdocs.hooks.atpstar")
 FULL = os.environ.get("ATPSTAR_DOCS_FULL", "") not in ("", "0")

@@ -110,8 +110,11 @@ Image(filename=str([p for p in paths if p.suffix == ".png"][0]))
 
 # %% [markdown]
 # The numbers are those of the toy-model section of [Results](../../results/) (the same model,
-# pairs, node types and code); the cell below checks that they still are, so this page fails to
-# build if they drift apart.
+# pairs, node types and method); the cell below checks that they still are, so this page fails to
+# build if they drift apart. The tolerance is 0.5 %: in the per-pair setting the largest K is the
+# number of nodes with a non-zero exact effect on a pair, and float rounding in exact patching can
+# move a node that is exactly zero in one run to 1e-8 in another (Results' table reaches K = 888;
+# the cell prints this build's largest K).
 
 # %%
 expected = {  # cost/oracle in docs/results.md, toy-ioi IOI-PP all node types
@@ -121,8 +124,9 @@ expected = {  # cost/oracle in docs/results.md, toy-ioi IOI-PP all node types
 for setting, rows in expected.items():
     for method, value in rows.items():
         measured = tables[setting].relative_cost(method)
-        assert abs(measured - value) < 0.01, (setting, method, measured, value)
+        assert abs(measured - value) <= 0.005 * value + 0.005, (setting, method, measured, value)
         print(f"{setting:12s} {method:10s} cost/oracle {measured:6.2f}  (results.md: {value})")
+print("largest K per pair:", tables["per_pair"].k_max)
 
 # %% [markdown]
 # ## What this shows

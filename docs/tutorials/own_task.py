@@ -73,8 +73,8 @@ out = folder / "run"
 command = [sys.executable, "-m", "atpstar.cli", "run", "--model", "toy-ioi", "--task", str(task),
            "--method", "atp+qkfix", "--nodes", "query,key,value,head", "--verify", "5", "--out", str(out)]
 done = subprocess.run(command, capture_output=True, text=True)
-print(done.stdout[-1500:])
-print(sorted(p.name for p in out.iterdir()))
+print(done.stdout)
+print(sorted(p.name for p in out.iterdir() if not p.name.startswith(".")))
 
 # %% [markdown]
 # ## When a line is wrong
@@ -93,7 +93,7 @@ except atpstar.InputError as error:
 
 unknown = folder / "unknown.jsonl"
 unknown.write_text(json.dumps({**lines[0], "clean": lines[0]["clean"].replace("park", "beach")}) + "\n")
-done = subprocess.run([*command[:6], str(unknown), "--out", str(folder / "bad_run")], capture_output=True, text=True)
+done = subprocess.run([*command[:7], str(unknown), "--out", str(folder / "bad_run")], capture_output=True, text=True)
 print("exit status", done.returncode)
 print(done.stderr.strip().splitlines()[-1])
 
