@@ -9,9 +9,10 @@
 - The house style heads runnable examples "Example:" (docs/style: Args / Returns / Raises / Example);
   griffe reads only "Examples:" as an examples section (code blocks) and renders "Example:" as an
   admonition of plain text, so the singular is mapped to the same section.
-- Notebook pages are rendered by nbconvert, whose links MkDocs does not check: after the build,
-  every relative link of every page is checked against the built site (a broken one is a warning,
-  which fails the strict build).
+- Notebook pages are rendered by nbconvert, whose links MkDocs neither resolves nor checks: their
+  links name source files as in Markdown pages (`../results.md#anchor`, `find.py`) and are turned
+  into page URLs here; after the build every relative link of every page is checked against the
+  built site (a broken one is a warning, which fails the strict build).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import posixpath
 import re
 from html.parser import HTMLParser
 from pathlib import Path, PurePath
 from urllib.parse import unquote, urlsplit
 
 from griffe._internal.docstrings import google as _google  # griffe is pinned by the docs extra
+from mkdocs.utils import get_relative_url
 
 _google._section_kind.setdefault("example", _google.DocstringSectionKind.examples)
 
@@ -61,10 +64,26 @@ def on_page_markdown(markdown, page, config, files):
 
 
 def on_page_content(html, page, config, files):
-    """Put the 'not executed' note on top of a real-model tutorial outside the full build."""
+    """Resolve a notebook's source links; put the 'not executed' note on top of a real-model tutorial."""
+    if page.file.src_uri.endswith(".py"):
+        html = _SOURCE_LINK.sub(lambda match: _page_link(match, page, files), html)
     if FULL or not any(PurePath(page.file.src_uri).match(p) for p in _full_only(config)):
         return html
     return NOTE + html
+
+
+_SOURCE_LINK = re.compile(r'href="(?![a-z]+:|#)([^"#]+\.(?:md|py))(#[^"]*)?"')
+
+
+def _page_link(match, page, files) -> str:
+    """href="../results.md#x" in a notebook -> the URL of that page relative to this one."""
+    src = posixpath.normpath(posixpath.join(posixpath.dirname(page.file.src_uri), match.group(1)))
+    target = files.get_file_from_path(src)
+    if target is None:
+        log.warning("%s: link %r names no documentation file", page.file.src_uri, match.group(1))
+        return match.group(0)
+    return f'href="{get_relative_url(target.url, page.url)}{match.group(2) or ""}"'
+
 
 
 def _cli_help() -> str:

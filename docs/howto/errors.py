@@ -75,7 +75,7 @@ show(lambda: atpstar.PromptPairs.from_text(tok, clean=["When Mary and John went 
 show(lambda: atpstar.PromptPairs.from_text(tok, clean=["When Mary and John went to the store, John gave a book to"],
                                            noise=["When Lisa and Paul went to the store, Mark gave a book to"],
                                            answer=[" Mary and"], distractor=[" John"]))
-long = "When Mary and John went to the" + " store, the" * 30 + " store, John gave a book to"   # 74 tokens
+long = "When Mary and John went to the" + " store, the" * 30 + " store, John gave a book to"   # past the toy model's 64 positions
 show(lambda: atpstar.attribute(model, atpstar.PromptPairs.from_text(tok, clean=[long], noise=[long.replace("Mary", "Lisa")],
                                                                     answer=[" Mary"], distractor=[" John"]),
                                method="atp", nodes=["head"]))
@@ -99,10 +99,12 @@ show(lambda: atpstar.attribute(model, flat_metric, method="atp", nodes=["head"])
 # %% [markdown]
 # ## Memory
 #
-# A budget that cannot hold one batch element is refused before any pass, with the plan.
+# A budget that cannot hold the run is refused before any pass, with the plan (`predict_memory`
+# makes the same plan without running; here: the neuron effects of 100,000 pairs kept in memory).
 
 # %%
-show(lambda: atpstar.attribute(model, pairs, method="activation_patching", nodes=["neuron"], memory_gb=1e-6))
+show(lambda: atpstar.predict_memory(model, n_pairs=100_000, seq_len=15, method="activation_patching",
+                                    nodes=["neuron"], memory_gb=1.0))
 
 # %% [markdown]
 # ## Results from another computation

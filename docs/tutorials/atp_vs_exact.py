@@ -17,7 +17,7 @@
 # Exact activation patching replaces one node at a time and reruns the model: the truth, at one
 # forward pass per node per prompt pair. AtP estimates every node at once from one clean forward,
 # one noise forward and one backward. This tutorial runs both on the same problem as the toy-model
-# section of [Results](../../results/#toy-ioi-ioi-pp-all-node-types) and reproduces its numbers:
+# section of [Results](../results.md#toy-ioi-ioi-pp-all-node-types) and reproduces its numbers:
 #
 # 1. an estimate with AtP\* and what it costs;
 # 2. the exhaustive truth with `activation_patching`;
@@ -109,7 +109,7 @@ paths = plot_cost_curves(tables["per_pair"], "out/docs/toy_cost_per_pair", title
 Image(filename=str([p for p in paths if p.suffix == ".png"][0]))
 
 # %% [markdown]
-# The numbers are those of the toy-model section of [Results](../../results/) (the same model,
+# The numbers are those of the toy-model section of [Results](../results.md) (the same model,
 # pairs, node types and method); the cell below checks that they still are, so this page fails to
 # build if they drift apart. The tolerance is 0.5 %: in the per-pair setting the largest K is the
 # number of nodes with a non-zero exact effect on a pair, and float rounding in exact patching can
@@ -137,8 +137,8 @@ print("largest K per pair:", tables["per_pair"].k_max)
 #   route to the metric runs through layer 1 scores 0 when layer 1's write is dropped, and the
 #   score averages over only L − 1 = 1 dropped layer. On very shallow models prefer `atp+qkfix`;
 #   on SmolLM2 (30 layers) AtP\* is the cheapest per prompt pair on IOI attention
-#   ([Results](../../results/#smollm2-ioi-pp-attention)).
+#   ([Results](../results.md#smollm2-ioi-pp-attention)).
 # - Every estimator is far cheaper than the truth: the truth cost 95,056 forward equivalents,
 #   AtP\* 40.
 #
-# Next: [certified localization](../find/) turns an estimate into a guarantee.
+# Next: [certified localization](find.py) turns an estimate into a guarantee.

@@ -17,7 +17,7 @@
 # those of the MIB benchmark's graph (EAP-IG's): senders are the input embedding, each attention
 # head's output and each MLP; receivers are each head's query, key and value inputs, each MLP's
 # input and the logits. Edges are one more node type, asked for by name: `nodes=["edge"]`.
-# The [explanation](../../explanation/edges/) has the definitions.
+# The [explanation](../explanation/edges.md) has the definitions.
 
 # %%
 import atpstar
@@ -64,7 +64,7 @@ for label, curve in curves.items():
 
 # %% [markdown]
 # These are the numbers of the toy-ioi table in
-# [Results, Edges](../../results/#edges-eap-eap-ig-and-edge-atp-on-mibs-metrics); the cell below
+# [Results, Edges](../results.md#edges-eap-eap-ig-and-edge-atp-on-mibs-metrics); the cell below
 # checks them. On this 2-layer model EAP-IG gives the most faithful circuits of the estimators;
 # edge AtP\*'s GradDrop ranks by size without sign and, with two layers, counts every edge into
 # the logits twice, so its circuits are the least faithful (on SmolLM2 it is the most faithful).
@@ -106,6 +106,6 @@ print(table.to_markdown())
 
 # %% [markdown]
 # The same run from the command line writes MIB files, circuits at MIB's sizes, faithfulness
-# curves, a table, a plot and `report.html` ([Looking at circuits](../../viewer/)):
+# curves, a table, a plot and `report.html` ([Looking at circuits](../viewer.md)):
 #
 #     atpstar circuit --model toy-ioi --task ioi --n-pairs 8 --method atp,atp+ig,atp* --out out/circuit

@@ -13,14 +13,14 @@
 #
 # *Runs on the built-in `toy-ioi` model; executed in every documentation build, under a minute.
 # The same search on SmolLM2, where the bound pays for itself, is in the
-# [SmolLM2 tutorial](../smollm2_ioi/) (full build only).*
+# [SmolLM2 tutorial](smollm2_ioi.py) (full build only).*
 #
 # An estimate ranks nodes; it does not say whether a large node is missing from its top. `find`
 # closes that gap. Given an effect size θ it returns every node with |c(n)| ≥ θ (c = the exact
 # mean effect over the pairs), each verified by patching, and a **certificate**: with probability
 # at least 1 − α (under the near-additivity assumption) no other node is that large.
 #
-# The loop ([explanation](../../explanation/bound/)):
+# The loop ([explanation](../explanation/bound.md)):
 #
 # 1. AtP\* ranks all nodes;
 # 2. nodes are verified in that order in windows, stopping after a window with no |c| ≥ θ;
@@ -67,7 +67,7 @@ for row in found.history:
 # On this 2-layer model the bound does not pay: with about 800 nodes patched at once in a 2-layer
 # model its standard errors are so large that it cannot rule out most of the nodes, and `find`
 # verifies everything left (certified *exactly*, at 1.06× the cost of exhaustive patching). The
-# row "toy-ioi, all node types, 1 pair" of [Results](../../results/#certified-localization-atpstarfind)
+# row "toy-ioi, all node types, 1 pair" of [Results](../results.md#certified-localization-atpstarfind)
 # has the same numbers; the cell below checks them.
 
 # %%
@@ -100,7 +100,7 @@ except atpstar.InputError as error:
 #
 # `save`/`Localization.load` keep the whole result (effects, bound, certificate). With
 # `out_dir=...` each finished step is checkpointed; a rerun after Ctrl-C or a kill resumes and
-# reports the whole computation's cost ([how-to](../../howto/resume/)).
+# reports the whole computation's cost ([how-to](../howto/resume.md)).
 
 # %%
 import tempfile

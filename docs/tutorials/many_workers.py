@@ -19,7 +19,7 @@
 # **work units**. In-process a `LocalExecutor` runs them one after another; with `workers=N` a
 # `RayExecutor` runs them on N Ray actors (one per GPU on a GPU cluster). The units and their merge
 # are the same, so the numbers are the same. The full story, and a GPU-hours plan for an 8B model:
-# [Many workers and GPUs](../../distributed/).
+# [Many workers and GPUs](../distributed.md).
 
 # %%
 import tempfile
@@ -54,13 +54,15 @@ print(f"largest difference from the in-process run: {worst:.2e}")
 assert worst < 1e-4
 
 # %% [markdown]
-# The effects agree to float32 rounding: only which nodes share a batched forward differs.
+# The effects agree to float32 rounding: only which nodes share a batched forward differs. The
+# patched forwards are the in-process ones; the cost is a little higher because each worker runs
+# the clean and noise forwards of the pairs it works on (`info["prepare_runs"]`).
 #
 # ## Resuming
 #
 # Rerunning the same call with the same checkpoint folder skips the finished units: after a kill,
-# a lost node or Ctrl-C nothing finished is computed again, and the cost still reports the whole
-# computation.
+# a lost node or Ctrl-C nothing finished is computed again. The cost still reports the whole
+# computation, with the clean and noise forwards that several workers repeated counted once.
 
 # %%
 again = atpstar.attribute(model, pairs, "activation_patching", nodes=nodes, workers=2,
@@ -80,6 +82,11 @@ checked = atpstar.verify(model, pairs, estimate, budget=20, workers=2)
 bound = atpstar.false_negative_bound(model, pairs, checked, theta=0.5, samples=256, workers=2)
 print(checked)
 print(bound)
+
+# %% [markdown]
+# On this 2-layer model 256 samples leave the bound loose: it cannot rule out an effect of 0.5
+# among the 460 nodes left. Why, and how `find` plans the samples so that a bound can certify:
+# [The bound and the certificate](../explanation/bound.md).
 
 # %%
 import ray

@@ -98,4 +98,4 @@ print("exit status", done.returncode)
 print(done.stderr.strip().splitlines()[-1])
 
 # %% [markdown]
-# More messages and what they mean: [Bad inputs and errors](../../howto/errors/).
+# More messages and what they mean: [Bad inputs and errors](../howto/errors.py).

@@ -19,7 +19,7 @@
 # layers on an IOI prompt pair, then `find`, which verifies every node with |c| ≥ 0.3 and
 # certifies, with a Subsampling bound, that no other node is that large. It is the setting
 # "SmolLM2 IOI, attention, 1 pair" of
-# [Results, Certified localization](../../results/#certified-localization-atpstarfind).
+# [Results, Certified localization](../results.md#certified-localization-atpstarfind).
 
 # %%
 import atpstar
@@ -51,7 +51,7 @@ for key in ("certified", "statement", "assumption", "rounds", "cost_by_stage", "
     print(f"{key}: {certificate[key]}")
 
 # %% [markdown]
-# The numbers of [Results](../../results/#certified-localization-atpstarfind): 59 nodes with
+# The numbers of [Results](../results.md#certified-localization-atpstarfind): 59 nodes with
 # |c| ≥ 0.3, certified in one round for 1,092 forward equivalents (estimate 33, AtP\* order 417,
 # bound 642): 19.6 % of patching all 10,800 nodes. The cell below checks them.
 
