@@ -1,9 +1,12 @@
 # Quick start: `make demo` (set up and run the main job), `make test` (set up and run the tests).
+# `make docs`: the documentation site in site/ (strict; tutorials on the toy model executed);
+# `make docs-full`: also the tutorials on real models, and the demo output the site quotes.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: setup demo test reproduce bench clean
+.PHONY: setup demo test docs docs-full docs-serve reproduce bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +28,20 @@ test: $(STAMP)
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m mkdocs build --strict
+
+docs-full: $(DOCS_STAMP)
+	$(VENV)/bin/atpstar demo --out out/demo > docs/snippets/demo_output.txt
+	ATPSTAR_DOCS_FULL=1 $(PY) -m mkdocs build --strict
+
+docs-serve: $(DOCS_STAMP)
+	$(PY) -m mkdocs serve
+
 reproduce: $(STAMP)
 	$(PY) scripts/reproduce.py
 
@@ -33,4 +50,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/atp_speed.py
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) out site

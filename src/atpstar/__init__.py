@@ -5,9 +5,16 @@ Exact activation patching, Attribution Patching (AtP) and AtP* (Kramár et al. 2
 Example:
     >>> import atpstar
     >>> model = atpstar.load_model("toy-ioi")
-    >>> pairs = atpstar.tasks.ioi(model.tokenizer, n=8)
+    >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
     >>> result = atpstar.attribute(model, pairs, method="atp*", nodes=["query", "key", "value", "head"])
-    >>> result.top(10)
+    >>> [(node.name, round(node.score, 3)) for node in result.top(2)]
+    [('blocks.1.attn.hook_k[pos 10, head 0]', 6.643), ('blocks.1.attn.hook_k[pos 10, head 1]', 5.587)]
+    >>> sorted(atpstar.METHODS)
+    ['activation_patching', 'atp', 'atp*', 'atp+graddrop', 'atp+ig', 'atp+qkfix', 'blocks', 'hierarchical', 'subsampling']
+    >>> atpstar.NODE_TYPES
+    ('neuron', 'query', 'key', 'value', 'head')
+    >>> atpstar.__version__  # doctest: +ELLIPSIS
+    '0...'
 """
 
 from __future__ import annotations

@@ -51,7 +51,16 @@ def attribute(
         ``Attribution`` with ``per_pair``, ``scores``, ``top(k)``, ``cost``.
 
     Example:
-        >>> result = attribute(model, pairs, method="activation_patching", nodes=["head"])
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> result = atpstar.attribute(model, pairs, method="atp+qkfix", nodes=["key", "head"])
+        >>> result.per_pair["key"].shape  # [P, L, K, T]
+        torch.Size([4, 2, 4, 15])
+        >>> print(result.cost)
+        8.0 forward + 4.0 backward = 16.0 forward-equivalents
+        >>> result.top(1)  # doctest: +ELLIPSIS
+        [RankedNode(node_type='key', index=(1, 0, 10), name='blocks.1.attn.hook_k[pos 10, head 0]', score=6.64...)]
     """
     chosen = build_method(method, **options)
     nodes = with_dictionaries(nodes, dictionaries)
@@ -91,7 +100,11 @@ def predict_memory(
         InputError: the run does not fit in ``memory_gb``, or the method makes no prediction.
 
     Example:
-        >>> predict_memory(model, n_pairs=256, seq_len=512, method="atp*", nodes=["neuron"], keep="top").peak_gb
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> plan = atpstar.predict_memory(model, n_pairs=256, seq_len=15, method="atp*", nodes=["neuron"], keep="top")
+        >>> plan.batch, round(plan.peak_gb, 3)
+        (256, 0.149)
     """
     chosen = build_method(method, **options)
     node_types = check_node_types(nodes)

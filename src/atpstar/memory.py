@@ -48,6 +48,13 @@ class MemoryPlan:
         host_results_gb: results kept in host memory while the model computes on an accelerator.
         pair_block: pairs whose cache is held at a time (exact patching streams over blocks of pairs);
             None where the method caches all pairs or none.
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> plan = atpstar.predict_memory(model, n_pairs=8, seq_len=15, method="activation_patching", nodes=["head"])
+        >>> plan.method, plan.batch, plan.budget_gb
+        ('activation_patching', 960, 1.0)
     """
 
     method: str

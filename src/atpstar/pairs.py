@@ -69,7 +69,16 @@ class PromptPairs:
         InputError: shapes differ, ids are not integers, or the metric is unknown.
 
     Example:
-        >>> pairs = PromptPairs(clean=[[1, 2, 3]], noise=[[1, 4, 3]], answer=[5], distractor=[6])
+        >>> import atpstar
+        >>> pairs = atpstar.PromptPairs(clean=[[1, 2, 3]], noise=[[1, 4, 3]], answer=[5], distractor=[6])
+        >>> pairs
+        PromptPairs(n_pairs=1, seq_len=3, metric='logit_diff')
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.PromptPairs.from_text(
+        ...     model.tokenizer, clean=["When Mary and John went to the store, John gave a book to"],
+        ...     noise=["When Lisa and Paul went to the store, Mark gave a book to"], answer=[" Mary"], distractor=[" John"])
+        >>> pairs.n_pairs, pairs.seq_len, pairs.metric_name
+        (1, 14, 'logit_diff')
     """
 
     def __init__(

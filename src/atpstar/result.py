@@ -45,6 +45,20 @@ class Attribution:
         cost: passes run.
         extras: further tensors (e.g. Subsampling variances), keyed by ``"<name>/<node type>"``.
         info: further facts (seeds, completeness, package version).
+
+    Example:
+        >>> import atpstar, tempfile
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> truth = atpstar.attribute(model, pairs, method="activation_patching", nodes=["head"])
+        >>> truth.method, truth.aggregation, truth.scores["head"].shape  # scores: [L, H, T]
+        ('activation_patching', 'mean', torch.Size([2, 4, 15]))
+        >>> [(node.name, round(node.score, 3)) for node in truth.top(1)]
+        [('blocks.1.attn.hook_z[pos 14, head 1]', -5.573)]
+        >>> path = tempfile.mkdtemp() + "/truth"
+        >>> truth.save(path)
+        >>> atpstar.Attribution.load(path).top(1) == truth.top(1)
+        True
     """
 
     method: str

@@ -75,6 +75,17 @@ def verify(
     Raises:
         InputError: bad estimate, budget, threshold, direction or batch size.
         IdentityMismatchError: the estimate was made on another model, tokenizer, pairs or metric.
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> estimate = atpstar.attribute(model, pairs, method="atp+qkfix", nodes=["head"])
+        >>> checked = atpstar.verify(model, pairs, estimate, budget=3)
+        >>> checked.names
+        ['blocks.1.attn.hook_z[pos 14, head 1]', 'blocks.0.attn.hook_z[pos 14, head 3]', 'blocks.1.attn.hook_z[pos 14, head 2]']
+        >>> checked.mean_effects
+        tensor([-5.5727, -0.6310, -3.9442], dtype=torch.float64)
     """
     model = as_model(model)
     if not isinstance(estimate, Attribution):

@@ -40,6 +40,15 @@ class FalseNegativeBound:
         se: node type -> [*layout] standard error of ĉ(n) (nan at verified nodes; empty in bounds saved
             before it was recorded).
         direction: ``"noising"`` or ``"denoising"``.
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> checked = atpstar.verify(model, pairs, atpstar.attribute(model, pairs, "atp+qkfix", nodes=["head"]), budget=10)
+        >>> bound = atpstar.false_negative_bound(model, pairs, checked, theta=1.0, samples=256)
+        >>> bound.worst_name, bound.assumption[:47]
+        ('blocks.0.attn.hook_z[pos 1, head 2]', 'Assumes node effects are close to additive: the')
     """
 
     max_effect_upper: float

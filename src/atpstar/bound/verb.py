@@ -90,6 +90,15 @@ def false_negative_bound(
 
     Raises:
         InputError: bad options, missing node types, or verified nodes outside the layout.
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> checked = atpstar.verify(model, pairs, atpstar.attribute(model, pairs, "atp+qkfix", nodes=["head"]), budget=10)
+        >>> bound = atpstar.false_negative_bound(model, pairs, checked, theta=1.0, samples=256)
+        >>> bound.n_unverified, round(bound.max_effect_upper, 3), bound.prob_upper < 0.05
+        (110, 1.543, False)
     """
     model = as_model(model)
     if not isinstance(pairs, PromptPairs):

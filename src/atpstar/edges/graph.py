@@ -44,6 +44,14 @@ class EdgeGraph:
             normalised write, or ``"mib"``, its write before the norm (exact effects pass the norm);
             None on models without a post-attention norm, where both are W_O^h z_h. Not part of the
             graph's identity: the edges are the same.
+
+    Example:
+        >>> import atpstar
+        >>> graph = atpstar.EdgeGraph(n_layers=2, n_heads=4, parallel=True)  # toy-ioi's graph
+        >>> graph.n_senders, graph.n_receivers, graph.n_edges
+        (11, 27, 102)
+        >>> graph.sender_names[:3], graph.receiver_names[-2:]
+        (['input', 'a0.h0', 'a0.h1'], ['m1', 'logits'])
     """
 
     n_layers: int
@@ -255,8 +263,11 @@ def edge_names(model: Any) -> list[str]:
     """MIB/EAP-IG names of every edge of ``model``, in the order of ``per_pair["edge"]``.
 
     Example:
-        >>> atpstar.edge_names(model)[:2]
-        ['input->a0.h0<q>', 'input->a0.h0<k>']
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> names = atpstar.edge_names(model)
+        >>> len(names), names[:2]
+        (102, ['input->a0.h0<q>', 'input->a0.h0<k>'])
     """
     return graph_of(model).edge_names
 

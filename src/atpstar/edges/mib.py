@@ -101,7 +101,18 @@ def save_mib(
 
 
 def load_mib(path: str | Path) -> MibCircuit:
-    """Read a MIB circuit file (``.json`` or ``.pt``), checking it against the graph its ``cfg`` describes."""
+    """Read a MIB circuit file (``.json`` or ``.pt``), checking it against the graph its ``cfg`` describes.
+
+    Example:
+        >>> import atpstar, tempfile
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> result = atpstar.attribute(model, pairs, method="atp", nodes=["edge"])
+        >>> path = result.to_mib(tempfile.mkdtemp() + "/circuit.json", n_edges=10)
+        >>> circuit = atpstar.load_mib(path)
+        >>> circuit.scores.shape, int(circuit.in_graph.sum()) <= 10
+        (torch.Size([102]), True)
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"no MIB circuit file at {path}")

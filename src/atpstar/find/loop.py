@@ -133,8 +133,12 @@ def find(
             costs more than ``budget`` (all before any forward pass).
 
     Example:
-        >>> found = atpstar.find(model, pairs, 0.3, nodes=["query", "key", "value", "head"])
-        >>> found.certified, found.names[:5], found.cost_fraction
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0).subset([0])
+        >>> found = atpstar.find(model, pairs, 1.0, nodes=["head"])
+        >>> found.certified, found.names[:3]
+        (True, ['blocks.0.attn.hook_z[pos 14, head 3]', 'blocks.1.attn.hook_z[pos 14, head 0]', 'blocks.1.attn.hook_z[pos 14, head 1]'])
     """
     model = as_model(model)
     if not isinstance(pairs, PromptPairs):
