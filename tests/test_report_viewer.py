@@ -109,8 +109,8 @@ def test_a_feature_graph_and_an_edge_result_make_one_self_contained_page(edges, 
     _, _, estimate = edges
     latents = {
         "title": "feature circuit",
-        "nodes": [{"id": f"res{l}/{i}", "dictionary": f"res{l}", "layer": l, "index": i, "position": 3, "score": 0.1 * i}
-                  for l in range(2) for i in range(3)],
+        "nodes": [{"id": f"res{layer}/{i}", "dictionary": f"res{layer}", "layer": layer, "index": i, "position": 3, "score": 0.1 * i}
+                  for layer in range(2) for i in range(3)],
         "edges": [{"source": f"res0/{i}", "target": f"res1/{j}", "weight": i - j} for i in range(3) for j in range(3)],
     }
     path = write_report(tmp_path / "report.html", [estimate], graphs=[edge_graph_json(estimate), latents])

@@ -103,7 +103,7 @@ def _drawn_edges(
     return drawn, [[position[r] for r in ranks.tolist()] for ranks in chosen_ranks]
 
 
-def _exact_edges(verified: Any) -> dict[int, float]:
+def _exact_edges(verified: Any) -> dict[int, float | None]:
     """Edge id -> exact effect (mean over pairs) of the position-summed edges a verification patched."""
     if verified is None:
         return {}
@@ -126,7 +126,7 @@ def _nodes(graph: EdgeGraph, per_pair: torch.Tensor, aggregation: str) -> list[d
     into_logits = graph.receiver_index == graph.logits_receiver
     logits = per_pair[:, into_logits].sum(1, keepdim=True)  # [P, 1]
     node_scores = _aggregate(torch.cat([out_sum, logits], 1), aggregation)  # [S + 1]
-    places = [(-1.0, "input", None)]
+    places: list[tuple[float, str, int | None]] = [(-1.0, "input", None)]
     for layer in range(graph.n_layers):
         places += [(float(layer), "head", h) for h in range(graph.n_heads)] + [(layer + 0.5, "mlp", None)]
     places.append((float(graph.n_layers), "logits", None))

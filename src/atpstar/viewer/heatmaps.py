@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .page import json_number as _number
+
 MAX_CELLS = 20000  # per map; a larger map (e.g. layer × position over long prompts) is left out
 
 
@@ -45,7 +46,7 @@ def heatmaps_json(estimate: Any, verified: Any = None, tokens: list[str] | None 
 
 
 def _map(
-    estimate: Any, spaces: Any, exact: dict[Any, float], node_type: str, axes: tuple[str, ...], keep: int, tokens: Any
+    estimate: Any, spaces: Any, exact: dict[Any, float | None], node_type: str, axes: tuple[str, ...], keep: int, tokens: Any
 ) -> dict[str, Any] | None:
     scores = estimate.scores[node_type].double()
     layer = axes.index("layer")
@@ -92,7 +93,7 @@ def _full_index(
     return tuple(index)
 
 
-def _cell_verified(exact: dict[Any, float], node_type: str, layer: int, keep: int, row: int, col: int) -> list[Any]:
+def _cell_verified(exact: dict[Any, float | None], node_type: str, layer: int, keep: int, row: int, col: int) -> list[Any]:
     """[count, Σ exact effect] of the verified nodes of a cell ([0, None] when none is)."""
     found = [v for (t, index), v in exact.items() if t == node_type and index[layer] == row and index[keep] == col]
     total = sum(v for v in found if v is not None)
