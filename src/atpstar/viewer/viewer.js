@@ -157,8 +157,11 @@
     }
     canvas.addEventListener("click", function (event) {
       var node = event.target.closest("[data-node]"), edge = event.target.closest("[data-edge]");
+      if (!node && !edge) return;
+      canvas.querySelectorAll(".selected").forEach(function (el) { el.classList.remove("selected"); });
+      (node || edge).classList.add("selected");
       if (node) showNode(d.nodes[Number(node.getAttribute("data-node"))]);
-      else if (edge) showEdge(d.edges[Number(edge.getAttribute("data-edge"))]);
+      else showEdge(d.edges[Number(edge.getAttribute("data-edge"))]);
     });
     slider.addEventListener("input", function () { render(Number(slider.value)); });
     slider.value = defaultSize(d.circuits);
@@ -250,7 +253,8 @@
       m.values.forEach(function (row) { row.forEach(function (v) { if (v > max) max = v; }); });
       var cw = Math.max(8, Math.min(44, 860 / cols)), ch = Math.max(8, Math.min(24, 480 / rows));
       var left = 70, top = 6, bottom = 90, parts = [];
-      parts.push("<svg viewBox='0 0 " + (left + cw * cols + 10) + " " + (top + ch * rows + bottom) + "' class='atp-heat-svg'>");
+      var width = left + cw * cols + 10, height = top + ch * rows + bottom;
+      parts.push("<svg viewBox='0 0 " + width + " " + height + "' width='" + width + "' height='" + height + "' class='atp-heat-svg'>");
       for (var r = 0; r < rows; r++) {
         var y = top + (rows - 1 - r) * ch;
         parts.push("<text class='atp-row' x='2' y='" + (y + ch / 2 + 4).toFixed(1) + "'>" + esc(m.rows[r]) + "</text>");
@@ -272,8 +276,8 @@
         if (!cell) return;
         tip.innerHTML = cellText(m, Number(cell.getAttribute("data-row")), Number(cell.getAttribute("data-col")));
         box.querySelector(".atp-cell").innerHTML = tip.innerHTML;
-        var rect = cell.getBoundingClientRect();
-        tip.style.left = (window.scrollX + rect.right + 8) + "px";
+        var rect = cell.getBoundingClientRect(), room = document.documentElement.clientWidth - rect.right;
+        tip.style.left = (window.scrollX + (room > 380 ? rect.right + 8 : Math.max(0, rect.left - 388))) + "px";
         tip.style.top = (window.scrollY + rect.top) + "px";
         tip.hidden = false;
       });
