@@ -85,6 +85,12 @@ def test_heatmaps_sum_like_the_static_plots_and_name_the_strongest_node():
     assert head_map["top"][layer][head][0] == estimate.spaces().name("head", (layer, head, pos))
     assert head_map["top"][layer][head][1] == pytest.approx(float(scores[layer, head, pos]))
     assert maps[found.index(("head", "pos"))]["columns"][0] == "pos 0 't'"
+    verified = verify(model, pairs, estimate, budget=6)
+    for m in heatmaps_json(estimate, verified):
+        exact = [float(e.double().mean()) for (t, _), e in zip(verified.nodes, verified.effects) if t == m["node_type"]]
+        counts = [c for row in m["verified"] for c in row]
+        assert sum(n for n, _ in counts) == len(exact)
+        assert sum(total for n, total in counts if n) == pytest.approx(sum(exact))
 
 
 def test_check_graph_refuses_what_cannot_be_drawn():

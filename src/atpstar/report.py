@@ -84,17 +84,10 @@ def write_report(
     Returns:
         The path written.
     """
-    parts = [f"<h1>{_e(title)}</h1>"]
-    parts.append(_summary(estimates, task, facts or {}))
-    if prompts:
-        rows = "".join(f"<tr><td class='name'>{_e(c)}</td><td class='name'>{_e(n)}</td></tr>" for c, n in prompts)
-        parts.append(
-            f"<h2>Example prompts</h2><table><tr><th class='name'>clean</th><th class='name'>noise</th></tr>{rows}</table>"
-        )
+    parts = [f"<h1>{_e(title)}</h1>", _summary(estimates, task, facts or {}), _prompts_table(prompts)]
     if graphs is None:
         graphs = [edge_graph_json(estimates[0], verified=verified)] if _has_edges(estimates) else []
-    parts.append(graphs_section(graphs))
-    parts.extend(sections)
+    parts += [graphs_section(graphs), *sections]
     if estimates:
         parts.append(_methods_table(estimates, verified))
         parts.append(_top_table(estimates[0], verified, max(top, TABLE_ROWS)))
@@ -103,19 +96,27 @@ def write_report(
         parts.append(_verified_table(verified, top))
     if bound is not None:
         parts.append(_bound_section(bound))
-    for evaluation in evaluations:
-        parts.append(_evaluation_section(evaluation))
-    for caption, image in images:
-        parts.append(_figure(caption, Path(image)))
-    body = "\n".join(p for p in parts if p)
+    parts += [_evaluation_section(evaluation) for evaluation in evaluations]
+    parts += [_figure(caption, Path(image)) for caption, image in images]
+    path = Path(path)
+    write_text(path, _page(title, "\n".join(p for p in parts if p)))
+    return path
+
+
+def _page(title: str, body: str) -> str:
+    """The whole HTML document: content policy, styles, ``body`` and the viewer's script, all inline."""
     viewer_css, viewer_js = assets()
-    page = (
+    return (
         f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>{CONTENT_POLICY}<title>{_e(title)}</title>"
         f"<style>{CSS}{viewer_css}</style></head><body>\n{body}\n<script>{viewer_js}</script>\n</body></html>\n"
     )
-    path = Path(path)
-    write_text(path, page)
-    return path
+
+
+def _prompts_table(prompts: Sequence[tuple[str, str]]) -> str:
+    if not prompts:
+        return ""
+    rows = "".join(f"<tr><td class='name'>{_e(c)}</td><td class='name'>{_e(n)}</td></tr>" for c, n in prompts)
+    return f"<h2>Example prompts</h2><table><tr><th class='name'>clean</th><th class='name'>noise</th></tr>{rows}</table>"
 
 
 def _has_edges(estimates: Sequence[Attribution]) -> bool:
@@ -141,6 +142,8 @@ def _summary(estimates: Sequence[Attribution], task: str, facts: dict[str, Any])
         lines["methods"] = ", ".join(e.method for e in estimates)
         lines["atpstar version"] = first.info.get("atpstar_version", "?")
     lines.update(facts)
+    if not lines:
+        return ""
     rows = "".join(f"<tr><th class='name'>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in lines.items())
     return f"<h2>Summary</h2><table class='facts'>{rows}</table>"
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
+from typing import Any
 
 from ..persist import write_text
 from .args import command, outputs
@@ -43,8 +45,7 @@ def add_circuit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
 def cmd_circuit(args: argparse.Namespace) -> int:
     from ..edges.circuits import MIB_FRACTIONS, check_fractions, faithfulness_curve, top_edges
-    from ..edges.report import curve_html_table, curve_table, plot_curves
-    from ..report import write_report
+    from ..edges.report import curve_table
     from ..viewer import edge_graph_json
 
     start = time.monotonic()
@@ -55,7 +56,10 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     out = out_dir(args)
     model = load_model(args)
     pairs, task = load_task(model, args)
-    curves, costs, results, graphs = [], {}, [], []
+    curves: list[Any] = []
+    costs: dict[str, float] = {}
+    results: list[Any] = []
+    graphs: list[dict[str, Any]] = []
     for method in methods:
         result = run_method(model, pairs, method, ["edge"], options[method], args)
         name = method.replace("*", "_star").replace("+", "_")
@@ -86,9 +90,29 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     table = curve_table(curves, costs)
     write_text(out / "circuit_table.md", f"{task}\n\n{table}\n")
     print(table)
+    _report(args, out, model.model_id, task, results, curves, costs, graphs, start)
+    say(f"wrote {out}/ in {time.monotonic() - start:.1f} s")
+    return 0
+
+
+def _report(
+    args: argparse.Namespace,
+    out: Path,
+    model_id: str,
+    task: str,
+    results: list[Any],
+    curves: list[Any],
+    costs: dict[str, float],
+    graphs: list[dict[str, Any]],
+    start: float,
+) -> None:
+    """report.html: the estimates' tables, one circuit graph per method, the faithfulness table and plot."""
+    from ..edges.report import curve_html_table, plot_curves
+    from ..report import write_report
+
     images = []
     if not args.no_plots:
-        images.append(("faithfulness by circuit size", plot_curves(curves, out / "faithfulness.png", f"{model.model_id}: {task}")))
+        images.append(("faithfulness by circuit size", plot_curves(curves, out / "faithfulness.png", f"{model_id}: {task}")))
     write_report(
         out / "report.html",
         results,
@@ -100,5 +124,3 @@ def cmd_circuit(args: argparse.Namespace) -> int:
         images=images,
         top=args.top,
     )
-    say(f"wrote {out}/ in {time.monotonic() - start:.1f} s")
-    return 0

@@ -59,6 +59,10 @@ def _map(
     values = flat.abs().sum(2)  # [L, K]
     best = flat.abs().argmax(2)  # [L, K]
     rest_shape = [moved.shape[2 + j] for j in range(len(rest))]
+    cells: dict[tuple[int, int], list[float | None]] = {}  # (layer, kept index) -> exact effects verified there
+    for (t, index), value in exact.items():
+        if t == node_type:
+            cells.setdefault((index[layer], index[keep]), []).append(value)
     top, counts = [], []
     for row in range(n_layers):
         top_row, count_row = [], []
@@ -66,7 +70,7 @@ def _map(
             index = _full_index(axes, layer, keep, rest, rest_shape, row, col, int(best[row, col]))
             top_row.append([spaces.name(node_type, index), _number(estimate.scores[node_type][index]),
                             exact.get((node_type, index))])  # fmt: skip
-            count_row.append(_cell_verified(exact, node_type, layer, keep, row, col))
+            count_row.append(_cell_verified(cells.get((row, col), [])))
         top.append(top_row)
         counts.append(count_row)
     return {
@@ -93,9 +97,8 @@ def _full_index(
     return tuple(index)
 
 
-def _cell_verified(exact: dict[Any, float | None], node_type: str, layer: int, keep: int, row: int, col: int) -> list[Any]:
+def _cell_verified(found: list[float | None]) -> list[Any]:
     """[count, Σ exact effect] of the verified nodes of a cell ([0, None] when none is)."""
-    found = [v for (t, index), v in exact.items() if t == node_type and index[layer] == row and index[keep] == col]
     total = sum(v for v in found if v is not None)
     return [len(found), _number(total) if found else None]
 
