@@ -32,7 +32,7 @@ def start_chromium():
 
     options = Options()
     options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser") or "chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,1400", "--hide-scrollbars"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,2400", "--hide-scrollbars"):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or "chromedriver"))
 

@@ -116,7 +116,7 @@ def _exact_edges(verified: Any) -> dict[int, float | None]:
 
 
 def _nodes(graph: EdgeGraph, per_pair: torch.Tensor, aggregation: str) -> list[dict[str, Any]]:
-    """Senders and logits with their layer (MLPs half a layer after their layer's heads) and score.
+    """Senders and logits with their layer (MLPs half a layer after their layer's heads), x and score.
 
     A sender's score aggregates over pairs the sum of its outgoing edges' per-pair scores (for a
     gradient estimate, the sender's own node score); logits sums its incoming edges.
@@ -126,13 +126,15 @@ def _nodes(graph: EdgeGraph, per_pair: torch.Tensor, aggregation: str) -> list[d
     into_logits = graph.receiver_index == graph.logits_receiver
     logits = per_pair[:, into_logits].sum(1, keepdim=True)  # [P, 1]
     node_scores = _aggregate(torch.cat([out_sum, logits], 1), aggregation)  # [S + 1]
-    places: list[tuple[float, str, int | None]] = [(-1.0, "input", None)]
+    columns = graph.n_heads + 1  # heads left to right, the MLP in a column of its own on the right
+    places: list[tuple[float, str, int | None, float]] = [(-1.0, "input", None, 0.5)]
     for layer in range(graph.n_layers):
-        places += [(float(layer), "head", h) for h in range(graph.n_heads)] + [(layer + 0.5, "mlp", None)]
-    places.append((float(graph.n_layers), "logits", None))
+        places += [(float(layer), "head", h, (h + 0.5) / columns) for h in range(graph.n_heads)]
+        places.append((layer + 0.5, "mlp", None, (columns - 0.5) / columns))
+    places.append((float(graph.n_layers), "logits", None, 0.5))
     return [
-        {"id": name, "name": name, "layer": layer, "kind": kind, "index": unit, "score": _number(node_scores[i])}
-        for i, (name, (layer, kind, unit)) in enumerate(zip(graph.node_names, places))
+        {"id": name, "name": name, "layer": layer, "x": x, "kind": kind, "index": unit, "score": _number(node_scores[i])}
+        for i, (name, (layer, kind, unit, x)) in enumerate(zip(graph.node_names, places))
     ]
 
 

@@ -5,7 +5,8 @@ Graph format (``"format": "atpstar-graph"``, ``"version": 1``), a JSON object:
 - ``nodes``: list of objects; each needs ``layer`` (a number: rows are drawn bottom to top by layer)
   and may have ``id`` (default: its position in the list), ``name`` (default: built from
   ``dictionary``, ``index`` and ``position``), ``score``, ``exact``, ``kind``, ``dictionary``,
-  ``index``, ``position``.
+  ``index``, ``position``, and ``x`` (its place across the row, 0 to 1; default: the row's nodes
+  spread evenly in list order).
 - ``edges``: list of objects with ``source`` and ``target`` (a node's ``id``, or its position in
   ``nodes``) and ``weight`` (or ``score``); optional ``exact``, ``name``, ``kind``.
 - ``circuits`` (optional): list of ``{"fraction", "n_edges", "faithfulness" (or null), "edges": [positions

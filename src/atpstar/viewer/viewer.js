@@ -64,11 +64,12 @@
       rows[n.layer].push(n);
     });
     layers.sort(function (a, b) { return a - b; });
-    var width = 1000, rowH = 54, height = layers.length * rowH + 20;
+    var width = 1000, rowH = Math.max(24, Math.min(54, 1500 / layers.length)), height = layers.length * rowH + 20;
     layers.forEach(function (layer, r) {
       var row = rows[layer];
       row.forEach(function (n, j) {
-        n.x = 60 + (j + 0.5) * (width - 80) / row.length;
+        var across = typeof n.raw.x === "number" ? n.raw.x : (j + 0.5) / row.length;  // a node's own x in [0, 1] wins
+        n.x = 60 + across * (width - 80);
         n.y = height - 20 - r * rowH;
         n.labelled = row.length <= 14;
       });
@@ -126,7 +127,7 @@
       d.nodes.forEach(function (n) {
         parts.push("<g class='node" + (touched[n.i] ? "" : " idle") + "' data-node='" + n.i + "'><circle cx='" +
           n.x.toFixed(1) + "' cy='" + n.y.toFixed(1) + "' r='7'/>" +
-          (n.labelled ? "<text x='" + n.x.toFixed(1) + "' y='" + (n.y - 10).toFixed(1) + "'>" + esc(n.name) + "</text>" : "") +
+          (n.labelled ? nodeLabel(n, box.rowH) : "") +
           "<title>" + esc(n.name + "  score " + fmt(n.score)) + "</title></g>");
       });
       parts.push("</svg>");
@@ -166,6 +167,10 @@
     slider.addEventListener("input", function () { render(Number(slider.value)); });
     slider.value = defaultSize(d.circuits);
     render(Number(slider.value));
+  }
+  function nodeLabel(n, rowH) {  // above the node when rows leave room, else to its right
+    var above = rowH >= 40, x = above ? n.x : n.x + 10, y = above ? n.y - 10 : n.y + 3.5;
+    return "<text x='" + x.toFixed(1) + "' y='" + y.toFixed(1) + "'" + (above ? "" : " class='side'") + ">" + esc(n.name) + "</text>";
   }
   function rowLabel(row, layer) {
     var kinds = {};
