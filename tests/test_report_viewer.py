@@ -99,7 +99,8 @@ def test_check_graph_refuses_what_cannot_be_drawn():
     with pytest.raises(InputError, match="'nodes' list"):
         check_graph([1, 2])
     with pytest.raises(InputError, match="numeric 'layer'"):
-        check_graph({"nodes": [{"id": "a"}], "edges": []})
+        check_graph({"nodes": [{"id": "a", "layer": "top"}], "edges": []})
+    assert check_graph({"nodes": [{"id": "metric", "layer": None}], "edges": []})  # an output row
     with pytest.raises(InputError, match="'c', which is no node"):
         check_graph({"nodes": good["nodes"], "edges": [{"source": "a", "target": "c", "weight": 1}]})
     with pytest.raises(InputError, match="numeric 'weight'"):
@@ -124,4 +125,4 @@ def test_a_feature_graph_and_an_edge_result_make_one_self_contained_page(edges, 
     assert page.count("class='atp-graph'") == 2 and "Content-Security-Policy" in page and "<script>" in page
     assert not re.search(r"(src|href)\s*=\s*['\"]?(https?:|//)", page) and "http" not in page.replace("http-equiv", "")
     with pytest.raises(InputError):
-        write_report(tmp_path / "bad.html", [], graphs=[{"nodes": [{"id": 1}]}])
+        write_report(tmp_path / "bad.html", [], graphs=[{"nodes": [{"id": 1, "layer": "first"}]}])

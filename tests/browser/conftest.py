@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from chromium_driver import start_chromium
 
 from atpstar.cli import main
+
 
 @pytest.fixture(scope="session")
 def chromium():

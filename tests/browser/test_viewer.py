@@ -141,3 +141,32 @@ def test_heatmap_hover_shows_the_cells_strongest_node(chromium, reports):
         assert float(tip.find_element("css selector", ".total").get_attribute("data-value")) == pytest.approx(
             maps[0]["values"][row][col]
         )
+
+
+def test_a_feature_circuit_graph_draws_and_names_its_latents(chromium, tmp_path):
+    from atpstar.report import write_report
+
+    hooks = {0: "blocks.0.hook_resid_post", 1: "blocks.1.hook_resid_post"}
+    nodes = [
+        {"id": f"{hooks[layer]}/sae[latent {i}, pos 4]", "dictionary": f"sae-{layer}", "hook": hooks[layer],
+         "layer": layer, "index": i, "position": 4, "score": 0.5 - 0.1 * i}
+        for layer in (0, 1) for i in range(3)
+    ]  # fmt: skip
+    nodes.append({"id": "metric", "dictionary": None, "layer": None, "index": None, "position": None, "score": 1.5})
+    edges = [{"source": nodes[u]["id"], "target": nodes[3 + d]["id"], "weight": 0.3 * (u - d) + 0.05} for u in range(3)
+             for d in range(3)] + [{"source": nodes[3 + d]["id"], "target": "metric", "weight": 0.2 + d} for d in range(3)]
+    page = write_report(tmp_path / "features.html", [], graphs=[{"title": "feature circuit", "nodes": nodes, "edges": edges}])
+    driver = _open(chromium, page)
+    graph = driver.find_element("css selector", ".atp-graph")
+    slider = graph.find_element("css selector", "input.atp-size")
+    from selenium.webdriver.common.keys import Keys
+
+    slider.send_keys(Keys.END)
+    assert len(graph.find_elements("css selector", "path.edge")) == len(edges)  # fraction 1: every edge
+    assert "output" in [t.text for t in graph.find_elements("css selector", "text.atp-row")]
+    metric = graph.find_element("css selector", f"g.node[data-node='{len(nodes) - 1}'] circle")
+    driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", metric)
+    details = graph.find_element("css selector", ".atp-details")
+    assert details.find_element("css selector", ".name").text == "metric"
+    assert "3 incoming" in details.text
+    assert _errors(driver) == []

@@ -2,9 +2,10 @@
 
 Graph format (``"format": "atpstar-graph"``, ``"version": 1``), a JSON object:
 
-- ``nodes``: list of objects; each needs ``layer`` (a number: rows are drawn bottom to top by layer)
-  and may have ``id`` (default: its position in the list), ``name`` (default: built from
-  ``dictionary``, ``index`` and ``position``), ``score``, ``exact``, ``kind``, ``dictionary``,
+- ``nodes``: list of objects; each has ``layer`` (a number: rows are drawn bottom to top by layer; null
+  or absent: the output row on top, e.g. the metric) and may have ``id`` (default: its position in the
+  list), ``name`` (default: a string ``id``, else built from ``dictionary``, ``index`` and ``position``),
+  ``score``, ``exact``, ``kind``, ``dictionary``,
   ``index``, ``position``, and ``x`` (its place across the row, 0 to 1; default: the row's nodes
   spread evenly in list order).
 - ``edges``: list of objects with ``source`` and ``target`` (a node's ``id``, or its position in
@@ -42,15 +43,17 @@ def check_graph(graph: Any) -> dict[str, Any]:
     """``graph`` after checking it has the viewer's graph format (see the module docstring).
 
     Raises:
-        InputError: not an object, no node list, a node without a numeric layer, an edge without
+        InputError: not an object, no node list, a node whose layer is not a number (or null), an edge without
             source, target or a numeric weight, or an edge naming a node that is not there.
     """
     if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list):
         raise InputError("a viewer graph must be a JSON object with a 'nodes' list and an 'edges' list")
     ids = set()
     for i, node in enumerate(graph["nodes"]):
-        if not isinstance(node, dict) or not _is_number(node.get("layer")):
-            raise InputError(f"graph node {i} needs a numeric 'layer' (rows are drawn by layer); got {node!r}")
+        if not isinstance(node, dict) or not (node.get("layer") is None or _is_number(node["layer"])):
+            raise InputError(
+                f"graph node {i} needs a numeric 'layer' (rows are drawn by layer; null for an output); got {node!r}"
+            )
         ids.add(node.get("id", i))
     for i, edge in enumerate(graph.get("edges", [])):
         weight = edge.get("weight", edge.get("score")) if isinstance(edge, dict) else None

@@ -28,6 +28,7 @@
   /* ---- graphs ---------------------------------------------------------------------------------- */
   function nodeName(n, i) {
     if (n.name !== undefined) return n.name;
+    if (typeof n.id === "string") return n.id;
     var parts = [n.dictionary !== undefined ? n.dictionary : "layer " + n.layer];
     if (n.index !== undefined && n.index !== null) parts.push("#" + n.index);
     if (n.position !== undefined && n.position !== null) parts.push("@pos " + n.position);
@@ -37,7 +38,8 @@
     var byId = {};
     var nodes = g.nodes.map(function (n, i) {
       var id = n.id !== undefined ? n.id : i;
-      var node = { id: id, i: i, raw: n, name: nodeName(n, i), layer: Number(n.layer), score: n.score, exact: n.exact };
+      var layer = n.layer === null || n.layer === undefined ? Infinity : Number(n.layer);  // no layer: the output row
+      var node = { id: id, i: i, raw: n, name: nodeName(n, i), layer: layer, score: n.score, exact: n.exact };
       byId[id] = node;
       return node;
     });
@@ -177,6 +179,7 @@
     row.forEach(function (n) { if (n.raw.kind) kinds[n.raw.kind] = true; });
     var names = Object.keys(kinds);
     if (names.length === 1 && (names[0] === "input" || names[0] === "logits")) return names[0];
+    if (layer === Infinity) return "output";
     return "L" + Math.floor(layer) + (names.length === 1 ? " " + names[0] : "");
   }
   function rawFacts(raw) {
