@@ -25,6 +25,7 @@ from .job import Job
 from .model import as_model
 from .nodes import NodeLayout
 from .pairs import PromptPairs, check_direction
+from .pairsets import as_pairs, check_positions, each_group, refuse_workers
 from .progress import progress_bar
 from .result import Attribution
 from .spaces import NodeSpace, Spaces, spaces_for
@@ -53,7 +54,8 @@ def verify(
 
     Args:
         model: an ``atpstar.Model`` or a ``transformers`` causal LM.
-        pairs: the prompt pairs to verify on (their layout must match the estimate's).
+        pairs: the prompt pairs to verify on (their layout must match the estimate's); a ``PairSet`` is
+            verified group by group (node types summed over positions only), effects in example order.
         estimate: any ``Attribution`` (nodes of any space, edges included); its ``scores`` give the order.
         budget: verify at most this many nodes; None: no limit.
         threshold: verify only nodes with ``|score| >= threshold``; None: no limit. With neither, every
@@ -78,8 +80,8 @@ def verify(
     model = as_model(model)
     if not isinstance(estimate, Attribution):
         raise InputError(f"estimate must be an atpstar.Attribution (from attribute); got {type(estimate).__name__}")
-    if not isinstance(pairs, PromptPairs):
-        raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
+    pairs = as_pairs(pairs)
+    refuse_workers(pairs, workers, ray_address, checkpoint)
     direction = check_direction(estimate.direction if direction is None else direction)
     budget = None if budget is None else check_count("budget", budget, minimum=0)
     threshold = None if threshold is None else check_number("threshold", threshold, 0.0)
@@ -127,12 +129,12 @@ def verify(
 def check_estimate(model: Any, pairs: PromptPairs, estimate: Attribution) -> Spaces:
     """The estimate's node spaces on ``model``, after checking the model and the estimate's layouts fit."""
     spaces = Spaces(spaces_for(model, estimate.node_types, estimate.options))
+    check_positions(pairs, {t: space.pos_axis(t) for space in spaces for t in space.node_types})
     for space in spaces:
         space.check_model(model)
         for t in space.node_types:
             space.check_layout(t, estimate.scores[t], pairs.seq_len)
     check_pairs_fit(model, pairs)
-    model.check_ready(torch.cat([pairs.clean, pairs.noise]))
     return spaces
 
 
@@ -178,7 +180,9 @@ def patch_nodes(
             mine = [nodes[i] for i in rows]
             batch = batch_for_memory(batch_size, memory_gb, space.element_bytes(job))
             if workers is None and ray_address is None and checkpoint is None:
-                part, base_metric = space.exact_effects(job, mine, batch, bar.update)
+                parts = each_group(job, lambda group_job: space.exact_effects(group_job, mine, batch, bar.update))
+                part = job.pairs.gather([p[0] for p in parts], dim=1)  # [n, P]
+                base_metric = job.pairs.gather([p[1] for p in parts])  # [P]
             else:
                 part, base_metric, info = _on_workers(job, space, mine, batch, workers, ray_address, checkpoint)
             effects[torch.tensor(rows, dtype=torch.long)] = part

@@ -88,7 +88,7 @@ def taped_run(
     model, pairs = batch.job.model, batch.job.pairs
     hidden = hidden.detach().requires_grad_(True)
     run = run_senders(model, hidden, batch.w_out, record=("q", "k", "v", *record), mlp_copy=True)
-    metric = pairs.evaluate_metric(model.unembed(run.final[:, -1]), batch.index.to(run.final.device))
+    metric = pairs.answer_metric(model, run.final, batch.index)
     tape.hidden, tape.resid = hidden, run.resid
     for layer in range(model.n_layers):
         for site in (*GRAD_SITES, *record):
