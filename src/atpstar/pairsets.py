@@ -55,6 +55,7 @@ class PairSet(PromptPairs):
         if len({g.metric_name for g in groups}) > 1 or len({id(g.metric) for g in groups if callable(g.metric)}) > 1:
             raise InputError("the groups of a PairSet must share one metric")
         self._groups = tuple(groups)
+        self.info: dict[str, Any] = {}  # where the pairs came from (e.g. ``tasks.mib``); not part of the fingerprint
         n_pairs = sum(g.n_pairs for g in groups)
         self.order = torch.arange(n_pairs) if order is None else torch.as_tensor(order, dtype=torch.long)
         if self.order.shape != (n_pairs,) or not torch.equal(self.order.sort().values, torch.arange(n_pairs)):
@@ -126,8 +127,8 @@ class PairSet(PromptPairs):
         """
         if not (len(clean) == len(noise) == len(answer)) or (distractor is not None and len(distractor) != len(clean)):
             raise InputError("clean, noise, answer (and distractor) need the same number of entries")
-        clean_ids = [_prompt(tokenizer, text, prepend_bos, f"pair {i}: ", "clean") for i, text in enumerate(clean)]
-        noise_ids = [_prompt(tokenizer, text, prepend_bos, f"pair {i}: ", "noise") for i, text in enumerate(noise)]
+        clean_ids = [prompt_tokens(tokenizer, text, prepend_bos, f"pair {i}: ", "clean") for i, text in enumerate(clean)]
+        noise_ids = [prompt_tokens(tokenizer, text, prepend_bos, f"pair {i}: ", "noise") for i, text in enumerate(noise)]
         answer_ids = [first_token(tokenizer, text, f"pair {i}: answer") for i, text in enumerate(answer)]
         distractor_ids = (
             None
@@ -321,7 +322,8 @@ def first_token(tokenizer: Any, text: str, what: str) -> int:
     return int(ids[0])
 
 
-def _prompt(tokenizer: Any, text: str, prepend_bos: bool | None, where: str, what: str) -> list[int]:
+def prompt_tokens(tokenizer: Any, text: str, prepend_bos: bool | None, where: str = "", what: str = "") -> list[int]:
+    """Token ids of a prompt as the tokenizer starts texts (``pairs.prompt_ids``), with BOS first if ``prepend_bos``."""
     ids = prompt_ids(tokenizer, text)
     check_known_tokens(tokenizer, ids, text, f"{what} prompt", where)
     if prepend_bos:
