@@ -43,6 +43,7 @@ def add_circuit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
 def cmd_circuit(args: argparse.Namespace) -> int:
     from ..edges.circuits import MIB_FRACTIONS, check_fractions, faithfulness_curve, top_edges
+    from ..edges.mib import signed_importance
     from ..edges.report import curve_table, plot_curves, report_section
 
     start = time.monotonic()
@@ -63,7 +64,8 @@ def cmd_circuit(args: argparse.Namespace) -> int:
         names = graph.edge_names
         circuits = {}
         for x in fractions:
-            chosen = top_edges(graph, result.scores["edge"], int(x * graph.n_edges), not args.no_prune)
+            # MIB's signed ranking (its CPR circuits, 0019)
+            chosen = top_edges(graph, signed_importance(result), int(x * graph.n_edges), not args.no_prune, False)
             circuits[f"{x:g}"] = [names[i] for i in chosen.nonzero()[:, 0].tolist()]
         write_text(out / f"{name}.circuits.json", json.dumps(circuits))
         say(f"{method}: faithfulness at {len(fractions)} circuit sizes")

@@ -12,6 +12,7 @@ Shape letters: P pairs, N nodes, B blocks.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -136,14 +137,15 @@ def edges_on(
     [P, N, T]), base metric [P], info).
 
     Args:
-        options: ``batch_size``, ``memory_gb`` and ``positions``.
+        options: ``batch_size``, ``memory_gb``, ``positions`` and ``convention`` (the head senders, 0019).
         made_by: the options that identify the sweep's checkpoint.
     """
     graph = graph_of(model)
     footprint = EdgeUnit.footprint(model, pairs)
     batch = plan_batch(footprint, options["memory_gb"], model.device, batch_size=options["batch_size"])
+    prepare = partial(prepare_edge_sweep, convention=options.get("convention", "atpstar"))
     options = {"batch": batch, "positions": options["positions"]}
-    sweep = Sweep("edges", pairs, direction, ["edge"], options, prepare=prepare_edge_sweep)
+    sweep = Sweep("edges", pairs, direction, ["edge"], options, prepare=prepare)
     layer_of = receiver_layers(graph)  # [N]
     per_position = pairs.seq_len if options["positions"] else 1
     blocks = math.ceil(target_units(executor) / (model.n_layers + 1)) if executor.workers else 1

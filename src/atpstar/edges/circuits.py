@@ -1,8 +1,9 @@
 """Circuits from edge scores and MIB's faithfulness metrics.
 
-A circuit of size k is the k edges with the largest |score| (MIB's ``apply_topn``), optionally pruned
-as MIB prunes: repeatedly drop nodes with no incoming edge (``input`` always has one) or no outgoing
-edge (``logits`` is always kept), and the edges they touch.
+A circuit of size k is the k edges with the largest score, signed or |score| (MIB's ``apply_topn``),
+optionally pruned as MIB prunes: repeatedly drop nodes with no incoming edge (``input`` always has
+one) or no outgoing edge (``logits`` is always kept), and the edges they touch. Scores are MIB's
+(``edges.mib.mib_scores``, 0019): higher is more important.
 
 Faithfulness of a circuit C (MIB, circuit-localization track):
     f(C) = (m(C) - m(∅)) / (m(M) - m(∅)),
@@ -11,7 +12,9 @@ patched to its source value, and m(C) the edges outside C patched to their sourc
 a method by the curve of f over circuit sizes k = ⌊fraction · N⌋ at ``MIB_FRACTIONS`` of the N edges:
     CPR = Σ_i (x_{i+1} - x_i) (f_i + f_{i+1}) / 2            (area under f; higher is better)
     CMD = Σ_i (x_{i+1} - x_i) (|1 - f_i| + |1 - f_{i+1}|) / 2  (area between f and 1; lower is better)
-with x the fractions (linear scale, as MIB's default).
+with x the fractions (linear scale, as MIB's default). As MIB's leaderboard does, CPR is the area under
+the curve of the circuits ranked by signed score and CMD the area from 1 of the circuits ranked by
+|score| (MIB runs its evaluation with ``absolute=False`` and ``absolute=True``).
 
 Shape letters: P pairs, S senders, R receivers, N edges, K circuit sizes.
 """
@@ -43,13 +46,17 @@ from .patching import prepare_edges
 MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
-def top_edges(graph: EdgeGraph, scores: torch.Tensor, k: int, prune: bool = True) -> torch.Tensor:
-    """bool [N]: the k edges with the largest |scores| [N] (ties: edge order), pruned if asked."""
+def top_edges(
+    graph: EdgeGraph, scores: torch.Tensor, k: int, prune: bool = True, absolute: bool = True
+) -> torch.Tensor:
+    """bool [N]: the k edges with the largest |scores| [N] (``absolute=False``: largest signed scores;
+    ties: edge order), pruned if asked."""
     if scores.shape != (graph.n_edges,):
         raise InputError(f"edge scores must have shape [{graph.n_edges}]; got {tuple(scores.shape)}")
     if not 0 <= k <= graph.n_edges:
         raise InputError(f"circuit size must lie in [0, {graph.n_edges}]; got {k}")
-    order = torch.sort(scores.abs().double(), descending=True, stable=True).indices
+    key = scores.double().abs() if absolute else scores.double()
+    order = torch.sort(key, descending=True, stable=True).indices
     chosen = torch.zeros(graph.n_edges, dtype=torch.bool)
     chosen[order[:k]] = True
     return prune_circuit(graph, chosen) if prune else chosen
@@ -97,16 +104,19 @@ def circuit_nodes(graph: EdgeGraph, in_graph: torch.Tensor) -> list[str]:
 
 @dataclass
 class FaithfulnessCurve:
-    """f at each circuit size, and MIB's areas.
+    """f at each circuit size for both of MIB's rankings, and MIB's areas.
 
     Attributes:
         fractions: circuit sizes as fractions of all edges (x axis).
-        n_edges: edges kept at each size (after pruning, when pruned).
-        faithfulness: f at each size.
-        metric_circuit: m(C) at each size (mean over pairs).
+        n_edges: edges kept at each size, circuits ranked by signed score (after pruning, when pruned).
+        faithfulness: f at each size, circuits ranked by signed score (the CPR curve).
+        metric_circuit: m(C) at each size of that ranking (mean over pairs).
         metric_full, metric_empty: m(M) and m(∅) (means over pairs).
-        cpr, cmd: areas under f and under |1 - f| (trapezoid over ``fractions``).
+        cpr: area under ``faithfulness`` (trapezoids over ``fractions``).
+        cmd: area between ``faithfulness_abs`` and 1.
         method: the scores' method id; cost: passes spent on the curve.
+        n_edges_abs, faithfulness_abs, metric_circuit_abs: the same for circuits ranked by |score|
+            (the CMD curve).
     """
 
     fractions: list[float]
@@ -119,6 +129,9 @@ class FaithfulnessCurve:
     cmd: float
     method: str = ""
     cost: dict[str, float] = field(default_factory=dict)
+    n_edges_abs: list[int] = field(default_factory=list)
+    faithfulness_abs: list[float] = field(default_factory=list)
+    metric_circuit_abs: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,7 +145,10 @@ class FaithfulnessCurve:
 
 
 def _edge_scores(scores: Any, graph: EdgeGraph) -> tuple[torch.Tensor, str]:
-    """([N] edge scores in edge order, method id or "") of an ``Attribution``, a ``MibCircuit`` or a tensor."""
+    """([N] MIB-signed edge scores in edge order, method id or "") of an ``Attribution``, a ``MibCircuit``
+    or a tensor (taken as MIB scores: higher is more important)."""
+    from .mib import signed_importance
+
     circuit_graph = getattr(scores, "graph", None)
     if isinstance(circuit_graph, EdgeGraph):  # a MIB circuit file (``load_mib``): scores in edge order
         if circuit_graph != graph:
@@ -141,10 +157,8 @@ def _edge_scores(scores: Any, graph: EdgeGraph) -> tuple[torch.Tensor, str]:
                 "use the circuit file made for this model"
             )
         return torch.as_tensor(scores.scores), ""
-    if hasattr(scores, "per_pair"):  # an Attribution
-        if "edge" not in scores.scores:
-            raise InputError("the attribution has no edge scores; run attribute(..., nodes=['edge'])")
-        return torch.as_tensor(scores.scores["edge"]), scores.method
+    if hasattr(scores, "per_pair"):  # an Attribution: ranked by MIB's sign, -mean effect (noising)
+        return signed_importance(scores), scores.method
     try:
         return torch.as_tensor(scores), ""
     except (TypeError, ValueError, RuntimeError) as err:
@@ -160,7 +174,9 @@ def _graph_text(graph: EdgeGraph) -> str:
 
 
 def areas(fractions: Sequence[float], faithfulness: Sequence[float]) -> tuple[float, float]:
-    """(CPR, CMD): trapezoid areas under f and under |1 - f| over ``fractions``."""
+    """(area under f, area between f and 1): MIB's ``area_under`` and ``area_from_1`` (trapezoids over
+    ``fractions``). MIB's CPR is the first of the signed ranking's curve, its CMD the second of the
+    |score| ranking's."""
     cpr = cmd = 0.0
     for i in range(len(fractions) - 1):
         width = fractions[i + 1] - fractions[i]
@@ -199,26 +215,33 @@ def faithfulness_curve(
     batch_size: int | None = None,
     memory_gb: float = 1.0,
     progress: bool = False,
+    convention: str | None = None,
 ) -> FaithfulnessCurve:
-    """MIB's faithfulness curve of the circuits that edge ``scores`` pick, and its CPR and CMD.
+    """MIB's faithfulness curves of the circuits that edge ``scores`` pick, and its CPR and CMD.
+
+    Circuits are ranked twice, by signed score (CPR) and by |score| (CMD), as MIB's leaderboard does;
+    a circuit both rankings share is run once.
 
     Args:
         model: an ``atpstar.Model`` or a ``transformers`` causal LM.
         pairs: the prompt pairs the circuits are evaluated on.
-        scores: an ``Attribution`` with edges (its ``scores["edge"]``), a MIB circuit file read by
-            ``load_mib`` (its scores; its graph must be the model's), or a tensor [N] of edge scores.
+        scores: an ``Attribution`` with edges (ranked by MIB's score, ``edges.mib.signed_importance``:
+            -mean effect for noising), a MIB circuit file read by ``load_mib`` (its scores; its graph must
+            be the model's), or a tensor [N] of edge scores in MIB's sign (higher is more important).
         fractions: circuit sizes as fractions of all edges, increasing (MIB's by default).
         direction: ``"noising"`` (edges outside the circuit get noise values) or ``"denoising"``.
         prune: prune circuits as MIB does.
         batch_size: circuit forwards per batch (pairs x sizes); None picks it from ``memory_gb``.
+        convention: how absent head edges reach their receivers on a post-norm model (0019): ``"mib"``
+            (through the norm, as MIB evaluates) or ``"atpstar"``; None: the attribution's, else ``"mib"``.
     """
     model = as_model(model)
     check_direction(direction)
     check_pairs_fit(model, pairs)
-    graph = graph_of(model)
     if hasattr(scores, "per_pair"):  # an Attribution: made on this model and these pairs
         fix = "Draw the curve with the model, tokenizer, prompt pairs and metric the estimate was made with."
         check_reuse(scores, model, pairs, f"estimate ({scores.method})", fix)
+    graph = graph_of(model, _curve_convention(scores, convention))
     scores, method = _edge_scores(scores, graph)
     if scores.shape != (graph.n_edges,):
         raise InputError(
@@ -227,14 +250,69 @@ def faithfulness_curve(
         )
     fractions = check_fractions(fractions)
     sizes = [int(x * graph.n_edges) for x in fractions]
-    circuits = [top_edges(graph, scores, k, prune) for k in sizes]
+    circuits = {rank: [top_edges(graph, scores, k, prune, absolute=rank) for k in sizes] for rank in (False, True)}
     cost = Cost()
+    means = _circuit_means(
+        model, pairs, graph, circuits[False] + circuits[True], direction, cost, batch_size, memory_gb, progress
+    )
+    full, empty = means[0], means[1]
+    if abs(full - empty) < 1e-12 * max(1.0, abs(full)):
+        raise InputError(
+            f"m(M) = m(∅) = {full:.4g}: the metric does not change between base and source runs, so "
+            "faithfulness is undefined; check the pairs"
+        )
+    signed, absolute = means[2 : 2 + len(sizes)], means[2 + len(sizes) :]
+    faithfulness = [(m - empty) / (full - empty) for m in signed]
+    faithfulness_abs = [(m - empty) / (full - empty) for m in absolute]
+    return FaithfulnessCurve(
+        fractions=fractions,
+        n_edges=[int(c.sum()) for c in circuits[False]],
+        faithfulness=faithfulness,
+        metric_circuit=signed,
+        metric_full=full,
+        metric_empty=empty,
+        cpr=areas(fractions, faithfulness)[0],
+        cmd=areas(fractions, faithfulness_abs)[1],
+        method=method,
+        cost=cost.to_dict(),
+        n_edges_abs=[int(c.sum()) for c in circuits[True]],
+        faithfulness_abs=faithfulness_abs,
+        metric_circuit_abs=absolute,
+    )
+
+
+def _curve_convention(scores: Any, convention: str | None) -> str:
+    """The head-sender convention of a curve: the one asked for, else the attribution's, else MIB's."""
+    if convention is not None:
+        return convention
+    made = scores.edge_graph().convention if hasattr(scores, "per_pair") else None
+    return made or "mib"
+
+
+def _circuit_means(
+    model: Any,
+    pairs: PromptPairs,
+    graph: EdgeGraph,
+    circuits: list[torch.Tensor],
+    direction: str,
+    cost: Cost,
+    batch_size: int | None,
+    memory_gb: float,
+    progress: bool,
+) -> list[float]:
+    """[m(M), m(∅), m(C) for each circuit]: metric means over the pairs, each distinct circuit run once."""
     cache = prepare_edges(model, graph, pairs, direction, cost)
     source = (cache.base_senders + cache.delta).contiguous()
     valid = graph.valid
     masks = [torch.zeros_like(valid), valid]  # m(M): nothing absent; m(∅): every edge absent
+    slot: dict[bytes, int] = {}
+    order = [0, 1]
     for chosen in circuits:
-        masks.append(valid & ~graph.to_matrix(chosen.to(torch.float64)).bool())
+        key = chosen.numpy().tobytes()
+        if key not in slot:
+            slot[key] = len(masks)
+            masks.append(valid & ~graph.to_matrix(chosen.to(torch.float64)).bool())
+        order.append(slot[key])
     batch = plan_batch(circuit_bytes(model, graph, pairs.seq_len), memory_gb, model.device, batch_size=batch_size)
     jobs = [(c, p) for c in range(len(masks)) for p in range(pairs.n_pairs)]
     values = torch.zeros(len(masks), pairs.n_pairs, dtype=torch.float64)
@@ -247,23 +325,4 @@ def faithfulness_curve(
             values[circuit_i, pair_i] = circuit_metric(model, cache, source, pair_i, absent, cost).double().cpu()
             bar.update(len(part))
     means = values.mean(1)
-    full, empty = float(means[0]), float(means[1])
-    if abs(full - empty) < 1e-12 * max(1.0, abs(full)):
-        raise InputError(
-            f"m(M) = m(∅) = {full:.4g}: the metric does not change between base and source runs, so "
-            "faithfulness is undefined; check the pairs"
-        )
-    faithfulness = [(float(m) - empty) / (full - empty) for m in means[2:]]
-    cpr, cmd = areas(fractions, faithfulness)
-    return FaithfulnessCurve(
-        fractions=fractions,
-        n_edges=[int(c.sum()) for c in circuits],
-        faithfulness=faithfulness,
-        metric_circuit=[float(m) for m in means[2:]],
-        metric_full=full,
-        metric_empty=empty,
-        cpr=cpr,
-        cmd=cmd,
-        method=method,
-        cost=cost.to_dict(),
-    )
+    return [float(means[i]) for i in order]

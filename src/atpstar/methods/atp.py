@@ -89,6 +89,8 @@ class AttributionPatching(Method):
         top_k: entries per pair and node type kept by ``"top"``/``"disk"``.
         out_dir: folder for ``"disk"`` shards (must not hold shards already).
         edge_positions: position-resolved edges, ``per_pair["edge"]`` [P, N, T] (``check_edge_positions``).
+        edge_convention: what a head sends on a post-norm model (Gemma-2/3, OLMo-2): ``"atpstar"`` (its
+            share of the normalised write) or ``"mib"`` (its write before the norm, as MIB; design record 0019).
     """
 
     needs_gradients = True
@@ -103,6 +105,7 @@ class AttributionPatching(Method):
     top_k: int = 100
     out_dir: str | None = None
     edge_positions: bool = False
+    edge_convention: str = "atpstar"
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """2 forwards and 1 backward per pair; GradDrop adds a partial backward from each layer l >= 1, counted l / L.
@@ -182,6 +185,7 @@ class AttributionPatching(Method):
         from ..edges.estimate import estimate_edges
 
         options = {"qk_fix": self.qk_fix, "grad_drop": self.grad_drop, "positions": self.edge_positions}
+        options["convention"] = self.edge_convention
         job = Job(model, pairs, direction, cost, progress)
         return estimate_edges(
             job, batch_size=self.batch_size, memory_gb=self.memory_gb, points=self._points(), **options

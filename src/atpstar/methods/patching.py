@@ -44,6 +44,7 @@ class ActivationPatching(PatchedForwards):
             patched: their ``per_pair`` is 0 and ``info["layers"]`` lists the layers that were.
         edge_positions: position-resolved edges, ``per_pair["edge"]`` [P, N, T]: each edge patched at one
             sender position at a time (N x T forwards per pair; ``check_edge_positions``).
+        edge_convention: head senders on a post-norm model, ``"atpstar"`` or ``"mib"`` (as for ``atp``).
     """
 
     exact = True
@@ -58,6 +59,7 @@ class ActivationPatching(PatchedForwards):
     min_chunk_tokens: int = MIN_CHUNK_TOKENS
     layers: list[int] | None = None
     edge_positions: bool = False
+    edge_convention: str = "atpstar"
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """2P full forwards per node space, then one forward per node and pair, counted (L - l) / L (the
@@ -111,6 +113,7 @@ class ActivationPatching(PatchedForwards):
 
         checkpoint = str(Path(self.checkpoint) / "edges") if self.checkpoint else None
         options = {"batch_size": self.batch_size, "memory_gb": self.memory_gb, "positions": self.edge_positions}
+        options["convention"] = self.edge_convention
         effects, base_metric, info = edges_on(
             LocalExecutor(model, progress), model, pairs, direction, options, checkpoint, cost, self.get_options()
         )
