@@ -111,3 +111,18 @@ def test_position_resolved_nodes_are_refused_on_several_lengths(setup):
         atpstar.attribute(model, pairsets["ioi"], method="atp", nodes=["edge"], edge_positions=True)
     with pytest.raises(atpstar.InputError, match="in-process"):
         atpstar.attribute(model, pairsets["ioi"], method="atp", nodes=["edge"], workers=2)
+
+
+def test_faithfulness_curve_is_the_mean_over_every_pair_of_every_group(setup):
+    model, pairsets, _, _ = setup
+    pairs = pairsets["ioi"]
+    estimate = atpstar.attribute(model, pairs, method="atp", nodes=["edge"])
+    scores = -estimate.per_pair["edge"].mean(0)  # MIB's sign
+    fractions = [0.0, 0.05, 0.2, 1.0]
+    curve = atpstar.faithfulness_curve(model, pairs, scores, fractions)
+    parts = [atpstar.faithfulness_curve(model, g, scores, fractions) for g in pairs.groups]
+    weights = [g.n_pairs / pairs.n_pairs for g in pairs.groups]
+    for key in ("metric_circuit", "metric_circuit_abs"):
+        expected = [sum(w * getattr(p, key)[k] for w, p in zip(weights, parts)) for k in range(len(fractions))]
+        assert getattr(curve, key) == pytest.approx(expected, abs=1e-10)
+    assert curve.metric_full == pytest.approx(sum(w * p.metric_full for w, p in zip(weights, parts)), abs=1e-10)
