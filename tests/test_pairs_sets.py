@@ -35,7 +35,10 @@ def test_subset_fingerprint_and_single_length(pairset):
     assert sub.clean.tolist() == [CLEAN[2], CLEAN[0]]
     mixed = pairset.subset([3, 1])
     assert isinstance(mixed, PairSet) and mixed.answer.tolist() == [33, 31]
-    assert pairset.fingerprint() != PairSet.from_ids(CLEAN[::-1], NOISE[::-1], ANSWER[::-1], DISTRACTOR[::-1]).fingerprint()
+    assert (
+        pairset.fingerprint()
+        != PairSet.from_ids(CLEAN[::-1], NOISE[::-1], ANSWER[::-1], DISTRACTOR[::-1]).fingerprint()
+    )
     same = PairSet.from_ids([CLEAN[0], CLEAN[2]], [NOISE[0], NOISE[2]], [30, 32], [40, 42])
     assert isinstance(as_pairs(same), atpstar.PromptPairs) and not isinstance(as_pairs(same), PairSet)
 
@@ -87,7 +90,9 @@ def test_from_text_counts_answers_by_their_first_token():
 
 
 def test_merge_info_and_check_positions(pairset):
-    merged = merge_info(pairset, [{"a": 1, "n": 2, "l": [1.0]}, {"a": 1, "n": 1, "l": [2.0]}, {"a": 1, "n": 1, "l": [3.0, 4.0]}])
+    merged = merge_info(
+        pairset, [{"a": 1, "n": 2, "l": [1.0]}, {"a": 1, "n": 1, "l": [2.0]}, {"a": 1, "n": 1, "l": [3.0, 4.0]}]
+    )
     assert merged["a"] == 1 and merged["n"] == 4
     assert merged["l"] == pairset.gather([torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([3.0, 4.0])]).tolist()
     check_positions(pairset, {"edge": None})

@@ -127,8 +127,12 @@ class PairSet(PromptPairs):
         """
         if not (len(clean) == len(noise) == len(answer)) or (distractor is not None and len(distractor) != len(clean)):
             raise InputError("clean, noise, answer (and distractor) need the same number of entries")
-        clean_ids = [prompt_tokens(tokenizer, text, prepend_bos, f"pair {i}: ", "clean") for i, text in enumerate(clean)]
-        noise_ids = [prompt_tokens(tokenizer, text, prepend_bos, f"pair {i}: ", "noise") for i, text in enumerate(noise)]
+        clean_ids = [
+            prompt_tokens(tokenizer, text, prepend_bos, f"pair {i}: ", "clean") for i, text in enumerate(clean)
+        ]
+        noise_ids = [
+            prompt_tokens(tokenizer, text, prepend_bos, f"pair {i}: ", "noise") for i, text in enumerate(noise)
+        ]
         answer_ids = [first_token(tokenizer, text, f"pair {i}: answer") for i, text in enumerate(answer)]
         distractor_ids = (
             None
@@ -304,7 +308,9 @@ def merge_info(pairs: PromptPairs, parts: Sequence[Mapping[str, Any]]) -> dict[s
         values = [part[key] for part in parts if key in part]
         if len(values) == len(parts) and all(v == values[0] for v in values):
             merged[key] = values[0]
-        elif len(values) == len(parts) and all(isinstance(v, list) and len(v) == g.n_pairs for v, g in zip(values, pairs.groups)):
+        elif len(values) == len(parts) and all(
+            isinstance(v, list) and len(v) == g.n_pairs for v, g in zip(values, pairs.groups)
+        ):
             merged[key] = pairs.gather([torch.as_tensor(v) for v in values]).tolist()
         elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             merged[key] = sum(values)

@@ -11,6 +11,7 @@ vocabulary fits the tiny test models (48 ids).
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,13 @@ ROWS = {
 }
 
 
-def write(folder: Path, task: str, fmt: str = "parquet", splits: tuple[str, ...] = ("train", "validation", "test")) -> Path:
-    """Write ``task``'s rows as its hub repository lays them out; returns the repository folder."""
+def write(
+    folder: Path, task: str, fmt: str | None = None, splits: tuple[str, ...] = ("train", "validation", "test")
+) -> Path:
+    """Write ``task``'s rows as its hub repository lays them out (``fmt`` None: parquet when pyarrow is
+    installed, else jsonl); returns the repository folder."""
     rows = ROWS[task]()
+    fmt = fmt or ("parquet" if importlib.util.find_spec("pyarrow") else "jsonl")
     for split in splits:
         if fmt == "parquet":
             import pyarrow as pa
@@ -147,6 +152,7 @@ def write(folder: Path, task: str, fmt: str = "parquet", splits: tuple[str, ...]
                 writer = csv.DictWriter(handle, columns)
                 writer.writeheader()
                 for r in rows:
-                    writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v
-                                     for k, v in r.items()})  # fmt: skip  (None: an empty cell)
+                    writer.writerow(
+                        {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()}
+                    )  # fmt: skip  (None: an empty cell)
     return folder

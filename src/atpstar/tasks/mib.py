@@ -202,7 +202,9 @@ def _locate(spec: MibTask, path: str | Path | None) -> tuple[Path, str]:
         return Path(path), str(path)
     repo = spec.hub_id if path is None else str(path)
     if repo.count("/") != 1:
-        raise InputError(f"MIB data {path!r} is neither an existing file or folder nor a hub id such as {spec.hub_id!r}")
+        raise InputError(
+            f"MIB data {path!r} is neither an existing file or folder nor a hub id such as {spec.hub_id!r}"
+        )
     try:
         from huggingface_hub import snapshot_download
 
