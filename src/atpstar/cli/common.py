@@ -122,10 +122,10 @@ def load_task(model: Any, args: argparse.Namespace) -> tuple[Any, str]:
     task = args.task
     if task.startswith("mib:"):
         name, split = _mib_task(task)
-        pairs = tasks.mib(
+        mib = tasks.mib(
             name, split, tokenizer=model.tokenizer, counterfactual=args.counterfactual, path=args.mib_path, n=args.n_pairs
         )
-        return pairs, f"MIB {name} ({split}, {pairs.n_pairs} pairs, {pairs.info['counterfactual']}, metric {pairs.metric_name})"
+        return mib, f"MIB {name} ({split}, {mib.n_pairs} pairs, {mib.info['counterfactual']}, metric {mib.metric_name})"
     if task.endswith(".jsonl") or Path(task).is_file():
         from ..jsonl import read_pairs_jsonl
 
