@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("methods", ["methods", "methods.*", "edges.eap", "edges.atpstar", "edges.subsampling", "edges.estimate"]),
     ("verbs", ["verify", "bound", "bound.*", "find", "find.*", "find_state", "find_resume", "localization",
                "evaluate", "evaluate.*", "api", "edges.verify", "edges.circuits", "edges.mib", "edges", ""]),
-    ("report", ["report", "plots", "testing", "testing.*", "edges.report"]),
+    ("report", ["report", "plots", "testing", "testing.*", "edges.report", "mib", "mib.*"]),
     ("cli", ["cli", "cli.*"]),
 ]  # fmt: skip
 MAX_MODULE_LINES = 400

@@ -42,8 +42,7 @@ def add_circuit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
 
 def cmd_circuit(args: argparse.Namespace) -> int:
-    from ..edges.circuits import MIB_FRACTIONS, check_fractions, faithfulness_curve, top_edges
-    from ..edges.mib import signed_importance
+    from ..edges.circuits import MIB_FRACTIONS, check_fractions, faithfulness_curve, signed_importance, top_edges
     from ..edges.report import curve_table, plot_curves, report_section
 
     start = time.monotonic()

@@ -148,8 +148,6 @@ class FaithfulnessCurve:
 def _edge_scores(scores: Any, graph: EdgeGraph) -> tuple[torch.Tensor, str]:
     """([N] MIB-signed edge scores in edge order, method id or "") of an ``Attribution``, a ``MibCircuit``
     or a tensor (taken as MIB scores: higher is more important)."""
-    from .mib import signed_importance
-
     circuit_graph = getattr(scores, "graph", None)
     if isinstance(circuit_graph, EdgeGraph):  # a MIB circuit file (``load_mib``): scores in edge order
         if circuit_graph != graph:
@@ -167,6 +165,30 @@ def _edge_scores(scores: Any, graph: EdgeGraph) -> tuple[torch.Tensor, str]:
             f"scores must be an Attribution with edges, a MIB circuit (load_mib) or a tensor of edge scores; "
             f"got {type(scores).__name__}"
         ) from err
+
+
+def signed_importance(result: Any) -> torch.Tensor:
+    """[N] -mean over pairs of a noising result's edge effects (+mean for denoising): MIB's ranking, unscaled."""
+    per_pair = edge_per_pair(result, allow_denoising=True)
+    return per_pair.mean(0) * (1.0 if result.direction == "denoising" else -1.0)
+
+
+def edge_per_pair(result: Any, allow_denoising: bool = False) -> torch.Tensor:
+    """[P, N] float64 position-summed edge effects of an ``Attribution`` (noising unless ``allow_denoising``)."""
+    if "edge" not in getattr(result, "per_pair", {}):
+        raise InputError("the attribution has no edge scores; run attribute(..., nodes=['edge'])")
+    per_pair = torch.as_tensor(result.per_pair["edge"]).double()
+    if per_pair.ndim != 2:
+        raise InputError(
+            "MIB's circuit files hold position-summed edges; this attribution is position-resolved "
+            "(edge_positions=True). Run the method without edge_positions to export to MIB"
+        )
+    if result.direction != "noising" and not allow_denoising:
+        raise InputError(
+            f"MIB's scores patch the clean run with counterfactual values (noising); this result is "
+            f"{result.direction}: run the method with direction='noising'"
+        )
+    return per_pair
 
 
 def _graph_text(graph: EdgeGraph) -> str:
@@ -226,7 +248,7 @@ def faithfulness_curve(
     Args:
         model: an ``atpstar.Model`` or a ``transformers`` causal LM.
         pairs: the prompt pairs the circuits are evaluated on (a ``PairSet``: group by group).
-        scores: an ``Attribution`` with edges (ranked by MIB's score, ``edges.mib.signed_importance``:
+        scores: an ``Attribution`` with edges (ranked by MIB's score, ``signed_importance``:
             -mean effect for noising), a MIB circuit file read by ``load_mib`` (its scores; its graph must
             be the model's), or a tensor [N] of edge scores in MIB's sign (higher is more important).
         fractions: circuit sizes as fractions of all edges, increasing (MIB's by default).
@@ -281,6 +303,34 @@ def faithfulness_curve(
         faithfulness_abs=faithfulness_abs,
         metric_circuit_abs=absolute,
     )
+
+
+def circuit_metrics(
+    model: Any,
+    pairs: PromptPairs,
+    circuits: Sequence[torch.Tensor],
+    *,
+    direction: str = "noising",
+    convention: str = "mib",
+    batch_size: int | None = None,
+    memory_gb: float = 1.0,
+    progress: bool = False,
+) -> tuple[float, float, list[float], Cost]:
+    """(m(M), m(∅), [m(C) per circuit], cost) for given circuits (bool [N] each, used as they are).
+
+    MIB's evaluation of a submission of circuit files (``evaluate_area_under_curve_multifile``) runs this on
+    each circuit after MIB's pruning (``prune_circuit``).
+    """
+    model = as_model(model)
+    check_direction(direction)
+    check_pairs_fit(model, pairs)
+    graph = graph_of(model, convention)
+    for chosen in circuits:
+        if tuple(chosen.shape) != (graph.n_edges,):
+            raise InputError(f"a circuit needs one flag per edge ({graph.n_edges}); got shape {tuple(chosen.shape)}")
+    cost = Cost()
+    means = _circuit_means(model, pairs, graph, list(circuits), direction, cost, batch_size, memory_gb, progress)
+    return means[0], means[1], means[2:], cost
 
 
 def _curve_convention(scores: Any, convention: str | None) -> str:

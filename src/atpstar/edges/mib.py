@@ -26,7 +26,7 @@ import torch
 
 from ..errors import InputError
 from ..persist import atomic_path, write_text
-from .circuits import receiver_owner
+from .circuits import edge_per_pair, receiver_owner
 from .graph import EdgeGraph, check_convention
 
 CFG_KEYS = ("n_layers", "n_heads", "parallel_attn_mlp", "d_model")
@@ -182,7 +182,7 @@ def mib_scores(result: Any, batch_size: int = MIB_BATCH_SIZE) -> torch.Tensor:
     Raises:
         InputError: no edges, position-resolved edges, or a denoising result (MIB patches clean runs).
     """
-    per_pair = _edge_per_pair(result)
+    per_pair = edge_per_pair(result)
     sizes = batch_sizes(per_pair.shape[0], batch_size).to(torch.float64)  # [P]
     if _is_exact(result):
         batch = torch.arange(per_pair.shape[0]) // batch_size  # [P]
@@ -192,34 +192,9 @@ def mib_scores(result: Any, batch_size: int = MIB_BATCH_SIZE) -> torch.Tensor:
     return -(per_pair / sizes[:, None]).mean(0)
 
 
-def signed_importance(result: Any) -> torch.Tensor:
-    """[N] -mean over pairs of a noising result's edge effects (+mean for denoising): MIB's ranking, unscaled."""
-    per_pair = _edge_per_pair(result, allow_denoising=True)
-    return per_pair.mean(0) * (1.0 if result.direction == "denoising" else -1.0)
-
-
-def _edge_per_pair(result: Any, allow_denoising: bool = False) -> torch.Tensor:
-    if "edge" not in getattr(result, "per_pair", {}):
-        raise InputError("the attribution has no edge scores; run attribute(..., nodes=['edge'])")
-    per_pair = torch.as_tensor(result.per_pair["edge"]).double()
-    if per_pair.ndim != 2:
-        raise InputError(
-            "MIB's circuit files hold position-summed edges; this attribution is position-resolved "
-            "(edge_positions=True). Run the method without edge_positions to export to MIB"
-        )
-    if result.direction != "noising" and not allow_denoising:
-        raise InputError(
-            f"MIB's scores patch the clean run with counterfactual values (noising); this result is "
-            f"{result.direction}: run the method with direction='noising'"
-        )
-    return per_pair
-
-
 def _is_exact(result: Any) -> bool:
-    from ..methods import METHODS
-
-    entry = METHODS.get(result.method)
-    return bool(entry is not None and entry.cls.exact)
+    """Exact effects: the result's scores are the signed mean over pairs (``aggregation`` "mean")."""
+    return bool(result.aggregation == "mean")
 
 
 def check_result_convention(result: Any, convention: str) -> None:

@@ -185,10 +185,14 @@ class AttributionPatching(Method):
         from ..edges.estimate import estimate_edges
 
         options = {"qk_fix": self.qk_fix, "grad_drop": self.grad_drop, "positions": self.edge_positions}
-        options["convention"] = self.edge_convention
         job = Job(model, pairs, direction, cost, progress)
         return estimate_edges(
-            job, batch_size=self.batch_size, memory_gb=self.memory_gb, points=self._points(), **options
+            job,
+            batch_size=self.batch_size,
+            memory_gb=self.memory_gb,
+            points=self._points(),
+            convention=self.edge_convention,
+            **options,
         )
 
     def _estimate(

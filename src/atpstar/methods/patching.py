@@ -112,8 +112,8 @@ class ActivationPatching(PatchedForwards):
         from ..distributed.sweeps import edges_on
 
         checkpoint = str(Path(self.checkpoint) / "edges") if self.checkpoint else None
-        options = {"batch_size": self.batch_size, "memory_gb": self.memory_gb, "positions": self.edge_positions}
-        options["convention"] = self.edge_convention
+        options: dict[str, Any] = {"batch_size": self.batch_size, "memory_gb": self.memory_gb}
+        options.update(positions=self.edge_positions, convention=self.edge_convention)
         effects, base_metric, info = edges_on(
             LocalExecutor(model, progress), model, pairs, direction, options, checkpoint, cost, self.get_options()
         )
