@@ -93,7 +93,7 @@ def test_merge_info_and_check_positions(pairset):
     merged = merge_info(
         pairset, [{"a": 1, "n": 2, "l": [1.0]}, {"a": 1, "n": 1, "l": [2.0]}, {"a": 1, "n": 1, "l": [3.0, 4.0]}]
     )
-    assert merged["a"] == 1 and merged["n"] == 4
+    assert merged["a"] == 1 and merged["n"] == {"per_group": [2, 1, 1]}
     assert merged["l"] == pairset.gather([torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([3.0, 4.0])]).tolist()
     check_positions(pairset, {"edge": None})
     with pytest.raises(atpstar.InputError, match=r"\['head'\] have a position axis"):

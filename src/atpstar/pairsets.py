@@ -302,7 +302,8 @@ def merge_tensors(pairs: PromptPairs, parts: Sequence[Mapping[str, torch.Tensor]
 
 
 def merge_info(pairs: PromptPairs, parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per-group facts as one: equal facts kept, per-pair lists in example order, numbers summed, else per group."""
+    """Per-group facts as one: equal facts kept, per-pair lists in example order, retries summed, others that
+    differ listed per group (``{"per_group": [...]}``)."""
     merged: dict[str, Any] = {}
     for key in dict.fromkeys(k for part in parts for k in part):
         values = [part[key] for part in parts if key in part]
@@ -312,7 +313,7 @@ def merge_info(pairs: PromptPairs, parts: Sequence[Mapping[str, Any]]) -> dict[s
             isinstance(v, list) and len(v) == g.n_pairs for v, g in zip(values, pairs.groups)
         ):
             merged[key] = pairs.gather([torch.as_tensor(v) for v in values]).tolist()
-        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        elif key == "oom_retries":
             merged[key] = sum(values)
         else:
             merged[key] = {"per_group": values}
