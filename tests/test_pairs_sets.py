@@ -110,3 +110,11 @@ def test_a_single_length_pair_set_gives_the_rectangular_numbers(family):
         b = atpstar.attribute(model, as_set, method=method, nodes=["head", "value"])
         assert all(torch.equal(a.per_pair[t], b.per_pair[t]) for t in a.per_pair)
         assert a.identity == b.identity and a.cost == b.cost
+
+
+@pytest.mark.parametrize("method", sorted(atpstar.METHODS))
+def test_every_method_refuses_positions_on_several_lengths_before_any_pass(method):
+    model = load(build_hf("gpt2", n_layers=2, seed=5, n_positions=8))
+    short = PairSet.from_ids([c[:4] for c in CLEAN], [n[:4] for n in NOISE], ANSWER, DISTRACTOR)  # lengths 3 and 4
+    with pytest.raises(atpstar.InputError, match="position axis"):
+        atpstar.attribute(model, short, method=method, nodes=["head"])

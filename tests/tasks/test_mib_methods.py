@@ -126,3 +126,12 @@ def test_faithfulness_curve_is_the_mean_over_every_pair_of_every_group(setup):
         expected = [sum(w * getattr(p, key)[k] for w, p in zip(weights, parts)) for k in range(len(fractions))]
         assert getattr(curve, key) == pytest.approx(expected, abs=1e-10)
     assert curve.metric_full == pytest.approx(sum(w * p.metric_full for w, p in zip(weights, parts)), abs=1e-10)
+
+
+def test_evaluate_compares_merged_edge_results(setup):
+    model, pairsets, _, _ = setup
+    pairs = pairsets["mcqa"]
+    truth = atpstar.attribute(model, pairs, method="activation_patching", nodes=["edge"])
+    estimates = [atpstar.attribute(model, pairs, method=m, nodes=["edge"]) for m in ("atp", "atp*")]
+    comparison = atpstar.evaluate(truth, estimates, setting="per_pair")
+    assert "atp*" in comparison.to_markdown()
