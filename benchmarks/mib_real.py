@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--max-exact", type=float, default=30000.0, help="forward equivalents (default 30000)")
     parser.add_argument("--cache", default="/tmp/D/mib_real")
+    parser.add_argument("--cached-only", action="store_true", help="print the cells already cached, run nothing")
     args = parser.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,8 @@ def main() -> None:
             pairs = None
             for name in args.methods:
                 path = cache / f"{model_id}_{task}_{args.pairs}_{name.replace(' ', '-')}.json"
+                if not path.exists() and args.cached_only:
+                    continue
                 if not path.exists():
                     model = model or atpstar.load_model(model_id)
                     pairs = pairs or task_pairs(model, task, args.pairs, cache)
