@@ -96,8 +96,9 @@ def test_bound_merges_the_groups_per_pair_statistics(setup):
 
 def test_find_on_edges_verifies_exact_effects(setup):
     model, pairsets, _, refs = setup
-    found = atpstar.find(model, pairsets["ioi"], 0.3, nodes=["edge"], estimator="atp", max_rounds=1)
     exact = refs["ioi"]["exact"].mean(0)
+    theta = 0.6 * float(exact.abs().max())  # at least the largest edge is found
+    found = atpstar.find(model, pairsets["ioi"], theta, nodes=["edge"], estimator="atp", max_rounds=1)
     assert found.nodes and found.cost
     for (_, index), effect in zip(found.nodes, found.effects):
         assert float(effect) == pytest.approx(float(exact[index[0]]), abs=1e-10)
