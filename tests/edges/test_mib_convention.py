@@ -18,7 +18,7 @@ from atpstar.edges.circuit_run import circuit_metric
 from atpstar.edges.graph import graph_of
 from atpstar.edges.patching import prepare_edges
 from atpstar.runner import Run
-from reference.edges import POST_NORMS, receiver_metric, receiver_spec, ungrouped_copy
+from reference.edges import POST_NORMS, _ig_points, receiver_metric, receiver_spec, ungrouped_copy
 from reference.hooks import _layers
 from reference.models import build_hf, load, make_pairs
 
@@ -51,12 +51,12 @@ def mib_senders(ref, tokens):
 
 
 def mib_references(hf_model, pairs, graph):
-    """{"exact", "eap"} [P, N] by MIB's definitions."""
+    """{"exact", "eap", "eap_ig"} [P, N] by MIB's definitions (EAP-IG: ``IG_STEPS`` input points)."""
     ref = ungrouped_copy(hf_model)
     layers, post_attn = _layers(ref), POST_NORMS[ref.config.model_type][0]
     names, senders = graph.edge_names, graph.sender_index.tolist()
     receivers = [receiver_spec(graph.receiver_names[r]) for r in graph.receiver_index.tolist()]
-    exact, eap = [], []
+    exact, eap, eap_ig = [], [], []
     for p in range(pairs.n_pairs):
         base_pre, base_a = mib_senders(ref, pairs.clean[p])
         source_pre, _ = mib_senders(ref, pairs.noise[p])
@@ -73,11 +73,18 @@ def mib_references(hf_model, pairs, graph):
         with torch.no_grad():
             zero = receiver_metric(*args, torch.zeros(len(names), *delta.shape[1:], dtype=delta.dtype))
             exact.append(receiver_metric(*args, through[senders]) - zero)
-        eps = torch.zeros(len(names), dtype=delta.dtype, requires_grad=True)
-        value = receiver_metric(*args, eps[:, None, None] * delta[senders])
-        (grad,) = torch.autograd.grad(value.sum(), eps)
-        eap.append(grad)
-    return {"exact": torch.stack(exact), "eap": torch.stack(eap)}
+        points = [None, *_ig_points(ref, pairs.clean[p], pairs.noise[p], IG_STEPS)]
+        grads = []
+        for hidden0 in points:  # the base run, then EAP-IG's points
+            eps = torch.zeros(len(names), dtype=delta.dtype, requires_grad=True)
+            value = receiver_metric(*args, eps[:, None, None] * delta[senders], hidden0=hidden0)
+            grads.append(torch.autograd.grad(value.sum(), eps)[0])
+        eap.append(grads[0])
+        eap_ig.append(torch.stack(grads[1:]).mean(0))
+    return {"exact": torch.stack(exact), "eap": torch.stack(eap), "eap_ig": torch.stack(eap_ig)}
+
+
+IG_STEPS = 3
 
 
 @pytest.fixture(scope="module", params=("gemma2",))
@@ -96,7 +103,7 @@ def test_exact_edge_effects_follow_mibs_definition(gemma):
     assert got.edge_graph().convention == "mib"
 
 
-def test_eap_senders_are_mibs(gemma):
+def test_eap_and_eap_ig_senders_are_mibs(gemma):
     _, model, pairs, graph, want = gemma
     got = atpstar.attribute(model, pairs, method="atp", nodes=["edge"], edge_convention="mib")
     assert torch.allclose(got.per_pair["edge"].double(), want["eap"], rtol=1e-8, atol=1e-10)
@@ -105,6 +112,8 @@ def test_eap_senders_are_mibs(gemma):
     inputs_and_mlps = ~heads  # only head senders differ between the conventions
     assert torch.allclose(own[:, inputs_and_mlps], want["eap"][:, inputs_and_mlps], rtol=1e-8, atol=1e-10)
     assert not torch.allclose(own[:, heads], want["eap"][:, heads], rtol=1e-3)
+    ig = atpstar.attribute(model, pairs, method="atp+ig", nodes=["edge"], edge_convention="mib", ig_steps=IG_STEPS)
+    assert torch.allclose(ig.per_pair["edge"].double(), want["eap_ig"], rtol=1e-8, atol=1e-10)
 
 
 def test_all_edges_of_a_head_absent_is_patching_the_head(gemma):
@@ -156,3 +165,29 @@ def test_to_mib_refuses_the_other_convention(gemma, tmp_path):
     own.to_mib(tmp_path / "c.json", convention="atpstar")
     with pytest.raises(atpstar.errors.InputError, match="unknown edge_convention"):
         atpstar.attribute(model, pairs, method="atp", nodes=["edge"], edge_convention="tl")
+
+
+@pytest.mark.parametrize("receiver", ["logits", "a1.h0<q>", "m1"])
+def test_heads_of_one_layer_absent_together_pass_the_norm_once(gemma, receiver):
+    """Two heads of layer 0 and m0 absent from one receiver: it reads ln(a + Δ_1 + Δ_2) - ln(a) + Δ_m0
+    (MIB's ``evaluate_graph``), not the sum of the heads' separate effects."""
+    hf_model, model, pairs, graph, _ = gemma
+    names = graph.edge_names
+    chosen = [names.index(f"{s}->{receiver}") for s in ("a0.h1", "a0.h2", "m0")]
+    absent = torch.zeros(pairs.n_pairs, graph.n_senders, graph.n_receivers, dtype=torch.bool)
+    for e in chosen:
+        absent[:, graph.sender_index[e], graph.receiver_index[e]] = True
+    cache = prepare_edges(model, graph, pairs, "noising", Cost())
+    got = circuit_metric(model, cache, cache.base_senders + cache.delta, torch.arange(pairs.n_pairs), absent, Cost())
+    ref = ungrouped_copy(hf_model)
+    norm = getattr(_layers(ref)[0], POST_NORMS["gemma2"][0])
+    for p in range(pairs.n_pairs):
+        base_pre, base_a = mib_senders(ref, pairs.clean[p])
+        source_pre, _ = mib_senders(ref, pairs.noise[p])
+        delta = source_pre - base_pre
+        heads = delta[graph.head_sender(0, 1)] + delta[graph.head_sender(0, 2)]
+        with torch.no_grad():
+            shift = norm(base_a[0] + heads) - norm(base_a[0]) + delta[graph.mlp_sender(0)]
+            args = (ref, pairs.clean[p], pairs.answer[p : p + 1], pairs.distractor[p : p + 1], pairs.metric)
+            want = receiver_metric(*args, [receiver_spec(receiver)], shift[None])
+        assert torch.allclose(got[p : p + 1], want, rtol=1e-10, atol=1e-10)

@@ -55,10 +55,12 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     pairs, task = load_task(model, args)
     curves, costs, tops = [], {}, {}
     for method in methods:
-        result = run_method(model, pairs, method, ["edge"], options[method], args)
+        # MIB files are written: MIB's head senders on post-norm models unless asked otherwise (0019)
+        method_options = {"edge_convention": "mib", **options[method]}
+        result = run_method(model, pairs, method, ["edge"], method_options, args)
         name = method.replace("*", "_star").replace("+", "_")
         result.save(out / f"{name}.edges")
-        result.to_mib(out / f"{name}.mib.json")
+        result.to_mib(out / f"{name}.mib.json", convention=method_options["edge_convention"])
         graph = result.edge_graph()
         names = graph.edge_names
         circuits = {}

@@ -25,7 +25,8 @@ def curve_table(curves: Sequence[FaithfulnessCurve], costs: dict[str, Any] | Non
 
 
 def plot_curves(curves: Sequence[FaithfulnessCurve], path: str | Path, title: str = "") -> Path:
-    """f against circuit size (fraction of edges, log scale), one line per method."""
+    """f against circuit size (fraction of edges, log scale): per method the signed ranking (CPR) and,
+    dotted, the |score| ranking (CMD)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,12 +34,21 @@ def plot_curves(curves: Sequence[FaithfulnessCurve], path: str | Path, title: st
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for c in curves:
-        ax.plot(c.fractions, c.faithfulness, marker="o", label=f"{c.method} (CPR {c.cpr:.3f}, CMD {c.cmd:.3f})")
+        line = ax.plot(c.fractions, c.faithfulness, marker="o", label=f"{c.method} signed (CPR {c.cpr:.3f})")[0]
+        if c.faithfulness_abs:  # MIB's CMD ranks by |score|
+            ax.plot(
+                c.fractions,
+                c.faithfulness_abs,
+                marker="x",
+                linestyle=":",
+                color=line.get_color(),
+                label=f"{c.method} |score| (CMD {c.cmd:.3f})",
+            )
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
     ax.set_xscale("log")
     ax.set_xlabel("circuit size (fraction of edges)")
     ax.set_ylabel("faithfulness f")
-    ax.set_title(title or "faithfulness of top-|score| circuits")
+    ax.set_title(title or "faithfulness of top circuits (MIB's rankings)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     from ..persist import atomic_path

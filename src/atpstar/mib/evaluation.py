@@ -51,20 +51,18 @@ class MibScores:
         signed, absolute: MIB's results with ``absolute=False`` and ``absolute=True``.
         cost: passes spent.
         curve: the faithfulness curve (score-file submissions), else None.
+        cpr, cmd: MIB's two scores.
     """
 
     signed: MibResult
     absolute: MibResult
     cost: dict[str, float] = field(default_factory=dict)
     curve: FaithfulnessCurve | None = None
+    cpr: float = field(init=False)  # the signed ranking's area under f
+    cmd: float = field(init=False)  # the |score| ranking's area between f and 1
 
-    @property
-    def cpr(self) -> float:
-        return self.signed.area_under
-
-    @property
-    def cmd(self) -> float:
-        return self.absolute.area_from_1
+    def __post_init__(self) -> None:
+        self.cpr, self.cmd = self.signed.area_under, self.absolute.area_from_1
 
     def to_dict(self) -> dict[str, Any]:
         out = {"cpr": self.cpr, "cmd": self.cmd, "signed": asdict(self.signed), "absolute": asdict(self.absolute)}
