@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["errors", "version", "cost", "devices", "progress", "ops", "persist", "lock", "validate",
               "batching"]),
     ("model and data", ["families", "runner", "model", "model_hooks", "origin", "backends", "backends.*", "loading",
-                        "zoo", "pairs", "job", "jsonl", "tasks", "tasks.*", "dictionaries", "dictionaries.*"]),
+                        "zoo", "pairs", "pairsets", "job", "jsonl", "tasks", "tasks.*", "dictionaries", "dictionaries.*"]),
     ("fingerprint", ["fingerprint"]),
     ("node rows", ["nodes", "edges.graph", "edges.sites"]),
     ("engine", ["engine", "engine.*", "gradients", "gradients.*", "edges.capture", "edges.patching",

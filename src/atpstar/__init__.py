@@ -43,6 +43,7 @@ from .methods import METHODS
 from .model import Model
 from .nodes import NODE_TYPES
 from .pairs import PromptPairs
+from .pairsets import PairSet
 from .result import Attribution
 from .sink import read_per_pair
 from .verify import Verification, verify
@@ -67,6 +68,7 @@ __all__ = [
     "Localization",
     "MemoryPlan",
     "Model",
+    "PairSet",
     "PromptPairs",
     "UnsupportedModelError",
     "Verification",

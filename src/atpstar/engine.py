@@ -3,7 +3,7 @@
 A patched forward for a node at layer l and position t starts at layer l from the cached base
 residual stream and computes only positions >= t0 (the smallest patched position in the batch):
 a causal model cannot change earlier positions, whose keys/values come from the cache. Only the
-last position goes through the unembedding (metrics are last-position).
+answer position goes through the unembedding (``PromptPairs.answer_metric``).
 
 Shape letters: P pairs, B batch, L layers, H heads, K kv-heads, T positions, E d_head, D d_model, M d_mlp.
 """
@@ -81,8 +81,7 @@ def _prepare_chunk(
     with torch.inference_mode():
         base_run = Run(model.n_layers, record=("resid_pre", "k", "v"))
         final = model.run_layers(model.embed(base_tokens), base_run)
-        base_logits = model.unembed(final[:, -1])
-        base_metric = pairs.evaluate_metric(base_logits, index.to(base_logits.device))
+        base_metric = pairs.answer_metric(model, final, index)
         source_run = Run(model.n_layers, record=sites)
         model.run_layers(model.embed(source_tokens), source_run)
     return base_run.records, source_run.records, base_metric
@@ -111,10 +110,7 @@ def metric_after(
     run = Run(model.n_layers, patch=patch, start_layer=layer, start_pos=t0, prefix_kv=prefix_kv)
     hidden = cache.resid[layer][pair_index, t0:]  # [B, T', D]
     final = model.run_layers(hidden, run)
-    logits = model.unembed(final[:, -1])  # [B, V]
-    return cache.pairs.evaluate_metric(logits, pair_index.to(logits.device)) - cache.base_metric[pair_index].to(
-        logits.device
-    )
+    return cache.pairs.answer_metric(model, final, pair_index) - cache.base_metric[pair_index].to(final.device)
 
 
 def patch_node_batch(

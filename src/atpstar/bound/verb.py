@@ -14,7 +14,7 @@ Shape letters: P pairs, N nodes (all node types, flattened).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from ..methods.subsampling import SubsamplingStats, check_options, sample_batch
 from ..model import Model, as_model
 from ..nodes import NodeLayout
 from ..pairs import PromptPairs, check_direction
+from ..pairsets import as_pairs, check_positions, each_group, merge_info, refuse_workers
 from ..spaces import Spaces, check_node_types, spaces_for
 from ..validate import check_count, check_number, check_pairs_fit
 from ..verify import Verification
@@ -62,7 +63,8 @@ def false_negative_bound(
 
     Args:
         model: an ``atpstar.Model`` or a ``transformers`` causal LM.
-        pairs: the prompt pairs (c(n) is the mean effect over them).
+        pairs: the prompt pairs (c(n) is the mean effect over them); a ``PairSet`` is sampled group by group
+            (node types summed over positions only), its per-pair statistics merged.
         verified: a ``Verification`` (from ``atpstar.verify``) or a list of ``(node_type, index)``.
         theta: effect size for the probability bound (b); None leaves ``prob_upper`` nan.
         samples: Subsampling samples per pair (random design; each node in with probability ``p``);
@@ -101,8 +103,8 @@ def false_negative_bound(
         (110, 1.543, False)
     """
     model = as_model(model)
-    if not isinstance(pairs, PromptPairs):
-        raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
+    pairs = as_pairs(pairs)
+    refuse_workers(pairs, workers, ray_address, checkpoint)
     node_list, node_types, direction = _population(verified, nodes, direction)
     samples = DEFAULT_SAMPLES if samples is None else check_count("samples", samples, 2)
     p = choose_p(samples) if p is None else p
@@ -114,6 +116,7 @@ def false_negative_bound(
         check_number("theta", theta, 0.0, None, low_open=True)  # NaN would make every probability bound 1
     engine = {"workers": workers, "ray_address": ray_address, "checkpoint": checkpoint}
     spaces = _spaces(model, node_types, engine)
+    check_positions(pairs, {t: spaces.of(t).pos_axis(t) for t in node_types})
     layout = NodeLayout({t: spaces.of(t).shape(t, pairs.seq_len) for t in node_types})
     exclude = _exclusions(layout, node_list)
     check_pairs_fit(model, pairs)
@@ -128,7 +131,7 @@ def false_negative_bound(
     job = Job(model, pairs, direction, Cost(), progress)
     sampling = {"samples": samples, "p": p, "seed": seed, "design": "random"}
     run = Sampling(job, node_types, sampling, batch_size, memory_gb, exclude, engine)
-    stats, run_info = SAMPLERS[spaces.spaces[0].engine](run)
+    stats, run_info = _by_group(run, SAMPLERS[spaces.spaces[0].engine])
     keep = ~layout.flatten(exclude)  # [N]
     estimate, upper, prob, se = node_bounds(stats, keep, int(keep.sum()), alpha, theta, combine)
     summary = summarize(keep, upper, prob, se, theta, combine)
@@ -253,6 +256,18 @@ def _sample_edges(run: Sampling) -> tuple[SubsamplingStats, dict[str, Any]]:
     where = (run.batch_size, run.memory_gb, run.exclude[edge_type], run.engine["checkpoint"], job.cost)
     stats, _, run_info = edge_samples_on(_executor(run), job.model, job.pairs, job.direction, options, *where)
     return stats, {**run_info, "edge_graph": graph_of(job.model).describe()}
+
+
+def _by_group(
+    run: Sampling, sampler: Callable[[Sampling], tuple[SubsamplingStats, dict[str, Any]]]
+) -> tuple[SubsamplingStats, dict[str, Any]]:
+    """``sampler`` once per equal-length group of the pairs, per-pair statistics merged in example order."""
+    parts = each_group(run.job, lambda group_job: sampler(replace(run, job=group_job)))
+    if len(parts) == 1:
+        return parts[0]
+    pairs = run.job.pairs
+    values = {k: pairs.gather([stats.values[k] for stats, _ in parts]) for k in parts[0][0].values}  # [P, N]
+    return SubsamplingStats(parts[0][0].shapes, values), merge_info(pairs, [info for _, info in parts])
 
 
 def _executor(run: Sampling) -> Any:

@@ -100,9 +100,19 @@ def task_args(parser: argparse.ArgumentParser) -> None:
         "--task",
         required=True,
         help="ioi, cities, random (pairs of model samples, metric: log-prob of the clean next "
-        'token), or a .jsonl file with one {"clean", "noise", "answer", "distractor"} '
-        "object per line (distractor optional: metric logprob instead of logit difference)",
+        'token), a .jsonl file with one {"clean", "noise", "answer", "distractor"} '
+        "object per line (distractor optional: metric logprob instead of logit difference), or a MIB task "
+        "mib:<task>[:<split>] (ioi, mcqa, arithmetic_addition, arithmetic_subtraction, arc_easy, arc_challenge; "
+        "split default validation; prompts of several lengths: edges only)",
     )
+    parser.add_argument(
+        "--mib-path", default=None, metavar="PATH",
+        help="for --task mib:...: a local copy of the dataset repository, or a hub id (default: mib-bench/<task>)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--counterfactual", default=None, metavar="COLUMN",
+        help="for --task mib:...: the counterfactual column of the noise prompts (default: MIB's for the task)",
+    )  # fmt: skip
     parser.add_argument(
         "--n-pairs", type=int, default=4, metavar="N", help="prompt pairs for ioi/cities/random (default 4)"
     )

@@ -122,9 +122,8 @@ def circuit_metric(
         final = model.run_layers(cache.resid[start][pair_index], run) if start < n_layers else None
         final = cache.resid[-1][pair_index] if final is None else final
         final = final + shift(slice(graph.logits_receiver, graph.logits_receiver + 1))[:, 0].to(final.dtype)
-        logits = model.unembed(final[:, -1])
         cost.add_forward(len(pair_index), start_layer=start, n_layers=n_layers)
-        return cache.pairs.evaluate_metric(logits, pair_index.to(logits.device))
+        return cache.pairs.answer_metric(model, final, pair_index)
 
 
 class _NormShift:

@@ -35,6 +35,7 @@ from ..errors import InputError
 from ..fingerprint import check_reuse
 from ..model import as_model
 from ..pairs import PromptPairs, check_direction
+from ..pairsets import as_pairs
 from ..persist import write_text
 from ..progress import progress_bar
 from ..validate import check_pairs_fit
@@ -255,7 +256,7 @@ def faithfulness_curve(
 
     Args:
         model: an ``atpstar.Model`` or a ``transformers`` causal LM.
-        pairs: the prompt pairs the circuits are evaluated on.
+        pairs: the prompt pairs the circuits are evaluated on (a ``PairSet``: group by group).
         scores: an ``Attribution`` with edges (ranked by MIB's score, ``signed_importance``:
             -mean effect for noising), a MIB circuit file read by ``load_mib`` (its scores; its graph must
             be the model's), or a tensor [N] of edge scores in MIB's sign (higher is more important).
@@ -276,6 +277,7 @@ def faithfulness_curve(
         (0.725, 0.274)
     """
     model = as_model(model)
+    pairs = as_pairs(pairs)
     check_direction(direction)
     check_pairs_fit(model, pairs)
     if hasattr(scores, "per_pair"):  # an Attribution: made on this model and these pairs
@@ -368,9 +370,8 @@ def _circuit_means(
     memory_gb: float,
     progress: bool,
 ) -> list[float]:
-    """[m(M), m(∅), m(C) for each circuit]: metric means over the pairs, each distinct circuit run once."""
-    cache = prepare_edges(model, graph, pairs, direction, cost)
-    source = (cache.base_senders + cache.delta).contiguous()
+    """[m(M), m(∅), m(C) for each circuit]: metric means over the pairs, each distinct circuit run once
+    (a ``PairSet``: group by group, the means over all its pairs)."""
     valid = graph.valid
     masks = [torch.zeros_like(valid), valid]  # m(M): nothing absent; m(∅): every edge absent
     slot: dict[bytes, int] = {}
@@ -382,15 +383,32 @@ def _circuit_means(
             masks.append(valid & ~graph.to_matrix(chosen.to(torch.float64)).bool())
         order.append(slot[key])
     batch = plan_batch(circuit_bytes(model, graph, pairs.seq_len), memory_gb, model.device, batch_size=batch_size)
+    with progress_bar(len(masks) * pairs.n_pairs, "faithfulness", progress, unit="forward") as bar:
+        parts = [_circuit_values(model, group, graph, masks, direction, cost, batch, bar.update) for group in pairs.groups]
+    means = pairs.gather(parts, dim=1).mean(1)  # [C, P] -> [C]
+    return [float(means[i]) for i in order]
+
+
+def _circuit_values(
+    model: Any,
+    pairs: PromptPairs,
+    graph: EdgeGraph,
+    masks: list[torch.Tensor],
+    direction: str,
+    cost: Cost,
+    batch: int,
+    advance: Any,
+) -> torch.Tensor:
+    """m(C) [C, P] float64 of each absent-edge mask on each pair of one equal-length group."""
+    cache = prepare_edges(model, graph, pairs, direction, cost)
+    source = (cache.base_senders + cache.delta).contiguous()
     jobs = [(c, p) for c in range(len(masks)) for p in range(pairs.n_pairs)]
     values = torch.zeros(len(masks), pairs.n_pairs, dtype=torch.float64)
-    with progress_bar(len(jobs), "faithfulness", progress, unit="forward") as bar:
-        for start in range(0, len(jobs), batch):
-            part = jobs[start : start + batch]
-            circuit_i = torch.tensor([c for c, _ in part])
-            pair_i = torch.tensor([p for _, p in part])
-            absent = torch.stack([masks[c] for c in circuit_i.tolist()])  # [B, S, R]
-            values[circuit_i, pair_i] = circuit_metric(model, cache, source, pair_i, absent, cost).double().cpu()
-            bar.update(len(part))
-    means = values.mean(1)
-    return [float(means[i]) for i in order]
+    for start in range(0, len(jobs), batch):
+        part = jobs[start : start + batch]
+        circuit_i = torch.tensor([c for c, _ in part])
+        pair_i = torch.tensor([p for _, p in part])
+        absent = torch.stack([masks[c] for c in circuit_i.tolist()])  # [B, S, R]
+        values[circuit_i, pair_i] = circuit_metric(model, cache, source, pair_i, absent, cost).double().cpu()
+        advance(len(part))
+    return values

@@ -89,7 +89,7 @@ def taped_run(
     hidden = hidden.detach().requires_grad_(True)
     mib_heads = batch.graph.mib_heads
     run = run_senders(model, hidden, batch.w_out, record=("q", "k", "v", *record), mlp_copy=True, mib_heads=mib_heads)
-    metric = pairs.evaluate_metric(model.unembed(run.final[:, -1]), batch.index.to(run.final.device))
+    metric = pairs.answer_metric(model, run.final, batch.index)
     tape.hidden, tape.resid = hidden, run.resid
     for layer in range(model.n_layers):
         for site in (*GRAD_SITES, *record):

@@ -67,8 +67,7 @@ def prepare_edges(model: Model, graph: EdgeGraph, pairs: PromptPairs, direction:
     with torch.no_grad():
         base = run_senders(model, model.embed(base_tokens), w_out, mib_heads=mib)
         source = run_senders(model, model.embed(source_tokens), w_out, mib_heads=mib)
-        logits = model.unembed(base.final[:, -1])
-        base_metric = pairs.evaluate_metric(logits, torch.arange(pairs.n_pairs, device=logits.device))
+        base_metric = pairs.answer_metric(model, base.final, torch.arange(pairs.n_pairs))
     cost.add_forward(2 * pairs.n_pairs)
     delta = source.senders - base.senders
     cache = EdgeCache(graph, base.resid, base.mlp_in, base.senders, delta, base_metric, pairs)
@@ -159,8 +158,7 @@ def patch_edges(
 
 
 def _metric_change(model: Model, cache: EdgeCache, final: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
-    logits = model.unembed(final[:, -1])  # [B, V]
-    metric = cache.pairs.evaluate_metric(logits, pair_index.to(logits.device))
+    metric = cache.pairs.answer_metric(model, final, pair_index)  # [B]
     return metric - cache.base_metric[pair_index].to(metric.device)
 
 

@@ -58,9 +58,11 @@ from ..methods import METHODS, build_method
 from ..model import Model, as_model
 from ..nodes import NodeLayout
 from ..pairs import PromptPairs
+from ..pairsets import as_pairs, check_positions, refuse_workers
 from ..result import Attribution
 from ..spaces import Spaces, check_node_types, spaces_for
 from .calibrate import calibration_cost
+from ..validate import check_pairs_fit
 from .engines import engine_facts
 from .journal import CHECKPOINT_NAME, FindJournal, digest, find_identity
 from .localization import Localization
@@ -96,7 +98,8 @@ def find(
 
     Args:
         model: an ``atpstar.Model`` or a ``transformers`` causal LM.
-        pairs: the prompt pairs; c(n) is the exact effect of patching n alone, averaged over them.
+        pairs: the prompt pairs; c(n) is the exact effect of patching n alone, averaged over them. A
+            ``PairSet`` (prompts of several lengths) takes ``nodes=["edge"]``: every stage runs group by group.
         theta: the effect size sought (in metric units, e.g. logit difference), > 0.
         nodes: node types to search (``neuron``, ``query``, ``key``, ``value``, ``head``), or ``["edge"]``
             alone for the edges of the MIB/EAP-IG graph (estimated by the edge estimators, verified by exact
@@ -141,8 +144,8 @@ def find(
         (True, ['blocks.0.attn.hook_z[pos 14, head 3]', 'blocks.1.attn.hook_z[pos 14, head 0]', 'blocks.1.attn.hook_z[pos 14, head 1]'])
     """
     model = as_model(model)
-    if not isinstance(pairs, PromptPairs):
-        raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
+    pairs = as_pairs(pairs)
+    refuse_workers(pairs, workers, ray_address)
     options = check_options(
         theta=theta,
         alpha=alpha,
@@ -163,10 +166,11 @@ def find(
     )
     node_types = check_node_types(nodes)
     spaces = Spaces(spaces_for(model, node_types))
+    check_positions(pairs, {t: space.pos_axis(t) for space in spaces for t in space.node_types})
     facts = engine_facts(spaces, options.engine)
     shapes, weight = population(model, spaces, node_types, pairs.seq_len, facts)  # weight: [N]
     given = _estimate_or_check(model, pairs, estimator, node_types, shapes, options.direction)
-    model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+    check_pairs_fit(model, pairs)
     window = options.window(len(weight))
     estimate_cost = _check_budget(model, pairs, estimator if given is None else given, node_types, weight, options)
     journal = _open_journal(model, pairs, node_types, estimator if given is None else given, window, options)

@@ -187,7 +187,7 @@ def gradient_step(
 
     def forward(hidden: torch.Tensor, run: Run) -> torch.Tensor:
         final = model.run_layers(hidden, run)
-        return pairs.evaluate_metric(model.unembed(final[:, -1]), index.to(final.device))  # [b]
+        return pairs.answer_metric(model, final, index)  # [b]
 
     try:
         if points.at_base:
