@@ -9,8 +9,7 @@ and a certificate that no unverified node is that large. The loop:
    bound's population, and the bound's cost is linear in V = mean_j Σ c_j(n)² over the unverified
    nodes (``bound.bound_cost``: SAFETY q² V / θ²), so verifying n saves SAFETY q² mean_j c_j(n)² / θ²
    forward equivalents of bound samples; a window pays when its savings exceed its verification
-   cost. (Verifying any node above roughly θ·sqrt(P (L-l)/L / (SAFETY q²)), about θ/10 on one pair,
-   pays; AtP*'s order is good at the top and unreliable in its tail, so windows stop paying.)
+   cost (roughly: any node above θ/10 on one pair; AtP*'s tail is unreliable, so windows stop paying).
 3. Bound round r: Subsampling over the unverified nodes (fresh seed), at level α_r / 2 (α_r = α / 2^r),
    ``samples`` planned from the nodes left, p = ``choose_p(samples)`` or lower where the interaction
    measured so far asks for it. When max_n U(n) < θ, calibrate (``find.calibrate``, at α_r / 2): patch
@@ -34,8 +33,7 @@ error is <= Σ α / 2^r < α, assuming unchecked nodes shrink no more than the c
 
 Cost: the estimator's, plus (per verify call) 2P forwards and one forward per node and pair started
 at the node's layer, plus per bound 2P + samples × P forwards and its calibration's verify call.
-``budget`` caps the total in forward equivalents; every stage checks it before it runs, and an estimate
-that alone costs more than the budget is refused before any pass.
+``budget`` caps the total; an estimate that alone costs more is refused before any pass.
 
 Shape letters: P pairs, N nodes (all node types, flattened in ``check_node_types`` order).
 """
@@ -61,8 +59,8 @@ from ..pairs import PromptPairs
 from ..pairsets import as_pairs, check_positions, refuse_workers
 from ..result import Attribution
 from ..spaces import Spaces, check_node_types, spaces_for
-from .calibrate import calibration_cost
 from ..validate import check_pairs_fit
+from .calibrate import calibration_cost
 from .engines import engine_facts
 from .journal import CHECKPOINT_NAME, FindJournal, digest, find_identity
 from .localization import Localization
