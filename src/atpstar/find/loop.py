@@ -17,14 +17,12 @@ and a certificate that no unverified node is that large. The loop:
    certified only when calibration passes.
 4. Otherwise verify the nodes the bound cannot rule out (U(n) >= θ), in decreasing order of that
    bound's own |ĉ(n)|, and go to 3 with samples re-planned from the measured standard errors.
-Stops when certified, when the budget or the ceiling is reached, or after ``max_rounds`` rounds (not
-certified; the result says what is left). Whenever verifying every remaining node costs no more than the
-next bound and its calibration, they are all verified instead: exact, certified with no assumption. Before
-any pass, when the estimate and one calibrated bound of ``MIN_SAMPLES`` samples would already cost as much
-as exhaustive patching, the loop does not run: every node is patched in one call, at exactly
-``activation_patching``'s cost (the certificate's ``fallback`` says why). After the estimate the search
-never spends more than exhaustive patching plus the estimate, plus 2P per extra verification call (the
-ceiling; design record 0021).
+Stops when certified, at the budget or the ceiling, or after ``max_rounds`` rounds (not certified; the
+result says what is left). When verifying every remaining node costs no more than the next bound and its
+calibration, they are all verified instead (exact, no assumption). When the estimate and one calibrated
+bound of ``MIN_SAMPLES`` samples would cost as much as exhaustive patching, every node is patched in one
+call at ``activation_patching``'s cost (``fallback`` says why). The search never spends more than
+exhaustive patching plus the estimate, plus 2P per extra verification call (design record 0021).
 
 Why α / 2^r: each round is a new chance to certify wrongly. Given the history, round r certifies
 while some unverified node n0 has |c(n0)| >= θ with probability <= α_r (its fresh samples put
