@@ -103,8 +103,7 @@ def find(
         estimator: a method id from ``atpstar.METHODS`` (default ``"atp*"``), or an ``Attribution``
             already computed on these pairs (its cost is counted as the estimate stage).
         alpha: error rate of the certificate (it is wrong with probability <= alpha, under its assumption).
-        budget: cap on the total cost in forward-pass equivalents (backward = 2 forwards), estimate
-            included; None: run until certified (at worst every node is verified).
+        budget: cap on the total cost in forward equivalents, estimate included; None: no cap.
         direction: ``"noising"`` (default) or ``"denoising"``.
         progress: progress bars and one line per round on stderr.
         patience: window of the estimate-order stage (stops after a window with no |c| >= theta);
@@ -115,10 +114,9 @@ def find(
         batch_size, memory_gb: batching of the exact and joint patches.
         workers, ray_address: run verification and the bounds' Subsampling on Ray workers (as
             ``atpstar.verify`` and ``atpstar.false_negative_bound``); None: in-process.
-        checkpoint: a file where each completed step (estimate, verification call, bound) is saved; a rerun
-            with the same file and computation resumes after the last completed step, and its cost is the
-            whole work's (``atpstar.find.journal``). Another computation's file is refused, naming what
-            differs; a corrupt one is reported and ignored. None: nothing is saved (unless ``out_dir``).
+        checkpoint: a file where each completed step is saved; a rerun of the same computation resumes
+            after the last one (``atpstar.find.journal``); another computation's file is refused, a corrupt
+            one reported and ignored. None: nothing is saved (unless ``out_dir``).
         out_dir: a folder: the checkpoint goes to ``out_dir/find.ckpt.safetensors`` and the result to
             ``out_dir/localization.json``/``.safetensors`` when the loop ends.
         recompute: discard the checkpoint and start afresh.
