@@ -351,18 +351,14 @@ def _estimate(search: Search, estimator: str | Attribution, options: FindOptions
         per_pair = search.layout.flatten({t: _dense(estimator.per_pair[t]) for t in node_types})  # [P, N]
         return per_pair, estimator.method
     method_options = options.estimator_options or {}
+    # The estimate keeps to find's memory budget unless its own options say otherwise (batching only).
+    budget = {"memory_gb": options.memory_gb} if "memory_gb" in METHODS[estimator].cls.option_names() else {}
 
     def compute() -> Attribution:
         job = search.job
-        return attribute(
-            job.model,
-            job.pairs,
-            estimator,
-            node_types,
-            direction=job.direction,
-            progress=job.progress,
-            **method_options,
-        )
+        run_options = {**budget, **method_options}
+        return attribute(job.model, job.pairs, estimator, node_types, direction=job.direction,
+                         progress=job.progress, **run_options)  # fmt: skip
 
     return search.estimate(estimator, method_options, compute)
 
