@@ -16,6 +16,7 @@ from . import tasks, zoo
 from .api import attribute, predict_memory
 from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
+from .dictionaries import Dictionary, load_dictionary
 from .edges import EdgeGraph, FaithfulnessCurve, edge_names, faithfulness_curve, load_mib
 from .errors import (
     AtpstarError,
@@ -50,6 +51,7 @@ __all__ = [
     "OutOfMemory",
     "Attribution",
     "Cost",
+    "Dictionary",
     "EdgeGraph",
     "FaithfulnessCurve",
     "Evaluation",
@@ -65,6 +67,7 @@ __all__ = [
     "attribute",
     "edge_names",
     "faithfulness_curve",
+    "load_dictionary",
     "load_mib",
     "evaluate",
     "false_negative_bound",

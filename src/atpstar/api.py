@@ -24,6 +24,7 @@ def attribute(
     progress: bool = False,
     workers: int | None = None,
     ray_address: str | None = None,
+    dictionaries: Any = (),
     **options: Any,
 ) -> Attribution:
     """Attribute the metric of ``pairs`` to every node of the requested types with one method.
@@ -42,6 +43,8 @@ def attribute(
             ``pip install 'atpstar[distributed]'``); None: in-process. Same numbers either way (up to float
             rounding of batch composition).
         ray_address: None starts a local Ray instance; ``"auto"`` joins a running cluster.
+        dictionaries: SAEs/transcoders (``load_dictionary``) whose latents are nodes too: each adds the node types
+            ``d.name`` ([P, d_sae, T]) and ``d.name + ".error"`` ([P, T]) unless ``nodes`` lists one of them.
         **options: the method's own options (see its class).
 
     Returns:
@@ -50,9 +53,25 @@ def attribute(
     Example:
         >>> result = attribute(model, pairs, method="activation_patching", nodes=["head"])
     """
-    return build_method(method, **options).attribute(
+    chosen = build_method(method, **options)
+    nodes = with_dictionaries(nodes, dictionaries)
+    return chosen.attribute(
         model, pairs, nodes, direction=direction, progress=progress, workers=workers, ray_address=ray_address
     )
+
+
+def with_dictionaries(nodes: Any, dictionaries: Any) -> Any:
+    """``nodes`` plus the node types of ``dictionaries`` (attached first); each dictionary adds its latents and
+    error unless ``nodes`` names one of them already."""
+    if not dictionaries:
+        return nodes
+    from .spaces.latents import attach
+
+    listed = [nodes] if isinstance(nodes, str) else list(nodes)
+    for dictionary in list(dictionaries):
+        types = attach([dictionary])
+        listed += [] if set(types) & set(listed) else types
+    return listed
 
 
 def predict_memory(

@@ -6,6 +6,7 @@ node's layer, counted (L - l) / L.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ class ActivationPatching(PatchedForwards):
     exact = True
     aggregation = "mean"
     node_types = BUILTIN_TYPES  # edges: exact edge patching (``atpstar.edges.patching``)
-    engines = ("sites", "edges")
+    engines = ("sites", "edges", "latents")
     distributable = True
 
     batch_size: int | None = None
@@ -116,6 +117,19 @@ class ActivationPatching(PatchedForwards):
         )
         resumed = {"edge_resumed_from": info["resumed_from"]} if "resumed_from" in info else {}
         return effects, {"edge_base_metric": base_metric.tolist(), **resumed}
+
+    def _attribute_latents(self, job: Any, space: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Every latent and error node patched alone (``NodeSpace.exact_effects``), in layout order."""
+        shapes = {t: space.shape(t, job.seq_len) for t in space.node_types}
+        nodes = [(t, tuple(index)) for t, shape in shapes.items() for index in itertools.product(*map(range, shape))]
+        batch = self.batch_size or max(1, int(self.memory_gb * 2**30) // space.element_bytes(job))
+        effects, base_metric = space.exact_effects(job, nodes, batch)  # [N, P]
+        per_pair, start = {}, 0
+        for t, shape in shapes.items():
+            count = int(torch.Size(shape).numel())
+            per_pair[t] = effects[start : start + count].T.reshape(job.n_pairs, *shape)  # [N_t, P] -> [P, *layout]
+            start += count
+        return per_pair, {"base_metric": base_metric.tolist()}
 
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost

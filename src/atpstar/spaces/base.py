@@ -71,6 +71,11 @@ class NodeSpace(ABC):
         return ()
 
     @classmethod
+    def learn(cls, info: Mapping[str, Any]) -> None:
+        """Recognise node-type names chosen at run time (e.g. dictionaries) from a saved result's ``info``;
+        ``spaces_from_info`` calls it on every registered space before grouping the result's node types."""
+
+    @classmethod
     @abstractmethod
     def bind(cls, model: Any, node_types: Sequence[str], options: Mapping[str, Any]) -> NodeSpace:
         """This space's nodes ``node_types`` on ``model``; ``options`` are the method's options."""
@@ -98,8 +103,9 @@ class NodeSpace(ABC):
     def name(self, node_type: str, index: tuple[int, ...]) -> str:
         """The name users know for one node (TransformerLens- or MIB-style)."""
 
-    def columns(self, node_type: str, index: tuple[int, ...]) -> dict[str, int]:
-        """A node's index as table columns, e.g. ``{"layer": 3, "head": 2, "pos": 5}``."""
+    def columns(self, node_type: str, index: tuple[int, ...]) -> dict[str, Any]:
+        """A node's index as table columns, e.g. ``{"layer": 3, "head": 2, "pos": 5}`` (ints, or labels such
+        as a dictionary's id)."""
         return dict(zip(self.axes(node_type), index))
 
     def patch_share(self, node_type: str, seq_len: int, charged: bool = False) -> torch.Tensor:
@@ -239,6 +245,8 @@ def spaces_for(model: Any, node_types: Sequence[str], options: Mapping[str, Any]
 
 def spaces_from_info(info: Mapping[str, Any], node_types: Sequence[str]) -> list[NodeSpace]:
     """The spaces of a saved result (``info`` as results keep it), without a model."""
+    for cls in SPACES:
+        cls.learn(info)
     return [cls.from_info(info, types) for cls, types in _grouped(node_types)]
 
 
@@ -270,5 +278,5 @@ class Spaces:
     def name(self, node_type: str, index: tuple[int, ...]) -> str:
         return self.of(node_type).name(node_type, index)
 
-    def columns(self, node_type: str, index: tuple[int, ...]) -> dict[str, int]:
+    def columns(self, node_type: str, index: tuple[int, ...]) -> dict[str, Any]:
         return self.of(node_type).columns(node_type, index)
