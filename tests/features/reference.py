@@ -1,8 +1,8 @@
 """Brute-force latent edges from plain module hooks on a copy of the ``transformers`` model (no atpstar runner).
 
 Sites: ``hook_resid_post`` L is layer L's output; ``hook_attn_out`` / ``hook_mlp_out`` L the output of its
-attention / MLP module (pre-norm families only). A dictionary here is anything with ``hook``, ``encode``
-and ``W_dec`` (and no normalisation: one unit of latent i adds W_dec[i]).
+attention / MLP module (pre-norm families only). A dictionary gives ``hook``, ``encode``, ``W_dec`` and
+``decoder_scale`` (one unit of latent i adds decoder_scale(x_t) W_dec[i] at t, x the base activation).
 """
 
 from __future__ import annotations
@@ -100,12 +100,13 @@ def latent_edges(hf_model: Any, pairs: Any, up: Any, down: Any | None, upstream,
         rows_e, rows_l = [], []
         for i, t in upstream:
             delta = float(up.encode(source_x[up.hook])[0, t, i] - up.encode(base_x[up.hook])[0, t, i])
-            step = delta * up.W_dec[i]
+            unit_up = up.decoder_scale(base_x[up.hook][0, t]) * up.W_dec[i]
+            step = delta * unit_up
             if down is None:
                 with torch.no_grad():
                     rows_e.append(float(_metric(ref, sub, clean, {up.hook: _add(t, step)}) - base_m))
                 eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
-                m = _metric(ref, sub, clean, {up.hook: _add(t, eps * up.W_dec[i])})
+                m = _metric(ref, sub, clean, {up.hook: _add(t, eps * unit_up)})
                 rows_l.append(delta * float(torch.autograd.grad(m.sum(), eps)[0]))
                 continue
             cols_e, cols_l = [], []
@@ -122,18 +123,19 @@ def latent_edges(hf_model: Any, pairs: Any, up: Any, down: Any | None, upstream,
                         _metric(ref, sub, clean, {up.hook: _add(t, step), down.hook: read})
                 except _Stop:
                     pass
-                shift = (found["f"] - f_base) * down.W_dec[j]
+                unit_down = down.decoder_scale(base_x[down.hook][0, t2]) * down.W_dec[j]
+                shift = (found["f"] - f_base) * unit_down
                 with torch.no_grad():
                     cols_e.append(float(_metric(ref, sub, clean, {down.hook: _add(t2, shift)}) - base_m))
                 # Linear: Δf_u · ∂f_d/∂ε · ∂m/∂f_d, each by autograd at the base run.
                 eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
                 try:
-                    _metric(ref, sub, clean, {up.hook: _add(t, eps * up.W_dec[i]), down.hook: read})
+                    _metric(ref, sub, clean, {up.hook: _add(t, eps * unit_up), down.hook: read})
                 except _Stop:
                     pass
                 dfd = torch.autograd.grad(found["f"], eps)[0]
                 lam = torch.zeros((), dtype=torch.float64, requires_grad=True)
-                m = _metric(ref, sub, clean, {down.hook: _add(t2, lam * down.W_dec[j])})
+                m = _metric(ref, sub, clean, {down.hook: _add(t2, lam * unit_down)})
                 dm = torch.autograd.grad(m.sum(), lam)[0]
                 cols_l.append(delta * float(dfd) * float(dm))
             rows_e.append(cols_e)

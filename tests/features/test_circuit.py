@@ -7,16 +7,18 @@ import json
 import pytest
 import torch
 
+from atpstar import load_dictionary
 from atpstar.errors import InputError
 from atpstar.features import FeatureCircuit, feature_circuit
-from features.test_latent_edges import HOOKS, RandomSAE
+from atpstar.testing.fixtures import write_circuit_tracer
+from features.test_latent_edges import HOOKS, random_saes
 from reference.models import build_hf, load, make_pairs
 
 
 @pytest.fixture(scope="module")
-def case():
+def case(tmp_path_factory):
     model = load(build_hf("llama", n_layers=3))
-    dicts = [RandomSAE(hook, model.d_model, 6, seed) for seed, hook in enumerate(HOOKS)]
+    dicts = random_saes(tmp_path_factory.mktemp("circuit"), model.d_model)
     return model, make_pairs(n_pairs=2, seq_len=5), dicts
 
 
@@ -48,7 +50,7 @@ def test_exact_scores_are_ranked_by_size(case):
     assert torch.isfinite(torch.tensor([e["weight"] for e in circuit.edges])).all()
 
 
-def test_bad_arguments(case):
+def test_bad_arguments(case, tmp_path):
     model, pairs, dicts = case
     with pytest.raises(InputError, match="method"):
         feature_circuit(model, pairs, dicts, method="ig")
@@ -56,3 +58,9 @@ def test_bad_arguments(case):
         feature_circuit(model, pairs, [])
     with pytest.raises(InputError, match="k must be"):
         feature_circuit(model, pairs, dicts, k=0)
+    other = random_saes(tmp_path, model.d_model + 8, HOOKS[:1])
+    with pytest.raises(InputError, match="d_in 40"):
+        feature_circuit(model, pairs, other)
+    transcoder = load_dictionary(write_circuit_tracer(tmp_path / "tc", [1], model.d_model, 4), layer=1)
+    with pytest.raises(InputError, match="transcoder"):
+        feature_circuit(model, pairs, [transcoder])

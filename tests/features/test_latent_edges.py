@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from atpstar import load_dictionary
 from atpstar.cost import Cost
 from atpstar.features.latent_edges import (
     capture,
@@ -15,39 +16,39 @@ from atpstar.features.latent_edges import (
     metric_edges_atp,
 )
 from atpstar.job import Job
+from atpstar.testing.fixtures import write_saelens
 from features.reference import latent_edges
 from reference.models import assert_rel_close, build_hf, load, make_pairs
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.2.hook_attn_out")
 
 
-class RandomSAE:
-    """A ReLU SAE with random weights (no normalisation, no decoder bias at the input)."""
+# (hook, activation, extra config): three activations, one with SAELens' per-token norm rescaling.
+KINDS = (("relu", {}), ("topk", {"k": 3}), ("jumprelu", {"normalize_activations": "constant_norm_rescale"}))
 
-    def __init__(self, hook: str, d_model: int, d_sae: int, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.name, self.hook, self.transcoder = f"sae{seed}", hook, False
-        self.layer = int(hook.split(".")[1])
-        self.W_enc = torch.randn(d_model, d_sae, generator=gen, dtype=torch.float64) / d_model**0.5
-        self.b_enc = torch.full((d_sae,), 0.1, dtype=torch.float64)
-        self.W_dec = torch.randn(d_sae, d_model, generator=gen, dtype=torch.float64) * 0.5
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x @ self.W_enc.to(x.dtype) + self.b_enc.to(x.dtype))
+def random_saes(folder, d_model: int, hooks=HOOKS, d_sae: int = 6) -> list:
+    """Random SAELens dictionaries at ``hooks`` (``atpstar.testing`` writers), loaded in float64."""
+    out = []
+    for seed, (hook, (activation, cfg)) in enumerate(zip(hooks, KINDS)):
+        path = write_saelens(folder / f"sae{seed}", hook, d_model, d_sae, seed=seed, activation=activation, **cfg)
+        out.append(load_dictionary(path, name=f"sae{seed}", dtype=torch.float64))
+    return out
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
-def setup(request):
+def setup(request, tmp_path_factory):
     hf = build_hf(request.param, n_layers=3)
     model, pairs = load(hf), make_pairs(n_pairs=2, seq_len=5)
-    dicts = [RandomSAE(hook, model.d_model, 6, seed) for seed, hook in enumerate(HOOKS)]
+    dicts = random_saes(tmp_path_factory.mktemp(request.param), model.d_model)
     job = Job(model, pairs, "noising", Cost())
     return hf, model, pairs, dicts, job, capture(job, dicts)
 
 
-def _active(captured, index: int, n: int) -> torch.Tensor:
-    """The n (latent, pos) with the largest |Δf| summed over pairs: [n, 2]."""
+def _active(captured, index: int, n: int, first_pos: int = 0) -> torch.Tensor:
+    """The n (latent, pos) at positions >= first_pos with the largest |Δf| summed over pairs: [n, 2]."""
     size = captured.delta[index].abs().sum(0)  # [T, S]
+    size[:first_pos] = -1.0
     top = size.flatten().topk(n).indices
     return torch.stack([top % size.shape[1], top // size.shape[1]], 1)
 
@@ -55,7 +56,8 @@ def _active(captured, index: int, n: int) -> torch.Tensor:
 @pytest.mark.parametrize("index", [0, 1])
 def test_latent_edges_match_brute_force(setup, index):
     hf, model, pairs, dicts, job, captured = setup
-    up, down = _active(captured, index, 3), _active(captured, index + 1, 3)
+    # Downstream latents late in the prompt, where upstream latents can reach them.
+    up, down = _active(captured, index, 3), _active(captured, index + 1, 3, first_pos=pairs.seq_len - 2)
     want_exact, want_linear = latent_edges(hf, pairs, dicts[index], dicts[index + 1], up.tolist(), down.tolist())
     got_exact = exact_latent_edges(job, captured, dicts, index, up, down)
     got_linear = latent_edges_atp(job, captured, dicts, index, up, down)
@@ -72,6 +74,6 @@ def test_metric_edges_match_brute_force(setup):
     assert_rel_close(metric_edges_atp(captured, dicts[2], 2, up), want_linear, 1e-9, "AtP latent -> metric")
 
 
-def test_forward_order():
-    dicts = [RandomSAE(hook, 8, 2, seed) for seed, hook in enumerate(reversed(HOOKS))]
+def test_forward_order(tmp_path):
+    dicts = random_saes(tmp_path, 8, tuple(reversed(HOOKS)), 2)
     assert [d.hook for d in in_forward_order(dicts)] == list(HOOKS)

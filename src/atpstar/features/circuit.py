@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..cost import Cost
+from ..dictionaries.sites import check_fits
 from ..errors import InputError
 from ..job import Job
 from ..model import as_model
@@ -119,7 +120,8 @@ def feature_circuit(
         A ``FeatureCircuit``; ``.save(path)`` writes its JSON.
 
     Raises:
-        InputError: no dictionaries, a transcoder, a bad ``k``/``method``/``direction``.
+        InputError: no dictionaries, a transcoder, a dictionary that does not fit the model, a bad
+            ``k``/``method``/``direction``.
     """
     if method not in METHODS:
         raise InputError(f"unknown feature-circuit method {method!r}; choose one of {list(METHODS)}")
@@ -129,6 +131,8 @@ def feature_circuit(
         raise InputError("feature_circuit needs at least one dictionary (atpstar.load_dictionary)")
     check_direction(direction)
     job = Job(as_model(model), pairs, direction, Cost())
+    for dictionary in dictionaries:
+        check_fits(dictionary, job.model)
     ordered = in_forward_order(dictionaries)
     captured = capture(job, ordered)
     kept = [_top_nodes(job, captured, ordered, i, k, method, candidates) for i in range(len(ordered))]

@@ -9,17 +9,14 @@ Shape letters: S latents, D d_model.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..dictionaries.sites import run_site
 from ..errors import InputError
 from ..runner import SITES
-
-_SUFFIXES = {"hook_resid_pre": ("resid_pre", 0), "hook_resid_post": ("resid_pre", 1), "hook_resid_mid": ("resid_mid", 0),
-             "hook_attn_out": ("attn_out", 0), "hook_mlp_out": ("mlp_out", 0)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -53,14 +50,8 @@ def placement(dictionary: Any) -> Placement:
             f"dictionary {name!r} is a transcoder (it reads {dictionary.hook}, writes {dictionary.write_hook}); "
             "feature circuits take SAEs, whose latents write where they read"
         )
-    match = re.match(r"^blocks\.(\d+)\.(.+)$", str(getattr(dictionary, "hook", "")))
-    if match is None or match.group(2) not in _SUFFIXES:
-        raise InputError(
-            f"dictionary {name!r} sits at {getattr(dictionary, 'hook', None)!r}; feature circuits "
-            f"take SAEs at blocks.{{layer}}.<hook> with hook one of {sorted(_SUFFIXES)}"
-        )
-    site, shift = _SUFFIXES[match.group(2)]
-    return Placement(int(match.group(1)) + shift, site)
+    site = run_site(str(getattr(dictionary, "hook", "")))
+    return Placement(site.layer, site.site)
 
 
 def decoder_rows(dictionary: Any) -> torch.Tensor:
