@@ -64,3 +64,17 @@ def test_bad_arguments(case, tmp_path):
     transcoder = load_dictionary(write_circuit_tracer(tmp_path / "tc", [1], model.d_model, 4), layer=1)
     with pytest.raises(InputError, match="transcoder"):
         feature_circuit(model, pairs, [transcoder])
+
+
+def test_drawing_carries_the_json(case, tmp_path):
+    import re
+
+    from atpstar.features.draw import circuit_section, write_html
+
+    model, pairs, dicts = case
+    circuit = feature_circuit(model, pairs, dicts, k=2)
+    section = circuit_section(circuit.data)
+    assert section.count("<circle") == 2 * len(HOOKS) and section.count("<line") == len(circuit.edges)
+    embedded = re.search(r'class="atpstar-feature-circuit">(.*)</script>', section, re.S)
+    assert embedded is not None and json.loads(embedded.group(1).replace("<\\/", "</")) == circuit.data
+    assert "<svg" in write_html(circuit.data, tmp_path / "c.html").read_text()
