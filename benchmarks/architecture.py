@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                 "edges.circuit_run", "dictionaries.patching", "dictionaries.estimate", "dictionaries.qkfix",
                 "features.sites", "features.latent_edges"]),
     ("node spaces", ["spaces", "spaces.*"]),
-    ("sweeps", ["sweeps", "sweeps.*", "checkpoint", "distributed.units", "edges.sweep"]),
+    ("sweeps", ["sweeps", "sweeps.*", "checkpoint", "distributed.units", "edges.sweep", "dictionaries.sampling"]),
     ("distributed", ["distributed", "distributed.*"]),
     ("results", ["result", "verification", "sink", "memory"]),
     ("methods", ["methods", "methods.*", "edges.eap", "edges.atpstar", "edges.subsampling", "edges.estimate"]),

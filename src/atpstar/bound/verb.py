@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..cost import Cost
+from ..dictionaries.sampling import bound_sampler
 from ..errors import InputError
 from ..fingerprint import check_reuse
 from ..job import Job
@@ -255,4 +256,5 @@ def _executor(run: Sampling) -> Any:
 SAMPLERS: dict[str, Callable[[Sampling], tuple[SubsamplingStats, dict[str, Any]]]] = {
     "sites": _sample_sites,
     "edges": _sample_edges,
+    "latents": bound_sampler,  # dictionary latents (``atpstar.dictionaries.sampling``)
 }

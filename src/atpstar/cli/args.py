@@ -46,6 +46,33 @@ def model_args(parser: argparse.ArgumentParser, default_model: str | None = None
         "denoising: patch clean activations into the noise run",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--dictionary",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an SAE or transcoder (SAELens, Gemma Scope 2 or circuit-tracer folder, or a hub id) whose latents and "
+        "error are nodes too (node types NAME and NAME.error); repeatable",
+    )
+
+
+def attach_dictionaries(args: argparse.Namespace) -> list[str]:
+    """Load and attach every ``--dictionary`` (before the node types are parsed) and add their node types to
+    ``--nodes`` unless it names one of them; returns their node types."""
+    paths = getattr(args, "dictionary", None) or []
+    if not paths:
+        return []
+    from ..dictionaries import load_dictionary
+    from ..spaces.latents import attach
+
+    added: list[str] = []
+    for path in paths:
+        types = attach([load_dictionary(path)])
+        listed = str(getattr(args, "nodes", "") or "").split(",")
+        if hasattr(args, "nodes") and not set(types) & set(listed):
+            args.nodes = ",".join([*filter(None, listed), *types])
+        added += types
+    return added
 
 
 def worker_args(parser: argparse.ArgumentParser) -> None:

@@ -22,12 +22,13 @@ NODE_GROUPS = {
 
 
 def parse_nodes(text: str) -> list[str]:
-    """``all``, ``attention``, ``qkv`` or a comma list of node types."""
+    """``all``, ``attention``, ``qkv`` or a comma list of node types (and of those groups)."""
     from ..spaces import check_node_types
 
     if text in NODE_GROUPS:
         return NODE_GROUPS[text]
-    return check_node_types([t.strip() for t in text.split(",") if t.strip()])
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return check_node_types([t for item in items for t in NODE_GROUPS.get(item, [item])])
 
 
 def parse_options(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -72,7 +72,7 @@ class LatentNodes(NodeSpace):
 
     @classmethod
     def from_info(cls, info: Mapping[str, Any], node_types: Sequence[str]) -> NodeSpace:
-        described = (info.get("spaces") or {}).get(cls.kind, {})
+        described = {**registry.DESCRIBED, **((info.get("spaces") or {}).get(cls.kind, {}))}
         missing = [n for n in cls._names(node_types) if n not in described]
         if missing:
             raise InputError(f"this result does not describe dictionaries {missing}; it cannot name their latents")
