@@ -108,7 +108,8 @@ class Elements:
 def write_deltas(dictionaries: Sequence[Dictionary], cache: LatentCache, elements: Elements) -> torch.Tensor:
     """What each element adds at its write site: [B, D] (Δf_i · scale · W_dec[i], or Δerror)."""
     d_model = cache.patch.resid[0].shape[-1]
-    deltas = torch.zeros(len(elements), d_model, dtype=next(iter(cache.diffs.values())).error.dtype)
+    like = next(iter(cache.diffs.values())).error
+    deltas = torch.zeros(len(elements), d_model, dtype=like.dtype, device=like.device)
     for index, dictionary in enumerate(dictionaries):
         rows = torch.nonzero(elements.dictionary == index)[:, 0]
         if len(rows) == 0:
@@ -118,7 +119,7 @@ def write_deltas(dictionaries: Sequence[Dictionary], cache: LatentCache, element
         deltas[rows[error]] = diff.error[part.pair[error], part.pos[error]]  # [b, D]
         latent, pair, pos = part.latent[~error], part.pair[~error], part.pos[~error]
         amount = diff.latents[pair, pos, latent] * diff.scale[pair, pos, 0]  # [b]
-        deltas[rows[~error]] = amount[:, None] * dictionary.W_dec[latent].to(deltas.dtype)  # [b, D]
+        deltas[rows[~error]] = amount[:, None] * dictionary.W_dec[latent].to(deltas)  # [b, D]
     return deltas
 
 

@@ -117,14 +117,14 @@ class LatentQKFix:
         latent = torch.cat([latent, torch.full_like(err_pair, -1)])
         deltas = torch.cat([deltas, diff.error[err_pair, err_pos]])  # [n, D]
         n_heads, n_kv, d_head = self.model.n_heads, self.model.n_kv_heads, self.model.d_head
-        q = torch.zeros(len(pair), n_heads, d_head, dtype=deltas.dtype)
-        k = torch.zeros(len(pair), n_kv, d_head, dtype=deltas.dtype)
+        q = torch.zeros(len(pair), n_heads, d_head, dtype=deltas.dtype, device=deltas.device)
+        k = torch.zeros(len(pair), n_kv, d_head, dtype=deltas.dtype, device=deltas.device)
         with torch.no_grad():
             for t in pos.unique().tolist():
                 rows = torch.nonzero(pos == t)[:, 0]
                 hidden = (upcast(x[pair[rows], t]) + deltas[rows]).to(x.dtype)[:, None]  # [r, 1, D]
                 q_t, k_t = layer_qk(self.model, layer, hidden, t)  # [r, H, 1, E], [r, K, 1, E]
-                q[rows], k[rows] = upcast(q_t[:, :, 0]).cpu(), upcast(k_t[:, :, 0]).cpu()
+                q[rows], k[rows] = upcast(q_t[:, :, 0]).to(q), upcast(k_t[:, :, 0]).to(k)
         seq_len = x.shape[1]
         self.cost.add_forward(len(pair) * self.share / (seq_len * self.n_layers))
         return _Changed(layer, pair, latent, pos, deltas, q, k)
@@ -143,12 +143,12 @@ class LatentQKFix:
         with torch.enable_grad():
             (through_qk,) = torch.autograd.grad((q, k), x, (grads[(m, "q")], grads[(m, "k")]), retain_graph=True)
         self.cost.add_backward(x.shape[0] * self.share, layers_covered=1, n_layers=self.n_layers)
-        linear = (changed.delta * upcast(through_qk)[changed.pair, changed.pos].cpu()).sum(-1)  # [n]
+        linear = (changed.delta * upcast(through_qk)[changed.pair, changed.pos].to(changed.delta)).sum(-1)  # [n]
         exact = self._exact(changed, upcast(q.detach()), upcast(k.detach()), upcast(grads[(m, "pattern")]))
-        fix = exact - linear  # [n]
+        fix = exact.to(linear) - linear  # [n]
         b, n_pos = x.shape[0], x.shape[1]
-        latents = torch.zeros(b, n_sae, n_pos, dtype=fix.dtype)
-        error = torch.zeros(b, n_pos, dtype=fix.dtype)
+        latents = torch.zeros(b, n_sae, n_pos, dtype=fix.dtype, device=fix.device)
+        error = torch.zeros(b, n_pos, dtype=fix.dtype, device=fix.device)
         is_error = changed.latent < 0
         latents[changed.pair[~is_error], changed.latent[~is_error], changed.pos[~is_error]] = fix[~is_error]
         error[changed.pair[is_error], changed.pos[is_error]] = fix[is_error]
@@ -158,7 +158,7 @@ class LatentQKFix:
         """Σ (A' - A) · ∂L/∂A over heads and the rows >= t each node changes: [n]."""
         args = self.model.attention_args[changed.layer]
         pattern = self.pattern[changed.layer]
-        out = torch.zeros(len(changed.pair), dtype=q.dtype)
+        out = torch.zeros(len(changed.pair), dtype=q.dtype, device=q.device)
         for t in changed.pos.unique().tolist():
             rows = torch.nonzero(changed.pos == t)[:, 0]
             pair = changed.pair[rows].to(q.device)
@@ -168,5 +168,5 @@ class LatentQKFix:
             queries[:, :, 0] = changed.q[rows].to(queries)
             new = attention_pattern(queries, keys, args.scaling, args.softcap, args.window)  # [r, H, T - t, T]
             old, grad = pattern[pair, :, t:], grad_pattern[pair, :, t:]  # [r, H, T - t, T]
-            out[rows] = ((new - old) * grad).sum((1, 2, 3)).cpu()
+            out[rows.to(out.device)] = ((new - old) * grad).sum((1, 2, 3))
         return out

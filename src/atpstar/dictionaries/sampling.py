@@ -39,11 +39,11 @@ def joint_writes(
         diff = cache.diffs[d.name]
         write = torch.zeros_like(diff.error[pair])  # [B, T, D]
         if latents in masks:
-            chosen = masks[latents].transpose(1, 2).to(diff.latents.dtype)  # [B, S, T] -> [B, T, S]
+            chosen = masks[latents].transpose(1, 2).to(diff.latents)  # [B, S, T] -> [B, T, S]
             amount = chosen * diff.latents[pair] * diff.scale[pair]  # [B, T, S]
             write = write + amount @ d.W_dec.to(amount.dtype)  # [B, T, D]
         if error in masks:
-            write = write + masks[error][..., None].to(write.dtype) * diff.error[pair]
+            write = write + masks[error][..., None].to(write) * diff.error[pair]
         out[d.name] = write
     return out
 
@@ -92,8 +92,10 @@ def sample_latents(
 
     def run(element: torch.Tensor) -> None:
         pair_index, sample_index = element % n_pairs, element // n_pairs
-        chosen = torch.stack([random_subset(layout.size, p, seed, int(j), int(s))
-                              for j, s in zip(pair_index, sample_index)]) & keep  # fmt: skip  [B, N]
+        chosen = (
+            torch.stack([random_subset(layout.size, p, seed, int(j), int(s)) for j, s in zip(pair_index, sample_index)])
+            & keep
+        )  # fmt: skip  [B, N]
         writes = joint_writes(dictionaries, cache, layout.unflatten(chosen), pair_index)
         metric = joint_patch(model, cache, dictionaries, writes, pair_index, job.cost)
         update_stats(values, chosen, metric.detach().double().cpu() - base_metric[pair_index], pair_index, n_pairs)
