@@ -14,6 +14,7 @@ Rows (seconds are the minimum over ``--repeats`` interleaved repeats, every row 
   verification: the per-node time should be of the order of the node one).
 
 Usage: python benchmarks/latent_speed.py [--pairs 4] [--seq 16] [--repeats 3] [--verify 32] [--width 16384]
+       [--dense-products]
 """
 
 from __future__ import annotations
@@ -82,7 +83,16 @@ def main() -> None:
     parser.add_argument("--verify", type=int, default=32)
     parser.add_argument("--width", type=int, default=16384)
     parser.add_argument("--l0", type=int, default=64)
+    parser.add_argument(
+        "--dense-products",
+        action="store_true",
+        help="products with Δf as dense matmuls (atpstar.dictionaries.sparse off), for comparison",
+    )
     args = parser.parse_args()
+    if args.dense_products:
+        from atpstar.dictionaries import sparse
+
+        sparse.DENSE_SHARE = -1.0
     model = build_model()
     vocab = model.hf_model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
