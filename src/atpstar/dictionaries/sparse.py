@@ -28,13 +28,14 @@ def _sparse(delta: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
 
 def delta_times_rows(delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """delta [.., S] @ rows [S, D] -> [.., D], visiting only the nonzeros of delta when they are few."""
-    found = _sparse(delta)
+    flat = delta.reshape(-1, delta.shape[-1])  # [M, S]
+    found = _sparse(flat)
     if found is None:
         return delta @ rows
-    *lead, latent = found
-    out = torch.zeros(*delta.shape[:-1], rows.shape[-1], dtype=torch.result_type(delta, rows), device=delta.device)
-    out.index_put_(tuple(lead), delta[found][:, None] * rows[latent], accumulate=True)  # [N, D] summed per row
-    return out
+    row, latent = found
+    out = torch.zeros(flat.shape[0], rows.shape[-1], dtype=torch.result_type(delta, rows), device=delta.device)
+    out.index_add_(0, row, flat[row, latent, None] * rows[latent])  # [N, D] summed into their rows
+    return out.view(*delta.shape[:-1], rows.shape[-1])  # [.., D]
 
 
 def delta_times_pullback(delta: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
