@@ -47,3 +47,18 @@ def test_a_dictionary_of_another_width_exits_2(setting, tmp_path, capsys):
                  "--dictionary", str(wide), "--out", str(tmp_path / "o")])  # fmt: skip
     assert code == 2 and "d_in 48" in capsys.readouterr().err
     detach(["wide"])
+
+
+def test_compare_reuses_latent_results_of_the_same_dictionary_only(setting, tmp_path, capsys):
+    model, pairs, sae, _ = setting
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(model), "--task", str(pairs), "--methods", "atp,atp*", "--nodes", "head",
+            "--no-progress", "--no-plots", "--k-max", "5", "--out", str(out)]  # fmt: skip
+    assert main([*args, "--dictionary", str(sae)]) == 0
+    assert (out / "ground_truth.json").is_file()
+    capsys.readouterr()
+    assert main([*args, "--dictionary", str(sae)]) == 0
+    assert "reusing" in capsys.readouterr().err
+    other = write_saelens(tmp_path / "sae-cli", "blocks.0.hook_resid_post", 32, 8, seed=9)  # same name, new weights
+    assert main([*args, "--dictionary", str(other)]) == 2
+    assert "dictionaries" in capsys.readouterr().err

@@ -87,3 +87,23 @@ def test_verify_and_the_bound_on_latents_use_exact_latent_patches(sae):
 def test_a_method_without_a_latent_form_refuses_before_any_pass(sae):
     with pytest.raises(InputError, match="does not support"):
         atpstar.attribute(tiny_model(), tiny_pairs(), "subsampling", nodes=["sae-a"])
+
+
+def test_latents_refuse_workers_before_any_pass(sae):
+    with pytest.raises(InputError, match="in-process only"):
+        atpstar.attribute(tiny_model(), tiny_pairs(), "atp", nodes=["sae-a"], workers=2)
+
+
+def test_evaluate_and_plots_take_latents(sae, tmp_path):
+    pytest.importorskip("matplotlib")
+    from atpstar.plots import plot_heatmaps
+
+    model, pairs = tiny_model(), tiny_pairs()
+    types = ["sae-a", "sae-a.error", "head"]
+    truth = atpstar.attribute(model, pairs, "activation_patching", nodes=types)
+    estimates = [atpstar.attribute(model, pairs, m, nodes=types) for m in ("atp", "atp*")]
+    evaluation = atpstar.evaluate(truth, estimates)
+    assert set(evaluation.curves) == {"atp", "atp*"}
+    assert all(path.exists() for path in plot_heatmaps(estimates[1], tmp_path / "maps"))
+    with pytest.raises(InputError, match="latents nodes on their own"):
+        atpstar.false_negative_bound(model, pairs, atpstar.verify(model, pairs, estimates[1], budget=3), samples=4)

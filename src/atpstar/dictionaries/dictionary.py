@@ -79,6 +79,12 @@ class Dictionary:
         return self.neuronpedia_id or self.name
 
     @property
+    def site(self) -> str:
+        """Where it reads, as the hook's short name: ``resid_post``, ``resid_pre``, ``resid_mid``, ``attn_out``,
+        ``mlp_in`` or ``mlp_out`` (a transcoder reads ``mlp_in`` or ``resid_mid`` and writes ``output_hook``)."""
+        return self.hook.split(".", 2)[2].replace("mlp.hook_out", "mlp_out").removeprefix("hook_")
+
+    @property
     def transcoder(self) -> bool:
         return self.output_hook is not None
 
@@ -142,7 +148,7 @@ class Dictionary:
             normed = normed - w["b_dec"]
         pre = normed @ w["W_enc"] + w["b_enc"]  # [.., S]
         if self.activation == "jumprelu":
-            return pre * (pre > w["threshold"])
+            return torch.relu(pre) * (pre > w["threshold"])
         if self.activation == "topk":
             top = torch.topk(pre, int(self.k or 1), dim=-1)
             return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))

@@ -1,8 +1,8 @@
 """Reading dictionaries from the files their publishers ship.
 
 - SAELens: a folder with ``cfg.json`` and ``sae_weights.safetensors`` (``W_enc`` [d_in, d_sae], ``W_dec``
-  [d_sae, d_in], ``b_enc``, ``b_dec``, ``threshold`` for JumpReLU). ``cfg.json`` keys read: ``d_in``, ``d_sae``,
-  ``architecture`` (``standard``, ``jumprelu``, ``topk``), ``hook_name`` (top level, or in ``metadata`` since
+  [d_sae, d_in], ``b_enc``, ``b_dec``, ``threshold`` (or training's ``log_threshold``) for JumpReLU).
+  ``cfg.json`` keys read: ``d_in``, ``d_sae``, ``architecture`` (``standard``, ``jumprelu``, ``topk``), ``hook_name`` (top level, or in ``metadata`` since
   SAELens 6), ``activation_fn``/``activation_fn_str`` and ``activation_fn_kwargs.k`` or ``k`` (TopK),
   ``apply_b_dec_to_input`` (default true), ``normalize_activations``, ``neuronpedia_id``.
 - Gemma Scope 2: ``params.safetensors`` with lower-case ``w_enc``, ``w_dec``, ``b_enc``, ``b_dec``,
@@ -126,6 +126,9 @@ def _saelens(folder: Path, site: str | None, layer: int | None) -> Dictionary:
     if architecture not in ("standard", "jumprelu", "topk") or activation not in ACTIVATIONS:
         raise InputError(f"SAELens architecture {architecture!r} with activation {fn!r} is not supported; "
                          f"supported: standard (relu or topk), jumprelu, topk")  # fmt: skip
+    k = int(cfg.get("k") or kwargs.get("k") or 0) or None
+    if activation == "topk" and k is None:
+        raise InputError(f"the TopK SAE at {str(folder)!r} does not say its k (cfg.json 'k' or activation_fn_kwargs.k)")
     norm = str(cfg.get("normalize_activations") or "none")
     if norm not in NORMALISATIONS:
         raise InputError(f"SAELens normalize_activations={norm!r} is not supported; supported: {list(NORMALISATIONS)} "
@@ -134,8 +137,8 @@ def _saelens(folder: Path, site: str | None, layer: int | None) -> Dictionary:
     return Dictionary(
         name=folder.name, hook=hook, layer=parse_hook(hook)[0],
         W_enc=weights["W_enc"], W_dec=weights["W_dec"], b_enc=weights["b_enc"], b_dec=weights["b_dec"],
-        activation=activation, threshold=weights.get("threshold"),
-        k=int(cfg.get("k") or kwargs.get("k") or 0) or None,
+        activation=activation, k=k,
+        threshold=weights["log_threshold"].exp() if "log_threshold" in weights else weights.get("threshold"),
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), normalize_activations=norm,
         format="saelens", source=str(folder), neuronpedia_id=cfg.get("neuronpedia_id") or meta.get("neuronpedia_id"),
     )  # fmt: skip

@@ -214,9 +214,11 @@ class Method:
                 f"{', '.join(m for m, r in METHODS.items() if runs_on_workers(r.cls))})"
             )
         not_sites = [t for t in node_types if space_class(t).engine != "sites"]
-        if self.distributable and not_sites:  # its own work units are site sweeps; whole calls run any space
+        local = [t for t in node_types if space_class(t).in_process]  # they need this process (attached dictionaries)
+        refused = local or (not_sites if self.distributable else [])  # its own work units are site sweeps
+        if refused:
             raise InputError(
-                f"{not_sites} nodes run in-process only; ask for them in a call without workers=/ray_address="
+                f"{refused} nodes run in-process only; ask for them in a call without workers=/ray_address="
             )
 
     def _executor(self, model: Model, workers: int | None, ray_address: str | None, progress: bool) -> Any:

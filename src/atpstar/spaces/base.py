@@ -46,6 +46,7 @@ class NodeSpace(ABC):
 
     kind: ClassVar[str] = ""
     engine: ClassVar[str] = ""  # which method entry point runs it ("sites", "edges"; ``Method.engines``)
+    in_process: ClassVar[bool] = False  # its nodes need state of this process (e.g. attached dictionaries): no workers
 
     def __init__(self, node_types: Sequence[str]) -> None:
         self.node_types = tuple(node_types)

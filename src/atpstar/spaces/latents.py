@@ -48,6 +48,7 @@ class LatentNodes(NodeSpace):
 
     kind: ClassVar[str] = "latents"
     engine: ClassVar[str] = "latents"
+    in_process: ClassVar[bool] = True  # the dictionaries are attached in this process, not on Ray workers
 
     def __init__(self, node_types: Sequence[str], descriptions: Mapping[str, Mapping[str, Any]],
                  dictionaries: Mapping[str, Any] | None = None) -> None:  # fmt: skip
