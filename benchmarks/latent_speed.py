@@ -110,14 +110,17 @@ def main() -> None:
         "atp* latents": lambda: atpstar.attribute(model, pairs, "atp*", nodes=latent_nodes, batch_size=args.pairs),
     }
     for name, run in runs.items():  # warm-up, and the estimates verification starts from
-        results[name] = run()
-    for _ in range(args.repeats):
+        seconds, results[name] = timed(run)
+        print(f"warm-up {name}: {seconds:.2f} s", flush=True)
+    for repeat in range(args.repeats):
         for name, run in runs.items():
             rows.setdefault(name, []).append(timed(run)[0])
+            print(f"repeat {repeat} {name}: {rows[name][-1]:.2f} s", flush=True)
         for kind in ("nodes", "latents"):
             estimate = results[f"atp {kind}"]
             seconds, _ = timed(lambda: atpstar.verify(model, pairs, estimate, budget=args.verify))
             rows.setdefault(f"verify {kind}", []).append(seconds / args.verify)
+            print(f"repeat {repeat} verify {kind}: {seconds:.2f} s", flush=True)
     best = {name: min(times) for name, times in rows.items()}
     print(f"Gemma-3-270M shape, random weights; {len(dicts)} JumpReLU dictionaries of width {args.width} "
           f"(~{args.l0} active per token); {args.pairs} pairs x {args.seq} tokens; min of {args.repeats} repeats")  # fmt: skip
