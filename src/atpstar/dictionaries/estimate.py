@@ -35,6 +35,7 @@ from .patching import Differences, dictionary_sites, differences
 from .qkfix import FIX_SITES, LatentQKFix
 from .registry import node_types_of
 from .sites import run_site
+from .sparse import delta_times_pullback
 
 
 def latent_pullback(
@@ -42,8 +43,9 @@ def latent_pullback(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents [b, S, T], error [b, T]) estimates from the gradient ∂L/∂y [b, T, D] at the write site."""
     grad = upcast(grad.detach())
-    grad_f = (grad * diff.scale) @ dictionary.W_dec.to(grad.device, grad.dtype).T  # [b, T, S]
-    latents = points.mean(diff.latents * grad_f).transpose(1, 2)  # [b, T, S] -> [b, S, T]
+    rows = dictionary.W_dec.to(grad.device, grad.dtype)  # [S, D]
+    pulled = delta_times_pullback(diff.latents, grad * diff.scale, rows)  # Δf ⊙ (g W_decᵀ): [b, T, S]
+    latents = points.mean(pulled).transpose(1, 2)  # [b, T, S] -> [b, S, T]
     error = points.mean(diff.error * grad).sum(-1)  # [b, T]
     return latents, error
 

@@ -29,6 +29,7 @@ from ..pairs import PromptPairs
 from ..runner import Run
 from .dictionary import Dictionary
 from .sites import Site, run_site
+from .sparse import delta_times_rows
 
 
 @dataclass
@@ -50,9 +51,16 @@ def differences(dictionary: Dictionary, source: Run, base: Run) -> Differences:
     x_src, x_base = (upcast(run.get(read.site, read.layer).detach()) for run in (source, base))
     y_src, y_base = (upcast(run.get(write.site, write.layer).detach()) for run in (source, base))
     f_src, f_base = dictionary.encode(x_src), dictionary.encode(x_base)  # [P, T, S]
+    delta = f_src - f_base
+    if dictionary.normalize_activations == "none":
+        # write(f, x) = f W_dec + b_dec (+ x W_skip): its change is Δf W_dec (+ Δx W_skip), and Δf is sparse.
+        change = delta_times_rows(delta, dictionary.W_dec.to(delta.device, delta.dtype))  # [P, T, D]
+        if dictionary.W_skip is not None:
+            change = change + (x_src - x_base) @ dictionary.W_skip.to(delta.device, delta.dtype)
+        return Differences(delta, dictionary.decoder_scale(x_base), (y_src - y_base) - change)
     err_src = y_src - dictionary.write(f_src, x_src)
     err_base = y_base - dictionary.write(f_base, x_base)
-    return Differences(f_src - f_base, dictionary.decoder_scale(x_base), err_src - err_base)
+    return Differences(delta, dictionary.decoder_scale(x_base), err_src - err_base)
 
 
 def dictionary_sites(dictionaries: Sequence[Dictionary]) -> list[str]:

@@ -98,6 +98,8 @@ class LatentQKFix:
         self.pattern = {m: upcast(step.base.get("pattern", m).detach()) for m in self.base}  # [b, H, T, T]
         self.changed = {d.name: self._changed(d, diffs[d.name], self.layers[d.name]) for d in dictionaries
                         if d.name in self.layers}  # fmt: skip
+        # A' - A per changed node depends on the base run only; GradDrop's passes reuse it (key: node set, t).
+        self._pattern_changes: dict[tuple[int, int], torch.Tensor] = {}
 
     def _projection(self, step: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x [b, T, D] requiring grad, q, k): the base stream entering ``layer`` and its queries and keys, with graph."""
@@ -162,11 +164,14 @@ class LatentQKFix:
         for t in changed.pos.unique().tolist():
             rows = torch.nonzero(changed.pos == t)[:, 0]
             pair = changed.pair[rows].to(q.device)
-            keys = k[pair].clone()  # [r, K, T, E]
-            keys[:, :, t] = changed.k[rows].to(keys)
-            queries = q[pair, :, t:].clone()  # [r, H, T - t, E]
-            queries[:, :, 0] = changed.q[rows].to(queries)
-            new = attention_pattern(queries, keys, args.scaling, args.softcap, args.window)  # [r, H, T - t, T]
-            old, grad = pattern[pair, :, t:], grad_pattern[pair, :, t:]  # [r, H, T - t, T]
-            out[rows.to(out.device)] = ((new - old) * grad).sum((1, 2, 3))
+            key = (id(changed), t)
+            if key not in self._pattern_changes:
+                keys = k[pair].clone()  # [r, K, T, E]
+                keys[:, :, t] = changed.k[rows].to(keys)
+                queries = q[pair, :, t:].clone()  # [r, H, T - t, E]
+                queries[:, :, 0] = changed.q[rows].to(queries)
+                new = attention_pattern(queries, keys, args.scaling, args.softcap, args.window)  # [r, H, T - t, T]
+                self._pattern_changes[key] = new - pattern[pair, :, t:]  # [r, H, T - t, T]
+            grad = grad_pattern[pair, :, t:]  # [r, H, T - t, T]
+            out[rows.to(out.device)] = (self._pattern_changes[key] * grad).sum((1, 2, 3))
         return out
