@@ -1,104 +1,78 @@
-"""AtP variants: wall time relative to one forward+backward of the same batch, and peak memory.
+"""AtP variants: wall time and working memory relative to one forward+backward, in one or several source trees.
 
-Model: SmolLM2-135M's shape (Llama family: 30 layers, 9 query heads, 3 kv heads, d_model 576,
-d_mlp 1536, vocab 49152) with random weights, 8 prompt pairs of 16 tokens, all five node types.
-Each method runs in its own subprocess so its peak memory (max RSS, or CUDA peak on a GPU) is
-its own. Targets (issue): atp <= 1.6x, atp* <= 12x, atp* peak within 4 GB.
+Model: a random-weight model shaped like SmolLM2-135M (Llama family: 30 layers, 9 query heads, 3 kv heads,
+d_model 576, d_mlp 1536, vocab 49152) unless ``--model`` says otherwise; 8 prompt pairs of 16 tokens; all five
+node types; edges for ``eap`` / ``edge atp*``. How noise is kept out of the ratios (one worker process per
+tree importing that tree's ``atpstar``, fixed threads, interleaved rounds, minima, per-round ratios) and how
+memory is measured (the kernel's peak RSS in a process where every tensor is its own mapping, or the CUDA
+allocator): ``benchmarks/trees.py``.
 
-Usage: python benchmarks/atp_speed.py [--pairs 8] [--seq 16] [--device cpu|cuda] [--repeats 2]
+Targets: atp and eap <= 1.6x, atp* and edge atp* <= 12x one forward+backward; atp* working memory (weights
+excluded) <= 1.5x that of one forward+backward.
+
+Usage (from the repository root):
+    python benchmarks/atp_speed.py                                     # this tree, 5 rounds
+    git worktree add --detach /tmp/v020 <0.2.0 commit>
+    python benchmarks/atp_speed.py --trees v0.2=/tmp/v020,now=. --rounds 7 --memory
+    python benchmarks/atp_speed.py --model pythia-410m --pairs 4 --seq 32 --calls fwd+bwd,atp,atp*
+    python benchmarks/atp_speed.py --device cuda --model llama-1b --pairs 8 --seq 128
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
 import sys
-import time
+from pathlib import Path
 
-import torch
+from trees import CALLS, conditions, configs, memory_calls, parse_trees, time_calls, time_table
 
-METHODS = ["atp", "atp+qkfix", "atp+graddrop", "atp*"]
-NODES = ["neuron", "query", "key", "value", "head"]
-
-
-def build(device: str):  # type: ignore[no-untyped-def]
-    import transformers as tf
-
-    import atpstar
-
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
-                            intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
-    hf = tf.AutoModelForCausalLM.from_config(config).eval().to(device)
-    return atpstar.load_model(hf)
-
-
-def forward_backward(model, pairs) -> None:  # type: ignore[no-untyped-def]
-    """One forward and one backward of the batch w.r.t. the embeddings (parameters frozen, as AtP)."""
-    from atpstar.runner import Run
-
-    with torch.enable_grad():
-        hidden = model.embed(pairs.clean).detach().requires_grad_(True)
-        final = model.run_layers(hidden, Run(model.n_layers))
-        metric = pairs.evaluate_metric(model.unembed(final[:, -1]), torch.arange(pairs.n_pairs, device=final.device))
-        torch.autograd.grad(metric.sum(), hidden)
-
-
-def worker(method: str, n_pairs: int, seq: int, device: str, repeats: int) -> dict[str, float]:
-    import atpstar
-
-    model = build(device)
-    vocab = model.hf_model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    pairs = atpstar.PromptPairs(torch.randint(0, vocab, (n_pairs, seq), generator=gen),
-                                torch.randint(0, vocab, (n_pairs, seq), generator=gen),
-                                answer=torch.arange(n_pairs), distractor=torch.arange(n_pairs) + 100)
-    run = (lambda: forward_backward(model, pairs)) if method == "fwd+bwd" else (
-        lambda: atpstar.attribute(model, pairs, method=method, nodes=NODES, batch_size=n_pairs))
-    run()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": min(times), "peak_gb": peak / 2**30}
+DEFAULT_CALLS = "fwd+bwd,atp,atp+qkfix,atp+graddrop,atp*,eap,edge atp*"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trees", default=None, help="label=path,... source trees to compare (default: this one)")
+    parser.add_argument("--model", default="smollm2-135m", choices=sorted(configs()))
+    parser.add_argument("--layers", type=int, default=None, help="override the model's depth (say so in results)")
+    parser.add_argument("--vocab", type=int, default=None, help="override the vocabulary size (say so in results)")
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--seq", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--calls", default=DEFAULT_CALLS, help=f"fwd+bwd (always), exact, {', '.join(CALLS)}")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the minimum counts)")
+    parser.add_argument("--threads", type=int, default=1, help="threads per worker (the same in every tree)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall time, or the worker's CPU time (leaves out waiting for a core on a loaded machine)",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--memory", action="store_true", help="also measure working memory (separate workers)")
+    parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.pairs, args.seq, args.device, args.repeats)))
-        return
-    rows = {}
-    for method in ["fwd+bwd", *METHODS]:
-        cmd = [sys.executable, __file__, "--worker", method, "--pairs", str(args.pairs), "--seq", str(args.seq),
-               "--device", args.device, "--repeats", str(args.repeats)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        rows[method] = json.loads(out)
-        print(f"  {method}: {rows[method]}", file=sys.stderr)
-    base = rows["fwd+bwd"]["seconds"]
-    targets = {"atp": "<= 1.6x", "atp*": "<= 12x, <= 4 GB"}
-    print(f"\nAtP variants on a SmolLM2-135M-shaped Llama (random weights), {args.pairs} pairs x {args.seq} tokens, "
-          f"all five node types, device {args.device}, {torch.get_num_threads()} threads\n")
-    print("| method | wall s | x (fwd+bwd) | peak memory GB | target |")
-    print("|---|---:|---:|---:|---|")
-    for method, row in rows.items():
-        print(f"| {method} | {row['seconds']:.2f} | {row['seconds'] / base:.2f} | {row['peak_gb']:.2f} | {targets.get(method, '')} |")
-    print("\npeak memory: max RSS of the process (CPU, includes the model) or CUDA peak allocated (GPU)")
+    calls = ["fwd+bwd", *[c for c in args.calls.split(",") if c and c != "fwd+bwd"]]
+    unknown = [c for c in calls if c not in CALLS and c not in ("fwd+bwd", "exact")]
+    if unknown:
+        parser.error(f"unknown calls {unknown}; choose from fwd+bwd, exact, {', '.join(CALLS)}")
+    trees = parse_trees(args.trees)
+    spec = {"model": args.model, "layers": args.layers, "vocab": args.vocab, "pairs": args.pairs, "seq": args.seq, "calls": calls,
+            "threads": args.threads, "device": args.device}  # fmt: skip
+    memory = memory_calls(trees, spec, sys.stderr) if args.memory else None
+    timings = time_calls(trees, spec, args.rounds, sys.stderr, args.clock)
+    depth = (f", {args.layers} layers" if args.layers else "") + (f", vocabulary {args.vocab}" if args.vocab else "")
+    lines = [
+        f"## AtP variants on a {args.model}-shaped model{depth} (random weights), {args.pairs} pairs x {args.seq} "
+        f"tokens, {args.device}",
+        "",
+        f"{args.rounds} interleaved rounds, {args.clock} clock; {conditions(timings, args.threads)}.",
+        "",
+        *time_table(args.model, timings, memory),
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 
 from ..families import LayerAttention
 from ..nodes import NODE_TABLE
-from ..ops import graddrop_combine, key_fix, query_fix, upcast
+from ..ops import key_fix, query_fix, upcast
 from .step import GradientStep, atp_estimate, summed_over_points
 
 QK_SITES = ("q", "k")  # the sites whose nodes the QK fix recomputes exactly (through ∂L/∂pattern)
@@ -102,7 +102,11 @@ def node_estimate(
 
 
 def node_estimates(
-    step: GradientStep, attention_args: Sequence[LayerAttention], node_types: list[str], plan: SitePlan
+    step: GradientStep,
+    attention_args: Sequence[LayerAttention],
+    node_types: list[str],
+    plan: SitePlan,
+    into: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run the step's backward passes, folding each site's gradient into estimates as it comes.
 
@@ -110,12 +114,15 @@ def node_estimates(
         attention_args: per layer, the attention's scaling, soft-cap and window (the QK fix).
         node_types: the node types to estimate.
         plan: the step's sites (``plan_sites``).
+        into: optional node type -> [b, *layout] tensors in the estimates' dtype (e.g. the result's rows of
+            these pairs) that the estimates are written into layer by layer, GradDrop's running sums too,
+            so no second copy of the results exists; returned filled.
 
     Returns:
         node type -> [b, *layout]: Î (AtP, on a path IG) or GradDrop's ĉ with ``step.grad_drop``.
     """
     n_layers, from_site, reads, fix = len(attention_args), plan.from_site, plan.reads, plan.fix
-    per_layer: dict[str, dict[int, torch.Tensor]] = {t: {} for t in node_types}  # t -> layer -> [b, *layout[1:]]
+    out = _Layers(n_layers, into)  # node type -> [b, L, *layout[1:]], written layer by layer as gradients arrive
 
     def estimate(layer: int, node_type: str, grad: torch.Tensor) -> torch.Tensor:
         return node_estimate(step, attention_args[layer], node_type, layer, grad, fix)
@@ -124,30 +131,57 @@ def node_estimates(
 
         def keep_plain(layer: int, site: str, grad: torch.Tensor) -> None:
             for t in from_site[site]:
-                per_layer[t][layer] = estimate(layer, t, grad)
+                out.put(t, layer, estimate(layer, t, grad))
             for read in reads[site]:
                 step.release(read, layer)
 
         step.backward(summed_over_points(step, keep_plain))
-        return {t: _stack([v[m] for m in range(n_layers)]) for t, v in per_layer.items()}  # [b, *layout]
+        return out.tensors(node_types)  # [b, *layout]
 
     def start_sums(layer: int, site: str, grad: torch.Tensor) -> None:
         for t in from_site[site]:
-            per_layer[t][layer] = layer * estimate(layer, t, grad).abs()  # the m layers below leave it unchanged
+            out.put(t, layer, layer * estimate(layer, t, grad).abs_())  # the m layers below leave it unchanged
 
     def add_dropped(layer: int, site: str, grad: torch.Tensor) -> None:
         for t in from_site[site]:
-            per_layer[t][layer].add_(estimate(layer, t, grad).abs())
+            out.add(t, layer, estimate(layer, t, grad).abs_())
 
     step.backward(start_sums)
     for site in {*from_site, *plan.sites}:  # the top layer is never below a dropped layer
         step.release(site, n_layers - 1)
     for _ in step.dropped(add_dropped):
         pass
-    return {t: graddrop_combine(_stack([v[m] for m in range(n_layers)]), n_layers) for t, v in per_layer.items()}
+    step.close()  # the differences and records go before the results are combined
+    sums = out.tensors(node_types)
+    return {t: sums[t].div_(n_layers - 1) for t in node_types}  # graddrop_combine, in place
 
 
-def _stack(per_layer: list[torch.Tensor]) -> torch.Tensor:
-    """L x [b, ...] -> [b, L, ...] on the first layer's device (layers of a dispatched model differ)."""
-    device = per_layer[0].device
-    return torch.stack([est.to(device) for est in per_layer], 1)
+class _Layers:
+    """Per node type one [b, L, *layout[1:]] tensor, filled layer by layer (no per-layer list to stack).
+
+    Allocated at the first layer's estimate unless given; an estimate on another device (a dispatched model)
+    is moved there, and the whole tensor to layer 0's device at the end, as stacking the layers did.
+    """
+
+    def __init__(self, n_layers: int, into: dict[str, torch.Tensor] | None = None) -> None:
+        self.n_layers = n_layers
+        self._out: dict[str, torch.Tensor] = dict(into or {})
+        self._device: dict[str, torch.device] = {}
+
+    def put(self, node_type: str, layer: int, est: torch.Tensor) -> None:
+        if node_type not in self._out:
+            shape = (est.shape[0], self.n_layers, *est.shape[1:])
+            self._out[node_type] = torch.empty(shape, dtype=est.dtype, device=est.device)
+        if layer == 0:
+            self._device[node_type] = est.device
+        self.at(node_type, layer).copy_(est)
+
+    def add(self, node_type: str, layer: int, est: torch.Tensor) -> None:
+        self.at(node_type, layer).add_(est.to(self._out[node_type].device))
+
+    def at(self, node_type: str, layer: int) -> torch.Tensor:
+        """The view [b, *layout[1:]] of ``layer``."""
+        return self._out[node_type][:, layer]
+
+    def tensors(self, node_types: list[str]) -> dict[str, torch.Tensor]:
+        return {t: self._out[t].to(self._device.get(t, self._out[t].device)) for t in node_types}

@@ -171,9 +171,13 @@ class AttributionPatching(Method):
         guard = BatchGuard(f"{self.id}: pairs", model.device)
         guard.limit = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, node_types).batch
 
+        # On the CPU the estimates are written straight into the result's rows (no second copy of the results).
+        in_place = self.keep == "all" and model.device.type == "cpu"
+
         def step(part: slice) -> None:
             index = torch.arange(part.start, part.stop)
-            sink.add(index, self._estimate(model, pairs, index, node_types, direction, cost))
+            into = {t: sink.dense[t][part] for t in node_types} if in_place else None
+            sink.add(index, self._estimate(model, pairs, index, node_types, direction, cost, into))
             bar.update(len(index))
 
         with progress_bar(pairs.n_pairs, self.id, progress, unit="pair") as bar:
@@ -208,7 +212,14 @@ class AttributionPatching(Method):
         )  # fmt: skip
 
     def _estimate(
-        self, model: Model, pairs: PromptPairs, index: torch.Tensor, node_types: list[str], direction: str, cost: Cost
+        self,
+        model: Model,
+        pairs: PromptPairs,
+        index: torch.Tensor,
+        node_types: list[str],
+        direction: str,
+        cost: Cost,
+        into: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-pair estimates for the pairs ``index``: node type -> [b, *layout].
 
@@ -230,7 +241,7 @@ class AttributionPatching(Method):
             grad_drop=self.grad_drop,
             points=self._points(),
         ) as step:
-            return node_estimates(step, model.attention_args, node_types, plan)
+            return node_estimates(step, model.attention_args, node_types, plan, into)
 
 
 def _edge_extra_cost(model: Model, n_pairs: int, qk_fix: bool, grad_drop: bool) -> Cost:
