@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("results", ["result", "verification", "sink", "memory"]),
     ("methods", ["methods", "methods.*", "edges.eap", "edges.atpstar", "edges.subsampling", "edges.estimate"]),
     ("verbs", ["verify", "bound", "bound.*", "find", "find.*", "find_state", "find_resume", "localization",
-               "evaluate", "evaluate.*", "api", "edges.verify", "edges.circuits", "edges.mib", "edges", "features",
+               "evaluate", "evaluate.*", "api", "edges.verify", "edges.circuits", "edges.circuit_select", "edges.mib", "edges", "features",
                "features.circuit", ""]),
     ("report", ["report", "plots", "testing", "testing.*", "edges.report", "mib", "mib.*", "viewer", "viewer.*",
                 "features.draw"]),

@@ -1,20 +1,15 @@
 """Circuits from edge scores and MIB's faithfulness metrics.
 
 A circuit of size k is the k edges with the largest score, signed or |score| (MIB's ``apply_topn``),
-optionally pruned as MIB prunes: repeatedly drop nodes with no incoming edge (``input`` always has
-one) or no outgoing edge (``logits`` is always kept), and the edges they touch. Scores are MIB's
-(``edges.mib.mib_scores``, 0019): higher is more important.
+optionally pruned as MIB prunes (drop nodes with no incoming or no outgoing edge, and their edges;
+``input`` and ``logits`` stay). Scores are MIB's (``edges.mib.mib_scores``, 0019): higher is more important.
 
-Faithfulness of a circuit C (MIB, circuit-localization track):
-    f(C) = (m(C) - m(∅)) / (m(M) - m(∅)),
-with m the metric averaged over the pairs, m(M) the base run (every edge present), m(∅) every edge
-patched to its source value, and m(C) the edges outside C patched to their source values. MIB scores
-a method by the curve of f over circuit sizes k = ⌊fraction · N⌋ at ``MIB_FRACTIONS`` of the N edges:
-    CPR = Σ_i (x_{i+1} - x_i) (f_i + f_{i+1}) / 2            (area under f; higher is better)
-    CMD = Σ_i (x_{i+1} - x_i) (|1 - f_i| + |1 - f_{i+1}|) / 2  (area between f and 1; lower is better)
-with x the fractions (linear scale, as MIB's default). As MIB's leaderboard does, CPR is the area under
-the curve of the circuits ranked by signed score and CMD the area from 1 of the circuits ranked by
-|score| (MIB runs its evaluation with ``absolute=False`` and ``absolute=True``).
+Faithfulness of a circuit C: f(C) = (m(C) - m(∅)) / (m(M) - m(∅)), m the metric averaged over the pairs,
+m(M) the base run, m(∅) every edge patched to its source value, m(C) the edges outside C patched. Over
+circuit sizes k = ⌊fraction · N⌋ at ``MIB_FRACTIONS`` (x, linear scale as MIB's default):
+    CPR = Σ_i (x_{i+1} - x_i) (f_i + f_{i+1}) / 2            (circuits ranked by signed score; higher is better)
+    CMD = Σ_i (x_{i+1} - x_i) (|1 - f_i| + |1 - f_{i+1}|) / 2  (circuits ranked by |score|; lower is better)
+as MIB's leaderboard (its evaluation with ``absolute=False`` and ``absolute=True``).
 
 Shape letters: P pairs, S senders, R receivers, N edges, K circuit sizes.
 """
@@ -40,67 +35,15 @@ from ..persist import write_text
 from ..progress import progress_bar
 from ..validate import check_pairs_fit
 from .circuit_run import circuit_bytes, circuit_metric
+from .circuit_select import circuit_nodes as circuit_nodes  # re-exported: circuits are chosen there
+from .circuit_select import prune_circuit as prune_circuit
+from .circuit_select import receiver_owner as receiver_owner
+from .circuit_select import top_edges
 from .graph import EdgeGraph, graph_of
 from .patching import prepare_edges
 
 # MIB's circuit sizes, as fractions of all edges.
 MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-
-
-def top_edges(
-    graph: EdgeGraph, scores: torch.Tensor, k: int, prune: bool = True, absolute: bool = True
-) -> torch.Tensor:
-    """bool [N]: the k edges with the largest |scores| [N] (``absolute=False``: largest signed scores;
-    ties: edge order), pruned if asked."""
-    if scores.shape != (graph.n_edges,):
-        raise InputError(f"edge scores must have shape [{graph.n_edges}]; got {tuple(scores.shape)}")
-    if not 0 <= k <= graph.n_edges:
-        raise InputError(f"circuit size must lie in [0, {graph.n_edges}]; got {k}")
-    key = scores.double().abs() if absolute else scores.double()
-    order = torch.sort(key, descending=True, stable=True).indices
-    chosen = torch.zeros(graph.n_edges, dtype=torch.bool)
-    chosen[order[:k]] = True
-    return prune_circuit(graph, chosen) if prune else chosen
-
-
-def receiver_owner(graph: EdgeGraph) -> torch.Tensor:
-    """[R] the sender node each receiver belongs to (-1 for logits): a{l}.h{h}<q|k|v> -> a{l}.h{h}, m{l} -> m{l}."""
-    owner = torch.full((graph.n_receivers,), -1, dtype=torch.long)
-    for layer in range(graph.n_layers):
-        for head in range(graph.n_heads):
-            for kind in ("q", "k", "v"):
-                owner[graph.qkv_receiver(layer, kind, head)] = graph.head_sender(layer, head)
-        owner[graph.mlp_receiver(layer)] = graph.mlp_sender(layer)
-    return owner
-
-
-def prune_circuit(graph: EdgeGraph, in_graph: torch.Tensor) -> torch.Tensor:
-    """Drop edges whose sender has no incoming edge (except ``input``) or whose receiver's node has
-    no outgoing edge (except ``logits``), until nothing changes. in_graph: bool [N] -> [N]."""
-    owner = receiver_owner(graph)
-    sender, receiver = graph.sender_index, graph.receiver_index
-    edges = in_graph.clone()
-    while True:
-        has_out = torch.zeros(graph.n_senders, dtype=torch.bool)
-        has_out[sender[edges]] = True
-        has_in = torch.zeros(graph.n_senders, dtype=torch.bool)
-        fed = owner[receiver[edges]]
-        has_in[fed[fed >= 0]] = True
-        has_in[0] = True  # input
-        alive = has_out & has_in
-        receiver_alive = torch.where(owner[receiver] >= 0, alive[owner[receiver].clamp(min=0)], True)
-        kept = edges & alive[sender] & receiver_alive
-        if torch.equal(kept, edges):
-            return kept
-        edges = kept
-
-
-def circuit_nodes(graph: EdgeGraph, in_graph: torch.Tensor) -> list[str]:
-    """Names of the nodes a circuit touches (senders of its edges, owners of its receivers, logits)."""
-    owner = receiver_owner(graph)
-    touched = set(graph.sender_index[in_graph].tolist()) | set(owner[graph.receiver_index[in_graph]].tolist())
-    names = graph.sender_names
-    return [names[s] for s in sorted(t for t in touched if t >= 0)] + (["logits"] if bool(in_graph.any()) else [])
 
 
 @dataclass
