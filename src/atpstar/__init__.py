@@ -5,9 +5,16 @@ Exact activation patching, Attribution Patching (AtP) and AtP* (Kramár et al. 2
 Example:
     >>> import atpstar
     >>> model = atpstar.load_model("toy-ioi")
-    >>> pairs = atpstar.tasks.ioi(model.tokenizer, n=8)
+    >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
     >>> result = atpstar.attribute(model, pairs, method="atp*", nodes=["query", "key", "value", "head"])
-    >>> result.top(10)
+    >>> [(node.name, round(node.score, 3)) for node in result.top(2)]
+    [('blocks.1.attn.hook_k[pos 10, head 0]', 6.643), ('blocks.1.attn.hook_k[pos 10, head 1]', 5.587)]
+    >>> sorted(atpstar.METHODS)
+    ['activation_patching', 'atp', 'atp*', 'atp+graddrop', 'atp+ig', 'atp+qkfix', 'blocks', 'hierarchical', 'subsampling']
+    >>> atpstar.NODE_TYPES
+    ('neuron', 'query', 'key', 'value', 'head')
+    >>> atpstar.__version__  # doctest: +ELLIPSIS
+    '0...'
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from . import tasks, zoo
 from .api import attribute, predict_memory
 from .bound import FalseNegativeBound, false_negative_bound
 from .cost import Cost
+from .dictionaries import Dictionary, load_dictionary
 from .edges import EdgeGraph, FaithfulnessCurve, edge_names, faithfulness_curve, load_mib
 from .errors import (
     AtpstarError,
@@ -35,6 +43,7 @@ from .methods import METHODS
 from .model import Model
 from .nodes import NODE_TYPES
 from .pairs import PromptPairs
+from .pairsets import PairSet
 from .result import Attribution
 from .sink import read_per_pair
 from .verify import Verification, verify
@@ -50,6 +59,7 @@ __all__ = [
     "OutOfMemory",
     "Attribution",
     "Cost",
+    "Dictionary",
     "EdgeGraph",
     "FaithfulnessCurve",
     "Evaluation",
@@ -58,6 +68,7 @@ __all__ = [
     "Localization",
     "MemoryPlan",
     "Model",
+    "PairSet",
     "PromptPairs",
     "UnsupportedModelError",
     "Verification",
@@ -65,6 +76,7 @@ __all__ = [
     "attribute",
     "edge_names",
     "faithfulness_curve",
+    "load_dictionary",
     "load_mib",
     "evaluate",
     "false_negative_bound",

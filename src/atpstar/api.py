@@ -24,6 +24,7 @@ def attribute(
     progress: bool = False,
     workers: int | None = None,
     ray_address: str | None = None,
+    dictionaries: Any = (),
     **options: Any,
 ) -> Attribution:
     """Attribute the metric of ``pairs`` to every node of the requested types with one method.
@@ -42,17 +43,44 @@ def attribute(
             ``pip install 'atpstar[distributed]'``); None: in-process. Same numbers either way (up to float
             rounding of batch composition).
         ray_address: None starts a local Ray instance; ``"auto"`` joins a running cluster.
+        dictionaries: SAEs/transcoders (``load_dictionary``) whose latents are nodes too: each adds the node types
+            ``d.name`` ([P, d_sae, T]) and ``d.name + ".error"`` ([P, T]) unless ``nodes`` lists one of them.
         **options: the method's own options (see its class).
 
     Returns:
         ``Attribution`` with ``per_pair``, ``scores``, ``top(k)``, ``cost``.
 
     Example:
-        >>> result = attribute(model, pairs, method="activation_patching", nodes=["head"])
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> result = atpstar.attribute(model, pairs, method="atp+qkfix", nodes=["key", "head"])
+        >>> result.per_pair["key"].shape  # [P, L, K, T]
+        torch.Size([4, 2, 4, 15])
+        >>> print(result.cost)
+        8.0 forward + 4.0 backward = 16.0 forward-equivalents
+        >>> result.top(1)  # doctest: +ELLIPSIS
+        [RankedNode(node_type='key', index=(1, 0, 10), name='blocks.1.attn.hook_k[pos 10, head 0]', score=6.64...)]
     """
-    return build_method(method, **options).attribute(
+    chosen = build_method(method, **options)
+    nodes = with_dictionaries(nodes, dictionaries)
+    return chosen.attribute(
         model, pairs, nodes, direction=direction, progress=progress, workers=workers, ray_address=ray_address
     )
+
+
+def with_dictionaries(nodes: Any, dictionaries: Any) -> Any:
+    """``nodes`` plus the node types of ``dictionaries`` (attached first); each dictionary adds its latents and
+    error unless ``nodes`` names one of them already."""
+    if not dictionaries:
+        return nodes
+    from .spaces.latents import attach
+
+    listed = [nodes] if isinstance(nodes, str) else list(nodes)
+    for dictionary in list(dictionaries):
+        types = attach([dictionary])
+        listed += [] if set(types) & set(listed) else types
+    return listed
 
 
 def predict_memory(
@@ -72,7 +100,11 @@ def predict_memory(
         InputError: the run does not fit in ``memory_gb``, or the method makes no prediction.
 
     Example:
-        >>> predict_memory(model, n_pairs=256, seq_len=512, method="atp*", nodes=["neuron"], keep="top").peak_gb
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> plan = atpstar.predict_memory(model, n_pairs=256, seq_len=15, method="atp*", nodes=["neuron"], keep="top")
+        >>> plan.batch, round(plan.peak_gb, 3)
+        (256, 0.149)
     """
     chosen = build_method(method, **options)
     node_types = check_node_types(nodes)

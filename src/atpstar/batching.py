@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import torch
 
-from .devices import free_cached_memory, is_cuda_oom
+from .devices import HOST_MEMORY, free_cached_memory, is_cuda_oom
 from .errors import InputError, OutOfMemory
 
 GIB = 2**30
@@ -86,6 +86,20 @@ def plan_batch(
     return max(1, batch if most is None else min(batch, max(1, most)))
 
 
+def pairs_per_block(n_pairs: int, per_pair: float, memory_gb: float, what: str, fix: str = "Raise memory_gb") -> int:
+    """Pairs whose prepared runs a loop holds at once: all when they take at most half of ``memory_gb``
+    (the other half is the batches'), else as many as half holds (at least one, else ``InputError``)."""
+    share = memory_gb * GIB / 2
+    if n_pairs * per_pair <= share:
+        return n_pairs
+    if per_pair > share:
+        raise InputError(
+            f"{what}: memory_gb={memory_gb:g} is too small: one pair's prepared runs need {per_pair / GIB:.3f} GB "
+            f"and they may take half the budget. {fix}"
+        )
+    return int(share // per_pair)
+
+
 R = TypeVar("R")
 
 
@@ -132,4 +146,5 @@ class BatchGuard:
                 )
                 continue
             start += size
+            HOST_MEMORY.release(self.device)  # a CPU batch's freed activations go back to the system
         return results

@@ -12,6 +12,14 @@ class Cost:
     Attributes:
         forward: forward passes; a forward started at layer l of L counts (L - l) / L.
         backward: backward passes; a backward that stops at layer l counts (L - l) / L.
+
+    Example:
+        >>> import atpstar
+        >>> cost = atpstar.Cost(forward=8, backward=4)
+        >>> cost.forward_equivalents
+        16.0
+        >>> print(cost + atpstar.Cost(forward=2))
+        10.0 forward + 4.0 backward = 18.0 forward-equivalents
     """
 
     forward: float = 0.0

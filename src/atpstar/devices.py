@@ -8,6 +8,9 @@ record, patch and gradient of a layer uses.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import time
 from typing import Any
 
 import torch
@@ -70,6 +73,43 @@ def is_cuda_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
     )
+
+
+class HostMemory:
+    """Gives the C allocator's free heap back to the system after a CPU batch (glibc ``malloc_trim``).
+
+    Why: glibc raises its mmap threshold as large blocks are freed, so a batch's activations are later
+    carved from the heap and not returned; over many batches the process grows past ``memory_gb``
+    although the live tensors stay small (measured: 1.7 GB resident for 0.5 GB of batches, 8,000 pairs).
+    Trimming at most every ``interval`` seconds keeps the cost negligible; a no-op off glibc.
+    """
+
+    interval = 0.25
+
+    def __init__(self) -> None:
+        self._trim = _malloc_trim()
+        self._last = 0.0
+
+    def release(self, device: torch.device) -> None:
+        """Trim the heap when ``device`` is the CPU and the last trim is ``interval`` seconds old."""
+        if self._trim is None or device.type != "cpu":
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._trim(0)
+            self._last = time.monotonic()
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl, Windows)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+HOST_MEMORY = HostMemory()
 
 
 def free_cached_memory(device: torch.device) -> None:

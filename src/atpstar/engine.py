@@ -3,14 +3,14 @@
 A patched forward for a node at layer l and position t starts at layer l from the cached base
 residual stream and computes only positions >= t0 (the smallest patched position in the batch):
 a causal model cannot change earlier positions, whose keys/values come from the cache. Only the
-last position goes through the unembedding (metrics are last-position).
+answer position goes through the unembedding (``PromptPairs.answer_metric``).
 
 Shape letters: P pairs, B batch, L layers, H heads, K kv-heads, T positions, E d_head, D d_model, M d_mlp.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,20 +50,46 @@ class PatchCache:
         return int(self.base_metric.shape[0])
 
 
-def prepare(model: Model, pairs: PromptPairs, direction: str, node_types: list[str], cost: Cost) -> PatchCache:
-    """Run the base and source prompts once each and cache what patched forwards need (2P forwards)."""
+def prepare(
+    model: Model, pairs: PromptPairs, direction: str, node_types: list[str], cost: Cost, chunk: int | None = None
+) -> PatchCache:
+    """Run the base and source prompts once each and cache what patched forwards need (2P forwards).
+
+    Args:
+        chunk: pairs per forward (None: all at once). A forward's own activations are as large as a patched
+            forward's, so callers pass their batch of patched forwards and stay within its memory.
+    """
     base_tokens, source_tokens = pairs.base_and_source(direction)
+    sites = [NODE_TABLE[t].site for t in node_types]
+    parts = []
+    for start in range(0, pairs.n_pairs, chunk or pairs.n_pairs):
+        index = torch.arange(start, min(start + (chunk or pairs.n_pairs), pairs.n_pairs))
+        parts.append(_prepare_chunk(model, pairs, base_tokens[index], source_tokens[index], index, sites))
+    cost.add_forward(2 * pairs.n_pairs)
+    runs = [{**base, **{f"source.{k}": v for k, v in source.items()}} for base, source, _ in parts]
+    joined = {key: [_cat([run[key][layer] for run in runs]) for layer in range(len(runs[0][key]))] for key in runs[0]}
+    source = {t: joined[f"source.{NODE_TABLE[t].site}"] for t in node_types}
+    base_metric = _cat([metric for _, _, metric in parts])
+    return PatchCache(joined["resid_pre"][: model.n_layers], joined["k"], joined["v"], source, base_metric, pairs)
+
+
+def _prepare_chunk(
+    model: Model, pairs: PromptPairs, base_tokens: torch.Tensor, source_tokens: torch.Tensor, index: torch.Tensor,
+    sites: list[str],
+) -> tuple[Mapping[str, list[Any]], Mapping[str, list[Any]], torch.Tensor]:  # fmt: skip
+    """One chunk's base records, source records and base metric [b]."""
     with torch.inference_mode():
         base_run = Run(model.n_layers, record=("resid_pre", "k", "v"))
         final = model.run_layers(model.embed(base_tokens), base_run)
-        base_logits = model.unembed(final[:, -1])
-        base_metric = pairs.evaluate_metric(base_logits, torch.arange(pairs.n_pairs, device=base_logits.device))
-        source_run = Run(model.n_layers, record=[NODE_TABLE[t].site for t in node_types])
+        base_metric = pairs.answer_metric(model, final, index)
+        source_run = Run(model.n_layers, record=sites)
         model.run_layers(model.embed(source_tokens), source_run)
-    cost.add_forward(2 * pairs.n_pairs)
-    source = {t: source_run.records[NODE_TABLE[t].site] for t in node_types}
-    resid = base_run.records["resid_pre"][: model.n_layers]
-    return PatchCache(resid, base_run.records["k"], base_run.records["v"], source, base_metric, pairs)
+    return base_run.records, source_run.records, base_metric
+
+
+def _cat(parts: list[Any]) -> Any:
+    """Chunks of one record joined along the pair axis (a single chunk as it is: no copy)."""
+    return parts[0] if len(parts) == 1 or parts[0] is None else torch.cat(parts)
 
 
 def metric_after(
@@ -84,10 +110,7 @@ def metric_after(
     run = Run(model.n_layers, patch=patch, start_layer=layer, start_pos=t0, prefix_kv=prefix_kv)
     hidden = cache.resid[layer][pair_index, t0:]  # [B, T', D]
     final = model.run_layers(hidden, run)
-    logits = model.unembed(final[:, -1])  # [B, V]
-    return cache.pairs.evaluate_metric(logits, pair_index.to(logits.device)) - cache.base_metric[pair_index].to(
-        logits.device
-    )
+    return cache.pairs.answer_metric(model, final, pair_index) - cache.base_metric[pair_index].to(final.device)
 
 
 def patch_node_batch(
@@ -238,6 +261,29 @@ def _first_pos(node_type: str, mask: torch.Tensor) -> int:
     pos_dim = 1 + NODE_TABLE[node_type].pos_axis
     other = [d for d in range(mask.ndim) if d != pos_dim]
     return int(torch.nonzero(mask.permute(pos_dim, *other).flatten(1).any(1))[0])  # [T, B*rest] -> first T
+
+
+def site_elems(model: Model, site: str, seq_len: int) -> int:
+    """Elements of one pair's activation at a runner site, one layer."""
+    s = model.sizes
+    per_token = {
+        "neuron": s.d_mlp,
+        "q": s.n_heads * s.d_head,
+        "z": s.n_heads * s.d_head,
+        "k": s.n_kv_heads * s.d_head,
+        "v": s.n_kv_heads * s.d_head,
+        "pattern": s.n_heads * seq_len,
+        **dict.fromkeys(("resid_pre", "attn_proj", "attn_out", "resid_mid", "mlp_in", "mlp_out"), s.d_model),
+    }[site]
+    return per_token * seq_len
+
+
+def cache_bytes(model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> int:
+    """``prepare``'s cache: base residual stream, keys and values, and source activations of all pairs."""
+    s, item = model.sizes, torch.finfo(model.dtype).bits // 8
+    base = s.n_layers * seq_len * (s.d_model + 2 * s.n_kv_heads * s.d_head)
+    source = s.n_layers * sum(site_elems(model, NODE_TABLE[t].site, seq_len) for t in node_types)
+    return n_pairs * (base + source) * item
 
 
 def element_bytes(model: Model, seq_len: int) -> int:

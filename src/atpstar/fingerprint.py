@@ -10,6 +10,7 @@ differs. Fields:
 - ``dtype``: the dtype the model computes in. ``tokenizer``: hash of the vocabulary.
 - ``pairs``: hash of the prompt pairs' tokens and metric; ``metric``: the metric's name (and, for
   a callable, a hash of its code).
+- ``dictionaries``: ``name=content hash`` of each dictionary whose latents are nodes (absent otherwise).
 - ``direction``, ``node_types``, ``method``, ``options``, ``atpstar_version``, ``model_id`` (a label:
   never compared, the weights are).
 """
@@ -30,7 +31,7 @@ from .version import __version__
 # Fields that decide the numbers of a result on given prompt pairs (``check_identity`` default).
 MODEL_FIELDS = ("weights", "model_config", "tokenizer")
 PAIR_FIELDS = ("pairs", "metric", "direction")
-RESULT_FIELDS = (*MODEL_FIELDS, "dtype", *PAIR_FIELDS, "method", "options", "atpstar_version")
+RESULT_FIELDS = (*MODEL_FIELDS, "dtype", *PAIR_FIELDS, "method", "options", "atpstar_version", "dictionaries")
 
 _WEIGHTS_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
 _CONFIG_SKIP = {"transformers_version", "torch_dtype", "dtype", "architectures", "attn_implementation"}
@@ -113,6 +114,7 @@ def identity(
         pairs: ``PromptPairs``.
         options: the options that change the numbers (bookkeeping ones such as ``checkpoint`` dropped).
     """
+    from .dictionaries.registry import identity_of
     from .persist import to_jsonable
 
     kept = {k: v for k, v in (options or {}).items() if k not in BOOKKEEPING_OPTIONS}
@@ -129,6 +131,7 @@ def identity(
         "node_types": ",".join(node_types),
         "method": method,
         "options": json.dumps(to_jsonable(kept), sort_keys=True),
+        **identity_of(node_types),  # "dictionaries": each dictionary's content hash (only when latents are nodes)
     }
 
 
@@ -147,6 +150,7 @@ _LABELS = {
     "method": "method",
     "options": "method options",
     "atpstar_version": "atpstar version",
+    "dictionaries": "dictionaries (name=content hash)",
 }
 
 
@@ -180,7 +184,7 @@ def check_identity(
         raise IdentityMismatchError(f"{what} does not match this run: {'; '.join(diff)}. {fix}")
 
 
-REUSE_FIELDS = (*MODEL_FIELDS, "pairs", "metric")
+REUSE_FIELDS = (*MODEL_FIELDS, "pairs", "metric", "dictionaries")
 
 
 def check_reuse(result: Any, model: Any, pairs: Any, what: str, fix: str | None = None) -> None:
@@ -205,7 +209,7 @@ def check_reuse(result: Any, model: Any, pairs: Any, what: str, fix: str | None 
         return
     check_identity(
         saved,
-        identity(model, pairs, ""),
+        identity(model, pairs, "", list(getattr(result, "node_types", ()))),
         what,
         fix or "Use the model, tokenizer, prompt pairs and metric it was made with.",
         fields=REUSE_FIELDS,

@@ -39,7 +39,14 @@ def read_pairs_jsonl(path: str | Path, tokenizer: Any) -> PromptPairs:
             distractor that is not exactly one token — each with its line number.
 
     Example:
-        >>> pairs = read_pairs_jsonl("pairs.jsonl", model.tokenizer)  # doctest: +SKIP
+        >>> import json, tempfile, atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> line = {"clean": "When Mary and John went to the store, John gave a book to",
+        ...         "noise": "When Lisa and Paul went to the store, Mark gave a book to", "answer": " Mary", "distractor": " John"}
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as handle:
+        ...     _ = handle.write(json.dumps(line) + "\\n")
+        >>> atpstar.read_pairs_jsonl(handle.name, model.tokenizer)
+        PromptPairs(n_pairs=1, seq_len=14, metric='logit_diff')
     """
     path = Path(path)
     if not path.is_file():

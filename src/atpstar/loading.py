@@ -36,6 +36,11 @@ def load_model(
 
     Raises:
         UnsupportedModelError: the family or an attention feature is not implemented.
+
+    Example:
+        >>> import atpstar
+        >>> atpstar.load_model("toy-ioi")
+        Model('toy-ioi', family=gpt_neox, layers=2, heads=4, kv_heads=4, d_head=32, d_mlp=512, dtype=torch.float32)
     """
     if isinstance(model, Model):
         return model

@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from .batching import Footprint, plan_batch
+from .engine import cache_bytes, site_elems
 from .errors import InputError
 from .gradients.consumers import plan_sites
 from .gradients.points import AT_BASE, Points
 from .model import Model
-from .nodes import NODE_TABLE, node_shape
+from .nodes import node_shape
 
 GB = 2**30
 F32, F64 = 4, 8
@@ -47,6 +48,13 @@ class MemoryPlan:
         host_results_gb: results kept in host memory while the model computes on an accelerator.
         pair_block: pairs whose cache is held at a time (exact patching streams over blocks of pairs);
             None where the method caches all pairs or none.
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> plan = atpstar.predict_memory(model, n_pairs=8, seq_len=15, method="activation_patching", nodes=["head"])
+        >>> plan.method, plan.batch, plan.budget_gb
+        ('activation_patching', 960, 1.0)
     """
 
     method: str
@@ -95,21 +103,6 @@ def _item(model: Model) -> int:
 def _vocab(model: Model) -> int:
     head = model.hf_model.get_output_embeddings()
     return int(getattr(head, "out_features", None) or model.hf_model.config.vocab_size)
-
-
-def _site_elems(model: Model, site: str, seq_len: int) -> int:
-    """Elements of one pair's activation at a runner site, one layer."""
-    s = model.sizes
-    per_token = {
-        "neuron": s.d_mlp,
-        "q": s.n_heads * s.d_head,
-        "z": s.n_heads * s.d_head,
-        "k": s.n_kv_heads * s.d_head,
-        "v": s.n_kv_heads * s.d_head,
-        "pattern": s.n_heads * seq_len,
-        **dict.fromkeys(("resid_pre", "attn_proj", "attn_out", "resid_mid", "mlp_in", "mlp_out"), s.d_model),
-    }[site]
-    return per_token * seq_len
 
 
 def layout_elems(model: Model, node_types: Iterable[str], seq_len: int) -> int:
@@ -163,9 +156,9 @@ def gradient_plan(
     acc = max(item, F32)  # differences, products and estimates: float32 for half-precision models
     sites = plan_sites(node_types, qk_fix)  # the step's own choice of sites
     fix, diff_sites, grad_sites = sites.fix, sites.diff_sites, sites.grad_sites
-    grad_elems = sum(_site_elems(model, site, seq_len) for site in grad_sites)  # one layer's gradients
-    diffs = s.n_layers * sum(_site_elems(model, site, seq_len) for site in diff_sites) * acc
-    raw = 2 * s.n_layers * sum(_site_elems(model, site, seq_len) for site in ("q", "k")) * item if fix else 0
+    grad_elems = sum(site_elems(model, site, seq_len) for site in grad_sites)  # one layer's gradients
+    diffs = s.n_layers * sum(site_elems(model, site, seq_len) for site in diff_sites) * acc
+    raw = 2 * s.n_layers * sum(site_elems(model, site, seq_len) for site in ("q", "k")) * item if fix else 0
     one_layer = grad_elems * (item + acc)
     if fix:  # query_fix / key_fix hold a few [H, T, T] tensors of one layer
         one_layer += 8 * s.n_heads * seq_len * seq_len * acc
@@ -180,14 +173,6 @@ def gradient_plan(
     # Dense results, plus their absolute value while the scores are aggregated at the end; or top-k entries.
     results = n_pairs * (2 * nodes * acc if keep == "all" else len(node_types) * top_k * (acc + 8 * 4))
     return _plan(model, method, scores, results, per_pair, n_pairs, batch_size, memory_gb)
-
-
-def cache_bytes(model: Model, n_pairs: int, seq_len: int, node_types: list[str]) -> int:
-    """``engine.prepare``'s cache: base residual stream, keys and values, and source activations of all pairs."""
-    s, item = model.sizes, _item(model)
-    base = s.n_layers * seq_len * (s.d_model + 2 * s.n_kv_heads * s.d_head)
-    source = s.n_layers * sum(_site_elems(model, NODE_TABLE[t].site, seq_len) for t in node_types)
-    return n_pairs * (base + source) * item
 
 
 def patched_forward_bytes(model: Model, seq_len: int) -> int:

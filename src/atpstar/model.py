@@ -74,6 +74,14 @@ class Model:
         parallel_residual: attention and MLP of a layer read the same residual stream (no ``resid_mid``).
         post_norm: attention and MLP outputs pass a norm before the residual stream (``attn_out`` is
             norm(``attn_proj``); Gemma-2/3, OLMo-2).
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> model.sizes
+        Sizes(n_layers=2, n_heads=4, n_kv_heads=4, d_head=32, d_mlp=512, d_model=128)
+        >>> model.tokenizer.decode([2])
+        '<bos>'
     """
 
     def __init__(

@@ -69,7 +69,16 @@ class PromptPairs:
         InputError: shapes differ, ids are not integers, or the metric is unknown.
 
     Example:
-        >>> pairs = PromptPairs(clean=[[1, 2, 3]], noise=[[1, 4, 3]], answer=[5], distractor=[6])
+        >>> import atpstar
+        >>> pairs = atpstar.PromptPairs(clean=[[1, 2, 3]], noise=[[1, 4, 3]], answer=[5], distractor=[6])
+        >>> pairs
+        PromptPairs(n_pairs=1, seq_len=3, metric='logit_diff')
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.PromptPairs.from_text(
+        ...     model.tokenizer, clean=["When Mary and John went to the store, John gave a book to"],
+        ...     noise=["When Lisa and Paul went to the store, Mark gave a book to"], answer=[" Mary"], distractor=[" John"])
+        >>> pairs.n_pairs, pairs.seq_len, pairs.metric_name
+        (1, 14, 'logit_diff')
     """
 
     def __init__(
@@ -131,7 +140,7 @@ class PromptPairs:
             if len(c) != len(clean_ids[0]):
                 raise InputError(
                     f"pair {i} has {len(c)} tokens but pair 0 has {len(clean_ids[0])}; all pairs in one PromptPairs "
-                    "must have the same length (group pairs by length, or use a template with fixed length)"
+                    "must have the same length (atpstar.PairSet.from_text takes prompts of unequal length)"
                 )
         answer_ids = [single_token(tokenizer, a, "answer") for a in answer]
         distractor_ids = None if distractor is None else [single_token(tokenizer, d, "distractor") for d in distractor]
@@ -159,6 +168,26 @@ class PromptPairs:
         idx = torch.as_tensor(index, dtype=torch.long)
         distractor = None if self.distractor is None else self.distractor[idx]
         return PromptPairs(self.clean[idx], self.noise[idx], self.answer[idx], distractor, self.metric)
+
+    @property
+    def groups(self) -> tuple[PromptPairs, ...]:
+        """The equal-length groups the verbs run one by one: rectangular pairs are one group (see ``PairSet``)."""
+        return (self,)
+
+    def gather(self, parts: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+        """Per-group results along the pair axis ``dim``, in pair order; one group: its result as it is."""
+        if len(parts) != 1:
+            raise InputError(f"rectangular prompt pairs are one group; got {len(parts)} parts")
+        return parts[0]
+
+    def answer_metric(self, model: Any, final: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
+        """Metric [B] of the final hidden states ``final`` [B, T', D] of pairs ``pair_index`` [B].
+
+        The one place the engines read the answer position: each prompt ends at the position that predicts
+        its answer (``PairSet`` cuts prompts there), so the state read is the last one; ``model.unembed``
+        turns it into logits [B, V].
+        """
+        return self.evaluate_metric(model.unembed(final[:, -1]), pair_index.to(final.device))
 
     def evaluate_metric(self, logits: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
         """Metric per row of last-position ``logits`` [B, V] for the pairs ``pair_index`` [B] -> [B]."""

@@ -203,6 +203,9 @@ def contribution_maps(attribution: Attribution, node_type: str) -> dict[str, np.
     """Summed |scores| of one node type: ``"layer x pos"`` [L, T] and, for attention types, ``"layer x head"`` [L, H]."""
     scores = attribution.scores[node_type].abs().double()  # [L, T, M] or [L, H|K, T]
     axes = attribution.spaces().of(node_type).axes(node_type)  # e.g. ("layer", "head", "pos")
+    if "layer" not in axes:  # nodes of one layer (a dictionary's latents [S, T], its error [T]): one row
+        other = tuple(i for i, axis in enumerate(axes) if axis != "pos")
+        return {"layer x pos": (scores.sum(other) if other else scores)[None].numpy()}  # [S, T] -> [1, T]
     unit_axis = next(i for i, axis in enumerate(axes) if axis not in ("layer", "pos"))
     maps = {}
     if axes[unit_axis] != "index":  # named units (heads) make a map; plain indices (neurons) are too many

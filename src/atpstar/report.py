@@ -2,7 +2,9 @@
 
 It shows what ran (model, task, direction, metric, methods and their cost in passes), the top nodes
 with TransformerLens-style names and their verified exact effects, the comparison tables, the plots
-and the false-negative bound when there is one.
+and the false-negative bound when there is one. Its interactive parts (``atpstar.viewer``: the circuit
+graph of edge results with a size slider, sortable and filterable tables, per-layer heatmaps with
+hover details) are vanilla JavaScript inlined into the page; a content security policy forbids any fetch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from .evaluate.record import Evaluation
 from .persist import write_text
 from .result import Attribution
 from .spaces import Spaces, spaces_from_info
+from .viewer import CONTENT_POLICY, assets, edge_graph_json, graphs_section, heatmaps_json, heatmaps_section
+
+TABLE_ROWS = 200  # rows of the sortable top-nodes table (at least ``top``)
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -52,6 +57,9 @@ def write_report(
     images: Sequence[tuple[str, str | Path]] = (),
     top: int = 20,
     prompts: Sequence[tuple[str, str]] = (),
+    graphs: Sequence[dict[str, Any]] | None = None,
+    tokens: Sequence[str] | None = None,
+    sections: Sequence[str] = (),
 ) -> Path:
     """Write a self-contained HTML report.
 
@@ -66,38 +74,54 @@ def write_report(
         bound: a false-negative bound with ``.max_effect_upper``, ``.prob_upper``, ``.assumption``, or None.
         evaluations: cost-of-verified-recall comparisons to tabulate.
         images: (caption, PNG path) pairs embedded inline.
-        top: rows in the top-nodes table.
+        top: nodes in the printed-size top table (the sortable table lists at least ``TABLE_ROWS``).
         prompts: (clean, noise) example prompt texts.
+        graphs: circuit graphs to draw (the viewer's graph format, ``atpstar.viewer.check_graph``); None
+            draws the first estimate's top edges when it has edge scores.
+        tokens: position labels of the heatmaps (the first clean prompt's tokens).
+        sections: further HTML sections, placed before the images.
 
     Returns:
         The path written.
     """
-    parts = [f"<h1>{_e(title)}</h1>"]
-    parts.append(_summary(estimates, task, facts or {}))
-    if prompts:
-        rows = "".join(f"<tr><td class='name'>{_e(c)}</td><td class='name'>{_e(n)}</td></tr>" for c, n in prompts)
-        parts.append(
-            f"<h2>Example prompts</h2><table><tr><th class='name'>clean</th><th class='name'>noise</th></tr>{rows}</table>"
-        )
+    parts = [f"<h1>{_e(title)}</h1>", _summary(estimates, task, facts or {}), _prompts_table(prompts)]
+    if graphs is None:
+        graphs = [edge_graph_json(estimates[0], verified=verified)] if _has_edges(estimates) else []
+    parts += [graphs_section(graphs), *sections]
     if estimates:
         parts.append(_methods_table(estimates, verified))
-        parts.append(_top_table(estimates[0], verified, top))
+        parts.append(_top_table(estimates[0], verified, max(top, TABLE_ROWS)))
+        parts.append(heatmaps_section(heatmaps_json(estimates[0], verified, list(tokens) if tokens else None)))
     if verified is not None:
         parts.append(_verified_table(verified, top))
     if bound is not None:
         parts.append(_bound_section(bound))
-    for evaluation in evaluations:
-        parts.append(_evaluation_section(evaluation))
-    for caption, image in images:
-        parts.append(_figure(caption, Path(image)))
-    body = "\n".join(p for p in parts if p)
-    page = (
-        f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
-        f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n"
-    )
+    parts += [_evaluation_section(evaluation) for evaluation in evaluations]
+    parts += [_figure(caption, Path(image)) for caption, image in images]
     path = Path(path)
-    write_text(path, page)
+    write_text(path, _page(title, "\n".join(p for p in parts if p)))
     return path
+
+
+def _page(title: str, body: str) -> str:
+    """The whole HTML document: content policy, styles, ``body`` and the viewer's script, all inline."""
+    viewer_css, viewer_js = assets()
+    return (
+        f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>{CONTENT_POLICY}<title>{_e(title)}</title>"
+        f"<style>{CSS}{viewer_css}</style></head><body>\n{body}\n<script>{viewer_js}</script>\n</body></html>\n"
+    )
+
+
+def _prompts_table(prompts: Sequence[tuple[str, str]]) -> str:
+    if not prompts:
+        return ""
+    rows = "".join(f"<tr><td class='name'>{_e(c)}</td><td class='name'>{_e(n)}</td></tr>" for c, n in prompts)
+    return f"<h2>Example prompts</h2><table><tr><th class='name'>clean</th><th class='name'>noise</th></tr>{rows}</table>"
+
+
+def _has_edges(estimates: Sequence[Attribution]) -> bool:
+    """Whether the first estimate scored edges of a MIB graph (its info keeps the graph)."""
+    return bool(estimates) and "edge_graph" in estimates[0].info
 
 
 def _summary(estimates: Sequence[Attribution], task: str, facts: dict[str, Any]) -> str:
@@ -118,6 +142,8 @@ def _summary(estimates: Sequence[Attribution], task: str, facts: dict[str, Any])
         lines["methods"] = ", ".join(e.method for e in estimates)
         lines["atpstar version"] = first.info.get("atpstar_version", "?")
     lines.update(facts)
+    if not lines:
+        return ""
     rows = "".join(f"<tr><th class='name'>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in lines.items())
     return f"<h2>Summary</h2><table class='facts'>{rows}</table>"
 
@@ -142,7 +168,7 @@ def _methods_table(estimates: Sequence[Attribution], verified: Any) -> str:
     )
     return (
         f"<h2>Methods and cost</h2><p>Passes over single prompts; a backward counts as 2 forwards; a "
-        f"forward started at layer l of L counts (L − l)/L.</p><table>{head}{''.join(rows)}</table>"
+        f"forward started at layer l of L counts (L − l)/L.</p><table class='sortable'>{head}{''.join(rows)}</table>"
     )
 
 
@@ -172,8 +198,8 @@ def _top_table(estimate: Attribution, verified: Any, top: int) -> str:
         rows.append(f"<tr>{cells}</tr>")
     what = "mean |estimate| over pairs" if estimate.aggregation == "mean_abs" else "mean signed effect over pairs"
     return (
-        f"<h2>Top {top} nodes by {_e(estimate.method)}</h2><p>Score: {what}. Names follow TransformerLens "
-        f"hook names.</p><table>{head}{''.join(rows)}</table>"
+        f"<h2>Top {len(rows)} nodes by {_e(estimate.method)}</h2><p>Score: {what}. Names follow TransformerLens "
+        f"hook names.</p><div class='table-scroll'><table class='sortable'>{head}{''.join(rows)}</table></div>"
     )
 
 
@@ -193,7 +219,7 @@ def _verified_table(verified: Any, top: int) -> str:
     head = "<tr><th>rank</th><th class='name'>node</th><th>verified as</th><th>exact effect (mean over pairs)</th></tr>"
     return (
         f"<h2>Verified effects</h2><p>{len(verified.nodes)} nodes patched exactly, in estimate order; "
-        f"here sorted by |exact effect|.</p><table>{head}{''.join(rows)}</table>"
+        f"here sorted by |exact effect|.</p><table class='sortable'>{head}{''.join(rows)}</table>"
     )
 
 
@@ -231,7 +257,7 @@ def _evaluation_section(evaluation: Evaluation) -> str:
         f"are verified; {what}. {_verification_unit(evaluation)} "
         f"cost/oracle: geometric mean of cost(K)/oracle(K) over log-spaced K. "
         f"{evaluation.n_nodes:,} nodes; exhaustive ground truth cost {evaluation.truth_cost:,.0f} "
-        f"forward equivalents.</p><table><tr>{header}</tr>{body}</table>"
+        f"forward equivalents.</p><table class='sortable'><tr>{header}</tr>{body}</table>"
     )
 
 

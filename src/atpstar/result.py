@@ -45,6 +45,20 @@ class Attribution:
         cost: passes run.
         extras: further tensors (e.g. Subsampling variances), keyed by ``"<name>/<node type>"``.
         info: further facts (seeds, completeness, package version).
+
+    Example:
+        >>> import atpstar, tempfile
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> truth = atpstar.attribute(model, pairs, method="activation_patching", nodes=["head"])
+        >>> truth.method, truth.aggregation, truth.scores["head"].shape  # scores: [L, H, T]
+        ('activation_patching', 'mean', torch.Size([2, 4, 15]))
+        >>> [(node.name, round(node.score, 3)) for node in truth.top(1)]
+        [('blocks.1.attn.hook_z[pos 14, head 1]', -5.573)]
+        >>> path = tempfile.mkdtemp() + "/truth"
+        >>> truth.save(path)
+        >>> atpstar.Attribution.load(path).top(1) == truth.top(1)
+        True
     """
 
     method: str
@@ -106,21 +120,41 @@ class Attribution:
 
         return EdgeNodes.from_info(self.info, []).graph  # type: ignore[attr-defined]
 
-    def to_mib(self, path: str | Path, n_edges: int | None = None, prune: bool = True) -> Path:
-        """Write the edge scores as a MIB circuit file (``.json`` or ``.pt``, by suffix).
+    def to_mib(
+        self,
+        path: str | Path,
+        n_edges: int | None = None,
+        prune: bool = True,
+        *,
+        absolute: bool = False,
+        convention: str = "mib",
+        batch_size: int = 20,
+    ) -> Path:
+        """Write the edge scores as a MIB circuit file (``.json`` or ``.pt``, by suffix), in MIB's sign and scale.
+
+        The file holds what MIB's own code would store (``atpstar.edges.mib.mib_scores``, design record
+        0019): MIB attributes the loss -(logit difference) averaged over a batch of ``batch_size``, so an
+        estimate's score is -(per-pair mean score) / B and an exact effect's -(mean effect); higher is
+        more important. Only noising results can be written.
 
         Args:
             path: the file to write.
-            n_edges: mark the top ``n_edges`` edges by |score| as the circuit (pruned as MIB prunes);
-                None marks every edge (MIB's evaluation picks its own circuit sizes from the scores).
+            n_edges: mark the top ``n_edges`` edges as the circuit (pruned as MIB prunes); None marks
+                every edge (MIB's evaluation picks its own circuit sizes from the scores).
             prune: prune the top-``n_edges`` circuit.
+            absolute: rank by |score| (MIB's CMD ranking) instead of the signed score (its CPR ranking).
+            convention: the head-sender convention the file must hold (0019); a post-norm result made with
+                the other ``edge_convention`` is refused.
+            batch_size: MIB's attribution batch size B.
 
         Example:
-            >>> atpstar.attribute(model, pairs, method="atp*", nodes=["edge"]).to_mib("circuit.json")
+            >>> atpstar.attribute(model, pairs, method="atp*", nodes=["edge"], edge_convention="mib").to_mib("c.json")
         """
         from .edges.mib import attribution_to_mib
 
-        return attribution_to_mib(self, path, n_edges, prune)
+        return attribution_to_mib(
+            self, path, n_edges, prune, absolute=absolute, convention=convention, batch_size=batch_size
+        )
 
     def to_rows(self, k: int | None = None) -> list[dict[str, Any]]:
         """Tidy table: one row per node (top k, or all), with TransformerLens-style names."""

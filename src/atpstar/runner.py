@@ -109,6 +109,16 @@ class Run:
         """Forget the record of ``site`` at ``layer`` (its memory is freed once nothing else holds it)."""
         self._records[site][layer] = None
 
+    def close(self) -> None:
+        """Forget every record and the patch function.
+
+        A patch that is a bound method of the run's owner makes a reference cycle (owner -> run -> patch ->
+        owner); until Python's cycle collector runs, that cycle would keep a whole batch's activations alive.
+        """
+        for per_layer in self._records.values():
+            per_layer[:] = [None] * len(per_layer)
+        self.patch = None
+
     # Called by the model during the pass ---------------------------------------------------------
     def site(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
         """Patch (if a patch is set) and record (if asked) the activation ``x`` at site ``name``."""

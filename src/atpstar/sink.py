@@ -150,6 +150,15 @@ def read_per_pair(out_dir: str | Path, node_type: str, pairs: list[int] | None =
     """Per-pair values of one node type streamed by ``keep="disk"``: [len(pairs) or P, *layout].
 
     Reads only the shards that hold the requested pairs; a missing shard is an error (never zeros).
+
+    Example:
+        >>> import atpstar, tempfile
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> folder = tempfile.mkdtemp()
+        >>> result = atpstar.attribute(model, pairs, method="atp", nodes=["neuron"], keep="disk", out_dir=folder)
+        >>> atpstar.read_per_pair(folder, "neuron", pairs=[0, 3]).shape  # [2, L, T, M]
+        torch.Size([2, 2, 15, 512])
     """
     folder = Path(out_dir)
     index_path = folder / INDEX_FILE

@@ -224,9 +224,11 @@ def _has_non_finite(value: Any) -> bool:
 
 def check_pairs_fit(model: Any, pairs: Any) -> None:
     """Refuse prompt pairs the model cannot run: training mode, prompt ids outside the vocabulary,
-    prompts beyond the position limit, answer/distractor ids outside the output vocabulary."""
-    model.check_ready(torch.cat([pairs.clean, pairs.noise]))
-    if torch.equal(pairs.clean, pairs.noise):
+    prompts beyond the position limit, answer/distractor ids outside the output vocabulary (each group of a
+    ``PairSet``)."""
+    for group in pairs.groups:
+        model.check_ready(torch.cat([group.clean, group.noise]))
+    if all(torch.equal(group.clean, group.noise) for group in pairs.groups):
         raise InputError(
             "clean and noise prompts are identical in every pair: patching changes nothing and every effect is 0; "
             "give noise prompts that differ from the clean ones"

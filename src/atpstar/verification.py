@@ -32,6 +32,18 @@ class Verification:
         direction, metric, model_id: as in ``Attribution``.
         cost: passes run by the verification alone (not the estimate's).
         base_metric: [P] metric of the unpatched base run.
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> checked = atpstar.verify(model, pairs, atpstar.attribute(model, pairs, "atp", nodes=["head"]), budget=2)
+        >>> checked
+        Verification(n_verified=2, direction='noising', metric='logit_diff', cost=14.0 forward + 0.0 backward = 14.0 forward-equivalents)
+        >>> checked.effects.shape  # [n_verified, P]
+        torch.Size([2, 4])
+        >>> {key: round(value, 3) if isinstance(value, float) else value for key, value in checked.to_rows()[0].items()}
+        {'rank': 1, 'name': 'blocks.1.attn.hook_z[pos 14, head 1]', 'node_type': 'head', 'layer': 1, 'head': 1, 'pos': 14, 'estimate_score': 3.774, 'effect': -5.573}
     """
 
     nodes: list[tuple[str, tuple[int, ...]]]

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .batching import Footprint, pairs_per_block, plan_batch
 from .cost import Cost
 from .errors import InputError
 from .fingerprint import check_reuse, identity
@@ -25,6 +26,7 @@ from .job import Job
 from .model import as_model
 from .nodes import NodeLayout
 from .pairs import PromptPairs, check_direction
+from .pairsets import as_pairs, check_positions, each_group, refuse_workers
 from .progress import progress_bar
 from .result import Attribution
 from .spaces import NodeSpace, Spaces, spaces_for
@@ -53,7 +55,8 @@ def verify(
 
     Args:
         model: an ``atpstar.Model`` or a ``transformers`` causal LM.
-        pairs: the prompt pairs to verify on (their layout must match the estimate's).
+        pairs: the prompt pairs to verify on (their layout must match the estimate's); a ``PairSet`` is
+            verified group by group (node types summed over positions only), effects in example order.
         estimate: any ``Attribution`` (nodes of any space, edges included); its ``scores`` give the order.
         budget: verify at most this many nodes; None: no limit.
         threshold: verify only nodes with ``|score| >= threshold``; None: no limit. With neither, every
@@ -74,12 +77,23 @@ def verify(
     Raises:
         InputError: bad estimate, budget, threshold, direction or batch size.
         IdentityMismatchError: the estimate was made on another model, tokenizer, pairs or metric.
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> estimate = atpstar.attribute(model, pairs, method="atp+qkfix", nodes=["head"])
+        >>> checked = atpstar.verify(model, pairs, estimate, budget=3)
+        >>> checked.names
+        ['blocks.1.attn.hook_z[pos 14, head 1]', 'blocks.0.attn.hook_z[pos 14, head 3]', 'blocks.1.attn.hook_z[pos 14, head 2]']
+        >>> checked.mean_effects
+        tensor([-5.5727, -0.6310, -3.9442], dtype=torch.float64)
     """
     model = as_model(model)
     if not isinstance(estimate, Attribution):
         raise InputError(f"estimate must be an atpstar.Attribution (from attribute); got {type(estimate).__name__}")
-    if not isinstance(pairs, PromptPairs):
-        raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
+    pairs = as_pairs(pairs)
+    refuse_workers(pairs, workers, ray_address, checkpoint)
     direction = check_direction(estimate.direction if direction is None else direction)
     budget = None if budget is None else check_count("budget", budget, minimum=0)
     threshold = None if threshold is None else check_number("threshold", threshold, 0.0)
@@ -127,12 +141,12 @@ def verify(
 def check_estimate(model: Any, pairs: PromptPairs, estimate: Attribution) -> Spaces:
     """The estimate's node spaces on ``model``, after checking the model and the estimate's layouts fit."""
     spaces = Spaces(spaces_for(model, estimate.node_types, estimate.options))
+    check_positions(pairs, {t: space.pos_axis(t) for space in spaces for t in space.node_types})
     for space in spaces:
         space.check_model(model)
         for t in space.node_types:
             space.check_layout(t, estimate.scores[t], pairs.seq_len)
     check_pairs_fit(model, pairs)
-    model.check_ready(torch.cat([pairs.clean, pairs.noise]))
     return spaces
 
 
@@ -174,15 +188,44 @@ def patch_nodes(
     info: dict[str, Any] = {}
     with progress_bar(len(nodes) * job.n_pairs, "verify", job.progress) as bar:
         for space in spaces:
-            rows = [i for i, (t, _) in enumerate(nodes) if t in space.node_types]
-            mine = [nodes[i] for i in rows]
-            batch = batch_for_memory(batch_size, memory_gb, space.element_bytes(job))
+            rows = torch.tensor([i for i, (t, _) in enumerate(nodes) if t in space.node_types], dtype=torch.long)
+            mine = [nodes[i] for i in rows.tolist()]
             if workers is None and ray_address is None and checkpoint is None:
-                part, base_metric = space.exact_effects(job, mine, batch, bar.update)
+                parts = each_group(
+                    job, lambda group: _in_pair_blocks(group, space, mine, batch_size, memory_gb, bar.update)
+                )
+                effects[rows] = job.pairs.gather([p[0] for p in parts], dim=1)  # [n, P]
+                base_metric = job.pairs.gather([p[1] for p in parts])  # [P]
             else:
+                batch = batch_for_memory(batch_size, memory_gb, space.element_bytes(job))
                 part, base_metric, info = _on_workers(job, space, mine, batch, workers, ray_address, checkpoint)
-            effects[torch.tensor(rows, dtype=torch.long)] = part
+                effects[rows] = part
     return effects, base_metric, info
+
+
+def _in_pair_blocks(
+    job: Job,
+    space: NodeSpace,
+    nodes: list[tuple[str, tuple[int, ...]]],
+    batch_size: int | None,
+    memory_gb: float,
+    advance: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``space.exact_effects`` over blocks of pairs whose prepared runs fit half of ``memory_gb`` (each
+    (node, pair) effect is independent of the other pairs, so blocks only bound the memory):
+    (effects [n, P], base metric [P])."""
+    per_pair = space.pair_bytes(job)
+    block = pairs_per_block(job.n_pairs, per_pair, memory_gb, "verify", "Raise memory_gb or use shorter prompts")
+    batch = plan_batch(Footprint(space.element_bytes(job), held=block * per_pair), memory_gb, batch_size=batch_size)
+    if block == job.n_pairs:
+        return space.exact_effects(job, nodes, batch, advance)
+    effects = torch.zeros(len(nodes), job.n_pairs, dtype=torch.float64)
+    base_metric = torch.zeros(job.n_pairs, dtype=torch.float64)
+    for start in range(0, job.n_pairs, block):
+        pairs = slice(start, min(start + block, job.n_pairs))
+        part_job = job.with_pairs(job.pairs.subset(range(pairs.start, pairs.stop)))
+        effects[:, pairs], base_metric[pairs] = space.exact_effects(part_job, nodes, batch, advance)
+    return effects, base_metric
 
 
 def _on_workers(
@@ -196,7 +239,7 @@ def _on_workers(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """``exact_effects`` as rank windows on an executor (Ray workers, or in-process with a checkpoint folder)."""
     from .distributed import executor_for
-    from .distributed.sweeps import verify_on
+    from .distributed.verify_units import verify_on
 
     ranked = getattr(space, "ranked_index", None)
     if ranked is None:

@@ -11,6 +11,11 @@
 - ``"toy-ioi"``: a 2-layer GPT-NeoX model with a word-level tokenizer, trained by
   ``scripts/train_toy.py`` on a synthetic indirect-object-identification task; its weights ship in
   ``atpstar/zoo_data/toy-ioi``.
+
+Example:
+    >>> import atpstar
+    >>> sorted(atpstar.zoo.BUILTIN_MODELS)
+    ['gemma-3-270m', 'smollm2-135m', 'toy-ioi']
 """
 
 from __future__ import annotations

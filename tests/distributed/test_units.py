@@ -8,7 +8,7 @@ import torch
 
 import atpstar
 from atpstar.cost import Cost
-from atpstar.distributed import sweeps
+from atpstar.distributed import sweeps, verify_units
 from atpstar.distributed.units import WorkerState
 from atpstar.engine import prepare
 from atpstar.ops import welford_merge
@@ -47,7 +47,7 @@ def test_sample_units_partition_the_elements_in_order(total, batch, target):
 
 
 def test_rank_windows_partition_the_ranks():
-    units = sweeps.plan_rank_units(50, 2, 8)
+    units = verify_units.plan_rank_units(50, 2, 8)
     assert [(u.start, u.stop) for u in units][0] == (0, 7)
     assert units[-1].stop == 50 and all(a.stop == b.start for a, b in zip(units, units[1:]))
 

@@ -103,6 +103,11 @@ def test_faithfulness_curve_recomputes_from_its_numbers(setup):
     full, empty = curve.metric_full, curve.metric_empty
     for f, m in zip(curve.faithfulness, curve.metric_circuit):
         assert f == pytest.approx((m - empty) / (full - empty))
+    for f, m in zip(curve.faithfulness_abs, curve.metric_circuit_abs):
+        assert f == pytest.approx((m - empty) / (full - empty))
     assert curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-9)  # every edge kept: the base run
-    assert (curve.cpr, curve.cmd) == pytest.approx(areas(curve.fractions, curve.faithfulness))
-    assert curve.n_edges[-1] == graph.n_edges
+    assert curve.faithfulness_abs[-1] == pytest.approx(1.0, abs=1e-9)
+    # MIB's leaderboard: CPR from the signed ranking's curve, CMD from the |score| ranking's (0019)
+    assert curve.cpr == pytest.approx(areas(curve.fractions, curve.faithfulness)[0])
+    assert curve.cmd == pytest.approx(areas(curve.fractions, curve.faithfulness_abs)[1])
+    assert curve.n_edges[-1] == curve.n_edges_abs[-1] == graph.n_edges

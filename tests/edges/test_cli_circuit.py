@@ -54,7 +54,8 @@ def test_circuit_writes_mib_files_curves_and_report(tiny, tmp_path, capsys):
         assert (out / name).is_file(), name
     curve = FaithfulnessCurve.load(out / "atp_ig.faithfulness.json")
     assert curve.fractions == [0.05, 0.2, 1.0] and curve.method == "atp+ig"
-    assert (curve.cpr, curve.cmd) == pytest.approx(areas(curve.fractions, curve.faithfulness))
+    assert curve.cpr == pytest.approx(areas(curve.fractions, curve.faithfulness)[0])
+    assert curve.cmd == pytest.approx(areas(curve.fractions, curve.faithfulness_abs)[1])
     circuit = load_mib(out / "atp.mib.json")
     assert bool(circuit.in_graph.all()) and torch.isfinite(circuit.scores).all()
     sizes = json.loads((out / "atp.circuits.json").read_text())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import atpstar
-from atpstar.edges.mib import load_mib, save_mib
+from atpstar.edges.mib import load_mib, mib_scores, save_mib
 from atpstar.errors import InputError
 from reference.models import build_hf, load, make_pairs
 
@@ -34,7 +34,10 @@ def test_json_has_mibs_layout(result, tmp_path):
     assert set(first) == {"score", "in_graph"} and isinstance(first["score"], float)
     assert sum(e["in_graph"] for e in data["edges"].values()) == 10
     scores = torch.tensor([e["score"] for e in data["edges"].values()], dtype=torch.float64)
-    assert torch.allclose(scores, attribution.scores["edge"].double())
+    n_pairs = attribution.n_pairs  # fewer than MIB's batch of 20: one batch of n_pairs
+    want = -attribution.per_pair["edge"].double().mean(0) / n_pairs  # MIB's sign and scale (0019)
+    assert torch.allclose(scores, want, rtol=1e-6, atol=1e-12)
+    assert bool((scores < 0).any()) and bool((scores > 0).any())
 
 
 def test_pt_has_mibs_layout(result, tmp_path):
@@ -55,7 +58,7 @@ def test_round_trip(result, tmp_path, suffix):
     path = attribution.to_mib(tmp_path / f"c{suffix}", n_edges=25)
     circuit = load_mib(path)
     assert circuit.graph == attribution.edge_graph() and circuit.d_model == 32
-    assert torch.allclose(circuit.scores, attribution.scores["edge"].double(), rtol=1e-6)
+    assert torch.allclose(circuit.scores, mib_scores(attribution), rtol=1e-6)
     assert 0 < int(circuit.in_graph.sum()) <= 25
 
 

@@ -37,7 +37,18 @@ class FalseNegativeBound:
         assumption: the assumption the bound rests on (say it with the numbers).
         cost: passes run (the Subsampling over unverified nodes).
         estimate, upper: node type -> [*layout] ĉ(n) and its upper bound on |c(n)| (nan at verified nodes).
+        se: node type -> [*layout] standard error of ĉ(n) (nan at verified nodes; empty in bounds saved
+            before it was recorded).
         direction: ``"noising"`` or ``"denoising"``.
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> checked = atpstar.verify(model, pairs, atpstar.attribute(model, pairs, "atp+qkfix", nodes=["head"]), budget=10)
+        >>> bound = atpstar.false_negative_bound(model, pairs, checked, theta=1.0, samples=256)
+        >>> bound.worst_name, bound.assumption[:47]
+        ('blocks.0.attn.hook_z[pos 1, head 2]', 'Assumes node effects are close to additive: the')
     """
 
     max_effect_upper: float
@@ -51,6 +62,7 @@ class FalseNegativeBound:
     direction: str
     estimate: dict[str, torch.Tensor] = field(default_factory=dict)
     upper: dict[str, torch.Tensor] = field(default_factory=dict)
+    se: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -76,6 +88,7 @@ class FalseNegativeBound:
         """(JSON-ready facts, tensors ``estimate/{t}``, ``upper/{t}``); ``from_parts`` inverts it."""
         tensors = {f"estimate/{t}": x.double().contiguous() for t, x in self.estimate.items()}
         tensors.update({f"upper/{t}": x.double().contiguous() for t, x in self.upper.items()})
+        tensors.update({f"se/{t}": x.double().contiguous() for t, x in self.se.items()})
         meta = {
             "max_effect_upper": self.max_effect_upper,
             "prob_upper": self.prob_upper,
@@ -106,5 +119,6 @@ class FalseNegativeBound:
             direction=meta["direction"],
             estimate={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("estimate/")},
             upper={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("upper/")},
+            se={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("se/")},
             info=meta["info"],
         )

@@ -14,12 +14,13 @@ Shape letters: P pairs, N nodes (all node types, flattened).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ..cost import Cost
+from ..dictionaries.sampling import bound_sampler
 from ..errors import InputError
 from ..fingerprint import check_reuse
 from ..job import Job
@@ -27,6 +28,7 @@ from ..methods.subsampling import SubsamplingStats, check_options, sample_batch
 from ..model import Model, as_model
 from ..nodes import NodeLayout
 from ..pairs import PromptPairs, check_direction
+from ..pairsets import as_pairs, check_positions, each_group, merge_info, refuse_workers
 from ..spaces import Spaces, check_node_types, spaces_for
 from ..validate import check_count, check_number, check_pairs_fit
 from ..verify import Verification
@@ -61,7 +63,8 @@ def false_negative_bound(
 
     Args:
         model: an ``atpstar.Model`` or a ``transformers`` causal LM.
-        pairs: the prompt pairs (c(n) is the mean effect over them).
+        pairs: the prompt pairs (c(n) is the mean effect over them); a ``PairSet`` is sampled group by group
+            (node types summed over positions only), its per-pair statistics merged.
         verified: a ``Verification`` (from ``atpstar.verify``) or a list of ``(node_type, index)``.
         theta: effect size for the probability bound (b); None leaves ``prob_upper`` nan.
         samples: Subsampling samples per pair (random design; each node in with probability ``p``);
@@ -89,10 +92,19 @@ def false_negative_bound(
 
     Raises:
         InputError: bad options, missing node types, or verified nodes outside the layout.
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> checked = atpstar.verify(model, pairs, atpstar.attribute(model, pairs, "atp+qkfix", nodes=["head"]), budget=10)
+        >>> bound = atpstar.false_negative_bound(model, pairs, checked, theta=1.0, samples=256)
+        >>> bound.n_unverified, round(bound.max_effect_upper, 3), bound.prob_upper < 0.05
+        (110, 1.543, False)
     """
     model = as_model(model)
-    if not isinstance(pairs, PromptPairs):
-        raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
+    pairs = as_pairs(pairs)
+    refuse_workers(pairs, workers, ray_address, checkpoint)
     node_list, node_types, direction = _population(verified, nodes, direction)
     samples = DEFAULT_SAMPLES if samples is None else check_count("samples", samples, 2)
     p = choose_p(samples) if p is None else p
@@ -104,6 +116,7 @@ def false_negative_bound(
         check_number("theta", theta, 0.0, None, low_open=True)  # NaN would make every probability bound 1
     engine = {"workers": workers, "ray_address": ray_address, "checkpoint": checkpoint}
     spaces = _spaces(model, node_types, engine)
+    check_positions(pairs, {t: spaces.of(t).pos_axis(t) for t in node_types})
     layout = NodeLayout({t: spaces.of(t).shape(t, pairs.seq_len) for t in node_types})
     exclude = _exclusions(layout, node_list)
     check_pairs_fit(model, pairs)
@@ -118,7 +131,7 @@ def false_negative_bound(
     job = Job(model, pairs, direction, Cost(), progress)
     sampling = {"samples": samples, "p": p, "seed": seed, "design": "random"}
     run = Sampling(job, node_types, sampling, batch_size, memory_gb, exclude, engine)
-    stats, run_info = SAMPLERS[spaces.spaces[0].engine](run)
+    stats, run_info = _by_group(run, SAMPLERS[spaces.spaces[0].engine])
     keep = ~layout.flatten(exclude)  # [N]
     estimate, upper, prob, se = node_bounds(stats, keep, int(keep.sum()), alpha, theta, combine)
     summary = summarize(keep, upper, prob, se, theta, combine)
@@ -134,6 +147,7 @@ def false_negative_bound(
         direction=direction,
         estimate=layout.unflatten(torch.where(keep, estimate, torch.full_like(estimate, float("nan")))),
         upper=layout.unflatten(torch.where(keep, upper, torch.full_like(upper, float("nan")))),
+        se=layout.unflatten(torch.where(keep, se, torch.full_like(se, float("nan")))),
         info={
             **_sampling_info(sampling, combine, pairs.n_pairs, len(node_list), summary),
             **run_info,
@@ -183,7 +197,8 @@ def _spaces(model: Model, node_types: list[str], engine: dict[str, Any]) -> Spac
     if engines - set(SAMPLERS):
         raise InputError(f"no false-negative bound for the nodes {node_types}: their engines {engines} cannot sample")
     if engines != {"sites"} and len(spaces.spaces) > 1:
-        raise InputError("bound edges on their own: nodes=['edge'] in a call of their own")
+        alone = sorted({space.kind for space in spaces if space.engine != "sites"})
+        raise InputError(f"bound {'/'.join(alone)} nodes on their own: only their node types in nodes=, in a call of their own")
     return spaces
 
 
@@ -243,6 +258,18 @@ def _sample_edges(run: Sampling) -> tuple[SubsamplingStats, dict[str, Any]]:
     return stats, {**run_info, "edge_graph": graph_of(job.model).describe()}
 
 
+def _by_group(
+    run: Sampling, sampler: Callable[[Sampling], tuple[SubsamplingStats, dict[str, Any]]]
+) -> tuple[SubsamplingStats, dict[str, Any]]:
+    """``sampler`` once per equal-length group of the pairs, per-pair statistics merged in example order."""
+    parts = each_group(run.job, lambda group_job: sampler(replace(run, job=group_job)))
+    if len(parts) == 1:
+        return parts[0]
+    pairs = run.job.pairs
+    values = {k: pairs.gather([stats.values[k] for stats, _ in parts]) for k in parts[0][0].values}  # [P, N]
+    return SubsamplingStats(parts[0][0].shapes, values), merge_info(pairs, [info for _, info in parts])
+
+
 def _executor(run: Sampling) -> Any:
     """Where the Subsampling's ranges of samples run: in-process (one range, the loop of a single call; with a
     checkpoint folder several) or on Ray workers (``atpstar.distributed``)."""
@@ -255,4 +282,5 @@ def _executor(run: Sampling) -> Any:
 SAMPLERS: dict[str, Callable[[Sampling], tuple[SubsamplingStats, dict[str, Any]]]] = {
     "sites": _sample_sites,
     "edges": _sample_edges,
+    "latents": bound_sampler,  # dictionary latents (``atpstar.dictionaries.sampling``)
 }

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from ..errors import AtpstarError
 from ..lock import check_writable, folder_lock
+from .args import attach_dictionaries
 from .checks import check_args
 from .commands import COMMANDS
 from .common import RESUMABLE, interrupt_note, parse_nodes, parse_options
@@ -42,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     RESUMABLE.clear()
     try:
         check_args(args)
+        attach_dictionaries(args)
         if getattr(args, "threads", None):
             import torch
 

@@ -46,6 +46,33 @@ def model_args(parser: argparse.ArgumentParser, default_model: str | None = None
         "denoising: patch clean activations into the noise run",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--dictionary",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an SAE or transcoder (SAELens, Gemma Scope 2 or circuit-tracer folder, or a hub id) whose latents and "
+        "error are nodes too (node types NAME and NAME.error); repeatable",
+    )
+
+
+def attach_dictionaries(args: argparse.Namespace) -> list[str]:
+    """Load and attach every ``--dictionary`` (before the node types are parsed) and add their node types to
+    ``--nodes`` unless it names one of them; returns their node types."""
+    paths = getattr(args, "dictionary", None) or []
+    if not paths:
+        return []
+    from ..dictionaries import load_dictionary
+    from ..spaces.latents import attach
+
+    added: list[str] = []
+    for path in paths:
+        types = attach([load_dictionary(path)])
+        listed = str(getattr(args, "nodes", "") or "").split(",")
+        if hasattr(args, "nodes") and not set(types) & set(listed):
+            args.nodes = ",".join([*filter(None, listed), *types])
+        added += types
+    return added
 
 
 def worker_args(parser: argparse.ArgumentParser) -> None:
@@ -73,9 +100,19 @@ def task_args(parser: argparse.ArgumentParser) -> None:
         "--task",
         required=True,
         help="ioi, cities, random (pairs of model samples, metric: log-prob of the clean next "
-        'token), or a .jsonl file with one {"clean", "noise", "answer", "distractor"} '
-        "object per line (distractor optional: metric logprob instead of logit difference)",
+        'token), a .jsonl file with one {"clean", "noise", "answer", "distractor"} '
+        "object per line (distractor optional: metric logprob instead of logit difference), or a MIB task "
+        "mib:<task>[:<split>] (ioi, mcqa, arithmetic_addition, arithmetic_subtraction, arc_easy, arc_challenge; "
+        "split default validation; prompts of several lengths: edges only)",
     )
+    parser.add_argument(
+        "--mib-path", default=None, metavar="PATH",
+        help="for --task mib:...: a local copy of the dataset repository, or a hub id (default: mib-bench/<task>)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--counterfactual", default=None, metavar="COLUMN",
+        help="for --task mib:...: the counterfactual column of the noise prompts (default: MIB's for the task)",
+    )  # fmt: skip
     parser.add_argument(
         "--n-pairs", type=int, default=4, metavar="N", help="prompt pairs for ioi/cities/random (default 4)"
     )

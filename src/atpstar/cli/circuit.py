@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
+from typing import Any
 
 from ..persist import write_text
 from .args import command, outputs
@@ -42,8 +44,9 @@ def add_circuit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
 
 def cmd_circuit(args: argparse.Namespace) -> int:
-    from ..edges.circuits import MIB_FRACTIONS, check_fractions, faithfulness_curve, top_edges
-    from ..edges.report import curve_table, plot_curves, report_section
+    from ..edges.circuits import MIB_FRACTIONS, check_fractions, faithfulness_curve, signed_importance, top_edges
+    from ..edges.report import curve_table
+    from ..viewer import edge_graph_json
 
     start = time.monotonic()
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
@@ -53,17 +56,23 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     out = out_dir(args)
     model = load_model(args)
     pairs, task = load_task(model, args)
-    curves, costs, tops = [], {}, {}
+    curves: list[Any] = []
+    costs: dict[str, float] = {}
+    results: list[Any] = []
+    graphs: list[dict[str, Any]] = []
     for method in methods:
-        result = run_method(model, pairs, method, ["edge"], options[method], args)
+        # MIB files are written: MIB's head senders on post-norm models unless asked otherwise (0019)
+        method_options = {"edge_convention": "mib", **options[method]}
+        result = run_method(model, pairs, method, ["edge"], method_options, args)
         name = method.replace("*", "_star").replace("+", "_")
         result.save(out / f"{name}.edges")
-        result.to_mib(out / f"{name}.mib.json")
+        result.to_mib(out / f"{name}.mib.json", convention=method_options["edge_convention"])
         graph = result.edge_graph()
         names = graph.edge_names
         circuits = {}
         for x in fractions:
-            chosen = top_edges(graph, result.scores["edge"], int(x * graph.n_edges), not args.no_prune)
+            # MIB's signed ranking (its CPR circuits, 0019)
+            chosen = top_edges(graph, signed_importance(result), int(x * graph.n_edges), not args.no_prune, False)
             circuits[f"{x:g}"] = [names[i] for i in chosen.nonzero()[:, 0].tolist()]
         write_text(out / f"{name}.circuits.json", json.dumps(circuits))
         say(f"{method}: faithfulness at {len(fractions)} circuit sizes")
@@ -79,14 +88,42 @@ def cmd_circuit(args: argparse.Namespace) -> int:
         curve.save(out / f"{name}.faithfulness.json")
         curves.append(curve)
         costs[method] = result.cost.forward_equivalents
-        tops[method] = [node.name for node in result.top(args.top, node_types=["edge"])]
+        results.append(result)
+        graphs.append(edge_graph_json(result, curve=curve, prune=not args.no_prune, title=f"{method}: circuits"))
     table = curve_table(curves, costs)
     write_text(out / "circuit_table.md", f"{task}\n\n{table}\n")
     print(table)
-    plot = None
-    if not args.no_plots:
-        plot = plot_curves(curves, out / "faithfulness.png", f"{model.model_id}: {task}").name
-    page = report_section(curves, table, plot, tops)
-    write_text(out / "report.html", f"<html><body><h1>atpstar circuit</h1><p>{task}</p>\n{page}</body></html>")
+    _report(args, out, model.model_id, task, results, curves, costs, graphs, start)
     say(f"wrote {out}/ in {time.monotonic() - start:.1f} s")
     return 0
+
+
+def _report(
+    args: argparse.Namespace,
+    out: Path,
+    model_id: str,
+    task: str,
+    results: list[Any],
+    curves: list[Any],
+    costs: dict[str, float],
+    graphs: list[dict[str, Any]],
+    start: float,
+) -> None:
+    """report.html: the estimates' tables, one circuit graph per method, the faithfulness table and plot."""
+    from ..edges.report import curve_html_table, plot_curves
+    from ..report import write_report
+
+    images = []
+    if not args.no_plots:
+        images.append(("faithfulness by circuit size", plot_curves(curves, out / "faithfulness.png", f"{model_id}: {task}")))
+    write_report(
+        out / "report.html",
+        results,
+        title="atpstar circuit",
+        task=task,
+        facts={"total wall time": f"{time.monotonic() - start:.1f} s"},
+        graphs=graphs,
+        sections=[curve_html_table(curves, costs)],
+        images=images,
+        top=args.top,
+    )

@@ -30,6 +30,7 @@ from .common import (
     verify_and_save,
 )
 from .find_command import cmd_find
+from .mib_command import cmd_mib
 from .output import finish_run, prompts, tokens
 
 
@@ -271,6 +272,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "bound": cmd_bound,
     "find": cmd_find,
     "circuit": cmd_circuit,
+    "mib": cmd_mib,
     "models": cmd_models,
     "methods": cmd_methods,
 }

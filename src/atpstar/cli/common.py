@@ -22,12 +22,13 @@ NODE_GROUPS = {
 
 
 def parse_nodes(text: str) -> list[str]:
-    """``all``, ``attention``, ``qkv`` or a comma list of node types."""
+    """``all``, ``attention``, ``qkv`` or a comma list of node types (and of those groups)."""
     from ..spaces import check_node_types
 
     if text in NODE_GROUPS:
         return NODE_GROUPS[text]
-    return check_node_types([t.strip() for t in text.split(",") if t.strip()])
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return check_node_types([t for item in items for t in NODE_GROUPS.get(item, [item])])
 
 
 def parse_options(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -105,7 +106,9 @@ def load_model(args: argparse.Namespace) -> Any:
     from ..loading import load_model as load
 
     task = getattr(args, "task", None)  # a bad task name or missing file fails before the model loads
-    if task is not None and not (task.endswith(".jsonl") or Path(task).is_file()) and task not in TASKS:
+    if task is not None and task.startswith("mib:"):
+        _mib_task(task)
+    elif task is not None and not (task.endswith(".jsonl") or Path(task).is_file()) and task not in TASKS:
         raise InputError(f"unknown task {task!r}; choose one of {list(TASKS)} or give a .jsonl file of prompt pairs")
     if task is not None and task.endswith(".jsonl") and not Path(task).is_file():
         raise InputError(f"prompt pair file {task} does not exist")
@@ -118,6 +121,12 @@ def load_task(model: Any, args: argparse.Namespace) -> tuple[Any, str]:
     from .. import tasks
 
     task = args.task
+    if task.startswith("mib:"):
+        name, split = _mib_task(task)
+        mib = tasks.mib(
+            name, split, tokenizer=model.tokenizer, counterfactual=args.counterfactual, path=args.mib_path, n=args.n_pairs
+        )
+        return mib, f"MIB {name} ({split}, {mib.n_pairs} pairs, {mib.info['counterfactual']}, metric {mib.metric_name})"
     if task.endswith(".jsonl") or Path(task).is_file():
         from ..jsonl import read_pairs_jsonl
 
@@ -136,6 +145,18 @@ def load_task(model: Any, args: argparse.Namespace) -> tuple[Any, str]:
             raise InputError(f"task {task!r} needs the model's tokenizer, but the model has none")
         pairs = getattr(tasks, task)(model.tokenizer, args.n_pairs, seed=args.seed)
     return pairs, f"{task} ({pairs.n_pairs} pairs, seed {args.seed}, metric {pairs.metric_name})"
+
+
+def _mib_task(task: str) -> tuple[str, str]:
+    """(task, split) of ``mib:<task>[:<split>]``, checked before the model loads."""
+    from ..tasks.mib import SPLITS
+    from ..tasks.mib import TASKS as MIB_TASKS
+
+    parts = task.split(":")
+    name, split = parts[1].replace("-", "_") if len(parts) > 1 else "", parts[2] if len(parts) > 2 else "validation"
+    if len(parts) > 3 or name not in MIB_TASKS or split not in SPLITS:
+        raise InputError(f"bad MIB task {task!r}; write mib:<task>[:<split>], task one of {list(MIB_TASKS)}, split one of {list(SPLITS)}")
+    return name, split
 
 
 def max_positions(model: Any) -> int | None:

@@ -28,15 +28,18 @@ def finish_run(
         estimate.save(out / "estimate")
         estimate.to_csv(out / "top_nodes.csv", k=min(1000, sum(s.numel() for s in estimate.scores.values())))
     images = []
+    spaces = estimate.spaces()
+    layered = [t for t in estimate.node_types if "layer" in spaces.of(t).axes(t)]  # edges have no layer map
     if not args.no_plots:
         from ..plots import plot_heatmaps, plot_verified
 
-        images.append(
-            (
-                f"{estimate.method} contributions",
-                plot_heatmaps(estimate, out / "heatmaps", tokens=tokens(model, pairs))[0],
+        if layered:
+            images.append(
+                (
+                    f"{estimate.method} contributions",
+                    plot_heatmaps(estimate, out / "heatmaps", node_types=layered, tokens=tokens(model, pairs))[0],
+                )
             )
-        )
         if verified is not None and len(verified.nodes):
             images.append(
                 (
@@ -61,6 +64,7 @@ def finish_run(
         images=images,
         top=args.top,
         prompts=prompts(model, pairs),
+        tokens=tokens(model, pairs),
     )
     print_top(estimate, verified, args.top)
     written = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))  # not the lock

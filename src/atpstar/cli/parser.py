@@ -12,6 +12,7 @@ from typing import Any
 from .args import command, outputs
 from .circuit import add_circuit_parser
 from .find_command import add_find_parser
+from .mib_command import add_mib_parser
 
 COMPARE_DEFAULT = "atp,atp+qkfix,atp*,subsampling,blocks,hierarchical"
 Subparsers = Any  # argparse's private _SubParsersAction
@@ -26,7 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'atpstar COMMAND --help' for the options of one command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_run, _add_compare, _add_verify, _add_bound, add_find_parser, add_circuit_parser):
+    for add in (
+        _add_demo,
+        _add_run,
+        _add_compare,
+        _add_verify,
+        _add_bound,
+        add_find_parser,
+        add_circuit_parser,
+        add_mib_parser,
+    ):
         add(sub)
     sub.add_parser("models", help="list the built-in models", description="List the built-in models (--model NAME).")
     sub.add_parser("methods", help="list the method ids", description="List the method ids with one-line descriptions.")

@@ -12,6 +12,7 @@ Shape letters: P pairs, N nodes, B blocks.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,7 +34,6 @@ from .units import (
     EdgeUnit,
     PairBlockUnit,
     PatchUnit,
-    RankUnit,
     SampleUnit,
     Sweep,
     Unit,
@@ -42,8 +42,6 @@ from .units import (
 
 # Split a layer's pairs once a unit would hold more patched forwards than this (checkpoint granularity).
 MAX_UNIT_FORWARDS = 1 << 18
-# Largest verification window (nodes).
-MAX_WINDOW = 4096
 
 
 # Exact patching -------------------------------------------------------------------------------
@@ -136,14 +134,15 @@ def edges_on(
     [P, N, T]), base metric [P], info).
 
     Args:
-        options: ``batch_size``, ``memory_gb`` and ``positions``.
+        options: ``batch_size``, ``memory_gb``, ``positions`` and ``convention`` (the head senders, 0019).
         made_by: the options that identify the sweep's checkpoint.
     """
     graph = graph_of(model)
     footprint = EdgeUnit.footprint(model, pairs)
     batch = plan_batch(footprint, options["memory_gb"], model.device, batch_size=options["batch_size"])
+    prepare = partial(prepare_edge_sweep, convention=options.get("convention", "atpstar"))
     options = {"batch": batch, "positions": options["positions"]}
-    sweep = Sweep("edges", pairs, direction, ["edge"], options, prepare=prepare_edge_sweep)
+    sweep = Sweep("edges", pairs, direction, ["edge"], options, prepare=prepare)
     layer_of = receiver_layers(graph)  # [N]
     per_position = pairs.seq_len if options["positions"] else 1
     blocks = math.ceil(target_units(executor) / (model.n_layers + 1)) if executor.workers else 1
@@ -165,49 +164,6 @@ def edges_on(
         base_metric[unit.pair_start : unit.pair_stop] = result.tensors["base_metric"]
     sum_costs(results, cost)
     return effects, base_metric, info
-
-
-# Verification ---------------------------------------------------------------------------------
-
-
-def plan_rank_units(n_nodes: int, n_pairs: int, target: int) -> list[RankUnit]:
-    """Windows of consecutive ranks, at most ``MAX_WINDOW`` nodes each."""
-    window = max(1, min(MAX_WINDOW, math.ceil(n_nodes / target)))
-    return [
-        RankUnit(start, min(start + window, n_nodes), (min(start + window, n_nodes) - start) * n_pairs, 1.0)
-        for start in range(0, n_nodes, window)
-    ]
-
-
-def verify_on(
-    executor: Executor,
-    model: Model,
-    pairs: PromptPairs,
-    node_types: list[str],
-    direction: str,
-    ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    batch: int,
-    checkpoint: str | None,
-    cost: Cost,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """Exact effects [N, P] of ranked nodes as windows of ranks, the base metric [P], and run facts."""
-    tensors = dict(zip(("type", "layer", "unit", "pos"), ranked))
-    sweep = Sweep("verify", pairs, direction, list(node_types), {"batch": batch}, tensors)
-    n_nodes = len(ranked[0])
-    if n_nodes == 0:  # nothing to verify: still run the base once for its metric
-        from ..engine import prepare
-
-        return (
-            torch.zeros(0, pairs.n_pairs, dtype=torch.float64),
-            prepare(model, pairs, direction, node_types, cost).base_metric,
-            {"workers": executor.workers, "units": 0},
-        )
-    units = plan_rank_units(n_nodes, pairs.n_pairs, target_units(executor))
-    store = unit_store(checkpoint, "verify", model, sweep, [n_nodes, digest(torch.stack(ranked))])
-    results, info = run_units(executor, sweep, units, store, "verify")
-    effects = torch.cat([r.tensors["effects"] for r in results])  # windows in rank order: [N, P]
-    sum_costs(results, cost)
-    return effects, results[0].tensors["base_metric"], info
 
 
 # Subsampling and the bound ----------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .circuits import MIB_FRACTIONS, FaithfulnessCurve, faithfulness_curve, top_edges
 from .graph import EdgeGraph, edge_names, graph_of
-from .mib import MibCircuit, load_mib, save_mib
+from .mib import MibCircuit, load_mib, mib_scores, save_mib
 
 __all__ = [
     "MIB_FRACTIONS",
@@ -19,6 +19,7 @@ __all__ = [
     "faithfulness_curve",
     "graph_of",
     "load_mib",
+    "mib_scores",
     "save_mib",
     "top_edges",
 ]

@@ -42,7 +42,7 @@ def edge_atp(batch: EdgeBatch, qk_fix: bool, grad_drop: bool, positions: bool = 
     """Edge AtP with the QK fix and/or GradDrop for the batch's pairs: [b, N] (``positions``: [b, N, T])."""
     model, cost = batch.job.model, batch.job.cost
     base_tokens, source_tokens = batch.tokens()
-    source = source_senders(model, source_tokens, batch.w_out)
+    source = source_senders(model, source_tokens, batch.w_out, batch.graph.mib_heads)
     sites: dict[tuple[int, str], torch.Tensor] = {}
     tape = Tape(model.n_layers, cost, grad_drop)
     try:

@@ -50,6 +50,7 @@ def run_senders(
     w_out: list[torch.Tensor],
     record: tuple[str, ...] = (),
     mlp_copy: bool = False,
+    mib_heads: bool = False,
 ) -> SenderRun:
     """Forward from embeddings hidden [B, T, D]; records what the edge graph needs.
 
@@ -57,6 +58,8 @@ def run_senders(
         w_out: per layer W_O [H, E, D] (``sites.head_out_weights``).
         record: further runner sites to keep (``q``, ``k``, ``v``, ``pattern``); k and v are per query head.
         mlp_copy: give each MLP a private copy of its input, so its gradient counts the MLP path only.
+        mib_heads: post-norm models: heads send W_O^h z_h before the norm (``EdgeGraph.convention`` "mib")
+            rather than their share of the normalised write.
     """
     n_layers = model.n_layers
     ungrouped = ungroup(model.n_heads)
@@ -72,7 +75,9 @@ def run_senders(
     blocks = [hidden[:, None]]
     for layer in range(n_layers):
         # post-norm families: norm(a) / a per layer [B, T, D]
-        share = post_norm_share(run.get("attn_proj", layer), run.get("attn_out", layer)) if shares else None
+        share = None
+        if shares and not mib_heads:
+            share = post_norm_share(run.get("attn_proj", layer), run.get("attn_out", layer))
         blocks.append(head_outputs(run.records["z"][layer], w_out[layer], share))  # [B, H, T, D]
         blocks.append(run.records["mlp_out"][layer][:, None].to(hidden.device))
     senders = torch.cat([b.to(hidden.device) for b in blocks], 1)  # [B, S, T, D]

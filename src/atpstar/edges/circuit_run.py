@@ -17,11 +17,12 @@ from __future__ import annotations
 import torch
 
 from ..cost import Cost
+from ..errors import InputError
 from ..model import Model
 from ..runner import Run, expand_kv
 from .graph import EdgeGraph
 from .patching import EdgeCache
-from .sites import head_out_weights, head_outputs, layer_qkv, post_norm_share
+from .sites import head_out_weights, head_outputs, layer_qkv, post_attention_norm, post_norm_share
 
 
 def circuit_metric(
@@ -46,12 +47,16 @@ def circuit_metric(
     weight = absent.to(src.dtype)
     w_out = head_out_weights(model)
     replace: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    mib = graph.mib_heads  # heads reach receivers through their layer's post-attention norm (0019)
+    norm_shift = _NormShift(model, graph, cache, pair_index, start, weight) if mib else None
+    linear = norm_shift.linear_weight if norm_shift is not None else weight
 
     def shift(receivers: slice) -> torch.Tensor:
-        """[B, r, T, D] Σ_s absent · (source_s - current_s) for a block of receivers."""
-        return torch.einsum("bsr,bstd->brtd", weight[:, :, receivers], src - current)
+        """[B, r, T, D] Σ_s absent · (source_s - current_s) for a block of receivers (MIB heads: through the norm)."""
+        out = torch.einsum("bsr,bstd->brtd", linear[:, :, receivers], src - current)
+        return out if norm_shift is None else out + norm_shift(receivers, src - current)
 
-    post_norm = model.post_norm
+    post_norm = model.post_norm and not mib  # heads send their share of the normalised write
     z_of: dict[int, torch.Tensor] = {}
 
     def set_heads(layer: int, share: torch.Tensor | None) -> None:
@@ -59,6 +64,9 @@ def circuit_metric(
         current[:, block] = head_outputs(z_of[layer], w_out[layer], share).to(current.dtype)
 
     def patch(layer: int, site: str, x: torch.Tensor, run: Run) -> torch.Tensor:
+        if site == "attn_proj" and norm_shift is not None:
+            norm_shift.attn_proj[layer] = x
+            return x
         if site == "z":  # this layer's heads are now known: their current outputs (post-norm: after the norm)
             z_of[layer] = x
             if not post_norm:
@@ -109,14 +117,53 @@ def circuit_metric(
         return x + shift(slice(receiver, receiver + 1))[:, 0].to(x.device, x.dtype)
 
     with torch.no_grad():
-        record = ("resid_pre", "attn_proj") if post_norm else ("resid_pre",)
+        record = ("resid_pre", "attn_proj") if model.post_norm else ("resid_pre",)
         run = Run(n_layers, record=record, patch=patch, start_layer=start)
         final = model.run_layers(cache.resid[start][pair_index], run) if start < n_layers else None
         final = cache.resid[-1][pair_index] if final is None else final
         final = final + shift(slice(graph.logits_receiver, graph.logits_receiver + 1))[:, 0].to(final.dtype)
-        logits = model.unembed(final[:, -1])
         cost.add_forward(len(pair_index), start_layer=start, n_layers=n_layers)
-        return cache.pairs.evaluate_metric(logits, pair_index.to(logits.device))
+        return cache.pairs.answer_metric(model, final, pair_index)
+
+
+class _NormShift:
+    """MIB's absent head edges on a post-norm model: per upstream layer l, a receiver's input moves by
+    norm_l(a_l + Σ_{absent h of l} (source_h - current_h)) - norm_l(a_l), a_l the layer's current
+    Σ_h W_O^h z_h + b_O (``evaluate_graph`` of EAP-IG); other senders' differences add as they are."""
+
+    def __init__(
+        self,
+        model: Model,
+        graph: EdgeGraph,
+        cache: EdgeCache,
+        pair_index: torch.Tensor,
+        start: int,
+        weight: torch.Tensor,
+    ) -> None:
+        if cache.attn_proj is None:
+            raise InputError("the edge cache lacks attn_proj: prepare it with the graph of the MIB head convention")
+        self.model, self.graph, self.weight = model, graph, weight
+        heads = torch.zeros(graph.n_senders, dtype=torch.bool)
+        for layer in range(graph.n_layers):
+            heads[graph.head_sender(layer, 0) : graph.head_sender(layer, 0) + graph.n_heads] = True
+        self.linear_weight = weight * (~heads).to(weight.dtype)[None, :, None]  # [B, S, R] non-head senders
+        # layers below the start keep their base writes; later ones are set as the pass computes them
+        self.attn_proj = {layer: cache.attn_proj[layer][pair_index] for layer in range(start)}
+
+    def __call__(self, receivers: slice, diff: torch.Tensor) -> torch.Tensor:
+        """[B, r, T, D] the heads' part of the shift of a block of receivers; diff [B, S, T, D] source - current."""
+        total = torch.zeros(diff.shape[0], receivers.stop - receivers.start, *diff.shape[2:], dtype=diff.dtype)
+        for layer, a in self.attn_proj.items():
+            first = self.graph.head_sender(layer, 0)
+            block = slice(first, first + self.graph.n_heads)
+            w = self.weight[:, block, receivers]  # [B, H, r]
+            if not bool(w.any()):
+                continue
+            pre = torch.einsum("bhr,bhtd->brtd", w, diff[:, block])  # [B, r, T, D]
+            a = a.to(pre.device, pre.dtype)[:, None]  # [B, 1, T, D]
+            moved = post_attention_norm(self.model, layer, a + pre) - post_attention_norm(self.model, layer, a)
+            total = total.to(moved.device) + moved.to(total.dtype)
+        return total
 
 
 def circuit_bytes(model: Model, graph: EdgeGraph, seq_len: int) -> int:

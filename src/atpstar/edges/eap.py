@@ -87,8 +87,9 @@ def taped_run(
     """
     model, pairs = batch.job.model, batch.job.pairs
     hidden = hidden.detach().requires_grad_(True)
-    run = run_senders(model, hidden, batch.w_out, record=("q", "k", "v", *record), mlp_copy=True)
-    metric = pairs.evaluate_metric(model.unembed(run.final[:, -1]), batch.index.to(run.final.device))
+    mib_heads = batch.graph.mib_heads
+    run = run_senders(model, hidden, batch.w_out, record=("q", "k", "v", *record), mlp_copy=True, mib_heads=mib_heads)
+    metric = pairs.answer_metric(model, run.final, batch.index)
     tape.hidden, tape.resid = hidden, run.resid
     for layer in range(model.n_layers):
         for site in (*GRAD_SITES, *record):
@@ -125,17 +126,19 @@ def point_receiver_grads(batch: EdgeBatch, hidden: torch.Tensor, forwards: int =
     return run, receiver_grads(model, batch.graph, run, sites, final, range(model.n_layers))
 
 
-def source_senders(model: Model, tokens: torch.Tensor, w_out: list[torch.Tensor]) -> torch.Tensor:
-    """[B, S, T, D] sender outputs of a forward on tokens (no gradients)."""
+def source_senders(
+    model: Model, tokens: torch.Tensor, w_out: list[torch.Tensor], mib_heads: bool = False
+) -> torch.Tensor:
+    """[B, S, T, D] sender outputs of a forward on tokens (no gradients; ``mib_heads`` as ``run_senders``)."""
     with torch.no_grad():
-        return run_senders(model, model.embed(tokens), w_out).senders
+        return run_senders(model, model.embed(tokens), w_out, mib_heads=mib_heads).senders
 
 
 def eap(batch: EdgeBatch, points: Points, positions: bool = False) -> torch.Tensor:
     """EAP (``points`` at the base run) or EAP-IG (a path) scores [b, N] (or [b, N, T]) for the batch's pairs."""
     model, b = batch.job.model, len(batch.index)
     base_tokens, source_tokens = batch.tokens()
-    source = source_senders(model, source_tokens, batch.w_out)
+    source = source_senders(model, source_tokens, batch.w_out, batch.graph.mib_heads)
     with torch.enable_grad():
         base_embed = model.embed(base_tokens)
         if points.at_base:
@@ -143,7 +146,7 @@ def eap(batch: EdgeBatch, points: Points, positions: bool = False) -> torch.Tens
             base = run.senders.detach()
         else:
             with torch.no_grad():
-                base = run_senders(model, base_embed, batch.w_out).senders
+                base = run_senders(model, base_embed, batch.w_out, mib_heads=batch.graph.mib_heads).senders
             source_embed = model.embed(source_tokens)
             total = torch.zeros(0)
             for k, point in enumerate(points.inputs(base_embed, source_embed)):

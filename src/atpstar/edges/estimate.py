@@ -36,16 +36,18 @@ def estimate_edges(
     grad_drop: bool = False,
     points: Points = AT_BASE,
     positions: bool = False,
+    convention: str = "atpstar",
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Edge AtP (EAP), its QK fix / GradDrop / AtP* forms, or EAP-IG (``points`` a path): [P, N]
-    (``positions``: [P, N, T]) and facts for ``info`` (``edge_oom_retries`` after an out-of-memory retry)."""
+    (``positions``: [P, N, T]) and facts for ``info`` (``edge_oom_retries`` after an out-of-memory retry).
+    ``convention``: the head-sender convention of post-norm models (``EdgeGraph.convention``)."""
     if (qk_fix or grad_drop) and not points.at_base:
         raise InputError(
             "the QK fix and GradDrop on edges take the gradient at the base run: use points=AT_BASE with them, "
             "or qk_fix=grad_drop=False on a path (EAP-IG)"
         )
     model, pairs = job.model, job.pairs
-    graph, w_out = graph_of(model), head_out_weights(model)
+    graph, w_out = graph_of(model, convention), head_out_weights(model)
     shape = (pairs.n_pairs, graph.n_edges, *((pairs.seq_len,) if positions else ()))
     out = torch.zeros(shape, dtype=model.dtype)
     guard = BatchGuard("edge attribution: pairs", model.device)

@@ -21,11 +21,13 @@ Shape letters: S senders, R receivers, N edges, L layers, H heads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import torch
+
+from ..errors import InputError
 
 QKV = ("q", "k", "v")
 
@@ -38,11 +40,29 @@ class EdgeGraph:
         n_layers: transformer layers.
         n_heads: query heads per layer (key/value receivers are per query head).
         parallel: attention and MLP of one layer read the same residual stream (GPT-NeoX).
+        convention: what a head sends on a post-norm model (0019): ``"atpstar"``, its share of the
+            normalised write, or ``"mib"``, its write before the norm (exact effects pass the norm);
+            None on models without a post-attention norm, where both are W_O^h z_h. Not part of the
+            graph's identity: the edges are the same.
+
+    Example:
+        >>> import atpstar
+        >>> graph = atpstar.EdgeGraph(n_layers=2, n_heads=4, parallel=True)  # toy-ioi's graph
+        >>> graph.n_senders, graph.n_receivers, graph.n_edges
+        (11, 27, 102)
+        >>> graph.sender_names[:3], graph.receiver_names[-2:]
+        (['input', 'a0.h0', 'a0.h1'], ['m1', 'logits'])
     """
 
     n_layers: int
     n_heads: int
     parallel: bool
+    convention: str | None = field(default=None, compare=False)
+
+    @property
+    def mib_heads(self) -> bool:
+        """Head senders are the writes before the post-attention norm (MIB's convention on a post-norm model)."""
+        return self.convention == "mib"
 
     # Sizes -------------------------------------------------------------------------------------
     @property
@@ -142,11 +162,13 @@ class EdgeGraph:
 
     def describe(self) -> dict[str, Any]:
         """What rebuilds this graph (kept in ``Attribution.info["edge_graph"]``)."""
-        return {"n_layers": self.n_layers, "n_heads": self.n_heads, "parallel": self.parallel}
+        sizes = {"n_layers": self.n_layers, "n_heads": self.n_heads, "parallel": self.parallel}
+        return sizes if self.convention is None else {**sizes, "convention": self.convention}
 
     @classmethod
     def from_description(cls, data: dict[str, Any]) -> EdgeGraph:
-        return cls(int(data["n_layers"]), int(data["n_heads"]), bool(data["parallel"]))
+        convention = data.get("convention")
+        return cls(int(data["n_layers"]), int(data["n_heads"]), bool(data["parallel"]), convention)
 
     def cfg(self, d_model: int) -> dict[str, Any]:
         """MIB's graph ``cfg`` block."""
@@ -209,12 +231,27 @@ def _edge_names(graph: EdgeGraph) -> tuple[str, ...]:
     return tuple(out)
 
 
-def graph_of(model: Any) -> EdgeGraph:
-    """The edge graph of a wrapped model (or a ``transformers`` model)."""
+CONVENTIONS = ("atpstar", "mib")
+
+
+def graph_of(model: Any, convention: str = "atpstar") -> EdgeGraph:
+    """The edge graph of a wrapped model (or a ``transformers`` model).
+
+    Args:
+        convention: the head-sender convention (``EdgeGraph.convention``); kept only on post-norm models.
+    """
     from ..model import as_model
 
+    check_convention(convention)
     wrapped = as_model(model)
-    return EdgeGraph(wrapped.n_layers, wrapped.n_heads, is_parallel(wrapped))
+    kept = convention if getattr(wrapped, "post_norm", False) else None
+    return EdgeGraph(wrapped.n_layers, wrapped.n_heads, is_parallel(wrapped), kept)
+
+
+def check_convention(convention: object, what: str = "edge_convention") -> None:
+    """Refuse a head-sender convention other than ``"atpstar"`` and ``"mib"``."""
+    if convention not in CONVENTIONS:
+        raise InputError(f"unknown {what} {convention!r}; choose one of {list(CONVENTIONS)}")
 
 
 def is_parallel(model: Any) -> bool:
@@ -226,8 +263,11 @@ def edge_names(model: Any) -> list[str]:
     """MIB/EAP-IG names of every edge of ``model``, in the order of ``per_pair["edge"]``.
 
     Example:
-        >>> atpstar.edge_names(model)[:2]
-        ['input->a0.h0<q>', 'input->a0.h0<k>']
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> names = atpstar.edge_names(model)
+        >>> len(names), names[:2]
+        (102, ['input->a0.h0<q>', 'input->a0.h0<k>'])
     """
     return graph_of(model).edge_names
 

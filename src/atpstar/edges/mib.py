@@ -26,8 +26,8 @@ import torch
 
 from ..errors import InputError
 from ..persist import atomic_path, write_text
-from .circuits import receiver_owner
-from .graph import EdgeGraph
+from .circuits import edge_per_pair, receiver_owner
+from .graph import EdgeGraph, check_convention
 
 CFG_KEYS = ("n_layers", "n_heads", "parallel_attn_mlp", "d_model")
 
@@ -101,7 +101,18 @@ def save_mib(
 
 
 def load_mib(path: str | Path) -> MibCircuit:
-    """Read a MIB circuit file (``.json`` or ``.pt``), checking it against the graph its ``cfg`` describes."""
+    """Read a MIB circuit file (``.json`` or ``.pt``), checking it against the graph its ``cfg`` describes.
+
+    Example:
+        >>> import atpstar, tempfile
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> result = atpstar.attribute(model, pairs, method="atp", nodes=["edge"])
+        >>> path = result.to_mib(tempfile.mkdtemp() + "/circuit.json", n_edges=10)
+        >>> circuit = atpstar.load_mib(path)
+        >>> circuit.scores.shape, int(circuit.in_graph.sum()) <= 10
+        (torch.Size([102]), True)
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"no MIB circuit file at {path}")
@@ -154,16 +165,76 @@ def _graph_of_cfg(data: Any, path: Path) -> tuple[EdgeGraph, int]:
     return graph, int(cfg.get("d_model", 0))
 
 
-def attribution_to_mib(result: Any, path: str | Path, n_edges: int | None, prune: bool) -> Path:
-    """``Attribution.to_mib``: the result's edge scores as a MIB circuit file."""
+MIB_BATCH_SIZE = 20  # MIB's run_attribution.py default: scores carry 1 / batch size (``mib_scores``)
+
+
+def batch_sizes(n_pairs: int, batch_size: int) -> torch.Tensor:
+    """[P] the size of each pair's batch when P pairs are cut into consecutive batches of ``batch_size``."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(
+            f"batch_size must be a positive integer (MIB's default is {MIB_BATCH_SIZE}); got {batch_size!r}"
+        )
+    start = torch.arange(n_pairs) // batch_size * batch_size  # [P] first pair of each pair's batch
+    return torch.clamp(n_pairs - start, max=batch_size)
+
+
+def mib_scores(result: Any, batch_size: int = MIB_BATCH_SIZE) -> torch.Tensor:
+    """[N] the edge scores MIB's own code would store for this result (``to_mib`` writes them).
+
+    MIB attributes the loss -(logit difference), averaged over a batch. An estimate's score is
+    -(1/P) Σ_i ŝ_i / b(i), b(i) the size of pair i's batch (-mean / B with equal batches), as EAP and
+    EAP-IG accumulate it; an exact method's is -(mean over batches of the batch mean effect). Higher
+    is more important: the edges whose patching lowers the metric most.
+
+    Args:
+        result: a noising ``Attribution`` with position-summed edges.
+        batch_size: MIB's attribution batch size B.
+
+    Raises:
+        InputError: no edges, position-resolved edges, or a denoising result (MIB patches clean runs).
+    """
+    per_pair = edge_per_pair(result)
+    sizes = batch_sizes(per_pair.shape[0], batch_size).to(torch.float64)  # [P]
+    if _is_exact(result):
+        batch = torch.arange(per_pair.shape[0]) // batch_size  # [P]
+        means = torch.zeros(int(batch.max()) + 1, per_pair.shape[1], dtype=torch.float64)
+        means.index_add_(0, batch, per_pair / sizes[:, None])  # [n_batches, N] batch means
+        return -means.mean(0)
+    return -(per_pair / sizes[:, None]).mean(0)
+
+
+def _is_exact(result: Any) -> bool:
+    """Exact effects: the result's scores are the signed mean over pairs (``aggregation`` "mean")."""
+    return bool(result.aggregation == "mean")
+
+
+def check_result_convention(result: Any, convention: str) -> None:
+    """Refuse a post-norm result whose head-sender convention is not ``convention`` (0019)."""
+    check_convention(convention, "convention")
+    made = result.edge_graph().convention
+    if made is not None and made != convention:
+        raise InputError(
+            f"this result was made with edge_convention={made!r} on a post-norm model, where head senders "
+            f"differ; rerun the method with edge_convention={convention!r} (MIB's files need 'mib'), or pass "
+            f"convention={made!r} to write it anyway"
+        )
+
+
+def attribution_to_mib(
+    result: Any,
+    path: str | Path,
+    n_edges: int | None,
+    prune: bool,
+    *,
+    absolute: bool = False,
+    convention: str = "mib",
+    batch_size: int = MIB_BATCH_SIZE,
+) -> Path:
+    """``Attribution.to_mib``: the result's MIB scores (``mib_scores``) as a MIB circuit file."""
     from .circuits import top_edges
 
+    check_result_convention(result, convention)
     graph = result.edge_graph()
-    scores = result.scores["edge"]
-    if scores.ndim != 1:
-        raise InputError(
-            "MIB's circuit files hold position-summed edges; this attribution is position-resolved "
-            "(edge_positions=True). Run the method without edge_positions to export to MIB"
-        )
-    chosen = None if n_edges is None else top_edges(graph, scores, n_edges, prune)
+    scores = mib_scores(result, batch_size)
+    chosen = None if n_edges is None else top_edges(graph, scores, n_edges, prune, absolute=absolute)
     return save_mib(path, graph, int(result.info["edge_graph"].get("d_model", 0)), scores, chosen)

@@ -25,7 +25,7 @@ from ..pairs import PromptPairs
 from ..runner import Run, expand_kv
 from .capture import run_senders
 from .graph import EdgeGraph
-from .sites import head_out_weights, layer_qkv
+from .sites import head_out_weights, layer_qkv, post_attention_norm
 
 
 @dataclass
@@ -37,6 +37,10 @@ class EdgeCache:
         mlp_in: L tensors [P, T, D]: each MLP receiver's clean input.
         delta: [P, S, T, D] sender outputs of the source run minus the base run.
         base_metric: [P].
+        attn_proj: MIB's head convention on a post-norm model (``EdgeGraph.mib_heads``): L tensors
+            [P, T, D], each layer's base Σ_h W_O^h z_h + b_O before its norm; else None.
+        head_delta: with ``attn_proj``: [P, S, T, D] what one patched edge adds to its receiver's input:
+            norm(a + Δ_h) - norm(a) for a head h (MIB's ``evaluate_graph``), Δ_s for other senders.
     """
 
     graph: EdgeGraph
@@ -46,20 +50,46 @@ class EdgeCache:
     delta: torch.Tensor
     base_metric: torch.Tensor
     pairs: PromptPairs
+    attn_proj: list[torch.Tensor] | None = None
+    head_delta: torch.Tensor | None = None
+
+    @property
+    def edge_delta(self) -> torch.Tensor:
+        """[P, S, T, D] the change one patched edge brings its receiver (``delta`` unless ``head_delta``)."""
+        return self.delta if self.head_delta is None else self.head_delta
 
 
 def prepare_edges(model: Model, graph: EdgeGraph, pairs: PromptPairs, direction: str, cost: Cost) -> EdgeCache:
     """Run base and source prompts once each (2P forwards) and keep what patched forwards need."""
     base_tokens, source_tokens = pairs.base_and_source(direction)
     w_out = head_out_weights(model)
+    mib = graph.mib_heads
     with torch.no_grad():
-        base = run_senders(model, model.embed(base_tokens), w_out)
-        source = run_senders(model, model.embed(source_tokens), w_out)
-        logits = model.unembed(base.final[:, -1])
-        base_metric = pairs.evaluate_metric(logits, torch.arange(pairs.n_pairs, device=logits.device))
+        base = run_senders(model, model.embed(base_tokens), w_out, mib_heads=mib)
+        source = run_senders(model, model.embed(source_tokens), w_out, mib_heads=mib)
+        base_metric = pairs.answer_metric(model, base.final, torch.arange(pairs.n_pairs))
     cost.add_forward(2 * pairs.n_pairs)
     delta = source.senders - base.senders
-    return EdgeCache(graph, base.resid, base.mlp_in, base.senders, delta, base_metric, pairs)
+    cache = EdgeCache(graph, base.resid, base.mlp_in, base.senders, delta, base_metric, pairs)
+    if mib:
+        cache.attn_proj = list(base.run.records["attn_proj"])
+        cache.head_delta = through_post_norms(model, graph, cache.attn_proj, delta)
+    return cache
+
+
+def through_post_norms(
+    model: Model, graph: EdgeGraph, attn_proj: list[torch.Tensor], delta: torch.Tensor
+) -> torch.Tensor:
+    """[P, S, T, D] ``delta`` with each head's row norm(a_l + Δ_h) - norm(a_l) (a_l: attn_proj [P, T, D])."""
+    out = delta.clone()
+    with torch.no_grad():
+        for layer, a in enumerate(attn_proj):
+            first = graph.head_sender(layer, 0)
+            heads = slice(first, first + graph.n_heads)
+            a = a.to(delta.device)
+            moved = post_attention_norm(model, layer, a[:, None] + delta[:, heads])  # [P, H, T, D]
+            out[:, heads] = moved - post_attention_norm(model, layer, a)[:, None]
+    return out
 
 
 def patch_edges(
@@ -81,7 +111,7 @@ def patch_edges(
     graph = cache.graph
     sender = graph.sender_index[edge_index]
     receiver = graph.receiver_index[edge_index]
-    delta = cache.delta[pair_index, sender]  # [B, T, D]
+    delta = cache.edge_delta[pair_index, sender]  # [B, T, D]
     if pos_index is not None:
         keep = (
             torch.arange(delta.shape[1], device=delta.device)[None, :] == pos_index.to(delta.device)[:, None]
@@ -128,8 +158,7 @@ def patch_edges(
 
 
 def _metric_change(model: Model, cache: EdgeCache, final: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
-    logits = model.unembed(final[:, -1])  # [B, V]
-    metric = cache.pairs.evaluate_metric(logits, pair_index.to(logits.device))
+    metric = cache.pairs.answer_metric(model, final, pair_index)  # [B]
     return metric - cache.base_metric[pair_index].to(metric.device)
 
 

@@ -25,7 +25,8 @@ def curve_table(curves: Sequence[FaithfulnessCurve], costs: dict[str, Any] | Non
 
 
 def plot_curves(curves: Sequence[FaithfulnessCurve], path: str | Path, title: str = "") -> Path:
-    """f against circuit size (fraction of edges, log scale), one line per method."""
+    """f against circuit size (fraction of edges, log scale): per method the signed ranking (CPR) and,
+    dotted, the |score| ranking (CMD)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,12 +34,21 @@ def plot_curves(curves: Sequence[FaithfulnessCurve], path: str | Path, title: st
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for c in curves:
-        ax.plot(c.fractions, c.faithfulness, marker="o", label=f"{c.method} (CPR {c.cpr:.3f}, CMD {c.cmd:.3f})")
+        line = ax.plot(c.fractions, c.faithfulness, marker="o", label=f"{c.method} signed (CPR {c.cpr:.3f})")[0]
+        if c.faithfulness_abs:  # MIB's CMD ranks by |score|
+            ax.plot(
+                c.fractions,
+                c.faithfulness_abs,
+                marker="x",
+                linestyle=":",
+                color=line.get_color(),
+                label=f"{c.method} |score| (CMD {c.cmd:.3f})",
+            )
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
     ax.set_xscale("log")
     ax.set_xlabel("circuit size (fraction of edges)")
     ax.set_ylabel("faithfulness f")
-    ax.set_title(title or "faithfulness of top-|score| circuits")
+    ax.set_title(title or "faithfulness of top circuits (MIB's rankings)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     from ..persist import atomic_path
@@ -49,12 +59,19 @@ def plot_curves(curves: Sequence[FaithfulnessCurve], path: str | Path, title: st
     return Path(path)
 
 
-def report_section(curves: Sequence[FaithfulnessCurve], table: str, plot: str | None, top: dict[str, list[str]]) -> str:
-    """HTML of the circuit section: table, plot and each method's top edges."""
-    parts = ["<h2>Circuits (MIB edge graph)</h2>", "<pre>" + html.escape(table) + "</pre>"]
-    if plot:
-        parts.append(f'<img src="{html.escape(plot)}" alt="faithfulness curves">')
-    for method, names in top.items():
-        items = "".join(f"<li><code>{html.escape(n)}</code></li>" for n in names)
-        parts.append(f"<h3>{html.escape(method)}: top edges</h3><ol>{items}</ol>")
-    return "\n".join(parts)
+def curve_html_table(curves: Sequence[FaithfulnessCurve], costs: dict[str, Any] | None = None) -> str:
+    """HTML section: the table of ``curve_table`` as a sortable table, with what CPR and CMD mean."""
+    costs = costs or {}
+    fractions = curves[0].fractions if curves else []
+    head = "".join(f"<th>{h}</th>" for h in ["CPR ↑", "CMD ↓", *(f"f@{x:g}" for x in fractions), "cost (fwd-eq)"])
+    rows = []
+    for c in curves:
+        cost = costs.get(c.method)
+        cells = [f"{c.cpr:.4f}", f"{c.cmd:.4f}", *(f"{f:.3f}" for f in c.faithfulness), "" if cost is None else f"{cost:.1f}"]
+        rows.append(f"<tr><td class='name'>{html.escape(c.method)}</td>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")
+    return (
+        "<h2>Faithfulness of the circuits (MIB)</h2><p>f = (m(C) − m(∅)) / (m(M) − m(∅)) of the top-|score| "
+        "circuit at each size (fraction of all edges); CPR is the area under f (higher is better), CMD the area "
+        f"between f and 1 (lower is better).</p><table class='sortable'><tr><th class='name'>method</th>{head}</tr>"
+        f"{''.join(rows)}</table>"
+    )

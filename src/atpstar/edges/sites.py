@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import UnsupportedModelError
+from ..families import get_path
 from ..model import Model
 from ..runner import Run, expand_kv
 
@@ -71,6 +72,19 @@ def post_norm_share(attn_proj: torch.Tensor, attn_out: torch.Tensor) -> torch.Te
     """
     safe = torch.where(attn_proj == 0, torch.ones_like(attn_proj), attn_proj)
     return torch.where(attn_proj == 0, torch.zeros_like(attn_proj), attn_out / safe)
+
+
+def post_attention_norm(model: Model, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """The post-norm family's norm after layer ``layer``'s attention, applied to x [..., T, D].
+
+    Called through ``forward`` so that no run hook sees it (it is not a site of the running pass).
+    """
+    family = model.family
+    if not model.post_norm or family.attn_post_norm is None:
+        raise UnsupportedModelError(f"{model.model_id} has no post-attention norm; MIB's head convention needs one")
+    norm = get_path(model.layer_modules[layer], family.attn_post_norm, family, "attn_post_norm")
+    weight = next(norm.parameters(), None)
+    return norm.forward(x if weight is None else x.to(weight.device))
 
 
 def ungroup(n_heads: int) -> Callable[[int, str, torch.Tensor, Run], torch.Tensor]:

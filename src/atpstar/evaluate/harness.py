@@ -165,8 +165,14 @@ def evaluate(
         InputError: the truth is not exact, or an estimate does not match it.
 
     Example:
-        >>> ev = evaluate(truth, [atp, atp_star], setting="per_pair")  # doctest: +SKIP
-        >>> print(ev.to_markdown())  # doctest: +SKIP
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> truth = atpstar.attribute(model, pairs, "activation_patching", nodes=["query", "key"])
+        >>> estimates = [atpstar.attribute(model, pairs, m, nodes=["query", "key"]) for m in ("atp", "atp+qkfix")]
+        >>> table = atpstar.evaluate(truth, estimates, setting="distribution")
+        >>> table.ranking()
+        ['atp+qkfix', 'atp']
     """
     labelled, types = _check_inputs(truth, estimates, setting, node_types, verification)
     truth_abs, own_share, verify_cost = _problems(truth, types, setting, verification)

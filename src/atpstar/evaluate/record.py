@@ -66,6 +66,19 @@ class Evaluation:
             ((L - l) / L of a forward per pair for a node at layer l).
         oracle: [K] cost of verifying exactly the true top-K (``k`` x P forwards in the distribution
             setting, ``k`` per pair; per pair with ``"partial"``: geometric mean over pairs).
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0)
+        >>> truth = atpstar.attribute(model, pairs, "activation_patching", nodes=["key"])
+        >>> table = atpstar.evaluate(truth, [atpstar.attribute(model, pairs, "atp", nodes=["key"])])
+        >>> round(table.relative_cost("atp"), 2)
+        4.49
+        >>> print(table.to_markdown())
+        | method | forward | backward | own_cost | cost@1 | cost@10 | cost@34 | recall@1 | recall@10 | recall@34 | cost/oracle |
+        |---|---|---|---|---|---|---|---|---|---|---|
+        | atp | 8 | 4 | 16 | 32 | 236 | 236 | 0 | 0.4 | 0.912 | 4.49 |
     """
 
     setting: str

@@ -50,6 +50,7 @@ def _edge_naming(model: Model) -> dict[str, Any]:
 ENGINES: dict[str, EngineFacts] = {
     "sites": EngineFacts(_patch_cost, lambda model, unverified, p: 1.0, lambda model: {}, True),
     "edges": EngineFacts(_patch_cost, _edge_joint_patch_cost, _edge_naming, False),
+    "latents": EngineFacts(_patch_cost, lambda model, unverified, p: 1.0, lambda model: {}, False),
 }
 
 

@@ -20,7 +20,14 @@ from ..verify import Verification
 
 KIND = "localization"
 # Stages of the loop, in the order they first run; ``Localization.cost`` has one entry per stage.
-STAGES: tuple[str, ...] = ("estimate", "verify_estimate_order", "bound", "verify_bound_order", "verify_rest")
+STAGES: tuple[str, ...] = (
+    "estimate",
+    "verify_estimate_order",
+    "bound",
+    "calibrate",
+    "verify_bound_order",
+    "verify_rest",
+)
 
 
 @dataclass
@@ -43,6 +50,18 @@ class Localization:
         exhaustive_cost: forward equivalents of patching every node on every pair (activation patching).
         node_types, estimator, direction, metric, model_id: what was searched and how.
         info: further facts (options, why the loop stopped, what is left).
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0).subset([0])
+        >>> found = atpstar.find(model, pairs, 1.0, nodes=["head"])
+        >>> found
+        Localization(found=10, certified=True, theta=1, alpha=0.05, rounds=1, cost=97 fe)
+        >>> found.statement()
+        '10 nodes have |c| >= 1; every node was verified exactly, so none is missing.'
+        >>> sorted(found.certificate())
+        ['alpha', 'assumption', 'certified', 'cost_by_stage', 'cost_forward_equivalents', 'cost_fraction_of_exhaustive', 'fallback', 'final_bound', 'left', 'n_found', 'n_verified', 'rounds', 'statement', 'stopped', 'theta']
     """
 
     nodes: list[tuple[str, tuple[int, ...]]]
@@ -109,6 +128,7 @@ class Localization:
             "final_bound": None if bound is None else _bound_summary(bound),
             "stopped": self.info.get("stopped", ""),
             "fallback": self.info.get("fallback", ""),  # why every node was patched exhaustively, if it was
+            "calibration": self.info.get("calibration"),  # what a bound's certificate rests on (None: no bound)
             "left": self.info.get("left", {}),
         }
 
@@ -117,6 +137,15 @@ class Localization:
         n = len(self.nodes)
         if self.certified and self.bound is not None and self.bound.n_unverified == 0:
             return f"{n} nodes have |c| >= {self.theta:g}; every node was verified exactly, so none is missing."
+        calibration = self.info.get("calibration")
+        if self.certified and self.bound is not None and calibration is not None:
+            return (
+                f"{n} nodes have |c| >= {self.theta:g}; with confidence {1 - self.alpha:g} no other node does "
+                f"(the {self.bound.n_unverified} unverified nodes have |c| <= {self.bound.max_effect_upper:.3g}: "
+                f"the bound widened by {calibration['widen']:.3g} for the interaction shrinkage measured on "
+                f"{calibration['checked']} nodes patched exactly, worst ratio |c|/U {calibration['worst_ratio']:.3g}; "
+                "assuming the unchecked nodes shrink no more than the checked ones)."
+            )
         if self.certified and self.bound is not None:
             return (
                 f"{n} nodes have |c| >= {self.theta:g}; with confidence {1 - self.alpha:g} no other node does "

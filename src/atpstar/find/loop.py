@@ -9,29 +9,29 @@ and a certificate that no unverified node is that large. The loop:
    bound's population, and the bound's cost is linear in V = mean_j Σ c_j(n)² over the unverified
    nodes (``bound.bound_cost``: SAFETY q² V / θ²), so verifying n saves SAFETY q² mean_j c_j(n)² / θ²
    forward equivalents of bound samples; a window pays when its savings exceed its verification
-   cost. (Verifying any node above roughly θ·sqrt(P (L-l)/L / (SAFETY q²)), about θ/10 on one pair,
-   pays; AtP*'s order is good at the top and unreliable in its tail, so windows stop paying.)
-3. Bound round r: Subsampling over the unverified nodes (fresh seed), at level α_r = α / 2^r, with
-   ``samples`` planned from the nodes left and p = ``choose_p(samples)`` (``atpstar.bound``).
-   Certified when the bound's max_n U(n) < θ.
+   cost (roughly: any node above θ/10 on one pair; AtP*'s tail is unreliable, so windows stop paying).
+3. Bound round r: Subsampling over the unverified nodes (fresh seed), at level α_r / 2 (α_r = α / 2^r),
+   ``samples`` planned from the nodes left, p = ``choose_p(samples)`` or lower where the interaction
+   measured so far asks for it. When max_n U(n) < θ, calibrate (``find.calibrate``, at α_r / 2): patch
+   the bound's top and stratified random nodes exactly, widen the bound by the measured shrinkage;
+   certified only when calibration passes.
 4. Otherwise verify the nodes the bound cannot rule out (U(n) >= θ), in decreasing order of that
    bound's own |ĉ(n)|, and go to 3 with samples re-planned from the measured standard errors.
-Stops when certified, when the budget is spent, or after ``max_rounds`` rounds (not certified; the
-result says what is left). Whenever verifying every remaining node costs no more than the next bound,
-they are all verified instead: exact, and certified with no assumption. Before any pass, when the estimate
-and one bound of ``MIN_SAMPLES`` samples would already cost as much as exhaustive patching, the loop does
-not run: every node is patched in one call, at exactly ``activation_patching``'s cost (the certificate's
-``fallback`` says why).
+Stops when certified, at the budget or the ceiling, or after ``max_rounds`` rounds (not certified; the
+result says what is left). When verifying every remaining node costs no more than the next bound and its
+calibration, they are all verified instead (exact, no assumption). When the estimate and one calibrated
+bound of ``MIN_SAMPLES`` samples would cost as much as exhaustive patching, every node is patched in one
+call at ``activation_patching``'s cost (``fallback`` says why). The search never spends more than
+exhaustive patching plus the estimate, plus 2P per extra verification call (design record 0021).
 
 Why α / 2^r: each round is a new chance to certify wrongly. Given the history, round r certifies
 while some unverified node n0 has |c(n0)| >= θ with probability <= α_r (its fresh samples put
-U(n0) < θ with at most that probability), so over all rounds the error is <= Σ α / 2^r < α.
-The guarantee is about Subsampling's quantity, which equals c(n) when effects are near-additive.
+U(n0) < θ with at most α_r / 2, the shrinkage bound fails with at most α_r / 2), so over all rounds the
+error is <= Σ α / 2^r < α, assuming unchecked nodes shrink no more than the checked ones.
 
 Cost: the estimator's, plus (per verify call) 2P forwards and one forward per node and pair started
-at the node's layer, plus per bound 2P + samples × P forwards. ``budget`` caps the total in forward
-equivalents; every stage checks it before it runs, and an estimate that alone costs more than the budget
-(its method's ``expected_cost``, or a given estimate's cost) is refused before any pass.
+at the node's layer, plus per bound 2P + samples × P forwards and its calibration's verify call.
+``budget`` caps the total; an estimate that alone costs more is refused before any pass.
 
 Shape letters: P pairs, N nodes (all node types, flattened in ``check_node_types`` order).
 """
@@ -54,8 +54,11 @@ from ..methods import METHODS, build_method
 from ..model import Model, as_model
 from ..nodes import NodeLayout
 from ..pairs import PromptPairs
+from ..pairsets import as_pairs, check_positions, refuse_workers
 from ..result import Attribution
 from ..spaces import Spaces, check_node_types, spaces_for
+from ..validate import check_pairs_fit
+from .calibrate import calibration_cost
 from .engines import engine_facts
 from .journal import CHECKPOINT_NAME, FindJournal, digest, find_identity
 from .localization import Localization
@@ -91,7 +94,8 @@ def find(
 
     Args:
         model: an ``atpstar.Model`` or a ``transformers`` causal LM.
-        pairs: the prompt pairs; c(n) is the exact effect of patching n alone, averaged over them.
+        pairs: the prompt pairs; c(n) is the exact effect of patching n alone, averaged over them. A
+            ``PairSet`` (prompts of several lengths) takes ``nodes=["edge"]``: every stage runs group by group.
         theta: the effect size sought (in metric units, e.g. logit difference), > 0.
         nodes: node types to search (``neuron``, ``query``, ``key``, ``value``, ``head``), or ``["edge"]``
             alone for the edges of the MIB/EAP-IG graph (estimated by the edge estimators, verified by exact
@@ -99,8 +103,7 @@ def find(
         estimator: a method id from ``atpstar.METHODS`` (default ``"atp*"``), or an ``Attribution``
             already computed on these pairs (its cost is counted as the estimate stage).
         alpha: error rate of the certificate (it is wrong with probability <= alpha, under its assumption).
-        budget: cap on the total cost in forward-pass equivalents (backward = 2 forwards), estimate
-            included; None: run until certified (at worst every node is verified).
+        budget: cap on the total cost in forward equivalents, estimate included; None: no cap.
         direction: ``"noising"`` (default) or ``"denoising"``.
         progress: progress bars and one line per round on stderr.
         patience: window of the estimate-order stage (stops after a window with no |c| >= theta);
@@ -111,10 +114,9 @@ def find(
         batch_size, memory_gb: batching of the exact and joint patches.
         workers, ray_address: run verification and the bounds' Subsampling on Ray workers (as
             ``atpstar.verify`` and ``atpstar.false_negative_bound``); None: in-process.
-        checkpoint: a file where each completed step (estimate, verification call, bound) is saved; a rerun
-            with the same file and computation resumes after the last completed step, and its cost is the
-            whole work's (``atpstar.find.journal``). Another computation's file is refused, naming what
-            differs; a corrupt one is reported and ignored. None: nothing is saved (unless ``out_dir``).
+        checkpoint: a file where each completed step is saved; a rerun of the same computation resumes
+            after the last one (``atpstar.find.journal``); another computation's file is refused, a corrupt
+            one reported and ignored. None: nothing is saved (unless ``out_dir``).
         out_dir: a folder: the checkpoint goes to ``out_dir/find.ckpt.safetensors`` and the result to
             ``out_dir/localization.json``/``.safetensors`` when the loop ends.
         recompute: discard the checkpoint and start afresh.
@@ -128,12 +130,16 @@ def find(
             costs more than ``budget`` (all before any forward pass).
 
     Example:
-        >>> found = atpstar.find(model, pairs, 0.3, nodes=["query", "key", "value", "head"])
-        >>> found.certified, found.names[:5], found.cost_fraction
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0).subset([0])
+        >>> found = atpstar.find(model, pairs, 1.0, nodes=["head"])
+        >>> found.certified, found.names[:3]
+        (True, ['blocks.0.attn.hook_z[pos 14, head 3]', 'blocks.1.attn.hook_z[pos 14, head 0]', 'blocks.1.attn.hook_z[pos 14, head 1]'])
     """
     model = as_model(model)
-    if not isinstance(pairs, PromptPairs):
-        raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
+    pairs = as_pairs(pairs)
+    refuse_workers(pairs, workers, ray_address)
     options = check_options(
         theta=theta,
         alpha=alpha,
@@ -154,10 +160,11 @@ def find(
     )
     node_types = check_node_types(nodes)
     spaces = Spaces(spaces_for(model, node_types))
+    check_positions(pairs, {t: space.pos_axis(t) for space in spaces for t in space.node_types})
     facts = engine_facts(spaces, options.engine)
     shapes, weight = population(model, spaces, node_types, pairs.seq_len, facts)  # weight: [N]
     given = _estimate_or_check(model, pairs, estimator, node_types, shapes, options.direction)
-    model.check_ready(torch.cat([pairs.clean, pairs.noise]))
+    check_pairs_fit(model, pairs)
     window = options.window(len(weight))
     estimate_cost = _check_budget(model, pairs, estimator if given is None else given, node_types, weight, options)
     journal = _open_journal(model, pairs, node_types, estimator if given is None else given, window, options)
@@ -173,6 +180,7 @@ def find(
         exhaustive_fallback(search, outcome, options, fallback, say)
     else:
         per_pair, estimate_method = _estimate(search, estimator if given is None else given, options)  # [P, N]
+        search.ceiling = _exhaustive(search) + search.spent  # never more than exhaustive patching after the estimate
         fallback = fallback or _fallback_planned(search, per_pair, window, options)
         if fallback:
             exhaustive_fallback(search, outcome, options, fallback, say)
@@ -250,12 +258,13 @@ def _fallback(search: Search, estimate: float | None) -> str:
     patching within the budget is taken instead: exact, and never dearer than ``activation_patching``.
     """
     n_pairs = search.job.n_pairs
-    exhaustive = float(search.verify_cost(torch.nonzero(~search.verified)[:, 0])[-1])
-    planned = (estimate or 0.0) + n_pairs * (MIN_SAMPLES * search.sample_cost(choose_p(MIN_SAMPLES)) + 2)
+    exhaustive = _exhaustive(search)
+    bound = n_pairs * (MIN_SAMPLES * search.sample_cost(choose_p(MIN_SAMPLES)) + 2) + calibration_cost(search)
+    planned = (estimate or 0.0) + bound
     if planned < exhaustive or exhaustive > search.left + 1e-9:
         return ""
     return (
-        f"the estimate and one bound would cost at least {planned:g} forward equivalents, no less than "
+        f"the estimate and one calibrated bound would cost at least {planned:g} forward equivalents, no less than "
         f"exhaustive patching ({exhaustive:g})"
     )
 
@@ -268,21 +277,28 @@ def _fallback_planned(search: Search, per_pair: torch.Tensor, window: int, optio
     when they are no cheaper than patching every node, patching every node is cheaper and exact.
     """
     n_pairs, theta = search.job.n_pairs, options.theta
-    exhaustive = float(search.verify_cost(torch.nonzero(~search.verified)[:, 0])[-1])
+    exhaustive = _exhaustive(search)
     order = torch.sort(search.estimate_score.abs(), descending=True, stable=True).indices  # [N]
     top, rest = order[:window], order[window:]
     if len(rest) == 0 or exhaustive > search.left + 1e-9:
         return ""
     sum_sq = float((per_pair[:, rest] ** 2).sum(1).mean())  # V of the nodes the first bound would cover
-    samples = plan_samples(len(rest), n_pairs, theta, options.alpha / 2, sum_sq)
-    bound = n_pairs * (samples * search.sample_cost(choose_p(samples)) + 2)
+    samples = plan_samples(len(rest), n_pairs, theta, options.alpha / 4, sum_sq)  # round 1: half of α / 2
+    bound = n_pairs * (samples * search.sample_cost(choose_p(samples)) + 2) + calibration_cost(search)
     planned = float(search.verify_cost(top)[-1]) + bound
     if planned < exhaustive:
         return ""
     return (
-        f"the first window and the first bound ({samples} samples) would cost {planned:g} forward equivalents, "
+        f"the first window and the first calibrated bound ({samples} samples) would cost {planned:g} forward "
+        "equivalents, "
         f"no less than exhaustive patching ({exhaustive:g})"
     )
+
+
+def _exhaustive(search: Search) -> float:
+    """Forward equivalents of patching every unverified node in one call (activation patching's cost at the start)."""
+    unverified = torch.nonzero(~search.verified)[:, 0]
+    return float(search.verify_cost(unverified)[-1]) if len(unverified) else 0.0
 
 
 def _estimate_cost(
@@ -335,18 +351,14 @@ def _estimate(search: Search, estimator: str | Attribution, options: FindOptions
         per_pair = search.layout.flatten({t: _dense(estimator.per_pair[t]) for t in node_types})  # [P, N]
         return per_pair, estimator.method
     method_options = options.estimator_options or {}
+    # The estimate keeps to find's memory budget unless its own options say otherwise (batching only).
+    budget = {"memory_gb": options.memory_gb} if "memory_gb" in METHODS[estimator].cls.option_names() else {}
 
     def compute() -> Attribution:
         job = search.job
-        return attribute(
-            job.model,
-            job.pairs,
-            estimator,
-            node_types,
-            direction=job.direction,
-            progress=job.progress,
-            **method_options,
-        )
+        run_options = {**budget, **method_options}
+        return attribute(job.model, job.pairs, estimator, node_types, direction=job.direction,
+                         progress=job.progress, **run_options)  # fmt: skip
 
     return search.estimate(estimator, method_options, compute)
 

@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from ..bound import MIN_SAMPLES, P_MAX, FalseNegativeBound, bound_cost, choose_p, plan_samples
+from ..bound import MIN_IN_SAMPLES, MIN_SAMPLES, P_MAX, FalseNegativeBound, bound_cost, choose_p, plan_samples
+from ..bound.calibration import Calibration, next_p
 from ..cost import Cost
 from ..verify import Verification
+from .calibrate import calibration_cost, check_bound, measured_p, rescue
 from .localization import STAGES, Localization
 from .options import FindOptions
 from .state import NO_ASSUMPTION, THETA_TOLERANCE, Search
@@ -36,6 +38,9 @@ class Outcome:
     certified: bool = False
     bound: FalseNegativeBound | None = None  # the last bound (an exact one when every node was verified)
     fallback: str = ""  # why the search patched every node exhaustively instead ("" when it did not)
+    calibration: Calibration | None = None  # the last bound's calibration (None: none ran)
+    p_next: float | None = None  # the inclusion probability the measured interaction asks of the next bound
+    reuse: FalseNegativeBound | None = None  # a bound all of whose flagged nodes are verified: below θ on the rest
 
 
 def verify_in_estimate_order(search: Search, outcome: Outcome, window: int, options: FindOptions, say: Say) -> None:
@@ -48,14 +53,14 @@ def verify_in_estimate_order(search: Search, outcome: Outcome, window: int, opti
         chunk = order[position : position + window]
         fit = search.affordable(chunk)
         if fit < len(chunk):
-            outcome.stopped = "budget spent while verifying in estimate order"
+            outcome.stopped = search.limit_reason("while verifying in estimate order")
             chunk = chunk[:fit]
         window_cost = float(search.verify_cost(chunk)[-1]) if len(chunk) else 0.0
         effects = search.verify(chunk, "verify_estimate_order")  # [K, P]
         position += len(chunk)
         hits = int((effects.mean(1).abs() >= threshold).sum())
         found_here += hits
-        saved = bound_cost(int((~search.verified).sum()), theta, alpha / 2, float((effects**2).mean(1).sum()))
+        saved = bound_cost(int((~search.verified).sum()), theta, alpha / 4, float((effects**2).mean(1).sum()))
         saved *= search.sample_cost(P_MAX)
         if hits == 0 and saved < window_cost:
             break
@@ -76,13 +81,14 @@ def exhaustive_fallback(search: Search, outcome: Outcome, options: FindOptions, 
 
 
 def bound_rounds(search: Search, outcome: Outcome, per_pair: torch.Tensor, options: FindOptions, say: Say) -> None:
-    """Stages 3-4: bound the unverified nodes, verify what the bound cannot rule out, until certified or stopped.
+    """Stages 3-4: bound the unverified nodes, calibrate a bound below θ, verify what the bound cannot rule out,
+    until certified or stopped.
 
     Args:
         per_pair: [P, N] the estimate's per-pair scores (the first round's guess at V = mean_j Σ c_j(n)²).
     """
-    if search.spent > options.limit:
-        outcome.stopped = "budget spent by the estimate"
+    if search.spent > search.limit:
+        outcome.stopped = search.limit_reason("by the estimate")
     sum_sq = float((per_pair[:, ~search.verified] ** 2).sum(1).mean())  # V: mean over pairs of Σ c_j(n)²
     for round_index in range(1, options.max_rounds + 1):
         if outcome.stopped or outcome.certified:
@@ -92,49 +98,116 @@ def bound_rounds(search: Search, outcome: Outcome, per_pair: torch.Tensor, optio
         outcome.stopped = f"max_rounds={options.max_rounds} rounds without a certificate"
 
 
+def _plan(search: Search, outcome: Outcome, n_unverified: int, alpha_bound: float, sum_sq: float) -> tuple[int, float]:
+    """(samples per pair, p) of the next bound: samples planned from V, p from the measured interaction (the
+    smaller of ``choose_p(samples)`` and what the last measured shrinkage asks for, with samples raised so that
+    each node is still in about ``MIN_IN_SAMPLES`` of them)."""
+    samples = plan_samples(n_unverified, search.job.n_pairs, search.options.theta, alpha_bound, sum_sq)
+    p = choose_p(samples)
+    if outcome.p_next is not None and outcome.p_next < p:
+        p = outcome.p_next
+        samples = max(samples, math.ceil(MIN_IN_SAMPLES / p))
+    return samples, p
+
+
 def _round(search: Search, outcome: Outcome, round_index: int, sum_sq: float, options: FindOptions, say: Say) -> float:
-    """One round: verify everything left when that is cheaper than a bound, else bound and verify what it
-    flags. Returns the next round's V."""
+    """One round: verify everything left when that is cheaper than a bound and its calibration, else bound,
+    calibrate a bound below θ, and verify what it flags. Returns the next round's V.
+
+    Round r has error rate α / 2^r: half for the bound's intervals, half for the calibration.
+    """
     n_pairs, theta = search.job.n_pairs, options.theta
     unverified = torch.nonzero(~search.verified)[:, 0]
-    alpha_round = options.alpha / 2**round_index
-    samples = plan_samples(len(unverified), n_pairs, theta, alpha_round, sum_sq)
+    alpha_bound = options.alpha / 2**round_index / 2
     rest_cost = float(search.verify_cost(unverified)[-1]) if len(unverified) else 0.0
-    unit = search.sample_cost(choose_p(samples))  # forward equivalents of one joint patch (1 for nodes)
-    if rest_cost <= n_pairs * (samples * unit + 2):
+    samples, p = _plan(search, outcome, len(unverified), alpha_bound, sum_sq)
+    unit = search.sample_cost(p)  # forward equivalents of one joint patch (1 for nodes)
+    fresh = _affordable_samples(search.left - calibration_cost(search), n_pairs, unit) >= MIN_SAMPLES
+    reuse, outcome.reuse = outcome.reuse, None
+    if reuse is not None and not fresh and rest_cost > search.left and calibration_cost(search) <= search.left:
+        # Neither a fresh bound nor the rest fits the limit, but the last bound's samples already rule out every
+        # node left (its flagged ones are verified): calibrate it instead.
+        outcome.history.append({**history_row(round_index, "bound", 0, 0, search, reuse), "reused": True})
+        return _calibrate(search, outcome, reuse, round_index, alpha_bound, sum_sq, options, say)
+    if rest_cost <= n_pairs * (samples * unit + 2) + calibration_cost(search):
         _verify_rest(search, outcome, unverified, round_index, options, say)
         return sum_sq
-    affordable = samples if options.budget is None else _affordable_samples(search.left, n_pairs, unit)
+    affordable = _affordable_samples(search.left - calibration_cost(search), n_pairs, unit)
     if affordable < MIN_SAMPLES:
-        outcome.stopped = f"budget spent: a bound needs {n_pairs * (MIN_SAMPLES + 2)} forward equivalents"
+        outcome.stopped = search.limit_reason(f"a bound and its calibration need more than {search.left:g} left")
         return sum_sq
     samples = min(samples, affordable)
-    p, seed = choose_p(samples), options.seed + round_index
-    bound = outcome.bound = search.bound(samples, p, alpha_round, seed)
+    bound = outcome.bound = search.bound(samples, p, alpha_bound, options.seed + round_index)
     upper = search.layout.flatten(bound.upper)  # [N], nan at verified nodes
     flagged = torch.nonzero((upper >= theta) & ~search.verified)[:, 0]  # inf (too few samples) counts
     outcome.not_ruled_out = torch.zeros(len(upper), dtype=torch.bool)
     outcome.not_ruled_out[flagged] = True
     if bound.max_effect_upper < theta:
+        outcome.history.append(history_row(round_index, "bound", 0, 0, search, bound))
+        return _calibrate(search, outcome, bound, round_index, alpha_bound, sum_sq, options, say)
+    return _verify_flagged(search, outcome, bound, flagged, round_index, sum_sq, unit, options, say)
+
+
+def _calibrate(
+    search: Search,
+    outcome: Outcome,
+    bound: FalseNegativeBound,
+    round_index: int,
+    alpha: float,
+    sum_sq: float,
+    options: FindOptions,
+    say: Say,
+) -> float:
+    """A bound below θ on every unverified node: certified when its calibration (at error rate ``alpha``) passes;
+    else the next round bounds at the p the measured shrinkage asks for. Returns the next round's V."""
+    found, widened = check_bound(search, bound, alpha, options.seed + round_index)
+    if found is None:
+        outcome.stopped = search.limit_reason("calibrating the bound")
+        return sum_sq
+    outcome.bound, outcome.calibration = widened, found
+    outcome.not_ruled_out &= ~search.verified
+    row = history_row(round_index, "calibrate", found.checked, found.large, search, widened, certified=found.passed)
+    outcome.history.append({**row, "calibration": found.to_dict()})
+    if found.passed:
         outcome.certified = True
-        outcome.history.append(history_row(round_index, "bound", 0, 0, search, bound, certified=True))
         say(
-            f"round {round_index}: certified, max |c| of {bound.n_unverified} unverified "
-            f"<= {bound.max_effect_upper:.3g}"
+            f"round {round_index}: certified after calibration ({found.checked} nodes checked, shrinkage "
+            f"{found.shrinkage:.3g}, widened by {found.widen:.3g}): max |c| of {widened.n_unverified} unverified "
+            f"<= {widened.max_effect_upper:.3g}"
         )
         return sum_sq
-    return _verify_flagged(search, outcome, bound, flagged, round_index, sum_sq, unit, options, say)
+    floor = 1.0 / max(int((~search.verified).sum()), 1)
+    outcome.p_next = next_p(float(bound.info["p"]), found.shrinkage, floor)
+    say(f"round {round_index}: bound below {options.theta:g} but calibration failed: {found.reason}")
+    return _measured_sum_sq(bound, search.job.n_pairs, sum_sq)
+
+
+def _measured_sum_sq(bound: FalseNegativeBound, n_pairs: int, sum_sq: float) -> float:
+    """V from the bound's measured standard errors (se² ≈ V / (samples · P)), else the old guess."""
+    measured = bound.info.get("se_median", float("nan"))
+    if math.isfinite(measured) and measured > 0:
+        return measured**2 * bound.info["samples"] * n_pairs
+    return sum_sq
 
 
 def _verify_rest(
     search: Search, outcome: Outcome, unverified: torch.Tensor, round_index: int, options: FindOptions, say: Say
 ) -> None:
-    """Exact is cheaper than a bound: verify everything left (certified without assumption)."""
+    """Exact is cheaper than a bound: verify everything left (certified without assumption). When the limit cuts
+    it short, the nodes the last bound ranks highest go first, and the last calibrated bound may still cover the
+    rest (``calibrate.rescue``)."""
+    if search.affordable(unverified) < len(unverified) and outcome.bound is not None and outcome.bound.upper:
+        upper = search.layout.flatten(outcome.bound.upper)[unverified].nan_to_num(nan=math.inf)  # [K]
+        unverified = unverified[torch.sort(upper, descending=True, stable=True).indices]
     fit = search.affordable(unverified)
     effects = search.verify(unverified[:fit], "verify_rest")  # [K, P]
     hits = int((effects.mean(1).abs() >= options.theta * (1 - THETA_TOLERANCE)).sum())
-    if fit < len(unverified):
-        outcome.stopped = "budget spent while verifying the remaining nodes"
+    rescued = rescue(search, outcome.bound) if fit < len(unverified) else None
+    if rescued is not None:  # the last calibrated bound covers what the limit left unverified
+        outcome.calibration, outcome.bound = rescued
+        outcome.certified = True
+    elif fit < len(unverified):
+        outcome.stopped = search.limit_reason("while verifying the remaining nodes")
     else:
         outcome.certified = True
         outcome.bound = exhaustive_bound(search, options.theta, options.alpha)
@@ -155,16 +228,15 @@ def _verify_flagged(
     say: Say,
 ) -> float:
     """Verify what the bound cannot rule out, its largest estimates first; when noise flags many nodes, spend
-    at most what the next bound would cost and let that bound (more samples) sort them. Returns the next V."""
+    at most what the next bound would cost and let that bound (more samples) sort them. The verified ones
+    measure the interaction shrinkage for the next bound's p. Returns the next V."""
     theta, n_pairs = options.theta, search.job.n_pairs
     unverified = torch.nonzero(~search.verified)[:, 0]
     estimate = search.layout.flatten(bound.estimate)  # [N]
-    measured = bound.info.get("se_median", float("nan"))
-    if math.isfinite(measured) and measured > 0:
-        sum_sq = measured**2 * bound.info["samples"] * n_pairs  # se² ≈ V / (samples · P)
+    sum_sq = _measured_sum_sq(bound, n_pairs, sum_sq)
     flagged = flagged[torch.sort(estimate[flagged].abs(), descending=True, stable=True).indices]
     next_samples = plan_samples(len(unverified) - len(flagged), n_pairs, theta, bound.alpha / 2, sum_sq)
-    next_cost = n_pairs * (next_samples * unit + 2)
+    next_cost = n_pairs * (next_samples * unit + 2) + calibration_cost(search)
     cap = max(next_cost, float(search.verify_cost(flagged[:1])[-1]) if len(flagged) else 0.0)
     within = int((search.verify_cost(flagged) <= cap).sum()) if len(flagged) else 0
     if float(search.verify_cost(unverified)[-1]) <= next_cost:
@@ -172,9 +244,12 @@ def _verify_flagged(
     chunk = flagged[:within]
     fit = search.affordable(chunk)
     if fit < len(chunk):
-        outcome.stopped = "budget spent while verifying what the bound could not rule out"
+        outcome.stopped = search.limit_reason("while verifying what the bound could not rule out")
     effects = search.verify(chunk[:fit], "verify_bound_order")  # [K, P]
     outcome.not_ruled_out[chunk[:fit]] = False
+    outcome.p_next = measured_p(search, bound, chunk[:fit], effects)
+    if fit == len(flagged) and len(flagged):
+        outcome.reuse = bound  # every node it could not rule out is now exact: it bounds the rest below θ
     hits = int((effects.mean(1).abs() >= theta * (1 - THETA_TOLERANCE)).sum())
     # Nodes just verified leave the sum of squares the next bound's noise comes from (at most 4x less).
     removed = float((effects**2).sum(0).mean()) if len(effects) else 0.0
@@ -253,6 +328,7 @@ def localization(
         metric=search.job.pairs.metric_name,
         model_id=search.job.model.model_id,
         cost=search.cost.get("verify_estimate_order", Cost())
+        + search.cost.get("calibrate", Cost())
         + search.cost.get("verify_bound_order", Cost())
         + search.cost.get("verify_rest", Cost()),
         base_metric=search.base_metric if search.base_metric is not None else torch.zeros(n_pairs),
@@ -267,7 +343,9 @@ def localization(
         "n_unverified": int((~search.verified).sum()),
         "n_not_ruled_out": int((outcome.not_ruled_out & ~search.verified).sum()),
         "max_effect_upper": None if bound is None else float(bound.max_effect_upper),
-        "budget_left": None if search.options.budget is None else max(0.0, search.left),
+        "budget_left": None if search.options.budget is None else max(0.0, search.options.budget - search.spent),
+        # exhaustive patching + the estimate + 2P per extra verification call: what the search never spends past
+        "cost_ceiling": None if math.isinf(search.limit) else search.limit,
     }
     return Localization(
         nodes=[verified_nodes[i] for i in strong.tolist()],
@@ -289,6 +367,7 @@ def localization(
             "stopped": "certified" if certified else outcome.stopped,
             "left": left,
             **({"fallback": outcome.fallback} if outcome.fallback else {}),
+            **({"calibration": outcome.calibration.to_dict()} if outcome.calibration is not None else {}),
             **info,
             **graph,
         },

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..batching import Footprint, pairs_per_block, plan_batch
 from ..bound import FalseNegativeBound, false_negative_bound
 from ..cost import Cost
 from ..engine import PatchCache, prepare
@@ -24,7 +25,6 @@ from ..model import Model
 from ..nodes import NodeLayout
 from ..progress import progress_bar
 from ..spaces import Spaces
-from ..validate import batch_for_memory
 from ..verify import patch_nodes
 from .engines import EngineFacts
 from .journal import FindJournal, Step, digest
@@ -65,6 +65,10 @@ class Search:
     stage_of: list[str] = field(default_factory=list)
     base_metric: torch.Tensor | None = None
     cost: dict[str, Cost] = field(default_factory=dict)
+    # Never spend past this (forward equivalents): exhaustive patching plus the estimate once the estimate ran,
+    # plus 2P per verification call made (the base and source runs a split verification repeats).
+    ceiling: float = math.inf
+    calls: int = 0  # verification calls made
 
     def __post_init__(self) -> None:
         self.layout = NodeLayout(self.shapes)  # the flat node axis: node types end to end
@@ -76,8 +80,19 @@ class Search:
         return sum(c.forward_equivalents for c in self.cost.values())
 
     @property
+    def limit(self) -> float:
+        """What the search may spend in all: ``budget``, and never more than ``ceiling``."""
+        return min(self.options.limit, self.ceiling + 2.0 * self.job.n_pairs * self.calls)
+
+    @property
     def left(self) -> float:
-        return math.inf if self.options.budget is None else self.options.budget - self.spent
+        return self.limit - self.spent
+
+    def limit_reason(self, where: str) -> str:
+        """Why the search stopped at its limit (``where``: what it was doing)."""
+        if self.limit < self.options.limit:
+            return f"reached the cost of exhaustive patching plus the estimate ({self.limit:g}) {where}"
+        return f"budget spent {where}"
 
     def add_cost(self, stage: str, cost: Cost) -> None:
         self.cost[stage] = self.cost.get(stage, Cost()) + cost
@@ -90,11 +105,13 @@ class Search:
         """[k] forward equivalents of verifying the first 1..k nodes of ``flat`` in one call."""
         return self.job.n_pairs * (2.0 + self.weight[flat].cumsum(0))
 
-    def affordable(self, flat: torch.Tensor) -> int:
-        """How many of ``flat`` (in order) one verify call can patch within the budget."""
-        if self.options.budget is None or len(flat) == 0:
+    def affordable(self, flat: torch.Tensor, ceiling: bool = True) -> int:
+        """How many of ``flat`` (in order) one verify call can patch within the budget (and the ``ceiling``, unless
+        ``ceiling`` is False: a bound's calibration, planned with the bound, is never cut short by it)."""
+        left = self.left if ceiling else self.options.limit - self.spent
+        if math.isinf(left) or len(flat) == 0:
             return len(flat)
-        return int((self.verify_cost(flat) <= self.left + 1e-9).sum())
+        return int((self.verify_cost(flat) <= left + 1e-9).sum())
 
     def sample_cost(self, p: float) -> float:
         """Forward equivalents of one joint patch of the bound at inclusion probability ``p`` (1 for site nodes;
@@ -135,6 +152,7 @@ class Search:
             self.base_metric = tensors["base_metric"]
             effects = tensors["effects"]  # [k, P], rows in the order of flat
         self.verified[flat] = True
+        self.calls += 1
         self.order.extend(int(i) for i in flat)
         self.effects.extend(effects)
         self.stage_of.extend([stage] * len(flat))
@@ -148,44 +166,69 @@ class Search:
         return space if hasattr(space, "ranked_index") else None
 
     def _verify_by_layer(self, space: Any, nodes: list[Node], stage: str, key: dict[str, Any]) -> torch.Tensor:
-        """In-process verification of ``nodes`` as one journal step per layer: [k, P] effects.
+        """In-process verification of ``nodes`` as one journal step per layer (and block of pairs): [k, P] effects.
 
         The same forwards as one ``atpstar.verify`` call (``NodeSpace.exact_effects`` too patches layer by layer,
         each layer's nodes in rank order, in the same batches), so the numbers are the same; a kill loses at most
         one layer's work. The base and source runs are shared by the layers (one ``exact_effects`` call per layer
-        would repeat them). Each step records the call's running cost (base and source runs, then the layers so
-        far, added in the same order as one call adds them); a resumed call runs the base and source runs again
-        without counting them twice.
+        would repeat them); pairs whose runs do not fit half of ``memory_gb`` are verified in blocks, as ``verify``
+        does. Each step records the call's running cost (a block's base and source runs, then its layers, added
+        in the same order as one call adds them); a resumed block runs its base and source runs again without
+        counting them twice.
         """
-        job, types = self.job, list(space.node_types)
+        job, options = self.job, self.options
         ranked = space.ranked_index(nodes)  # (type, layer, unit, pos), each [k]
-        batch = batch_for_memory(self.options.batch_size, self.options.memory_gb, space.element_bytes(job))
+        per_pair = space.pair_bytes(job)
+        block = pairs_per_block(job.n_pairs, per_pair, options.memory_gb, "find: verify", "Raise memory_gb")
+        held = Footprint(space.element_bytes(job), held=block * per_pair)
+        batch = plan_batch(held, options.memory_gb, batch_size=options.batch_size)
         effects = torch.zeros(len(nodes), job.n_pairs, dtype=torch.float64)
-        cache: list[PatchCache] = []
+        base_metric = torch.zeros(job.n_pairs, dtype=torch.float64)
         running = Cost()  # the call's cost so far
         with progress_bar(len(nodes) * job.n_pairs, "verify", job.progress) as bar:
-            for layer in torch.unique(ranked[1]).tolist():
-                rows = torch.nonzero(ranked[1] == layer)[:, 0]
-
-                def run(rows: torch.Tensor = rows) -> Step:
-                    cost = Cost(running.forward, running.backward)
-                    if not cache:  # base and source runs: counted when the call starts, not again on a resume
-                        cache.append(prepare(job.model, job.pairs, job.direction, types, cost))
-                        if running.forward_equivalents > 0:
-                            cost = Cost(running.forward, running.backward)
-                    listed = (ranked[0][rows], ranked[1][rows], ranked[2][rows], ranked[3][rows])
-                    found = patch_ranked(job.model, cache[0], types, listed, batch, cost, bar.update)
-                    tensors = {"effects": found, "base_metric": cache[0].base_metric.detach().double().cpu()}
-                    return {"cost": cost.to_dict()}, tensors
-
-                facts, tensors = self.journal.step("verify", {**key, "layer": int(layer)}, run)
-                if self.journal.last_replayed:
-                    bar.update(len(rows) * job.n_pairs)
-                running = Cost.from_dict(facts["cost"])
-                self.base_metric = tensors["base_metric"]
-                effects[rows] = tensors["effects"]
+            for start in range(0, job.n_pairs, block):
+                pairs = slice(start, min(start + block, job.n_pairs))
+                part = job if block == job.n_pairs else job.with_pairs(job.pairs.subset(range(pairs.start, pairs.stop)))
+                where = {} if block == job.n_pairs else {"pairs": [pairs.start, pairs.stop]}
+                running, base_metric[pairs] = self._verify_block(
+                    space, ranked, part, batch, {**key, **where}, running, effects, bar
+                )
+        self.base_metric = base_metric
         self.add_cost(stage, running)
         return effects
+
+    def _verify_block(
+        self, space: Any, ranked: Any, part: Job, batch: int, key: dict[str, Any], running: Cost,
+        effects: torch.Tensor, bar: Any,
+    ) -> tuple[Cost, torch.Tensor]:  # fmt: skip
+        """One block of pairs (``part``) of ``_verify_by_layer``: fills its columns of ``effects`` [k, P];
+        returns the call's running cost and the block's base metric [b]."""
+        types, counted = list(space.node_types), False
+        cache: list[PatchCache] = []
+        base_metric = torch.zeros(part.n_pairs, dtype=torch.float64)
+        columns = slice(key["pairs"][0], key["pairs"][1]) if "pairs" in key else slice(None)
+        for layer in torch.unique(ranked[1]).tolist():
+            rows = torch.nonzero(ranked[1] == layer)[:, 0]
+
+            def run(rows: torch.Tensor = rows, counted: bool = counted) -> Step:
+                cost = Cost(running.forward, running.backward)
+                if not cache:  # base and source runs: counted when the block starts, not again on a resume
+                    fresh = Cost()
+                    cache.append(prepare(part.model, part.pairs, part.direction, types, fresh, chunk=batch))
+                    cost = cost if counted else cost + fresh
+                listed = (ranked[0][rows], ranked[1][rows], ranked[2][rows], ranked[3][rows])
+                found = patch_ranked(part.model, cache[0], types, listed, batch, cost, bar.update)
+                tensors = {"effects": found, "base_metric": cache[0].base_metric.detach().double().cpu()}
+                return {"cost": cost.to_dict()}, tensors
+
+            facts, tensors = self.journal.step("verify", {**key, "layer": int(layer)}, run)
+            counted = True  # the block's base and source runs are in the running cost from its first step on
+            if self.journal.last_replayed:
+                bar.update(len(rows) * part.n_pairs)
+            running = Cost.from_dict(facts["cost"])
+            base_metric = tensors["base_metric"]
+            effects[rows, columns] = tensors["effects"]
+        return running, base_metric
 
     def _verify_at_once(self, nodes: list[Node]) -> Step:
         """Every node of one verification in one ``verify.patch_nodes`` call (each space patches its own)."""

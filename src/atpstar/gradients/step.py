@@ -139,9 +139,13 @@ class GradientStep:
                 run.release(site, layer)
 
     def close(self) -> None:
-        """Remove the gradient hooks (they reference this step: the graph would keep it alive)."""
+        """Remove the gradient hooks and drop both runs (hooks and the base run's patch reference this step:
+        the cycle would keep the batch's graph and activations alive until the cycle collector ran)."""
         self.tape.close()
         self.diffs.clear()
+        self.source.close()
+        self.base.close()
+        self.metric = torch.zeros(0)
         self._embeds, self._forward = (torch.zeros(0), torch.zeros(0)), None
 
 
@@ -183,7 +187,7 @@ def gradient_step(
 
     def forward(hidden: torch.Tensor, run: Run) -> torch.Tensor:
         final = model.run_layers(hidden, run)
-        return pairs.evaluate_metric(model.unembed(final[:, -1]), index.to(final.device))  # [b]
+        return pairs.answer_metric(model, final, index)  # [b]
 
     try:
         if points.at_base:

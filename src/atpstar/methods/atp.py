@@ -89,11 +89,13 @@ class AttributionPatching(Method):
         top_k: entries per pair and node type kept by ``"top"``/``"disk"``.
         out_dir: folder for ``"disk"`` shards (must not hold shards already).
         edge_positions: position-resolved edges, ``per_pair["edge"]`` [P, N, T] (``check_edge_positions``).
+        edge_convention: what a head sends on a post-norm model (Gemma-2/3, OLMo-2): ``"atpstar"`` (its
+            share of the normalised write) or ``"mib"`` (its write before the norm, as MIB; design record 0019).
     """
 
     needs_gradients = True
     node_types = BUILTIN_TYPES  # edges: EAP and its QK-fix / GradDrop / AtP* forms (``atpstar.edges``)
-    engines = ("sites", "edges")
+    engines = ("sites", "edges", "latents")
 
     qk_fix: bool = False
     grad_drop: bool = False
@@ -103,12 +105,15 @@ class AttributionPatching(Method):
     top_k: int = 100
     out_dir: str | None = None
     edge_positions: bool = False
+    edge_convention: str = "atpstar"
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """2 forwards and 1 backward per pair; GradDrop adds a partial backward from each layer l >= 1, counted l / L.
 
         Edges add the receivers' input copies (3H prompts through each layer's q/k/v share, forward and
         backward, per gradient pass), and the QK fix one q/k projection per upstream sender and layer.
+        Dictionary latents under the QK fix add the projections of the latents that changed
+        (``info["latent_qk_fix_cost"]``, ``atpstar.dictionaries.qkfix``).
         """
         n, n_layers = pairs.n_pairs, model.n_layers
         cost = Cost()
@@ -120,7 +125,8 @@ class AttributionPatching(Method):
                     cost.add_backward(n, layers_covered=layer, n_layers=n_layers)
             if engine == "edges":
                 cost = cost + _edge_extra_cost(model, n, self.qk_fix, self.grad_drop)
-        return cost
+        latent_fix = info.get("latent_qk_fix_cost", {})  # q/k projections of the latents that changed
+        return cost + Cost(latent_fix.get("forward", 0.0), latent_fix.get("backward", 0.0))
 
     def _validate(self, model: Model, pairs: PromptPairs, node_types: list[str]) -> None:
         if self.grad_drop and model.n_layers < 2:
@@ -188,8 +194,22 @@ class AttributionPatching(Method):
         options = {"qk_fix": self.qk_fix, "grad_drop": self.grad_drop, "positions": self.edge_positions}
         job = Job(model, pairs, direction, cost, progress)
         return estimate_edges(
-            job, batch_size=self.batch_size, memory_gb=self.memory_gb, points=self._points(), **options
+            job,
+            batch_size=self.batch_size,
+            memory_gb=self.memory_gb,
+            points=self._points(),
+            convention=self.edge_convention,
+            **options,
         )
+
+    def _attribute_latents(self, job: Job, space: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Dictionary latents and errors (``atpstar.dictionaries.estimate``), on the same points and fixes."""
+        from ..dictionaries.estimate import latent_estimates
+
+        return latent_estimates(
+            job, space.ordered, grad_drop=self.grad_drop, qk_fix=self.qk_fix, points=self._points(),
+            batch_size=self.batch_size, label=self.id,
+        )  # fmt: skip
 
     def _estimate(
         self,

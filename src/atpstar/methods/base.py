@@ -16,6 +16,7 @@ from ..memory import MemoryPlan, announce
 from ..model import Model, as_model
 from ..nodes import NODE_TYPES
 from ..pairs import PromptPairs, check_direction
+from ..pairsets import as_pairs, check_positions, each_group, merge_info, merge_tensors, refuse_workers
 from ..result import Attribution, aggregate
 from ..sink import PerPairSink
 from ..spaces import BUILTIN_TYPES, Spaces, check_node_types, space_class, spaces_for
@@ -100,7 +101,8 @@ class Method:
 
         Args:
             model: an ``atpstar.Model`` (from ``load_model``) or a ``transformers`` causal LM.
-            pairs: the prompt pairs and their metric.
+            pairs: the prompt pairs and their metric; a ``PairSet`` (prompts of several lengths) runs group by
+                group, its node types summed over positions (edges) merged on the pair axis.
             nodes: node types, any of ``neuron``, ``query``, ``key``, ``value``, ``head``, and ``edge``
                 (the MIB/EAP-IG edge graph, ``per_pair["edge"]`` [P, N] in ``atpstar.edge_names`` order,
                 [P, N, T] with the option ``edge_positions=True`` (``check_edge_positions``);
@@ -123,8 +125,8 @@ class Method:
         model = as_model(model)
         node_types = check_node_types(nodes)
         self.check_supported(node_types, on_workers=workers is not None or ray_address is not None)
-        if not isinstance(pairs, PromptPairs):
-            raise InputError(f"pairs must be an atpstar.PromptPairs; got {type(pairs).__name__}")
+        pairs = as_pairs(pairs)
+        refuse_workers(pairs, workers, ray_address)
         check_direction(direction)
         check_pairs_fit(model, pairs)
         check_finite_options(f"method {self.id!r} option ", self.get_options())
@@ -132,6 +134,7 @@ class Method:
         spaces = Spaces(spaces_for(model, node_types, self.get_options()))
         for space in spaces:
             space.check_model(model)
+        check_positions(pairs, {t: space.pos_axis(t) for space in spaces for t in space.node_types})
         sites = [t for space in spaces if space.engine == "sites" for t in space.node_types]
         plan = self.memory_plan(model, pairs.n_pairs, pairs.seq_len, sites) if sites else None
         if plan is not None:
@@ -146,7 +149,7 @@ class Method:
         kept_scores: dict[str, torch.Tensor] = {}
         for space in spaces:
             if executor is None:
-                results, more_extras, more_info = space.attribute(self, job)
+                results, more_extras, more_info = _by_group(self, space, job)
             else:
                 results, more_extras, more_info = self._attribute_on(
                     executor, model, pairs, list(space.node_types), direction, job.cost
@@ -214,9 +217,11 @@ class Method:
                 f"{', '.join(m for m, r in METHODS.items() if runs_on_workers(r.cls))})"
             )
         not_sites = [t for t in node_types if space_class(t).engine != "sites"]
-        if self.distributable and not_sites:  # its own work units are site sweeps; whole calls run any space
+        local = [t for t in node_types if space_class(t).in_process]  # they need this process (attached dictionaries)
+        refused = local or (not_sites if self.distributable else [])  # its own work units are site sweeps
+        if refused:
             raise InputError(
-                f"{not_sites} nodes run in-process only; ask for them in a call without workers=/ray_address="
+                f"{refused} nodes run in-process only; ask for them in a call without workers=/ray_address="
             )
 
     def _executor(self, model: Model, workers: int | None, ray_address: str | None, progress: bool) -> Any:
@@ -264,6 +269,16 @@ class Method:
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Edge results [P, N] and facts for ``info`` (methods that list ``edge`` in ``node_types``)."""
         raise NotImplementedError
+
+
+def _by_group(method: Method, space: Any, job: Job) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
+    """``space.attribute`` once per equal-length group of the job's pairs, merged in example order."""
+    parts = each_group(job, lambda group_job: space.attribute(method, group_job))
+    if len(parts) == 1:
+        return parts[0]
+    pairs = job.pairs
+    merged = merge_tensors(pairs, [p[0] for p in parts]), merge_tensors(pairs, [p[1] for p in parts])
+    return (*merged, merge_info(pairs, [p[2] for p in parts]))
 
 
 def runs_on_workers(cls: type[Method]) -> bool:

@@ -57,7 +57,7 @@ class IntegratedGradients(AttributionPatching):
         n, m = pairs.n_pairs, self.ig_steps
         engines = {space_class(t).engine for t in node_types}
         cost = Cost()
-        if "sites" in engines:
+        for engine in engines & {"sites", "latents"}:  # one gradient step per engine
             cost = cost + Cost(forward=(2 + m) * n, backward=m * n)
         if "edges" in engines:
             copies = 3 * model.n_heads * qkv_share(model) * m * n

@@ -6,6 +6,7 @@ node's layer, counted (L - l) / L.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,13 @@ class ActivationPatching(PatchedForwards):
             patched: their ``per_pair`` is 0 and ``info["layers"]`` lists the layers that were.
         edge_positions: position-resolved edges, ``per_pair["edge"]`` [P, N, T]: each edge patched at one
             sender position at a time (N x T forwards per pair; ``check_edge_positions``).
+        edge_convention: head senders on a post-norm model, ``"atpstar"`` or ``"mib"`` (as for ``atp``).
     """
 
     exact = True
     aggregation = "mean"
     node_types = BUILTIN_TYPES  # edges: exact edge patching (``atpstar.edges.patching``)
-    engines = ("sites", "edges")
+    engines = ("sites", "edges", "latents")
     distributable = True
 
     batch_size: int | None = None
@@ -58,6 +60,7 @@ class ActivationPatching(PatchedForwards):
     min_chunk_tokens: int = MIN_CHUNK_TOKENS
     layers: list[int] | None = None
     edge_positions: bool = False
+    edge_convention: str = "atpstar"
 
     def expected_cost(self, model: Model, pairs: PromptPairs, node_types: list[str], info: Mapping[str, Any]) -> Cost:
         """2P full forwards per node space, then one forward per node and pair, counted (L - l) / L (the
@@ -110,12 +113,26 @@ class ActivationPatching(PatchedForwards):
         from ..distributed.sweeps import edges_on
 
         checkpoint = str(Path(self.checkpoint) / "edges") if self.checkpoint else None
-        options = {"batch_size": self.batch_size, "memory_gb": self.memory_gb, "positions": self.edge_positions}
+        options: dict[str, Any] = {"batch_size": self.batch_size, "memory_gb": self.memory_gb}
+        options.update(positions=self.edge_positions, convention=self.edge_convention)
         effects, base_metric, info = edges_on(
             LocalExecutor(model, progress), model, pairs, direction, options, checkpoint, cost, self.get_options()
         )
         resumed = {"edge_resumed_from": info["resumed_from"]} if "resumed_from" in info else {}
         return effects, {"edge_base_metric": base_metric.tolist(), **resumed}
+
+    def _attribute_latents(self, job: Any, space: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Every latent and error node patched alone (``NodeSpace.exact_effects``), in layout order."""
+        shapes = {t: space.shape(t, job.seq_len) for t in space.node_types}
+        nodes = [(t, tuple(index)) for t, shape in shapes.items() for index in itertools.product(*map(range, shape))]
+        batch = self.batch_size or max(1, int(self.memory_gb * 2**30) // space.element_bytes(job))
+        effects, base_metric = space.exact_effects(job, nodes, batch)  # [N, P]
+        per_pair, start = {}, 0
+        for t, shape in shapes.items():
+            count = int(torch.Size(shape).numel())
+            per_pair[t] = effects[start : start + count].T.reshape(job.n_pairs, *shape)  # [N_t, P] -> [P, *layout]
+            start += count
+        return per_pair, {"base_metric": base_metric.tolist()}
 
     def _attribute_on(
         self, executor: Any, model: Model, pairs: PromptPairs, node_types: list[str], direction: str, cost: Cost

@@ -1,7 +1,8 @@
 """Node spaces: every kind of node behind one protocol (``NodeSpace``).
 
-Built in: ``SiteNodes`` (neurons, queries, keys, values, head outputs: one runner site each) and
-``EdgeNodes`` (the MIB/EAP-IG edge graph). ``register_space`` adds another.
+Built in: ``SiteNodes`` (neurons, queries, keys, values, head outputs: one runner site each),
+``EdgeNodes`` (the MIB/EAP-IG edge graph) and ``LatentNodes`` (the latents and errors of attached SAEs and
+transcoders). ``register_space`` adds another.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from .base import (
 from .sites import BuiltinSites, SiteNodes
 
 # isort: split
-# registry order (and so the order of node types in results): sites, then edges
+# registry order (and so the order of node types in results): sites, then edges, then dictionary latents
 from .edges import EdgeNodes
+
+# isort: split
+from .latents import LatentNodes
 
 # The node types of the built-in spaces: a method's ``node_types`` says which of them it scores;
 # node types of spaces registered later are supported by every method with the space's engine.
@@ -34,6 +38,7 @@ __all__ = [
     "SPACES",
     "BuiltinSites",
     "EdgeNodes",
+    "LatentNodes",
     "NodeLayout",
     "NodeSpace",
     "SiteNodes",

@@ -46,6 +46,7 @@ class NodeSpace(ABC):
 
     kind: ClassVar[str] = ""
     engine: ClassVar[str] = ""  # which method entry point runs it ("sites", "edges"; ``Method.engines``)
+    in_process: ClassVar[bool] = False  # its nodes need state of this process (e.g. attached dictionaries): no workers
 
     def __init__(self, node_types: Sequence[str]) -> None:
         self.node_types = tuple(node_types)
@@ -69,6 +70,11 @@ class NodeSpace(ABC):
     def known_types(cls) -> tuple[str, ...]:
         """The names it owns that can be listed without a model (for error messages and the CLI)."""
         return ()
+
+    @classmethod
+    def learn(cls, info: Mapping[str, Any]) -> None:
+        """Recognise node-type names chosen at run time (e.g. dictionaries) from a saved result's ``info``;
+        ``spaces_from_info`` calls it on every registered space before grouping the result's node types."""
 
     @classmethod
     @abstractmethod
@@ -98,8 +104,9 @@ class NodeSpace(ABC):
     def name(self, node_type: str, index: tuple[int, ...]) -> str:
         """The name users know for one node (TransformerLens- or MIB-style)."""
 
-    def columns(self, node_type: str, index: tuple[int, ...]) -> dict[str, int]:
-        """A node's index as table columns, e.g. ``{"layer": 3, "head": 2, "pos": 5}``."""
+    def columns(self, node_type: str, index: tuple[int, ...]) -> dict[str, Any]:
+        """A node's index as table columns, e.g. ``{"layer": 3, "head": 2, "pos": 5}`` (ints, or labels such
+        as a dictionary's id)."""
         return dict(zip(self.axes(node_type), index))
 
     def patch_share(self, node_type: str, seq_len: int, charged: bool = False) -> torch.Tensor:
@@ -156,6 +163,15 @@ class NodeSpace(ABC):
     @abstractmethod
     def element_bytes(self, job: Job) -> int:
         """Memory of one patched forward element of ``exact_effects`` (what the batch planner divides by)."""
+
+    def pair_bytes(self, job: Job) -> int:
+        """Memory ``exact_effects`` holds per pair for the whole call (its prepared base and source runs).
+
+        ``verify`` patches the pairs in blocks whose share fits half of ``memory_gb``. The default counts
+        the base residual stream at every layer, twice (base and source); spaces that keep more say so.
+        """
+        sizes = job.model.sizes
+        return 2 * (sizes.n_layers + 1) * job.seq_len * sizes.d_model * torch.finfo(job.model.dtype).bits // 8
 
     @abstractmethod
     def exact_effects(
@@ -239,6 +255,8 @@ def spaces_for(model: Any, node_types: Sequence[str], options: Mapping[str, Any]
 
 def spaces_from_info(info: Mapping[str, Any], node_types: Sequence[str]) -> list[NodeSpace]:
     """The spaces of a saved result (``info`` as results keep it), without a model."""
+    for cls in SPACES:
+        cls.learn(info)
     return [cls.from_info(info, types) for cls, types in _grouped(node_types)]
 
 
@@ -270,5 +288,5 @@ class Spaces:
     def name(self, node_type: str, index: tuple[int, ...]) -> str:
         return self.of(node_type).name(node_type, index)
 
-    def columns(self, node_type: str, index: tuple[int, ...]) -> dict[str, int]:
+    def columns(self, node_type: str, index: tuple[int, ...]) -> dict[str, Any]:
         return self.of(node_type).columns(node_type, index)

@@ -1,5 +1,8 @@
 """Edges of the MIB/EAP-IG graph as a node space (``nodes=["edge"]``).
 
+The head-sender convention of post-norm models (``EdgeGraph.convention``, 0019) is the space's: bound
+from the method option ``edge_convention`` and kept in ``info["edge_graph"]``.
+
 One node type, ``edge``: per pair [N] in the order of ``edge_names(model)``, or [N, T] when a method
 runs with ``edge_positions=True`` (edge n at the sender's residual position t). Names are MIB's
 (``a0.h1->m1``, ``a0.h1->m1[pos 3]``). A saved result keeps the graph (``info["edge_graph"]``), so its
@@ -16,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..edges.graph import EdgeGraph, edge_node_name, graph_of
+from ..edges.graph import EdgeGraph, check_convention, edge_node_name, graph_of
 from ..edges.patching import edge_bytes, patch_edges, prepare_edges
 from ..edges.sites import check_edges_supported
 from ..errors import InputError
@@ -52,7 +55,9 @@ class EdgeNodes(NodeSpace):
 
     @classmethod
     def bind(cls, model: Any, node_types: Sequence[str], options: Mapping[str, Any]) -> NodeSpace:
-        return cls(graph_of(model), bool(options.get("edge_positions", False)), int(model.d_model))
+        convention = options.get("edge_convention", "atpstar")
+        check_convention(convention)
+        return cls(graph_of(model, convention), bool(options.get("edge_positions", False)), int(model.d_model))
 
     @classmethod
     def from_info(cls, info: Mapping[str, Any], node_types: Sequence[str]) -> NodeSpace:
@@ -94,12 +99,20 @@ class EdgeNodes(NodeSpace):
     def check_model(self, model: Any) -> None:
         check_edges_supported(model)
 
-    def attribute(self, method: Any, job: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    def attribute(
+        self, method: Any, job: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
         per_pair, info = method._attribute_edges(job.model, job.pairs, job.direction, job.cost, job.progress)
         return {EDGE: per_pair}, {}, {**info, "edge_graph": self.describe()}
 
     def element_bytes(self, job: Any) -> int:
         return int(edge_bytes(job.model, job.seq_len))
+
+    def pair_bytes(self, job: Any) -> int:
+        """``prepare_edges``' cache: residual streams and MLP inputs of every layer, senders and their deltas."""
+        sizes = job.model.sizes
+        vectors = 2 * sizes.n_layers + 1 + 2 * self.graph.n_senders  # [T, D] each
+        return vectors * job.seq_len * sizes.d_model * torch.finfo(job.model.dtype).bits // 8
 
     def exact_effects(
         self, job: Any, nodes: list[tuple[str, tuple[int, ...]]], batch: int | None, advance: Advance | None = None
@@ -108,7 +121,7 @@ class EdgeNodes(NodeSpace):
         index = torch.tensor([i for _, i in nodes], dtype=torch.long).reshape(len(nodes), -1)  # [n, 1 or 2]
         edges = index[:, 0]
         pos = index[:, 1] if index.shape[1] == 2 else None
-        cache = prepare_edges(model, self.graph, pairs, job.direction, job.cost)
+        cache = prepare_edges(model, self.graph, pairs, job.direction, job.cost)  # the graph's head convention
         batch = batch or 1
         effects = torch.zeros(len(nodes), pairs.n_pairs, dtype=torch.float64)
         receivers = self.graph.receiver_index[edges].tolist()

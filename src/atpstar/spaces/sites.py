@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..engine import element_bytes, patch_listed, prepare
+from ..engine import cache_bytes, element_bytes, patch_listed, prepare
 from ..nodes import NODE_TABLE, NodeType, unit_and_pos
 from .base import Advance, NodeSpace, register_space
 
@@ -98,10 +98,13 @@ class SiteNodes(NodeSpace):
     def element_bytes(self, job: Any) -> int:
         return element_bytes(job.model, job.seq_len)
 
+    def pair_bytes(self, job: Any) -> int:
+        return cache_bytes(job.model, 1, job.seq_len, list(self.node_types))
+
     def exact_effects(
         self, job: Any, nodes: list[tuple[str, tuple[int, ...]]], batch: int | None, advance: Advance | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = prepare(job.model, job.pairs, job.direction, list(self.node_types), job.cost)
+        cache = prepare(job.model, job.pairs, job.direction, list(self.node_types), job.cost, chunk=batch)
         ranked = self.ranked_index(nodes)
         effects = patch_listed(job.model, cache, list(self.node_types), ranked, batch or 1, job.cost, advance)
         return effects, cache.base_metric

@@ -29,10 +29,11 @@ from .subsampling import RUNNING, random_subset, update_stats
 
 
 def prepare_edge_sweep(
-    model: Model, pairs: PromptPairs, direction: str, node_types: list[str], cost: Cost
+    model: Model, pairs: PromptPairs, direction: str, node_types: list[str], cost: Cost, convention: str = "atpstar"
 ) -> EdgeCache:
-    """The base and source runs of an edge sweep (2P forwards), as ``engine.prepare`` is a node sweep's."""
-    return prepare_edges(model, graph_of(model), pairs, direction, cost)
+    """The base and source runs of an edge sweep (2P forwards), as ``engine.prepare`` is a node sweep's;
+    ``convention``: the head senders of post-norm models (``EdgeGraph.convention``)."""
+    return prepare_edges(model, graph_of(model, convention), pairs, direction, cost)
 
 
 def receiver_layers(graph: EdgeGraph) -> torch.Tensor:

@@ -19,7 +19,7 @@ from ..model import Model
 from ..nodes import NODE_TYPES
 from ..pairs import PromptPairs
 from ..result import Attribution
-from ..spaces import check_node_types, known_types, spaces_for
+from ..spaces import check_node_types, known_types, space_class, spaces_for
 from ..version import __version__
 from .fixtures import assert_unchanged, snapshot, tiny_model, tiny_pairs
 
@@ -261,7 +261,8 @@ def check_workers(c: Contract) -> None:
     from ..methods.base import _by_pair_blocks, runs_on_workers
 
     method = c.build()
-    if not runs_on_workers(c.cls):
+    in_process_only = c.cls.distributable and any(space_class(t).engine != "sites" for t in c.node_types)
+    if not runs_on_workers(c.cls) or in_process_only:  # its own work units are site sweeps
         calls: list[int] = []
 
         def counting(logits: torch.Tensor, answer: torch.Tensor, distractor: torch.Tensor) -> torch.Tensor:
