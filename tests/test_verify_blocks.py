@@ -63,8 +63,27 @@ def test_find_verifies_in_pair_blocks_with_the_same_outcome(monkeypatch):
     prepared = []
     original = find_state.prepare
     monkeypatch.setattr(find_state, "prepare", lambda m, p, *a, **k: prepared.append(p.n_pairs) or original(m, p, *a, **k))
-    blocked = atpstar.find(model, pairs, theta=0.05, nodes=NODES, batch_size=8, memory_gb=tight)
+    blocked = atpstar.find(model, pairs, theta=0.05, nodes=NODES, batch_size=8, memory_gb=tight,
+                           estimator_options={"memory_gb": 1.0})  # the estimate at its own budget
     assert prepared and max(prepared) == 1  # every verification held one pair's runs at a time
     assert blocked.names == whole.names and blocked.certified == whole.certified
     torch.testing.assert_close(blocked.effects, whole.effects, rtol=1e-12, atol=1e-12)
     assert blocked.cost == whole.cost
+
+
+def test_prepare_in_chunks_holds_the_same_cache():
+    """Base and source runs in chunks of one pair: the same cache and base metric as one forward."""
+    from atpstar.engine import prepare
+
+    model, pairs = load(build_hf("llama", n_layers=2)), make_pairs(n_pairs=3, seq_len=5)
+    whole_cost, chunked_cost = atpstar.Cost(), atpstar.Cost()
+    whole = prepare(model, pairs, "noising", NODES, whole_cost)
+    chunked = prepare(model, pairs, "noising", NODES, chunked_cost, chunk=1)
+    for name in ("resid", "keys", "values"):
+        for a, b in zip(getattr(whole, name), getattr(chunked, name)):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    for t in NODES:
+        for a, b in zip(whole.source[t], chunked.source[t]):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked.base_metric, whole.base_metric, rtol=1e-12, atol=1e-12)
+    assert chunked_cost == whole_cost

@@ -61,16 +61,28 @@ def prepare(
     """
     base_tokens, source_tokens = pairs.base_and_source(direction)
     sites = [NODE_TABLE[t].site for t in node_types]
-    parts = []
-    for start in range(0, pairs.n_pairs, chunk or pairs.n_pairs):
-        index = torch.arange(start, min(start + (chunk or pairs.n_pairs), pairs.n_pairs))
-        parts.append(_prepare_chunk(model, pairs, base_tokens[index], source_tokens[index], index, sites))
+    step = chunk or pairs.n_pairs
+    joined: dict[str, list[Any]] = {}  # "base.<site>" / "source.<site>" -> per layer [P, ...]
+    base_metric = torch.zeros(0)
+    for start in range(0, pairs.n_pairs, step):
+        index = torch.arange(start, min(start + step, pairs.n_pairs))
+        base, source, metric = _prepare_chunk(model, pairs, base_tokens[index], source_tokens[index], index, sites)
+        runs = {**{f"base.{k}": v for k, v in base.items()}, **{f"source.{k}": v for k, v in source.items()}}
+        if step >= pairs.n_pairs:  # one chunk: its records are the cache (no copy)
+            joined, base_metric = {key: list(records) for key, records in runs.items()}, metric
+            break
+        # Later chunks are copied into tensors for all pairs, so the cache is never held twice.
+        for key, records in runs.items():
+            slots = joined.setdefault(key, [_for_all(r, pairs.n_pairs) for r in records])
+            for slot, record in zip(slots, records):
+                if slot is not None:
+                    slot[start : start + len(index)] = record
+        base_metric = _for_all(metric, pairs.n_pairs) if start == 0 else base_metric
+        base_metric[start : start + len(index)] = metric
     cost.add_forward(2 * pairs.n_pairs)
-    runs = [{**base, **{f"source.{k}": v for k, v in source.items()}} for base, source, _ in parts]
-    joined = {key: [_cat([run[key][layer] for run in runs]) for layer in range(len(runs[0][key]))] for key in runs[0]}
-    source = {t: joined[f"source.{NODE_TABLE[t].site}"] for t in node_types}
-    base_metric = _cat([metric for _, _, metric in parts])
-    return PatchCache(joined["resid_pre"][: model.n_layers], joined["k"], joined["v"], source, base_metric, pairs)
+    source_of = {t: joined[f"source.{NODE_TABLE[t].site}"] for t in node_types}
+    resid = joined["base.resid_pre"][: model.n_layers]
+    return PatchCache(resid, joined["base.k"], joined["base.v"], source_of, base_metric, pairs)
 
 
 def _prepare_chunk(
@@ -87,9 +99,9 @@ def _prepare_chunk(
     return base_run.records, source_run.records, base_metric
 
 
-def _cat(parts: list[Any]) -> Any:
-    """Chunks of one record joined along the pair axis (a single chunk as it is: no copy)."""
-    return parts[0] if len(parts) == 1 or parts[0] is None else torch.cat(parts)
+def _for_all(record: Any, n_pairs: int) -> Any:
+    """An empty tensor like ``record`` [b, ...] for all pairs, [P, ...] (None stays None)."""
+    return None if record is None else record.new_empty((n_pairs, *record.shape[1:]))
 
 
 def metric_after(
