@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import atpstar
-from atpstar.edges.circuits import faithfulness_curve, top_edges
+from atpstar.edges.circuits import faithfulness_curve, signed_importance, top_edges
 from atpstar.edges.graph import EdgeGraph
 from atpstar.errors import InputError
 from atpstar.plots import contribution_maps
@@ -38,7 +38,8 @@ def test_circuits_are_the_curves_circuits_and_node_scores_sum_the_edges(edges):
     for i, circuit in enumerate(data["circuits"]):
         assert circuit["n_edges"] == curve.n_edges[i] == len(circuit["edges"])
         assert circuit["faithfulness"] == pytest.approx(curve.faithfulness[i])
-        want = top_edges(graph, estimate.scores["edge"], int(fractions[i] * graph.n_edges))
+        # the CPR circuits: MIB's signed ranking, as the curve's n_edges and faithfulness
+        want = top_edges(graph, signed_importance(estimate), int(fractions[i] * graph.n_edges), absolute=False)
         drawn = {data["edges"][e]["name"] for e in circuit["edges"]}
         assert drawn == {names[e] for e in want.nonzero()[:, 0].tolist()}
     assert {e["source"] for e in data["edges"]} | {e["target"] for e in data["edges"]} <= {n["id"] for n in data["nodes"]}
@@ -52,10 +53,13 @@ def test_a_large_circuit_draws_its_strongest_edges_only(edges):
     _, _, estimate = edges
     data = edge_graph_json(estimate, fractions=[0.5, 1.0], prune=False, max_drawn=7)
     scores = estimate.scores["edge"]
-    strongest = torch.sort(scores.abs(), descending=True, stable=True).indices[:7].tolist()
-    names = EdgeGraph.from_description(estimate.info["edge_graph"]).edge_names
+    graph = EdgeGraph.from_description(estimate.info["edge_graph"])
+    names = graph.edge_names
     assert [c["n_edges"] for c in data["circuits"]] == [int(0.5 * scores.numel()), scores.numel()]
-    for circuit in data["circuits"]:
+    by_strength = torch.sort(scores.abs(), descending=True, stable=True).indices.tolist()
+    for fraction, circuit in zip([0.5, 1.0], data["circuits"]):
+        chosen = top_edges(graph, signed_importance(estimate), int(fraction * graph.n_edges), False, absolute=False)
+        strongest = [e for e in by_strength if chosen[e]][:7]  # the circuit's 7 strongest edges, strongest first
         assert [data["edges"][e]["name"] for e in circuit["edges"]] == [names[e] for e in strongest]
 
 

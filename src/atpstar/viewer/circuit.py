@@ -3,7 +3,7 @@
 The shape is the viewer's graph format (``atpstar.viewer.check_graph``): nodes are MIB's senders
 (``input``, ``a{l}.h{h}``, ``m{l}``) and ``logits``; an edge goes from its sender to the node that owns
 its receiver (``a1.h0<q>`` belongs to ``a1.h0``), with ``kind`` q, k, v, mlp or logits. A circuit of
-size x is ``top_edges(graph, scores, ⌊x·N⌋, prune)``, the same set ``faithfulness_curve`` patches, so
+size x is the top ⌊x·N⌋ edges by MIB's signed score, pruned: the set ``faithfulness_curve`` patches for CPR, so
 the drawn edge count at a slider position is the curve's ``n_edges`` there (up to ``max_drawn``).
 
 Shape letters: P pairs, N edges, S senders, T positions.
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..edges.circuits import MIB_FRACTIONS, receiver_owner, top_edges
+from ..edges.circuits import MIB_FRACTIONS, receiver_owner, signed_importance, top_edges
 from ..edges.graph import EdgeGraph
 from .page import json_number as _number
 
@@ -51,7 +51,8 @@ def edge_graph_json(
     per_pair = per_pair.sum(2) if per_pair.ndim == 3 else per_pair  # [P, N, T] -> [P, N]: MIB's circuits
     scores = _aggregate(per_pair, estimate.aggregation)  # [N]
     sizes = list(curve.fractions) if curve is not None else list(fractions or MIB_FRACTIONS)
-    circuits = [top_edges(graph, scores, int(x * graph.n_edges), prune) for x in sizes]
+    ranking = signed_importance(estimate)  # [N] the curve's CPR circuits rank by MIB's signed score (0019)
+    circuits = [top_edges(graph, ranking, int(x * graph.n_edges), prune, absolute=False) for x in sizes]
     drawn, members = _drawn_edges(scores, circuits, max_drawn)
     exact = _exact_edges(verified)
     names, owner = graph.edge_names, receiver_owner(graph)
