@@ -18,6 +18,7 @@ import torch
 
 from .batching import BatchGuard
 from .cost import Cost
+from .devices import HOST_MEMORY
 from .model import Model
 from .nodes import NODE_TABLE, layout_index
 from .pairs import PromptPairs
@@ -67,6 +68,7 @@ def prepare(
     for start in range(0, pairs.n_pairs, step):
         index = torch.arange(start, min(start + step, pairs.n_pairs))
         base, source, metric = _prepare_chunk(model, pairs, base_tokens[index], source_tokens[index], index, sites)
+        HOST_MEMORY.release(model.device)  # the chunk's freed activations go back before the next one
         runs = {**{f"base.{k}": v for k, v in base.items()}, **{f"source.{k}": v for k, v in source.items()}}
         if step >= pairs.n_pairs:  # one chunk: its records are the cache (no copy)
             joined, base_metric = {key: list(records) for key, records in runs.items()}, metric
