@@ -47,6 +47,19 @@ class PairSet(PromptPairs):
 
     Raises:
         InputError: no groups, groups of different metrics, or an order that is not a permutation.
+
+    Example:
+        >>> import atpstar
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> pairs = atpstar.PairSet.from_text(
+        ...     model.tokenizer,
+        ...     clean=["When Mary and John went to the store, John gave a drink to",
+        ...            "Afterwards, Eric and Peter went to the house. Eric gave a ring to"],
+        ...     noise=["When Mary and John went to the store, Paul gave a drink to",
+        ...            "Afterwards, Eric and Peter went to the house. Mark gave a ring to"],
+        ...     answer=[" Mary", " Peter"], distractor=[" John", " Eric"])
+        >>> pairs, pairs.lengths.tolist(), len(pairs.groups)
+        (PairSet(n_pairs=2, lengths=[14, 15], metric='logit_diff'), [14, 15], 2)
     """
 
     def __init__(self, groups: Sequence[PromptPairs], order: Sequence[int] | torch.Tensor | None = None) -> None:

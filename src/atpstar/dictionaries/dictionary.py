@@ -32,6 +32,14 @@ NORMALISATIONS = ("none", "constant_norm_rescale", "layer_norm")
 class Dictionary:
     """A loaded SAE or transcoder (``atpstar.load_dictionary``).
 
+    Example:
+        >>> import tempfile, atpstar
+        >>> from atpstar.testing.fixtures import write_saelens
+        >>> folder = write_saelens(tempfile.mkdtemp() + "/sae", "blocks.0.hook_resid_post", d_in=128, d_sae=64)
+        >>> sae = atpstar.load_dictionary(folder, name="sae-64")
+        >>> sae.name, sae.hook, sae.d_in, sae.d_sae, sae.activation
+        ('sae-64', 'blocks.0.hook_resid_post', 128, 64, 'relu')
+
     Attributes:
         name: its node-type name (e.g. ``"sae-16k"``); latent nodes are named ``{hook}/{name}[latent i, pos t]``.
         hook: the TransformerLens hook it reads, e.g. ``"blocks.6.hook_resid_post"``.

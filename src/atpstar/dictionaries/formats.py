@@ -58,6 +58,17 @@ def load_dictionary(
 
     Raises:
         InputError: no known format at the path, an unsupported architecture, or no site/layer.
+
+    Example:
+        >>> import tempfile, atpstar
+        >>> from atpstar.testing.fixtures import write_saelens
+        >>> model = atpstar.load_model("toy-ioi")
+        >>> folder = write_saelens(tempfile.mkdtemp() + "/sae", "blocks.0.hook_resid_post", d_in=128, d_sae=64)
+        >>> sae = atpstar.load_dictionary(folder, name="sae-64")
+        >>> pairs = atpstar.tasks.ioi(model.tokenizer, 2, seed=0)
+        >>> result = atpstar.attribute(model, pairs, "atp", nodes=["head"], dictionaries=[sae])
+        >>> tuple(result.per_pair["sae-64"].shape), tuple(result.per_pair["sae-64.error"].shape)
+        ((2, 64, 15), (2, 15))
     """
     path = Path(path_or_folder)
     if not path.exists():

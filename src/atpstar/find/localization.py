@@ -57,11 +57,11 @@ class Localization:
         >>> pairs = atpstar.tasks.ioi(model.tokenizer, 4, seed=0).subset([0])
         >>> found = atpstar.find(model, pairs, 1.0, nodes=["head"])
         >>> found
-        Localization(found=10, certified=True, theta=1, alpha=0.05, rounds=1, cost=97 fe)
+        Localization(found=10, certified=True, theta=1, alpha=0.05, rounds=1, cost=92 fe)
         >>> found.statement()
         '10 nodes have |c| >= 1; every node was verified exactly, so none is missing.'
         >>> sorted(found.certificate())
-        ['alpha', 'assumption', 'certified', 'cost_by_stage', 'cost_forward_equivalents', 'cost_fraction_of_exhaustive', 'fallback', 'final_bound', 'left', 'n_found', 'n_verified', 'rounds', 'statement', 'stopped', 'theta']
+        ['alpha', 'assumption', 'calibration', 'certified', 'cost_by_stage', 'cost_forward_equivalents', 'cost_fraction_of_exhaustive', 'fallback', 'final_bound', 'left', 'n_found', 'n_verified', 'rounds', 'statement', 'stopped', 'theta']
     """
 
     nodes: list[tuple[str, tuple[int, ...]]]
