@@ -10,7 +10,7 @@ attention saturated (queries scaled, so joint patches interact strongly) or left
 AtP*, or AtP* with the largest node hidden (scored 0: the bound alone must catch it). Truths are cached under
 ``--cache``. Only the public API is used, so the same script measures an older source tree (PYTHONPATH).
 
-Run:  PYTHONPATH=src python benchmarks/certificates.py [--seeds 20] [--only NAME] [--cache /tmp/E/certificates]
+Run:  PYTHONPATH=src python benchmarks/certificates.py [--seeds 20] [--only NAME] [--cache out/cache/certificates]
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--alpha", type=float, default=0.05)
-    parser.add_argument("--cache", default="/tmp/E/certificates")
+    parser.add_argument("--cache", default="out/cache/certificates")
     parser.add_argument("--only", default=None, help="run the settings whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(1)

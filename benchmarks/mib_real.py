@@ -8,7 +8,7 @@ edge patching (``activation_patching``), all with MIB's head-sender convention; 
 patching is skipped when its predicted cost exceeds ``--max-exact`` forward equivalents (the table
 then shows the prediction). Each cell is cached as JSON under ``--cache``; a rerun prints the table.
 
-    PYTHONPATH=src python benchmarks/mib_real.py --pairs 4 --cache /tmp/D/mib_real
+    PYTHONPATH=src python benchmarks/mib_real.py --pairs 4 --cache out/cache/mib_real
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["ioi", "mcqa"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--max-exact", type=float, default=30000.0, help="forward equivalents (default 30000)")
-    parser.add_argument("--cache", default="/tmp/D/mib_real")
+    parser.add_argument("--cache", default="out/cache/mib_real")
     parser.add_argument("--cached-only", action="store_true", help="print the cells already cached, run nothing")
     args = parser.parse_args()
     cache = Path(args.cache)
