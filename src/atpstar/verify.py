@@ -203,6 +203,17 @@ def patch_nodes(
     return effects, base_metric, info
 
 
+def plan_pair_blocks(
+    job: Job, space: NodeSpace, batch_size: int | None, memory_gb: float, what: str
+) -> tuple[int, int]:
+    """(pairs per block, patched forwards per batch) of exact patching of ``space``'s nodes in ``memory_gb``:
+    blocks whose prepared runs fit half the budget, batches in what the block leaves."""
+    per_pair = space.pair_bytes(job)
+    block = pairs_per_block(job.n_pairs, per_pair, memory_gb, what, "Raise memory_gb or use shorter prompts")
+    batch = plan_batch(Footprint(space.element_bytes(job), held=block * per_pair), memory_gb, batch_size=batch_size)
+    return block, batch
+
+
 def _in_pair_blocks(
     job: Job,
     space: NodeSpace,
@@ -214,9 +225,7 @@ def _in_pair_blocks(
     """``space.exact_effects`` over blocks of pairs whose prepared runs fit half of ``memory_gb`` (each
     (node, pair) effect is independent of the other pairs, so blocks only bound the memory):
     (effects [n, P], base metric [P])."""
-    per_pair = space.pair_bytes(job)
-    block = pairs_per_block(job.n_pairs, per_pair, memory_gb, "verify", "Raise memory_gb or use shorter prompts")
-    batch = plan_batch(Footprint(space.element_bytes(job), held=block * per_pair), memory_gb, batch_size=batch_size)
+    block, batch = plan_pair_blocks(job, space, batch_size, memory_gb, "verify")
     if block == job.n_pairs:
         return space.exact_effects(job, nodes, batch, advance)
     effects = torch.zeros(len(nodes), job.n_pairs, dtype=torch.float64)

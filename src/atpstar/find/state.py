@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from ..batching import Footprint, pairs_per_block, plan_batch
 from ..bound import FalseNegativeBound, false_negative_bound
 from ..cost import Cost
 from ..engine import PatchCache, prepare
@@ -25,7 +24,7 @@ from ..model import Model
 from ..nodes import NodeLayout
 from ..progress import progress_bar
 from ..spaces import Spaces
-from ..verify import patch_nodes
+from ..verify import patch_nodes, plan_pair_blocks
 from .engines import EngineFacts
 from .journal import FindJournal, Step, digest
 from .options import FindOptions
@@ -178,10 +177,7 @@ class Search:
         """
         job, options = self.job, self.options
         ranked = space.ranked_index(nodes)  # (type, layer, unit, pos), each [k]
-        per_pair = space.pair_bytes(job)
-        block = pairs_per_block(job.n_pairs, per_pair, options.memory_gb, "find: verify", "Raise memory_gb")
-        held = Footprint(space.element_bytes(job), held=block * per_pair)
-        batch = plan_batch(held, options.memory_gb, batch_size=options.batch_size)
+        block, batch = plan_pair_blocks(job, space, options.batch_size, options.memory_gb, "find: verify")
         effects = torch.zeros(len(nodes), job.n_pairs, dtype=torch.float64)
         base_metric = torch.zeros(job.n_pairs, dtype=torch.float64)
         running = Cost()  # the call's cost so far
