@@ -59,7 +59,10 @@ def build_dictionaries(model: Any, width: int, l0: int, pairs: Any) -> list[Any]
         x = run.get("resid_pre", layer + 1).reshape(-1, model.d_model)  # [P*T, D]
         w_enc = torch.randn(model.d_model, width, generator=gen) / x.norm(dim=-1).mean()
         pre = x @ w_enc  # [P*T, S]
-        threshold = pre.quantile(1 - l0 / width, dim=0).clamp(min=1e-3)  # [S]: ~l0 of S fire per token
+        # [S]: ~l0 of S fire per token: each latent's pre-activation over tokens taken as normal (a quantile of
+        # the few benchmark tokens would put the threshold at a sample maximum: L0 of several hundred)
+        z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - l0 / width))
+        threshold = (pre.mean(0) + z * pre.std(0)).clamp(min=1e-3)
         w_dec = torch.randn(width, model.d_model, generator=gen) / width**0.5
         out.append(Dictionary(name=f"res{layer}-16k", hook=f"blocks.{layer}.hook_resid_post", layer=layer,
                               W_enc=w_enc, W_dec=w_dec, b_enc=torch.zeros(width), b_dec=torch.zeros(model.d_model),

@@ -44,7 +44,7 @@ def latent_pullback(
     """(latents [b, S, T], error [b, T]) estimates from the gradient ∂L/∂y [b, T, D] at the write site."""
     grad = upcast(grad.detach())
     rows = dictionary.W_dec.to(grad.device, grad.dtype)  # [S, D]
-    pulled = delta_times_pullback(diff.latents, grad * diff.scale, rows)  # Δf ⊙ (g W_decᵀ): [b, T, S]
+    pulled = delta_times_pullback(diff.latents, grad * diff.scale, rows, diff.compressed)  # Δf ⊙ (g W_decᵀ): [b, T, S]
     latents = points.mean(pulled).transpose(1, 2)  # [b, T, S] -> [b, S, T]
     error = points.mean(diff.error * grad).sum(-1)  # [b, T]
     return latents, error
