@@ -113,9 +113,8 @@ def exact(model, pairs, spec: Spec, direction: str = "noising") -> tuple[torch.T
     return latents, error
 
 
-def linearised(
-    model, pairs, spec: Spec, direction: str = "noising", drop_layer: int | None = None, steps: int | None = None
-):
+def linearised(model, pairs, spec: Spec, direction: str = "noising", drop_layer: int | None = None,
+               steps: int | None = None):
     """(latents [P, S, T], error [P, T]) AtP of the spliced dictionary, by autograd (one layer dropped); with
     ``steps``, the gradient averaged over the embeddings e_s + (k/m)(e_b - e_s), k < m (integrated gradients)."""
     base, source = pairs.base_and_source(direction)

@@ -31,9 +31,7 @@ def dictionaries(root) -> list[tuple[atpstar.Dictionary, ref.Spec]]:
                     random_dictionary_weights(D, S, 1), "topk", 3, True, "constant_norm_rescale")  # fmt: skip
     out.append((atpstar.load_dictionary(folder, name="sae-topk"), spec))
     folder = write_saelens(root / "sl-relu", "blocks.1.hook_resid_post", D, S, seed=2, apply_b_dec_to_input=False)
-    spec = ref.Spec(
-        "sae-relu", "blocks.1.hook_resid_post", "blocks.1.hook_resid_post", random_dictionary_weights(D, S, 2)
-    )
+    spec = ref.Spec("sae-relu", "blocks.1.hook_resid_post", "blocks.1.hook_resid_post", random_dictionary_weights(D, S, 2))
     out.append((atpstar.load_dictionary(folder, name="sae-relu"), spec))
     folder = write_gemma_scope(root / "gs", "attn_out", 1, D, S, seed=3)
     weights = random_dictionary_weights(D, S, 3, threshold=True)

@@ -39,14 +39,7 @@ def test_saelens_config_keys(tmp_path):
     folder = write_saelens(tmp_path / "s", "blocks.1.hook_resid_pre", 32, 8, seed=3, activation="jumprelu",
                            apply_b_dec_to_input=False, neuronpedia_id="toy/1-res")  # fmt: skip
     d = atpstar.load_dictionary(folder)
-    assert (d.name, d.hook, d.layer, d.activation, d.d_in, d.d_sae) == (
-        "s",
-        "blocks.1.hook_resid_pre",
-        1,
-        "jumprelu",
-        32,
-        8,
-    )
+    assert (d.name, d.hook, d.layer, d.activation, d.d_in, d.d_sae) == ("s", "blocks.1.hook_resid_pre", 1, "jumprelu", 32, 8)
     assert not d.apply_b_dec_to_input and d.id == "toy/1-res"
     torch.testing.assert_close(d.threshold, random_dictionary_weights(32, 8, 3, threshold=True)["threshold"])
     # SAELens < 6: hook_name at the top level, activation_fn_str "topk" with activation_fn_kwargs
@@ -64,9 +57,7 @@ def test_saelens_refuses_what_it_cannot_compute(tmp_path):
     folder = write_saelens(tmp_path / "g", "blocks.0.hook_resid_pre", 32, 8, architecture="gated")
     with pytest.raises(InputError, match="gated"):
         atpstar.load_dictionary(folder)
-    folder = write_saelens(
-        tmp_path / "n", "blocks.0.hook_resid_pre", 32, 8, normalize_activations="expected_average_only_in"
-    )
+    folder = write_saelens(tmp_path / "n", "blocks.0.hook_resid_pre", 32, 8, normalize_activations="expected_average_only_in")
     with pytest.raises(InputError, match="expected_average_only_in"):
         atpstar.load_dictionary(folder)
 
@@ -90,12 +81,7 @@ def test_circuit_tracer_transcoders(tmp_path):
         atpstar.load_dictionary(folder)
     d = atpstar.load_dictionary(folder / "layer_2.safetensors")
     want = random_dictionary_weights(32, 8, 7 + 2, threshold=True, skip=True)
-    assert (d.name, d.hook, d.write_hook, d.transcoder) == (
-        "tc-layer2",
-        "blocks.2.hook_mlp_in",
-        "blocks.2.hook_mlp_out",
-        True,
-    )
+    assert (d.name, d.hook, d.write_hook, d.transcoder) == ("tc-layer2", "blocks.2.hook_mlp_in", "blocks.2.hook_mlp_out", True)
     for key in ("W_enc", "W_dec", "W_skip", "threshold"):
         torch.testing.assert_close(d.tensors()[key], want[key])
     normalised = write_circuit_tracer(tmp_path / "ln", [0], 32, 8, input_hook="ln2.hook_normalized")
