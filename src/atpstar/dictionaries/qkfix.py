@@ -158,30 +158,32 @@ class LatentQKFix:
                 hidden = (upcast(x[pair[rows], t]) + deltas).to(x.dtype)[:, None]  # [r, 1, D]
                 q_t, k_t = layer_qk(self.model, layer, hidden, t)  # [r, H, 1, E], [r, K, 1, E]
                 q_new, k_new = upcast(q_t[:, :, 0]).to(q_base), upcast(k_t[:, :, 0]).to(k_base)
-                for p in pair[rows].unique().tolist():
-                    mine = rows[pair[rows] == p]
-                    at = pair[rows] == p
-                    row[mine], alpha[mine] = self._rows(base, layer, p, t, q_new[at], k_new[at], q_base, k_base)
+                row[rows], alpha[rows] = self._rows(base, layer, pair[rows], t, q_new, k_new, q_base, k_base)
         self.cost.add_forward(len(pair) * self.share / (n_pos * self.n_layers))
         return _Changed(layer, pair, latent, pos, row, alpha)
 
-    def _rows(self, base: _Base, layer: int, p: int, t: int, q_new: torch.Tensor, k_new: torch.Tensor,
+    def _rows(self, base: _Base, layer: int, pair: torch.Tensor, t: int, q_new: torch.Tensor, k_new: torch.Tensor,
               q_base: torch.Tensor, k_base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """(ΔA_t [r, H, T], α [r, H, T]) of r nodes of pair p at position t with new q_new [r, H, E], k_new [r, K, E]."""
+        """(ΔA_t [r, H, T], α [r, H, T]) of r nodes at position t of pairs ``pair`` [r], with their new queries
+        q_new [r, H, E] and keys k_new [r, K, E]."""
         args = self.model.attention_args[layer]
         n_kv, (n_heads, n_pos, d_head) = k_base.shape[1], q_base.shape[1:]
         groups = n_heads // n_kv
-        keys = k_base[p].expand(len(q_new), -1, -1, -1).clone()  # [r, K, T, E]
+        keys = k_base[pair]  # [r, K, T, E] (a copy)
         keys[:, :, t] = k_new
-        own = torch.einsum("rkge,rkje->rkgj", q_new.view(-1, n_kv, groups, d_head), keys)  # [r, K, G, T]
+        own = torch.matmul(q_new.view(-1, n_kv, groups, d_head), keys.transpose(-1, -2))  # [r, K, G, T]
         own = softcap(own.reshape(-1, n_heads, n_pos) * args.scaling, args.softcap)  # [r, H, T]
         own = own.masked_fill(~visible_keys(n_pos, n_pos, args.window, own.device)[t], float("-inf"))
-        row = torch.softmax(own, dim=-1) - base.pattern[p, :, t]  # [r, H, T]
-        queries = q_base[p].view(n_kv, groups, n_pos, d_head)  # [K, G, T, E]
-        column = torch.einsum("kgie,rke->rkgi", queries, k_new).reshape(-1, n_heads, n_pos)  # [r, H, T] at key t
-        column = softcap(column * args.scaling, args.softcap) - base.log_norm[p]  # s'_it - L_i
-        old = base.scores[p, :, :, t] - base.log_norm[p]  # [H, T] s_it - L_i = log A_it
-        log_new = torch.logaddexp(torch.log(base.rest[p, :, :, t]), column)  # log(Z'_i / Z_i)
+        row = torch.softmax(own, dim=-1) - base.pattern[pair, :, t]  # [r, H, T]
+        column = torch.empty_like(row)  # q_i · k'_t: [r, H, T]
+        for p in pair.unique().tolist():
+            mine = torch.nonzero(pair == p)[:, 0]
+            queries = q_base[p].reshape(n_kv, groups * n_pos, d_head)  # [K, G*T, E]
+            dots = torch.matmul(queries, k_new[mine].permute(1, 2, 0))  # [K, G*T, r_p]
+            column[mine] = dots.permute(2, 0, 1).reshape(-1, n_heads, n_pos)  # [r_p, H, T]
+        column = softcap(column * args.scaling, args.softcap) - base.log_norm[pair]  # s'_it - L_i
+        old = base.scores[pair, :, :, t] - base.log_norm[pair]  # [r, H, T] s_it - L_i = log A_it
+        log_new = torch.logaddexp(torch.log(base.rest[pair, :, :, t]), column)  # log(Z'_i / Z_i)
         alpha = torch.exp(old - log_new) - torch.exp(column - log_new)  # ρ_i A_it - A'_it
         later = visible_keys(n_pos, n_pos, args.window, alpha.device)[:, t] & (
             torch.arange(n_pos, device=alpha.device) > t
