@@ -3,9 +3,10 @@
 The encoder product x W_enc [M, S] costs as much as the model itself when 16k-wide dictionaries sit on every
 layer (Gemma-3-270M: 17 × 10.5M multiply-adds per token, against ~100M for the model), yet only the few
 latents that fire are kept. ``encode_many`` computes the product in bfloat16 (about 3x faster on CPUs with
-AVX512-BF16 and on GPUs), bounds its error, and recomputes exactly, in the input's dtype, only the latents
-whose bound does not rule them out (a sampled product, ``torch.sparse.sampled_addmm``). The result equals
-``Dictionary.encode`` up to the order of the sums in each exact dot product.
+AVX512-BF16 or AMX; not on GPUs, whose bfloat16 reductions the bound does not cover), bounds its error, and
+recomputes exactly, in the input's dtype, only the latents whose bound does not rule them out (a sampled
+product, ``torch.sparse.sampled_addmm``). The result equals ``Dictionary.encode`` up to the order of the sums
+in each exact dot product.
 
 The bound: with u = 2^-8 (bfloat16's unit roundoff) and fp32 accumulation over D terms (γ_D = D·2^-24 / (1 - D·2^-24)),
 
@@ -50,7 +51,9 @@ def screens(dictionary: Dictionary, x: torch.Tensor) -> bool:
     """Whether ``encode_many`` screens inputs x [.., D] of this dictionary (else it encodes densely)."""
     if dictionary.d_sae < MIN_LATENTS or x.dtype not in (torch.float32, torch.float64):
         return False
-    return x.device.type == "cuda" or (x.device.type == "cpu" and _cpu_has_bf16())
+    # CPU only: cuBLAS may reduce bfloat16 products in reduced precision (allow_bf16_reduced_precision_reduction),
+    # which the bound does not cover.
+    return x.device.type == "cpu" and _cpu_has_bf16()
 
 
 def encode_many(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor:
