@@ -266,8 +266,9 @@ class Method:
 
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Edge results [P, N] and facts for ``info`` (methods that list ``edge`` in ``node_types``)."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        """Edge results [P, N], further per-pair tensors by name ([P, ...]; stored as ``extras["<name>/edge"]``)
+        and facts for ``info`` (methods that list ``edge`` in ``node_types``)."""
         raise NotImplementedError
 
 
