@@ -301,11 +301,13 @@ def each_group(job: Any, run: Callable[[Any], R]) -> list[R]:
 
 
 def refuse_workers(pairs: PromptPairs, workers: Any, ray_address: Any, checkpoint: Any = None) -> None:
-    """Pairs of several lengths run in-process: refuse ``workers=``/``ray_address=``/``checkpoint=``."""
+    """``verify``, the bound and ``find`` run pairs of several lengths in-process: refuse
+    ``workers=``/``ray_address=``/``checkpoint=`` there (``attribute`` sends them to workers in blocks of pairs)."""
     if len(pairs.groups) > 1 and (workers is not None or ray_address is not None or checkpoint is not None):
         raise InputError(
-            "pairs of several lengths (a PairSet) run in-process only; drop workers=/ray_address=/checkpoint=, or "
-            "run each group (pairs.groups) as its own call"
+            "verify, false_negative_bound and find run pairs of several lengths (a PairSet) in-process only; drop "
+            "workers=/ray_address=/checkpoint=, or run each group (pairs.groups) as its own call with them "
+            "(attribute runs a PairSet on workers)"
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -16,7 +17,7 @@ from ..memory import MemoryPlan, announce
 from ..model import Model, as_model
 from ..nodes import NODE_TYPES
 from ..pairs import PromptPairs, check_direction
-from ..pairsets import as_pairs, check_positions, each_group, merge_info, merge_tensors, refuse_workers
+from ..pairsets import as_pairs, check_positions, each_group, merge_info, merge_tensors
 from ..result import Attribution, aggregate
 from ..sink import PerPairSink
 from ..spaces import BUILTIN_TYPES, Spaces, check_node_types, space_class, spaces_for
@@ -126,7 +127,6 @@ class Method:
         node_types = check_node_types(nodes)
         self.check_supported(node_types, on_workers=workers is not None or ray_address is not None)
         pairs = as_pairs(pairs)
-        refuse_workers(pairs, workers, ray_address)
         check_direction(direction)
         check_pairs_fit(model, pairs)
         check_finite_options(f"method {self.id!r} option ", self.get_options())
@@ -148,12 +148,7 @@ class Method:
         info: dict[str, Any] = {}
         kept_scores: dict[str, torch.Tensor] = {}
         for space in spaces:
-            if executor is None:
-                results, more_extras, more_info = _by_group(self, space, job)
-            else:
-                results, more_extras, more_info = self._attribute_on(
-                    executor, model, pairs, list(space.node_types), direction, job.cost
-                )
+            results, more_extras, more_info = _by_group(self, space, job, executor)
             if isinstance(results, PerPairSink):  # kept batch by batch (keep="top"/"disk"): exact running scores
                 kept_scores.update(results.scores(self.aggregation))
                 more_info = {**results.info(), **more_info}
@@ -272,14 +267,34 @@ class Method:
         raise NotImplementedError
 
 
-def _by_group(method: Method, space: Any, job: Job) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
-    """``space.attribute`` once per equal-length group of the job's pairs, merged in example order."""
-    parts = each_group(job, lambda group_job: space.attribute(method, group_job))
+def _by_group(
+    method: Method, space: Any, job: Job, executor: Any = None
+) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
+    """``space.attribute`` (with an executor: the method's work units on it) once per equal-length group of
+    the job's pairs, merged in example order."""
+
+    def run(group: Job) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
+        own = _for_group(method, job.pairs, group.pairs)
+        if executor is None:
+            return space.attribute(own, group)
+        types = list(space.node_types)
+        return own._attribute_on(executor, group.model, group.pairs, types, group.direction, group.cost)
+
+    parts = each_group(job, run)
     if len(parts) == 1:
         return parts[0]
     pairs = job.pairs
     merged = merge_tensors(pairs, [p[0] for p in parts]), merge_tensors(pairs, [p[1] for p in parts])
     return (*merged, merge_info(pairs, [p[2] for p in parts]))
+
+
+def _for_group(method: Method, pairs: PromptPairs, group: PromptPairs) -> Method:
+    """``method`` for one group of pairs of several lengths: a ``checkpoint`` folder gets a subfolder per
+    length (``length-<T>``), so each group's sweep resumes from its own units; one group: ``method``."""
+    folder = getattr(method, "checkpoint", None)
+    if folder is None or len(pairs.groups) == 1:
+        return method
+    return _rebuild(method.id, {**method.get_options(), "checkpoint": str(Path(folder) / f"length-{group.seq_len}")})
 
 
 def runs_on_workers(cls: type[Method]) -> bool:
