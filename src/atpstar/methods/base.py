@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -17,7 +16,7 @@ from ..memory import MemoryPlan, announce
 from ..model import Model, as_model
 from ..nodes import NODE_TYPES
 from ..pairs import PromptPairs, check_direction
-from ..pairsets import as_pairs, check_positions, each_group, merge_info, merge_tensors
+from ..pairsets import as_pairs, check_positions, each_group, group_folder, merge_groups
 from ..result import Attribution, aggregate
 from ..sink import PerPairSink
 from ..spaces import BUILTIN_TYPES, Spaces, check_node_types, space_class, spaces_for
@@ -262,39 +261,29 @@ class Method:
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
-        """Edge results [P, N], further per-pair tensors by name ([P, ...]; stored as ``extras["<name>/edge"]``)
-        and facts for ``info`` (methods that list ``edge`` in ``node_types``)."""
+        """Edge results [P, N], per-pair extras by name (kept as ``"<name>/edge"``) and facts for ``info``."""
         raise NotImplementedError
 
 
 def _by_group(
     method: Method, space: Any, job: Job, executor: Any = None
 ) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
-    """``space.attribute`` (with an executor: the method's work units on it) once per equal-length group of
-    the job's pairs, merged in example order."""
+    """``space.attribute`` (on ``executor``: the method's work units) per equal-length group, in example order."""
 
     def run(group: Job) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
         own = _for_group(method, job.pairs, group.pairs)
         if executor is None:
             return space.attribute(own, group)
-        types = list(space.node_types)
-        return own._attribute_on(executor, group.model, group.pairs, types, group.direction, group.cost)
+        return own._attribute_on(executor, group.model, group.pairs, list(space.node_types), group.direction, group.cost)
 
-    parts = each_group(job, run)
-    if len(parts) == 1:
-        return parts[0]
-    pairs = job.pairs
-    merged = merge_tensors(pairs, [p[0] for p in parts]), merge_tensors(pairs, [p[1] for p in parts])
-    return (*merged, merge_info(pairs, [p[2] for p in parts]))
+    return merge_groups(job.pairs, each_group(job, run))
 
 
 def _for_group(method: Method, pairs: PromptPairs, group: PromptPairs) -> Method:
-    """``method`` for one group of pairs of several lengths: a ``checkpoint`` folder gets a subfolder per
-    length (``length-<T>``), so each group's sweep resumes from its own units; one group: ``method``."""
+    """``method`` for one group: its ``checkpoint`` folder one per length (``pairsets.group_folder``)."""
     folder = getattr(method, "checkpoint", None)
-    if folder is None or len(pairs.groups) == 1:
-        return method
-    return _rebuild(method.id, {**method.get_options(), "checkpoint": str(Path(folder) / f"length-{group.seq_len}")})
+    own = group_folder(folder, pairs, group)
+    return method if own == folder else _rebuild(method.id, {**method.get_options(), "checkpoint": own})
 
 
 def runs_on_workers(cls: type[Method]) -> bool:
