@@ -86,16 +86,20 @@ def plan_batch(
     return max(1, batch if most is None else min(batch, max(1, most)))
 
 
-def pairs_per_block(n_pairs: int, per_pair: float, memory_gb: float, what: str, fix: str = "Raise memory_gb") -> int:
-    """Pairs whose prepared runs a loop holds at once: all when they take at most half of ``memory_gb``
-    (the other half is the batches'), else as many as half holds (at least one, else ``InputError``)."""
-    share = memory_gb * GIB / 2
+def pairs_per_block(
+    n_pairs: int, per_pair: float, memory_gb: float, what: str, fix: str = "Raise memory_gb", held: float = 0
+) -> int:
+    """Pairs whose prepared runs a loop holds at once: all when they take at most half of what ``memory_gb``
+    leaves beside ``held`` bytes (the other half is the batches'), else as many as that half holds (at least
+    one, else ``InputError``)."""
+    share = (memory_gb * GIB - held) / 2
     if n_pairs * per_pair <= share:
         return n_pairs
     if per_pair > share:
+        kept = f" beside the {held / GIB:.2f} GB the run keeps" if held else ""
         raise InputError(
             f"{what}: memory_gb={memory_gb:g} is too small: one pair's prepared runs need {per_pair / GIB:.3f} GB "
-            f"and they may take half the budget. {fix}"
+            f"and they may take half the budget{kept}. {fix}"
         )
     return int(share // per_pair)
 
