@@ -61,7 +61,7 @@ def _inputs(verb: str, model: Any, pairs: Any) -> Any:
     estimate = atpstar.attribute(model, pairs, method="atp", nodes=NODES, memory_gb=1.0)
     if verb == "verify":
         return estimate
-    return atpstar.verify(model, pairs, estimate, budget=10, memory_gb=1.0)
+    return atpstar.verify(model, pairs, estimate, budget=2, memory_gb=1.0)
 
 
 def _call(verb: str, model: Any, pairs: Any, given: Any, memory_gb: float) -> Any:
@@ -72,7 +72,7 @@ def _call(verb: str, model: Any, pairs: Any, given: Any, memory_gb: float) -> An
     if verb == "verify":
         return atpstar.verify(model, pairs, given, budget=40, memory_gb=memory_gb)
     if verb == "bound":
-        return atpstar.false_negative_bound(model, pairs, given, theta=THETA, samples=64, memory_gb=memory_gb)
+        return atpstar.false_negative_bound(model, pairs, given, theta=THETA, samples=16, memory_gb=memory_gb)
     return atpstar.attribute(model, pairs, method=verb, nodes=NODES, memory_gb=memory_gb)
 
 

@@ -70,6 +70,7 @@ def prepare(
     for start in range(0, pairs.n_pairs, step):
         index = torch.arange(start, min(start + step, pairs.n_pairs))
         base, source, metric = _prepare_chunk(model, pairs, base_tokens[index], source_tokens[index], index, sites)
+        base = {**base, "resid_pre": base["resid_pre"][: model.n_layers]}  # the final residual stream is not kept
         HOST_MEMORY.release(model.device)  # the chunk's freed activations go back before the next one
         runs = {**{f"base.{k}": v for k, v in base.items()}, **{f"source.{k}": v for k, v in source.items()}}
         if step >= pairs.n_pairs:  # one chunk: its records are the cache (no copy)
@@ -85,8 +86,7 @@ def prepare(
         base_metric[start : start + len(index)] = metric
     cost.add_forward(2 * pairs.n_pairs)
     source_of = {t: joined[f"source.{NODE_TABLE[t].site}"] for t in node_types}
-    resid = joined["base.resid_pre"][: model.n_layers]
-    return PatchCache(resid, joined["base.k"], joined["base.v"], source_of, base_metric, pairs)
+    return PatchCache(joined["base.resid_pre"], joined["base.k"], joined["base.v"], source_of, base_metric, pairs)
 
 
 def prepare_step(model: Model, seq_len: int, node_types: list[str], chunk: int) -> int:
