@@ -6,6 +6,7 @@ import torch
 
 import atpstar
 from atpstar import engine
+from atpstar.batching import HEADROOM
 from atpstar.bound.statistics import NodeSums, node_bounds
 from atpstar.distributed import executor_for
 from atpstar.distributed.sweeps import subsample_on
@@ -60,7 +61,7 @@ def test_false_negative_bound_under_a_tight_budget_streams_with_the_same_result(
     options = {"theta": 0.5, "samples": 16, "nodes": NODES, "batch_size": 6}
     whole = atpstar.false_negative_bound(model, pairs, verified, **options)
     per_pair = cache_bytes(model, 1, pairs.seq_len, NODES) + 2 * 48 * whole.n_unverified
-    tight = 5 * per_pair / 2**30  # half holds two pairs
+    tight = 5 * per_pair / (1 - HEADROOM) / 2**30  # half of what the headroom leaves holds two pairs
     assert sample_plan(model, pairs, NODES, tight, 6, 0)[0] == 2
     blocked = atpstar.false_negative_bound(model, pairs, verified, memory_gb=tight, **options)
     assert blocked.info["pair_block"] == 2 and "pair_block" not in whole.info
@@ -75,7 +76,9 @@ def test_subsampling_method_under_a_tight_budget_returns_the_same_result():
     whole = atpstar.attribute(model, pairs, "subsampling", nodes=NODES, **options)
     n_nodes = sum(v[0].numel() for v in whole.per_pair.values())
     per_pair = cache_bytes(model, 1, pairs.seq_len, NODES) + 2 * 48 * n_nodes
-    tight = (8 * 8 * 4 * n_nodes + 4 * per_pair) / 2**30  # the results, and two pairs' runs in half the rest
+    results = 8 * 8 * 4 * n_nodes
+    tight = (results + 5 * per_pair) / (1 - HEADROOM) / 2**30  # the results, and two pairs' runs in half the rest
+    assert sample_plan(model, pairs, NODES, tight, 5, results)[0] == 2
     blocked = atpstar.attribute(model, pairs, "subsampling", nodes=NODES, memory_gb=tight, **options)
     assert blocked.info["pair_block"] == 2
     for name, value in whole.extras.items():

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .batching import Footprint, pairs_per_block, plan_batch
+from .batching import HEADROOM, Footprint, pairs_per_block, plan_batch
 from .cost import Cost
 from .errors import InputError
 from .fingerprint import check_reuse, identity
@@ -215,11 +215,6 @@ def plan_pair_blocks(
     footprint = Footprint(space.element_bytes(job), held=held + block * per_pair)
     return block, plan_batch(footprint, memory_gb, batch_size=batch_size)
 
-
-# Share of ``memory_gb`` that pair-blocked exact patching leaves to what its estimates do not count: the effects
-# [n, P], a layer's element index tensors, the allocator's free lists. Measured:
-# 10,000 toy-ioi pairs peaked 11 % over a plan that used the whole budget (``benchmarks/memory_pairs.py``).
-HEADROOM = 0.15
 
 
 def _in_pair_blocks(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..batching import Footprint, pairs_per_block, plan_batch
+from ..batching import GIB, HEADROOM, Footprint, pairs_per_block, plan_batch
 from ..cost import Cost
 from ..engine import PatchCache, cache_bytes
 from ..errors import InputError
@@ -155,17 +155,18 @@ def sample_plan(
 ) -> tuple[int, int]:
     """(pairs per block, samples per batch) of a Subsampling that holds ``held`` bytes beside its blocks (its
     results). A block holds its pairs' base/source runs and running statistics, at most half of what ``held``
-    leaves (``batching.pairs_per_block``); a batch takes the rest, each sample with its row of the per-pair
-    one-hot the statistics are merged with. The batch is ``sample_batch``'s when all pairs fit one block."""
+    and ``HEADROOM`` leave (``batching.pairs_per_block``); a batch takes the rest, each sample with its row of the
+    per-pair one-hot the statistics are merged with. The batch is ``sample_batch``'s when all pairs fit one block."""
     seq_len = pairs.seq_len
     n_nodes = layout_elems(model, node_types, seq_len)
     per_pair = cache_bytes(model, 1, seq_len, node_types) + 2 * STATS_BYTES * n_nodes  # running and merged copies
     fix = "Raise memory_gb, use shorter prompts or fewer node types"
-    block = pairs_per_block(pairs.n_pairs, per_pair, memory_gb, "subsampling", fix, held=held)
+    kept = held + HEADROOM * memory_gb * GIB
+    block = pairs_per_block(pairs.n_pairs, per_pair, memory_gb, "subsampling", fix, held=kept)
     if block == pairs.n_pairs:
         return block, sample_batch(model, seq_len, n_nodes, memory_gb, batch_size)
     footprint = sample_footprint(model, seq_len, n_nodes)
-    per_sample = Footprint(footprint.per_item + 8 * block, held=held + block * per_pair)
+    per_sample = Footprint(footprint.per_item + 8 * block, held=kept + block * per_pair)
     return block, plan_batch(per_sample, memory_gb, model.device, batch_size=batch_size)
 
 
