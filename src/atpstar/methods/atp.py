@@ -187,8 +187,9 @@ class AttributionPatching(Method):
 
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """EAP and its QK-fix / GradDrop / AtP* forms at the base run; EAP-IG on ``atp+ig``'s path."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        """EAP and its QK-fix / GradDrop / AtP* forms at the base run; EAP-IG on ``atp+ig``'s path (GradDrop
+        forms add the extra ``"sign"``, the sign of the estimate before GradDrop, for MIB's signed scores)."""
         from ..edges.estimate import estimate_edges
 
         options = {"qk_fix": self.qk_fix, "grad_drop": self.grad_drop, "positions": self.edge_positions}
