@@ -24,7 +24,7 @@ from ..batching import BatchGuard
 from ..cost import Cost
 from ..errors import InputError
 from ..gradients import AT_BASE, Points, gradient_step
-from ..gradients.consumers import node_estimates, plan_sites
+from ..gradients.consumers import diff_rows, node_estimates, plan_sites
 from ..job import Job
 from ..memory import MemoryPlan, gradient_plan
 from ..model import Model
@@ -241,6 +241,7 @@ class AttributionPatching(Method):
             cost=cost,
             grad_drop=self.grad_drop,
             points=self._points(),
+            diff_into=diff_rows(node_types, into),  # a neuron's difference waits in its own result entry
         ) as step:
             return node_estimates(step, model.attention_args, node_types, plan, into)
 
