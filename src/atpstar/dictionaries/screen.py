@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .dictionary import Dictionary
+from .sparse import csr_tensor
 
 MIN_LATENTS = 4096  # narrower dictionaries encode densely (the screen's overhead is not worth it)
 MAX_SHARE = 0.05  # above this share of candidates, the dense exact product runs
@@ -104,7 +105,7 @@ def _screened(dictionary: Dictionary, flat: torch.Tensor) -> torch.Tensor | None
     if len(rows) > MAX_SHARE * candidate.numel():
         return None
     crow = torch.searchsorted(rows, torch.arange(len(flat) + 1, device=rows.device))  # [M + 1] (rows sorted)
-    pattern = torch.sparse_csr_tensor(crow, cols, torch.ones(len(rows), dtype=dtype), candidate.shape,
+    pattern = csr_tensor(crow, cols, torch.ones(len(rows), dtype=dtype), candidate.shape,
                                       check_invariants=False)  # fmt: skip
     w_enc = dictionary.W_enc.to(flat.device, dtype)  # [D, S] columns contiguous (``_weights``)
     pre = torch.sparse.sampled_addmm(pattern, flat, w_enc, beta=0.0).values() + b_enc[cols]  # [N]

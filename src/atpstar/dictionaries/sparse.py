@@ -14,12 +14,19 @@ Shape letters: S latents, D width, M flattened leading positions.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
 DENSE_SHARE = 0.03  # above this share of nonzeros, a dense matmul is faster than the sparse kernels
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def csr_tensor(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``torch.sparse_csr_tensor`` without torch's beta-state warning (once per process, not the user's concern)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(*args, **kwargs)
 
 
 def compressed(delta: torch.Tensor) -> torch.Tensor | None:
@@ -58,7 +65,7 @@ def delta_times_pullback(
     flat_grad = grad.reshape(-1, grad.shape[-1]).to(dtype)  # [M, D]
     sampled = torch.sparse.sampled_addmm(csr.to(dtype), flat_grad, rows.to(dtype).T, beta=0.0)  # [M, S] CSR
     values = sampled.values() * csr.values().to(dtype)  # [nnz]
-    out = torch.sparse_csr_tensor(
+    out = csr_tensor(
         csr.crow_indices(), csr.col_indices(), values, csr.shape, check_invariants=False
     ).to_dense()  # [M, S]
     return out.view(delta.shape)  # [.., S]
