@@ -46,16 +46,17 @@ def check_bound(
 ) -> tuple[Calibration | None, FalseNegativeBound]:
     """Calibrate a bound whose max_n U(n) < θ: (the calibration, the widened bound), or (None, the bound) when
     the budget cannot pay for the checked nodes (nothing is patched then). The round planned the calibration with
-    its bound (``calibration_cost``) within the search's ceiling, so only the user's budget can cut it.
+    its bound (``calibration_cost``) within the search's slack (``Search.slack``), so only the user's budget can cut
+    it.
 
     Args:
         alpha: the calibration's error rate (the round's other half goes to the bound).
         seed: draws the random part of the sample.
     """
-    keep = ~search.verified  # [N] the bound's population (nothing was verified since it ran)
+    keep = ~search.verified  # [N] the bound's population less the nodes verified since it ran
     upper, estimate, se = (_flat(search, bound, name) for name in ("upper", "estimate", "se"))
     sample, top = calibration_sample(upper, estimate, keep, seed, CALIBRATION_TOP, CALIBRATION_RANDOM)  # [K]
-    if search.affordable(sample, ceiling=False) < len(sample):
+    if search.affordable(sample) < len(sample):
         return None, bound
     effects = search.verify(sample, "calibrate")  # [K, P]
     rest = ~search.verified

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..bound import MIN_IN_SAMPLES, MIN_SAMPLES, P_MAX, FalseNegativeBound, bound_cost, choose_p, plan_samples
+from ..bound import MIN_IN_SAMPLES, P_MAX, FalseNegativeBound, bound_cost, choose_p, plan_samples
 from ..bound.calibration import Calibration, next_p
 from ..cost import Cost
 from ..verify import Verification
@@ -40,7 +40,7 @@ class Outcome:
     fallback: str = ""  # why the search patched every node exhaustively instead ("" when it did not)
     calibration: Calibration | None = None  # the last bound's calibration (None: none ran)
     p_next: float | None = None  # the inclusion probability the measured interaction asks of the next bound
-    reuse: FalseNegativeBound | None = None  # a bound all of whose flagged nodes are verified: below θ on the rest
+    finish: str = ""  # why the rest was verified exactly after the loop began ("" when it was not)
 
 
 def verify_in_estimate_order(search: Search, outcome: Outcome, window: int, options: FindOptions, say: Say) -> None:
@@ -49,7 +49,7 @@ def verify_in_estimate_order(search: Search, outcome: Outcome, window: int, opti
     threshold = theta * (1 - THETA_TOLERANCE)
     order = torch.sort(search.estimate_score.abs(), descending=True, stable=True).indices  # [N]
     position, found_here = 0, 0
-    while position < len(order) and not outcome.stopped:
+    while position < len(order) and not outcome.stopped and search.may_call():
         chunk = order[position : position + window]
         fit = search.affordable(chunk)
         if fit < len(chunk):
@@ -94,8 +94,9 @@ def bound_rounds(search: Search, outcome: Outcome, per_pair: torch.Tensor, optio
         if outcome.stopped or outcome.certified:
             break
         sum_sq = _round(search, outcome, round_index, sum_sq, options, say)
-    if not outcome.certified and not outcome.stopped:
-        outcome.stopped = f"max_rounds={options.max_rounds} rounds without a certificate"
+    if not outcome.certified and not outcome.stopped:  # the rest always fits the ceiling (``Search.slack``)
+        why = f"max_rounds={options.max_rounds} bound rounds did not certify"
+        _verify_rest(search, outcome, options.max_rounds + 1, options, say, why)
 
 
 def _plan(search: Search, outcome: Outcome, n_unverified: int, alpha_bound: float, sum_sq: float) -> tuple[int, float]:
@@ -111,38 +112,37 @@ def _plan(search: Search, outcome: Outcome, n_unverified: int, alpha_bound: floa
 
 
 def _round(search: Search, outcome: Outcome, round_index: int, sum_sq: float, options: FindOptions, say: Say) -> float:
-    """One round: verify everything left when that is cheaper than a bound and its calibration, else bound,
-    calibrate a bound below θ, and verify what it flags. Returns the next round's V.
+    """One round: verify everything left when that is cheaper than a bound and its calibration, or when a bound
+    no longer fits the slack (its worst case, failing and then verifying the rest, would pass the ceiling); else
+    bound, calibrate a bound below θ, and verify what it flags. Returns the next round's V.
 
     Round r has error rate α / 2^r: half for the bound's intervals, half for the calibration.
     """
-    n_pairs, theta = search.job.n_pairs, options.theta
-    unverified = torch.nonzero(~search.verified)[:, 0]
+    n_pairs = search.job.n_pairs
     alpha_bound = options.alpha / 2**round_index / 2
-    rest_cost = float(search.verify_cost(unverified)[-1]) if len(unverified) else 0.0
-    samples, p = _plan(search, outcome, len(unverified), alpha_bound, sum_sq)
+    samples, p = _plan(search, outcome, int((~search.verified).sum()), alpha_bound, sum_sq)
     unit = search.sample_cost(p)  # forward equivalents of one joint patch (1 for nodes)
-    fresh = _affordable_samples(search.left - calibration_cost(search), n_pairs, unit) >= MIN_SAMPLES
-    reuse, outcome.reuse = outcome.reuse, None
-    if reuse is not None and not fresh and rest_cost > search.left and calibration_cost(search) <= search.left:
-        # Neither a fresh bound nor the rest fits the limit, but the last bound's samples already rule out every
-        # node left (its flagged ones are verified): calibrate it instead.
-        outcome.history.append({**history_row(round_index, "bound", 0, 0, search, reuse), "reused": True})
-        return _calibrate(search, outcome, reuse, round_index, alpha_bound, sum_sq, options, say)
-    if rest_cost <= n_pairs * (samples * unit + 2) + calibration_cost(search):
-        _verify_rest(search, outcome, unverified, round_index, options, say)
+    calibration = calibration_cost(search)
+    if search.rest_cost <= n_pairs * (samples * unit + 2) + calibration:
+        _verify_rest(search, outcome, round_index, options, say, "verifying the rest cost no more than a bound")
         return sum_sq
-    affordable = _affordable_samples(search.left - calibration_cost(search), n_pairs, unit)
-    if affordable < MIN_SAMPLES:
-        outcome.stopped = search.limit_reason(f"a bound and its calibration need more than {search.left:g} left")
+    # The gamble: the planned bound (fewer samples would rarely rule anything out) and its calibration's base and
+    # source runs, within the slack and the budget.
+    room = min(search.slack - 2.0 * n_pairs, search.budget_left - calibration)
+    if _affordable_samples(room, n_pairs, unit) < samples:
+        why = (
+            f"a bound of {samples} samples no longer fit max_overspend={options.max_overspend:g}"
+            if room < search.budget_left - calibration
+            else "the budget left could not pay for a bound"
+        )
+        _verify_rest(search, outcome, round_index, options, say, why)
         return sum_sq
-    samples = min(samples, affordable)
     bound = outcome.bound = search.bound(samples, p, alpha_bound, options.seed + round_index)
     upper = search.layout.flatten(bound.upper)  # [N], nan at verified nodes
-    flagged = torch.nonzero((upper >= theta) & ~search.verified)[:, 0]  # inf (too few samples) counts
+    flagged = torch.nonzero((upper >= options.theta) & ~search.verified)[:, 0]  # inf (too few samples) counts
     outcome.not_ruled_out = torch.zeros(len(upper), dtype=torch.bool)
     outcome.not_ruled_out[flagged] = True
-    if bound.max_effect_upper < theta:
+    if bound.max_effect_upper < options.theta:
         outcome.history.append(history_row(round_index, "bound", 0, 0, search, bound))
         return _calibrate(search, outcome, bound, round_index, alpha_bound, sum_sq, options, say)
     return _verify_flagged(search, outcome, bound, flagged, round_index, sum_sq, unit, options, say)
@@ -190,12 +190,14 @@ def _measured_sum_sq(bound: FalseNegativeBound, n_pairs: int, sum_sq: float) -> 
     return sum_sq
 
 
-def _verify_rest(
-    search: Search, outcome: Outcome, unverified: torch.Tensor, round_index: int, options: FindOptions, say: Say
-) -> None:
-    """Exact is cheaper than a bound: verify everything left (certified without assumption). When the limit cuts
-    it short, the nodes the last bound ranks highest go first, and the last calibrated bound may still cover the
-    rest (``calibrate.rescue``)."""
+def _verify_rest(search: Search, outcome: Outcome, round_index: int, options: FindOptions, say: Say, why: str) -> None:
+    """Verify everything left (certified by exhaustion, no assumption); ``why``: why the loop finishes this way.
+
+    The ceiling always leaves room for it (``Search.slack``); only the user's budget can cut it short. Then the
+    nodes the last bound ranks highest go first, and the last calibrated bound may still cover the rest
+    (``calibrate.rescue``); else the search stops, not certified.
+    """
+    unverified = torch.nonzero(~search.verified)[:, 0]
     if search.affordable(unverified) < len(unverified) and outcome.bound is not None and outcome.bound.upper:
         upper = search.layout.flatten(outcome.bound.upper)[unverified].nan_to_num(nan=math.inf)  # [K]
         unverified = unverified[torch.sort(upper, descending=True, stable=True).indices]
@@ -203,17 +205,17 @@ def _verify_rest(
     effects = search.verify(unverified[:fit], "verify_rest")  # [K, P]
     hits = int((effects.mean(1).abs() >= options.theta * (1 - THETA_TOLERANCE)).sum())
     rescued = rescue(search, outcome.bound) if fit < len(unverified) else None
-    if rescued is not None:  # the last calibrated bound covers what the limit left unverified
+    if rescued is not None:  # the last calibrated bound covers what the budget left unverified
         outcome.calibration, outcome.bound = rescued
         outcome.certified = True
     elif fit < len(unverified):
         outcome.stopped = search.limit_reason("while verifying the remaining nodes")
     else:
-        outcome.certified = True
+        outcome.certified, outcome.finish = True, why
         outcome.bound = exhaustive_bound(search, options.theta, options.alpha)
     row = history_row(round_index, "verify_rest", fit, hits, search, outcome.bound, certified=outcome.certified)
-    outcome.history.append(row)
-    say(f"round {round_index}: verified the {fit} remaining nodes exactly")
+    outcome.history.append({**row, "why": why})
+    say(f"round {round_index}: verified the {fit} remaining nodes exactly ({why})")
 
 
 def _verify_flagged(
@@ -239,7 +241,7 @@ def _verify_flagged(
     next_cost = n_pairs * (next_samples * unit + 2) + calibration_cost(search)
     cap = max(next_cost, float(search.verify_cost(flagged[:1])[-1]) if len(flagged) else 0.0)
     within = int((search.verify_cost(flagged) <= cap).sum()) if len(flagged) else 0
-    if float(search.verify_cost(unverified)[-1]) <= next_cost:
+    if float(search.verify_cost(unverified)[-1]) <= next_cost or not search.may_call():
         within = 0  # the next round verifies everything left at once: no separate pass over the flagged
     chunk = flagged[:within]
     fit = search.affordable(chunk)
@@ -248,8 +250,6 @@ def _verify_flagged(
     effects = search.verify(chunk[:fit], "verify_bound_order")  # [K, P]
     outcome.not_ruled_out[chunk[:fit]] = False
     outcome.p_next = measured_p(search, bound, chunk[:fit], effects)
-    if fit == len(flagged) and len(flagged):
-        outcome.reuse = bound  # every node it could not rule out is now exact: it bounds the rest below θ
     hits = int((effects.mean(1).abs() >= theta * (1 - THETA_TOLERANCE)).sum())
     # Nodes just verified leave the sum of squares the next bound's noise comes from (at most 4x less).
     removed = float((effects**2).sum(0).mean()) if len(effects) else 0.0
@@ -258,6 +258,10 @@ def _verify_flagged(
         f"round {round_index}: bound {bound.max_effect_upper:.3g} >= {theta:g} ({len(flagged)} nodes not ruled out, "
         f"{bound.info['samples']} samples, p {bound.info['p']:.3g}); verified {fit}, {hits} with |c| >= {theta:g}"
     )
+    if len(flagged) and fit == len(flagged) and search.may_call():
+        # Every node it could not rule out is now exact, so it bounds the rest below θ: calibrate it in this round
+        # (its intervals are unspent: no round certified on them) instead of paying for a new bound.
+        return _calibrate(search, outcome, bound, round_index, bound.alpha, sum_sq, options, say)
     return max(sum_sq - removed, sum_sq / 4)
 
 
@@ -344,8 +348,8 @@ def localization(
         "n_not_ruled_out": int((outcome.not_ruled_out & ~search.verified).sum()),
         "max_effect_upper": None if bound is None else float(bound.max_effect_upper),
         "budget_left": None if search.options.budget is None else max(0.0, search.options.budget - search.spent),
-        # exhaustive patching + the estimate + 2P per extra verification call: what the search never spends past
-        "cost_ceiling": None if math.isinf(search.limit) else search.limit,
+        # the estimate + (1 + max_overspend) x exhaustive patching: what the search never spends past
+        "cost_ceiling": None if math.isinf(search.ceiling) else search.ceiling,
     }
     return Localization(
         nodes=[verified_nodes[i] for i in strong.tolist()],
@@ -367,6 +371,7 @@ def localization(
             "stopped": "certified" if certified else outcome.stopped,
             "left": left,
             **({"fallback": outcome.fallback} if outcome.fallback else {}),
+            **({"finish": outcome.finish} if outcome.finish else {}),
             **({"calibration": outcome.calibration.to_dict()} if outcome.calibration is not None else {}),
             **info,
             **graph,
