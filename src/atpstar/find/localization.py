@@ -60,10 +60,10 @@ class Localization:
         >>> found = atpstar.find(model, pairs, 1.0, nodes=["head"])
         >>> found
         Localization(found=10, certified=True, theta=1, alpha=0.05, rounds=1, cost=92 fe)
-        >>> found.statement()
-        '10 nodes have |c| >= 1; every node was verified exactly, so none is missing.'
+        >>> found.certified_by, found.statement()[:86]
+        ('exhaustion', '10 nodes have |c| >= 1; every node was verified exactly, so none is missing (certified')
         >>> sorted(found.certificate())
-        ['alpha', 'assumption', 'calibration', 'certified', 'cost_by_stage', 'cost_forward_equivalents', 'cost_fraction_of_exhaustive', 'fallback', 'final_bound', 'left', 'n_found', 'n_verified', 'rounds', 'statement', 'stopped', 'theta']
+        ['alpha', 'assumption', 'calibration', 'certified', 'certified_by', 'cost_by_stage', 'cost_forward_equivalents', 'cost_fraction_of_exhaustive', 'fallback', 'final_bound', 'finish', 'left', 'n_found', 'n_verified', 'rounds', 'statement', 'stopped', 'theta']
     """
 
     nodes: list[tuple[str, tuple[int, ...]]]
@@ -150,7 +150,9 @@ class Localization:
         if self.certified_by == "exhaustion":
             why = self.info.get("finish") or self.info.get("fallback")
             because = f" (certified by exhaustion: {why})" if why else ""
-            return f"{n} nodes have |c| >= {self.theta:g}; every node was verified exactly, so none is missing{because}."
+            return (
+                f"{n} nodes have |c| >= {self.theta:g}; every node was verified exactly, so none is missing{because}."
+            )
         calibration = self.info.get("calibration")
         if self.certified and self.bound is not None and calibration is not None:
             return (

@@ -4,12 +4,12 @@ Goal: every node with |c(n)| >= θ (c = exact mean effect over the pairs), verif
 and a certificate that no unverified node is that large. The loop:
 
 1. Estimate: one estimator (AtP* by default) ranks every node.
-2. Verify in estimate order, in windows of ``patience`` nodes. Stopping rule: stop after the first
-   window that found no node with |c| >= θ AND did not pay for itself. A verified node leaves the
-   bound's population, and the bound's cost is linear in V = mean_j Σ c_j(n)² over the unverified
-   nodes (``bound.bound_cost``: SAFETY q² V / θ²), so verifying n saves SAFETY q² mean_j c_j(n)² / θ²
-   forward equivalents of bound samples; a window pays when its savings exceed its verification
-   cost (roughly: any node above θ/10 on one pair; AtP*'s tail is unreliable, so windows stop paying).
+2. Verify in estimate order, in windows of ``patience`` nodes, while the windows pay for themselves: a
+   verified node leaves the bound's population, and the first bound's planned samples (``plan_samples``:
+   SAFETY q² V / (θ² P), V = mean_j Σ c_j(n)² over the unverified nodes, from the estimate) fall; a window
+   pays when that saves more than the window costs. Stop after the first window that did not pay and found
+   no node with |c| >= θ, or that saved nothing (the plan is at its floor, ``PLAN_MIN_SAMPLES``: from there
+   the bound is cheaper than verifying further, and it flags the large nodes left).
 3. Bound round r: Subsampling over the unverified nodes (fresh seed), at level α_r / 2 (α_r = α / 2^r),
    ``samples`` planned from the nodes left, p = ``choose_p(samples)`` or lower where the interaction
    measured so far asks for it. When max_n U(n) < θ, calibrate (``find.calibrate``, at α_r / 2): patch
@@ -198,7 +198,7 @@ def find(
         if fallback:
             exhaustive_fallback(search, outcome, options, fallback, say)
         else:
-            verify_in_estimate_order(search, outcome, window, options, say)
+            verify_in_estimate_order(search, outcome, per_pair, window, options, say)
             bound_rounds(search, outcome, per_pair, options, say)
     found = localization(search, outcome, estimate_method, options, _recorded(options, window, journal))
     if out_dir is not None:

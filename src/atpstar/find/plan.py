@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..bound import MIN_SAMPLES, choose_p, plan_samples
+from ..bound import MIN_SAMPLES, choose_p, plan_samples, planned_p
 from .calibrate import calibration_cost
 from .options import FindOptions
 from .state import Search
@@ -47,7 +47,7 @@ def fallback_planned(search: Search, per_pair: torch.Tensor, window: int, option
         return ""
     sum_sq = float((per_pair[:, rest] ** 2).sum(1).mean())  # V of the nodes the first bound would cover
     samples = plan_samples(len(rest), n_pairs, theta, options.alpha / 4, sum_sq)  # round 1: half of α / 2
-    bound = n_pairs * (samples * search.sample_cost(choose_p(samples)) + 2) + calibration_cost(search)
+    bound = n_pairs * (samples * search.sample_cost(planned_p(samples)) + 2) + calibration_cost(search)
     planned = float(search.verify_cost(top)[-1]) + bound
     if planned < exhaustive:
         return ""

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..bound import MIN_IN_SAMPLES, P_MAX, FalseNegativeBound, bound_cost, choose_p, plan_samples
+from ..bound import PLAN_IN_SAMPLES, FalseNegativeBound, plan_samples, planned_p
 from ..bound.calibration import Calibration, next_p
 from ..cost import Cost
 from ..verify import Verification
@@ -43,11 +43,22 @@ class Outcome:
     finish: str = ""  # why the rest was verified exactly after the loop began ("" when it was not)
 
 
-def verify_in_estimate_order(search: Search, outcome: Outcome, window: int, options: FindOptions, say: Say) -> None:
-    """Stage 1: verify in estimate order, in windows of ``window`` nodes, while the windows pay for themselves."""
+def verify_in_estimate_order(
+    search: Search, outcome: Outcome, per_pair: torch.Tensor, window: int, options: FindOptions, say: Say
+) -> None:
+    """Stage 1: verify in estimate order, in windows of ``window`` nodes, while the windows pay for themselves.
+
+    A window pays when the first bound's plan (``plan_samples`` on the estimate's V of the nodes left, as round 1
+    plans it) drops by more than the window costs. Once that plan is at its floor, verifying more saves nothing:
+    the stage stops there even after a window that found nodes >= θ (the bound flags what is left of them).
+
+    Args:
+        per_pair: [P, N] the estimate's per-pair scores.
+    """
     theta, alpha = options.theta, options.alpha
     threshold = theta * (1 - THETA_TOLERANCE)
     order = torch.sort(search.estimate_score.abs(), descending=True, stable=True).indices  # [N]
+    squares = (per_pair**2).mean(0)  # [N] each node's share of V = mean over pairs of Σ c_j(n)²
     position, found_here = 0, 0
     while position < len(order) and not outcome.stopped and search.may_call():
         chunk = order[position : position + window]
@@ -56,16 +67,25 @@ def verify_in_estimate_order(search: Search, outcome: Outcome, window: int, opti
             outcome.stopped = search.limit_reason("while verifying in estimate order")
             chunk = chunk[:fit]
         window_cost = float(search.verify_cost(chunk)[-1]) if len(chunk) else 0.0
+        before = _first_bound_cost(search, squares, alpha)
         effects = search.verify(chunk, "verify_estimate_order")  # [K, P]
+        saved = before - _first_bound_cost(search, squares, alpha)
         position += len(chunk)
         hits = int((effects.mean(1).abs() >= threshold).sum())
         found_here += hits
-        saved = bound_cost(int((~search.verified).sum()), theta, alpha / 4, float((effects**2).mean(1).sum()))
-        saved *= search.sample_cost(P_MAX)
-        if hits == 0 and saved < window_cost:
+        if saved < window_cost and (hits == 0 or saved <= 0):
             break
     outcome.history.append(history_row(0, "verify_estimate_order", position, found_here, search, None))
     say(f"estimate order: verified {position} nodes, {found_here} with |c| >= {theta:g}")
+
+
+def _first_bound_cost(search: Search, squares: torch.Tensor, alpha: float) -> float:
+    """Forward equivalents of the samples the first bound would plan over the nodes now unverified (``squares``:
+    [N] each node's mean squared per-pair estimate), at round 1's error rate (half of α / 2)."""
+    unverified = ~search.verified
+    samples = plan_samples(int(unverified.sum()), search.job.n_pairs, search.options.theta, alpha / 4,
+                           float(squares[unverified].sum()))  # fmt: skip
+    return search.job.n_pairs * samples * search.sample_cost(planned_p(samples))
 
 
 def exhaustive_fallback(search: Search, outcome: Outcome, options: FindOptions, reason: str, say: Say) -> None:
@@ -101,13 +121,13 @@ def bound_rounds(search: Search, outcome: Outcome, per_pair: torch.Tensor, optio
 
 def _plan(search: Search, outcome: Outcome, n_unverified: int, alpha_bound: float, sum_sq: float) -> tuple[int, float]:
     """(samples per pair, p) of the next bound: samples planned from V, p from the measured interaction (the
-    smaller of ``choose_p(samples)`` and what the last measured shrinkage asks for, with samples raised so that
-    each node is still in about ``MIN_IN_SAMPLES`` of them)."""
+    smaller of ``planned_p(samples)`` and what the last measured shrinkage asks for, with samples raised so that
+    each node is still in about ``PLAN_IN_SAMPLES`` of them)."""
     samples = plan_samples(n_unverified, search.job.n_pairs, search.options.theta, alpha_bound, sum_sq)
-    p = choose_p(samples)
+    p = planned_p(samples)
     if outcome.p_next is not None and outcome.p_next < p:
         p = outcome.p_next
-        samples = max(samples, math.ceil(MIN_IN_SAMPLES / p))
+        samples = max(samples, math.ceil(PLAN_IN_SAMPLES / p))
     return samples, p
 
 
