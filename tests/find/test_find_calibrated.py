@@ -31,8 +31,17 @@ def _hide_largest(estimate: atpstar.Attribution, truth: atpstar.Attribution) -> 
     scores = {k: v.clone() for k, v in estimate.scores.items()}
     per_pair[t][(slice(None), *where)] = 0.0
     scores[t][where] = 0.0
-    return atpstar.Attribution(estimate.method, estimate.options, estimate.direction, estimate.metric,
-                               estimate.model_id, per_pair, scores, estimate.aggregation, estimate.cost)
+    return atpstar.Attribution(
+        estimate.method,
+        estimate.options,
+        estimate.direction,
+        estimate.metric,
+        estimate.model_id,
+        per_pair,
+        scores,
+        estimate.aggregation,
+        estimate.cost,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +107,7 @@ def test_cost_never_passes_exhaustive_patching_when_the_bound_cannot_pay():
     for theta in (0.001, 0.05):
         found = atpstar.find(model, pairs, theta, nodes=FIVE, estimator="atp*", seed=0)
         _within_ceiling(found)
-        assert found.total_cost.forward_equivalents <= truth.cost.forward_equivalents * 1.05 + found.cost[
-            "estimate"
-        ].forward_equivalents
+        assert (
+            found.total_cost.forward_equivalents
+            <= truth.cost.forward_equivalents * 1.05 + found.cost["estimate"].forward_equivalents
+        )

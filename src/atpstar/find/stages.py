@@ -213,15 +213,17 @@ def _measured_sum_sq(bound: FalseNegativeBound, n_pairs: int, sum_sq: float) -> 
 def _verify_rest(search: Search, outcome: Outcome, round_index: int, options: FindOptions, say: Say, why: str) -> None:
     """Verify everything left (certified by exhaustion, no assumption); ``why``: why the loop finishes this way.
 
-    The ceiling always leaves room for it (``Search.slack``); only the user's budget can cut it short. Then the
+    The ceiling leaves room for it (``Search.slack``), and it is not cut at the ceiling (a step that cost more than
+    it was priced at must not leave the search uncertified); only the user's budget can cut it short. Then the
     nodes the last bound ranks highest go first, and the last calibrated bound may still cover the rest
     (``calibrate.rescue``); else the search stops, not certified.
     """
     unverified = torch.nonzero(~search.verified)[:, 0]
-    if search.affordable(unverified) < len(unverified) and outcome.bound is not None and outcome.bound.upper:
+    fits = search.affordable(unverified, ceiling=False) == len(unverified)
+    if not fits and outcome.bound is not None and outcome.bound.upper:
         upper = search.layout.flatten(outcome.bound.upper)[unverified].nan_to_num(nan=math.inf)  # [K]
         unverified = unverified[torch.sort(upper, descending=True, stable=True).indices]
-    fit = search.affordable(unverified)
+    fit = search.affordable(unverified, ceiling=False)
     effects = search.verify(unverified[:fit], "verify_rest")  # [K, P]
     hits = int((effects.mean(1).abs() >= options.theta * (1 - THETA_TOLERANCE)).sum())
     rescued = rescue(search, outcome.bound) if fit < len(unverified) else None

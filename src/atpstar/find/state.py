@@ -127,9 +127,10 @@ class Search:
         """[k] forward equivalents of verifying the first 1..k nodes of ``flat`` in one call."""
         return self.job.n_pairs * (2.0 + self.weight[flat].cumsum(0))
 
-    def affordable(self, flat: torch.Tensor) -> int:
-        """How many of ``flat`` (in order) one verify call can patch within the budget and the ceiling."""
-        left = self.left
+    def affordable(self, flat: torch.Tensor, ceiling: bool = True) -> int:
+        """How many of ``flat`` (in order) one verify call can patch within the budget and (unless ``ceiling`` is
+        False: the exhaustive finish, which the slack always leaves room for) the ceiling."""
+        left = self.left if ceiling else self.budget_left
         if math.isinf(left) or len(flat) == 0:
             return len(flat)
         return int((self.verify_cost(flat) <= left + 1e-9).sum())
