@@ -147,7 +147,8 @@ def run_smollm2(name: str, key: str, seeds: int, args: argparse.Namespace) -> di
     for seed in range(seeds):
         oracle = contextlib.nullcontext() if args.real else truth_oracle(truth)
         with oracle:
-            found = atpstar.find(model, pairs, theta, nodes=nodes, estimator=estimate, alpha=args.alpha, seed=seed)
+            found = atpstar.find(model, pairs, theta, nodes=nodes, estimator=estimate, alpha=args.alpha, seed=seed,
+                                 **_overspend(args))  # fmt: skip
         rows.append((found.certified, bool(large - set(found.nodes)), found.cost_fraction, found.certified_by))
         for stage, cost in found.certificate()["cost_by_stage"].items():
             stages[stage] += cost / seeds
@@ -176,7 +177,12 @@ def _summary(name: str, n_nodes: int, theta: float, large: set[Any], rows: list[
     }
 
 
-def run_setting(name: str, spec: Any, seeds: int, cache: Path, alpha: float) -> dict[str, Any]:
+def _overspend(args: argparse.Namespace) -> dict[str, float]:
+    """``max_overspend`` when asked for (an older source tree's ``find`` has no such option)."""
+    return {} if args.max_overspend is None else {"max_overspend": args.max_overspend}
+
+
+def run_setting(name: str, spec: Any, seeds: int, cache: Path, alpha: float, extra: dict[str, Any]) -> dict[str, Any]:
     make_model, pairs, nodes, fraction, hide = spec
     model = make_model()
     key = name.replace(" ", "_").replace(",", "").replace("×", "x")
@@ -189,7 +195,7 @@ def run_setting(name: str, spec: Any, seeds: int, cache: Path, alpha: float) -> 
     large = {(t, tuple(int(i) for i in idx)) for t in nodes for idx in torch.nonzero(truth.scores[t].abs() >= theta)}
     rows, stops = [], Counter()
     for seed in range(seeds):
-        found = atpstar.find(model, pairs, theta, nodes=nodes, estimator=estimate, alpha=alpha, seed=seed)
+        found = atpstar.find(model, pairs, theta, nodes=nodes, estimator=estimate, alpha=alpha, seed=seed, **extra)
         missed = bool(large - set(found.nodes))
         rows.append((found.certified, missed, found.cost_fraction, getattr(found, "certified_by", None)))
         if not found.certified or getattr(found, "certified_by", None) == "exhaustion":
@@ -207,6 +213,7 @@ def main() -> None:
     parser.add_argument("--truth-dir", default="out/find_bench", help="find_truth.py's cache of exhaustive truths")
     parser.add_argument("--theta", type=float, default=0.3, help="θ of the SmolLM2 settings")
     parser.add_argument("--real", action="store_true", help="SmolLM2: verify for real (no oracle)")
+    parser.add_argument("--max-overspend", type=float, default=None, help="find's max_overspend (default: its own)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     settings: dict[str, Any] = SMOLLM2 if args.smollm2 else toy_settings()
@@ -222,7 +229,7 @@ def main() -> None:
         if args.smollm2:
             row = run_smollm2(name, spec, args.seeds, args)
         else:
-            row = run_setting(name, spec, args.seeds, Path(args.cache), args.alpha)
+            row = run_setting(name, spec, args.seeds, Path(args.cache), args.alpha, _overspend(args))
         print(
             f"| {row['setting']} | {row['nodes']} | {row['theta']:.3g} | {row['n_large']} | {row['runs']} | "
             f"{row['certified']:.0%} | {row['by_bound']:.0%} | {row['missed_given_certified']:.2f} | "
