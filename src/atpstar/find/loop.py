@@ -62,12 +62,13 @@ from ..pairsets import as_pairs, check_positions, refuse_workers
 from ..result import Attribution
 from ..spaces import Spaces, check_node_types, spaces_for
 from ..validate import check_pairs_fit
+from .assemble import localization
 from .engines import engine_facts
 from .journal import CHECKPOINT_NAME, FindJournal, digest, find_identity
 from .localization import Localization
 from .options import FindOptions, check_options
 from .plan import fallback_planned, fallback_reason
-from .stages import Outcome, bound_rounds, exhaustive_fallback, localization, verify_in_estimate_order
+from .stages import Outcome, bound_rounds, exhaustive_fallback, verify_in_estimate_order
 from .state import Search, population
 
 
