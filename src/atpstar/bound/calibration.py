@@ -74,7 +74,7 @@ class Calibration:
     worst_ratio: float  # max over checked nodes of |c(n)| / U(n) (before widening)
     outside: int  # checked nodes with |c| > κ U(n)
     allowed: int  # at most this many (binomial (1 - alpha) quantile of Bin(checked, alpha_bound))
-    large: int  # checked nodes with |c| >= θ: misses the certificate would have made
+    large: int  # checked nodes with |c| >= θ that the bound ruled out (U < θ): misses it would have made
     max_upper: float  # κ × max U(n) over the nodes left unchecked
     alpha: float  # error rate of the calibration (the shrinkage bound and the count)
     alpha_bound: float  # error rate of the bound's intervals
@@ -155,7 +155,7 @@ def calibrate(
     widened = upper * widen if math.isfinite(widen) else torch.full_like(upper, math.inf)
     outside = int((exact > widened).sum())
     allowed = binomial_quantile(len(exact), alpha_bound, 1.0 - alpha)
-    large = int((exact >= theta).sum())
+    large = int(((exact >= theta) & (upper < theta)).sum())  # a node the bound did not rule out is no miss
     max_upper = rest_max_upper * widen if rest_max_upper > 0 else 0.0
     ratio = exact / upper.clamp(min=1e-300)
     reasons = []

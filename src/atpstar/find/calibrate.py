@@ -42,7 +42,11 @@ def calibration_cost(search: Search) -> float:
 
 
 def check_bound(
-    search: Search, bound: FalseNegativeBound, alpha: float, seed: int
+    search: Search,
+    bound: FalseNegativeBound,
+    alpha: float,
+    seed: int,
+    flagged: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Calibration | None, FalseNegativeBound]:
     """Calibrate a bound whose max_n U(n) < θ: (the calibration, the widened bound), or (None, the bound) when
     the budget cannot pay for the checked nodes (nothing is patched then). The round planned the calibration with
@@ -52,6 +56,9 @@ def check_bound(
     Args:
         alpha: the calibration's error rate (the round's other half goes to the bound).
         seed: draws the random part of the sample.
+        flagged: ([F] flat indices, [F, P] exact effects) of nodes the bound flagged (U >= θ) that were verified
+            since: its highest-ranked nodes, checked together with the sample (they carry the signal that measures
+            the shrinkage; not counted as misses, the bound did not rule them out).
     """
     keep = ~search.verified  # [N] the bound's population less the nodes verified since it ran
     upper, estimate, se = (_flat(search, bound, name) for name in ("upper", "estimate", "se"))
@@ -59,6 +66,8 @@ def check_bound(
     if search.affordable(sample) < len(sample):
         return None, bound
     effects = search.verify(sample, "calibrate")  # [K, P]
+    if flagged is not None and len(flagged[0]):
+        sample, effects, top = torch.cat([flagged[0], sample]), torch.cat([flagged[1], effects]), top + len(flagged[0])
     rest = ~search.verified
     rest_max = float(upper[rest].max()) if bool(rest.any()) else 0.0
     checked = {"exact": effects.mean(1), "estimate": estimate[sample], "se": se[sample], "upper": upper[sample]}

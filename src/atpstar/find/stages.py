@@ -175,16 +175,23 @@ def _calibrate(
     sum_sq: float,
     options: FindOptions,
     say: Say,
+    flagged: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> float:
     """A bound below θ on every unverified node: certified when its calibration (at error rate ``alpha``) passes;
-    else the next round bounds at the p the measured shrinkage asks for. Returns the next round's V."""
-    found, widened = check_bound(search, bound, alpha, options.seed + round_index)
+    else the next round bounds at the p the measured shrinkage asks for. Returns the next round's V.
+
+    Args:
+        flagged: ([K] flat indices, [K, P] exact effects) of the nodes this bound flagged and that were verified
+            since: the bound's highest-ranked nodes, checked with the calibration's sample.
+    """
+    found, widened = check_bound(search, bound, alpha, options.seed + round_index, flagged)
     if found is None:
         outcome.stopped = search.limit_reason("calibrating the bound")
         return sum_sq
     outcome.bound, outcome.calibration = widened, found
     outcome.not_ruled_out &= ~search.verified
-    row = history_row(round_index, "calibrate", found.checked, found.large, search, widened, certified=found.passed)
+    n_checked = found.checked - (len(flagged[0]) if flagged is not None else 0)  # the flagged ones: verified before
+    row = history_row(round_index, "calibrate", n_checked, found.large, search, widened, certified=found.passed)
     outcome.history.append({**row, "calibration": found.to_dict()})
     if found.passed:
         outcome.certified = True
@@ -281,7 +288,8 @@ def _verify_flagged(
     if len(flagged) and fit == len(flagged) and search.may_call():
         # Every node it could not rule out is now exact, so it bounds the rest below θ: calibrate it in this round
         # (its intervals are unspent: no round certified on them) instead of paying for a new bound.
-        return _calibrate(search, outcome, bound, round_index, bound.alpha, sum_sq, options, say)
+        verified = (chunk[:fit], effects)  # they measure the interaction with the calibration's sample
+        return _calibrate(search, outcome, bound, round_index, bound.alpha, sum_sq, options, say, verified)
     return max(sum_sq - removed, sum_sq / 4)
 
 
