@@ -66,12 +66,13 @@ def check_bound(
     if search.affordable(sample) < len(sample):
         return None, bound
     effects = search.verify(sample, "calibrate")  # [K, P]
-    if flagged is not None and len(flagged[0]):
-        sample, effects, top = torch.cat([flagged[0], sample]), torch.cat([flagged[1], effects]), top + len(flagged[0])
+    n_flagged = 0 if flagged is None else len(flagged[0])
+    if flagged is not None and n_flagged:
+        sample, effects, top = torch.cat([flagged[0], sample]), torch.cat([flagged[1], effects]), top + n_flagged
     rest = ~search.verified
     rest_max = float(upper[rest].max()) if bool(rest.any()) else 0.0
     checked = {"exact": effects.mean(1), "estimate": estimate[sample], "se": se[sample], "upper": upper[sample]}
-    found = calibrate(checked, top, rest_max, search.options.theta, alpha, bound.alpha)
+    found = calibrate(checked, top, rest_max, search.options.theta, alpha, bound.alpha, n_flagged)
     widened = replace(
         bound,
         max_effect_upper=found.max_upper if math.isfinite(found.widen) else math.inf,
