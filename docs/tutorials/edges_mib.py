@@ -67,11 +67,11 @@ for label, curve in curves.items():
 # These are the numbers of the toy-ioi table in
 # [Results, Edges](../results.md#edges-eap-eap-ig-and-edge-atp-on-mibs-metrics); the cell below
 # checks them. On this 2-layer model EAP-IG gives the most faithful circuits of the estimators.
-# Edge AtP\*'s GradDrop scores carry no sign, so MIB's signed ranking (CPR) starts from its smallest
-# edges and its CPR is 0.25 whatever the model; its |score| circuits (CMD) are the ones to read.
+# Edge AtP\*'s GradDrop scores are magnitudes; its MIB score takes the sign of its QK-fixed AtP
+# estimate (design record 0029), so both of MIB's rankings apply to it as to the others.
 
 # %%
-expected = {"exact": (0.8688, 0.2015), "atp": (0.4335, 0.5507), "atp+ig": (0.7819, 0.2405), "atp*": (0.25, 0.6825)}
+expected = {"exact": (0.8688, 0.2015), "atp": (0.4335, 0.5507), "atp+ig": (0.7819, 0.2405), "atp*": (0.3561, 0.6825)}
 for label, (cpr, cmd) in expected.items():
     assert abs(curves[label].cpr - cpr) < 1e-3 and abs(curves[label].cmd - cmd) < 1e-3, (label, curves[label])
 print(f"m(M) = {curves['exact'].metric_full:.3f}, m(∅) = {curves['exact'].metric_empty:.3f}")

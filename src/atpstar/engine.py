@@ -57,17 +57,20 @@ def prepare(
     """Run the base and source prompts once each and cache what patched forwards need (2P forwards).
 
     Args:
-        chunk: pairs per forward (None: all at once). A forward's own activations are as large as a patched
-            forward's, so callers pass their batch of patched forwards and stay within its memory.
+        chunk: the caller's batch of patched forwards (None: all pairs in one forward). A forward's own
+            activations are about as large as a patched forward's (``element_bytes``), but a chunk also holds
+            its records until they are copied into the cache: ``prepare_step`` runs fewer pairs per forward so
+            that records and activations together fit what ``chunk`` patched forwards take.
     """
     base_tokens, source_tokens = pairs.base_and_source(direction)
     sites = [NODE_TABLE[t].site for t in node_types]
-    step = chunk or pairs.n_pairs
+    step = pairs.n_pairs if chunk is None else prepare_step(model, pairs.seq_len, node_types, chunk)
     joined: dict[str, list[Any]] = {}  # "base.<site>" / "source.<site>" -> per layer [P, ...]
     base_metric = torch.zeros(0)
     for start in range(0, pairs.n_pairs, step):
         index = torch.arange(start, min(start + step, pairs.n_pairs))
         base, source, metric = _prepare_chunk(model, pairs, base_tokens[index], source_tokens[index], index, sites)
+        base = {**base, "resid_pre": base["resid_pre"][: model.n_layers]}  # the final residual stream is not kept
         HOST_MEMORY.release(model.device)  # the chunk's freed activations go back before the next one
         runs = {**{f"base.{k}": v for k, v in base.items()}, **{f"source.{k}": v for k, v in source.items()}}
         if step >= pairs.n_pairs:  # one chunk: its records are the cache (no copy)
@@ -83,8 +86,14 @@ def prepare(
         base_metric[start : start + len(index)] = metric
     cost.add_forward(2 * pairs.n_pairs)
     source_of = {t: joined[f"source.{NODE_TABLE[t].site}"] for t in node_types}
-    resid = joined["base.resid_pre"][: model.n_layers]
-    return PatchCache(resid, joined["base.k"], joined["base.v"], source_of, base_metric, pairs)
+    return PatchCache(joined["base.resid_pre"], joined["base.k"], joined["base.v"], source_of, base_metric, pairs)
+
+
+def prepare_step(model: Model, seq_len: int, node_types: list[str], chunk: int) -> int:
+    """Pairs per base/source forward of ``prepare`` within the memory of ``chunk`` patched forwards: a pair's
+    forward activations (``element_bytes``) plus its records (``cache_bytes``) while they are copied."""
+    element = element_bytes(model, seq_len)
+    return max(1, chunk * element // (element + cache_bytes(model, 1, seq_len, node_types)))
 
 
 def _prepare_chunk(

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .batching import Footprint, plan_batch
+from .batching import HEADROOM, Footprint, plan_batch
 from .engine import cache_bytes, site_elems
 from .errors import InputError
 from .gradients.consumers import plan_sites
@@ -262,7 +262,7 @@ def _plan(
     fix = "Raise memory_gb, use fewer pairs or shorter prompts" + (
         ", or keep='top' / keep='disk' to keep only top-k per pair" if "atp" in method else ""
     )
-    footprint = Footprint(per_item, fixed, results)
+    footprint = Footprint(per_item, fixed + HEADROOM * memory_gb * GB, results)  # what no estimate counts
     batch = plan_batch(footprint, memory_gb, model.device, batch_size=batch_size, most=n_items, what=method, fix=fix)
     return MemoryPlan(
         method=method,

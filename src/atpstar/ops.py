@@ -304,9 +304,19 @@ def welch_se_df(variances: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Te
     Returns:
         (sqrt(Σ_g s_g²/n_g) [...], df [...]); df is inf where every variance is 0 and nan where a count is < 2.
     """
+    total, denom = welch_sums(variances, counts)
+    return welch_finish(total, denom, (counts < 2).any(0))
+
+
+def welch_sums(variances: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums over groups ``welch_se_df`` needs, (Σ_g s_g²/n_g, Σ_g (s_g²/n_g)² / (n_g - 1)), each [...]:
+    sums over disjoint sets of groups add up to those of their union."""
     terms = variances / counts  # [G, ...]
-    total = terms.sum(0)
-    denom = (terms.square() / (counts - 1)).sum(0)
+    return terms.sum(0), (terms.square() / (counts - 1)).sum(0)
+
+
+def welch_finish(total: torch.Tensor, denom: torch.Tensor, short: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``welch_se_df`` from ``welch_sums`` and ``short`` (bool: some group has fewer than 2 samples)."""
     df = torch.where(denom > 0, total.square() / denom.clamp(min=1e-300), torch.full_like(total, float("inf")))
-    df = torch.where((counts < 2).any(0), torch.full_like(df, float("nan")), df)
+    df = torch.where(short, torch.full_like(df, float("nan")), df)
     return total.sqrt(), df

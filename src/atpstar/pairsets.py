@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -301,17 +302,35 @@ def each_group(job: Any, run: Callable[[Any], R]) -> list[R]:
 
 
 def refuse_workers(pairs: PromptPairs, workers: Any, ray_address: Any, checkpoint: Any = None) -> None:
-    """Pairs of several lengths run in-process: refuse ``workers=``/``ray_address=``/``checkpoint=``."""
+    """``verify``, the bound and ``find`` run pairs of several lengths in-process: refuse
+    ``workers=``/``ray_address=``/``checkpoint=`` there (``attribute`` sends them to workers in blocks of pairs)."""
     if len(pairs.groups) > 1 and (workers is not None or ray_address is not None or checkpoint is not None):
         raise InputError(
-            "pairs of several lengths (a PairSet) run in-process only; drop workers=/ray_address=/checkpoint=, or "
-            "run each group (pairs.groups) as its own call"
+            "verify, false_negative_bound and find run pairs of several lengths (a PairSet) in-process only; drop "
+            "workers=/ray_address=/checkpoint=, or run each group (pairs.groups) as its own call with them "
+            "(attribute runs a PairSet on workers)"
         )
 
 
 def merge_tensors(pairs: PromptPairs, parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Per-group dicts of per-pair tensors ([p, ...]) as one dict in example order."""
     return {key: pairs.gather([part[key] for part in parts]) for key in parts[0]}
+
+
+def group_folder(folder: str | None, pairs: PromptPairs, group: PromptPairs) -> str | None:
+    """A resumable folder (``checkpoint=``) of one group of pairs of several lengths: ``<folder>/length-<T>``,
+    so each group's sweep resumes from its own units; one group, or no folder: ``folder``."""
+    if folder is None or len(pairs.groups) == 1:
+        return folder
+    return str(Path(folder) / f"length-{group.seq_len}")
+
+
+def merge_groups(pairs: PromptPairs, parts: Sequence[tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:
+    """Per-group (per_pair, extras, info) as one, in example order; one group: its own."""
+    if len(parts) == 1:
+        return parts[0]
+    tensors = merge_tensors(pairs, [p[0] for p in parts]), merge_tensors(pairs, [p[1] for p in parts])
+    return (*tensors, merge_info(pairs, [p[2] for p in parts]))
 
 
 def merge_info(pairs: PromptPairs, parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

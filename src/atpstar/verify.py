@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .batching import Footprint, pairs_per_block, plan_batch
+from .batching import HEADROOM, Footprint, pairs_per_block, plan_batch
 from .cost import Cost
 from .errors import InputError
 from .fingerprint import check_reuse, identity
@@ -207,11 +207,14 @@ def plan_pair_blocks(
     job: Job, space: NodeSpace, batch_size: int | None, memory_gb: float, what: str
 ) -> tuple[int, int]:
     """(pairs per block, patched forwards per batch) of exact patching of ``space``'s nodes in ``memory_gb``:
-    blocks whose prepared runs fit half the budget, batches in what the block leaves."""
+    ``HEADROOM`` is kept free; blocks whose prepared runs fit half of the rest, batches in what the block leaves."""
     per_pair = space.pair_bytes(job)
-    block = pairs_per_block(job.n_pairs, per_pair, memory_gb, what, "Raise memory_gb or use shorter prompts")
-    batch = plan_batch(Footprint(space.element_bytes(job), held=block * per_pair), memory_gb, batch_size=batch_size)
-    return block, batch
+    held = HEADROOM * memory_gb * 2**30  # what no estimate sees
+    fix = "Raise memory_gb or use shorter prompts"
+    block = pairs_per_block(job.n_pairs, per_pair, memory_gb, what, fix, held=held)
+    footprint = Footprint(space.element_bytes(job), held=held + block * per_pair)
+    return block, plan_batch(footprint, memory_gb, batch_size=batch_size)
+
 
 
 def _in_pair_blocks(

@@ -9,8 +9,10 @@ import pytest
 from mib_reference import area_under_curve, load_circuit, multifile_curve
 
 from atpstar.cli import main
+from atpstar.edges.circuits import SIGN
 from atpstar.errors import InputError
 from atpstar.mib import CIRCUIT_FRACTIONS, folder_name, method_folder, run_mib
+from atpstar.result import Attribution
 from reference.models import build_hf, load, make_pairs
 from test_cli import make_tiny, write_pairs
 
@@ -80,3 +82,15 @@ def test_mib_command_writes_the_submission_and_the_numbers(tmp_path, capsys):
     assert (out / "results" / "atp_patching_edge" / "ioi_gpt2_validation_abs-True.json").is_file()
     assert "| atp |" in capsys.readouterr().out
     assert main([*args[:-1], "--direction", "denoising", "--no-progress"]) == 2
+
+
+def test_a_graddrop_result_saved_without_its_sign_is_made_again(gpt2, tmp_path):
+    _, model, pairs = gpt2
+    made = run_mib(model, pairs, tmp_path, task="ioi", method="atp*")
+    base = tmp_path / "atp_star.edges"
+    old = Attribution.load(base)
+    old.extras = {}  # as atpstar 0.3 saved it
+    old.save(base)
+    again = run_mib(model, pairs, tmp_path, task="ioi", method="atp*")
+    assert SIGN in again.result.extras and SIGN in Attribution.load(base).extras
+    assert again.scores.cpr == pytest.approx(made.scores.cpr, rel=1e-12)

@@ -110,8 +110,9 @@ def test_position_resolved_nodes_are_refused_on_several_lengths(setup):
         atpstar.attribute(model, pairsets["ioi"], method="atp", nodes=["head"])
     with pytest.raises(atpstar.InputError, match="position axis"):
         atpstar.attribute(model, pairsets["ioi"], method="atp", nodes=["edge"], edge_positions=True)
-    with pytest.raises(atpstar.InputError, match="in-process"):
-        atpstar.attribute(model, pairsets["ioi"], method="atp", nodes=["edge"], workers=2)
+    estimate = atpstar.attribute(model, pairsets["ioi"], method="atp", nodes=["edge"])
+    with pytest.raises(atpstar.InputError, match="in-process"):  # attribute runs them (tests/mib/test_pairset_workers)
+        atpstar.verify(model, pairsets["ioi"], estimate, budget=2, workers=2)
 
 
 def test_faithfulness_curve_is_the_mean_over_every_pair_of_every_group(setup):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..methods.subsampling import SubsamplingStats
-from ..ops import student_t_cdf, student_t_quantile, welch_se_df
+from ..ops import student_t_cdf, student_t_quantile, welch_finish, welch_sums
 
 COMBINES: tuple[str, ...] = ("iut", "bonferroni")
 
@@ -44,17 +44,59 @@ class Summary:
     se_max: float
 
 
+@dataclass
+class NodeSums:
+    """What the bound needs of Subsampling's per-pair statistics, summed over the pairs: each [N] float64.
+
+    Sums over disjoint blocks of pairs add up (``+``), so the bound streams over pair blocks and never holds
+    the [P, N] statistics of all pairs. From one block's statistics the sums are those ``node_bounds`` formed
+    from [P, N] before (the same reductions), so a run in one block gives the same numbers bit for bit.
+
+    Attributes:
+        n_pairs: pairs summed over.
+        diff: Σ_p (mean_in - mean_out).
+        total, denom: ``ops.welch_sums`` over the in and out groups of every pair.
+        short: bool, some pair has fewer than 2 samples in or out.
+    """
+
+    n_pairs: int
+    diff: torch.Tensor
+    total: torch.Tensor
+    denom: torch.Tensor
+    short: torch.Tensor
+
+    @classmethod
+    def of(cls, stats: SubsamplingStats) -> NodeSums:
+        """The sums of per-pair statistics [P, N]."""
+        diff = stats.flat("mean_in") - stats.flat("mean_out")  # [P, N]
+        variances = torch.cat([stats.flat("var_in"), stats.flat("var_out")])  # [2P, N]
+        counts = torch.cat([stats.flat("count_in"), stats.flat("count_out")])  # [2P, N]
+        total, denom = welch_sums(variances, counts.clamp(min=1))
+        return cls(int(diff.shape[0]), diff.sum(0), total, denom, (counts < 2).any(0))
+
+    def __add__(self, other: NodeSums) -> NodeSums:
+        return NodeSums(
+            self.n_pairs + other.n_pairs,
+            self.diff + other.diff,
+            self.total + other.total,
+            self.denom + other.denom,
+            self.short | other.short,
+        )
+
+
 def node_bounds(
-    stats: SubsamplingStats, keep: torch.Tensor, n_unverified: int, alpha: float, theta: float | None, combine: str
+    stats: SubsamplingStats | NodeSums,
+    keep: torch.Tensor,
+    n_unverified: int,
+    alpha: float,
+    theta: float | None,
+    combine: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per flat node: ĉ [N], upper bound on |c| [N], p-value of |c| >= theta [N], se [N] (nan: unusable)."""
-    n_pairs = stats.values["count_in"].shape[0]
-    diff = stats.flat("mean_in") - stats.flat("mean_out")  # [P, N]
-    estimate = diff.mean(0)
-    variances = torch.cat([stats.flat("var_in"), stats.flat("var_out")])  # [2P, N]
-    counts = torch.cat([stats.flat("count_in"), stats.flat("count_out")])  # [2P, N]
-    root, df = welch_se_df(variances, counts.clamp(min=1))
-    df = torch.where((counts < 2).any(0), torch.full_like(df, float("nan")), df)
+    sums = NodeSums.of(stats) if isinstance(stats, SubsamplingStats) else stats
+    n_pairs = sums.n_pairs
+    estimate = sums.diff / n_pairs
+    root, df = welch_finish(sums.total, sums.denom, sums.short)
     se = root / n_pairs
     usable = torch.isfinite(df) & (se > 0)
     upper = torch.full_like(estimate, float("inf"))

@@ -24,7 +24,7 @@ from ..dictionaries.sampling import bound_sampler
 from ..errors import InputError
 from ..fingerprint import check_reuse
 from ..job import Job
-from ..methods.subsampling import SubsamplingStats, check_options, sample_batch
+from ..methods.subsampling import SubsamplingStats, check_options, sample_plan
 from ..model import Model, as_model
 from ..nodes import NodeLayout
 from ..pairs import PromptPairs, check_direction
@@ -34,9 +34,10 @@ from ..validate import check_count, check_number, check_pairs_fit
 from ..verify import Verification
 from .planning import DEFAULT_SAMPLES, choose_p
 from .record import ASSUMPTION, FalseNegativeBound
-from .statistics import COMBINES, Summary, node_bounds, summarize
+from .statistics import COMBINES, NodeSums, Summary, node_bounds, summarize
 
 Node = tuple[str, tuple[int, ...]]  # (node type, index in its layout)
+Stats = SubsamplingStats | NodeSums  # a sampler's per-pair statistics, or their per-node sums over the pairs
 
 
 def false_negative_bound(
@@ -232,15 +233,14 @@ class Sampling:
     engine: dict[str, Any]  # workers, ray_address, checkpoint (all None: in-process)
 
 
-def _sample_sites(run: Sampling) -> tuple[SubsamplingStats, dict[str, Any]]:
+def _sample_sites(run: Sampling) -> tuple[Stats, dict[str, Any]]:
     """Subsampling of site nodes: (statistics, facts of the run), in-process or as work units over ranges of
     samples (``atpstar.distributed``; also in-process with a checkpoint folder)."""
     from ..distributed.sweeps import subsample_on
 
     job, engine = run.job, run.engine
-    n_nodes = NodeLayout.of(run.node_types, job.model.sizes, job.pairs.seq_len).size
-    batch = sample_batch(job.model, job.pairs.seq_len, n_nodes, run.memory_gb, run.batch_size)
-    where = (batch, run.exclude, engine["checkpoint"], job.cost)
+    block, batch = sample_plan(job.model, job.pairs, run.node_types, run.memory_gb, run.batch_size, 0)
+    where = (batch, run.exclude, engine["checkpoint"], job.cost, block, NodeSums.of)
     stats, _, run_info = subsample_on(
         _executor(run), job.model, job.pairs, run.node_types, job.direction, run.options, *where
     )
@@ -261,15 +261,20 @@ def _sample_edges(run: Sampling) -> tuple[SubsamplingStats, dict[str, Any]]:
 
 
 def _by_group(
-    run: Sampling, sampler: Callable[[Sampling], tuple[SubsamplingStats, dict[str, Any]]]
-) -> tuple[SubsamplingStats, dict[str, Any]]:
+    run: Sampling, sampler: Callable[[Sampling], tuple[Stats, dict[str, Any]]]
+) -> tuple[Stats, dict[str, Any]]:
     """``sampler`` once per equal-length group of the pairs, per-pair statistics merged in example order."""
     parts = each_group(run.job, lambda group_job: sampler(replace(run, job=group_job)))
     if len(parts) == 1:
         return parts[0]
     pairs = run.job.pairs
-    values = {k: pairs.gather([stats.values[k] for stats, _ in parts]) for k in parts[0][0].values}  # [P, N]
-    return SubsamplingStats(parts[0][0].shapes, values), merge_info(pairs, [info for _, info in parts])
+    info = merge_info(pairs, [info for _, info in parts])
+    if any(isinstance(stats, NodeSums) for stats, _ in parts):  # per-node sums over each group's pairs add up
+        sums = [NodeSums.of(s) if isinstance(s, SubsamplingStats) else s for s, _ in parts]
+        return sum(sums[1:], sums[0]), info
+    groups = [stats for stats, _ in parts if isinstance(stats, SubsamplingStats)]
+    values = {k: pairs.gather([stats.values[k] for stats in groups]) for k in groups[0].values}  # [P, N]
+    return SubsamplingStats(groups[0].shapes, values), info
 
 
 def _executor(run: Sampling) -> Any:
@@ -281,7 +286,7 @@ def _executor(run: Sampling) -> Any:
 
 
 # The Subsampling of each node-space engine (``NodeSpace.engine``).
-SAMPLERS: dict[str, Callable[[Sampling], tuple[SubsamplingStats, dict[str, Any]]]] = {
+SAMPLERS: dict[str, Callable[[Sampling], tuple[Stats, dict[str, Any]]]] = {
     "sites": _sample_sites,
     "edges": _sample_edges,
     "latents": bound_sampler,  # dictionary latents (``atpstar.dictionaries.sampling``)

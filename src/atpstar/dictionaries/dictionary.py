@@ -72,6 +72,7 @@ class Dictionary:
     source: str = ""
     neuronpedia_id: str | None = None
     _hash: str = field(default="", repr=False)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # derived weights (``dictionaries.screen``)
 
     @property
     def d_in(self) -> int:

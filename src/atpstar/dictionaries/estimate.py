@@ -44,7 +44,7 @@ def latent_pullback(
     """(latents [b, S, T], error [b, T]) estimates from the gradient ∂L/∂y [b, T, D] at the write site."""
     grad = upcast(grad.detach())
     rows = dictionary.W_dec.to(grad.device, grad.dtype)  # [S, D]
-    pulled = delta_times_pullback(diff.latents, grad * diff.scale, rows)  # Δf ⊙ (g W_decᵀ): [b, T, S]
+    pulled = delta_times_pullback(diff.latents, grad * diff.scale, rows, diff.compressed)  # Δf ⊙ (g W_decᵀ): [b, T, S]
     latents = points.mean(pulled).transpose(1, 2)  # [b, T, S] -> [b, S, T]
     error = points.mean(diff.error * grad).sum(-1)  # [b, T]
     return latents, error
@@ -73,10 +73,15 @@ def estimate_step(
         fix = LatentQKFix(model, step, dictionaries, diffs) if qk_fix else None
 
         def estimate(d: Dictionary, grad: torch.Tensor, fixed: bool = True) -> list[torch.Tensor]:
+            # The QK fix: the linear term through layer m's queries and keys leaves the pulled-back gradient,
+            # the exact change of the pattern takes its place.
+            qk = fix.through_qk(d, pass_grads) if fix is not None and fixed else None
+            if qk is not None:
+                grad = upcast(grad.detach()) - qk.to(grad.device)
             latents, error = latent_pullback(d, diffs[d.name], grad, step.points)
-            correction = fix.correction(d, pass_grads, d.d_sae) if fix is not None and fixed else None
-            if correction is not None:
-                latents, error = latents + correction[0].to(latents), error + correction[1].to(error)
+            if fix is not None and qk is not None:
+                exact = fix.exact(d, pass_grads, d.d_sae)
+                latents, error = latents + exact[0].to(latents), error + exact[1].to(error)
             return [latents, error]
 
         def consume(layer: int, site: str, grad: torch.Tensor) -> None:

@@ -28,8 +28,9 @@ from ..ops import upcast
 from ..pairs import PromptPairs
 from ..runner import Run
 from .dictionary import Dictionary
+from .screen import encode_many
 from .sites import Site, run_site
-from .sparse import delta_times_rows
+from .sparse import compressed, delta_times_rows
 
 
 @dataclass
@@ -38,11 +39,13 @@ class Differences:
 
     Attributes:
         latents: Δf [P, T, S]; scale: the base run's decoder scale [P, T, 1]; error: Δerror [P, T, D].
+        compressed: Δf's nonzeros as CSR [P*T, S] (``sparse.compressed``), or None where Δf is dense.
     """
 
     latents: torch.Tensor
     scale: torch.Tensor
     error: torch.Tensor
+    compressed: torch.Tensor | None = None
 
 
 def differences(dictionary: Dictionary, source: Run, base: Run) -> Differences:
@@ -50,17 +53,18 @@ def differences(dictionary: Dictionary, source: Run, base: Run) -> Differences:
     read, write = run_site(dictionary.hook), run_site(dictionary.write_hook)
     x_src, x_base = (upcast(run.get(read.site, read.layer).detach()) for run in (source, base))
     y_src, y_base = (upcast(run.get(write.site, write.layer).detach()) for run in (source, base))
-    f_src, f_base = dictionary.encode(x_src), dictionary.encode(x_base)  # [P, T, S]
+    f_src, f_base = encode_many(dictionary, torch.cat([x_src, x_base])).chunk(2)  # [2P, T, S] -> [P, T, S] x2
     delta = f_src - f_base
+    sparse = compressed(delta)
     if dictionary.normalize_activations == "none":
         # write(f, x) = f W_dec + b_dec (+ x W_skip): its change is Δf W_dec (+ Δx W_skip), and Δf is sparse.
-        change = delta_times_rows(delta, dictionary.W_dec.to(delta.device, delta.dtype))  # [P, T, D]
+        change = delta_times_rows(delta, dictionary.W_dec.to(delta.device, delta.dtype), sparse)  # [P, T, D]
         if dictionary.W_skip is not None:
             change = change + (x_src - x_base) @ dictionary.W_skip.to(delta.device, delta.dtype)
-        return Differences(delta, dictionary.decoder_scale(x_base), (y_src - y_base) - change)
+        return Differences(delta, dictionary.decoder_scale(x_base), (y_src - y_base) - change, sparse)
     err_src = y_src - dictionary.write(f_src, x_src)
     err_base = y_base - dictionary.write(f_base, x_base)
-    return Differences(delta, dictionary.decoder_scale(x_base), err_src - err_base)
+    return Differences(delta, dictionary.decoder_scale(x_base), err_src - err_base, sparse)
 
 
 def dictionary_sites(dictionaries: Sequence[Dictionary]) -> list[str]:

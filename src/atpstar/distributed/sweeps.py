@@ -12,6 +12,7 @@ Shape letters: P pairs, N nodes, B blocks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -192,17 +193,50 @@ def subsample_on(
     exclude: dict[str, torch.Tensor] | None,
     checkpoint: str | None,
     cost: Cost,
-) -> tuple[SubsamplingStats, torch.Tensor, dict[str, Any]]:
+    pair_block: int | None = None,
+    reduce: Callable[[SubsamplingStats], Any] | None = None,
+) -> tuple[Any, torch.Tensor, dict[str, Any]]:
     """Subsampling as ranges of samples merged with Welford's parallel update: (stats, base metric [P], info).
 
     Args:
-        batch: samples per forward (the method's memory plan: ``methods.subsampling.sample_batch``).
+        batch: samples per forward (the method's memory plan: ``methods.subsampling.sample_plan``).
+        pair_block: run the pairs in blocks of this many, one block's base/source runs held at a time (None or
+            with a checkpoint folder: all at once). A pair's subsets do not depend on the block, so only the
+            batches the samples share differ from a run over all pairs.
+        reduce: applied to each block's statistics; the reductions are added up (``+``) and returned instead
+            of the statistics [P, N] (the false-negative bound keeps only per-node sums).
     """
     layout = NodeLayout.of(node_types, model.sizes, pairs.seq_len)
     keep = keep_mask(layout, exclude)
-    sweep = Sweep("samples", pairs, direction, list(node_types), {**sampling, "batch": batch}, {"keep": keep})
-    values, base_metric, info = _samples_on(executor, model, sweep, SampleUnit, checkpoint, cost)
-    return SubsamplingStats(layout.shapes, values), base_metric, info
+    block = pairs.n_pairs if pair_block is None or checkpoint is not None else min(pair_block, pairs.n_pairs)
+    if block == pairs.n_pairs:
+        sweep = Sweep("samples", pairs, direction, list(node_types), {**sampling, "batch": batch}, {"keep": keep})
+        values, base_metric, info = _samples_on(executor, model, sweep, SampleUnit, checkpoint, cost)
+        stats = SubsamplingStats(layout.shapes, values)
+        return stats if reduce is None else reduce(stats), base_metric, info
+    reduced: Any = None
+    whole: dict[str, torch.Tensor] = {}
+    infos: list[dict[str, Any]] = []
+    base_metric = torch.zeros(pairs.n_pairs, dtype=torch.float64)
+    for start in range(0, pairs.n_pairs, block):
+        rows = slice(start, min(start + block, pairs.n_pairs))
+        options = {**sampling, "batch": batch, "pair_offset": start}
+        sweep = Sweep("samples", pairs.subset(range(rows.start, rows.stop)), direction, list(node_types), options,
+                      {"keep": keep})  # fmt: skip
+        values, part_metric, info = _samples_on(executor, model, sweep, SampleUnit, None, cost)
+        base_metric, infos = base_metric.to(part_metric.dtype), [*infos, info]
+        base_metric[rows] = part_metric
+        if reduce is not None:
+            part = reduce(SubsamplingStats(layout.shapes, values))
+            reduced = part if reduced is None else reduced + part
+            continue
+        for name, value in values.items():  # into [P, N], one block's rows at a time
+            whole.setdefault(name, value.new_zeros((pairs.n_pairs, *value.shape[1:])))[rows] = value
+    info = {**infos[0], "pair_block": block, **{k: sum(i[k] for i in infos) for k in _COUNTED if k in infos[0]}}
+    return (SubsamplingStats(layout.shapes, whole) if reduce is None else reduced), base_metric, info
+
+
+_COUNTED = ("units", "units_resumed", "units_retried", "prepare_runs")  # facts of a run summed over pair blocks
 
 
 def edge_samples_on(

@@ -53,7 +53,8 @@ class Sweep:
         options: batching and sampling options every unit uses (``batch``, ``samples``, ``p``, ...).
         tensors: per-sweep tensors (ranked nodes of a verification, nodes the bound keeps).
         id: identifies the sweep's cached base/source runs on workers.
-        prepare: runs the base and source runs of a pair block (``engine.prepare``; edges: their own).
+        prepare: runs the base and source runs of a pair block (edges: their own); None: ``engine.prepare``
+            in chunks of ``options["batch"]`` (within the memory of one batch of patched forwards).
     """
 
     kind: str
@@ -63,7 +64,13 @@ class Sweep:
     options: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    prepare: Callable[[Model, PromptPairs, str, list[str], Cost], Any] = prepare
+    prepare: Callable[[Model, PromptPairs, str, list[str], Cost], Any] | None = None
+
+    def prepared(self, model: Model, pairs: PromptPairs, cost: Cost) -> Any:
+        """The base and source runs of ``pairs`` (all of the sweep's pairs or a block of them)."""
+        if self.prepare is not None:
+            return self.prepare(model, pairs, self.direction, self.node_types, cost)
+        return prepare(model, pairs, self.direction, self.node_types, cost, chunk=self.options.get("batch"))
 
 
 @dataclass
@@ -178,10 +185,11 @@ class SampleUnit(RangeUnit):
     def run(self, worker: WorkerState, sweep: Sweep) -> UnitResult:
         def compute(cache: Any, cost: Cost) -> dict[str, torch.Tensor]:
             sampling = {k: sweep.options[k] for k in ("samples", "p", "seed", "design", "batch")}
-            keep = sweep.tensors.get("keep")
+            keep, offset = sweep.tensors.get("keep"), sweep.options.get("pair_offset", 0)
             return subsample_range(
-                worker.model, cache, sweep.node_types, self.start, self.stop, keep=keep, cost=cost, **sampling
-            )
+                worker.model, cache, sweep.node_types, self.start, self.stop, keep=keep, cost=cost, pair_offset=offset,
+                **sampling,
+            )  # fmt: skip
 
         return worker.compute(sweep, 0, sweep.pairs.n_pairs, compute)  # statistic -> [P, N]
 
@@ -272,7 +280,7 @@ class WorkerState:
         whole = (pair_start, pair_stop) == (0, sweep.pairs.n_pairs)
         pairs = sweep.pairs if whole else sweep.pairs.subset(list(range(pair_start, pair_stop)))
         cost = Cost()
-        self._caches[key] = sweep.prepare(self.model, pairs, sweep.direction, sweep.node_types, cost)
+        self._caches[key] = sweep.prepared(self.model, pairs, cost)
         return self._caches[key], cost
 
     def compute(

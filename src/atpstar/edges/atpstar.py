@@ -9,6 +9,8 @@
   gradient unchanged, dropping the receiver's own layer gives 0 (a logits receiver sits at layer L),
   so only layers above the receiver need a backward, each run from that layer down (``gradients.Tape``'s
   partial backwards, the ones node GradDrop uses; the site gradients come from the same tape as EAP's).
+  GradDrop's score has no sign; the sign of the estimate before GradDrop (QK-fixed with the fix) is
+  returned beside it, for MIB's signed ranking (``edges.mib.mib_scores``, design record 0029).
 
 Position-resolved (``positions``; edge s -> r at the sender's position t, only Δ_s,t reaches r): the
 plain estimate keeps the sum over d_model only. A query change at t moves row t of the pattern alone, so
@@ -38,8 +40,11 @@ from .eap import FINAL, EdgeBatch, collect, count_copies, source_senders, taped_
 from .sites import layer_qkv, qkv_share
 
 
-def edge_atp(batch: EdgeBatch, qk_fix: bool, grad_drop: bool, positions: bool = False) -> torch.Tensor:
-    """Edge AtP with the QK fix and/or GradDrop for the batch's pairs: [b, N] (``positions``: [b, N, T])."""
+def edge_atp(
+    batch: EdgeBatch, qk_fix: bool, grad_drop: bool, positions: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Edge AtP with the QK fix and/or GradDrop for the batch's pairs: ([b, N] (``positions``: [b, N, T]),
+    with GradDrop the int8 sign of the estimate before GradDrop, same shape; else None)."""
     model, cost = batch.job.model, batch.job.cost
     base_tokens, source_tokens = batch.tokens()
     source = source_senders(model, source_tokens, batch.w_out, batch.graph.mib_heads)
@@ -56,7 +61,9 @@ def edge_atp(batch: EdgeBatch, qk_fix: bool, grad_drop: bool, positions: bool = 
                 patterns = _new_patterns(batch, run, delta, positions) if qk_fix else {}
             fixed = _Estimates(batch, run, delta, patterns, positions)
             plain = fixed.of(sites, final, range(model.n_layers))
-            return fixed.edges(fixed.graddrop(tape, plain) if grad_drop else plain)
+            if not grad_drop:
+                return fixed.edges(plain), None
+            return fixed.edges(fixed.graddrop(tape, plain)), fixed.edges(plain.sign()).to(torch.int8)
     finally:
         tape.close()
 

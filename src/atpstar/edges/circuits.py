@@ -121,8 +121,36 @@ def _edge_scores(scores: Any, graph: EdgeGraph) -> tuple[torch.Tensor, str]:
 
 def signed_importance(result: Any) -> torch.Tensor:
     """[N] -mean over pairs of a noising result's edge effects (+mean for denoising): MIB's ranking, unscaled."""
-    per_pair = edge_per_pair(result, allow_denoising=True)
-    return per_pair.mean(0) * (1.0 if result.direction == "denoising" else -1.0)
+    return signed_mean(result, allow_denoising=True) * (1.0 if result.direction == "denoising" else -1.0)
+
+
+SIGN = "sign/edge"  # the extra of edge GradDrop results: int8 [P, N], the sign of the estimate before GradDrop
+
+
+def signed_mean(result: Any, sizes: torch.Tensor | None = None, allow_denoising: bool = False) -> torch.Tensor:
+    """[N] (1/P) Σ_i ŝ_i / b(i) of a result's edges (``sizes`` [P] the b(i); None: 1), in the effect's sign.
+
+    GradDrop's per-pair scores g_i are magnitudes. Their mean m = (1/P) Σ_i g_i / b(i) is kept as the size and
+    given the sign of (1/P) Σ_i σ_i g_i / b(i), σ_i the sign of pair i's estimate before GradDrop (the QK-fixed
+    AtP for ``atp*``; ``extras["sign/edge"]``); where that is 0 the magnitude keeps its + sign. So |score| (the
+    |score| ranking, CMD) is GradDrop's, and the signed ranking (CPR) has a sign (design record 0029).
+
+    Raises:
+        InputError: a GradDrop result without the sign (made by an older version): rerun the method.
+    """
+    per_pair = edge_per_pair(result, allow_denoising)
+    if sizes is not None:
+        per_pair = per_pair / sizes[:, None]  # [P, N]
+    mean = per_pair.mean(0)
+    if not result.options.get("grad_drop"):
+        return mean
+    if SIGN not in result.extras:
+        raise InputError(
+            f"this {result.method} result holds GradDrop magnitudes without their sign (it was made by an older "
+            "atpstar), so MIB's signed ranking cannot be formed; rerun the method (delete a saved result first)"
+        )
+    signed = (per_pair * result.extras[SIGN].double()).mean(0)
+    return torch.where(signed < 0, -mean, mean)
 
 
 def edge_per_pair(result: Any, allow_denoising: bool = False) -> torch.Tensor:

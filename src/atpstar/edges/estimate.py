@@ -37,9 +37,10 @@ def estimate_edges(
     points: Points = AT_BASE,
     positions: bool = False,
     convention: str = "atpstar",
-) -> tuple[torch.Tensor, dict[str, Any]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
     """Edge AtP (EAP), its QK fix / GradDrop / AtP* forms, or EAP-IG (``points`` a path): [P, N]
-    (``positions``: [P, N, T]) and facts for ``info`` (``edge_oom_retries`` after an out-of-memory retry).
+    (``positions``: [P, N, T]), extras (with GradDrop ``"sign"``: int8, same shape, the sign of the estimate
+    before GradDrop) and facts for ``info`` (``edge_oom_retries`` after an out-of-memory retry).
     ``convention``: the head-sender convention of post-norm models (``EdgeGraph.convention``)."""
     if (qk_fix or grad_drop) and not points.at_base:
         raise InputError(
@@ -50,6 +51,7 @@ def estimate_edges(
     graph, w_out = graph_of(model, convention), head_out_weights(model)
     shape = (pairs.n_pairs, graph.n_edges, *((pairs.seq_len,) if positions else ()))
     out = torch.zeros(shape, dtype=model.dtype)
+    signs = torch.zeros(shape, dtype=torch.int8) if grad_drop else None
     guard = BatchGuard("edge attribution: pairs", model.device)
     footprint = _pair_footprint(model, graph.n_senders + graph.n_receivers, pairs.seq_len)
     guard.limit = plan_batch(footprint, memory_gb, model.device, batch_size=batch_size)
@@ -58,7 +60,9 @@ def estimate_edges(
         index = torch.arange(part.start, part.stop)
         batch = eap.EdgeBatch(job, graph, w_out, index)
         if qk_fix or grad_drop:
-            value = atpstar.edge_atp(batch, qk_fix, grad_drop, positions)
+            value, sign = atpstar.edge_atp(batch, qk_fix, grad_drop, positions)
+            if signs is not None and sign is not None:
+                signs[index] = sign.cpu()
         else:
             value = eap.eap(batch, points, positions)
         out[index] = value.detach().to(out.dtype).cpu()
@@ -66,7 +70,8 @@ def estimate_edges(
 
     with progress_bar(pairs.n_pairs, "edge attribution", job.progress, unit="pair") as bar:
         guard.run(pairs.n_pairs, step)
-    return out, ({"edge_oom_retries": guard.retries} if guard.retries else {})
+    extras = {"sign": signs} if signs is not None else {}
+    return out, extras, ({"edge_oom_retries": guard.retries} if guard.retries else {})
 
 
 def _pair_footprint(model: Model, n_vectors: int, seq_len: int) -> Footprint:

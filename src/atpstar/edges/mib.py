@@ -26,7 +26,7 @@ import torch
 
 from ..errors import InputError
 from ..persist import atomic_path, write_text
-from .circuits import edge_per_pair, receiver_owner
+from .circuits import edge_per_pair, receiver_owner, signed_mean
 from .graph import EdgeGraph, check_convention
 
 CFG_KEYS = ("n_layers", "n_heads", "parallel_attn_mlp", "d_model")
@@ -184,7 +184,8 @@ def mib_scores(result: Any, batch_size: int = MIB_BATCH_SIZE) -> torch.Tensor:
     MIB attributes the loss -(logit difference), averaged over a batch. An estimate's score is
     -(1/P) Σ_i ŝ_i / b(i), b(i) the size of pair i's batch (-mean / B with equal batches), as EAP and
     EAP-IG accumulate it; an exact method's is -(mean over batches of the batch mean effect). Higher
-    is more important: the edges whose patching lowers the metric most.
+    is more important: the edges whose patching lowers the metric most. GradDrop's magnitudes (``atp*``,
+    ``atp+graddrop``) take the sign of their estimate before GradDrop (``circuits.signed_mean``, 0029).
 
     Args:
         result: a noising ``Attribution`` with position-summed edges.
@@ -200,7 +201,7 @@ def mib_scores(result: Any, batch_size: int = MIB_BATCH_SIZE) -> torch.Tensor:
         means = torch.zeros(int(batch.max()) + 1, per_pair.shape[1], dtype=torch.float64)
         means.index_add_(0, batch, per_pair / sizes[:, None])  # [n_batches, N] batch means
         return -means.mean(0)
-    return -(per_pair / sizes[:, None]).mean(0)
+    return -signed_mean(result, sizes)
 
 
 def _is_exact(result: Any) -> bool:

@@ -110,13 +110,16 @@ def node_estimates(
 ) -> dict[str, torch.Tensor]:
     """Run the step's backward passes, folding each site's gradient into estimates as it comes.
 
+    With GradDrop the passes run layer by layer from the top (``GradientStep.streamed``): a layer's GradDrop
+    sum is complete after its turn, goes into the result, and the layer's graph, differences and records go.
+
     Args:
         attention_args: per layer, the attention's scaling, soft-cap and window (the QK fix).
         node_types: the node types to estimate.
         plan: the step's sites (``plan_sites``).
         into: optional node type -> [b, *layout] tensors in the estimates' dtype (e.g. the result's rows of
-            these pairs) that the estimates are written into layer by layer, GradDrop's running sums too,
-            so no second copy of the results exists; returned filled.
+            these pairs) that the estimates are written into layer by layer, so no second copy of the results
+            exists; returned filled. They may hold the step's differences (``diff_rows``).
 
     Returns:
         node type -> [b, *layout]: Î (AtP, on a path IG) or GradDrop's ĉ with ``step.grad_drop``.
@@ -130,30 +133,43 @@ def node_estimates(
     if not step.grad_drop:
 
         def keep_plain(layer: int, site: str, grad: torch.Tensor) -> None:
-            for t in from_site[site]:
-                out.put(t, layer, estimate(layer, t, grad))
+            # every estimate reads the difference before a row (which may hold it, ``diff_rows``) is written
+            for t, est in [(t, estimate(layer, t, grad)) for t in from_site[site]]:
+                out.put(t, layer, est)
             for read in reads[site]:
                 step.release(read, layer)
 
         step.backward(summed_over_points(step, keep_plain))
         return out.tensors(node_types)  # [b, *layout]
 
+    running: dict[str, torch.Tensor] = {}  # node type -> the running sum of the layer in turn, [b, *layout[1:]]
+
     def start_sums(layer: int, site: str, grad: torch.Tensor) -> None:
         for t in from_site[site]:
-            out.put(t, layer, layer * estimate(layer, t, grad).abs_())  # the m layers below leave it unchanged
+            running[t] = layer * estimate(layer, t, grad).abs_()  # the m layers below leave it unchanged
 
     def add_dropped(layer: int, site: str, grad: torch.Tensor) -> None:
         for t in from_site[site]:
-            out.add(t, layer, estimate(layer, t, grad).abs_())
+            running[t].add_(estimate(layer, t, grad).abs_())
 
-    step.backward(start_sums)
-    for site in {*from_site, *plan.sites}:  # the top layer is never below a dropped layer
-        step.release(site, n_layers - 1)
-    for _ in step.dropped(add_dropped):
-        pass
+    def done(layer: int) -> None:  # the layer's sums are complete: into the result, its differences and records go
+        for t in node_types:
+            out.put(t, layer, running.pop(t))
+        for site in from_site:
+            for read in reads[site]:
+                step.release(read, layer)
+
+    step.streamed(start_sums, add_dropped, done)  # the full backward, then l = layer+1 .. L-1, layer by layer
     step.close()  # the differences and records go before the results are combined
     sums = out.tensors(node_types)
     return {t: sums[t].div_(n_layers - 1) for t in node_types}  # graddrop_combine, in place
+
+
+def diff_rows(node_types: Sequence[str], into: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Diff site -> the result rows [b, L, ...] of its node type, where the step may keep the site's differences
+    (``gradient_step(diff_into=...)``: used where a layer's rows have the activation's shape, i.e. one node per
+    activation entry). ``node_estimates`` writes a layer's rows only after its last read of that difference."""
+    return {NODE_TABLE[t].site: into[t] for t in node_types if into is not None and t in into}
 
 
 class _Layers:
@@ -175,9 +191,6 @@ class _Layers:
         if layer == 0:
             self._device[node_type] = est.device
         self.at(node_type, layer).copy_(est)
-
-    def add(self, node_type: str, layer: int, est: torch.Tensor) -> None:
-        self.at(node_type, layer).add_(est.to(self._out[node_type].device))
 
     def at(self, node_type: str, layer: int) -> torch.Tensor:
         """The view [b, *layout[1:]] of ``layer``."""

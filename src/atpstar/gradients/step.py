@@ -7,7 +7,10 @@ both runs' activations. Where the gradient is taken is the step's ``points`` (``
 the base run (AtP) the base forward keeps its graph and is the one gradient run; on a path (integrated
 gradients) each of the m interpolated inputs gets its own forward with a graph. ``GradientStep.backward``
 hands ∂metric/∂activation at the grad sites of every layer to a consumer the moment autograd has it
-(``gradients.tape``), point by point; ``GradientStep.dropped`` runs GradDrop's partial backwards.
+(``gradients.tape``), point by point; ``GradientStep.dropped`` runs GradDrop's partial backwards, and
+``GradientStep.streamed`` both, layer by layer from the top, so each layer's graph and data go after its turn.
+A difference can be written into a tensor the caller gives (``diff_into``, e.g. the result's rows of an
+elementwise node type, which its estimate later overwrites), so it takes no memory of its own.
 
 ``atp_estimate`` is the AtP product Î(n) = (n(x_source) - n(x_base)) · ∂L/∂n (Kramár et al. 2024), on a path with
 the gradient summed over the points (``summed_over_points``) and divided by m.
@@ -29,7 +32,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -43,6 +46,8 @@ from ..pairs import PromptPairs
 from ..runner import Run
 from .points import AT_BASE, Points
 from .tape import Consumer, Tape
+
+_CONTIGUOUS = ("q",)  # recorded sites the forward copies to a contiguous layout anyway (ops.raw_scores)
 
 # forward(embeddings [b, T, D], run) -> metric [b]: one differentiable run of the step's base prompts.
 Forward = Callable[[torch.Tensor, Run], torch.Tensor]
@@ -62,7 +67,8 @@ class GradientStep:
     """
 
     def __init__(self, n_layers: int, sites: Sequence[str], diff_sites: Sequence[str], grad_sites: Sequence[str],
-                 grad_drop: bool, cost: Cost, points: Points = AT_BASE) -> None:  # fmt: skip
+                 grad_drop: bool, cost: Cost, points: Points = AT_BASE,
+                 diff_into: Mapping[str, torch.Tensor] | None = None) -> None:  # fmt: skip
         if grad_drop and not points.at_base:
             raise InputError(
                 "GradDrop drops layers from the base run's backward: use points=AT_BASE with grad_drop=True, "
@@ -76,6 +82,7 @@ class GradientStep:
         self.base = Run(n_layers, record={*raw, *(("resid_pre",) if grad_drop else ())}, patch=self._observe)
         self.metric = torch.zeros(0)
         self.diffs: dict[tuple[int, str], torch.Tensor] = {}
+        self._diff_into = dict(diff_into or {})  # diff site -> [b, L, ...]: layer l's difference goes to [:, l]
         self.tape = Tape(n_layers, cost, grad_drop)  # the base run's at the base run, else the running point's
         self._n_layers, self._cost = n_layers, cost
         self._embeds: tuple[torch.Tensor, torch.Tensor] = (torch.zeros(0), torch.zeros(0))  # on a path: [b, T, D] x2
@@ -91,12 +98,26 @@ class GradientStep:
         if layer >= self._n_layers:  # the final residual stream (``resid_pre`` of index L) holds no nodes
             return x
         if site in self.diff_sites:  # neither operand requires grad: no graph is built
-            self.diffs[(layer, site)] = upcast(self.source.get(site, layer)) - upcast(x.detach())
+            self.diffs[(layer, site)] = self._difference(site, layer, x)
             if site not in self.sites:
                 self.source.release(site, layer)
         if site in self.grad_sites and self.points.at_base:
             self.tape.watch(layer, site, x)
+        if site in _CONTIGUOUS and site in self.sites and self.points.at_base:
+            # q·kᵀ saves a contiguous q (its own copy when q is a transposed view): handing on and recording that
+            # copy makes the record and the tensor autograd saves one, where they were two (the same values and
+            # layout reach the matmul, so nothing changes)
+            return x.contiguous()
         return x
+
+    def _difference(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """source - base at ``site`` of ``layer``, written into ``diff_into`` where a layer of it has x's shape."""
+        source, base = upcast(self.source.get(site, layer)), upcast(x.detach())
+        into = self._diff_into.get(site)
+        row = None if into is None else into[:, layer]  # [b, *site]
+        if row is None or row.shape != base.shape or row.dtype != base.dtype or row.device != base.device:
+            return source - base
+        return torch.sub(source, base, out=row)
 
     def backward(self, consume: Consumer) -> None:
         """For each point: one backward from the metric; ``consume`` gets every (layer, grad site) gradient.
@@ -128,6 +149,17 @@ class GradientStep:
     def dropped(self, consume: Consumer) -> Iterator[int]:
         """GradDrop's partial backwards (``Tape.dropped``): yields l = 1..L-1 after handing out layer < l's gradients."""
         return self.tape.dropped(consume)
+
+    def streamed(self, full: Consumer, dropped: Consumer, done: Callable[[int], None]) -> None:
+        """``backward`` and ``dropped`` one layer at a time from the top (``Tape.streamed``): ``full`` and then
+        ``dropped`` get a layer's gradients in the order those give them; after ``done(j)`` the base run's
+        residual stream entering layer j + 1 is dropped (``done`` releases what else it read). Needs grad_drop."""
+
+        def finish(layer: int) -> None:
+            done(layer)
+            self.base.release("resid_pre", layer + 1)
+
+        self.tape.streamed(self.metric, full, dropped, finish)
 
     def release(self, site: str, layer: int) -> None:
         """Drop the difference and both runs' records of ``site`` at ``layer`` (the graph may still hold some)."""
@@ -162,6 +194,7 @@ def gradient_step(
     cost: Cost,
     grad_drop: bool = False,
     points: Points = AT_BASE,
+    diff_into: Mapping[str, torch.Tensor] | None = None,
 ) -> Iterator[GradientStep]:
     """Run source and base prompts of pairs ``index``; the backward passes follow (``GradientStep.backward``).
 
@@ -178,12 +211,15 @@ def gradient_step(
         cost: the pass counter the step adds to (2b forwards here, the rest in ``backward``).
         grad_drop: keep the graph and the residual-stream gradients for ``GradientStep.dropped``.
         points: where the gradients are taken: ``AT_BASE`` (AtP) or ``path(m)`` (integrated gradients).
+        diff_into: optional diff site -> [b, L, ...] tensor in the accumulation dtype: layer l's difference is
+            written into its [:, l] where that has the activation's shape (else it gets its own tensor). The
+            caller must not write there while the difference is in use.
 
     Yields:
         ``GradientStep`` with both runs, the differences and (at the base run) the metric.
     """
     base_tokens, source_tokens = (tokens[index] for tokens in pairs.base_and_source(direction))
-    step = GradientStep(model.n_layers, sites, diff_sites, grad_sites, grad_drop, cost, points)
+    step = GradientStep(model.n_layers, sites, diff_sites, grad_sites, grad_drop, cost, points, diff_into)
 
     def forward(hidden: torch.Tensor, run: Run) -> torch.Tensor:
         final = model.run_layers(hidden, run)

@@ -24,7 +24,7 @@ from ..batching import BatchGuard
 from ..cost import Cost
 from ..errors import InputError
 from ..gradients import AT_BASE, Points, gradient_step
-from ..gradients.consumers import node_estimates, plan_sites
+from ..gradients.consumers import diff_rows, node_estimates, plan_sites
 from ..job import Job
 from ..memory import MemoryPlan, gradient_plan
 from ..model import Model
@@ -187,8 +187,9 @@ class AttributionPatching(Method):
 
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """EAP and its QK-fix / GradDrop / AtP* forms at the base run; EAP-IG on ``atp+ig``'s path."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        """EAP and its QK-fix / GradDrop / AtP* forms at the base run; EAP-IG on ``atp+ig``'s path (GradDrop
+        forms add the extra ``"sign"``, the sign of the estimate before GradDrop, for MIB's signed scores)."""
         from ..edges.estimate import estimate_edges
 
         options = {"qk_fix": self.qk_fix, "grad_drop": self.grad_drop, "positions": self.edge_positions}
@@ -240,6 +241,7 @@ class AttributionPatching(Method):
             cost=cost,
             grad_drop=self.grad_drop,
             points=self._points(),
+            diff_into=diff_rows(node_types, into),  # a neuron's difference waits in its own result entry
         ) as step:
             return node_estimates(step, model.attention_args, node_types, plan, into)
 

@@ -16,7 +16,7 @@ from ..memory import MemoryPlan, announce
 from ..model import Model, as_model
 from ..nodes import NODE_TYPES
 from ..pairs import PromptPairs, check_direction
-from ..pairsets import as_pairs, check_positions, each_group, merge_info, merge_tensors, refuse_workers
+from ..pairsets import as_pairs, check_positions, each_group, group_folder, merge_groups
 from ..result import Attribution, aggregate
 from ..sink import PerPairSink
 from ..spaces import BUILTIN_TYPES, Spaces, check_node_types, space_class, spaces_for
@@ -126,7 +126,6 @@ class Method:
         node_types = check_node_types(nodes)
         self.check_supported(node_types, on_workers=workers is not None or ray_address is not None)
         pairs = as_pairs(pairs)
-        refuse_workers(pairs, workers, ray_address)
         check_direction(direction)
         check_pairs_fit(model, pairs)
         check_finite_options(f"method {self.id!r} option ", self.get_options())
@@ -148,12 +147,7 @@ class Method:
         info: dict[str, Any] = {}
         kept_scores: dict[str, torch.Tensor] = {}
         for space in spaces:
-            if executor is None:
-                results, more_extras, more_info = _by_group(self, space, job)
-            else:
-                results, more_extras, more_info = self._attribute_on(
-                    executor, model, pairs, list(space.node_types), direction, job.cost
-                )
+            results, more_extras, more_info = _by_group(self, space, job, executor)
             if isinstance(results, PerPairSink):  # kept batch by batch (keep="top"/"disk"): exact running scores
                 kept_scores.update(results.scores(self.aggregation))
                 more_info = {**results.info(), **more_info}
@@ -266,19 +260,30 @@ class Method:
 
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Edge results [P, N] and facts for ``info`` (methods that list ``edge`` in ``node_types``)."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        """Edge results [P, N], per-pair extras by name (kept as ``"<name>/edge"``) and facts for ``info``."""
         raise NotImplementedError
 
 
-def _by_group(method: Method, space: Any, job: Job) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
-    """``space.attribute`` once per equal-length group of the job's pairs, merged in example order."""
-    parts = each_group(job, lambda group_job: space.attribute(method, group_job))
-    if len(parts) == 1:
-        return parts[0]
-    pairs = job.pairs
-    merged = merge_tensors(pairs, [p[0] for p in parts]), merge_tensors(pairs, [p[1] for p in parts])
-    return (*merged, merge_info(pairs, [p[2] for p in parts]))
+def _by_group(
+    method: Method, space: Any, job: Job, executor: Any = None
+) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
+    """``space.attribute`` (on ``executor``: the method's work units) per equal-length group, in example order."""
+
+    def run(group: Job) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
+        own = _for_group(method, job.pairs, group.pairs)
+        if executor is None:
+            return space.attribute(own, group)
+        return own._attribute_on(executor, group.model, group.pairs, list(space.node_types), group.direction, group.cost)
+
+    return merge_groups(job.pairs, each_group(job, run))
+
+
+def _for_group(method: Method, pairs: PromptPairs, group: PromptPairs) -> Method:
+    """``method`` for one group: its ``checkpoint`` folder one per length (``pairsets.group_folder``)."""
+    folder = getattr(method, "checkpoint", None)
+    own = group_folder(folder, pairs, group)
+    return method if own == folder else _rebuild(method.id, {**method.get_options(), "checkpoint": own})
 
 
 def runs_on_workers(cls: type[Method]) -> bool:

@@ -108,7 +108,7 @@ class ActivationPatching(PatchedForwards):
 
     def _attribute_edges(
         self, model: Model, pairs: PromptPairs, direction: str, cost: Cost, progress: bool
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
         from ..distributed import LocalExecutor
         from ..distributed.sweeps import edges_on
 
@@ -119,7 +119,7 @@ class ActivationPatching(PatchedForwards):
             LocalExecutor(model, progress), model, pairs, direction, options, checkpoint, cost, self.get_options()
         )
         resumed = {"edge_resumed_from": info["resumed_from"]} if "resumed_from" in info else {}
-        return effects, {"edge_base_metric": base_metric.tolist(), **resumed}
+        return effects, {}, {"edge_base_metric": base_metric.tolist(), **resumed}
 
     def _attribute_latents(self, job: Any, space: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Every latent and error node patched alone (``NodeSpace.exact_effects``), in layout order."""

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ..batching import Footprint, plan_batch
+from ..batching import GIB, HEADROOM, Footprint, pairs_per_block, plan_batch
 from ..cost import Cost
-from ..engine import PatchCache
+from ..engine import PatchCache, cache_bytes
 from ..errors import InputError
 from ..memory import layout_elems, patched_forward_bytes
 from ..model import Model
@@ -104,10 +104,10 @@ class Subsampling(PatchedForwards):
         from ..distributed.sweeps import subsample_on
 
         sampling = {"samples": self.samples, "p": self.p, "seed": self.seed, "design": self.design}
-        n_nodes = layout_elems(model, node_types, pairs.seq_len)
-        batch = sample_batch(model, pairs.seq_len, n_nodes, self.memory_gb, self.batch_size)
+        results = EXTRAS_BYTES * pairs.n_pairs * layout_elems(model, node_types, pairs.seq_len)
+        block, batch = sample_plan(model, pairs, node_types, self.memory_gb, self.batch_size, results)
         stats, base_metric, info = subsample_on(
-            executor, model, pairs, node_types, direction, sampling, batch, None, None, cost
+            executor, model, pairs, node_types, direction, sampling, batch, None, None, cost, block
         )
         return self._finish(model, node_types, stats, {"base_metric": base_metric.tolist(), **info})
 
@@ -148,6 +148,26 @@ def sample_footprint(model: Model, seq_len: int, n_nodes: int) -> Footprint:
 def sample_batch(model: Model, seq_len: int, n_nodes: int, memory_gb: float, batch_size: int | None = None) -> int:
     """Samples per batch: ``batch_size``, else as many as fit ``memory_gb`` (``plan_batch`` of ``sample_footprint``)."""
     return plan_batch(sample_footprint(model, seq_len, n_nodes), memory_gb, model.device, batch_size=batch_size)
+
+
+def sample_plan(
+    model: Model, pairs: PromptPairs, node_types: list[str], memory_gb: float, batch_size: int | None, held: float
+) -> tuple[int, int]:
+    """(pairs per block, samples per batch) of a Subsampling that holds ``held`` bytes beside its blocks (its
+    results). A block holds its pairs' base/source runs and running statistics, at most half of what ``held``
+    and ``HEADROOM`` leave (``batching.pairs_per_block``); a batch takes the rest, each sample with its row of the
+    per-pair one-hot the statistics are merged with. The batch is ``sample_batch``'s when all pairs fit one block."""
+    seq_len = pairs.seq_len
+    n_nodes = layout_elems(model, node_types, seq_len)
+    per_pair = cache_bytes(model, 1, seq_len, node_types) + 2 * STATS_BYTES * n_nodes  # running and merged copies
+    fix = "Raise memory_gb, use shorter prompts or fewer node types"
+    kept = held + HEADROOM * memory_gb * GIB
+    block = pairs_per_block(pairs.n_pairs, per_pair, memory_gb, "subsampling", fix, held=kept)
+    if block == pairs.n_pairs:
+        return block, sample_batch(model, seq_len, n_nodes, memory_gb, batch_size)
+    footprint = sample_footprint(model, seq_len, n_nodes)
+    per_sample = Footprint(footprint.per_item + 8 * block, held=kept + block * per_pair)
+    return block, plan_batch(per_sample, memory_gb, model.device, batch_size=batch_size)
 
 
 def subsample(

@@ -3,7 +3,8 @@
 Writes under ``out``:
 
 - ``<method>.edges.json`` + safetensors: the attribution (reused on a rerun when it was made by the same
-  computation: model, tokenizer, pairs, metric, method and options; another one is refused);
+  computation: model, tokenizer, pairs, metric, method and options; another one is refused; a GradDrop
+  result saved without its sign, design record 0029, is computed again);
 - ``submission/<method>_patching_edge/...``: the submission folder (``submission.write_submission``);
 - ``results/<method>_patching_edge/<task>_<model>_<split>_abs-<False|True>.json``: MIB's numbers per
   ranking, and ``<method>.mib.json`` (CPR, CMD, both results, cost, the identity they were made for),
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..edges.circuits import SIGN
 from ..edges.mib import MIB_BATCH_SIZE
 from ..fingerprint import RESULT_FIELDS, check_identity, identity
 from ..persist import bundle_exists, write_text
@@ -105,7 +107,8 @@ def _attribution(model: Any, pairs: Any, base: Path, method: str, options: dict,
         saved = Attribution.load(base)
         fix = "Use another output folder, or delete the saved result to compute it again."
         check_identity(saved.identity, current, f"saved result {base}.json", fix, fields=RESULT_FIELDS)
-        return saved
+        if not (saved.options.get("grad_drop") and SIGN not in saved.extras):
+            return saved  # a GradDrop result saved before it kept its sign is made again (0029)
     result = attribute(model, pairs, method, ["edge"], direction="noising", progress=progress, **options)
     result.save(base)
     return result

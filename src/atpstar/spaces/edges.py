@@ -102,8 +102,9 @@ class EdgeNodes(NodeSpace):
     def attribute(
         self, method: Any, job: Any
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-        per_pair, info = method._attribute_edges(job.model, job.pairs, job.direction, job.cost, job.progress)
-        return {EDGE: per_pair}, {}, {**info, "edge_graph": self.describe()}
+        per_pair, extras, info = method._attribute_edges(job.model, job.pairs, job.direction, job.cost, job.progress)
+        named = {f"{name}/{EDGE}": value for name, value in extras.items()}  # [P, ...] each
+        return {EDGE: per_pair}, named, {**info, "edge_graph": self.describe()}
 
     def element_bytes(self, job: Any) -> int:
         return int(edge_bytes(job.model, job.seq_len))

@@ -88,9 +88,14 @@ def subsample_range(
     keep: torch.Tensor | None,
     cost: Cost,
     advance: Any = None,
+    pair_offset: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Statistics of elements ``start``..``stop``-1 (element = sample x P + pair) in batches of
     ``batch`` from ``start``; ranges merge with ``ops.welford_merge`` (a work unit's share).
+
+    Args:
+        pair_offset: the index of the cache's first pair among all pairs (a block of pairs draws the subsets
+            those pairs draw in a run over all pairs).
 
     Returns:
         ``count_in``, ``mean_in``, ``m2_in`` and the same for ``out``, each [P, N] float64.
@@ -107,7 +112,7 @@ def subsample_range(
         pair_index, sample_index = element % n_pairs, element // n_pairs
         if codes is None:
             chosen = torch.stack(
-                [random_subset(n_nodes, p, seed, int(j), int(s)) for j, s in zip(pair_index, sample_index)]
+                [random_subset(n_nodes, p, seed, int(j) + pair_offset, int(s)) for j, s in zip(pair_index, sample_index)]
             )  # [B, N]
         else:
             chosen = _balanced_subset(codes, sample_index)
