@@ -59,7 +59,9 @@ def test_certified_edge_search_through_the_bound_finds_every_large_edge(family, 
     through_bound = 0
     for k in (2, 8):
         theta = float(ranked[k]) * 0.999
-        found = atpstar.find(model, pairs, theta, nodes=["edge"], estimator="atp*")
+        # The bound is priced at one forward per joint patch but pays ~12, and joint edge patches interact strongly
+        # here (calibration lowers p over rounds): allow for what that really costs.
+        found = atpstar.find(model, pairs, theta, nodes=["edge"], estimator="atp*", max_overspend=30.0)
         if found.certified:
             assert _large(truth, theta) <= set(found.nodes), (family, k)
             assert found.bound is not None

@@ -27,6 +27,11 @@
 # 3. a Subsampling bound covers the unverified rest (round r at level α/2^r);
 # 4. nodes the bound cannot rule out are verified in the bound's order; repeat until certified,
 #    the budget is spent, or verifying everything left is cheaper than another bound.
+#
+# Bounds are gambles: a bound that fails costs its samples and the nodes still have to be verified.
+# `find` takes one only while, should it fail, verifying every node left still keeps the total within
+# the estimate + (1 + `max_overspend`) × exhaustive patching (`max_overspend=0.1` by default); when no
+# bound fits any more, it verifies the rest exactly. So without a `budget` it always ends certified.
 
 # %%
 import atpstar
@@ -48,7 +53,10 @@ print(found)
 #   their largest |c|, and the samples and p it used;
 # - `cost_by_stage` and `cost_fraction_of_exhaustive`: what the certainty cost, in forward-pass
 #   equivalents, against patching every node;
-# - `stopped` and `fallback`: why the loop ended, and why it patched the rest exhaustively if it did.
+# - `certified_by`: `"bound"` (a calibrated bound covers the unverified nodes) or `"exhaustion"` (every
+#   node was verified exactly, no assumption);
+# - `stopped`, `fallback` and `finish`: why the loop ended, and why it patched every node (from the
+#   start, or the rest after a bound) if it did.
 
 # %%
 import json
@@ -65,32 +73,37 @@ for row in found.history:
 
 # %% [markdown]
 # On this 2-layer model the bound does not pay: with about 800 nodes patched at once in a 2-layer
-# model its standard errors are so large that it cannot rule out most of the nodes, and `find`
-# verifies what is left. It never spends more than exhaustive patching plus the estimate (the
-# ceiling, [design record 0021](../design/0021-calibrated-certificates.md)), so here it stops just
-# short of the last nodes: all 38 nodes above θ are found, but the result says *not certified* and
-# why. (0.2 finished the verification at 1.06× exhaustive patching: the row "toy-ioi, all node types,
-# 1 pair" of [Results](../results.md#certified-localization-atpstarfind).) The cell below checks it.
+# model its standard errors are so large that it cannot rule out most of the nodes. The first bound was
+# a gamble that fit (had it failed, verifying the rest would still stay within exhaustive patching plus
+# 10 %); it flagged most nodes, `find` verified them, and when no further bound fit it verified the
+# rest exactly: all 38 nodes above θ found, **certified by exhaustion**, at 1.03× exhaustive patching
+# (0.2 certified the same search at 1.06×), within its ceiling of 1.1× plus the estimate
+# ([design record 0026](../design/0026-gambles-and-cheaper-certificates.md)). The cell below checks it.
 
 # %%
-assert len(found.nodes) == 38 and not found.certified
-assert round(found.total_cost.forward_equivalents) == 11892
-print(found.certificate()["stopped"])
+certificate = found.certificate()
+assert len(found.nodes) == 38 and found.certified and certificate["certified_by"] == "exhaustion"
+assert round(found.total_cost.forward_equivalents) == 12215
+assert found.total_cost.forward_equivalents <= certificate["left"]["cost_ceiling"]
+print(certificate["finish"])
 print(f"{len(found.nodes)} nodes found; {found.total_cost.forward_equivalents:,.0f} forward equivalents, "
-      f"{found.cost_fraction:.1%} of exhaustive patching ({found.exhaustive_cost:,.0f})")
+      f"{found.cost_fraction:.1%} of exhaustive patching ({found.exhaustive_cost:,.0f}); "
+      f"ceiling {certificate['left']['cost_ceiling']:,.0f}")
 
 # %% [markdown]
 # ## A budget, and a certificate that says no
 #
-# `budget` caps the total cost in forward-pass equivalents, the estimate included. A budget that
-# runs out before the search is certified gives a result that says so, with what is left. A budget
-# too small even for the estimate is refused before any pass.
+# `budget` caps the total cost in forward-pass equivalents, the estimate included: a hard ceiling,
+# unlike `max_overspend`. A budget that runs out before the search is certified gives a result that
+# says so (*not certified*), with what is left: the only way `find` ends without a certificate. A
+# budget too small even for the estimate is refused before any pass.
 
 # %%
 short = atpstar.find(model, pairs, theta=0.3, nodes=nodes, budget=2000)
 print(short.statement())
 print("stopped:", short.certificate()["stopped"])
 print("left:", short.certificate()["left"])
+assert not short.certified and short.total_cost.forward_equivalents <= 2000
 
 # %%
 try:

@@ -13,12 +13,14 @@ from .planning import (
     MIN_IN_SAMPLES,
     MIN_SAMPLES,
     P_MAX,
+    PLAN_IN_SAMPLES,
     PLAN_MIN_SAMPLES,
     SAFETY,
     bound_cost,
     choose_p,
     noise_quantile,
     plan_samples,
+    planned_p,
 )
 from .record import ASSUMPTION, FalseNegativeBound
 from .statistics import COMBINES
@@ -30,6 +32,7 @@ __all__ = [
     "DEFAULT_SAMPLES",
     "MIN_IN_SAMPLES",
     "MIN_SAMPLES",
+    "PLAN_IN_SAMPLES",
     "PLAN_MIN_SAMPLES",
     "P_MAX",
     "SAFETY",
@@ -39,4 +42,5 @@ __all__ = [
     "false_negative_bound",
     "noise_quantile",
     "plan_samples",
+    "planned_p",
 ]

@@ -74,7 +74,7 @@ class Calibration:
     worst_ratio: float  # max over checked nodes of |c(n)| / U(n) (before widening)
     outside: int  # checked nodes with |c| > κ U(n)
     allowed: int  # at most this many (binomial (1 - alpha) quantile of Bin(checked, alpha_bound))
-    large: int  # checked nodes with |c| >= θ: misses the certificate would have made
+    large: int  # checked nodes with |c| >= θ that the bound ruled out (U < θ): misses it would have made
     max_upper: float  # κ × max U(n) over the nodes left unchecked
     alpha: float  # error rate of the calibration (the shrinkage bound and the count)
     alpha_bound: float  # error rate of the bound's intervals
@@ -138,7 +138,13 @@ def shrinkage(exact: torch.Tensor, estimate: torch.Tensor, se: torch.Tensor, alp
 
 
 def calibrate(
-    checked: dict[str, torch.Tensor], top: int, rest_max_upper: float, theta: float, alpha: float, alpha_bound: float
+    checked: dict[str, torch.Tensor],
+    top: int,
+    rest_max_upper: float,
+    theta: float,
+    alpha: float,
+    alpha_bound: float,
+    flagged: int = 0,
 ) -> Calibration:
     """The verdict on a bound from its checked nodes.
 
@@ -148,6 +154,8 @@ def calibrate(
         rest_max_upper: max U(n) over the nodes the bound covers that were not checked (0 when none).
         theta: the effect size the certificate is about.
         alpha: error rate of the calibration; alpha_bound: the bound's.
+        flagged: how many of the checked nodes (the first ones) the bound flagged (U >= θ) and were verified since:
+            they measure the shrinkage and count against the intervals, but are no misses.
     """
     exact, upper = checked["exact"].abs(), checked["upper"]
     found = shrinkage(checked["exact"], checked["estimate"], checked["se"], alpha)
@@ -155,7 +163,7 @@ def calibrate(
     widened = upper * widen if math.isfinite(widen) else torch.full_like(upper, math.inf)
     outside = int((exact > widened).sum())
     allowed = binomial_quantile(len(exact), alpha_bound, 1.0 - alpha)
-    large = int((exact >= theta).sum())
+    large = int((exact[flagged:] >= theta).sum())  # the flagged ones were not ruled out: no miss
     max_upper = rest_max_upper * widen if rest_max_upper > 0 else 0.0
     ratio = exact / upper.clamp(min=1e-300)
     reasons = []

@@ -23,12 +23,18 @@ MIN_SAMPLES = 64  # below this the in/out variances are too rough to bound anyth
 # the toy model p = 0.5 inflated every standard error 10x. So planned bounds take at least
 # MIN_IN_SAMPLES / P_MAX samples per pair.
 P_MAX = 0.05
-PLAN_MIN_SAMPLES = math.ceil(MIN_IN_SAMPLES / P_MAX)
+# Samples per pair with a node in that a planned bound needs at least: its per-node intervals are Welch t
+# intervals with the degrees of freedom counted (about 15 per side and pair here; t_{0.99, 15} is 12 % above
+# the normal quantile), so fewer in-samples make them wider, not wrong; calibration checks their coverage on
+# exactly patched nodes. With p = P_MAX a node has fewer than 2 in-samples on a pair (no interval: flagged,
+# then verified) with probability about 1e-6.
+PLAN_IN_SAMPLES = 16
+PLAN_MIN_SAMPLES = math.ceil(PLAN_IN_SAMPLES / P_MAX)
 DEFAULT_SAMPLES = 256
-# Planned samples are this factor above the noise-only estimate: se varies across nodes, the variance
-# estimate itself is noisy, and a round that misses θ narrowly costs a whole new round (on SmolLM2 IOI
-# 1.5 missed by 10%).
-SAFETY = 2.0
+# Planned samples are this factor above the noise-only estimate. It was 2 while a round that missed θ
+# narrowly cost a whole new round; ``find`` now verifies the few nodes such a round flags and calibrates
+# the same bound in the same round, so planning at the noise estimate itself is cheaper.
+SAFETY = 1.0
 
 
 def choose_p(samples: int) -> float:
@@ -40,6 +46,12 @@ def choose_p(samples: int) -> float:
     additivity the standard error does not depend on p (se² ≈ Σ c² / samples), so nothing is lost.
     """
     return min(0.5, MIN_IN_SAMPLES / samples)
+
+
+def planned_p(samples: int) -> float:
+    """Inclusion probability of a planned bound of ``samples`` per pair: ``choose_p``, at most ``P_MAX`` (a planned
+    bound of fewer than ``MIN_IN_SAMPLES / P_MAX`` samples has each node in fewer than ``MIN_IN_SAMPLES``)."""
+    return min(P_MAX, choose_p(samples))
 
 
 def noise_quantile(n_unverified: int, alpha: float) -> float:
@@ -64,7 +76,8 @@ def plan_samples(n_unverified: int, n_pairs: int, theta: float, alpha: float, su
 
     With near-additive effects, se(n)² ≈ V / (samples · P) where V = mean over pairs of Σ_unverified
     c_j(n)² (``sum_sq``); max_n U(n) < θ needs θ >= se × ``noise_quantile``, so
-    samples >= SAFETY × q² V / (θ² P). At least ``PLAN_MIN_SAMPLES`` (so that p <= ``P_MAX``).
+    samples >= SAFETY × q² V / (θ² P). At least ``PLAN_MIN_SAMPLES`` (``PLAN_IN_SAMPLES`` with each node in at
+    p = ``P_MAX``).
     """
     q = noise_quantile(n_unverified, alpha)
     return max(PLAN_MIN_SAMPLES, math.ceil(SAFETY * q * q * sum_sq / (theta * theta * n_pairs)))

@@ -199,7 +199,9 @@ def _spaces(model: Model, node_types: list[str], engine: dict[str, Any]) -> Spac
         raise InputError(f"no false-negative bound for the nodes {node_types}: their engines {engines} cannot sample")
     if engines != {"sites"} and len(spaces.spaces) > 1:
         alone = sorted({space.kind for space in spaces if space.engine != "sites"})
-        raise InputError(f"bound {'/'.join(alone)} nodes on their own: only their node types in nodes=, in a call of their own")
+        raise InputError(
+            f"bound {'/'.join(alone)} nodes on their own: only their node types in nodes=, in a call of their own"
+        )
     return spaces
 
 

@@ -21,7 +21,8 @@ def add_find_parser(sub: Any) -> None:
         "find every component with |effect| >= theta and certify that none is missing",
         "Estimate (AtP* by default), verify in estimate order, bound the unverified nodes by "
         "subsampling, verify what the bound cannot rule out, and repeat until certified or the budget is "
-        "spent. Writes localization.json/.safetensors, found.csv, history.csv, certificate.json and "
+        "spent; when a further bound could push the cost past exhaustive patching plus --max-overspend, verify the "
+        "rest exactly instead. Writes localization.json/.safetensors, found.csv, history.csv, certificate.json and "
         "report.html; prints the components found next to the certificate. Each completed step is "
         "checkpointed to OUT/find.ckpt.safetensors: an interrupted run resumes when rerun with the same --out.",
     )
@@ -36,7 +37,17 @@ def add_find_parser(sub: Any) -> None:
         type=float,
         default=None,
         metavar="FE",
-        help="cap on the total cost in forward-pass equivalents (default: none, run until certified)",
+        help="hard cap on the total cost in forward-pass equivalents; a run it cuts short ends not certified "
+        "(default: none, run until certified)",
+    )
+    find.add_argument(
+        "--max-overspend",
+        type=float,
+        default=0.1,
+        metavar="FRACTION",
+        help="how much a failed bound may cost beyond exhaustive patching, as a fraction of it (default 0.1): a bound "
+        "runs only while, should it fail, verifying every node left stays within the estimate + (1 + FRACTION) x "
+        "exhaustive patching; else the rest is verified exactly (certified by exhaustion)",
     )
     find.add_argument("--max-rounds", type=int, default=6, help="bound rounds at most (default 6)")
     find.add_argument("--bound-seed", type=int, default=0, help="subsampling seed of the bounds (default 0)")
@@ -72,6 +83,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         estimator=args.estimator,
         alpha=args.alpha,
         budget=args.budget,
+        max_overspend=args.max_overspend,
         direction=args.direction,
         progress=not args.no_progress,
         max_rounds=args.max_rounds,
@@ -114,7 +126,7 @@ def _certificate_facts(found: Any, certificate: dict[str, Any]) -> dict[str, str
     by_stage = ", ".join(f"{stage} {cost:.0f}" for stage, cost in certificate["cost_by_stage"].items())
     facts = {
         "certificate": certificate["statement"],
-        "certified": "yes" if found.certified else "no",
+        "certified": f"yes, by {found.certified_by}" if found.certified else "no",
         "theta": f"{found.theta:g}",
         "alpha": f"{found.alpha:g} (round r of the bound uses alpha / 2^r)",
         "assumption": certificate["assumption"],

@@ -42,26 +42,37 @@ def calibration_cost(search: Search) -> float:
 
 
 def check_bound(
-    search: Search, bound: FalseNegativeBound, alpha: float, seed: int
+    search: Search,
+    bound: FalseNegativeBound,
+    alpha: float,
+    seed: int,
+    flagged: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Calibration | None, FalseNegativeBound]:
     """Calibrate a bound whose max_n U(n) < θ: (the calibration, the widened bound), or (None, the bound) when
     the budget cannot pay for the checked nodes (nothing is patched then). The round planned the calibration with
-    its bound (``calibration_cost``) within the search's ceiling, so only the user's budget can cut it.
+    its bound (``calibration_cost``) within the search's slack (``Search.slack``), so only the user's budget can cut
+    it.
 
     Args:
         alpha: the calibration's error rate (the round's other half goes to the bound).
         seed: draws the random part of the sample.
+        flagged: ([F] flat indices, [F, P] exact effects) of nodes the bound flagged (U >= θ) that were verified
+            since: its highest-ranked nodes, checked together with the sample (they carry the signal that measures
+            the shrinkage; not counted as misses, the bound did not rule them out).
     """
-    keep = ~search.verified  # [N] the bound's population (nothing was verified since it ran)
+    keep = ~search.verified  # [N] the bound's population less the nodes verified since it ran
     upper, estimate, se = (_flat(search, bound, name) for name in ("upper", "estimate", "se"))
     sample, top = calibration_sample(upper, estimate, keep, seed, CALIBRATION_TOP, CALIBRATION_RANDOM)  # [K]
-    if search.affordable(sample, ceiling=False) < len(sample):
+    if search.affordable(sample) < len(sample):
         return None, bound
     effects = search.verify(sample, "calibrate")  # [K, P]
+    n_flagged = 0 if flagged is None else len(flagged[0])
+    if flagged is not None and n_flagged:
+        sample, effects, top = torch.cat([flagged[0], sample]), torch.cat([flagged[1], effects]), top + n_flagged
     rest = ~search.verified
     rest_max = float(upper[rest].max()) if bool(rest.any()) else 0.0
     checked = {"exact": effects.mean(1), "estimate": estimate[sample], "se": se[sample], "upper": upper[sample]}
-    found = calibrate(checked, top, rest_max, search.options.theta, alpha, bound.alpha)
+    found = calibrate(checked, top, rest_max, search.options.theta, alpha, bound.alpha, n_flagged)
     widened = replace(
         bound,
         max_effect_upper=found.max_upper if math.isfinite(found.widen) else math.inf,

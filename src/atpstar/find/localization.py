@@ -41,8 +41,10 @@ class Localization:
             which stage), effects [N, P], in the order they were verified.
         bound: the last false-negative bound over the nodes left unverified (None if none ran: budget
             spent first). When every node was verified, a bound with ``n_unverified`` 0 and no assumption.
-        certified: True when the last bound's ``max_effect_upper`` < theta: with probability >= 1 - alpha
-            under the stated assumption, no unverified node has |c(n)| >= theta (see ``certificate``).
+        certified: True when no node with |c(n)| >= theta is missing: every node was verified exactly
+            (certified by exhaustion), or the last, calibrated bound's ``max_effect_upper`` < theta (with
+            probability >= 1 - alpha under the stated assumption; see ``certificate``). False only when the user's
+            ``budget`` cut the search short.
         theta, alpha: the effect size sought and the error rate of the certificate.
         cost: stage (``STAGES``) -> passes run by that stage.
         history: one row per round (dicts: round, stage, verified, found, n_unverified, samples, p,
@@ -58,10 +60,10 @@ class Localization:
         >>> found = atpstar.find(model, pairs, 1.0, nodes=["head"])
         >>> found
         Localization(found=10, certified=True, theta=1, alpha=0.05, rounds=1, cost=92 fe)
-        >>> found.statement()
-        '10 nodes have |c| >= 1; every node was verified exactly, so none is missing.'
+        >>> found.certified_by, found.statement()[:86]
+        ('exhaustion', '10 nodes have |c| >= 1; every node was verified exactly, so none is missing (certified')
         >>> sorted(found.certificate())
-        ['alpha', 'assumption', 'calibration', 'certified', 'cost_by_stage', 'cost_forward_equivalents', 'cost_fraction_of_exhaustive', 'fallback', 'final_bound', 'left', 'n_found', 'n_verified', 'rounds', 'statement', 'stopped', 'theta']
+        ['alpha', 'assumption', 'calibration', 'certified', 'certified_by', 'cost_by_stage', 'cost_forward_equivalents', 'cost_fraction_of_exhaustive', 'fallback', 'final_bound', 'finish', 'left', 'n_found', 'n_verified', 'rounds', 'statement', 'stopped', 'theta']
     """
 
     nodes: list[tuple[str, tuple[int, ...]]]
@@ -115,6 +117,7 @@ class Localization:
         bound = self.bound
         return {
             "certified": self.certified,
+            "certified_by": self.certified_by,
             "theta": self.theta,
             "alpha": self.alpha,
             "statement": self.statement(),
@@ -128,15 +131,28 @@ class Localization:
             "final_bound": None if bound is None else _bound_summary(bound),
             "stopped": self.info.get("stopped", ""),
             "fallback": self.info.get("fallback", ""),  # why every node was patched exhaustively, if it was
+            "finish": self.info.get("finish", ""),  # why the loop verified the rest exactly, if it did
             "calibration": self.info.get("calibration"),  # what a bound's certificate rests on (None: no bound)
             "left": self.info.get("left", {}),
         }
 
+    @property
+    def certified_by(self) -> str | None:
+        """``"exhaustion"`` (every node verified exactly: no assumption), ``"bound"`` (a calibrated bound covers
+        the unverified nodes), or None when not certified."""
+        if not self.certified:
+            return None
+        return "exhaustion" if self.bound is None or self.bound.n_unverified == 0 else "bound"
+
     def statement(self) -> str:
         """One sentence: what the certificate says (or why there is none)."""
         n = len(self.nodes)
-        if self.certified and self.bound is not None and self.bound.n_unverified == 0:
-            return f"{n} nodes have |c| >= {self.theta:g}; every node was verified exactly, so none is missing."
+        if self.certified_by == "exhaustion":
+            why = self.info.get("finish") or self.info.get("fallback")
+            because = f" (certified by exhaustion: {why})" if why else ""
+            return (
+                f"{n} nodes have |c| >= {self.theta:g}; every node was verified exactly, so none is missing{because}."
+            )
         calibration = self.info.get("calibration")
         if self.certified and self.bound is not None and calibration is not None:
             return (

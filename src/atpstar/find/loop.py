@@ -4,25 +4,30 @@ Goal: every node with |c(n)| >= θ (c = exact mean effect over the pairs), verif
 and a certificate that no unverified node is that large. The loop:
 
 1. Estimate: one estimator (AtP* by default) ranks every node.
-2. Verify in estimate order, in windows of ``patience`` nodes. Stopping rule: stop after the first
-   window that found no node with |c| >= θ AND did not pay for itself. A verified node leaves the
-   bound's population, and the bound's cost is linear in V = mean_j Σ c_j(n)² over the unverified
-   nodes (``bound.bound_cost``: SAFETY q² V / θ²), so verifying n saves SAFETY q² mean_j c_j(n)² / θ²
-   forward equivalents of bound samples; a window pays when its savings exceed its verification
-   cost (roughly: any node above θ/10 on one pair; AtP*'s tail is unreliable, so windows stop paying).
+2. Verify in estimate order, in windows of ``patience`` nodes, while the windows pay for themselves: a
+   verified node leaves the bound's population, and the first bound's planned samples (``plan_samples``:
+   SAFETY q² V / (θ² P), V = mean_j Σ c_j(n)² over the unverified nodes, from the estimate) fall; a window
+   pays when that saves more than the window costs. Stop after the first window that did not pay and found
+   no node with |c| >= θ, or that saved nothing (the plan is at its floor, ``PLAN_MIN_SAMPLES``: from there
+   the bound is cheaper than verifying further, and it flags the large nodes left).
 3. Bound round r: Subsampling over the unverified nodes (fresh seed), at level α_r / 2 (α_r = α / 2^r),
    ``samples`` planned from the nodes left, p = ``choose_p(samples)`` or lower where the interaction
    measured so far asks for it. When max_n U(n) < θ, calibrate (``find.calibrate``, at α_r / 2): patch
    the bound's top and stratified random nodes exactly, widen the bound by the measured shrinkage;
    certified only when calibration passes.
 4. Otherwise verify the nodes the bound cannot rule out (U(n) >= θ), in decreasing order of that
-   bound's own |ĉ(n)|, and go to 3 with samples re-planned from the measured standard errors.
-Stops when certified, at the budget or the ceiling, or after ``max_rounds`` rounds (not certified; the
-result says what is left). When verifying every remaining node costs no more than the next bound and its
-calibration, they are all verified instead (exact, no assumption). When the estimate and one calibrated
-bound of ``MIN_SAMPLES`` samples would cost as much as exhaustive patching, every node is patched in one
-call at ``activation_patching``'s cost (``fallback`` says why). The search never spends more than
-exhaustive patching plus the estimate, plus 2P per extra verification call (design record 0021).
+   bound's own |ĉ(n)|. When all of them were verified, the same bound lies below θ on every node left:
+   calibrate it in the same round (its intervals were not used to certify yet). Else go to 3 with samples
+   re-planned from the measured standard errors.
+Stops when certified, or when the user's ``budget`` is spent (not certified; the result says what is left).
+Bound rounds and their calibrations are gambles: one runs only while, should it fail, verifying every node left
+still keeps the total within the estimate + (1 + ``max_overspend``) x exhaustive patching (``Search.slack``; a
+further verification call's 2P base and source runs count against the same slack). When verifying every
+remaining node costs no more than the next bound and its calibration, when no bound fits the slack any more, or
+after ``max_rounds`` rounds, they are all verified instead: certified by exhaustion (exact, no assumption). So
+without a budget ``find`` always ends certified. When the estimate and one calibrated bound of ``MIN_SAMPLES``
+samples would cost as much as exhaustive patching, every node is patched in one call at
+``activation_patching``'s cost (``fallback`` says why). Design records 0021 and 0026.
 
 Why α / 2^r: each round is a new chance to certify wrongly. Given the history, round r certifies
 while some unverified node n0 has |c(n0)| >= θ with probability <= α_r (its fresh samples put
@@ -45,7 +50,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import attribute
-from ..bound import MIN_SAMPLES, choose_p, plan_samples
 from ..cost import Cost
 from ..errors import InputError
 from ..fingerprint import check_reuse
@@ -58,12 +62,13 @@ from ..pairsets import as_pairs, check_positions, refuse_workers
 from ..result import Attribution
 from ..spaces import Spaces, check_node_types, spaces_for
 from ..validate import check_pairs_fit
-from .calibrate import calibration_cost
+from .assemble import localization
 from .engines import engine_facts
 from .journal import CHECKPOINT_NAME, FindJournal, digest, find_identity
 from .localization import Localization
 from .options import FindOptions, check_options
-from .stages import Outcome, bound_rounds, exhaustive_fallback, localization, verify_in_estimate_order
+from .plan import fallback_planned, fallback_reason
+from .stages import Outcome, bound_rounds, exhaustive_fallback, verify_in_estimate_order
 from .state import Search, population
 
 
@@ -76,6 +81,7 @@ def find(
     estimator: str | Attribution = "atp*",
     alpha: float = 0.05,
     budget: float | None = None,
+    max_overspend: float = 0.1,
     direction: str = "noising",
     progress: bool = False,
     patience: int | None = None,
@@ -103,7 +109,14 @@ def find(
         estimator: a method id from ``atpstar.METHODS`` (default ``"atp*"``), or an ``Attribution``
             already computed on these pairs (its cost is counted as the estimate stage).
         alpha: error rate of the certificate (it is wrong with probability <= alpha, under its assumption).
-        budget: cap on the total cost in forward equivalents, estimate included; None: no cap.
+        budget: cap on the total cost in forward equivalents, estimate included; None: no cap. A hard ceiling:
+            a search it cuts short ends not certified and says so.
+        max_overspend: how much a failed bound may cost beyond exhaustive patching, as a fraction of it (default
+            0.1). Bound rounds and their calibration are gambles: one runs only while, should it fail, verifying
+            every node left still keeps the total within the estimate + (1 + max_overspend) x exhaustive
+            patching; when no bound fits, the rest is verified exactly (certified by exhaustion). So without a
+            ``budget`` the search always ends certified and never costs more than that. 0: patch exhaustively
+            unless a bound is certain to be cheaper (it never is).
         direction: ``"noising"`` (default) or ``"denoising"``.
         progress: progress bars and one line per round on stderr.
         patience: window of the estimate-order stage (stops after a window with no |c| >= theta);
@@ -144,6 +157,7 @@ def find(
         theta=theta,
         alpha=alpha,
         budget=budget,
+        max_overspend=max_overspend,
         direction=direction,
         progress=progress,
         patience=patience,
@@ -174,18 +188,18 @@ def find(
     job = Job(model, pairs, options.direction, Cost(), options.progress)  # costs are counted per stage
     search = Search(job, node_types, shapes, weight, options, journal, spaces, facts)
     outcome = Outcome(not_ruled_out=torch.zeros(len(weight), dtype=torch.bool))
-    fallback = _fallback(search, 0.0 if given is not None else estimate_cost)
+    fallback = fallback_reason(search, 0.0 if given is not None else estimate_cost)
     if fallback and given is None:
         estimate_method = str(estimator)  # never run: exhaustive patching needs no ranking
         exhaustive_fallback(search, outcome, options, fallback, say)
     else:
         per_pair, estimate_method = _estimate(search, estimator if given is None else given, options)  # [P, N]
-        search.ceiling = _exhaustive(search) + search.spent  # never more than exhaustive patching after the estimate
-        fallback = fallback or _fallback_planned(search, per_pair, window, options)
+        search.ceiling = search.spent + (1.0 + options.max_overspend) * search.rest_cost
+        fallback = fallback or fallback_planned(search, per_pair, window, options)
         if fallback:
             exhaustive_fallback(search, outcome, options, fallback, say)
         else:
-            verify_in_estimate_order(search, outcome, window, options, say)
+            verify_in_estimate_order(search, outcome, per_pair, window, options, say)
             bound_rounds(search, outcome, per_pair, options, say)
     found = localization(search, outcome, estimate_method, options, _recorded(options, window, journal))
     if out_dir is not None:
@@ -248,57 +262,6 @@ def _check_budget(
             f"need more, and exhaustive patching of every node costs {exhaustive:g}), a cheaper estimator, or no budget"
         )
     return estimate
-
-
-def _fallback(search: Search, estimate: float | None) -> str:
-    """Why patching every node exhaustively is the plan ("" when the loop should run).
-
-    Exhaustive patching costs P (2 + Σ weight); the loop at least pays for its estimate (``estimate``: still to
-    run; None when unknown) and one bound of ``MIN_SAMPLES`` samples. When that is no cheaper, exhaustive
-    patching within the budget is taken instead: exact, and never dearer than ``activation_patching``.
-    """
-    n_pairs = search.job.n_pairs
-    exhaustive = _exhaustive(search)
-    bound = n_pairs * (MIN_SAMPLES * search.sample_cost(choose_p(MIN_SAMPLES)) + 2) + calibration_cost(search)
-    planned = (estimate or 0.0) + bound
-    if planned < exhaustive or exhaustive > search.left + 1e-9:
-        return ""
-    return (
-        f"the estimate and one calibrated bound would cost at least {planned:g} forward equivalents, no less than "
-        f"exhaustive patching ({exhaustive:g})"
-    )
-
-
-def _fallback_planned(search: Search, per_pair: torch.Tensor, window: int, options: FindOptions) -> str:
-    """After the estimate: why exhaustive patching is the plan ("" when the loop should run), now that the
-    first bound can be planned from the estimate (``per_pair``: [P, N]) as the first round plans it.
-
-    The loop's next steps cost at least its first window (the estimate's top ``window`` nodes) and that bound;
-    when they are no cheaper than patching every node, patching every node is cheaper and exact.
-    """
-    n_pairs, theta = search.job.n_pairs, options.theta
-    exhaustive = _exhaustive(search)
-    order = torch.sort(search.estimate_score.abs(), descending=True, stable=True).indices  # [N]
-    top, rest = order[:window], order[window:]
-    if len(rest) == 0 or exhaustive > search.left + 1e-9:
-        return ""
-    sum_sq = float((per_pair[:, rest] ** 2).sum(1).mean())  # V of the nodes the first bound would cover
-    samples = plan_samples(len(rest), n_pairs, theta, options.alpha / 4, sum_sq)  # round 1: half of α / 2
-    bound = n_pairs * (samples * search.sample_cost(choose_p(samples)) + 2) + calibration_cost(search)
-    planned = float(search.verify_cost(top)[-1]) + bound
-    if planned < exhaustive:
-        return ""
-    return (
-        f"the first window and the first calibrated bound ({samples} samples) would cost {planned:g} forward "
-        "equivalents, "
-        f"no less than exhaustive patching ({exhaustive:g})"
-    )
-
-
-def _exhaustive(search: Search) -> float:
-    """Forward equivalents of patching every unverified node in one call (activation patching's cost at the start)."""
-    unverified = torch.nonzero(~search.verified)[:, 0]
-    return float(search.verify_cost(unverified)[-1]) if len(unverified) else 0.0
 
 
 def _estimate_cost(
@@ -370,6 +333,7 @@ def _recorded(options: FindOptions, window: int, journal: FindJournal) -> dict[s
         "max_rounds": options.max_rounds,
         "seed": options.seed,
         "budget": options.budget,
+        "max_overspend": options.max_overspend,
         "estimator_options": options.estimator_options or {},
     }
     if journal.replayed:

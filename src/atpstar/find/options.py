@@ -21,6 +21,7 @@ class FindOptions:
     theta: float  # the effect size sought, > 0
     alpha: float  # error rate of the certificate, in (0, 1)
     budget: float | None  # cap on the total cost in forward equivalents; None: no cap
+    max_overspend: float  # bound rounds may risk this fraction of exhaustive patching beyond it, >= 0
     direction: str  # "noising" or "denoising"
     progress: bool
     patience: int | None  # window of the estimate-order stage; None: max(16, N / 200)
@@ -67,6 +68,7 @@ def check_options(**given: Any) -> FindOptions:
     budget = given["budget"]
     if budget is not None:
         budget = check_number("budget", budget, 0.0, None, low_open=True)
+    overspend = check_number("max_overspend", given["max_overspend"], 0.0, None)
     patience = given["patience"]
     if patience is not None:
         patience = check_count("patience", patience)
@@ -81,6 +83,7 @@ def check_options(**given: Any) -> FindOptions:
             "theta": theta,
             "alpha": alpha,
             "budget": budget,
+            "max_overspend": overspend,
             "direction": check_direction(given["direction"]),
             "patience": patience,
             "max_rounds": check_count("max_rounds", given["max_rounds"]),

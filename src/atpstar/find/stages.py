@@ -16,12 +16,10 @@ from typing import Any
 
 import torch
 
-from ..bound import MIN_IN_SAMPLES, MIN_SAMPLES, P_MAX, FalseNegativeBound, bound_cost, choose_p, plan_samples
+from ..bound import PLAN_IN_SAMPLES, FalseNegativeBound, plan_samples, planned_p
 from ..bound.calibration import Calibration, next_p
 from ..cost import Cost
-from ..verify import Verification
 from .calibrate import calibration_cost, check_bound, measured_p, rescue
-from .localization import STAGES, Localization
 from .options import FindOptions
 from .state import NO_ASSUMPTION, THETA_TOLERANCE, Search
 
@@ -40,32 +38,52 @@ class Outcome:
     fallback: str = ""  # why the search patched every node exhaustively instead ("" when it did not)
     calibration: Calibration | None = None  # the last bound's calibration (None: none ran)
     p_next: float | None = None  # the inclusion probability the measured interaction asks of the next bound
-    reuse: FalseNegativeBound | None = None  # a bound all of whose flagged nodes are verified: below θ on the rest
+    finish: str = ""  # why the rest was verified exactly after the loop began ("" when it was not)
 
 
-def verify_in_estimate_order(search: Search, outcome: Outcome, window: int, options: FindOptions, say: Say) -> None:
-    """Stage 1: verify in estimate order, in windows of ``window`` nodes, while the windows pay for themselves."""
+def verify_in_estimate_order(
+    search: Search, outcome: Outcome, per_pair: torch.Tensor, window: int, options: FindOptions, say: Say
+) -> None:
+    """Stage 1: verify in estimate order, in windows of ``window`` nodes, while the windows pay for themselves.
+
+    A window pays when the first bound's plan (``plan_samples`` on the estimate's V of the nodes left, as round 1
+    plans it) drops by more than the window costs. Once that plan is at its floor, verifying more saves nothing:
+    the stage stops there even after a window that found nodes >= θ (the bound flags what is left of them).
+
+    Args:
+        per_pair: [P, N] the estimate's per-pair scores.
+    """
     theta, alpha = options.theta, options.alpha
     threshold = theta * (1 - THETA_TOLERANCE)
     order = torch.sort(search.estimate_score.abs(), descending=True, stable=True).indices  # [N]
+    squares = (per_pair**2).mean(0)  # [N] each node's share of V = mean over pairs of Σ c_j(n)²
     position, found_here = 0, 0
-    while position < len(order) and not outcome.stopped:
+    while position < len(order) and not outcome.stopped and search.may_call():
         chunk = order[position : position + window]
         fit = search.affordable(chunk)
         if fit < len(chunk):
             outcome.stopped = search.limit_reason("while verifying in estimate order")
             chunk = chunk[:fit]
         window_cost = float(search.verify_cost(chunk)[-1]) if len(chunk) else 0.0
+        before = _first_bound_cost(search, squares, alpha)
         effects = search.verify(chunk, "verify_estimate_order")  # [K, P]
+        saved = before - _first_bound_cost(search, squares, alpha)
         position += len(chunk)
         hits = int((effects.mean(1).abs() >= threshold).sum())
         found_here += hits
-        saved = bound_cost(int((~search.verified).sum()), theta, alpha / 4, float((effects**2).mean(1).sum()))
-        saved *= search.sample_cost(P_MAX)
-        if hits == 0 and saved < window_cost:
+        if saved < window_cost and (hits == 0 or saved <= 0):
             break
     outcome.history.append(history_row(0, "verify_estimate_order", position, found_here, search, None))
     say(f"estimate order: verified {position} nodes, {found_here} with |c| >= {theta:g}")
+
+
+def _first_bound_cost(search: Search, squares: torch.Tensor, alpha: float) -> float:
+    """Forward equivalents of the samples the first bound would plan over the nodes now unverified (``squares``:
+    [N] each node's mean squared per-pair estimate), at round 1's error rate (half of α / 2)."""
+    unverified = ~search.verified
+    samples = plan_samples(int(unverified.sum()), search.job.n_pairs, search.options.theta, alpha / 4,
+                           float(squares[unverified].sum()))  # fmt: skip
+    return search.job.n_pairs * samples * search.sample_cost(planned_p(samples))
 
 
 def exhaustive_fallback(search: Search, outcome: Outcome, options: FindOptions, reason: str, say: Say) -> None:
@@ -94,55 +112,55 @@ def bound_rounds(search: Search, outcome: Outcome, per_pair: torch.Tensor, optio
         if outcome.stopped or outcome.certified:
             break
         sum_sq = _round(search, outcome, round_index, sum_sq, options, say)
-    if not outcome.certified and not outcome.stopped:
-        outcome.stopped = f"max_rounds={options.max_rounds} rounds without a certificate"
+    if not outcome.certified and not outcome.stopped:  # the rest always fits the ceiling (``Search.slack``)
+        why = f"max_rounds={options.max_rounds} bound rounds did not certify"
+        _verify_rest(search, outcome, options.max_rounds + 1, options, say, why)
 
 
 def _plan(search: Search, outcome: Outcome, n_unverified: int, alpha_bound: float, sum_sq: float) -> tuple[int, float]:
     """(samples per pair, p) of the next bound: samples planned from V, p from the measured interaction (the
-    smaller of ``choose_p(samples)`` and what the last measured shrinkage asks for, with samples raised so that
-    each node is still in about ``MIN_IN_SAMPLES`` of them)."""
+    smaller of ``planned_p(samples)`` and what the last measured shrinkage asks for, with samples raised so that
+    each node is still in about ``PLAN_IN_SAMPLES`` of them)."""
     samples = plan_samples(n_unverified, search.job.n_pairs, search.options.theta, alpha_bound, sum_sq)
-    p = choose_p(samples)
+    p = planned_p(samples)
     if outcome.p_next is not None and outcome.p_next < p:
         p = outcome.p_next
-        samples = max(samples, math.ceil(MIN_IN_SAMPLES / p))
+        samples = max(samples, math.ceil(PLAN_IN_SAMPLES / p))
     return samples, p
 
 
 def _round(search: Search, outcome: Outcome, round_index: int, sum_sq: float, options: FindOptions, say: Say) -> float:
-    """One round: verify everything left when that is cheaper than a bound and its calibration, else bound,
-    calibrate a bound below θ, and verify what it flags. Returns the next round's V.
+    """One round: verify everything left when that is cheaper than a bound and its calibration, or when a bound
+    no longer fits the slack (its worst case, failing and then verifying the rest, would pass the ceiling); else
+    bound, calibrate a bound below θ, and verify what it flags. Returns the next round's V.
 
     Round r has error rate α / 2^r: half for the bound's intervals, half for the calibration.
     """
-    n_pairs, theta = search.job.n_pairs, options.theta
-    unverified = torch.nonzero(~search.verified)[:, 0]
+    n_pairs = search.job.n_pairs
     alpha_bound = options.alpha / 2**round_index / 2
-    rest_cost = float(search.verify_cost(unverified)[-1]) if len(unverified) else 0.0
-    samples, p = _plan(search, outcome, len(unverified), alpha_bound, sum_sq)
+    samples, p = _plan(search, outcome, int((~search.verified).sum()), alpha_bound, sum_sq)
     unit = search.sample_cost(p)  # forward equivalents of one joint patch (1 for nodes)
-    fresh = _affordable_samples(search.left - calibration_cost(search), n_pairs, unit) >= MIN_SAMPLES
-    reuse, outcome.reuse = outcome.reuse, None
-    if reuse is not None and not fresh and rest_cost > search.left and calibration_cost(search) <= search.left:
-        # Neither a fresh bound nor the rest fits the limit, but the last bound's samples already rule out every
-        # node left (its flagged ones are verified): calibrate it instead.
-        outcome.history.append({**history_row(round_index, "bound", 0, 0, search, reuse), "reused": True})
-        return _calibrate(search, outcome, reuse, round_index, alpha_bound, sum_sq, options, say)
-    if rest_cost <= n_pairs * (samples * unit + 2) + calibration_cost(search):
-        _verify_rest(search, outcome, unverified, round_index, options, say)
+    calibration = calibration_cost(search)
+    if search.rest_cost <= n_pairs * (samples * unit + 2) + calibration:
+        _verify_rest(search, outcome, round_index, options, say, "verifying the rest cost no more than a bound")
         return sum_sq
-    affordable = _affordable_samples(search.left - calibration_cost(search), n_pairs, unit)
-    if affordable < MIN_SAMPLES:
-        outcome.stopped = search.limit_reason(f"a bound and its calibration need more than {search.left:g} left")
+    # The gamble: the planned bound (fewer samples would rarely rule anything out) and its calibration's base and
+    # source runs, within the slack and the budget.
+    room = min(search.slack - 2.0 * n_pairs, search.budget_left - calibration)
+    if _affordable_samples(room, n_pairs, unit) < samples:
+        why = (
+            f"a bound of {samples} samples no longer fit max_overspend={options.max_overspend:g}"
+            if room < search.budget_left - calibration
+            else "the budget left could not pay for a bound"
+        )
+        _verify_rest(search, outcome, round_index, options, say, why)
         return sum_sq
-    samples = min(samples, affordable)
     bound = outcome.bound = search.bound(samples, p, alpha_bound, options.seed + round_index)
     upper = search.layout.flatten(bound.upper)  # [N], nan at verified nodes
-    flagged = torch.nonzero((upper >= theta) & ~search.verified)[:, 0]  # inf (too few samples) counts
+    flagged = torch.nonzero((upper >= options.theta) & ~search.verified)[:, 0]  # inf (too few samples) counts
     outcome.not_ruled_out = torch.zeros(len(upper), dtype=torch.bool)
     outcome.not_ruled_out[flagged] = True
-    if bound.max_effect_upper < theta:
+    if bound.max_effect_upper < options.theta:
         outcome.history.append(history_row(round_index, "bound", 0, 0, search, bound))
         return _calibrate(search, outcome, bound, round_index, alpha_bound, sum_sq, options, say)
     return _verify_flagged(search, outcome, bound, flagged, round_index, sum_sq, unit, options, say)
@@ -157,16 +175,23 @@ def _calibrate(
     sum_sq: float,
     options: FindOptions,
     say: Say,
+    flagged: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> float:
     """A bound below θ on every unverified node: certified when its calibration (at error rate ``alpha``) passes;
-    else the next round bounds at the p the measured shrinkage asks for. Returns the next round's V."""
-    found, widened = check_bound(search, bound, alpha, options.seed + round_index)
+    else the next round bounds at the p the measured shrinkage asks for. Returns the next round's V.
+
+    Args:
+        flagged: ([K] flat indices, [K, P] exact effects) of the nodes this bound flagged and that were verified
+            since: the bound's highest-ranked nodes, checked with the calibration's sample.
+    """
+    found, widened = check_bound(search, bound, alpha, options.seed + round_index, flagged)
     if found is None:
         outcome.stopped = search.limit_reason("calibrating the bound")
         return sum_sq
     outcome.bound, outcome.calibration = widened, found
     outcome.not_ruled_out &= ~search.verified
-    row = history_row(round_index, "calibrate", found.checked, found.large, search, widened, certified=found.passed)
+    n_checked = found.checked - (len(flagged[0]) if flagged is not None else 0)  # the flagged ones: verified before
+    row = history_row(round_index, "calibrate", n_checked, found.large, search, widened, certified=found.passed)
     outcome.history.append({**row, "calibration": found.to_dict()})
     if found.passed:
         outcome.certified = True
@@ -190,30 +215,34 @@ def _measured_sum_sq(bound: FalseNegativeBound, n_pairs: int, sum_sq: float) -> 
     return sum_sq
 
 
-def _verify_rest(
-    search: Search, outcome: Outcome, unverified: torch.Tensor, round_index: int, options: FindOptions, say: Say
-) -> None:
-    """Exact is cheaper than a bound: verify everything left (certified without assumption). When the limit cuts
-    it short, the nodes the last bound ranks highest go first, and the last calibrated bound may still cover the
-    rest (``calibrate.rescue``)."""
-    if search.affordable(unverified) < len(unverified) and outcome.bound is not None and outcome.bound.upper:
+def _verify_rest(search: Search, outcome: Outcome, round_index: int, options: FindOptions, say: Say, why: str) -> None:
+    """Verify everything left (certified by exhaustion, no assumption); ``why``: why the loop finishes this way.
+
+    The ceiling leaves room for it (``Search.slack``), and it is not cut at the ceiling (a step that cost more than
+    it was priced at must not leave the search uncertified); only the user's budget can cut it short. Then the
+    nodes the last bound ranks highest go first, and the last calibrated bound may still cover the rest
+    (``calibrate.rescue``); else the search stops, not certified.
+    """
+    unverified = torch.nonzero(~search.verified)[:, 0]
+    fits = search.affordable(unverified, ceiling=False) == len(unverified)
+    if not fits and outcome.bound is not None and outcome.bound.upper:
         upper = search.layout.flatten(outcome.bound.upper)[unverified].nan_to_num(nan=math.inf)  # [K]
         unverified = unverified[torch.sort(upper, descending=True, stable=True).indices]
-    fit = search.affordable(unverified)
+    fit = search.affordable(unverified, ceiling=False)
     effects = search.verify(unverified[:fit], "verify_rest")  # [K, P]
     hits = int((effects.mean(1).abs() >= options.theta * (1 - THETA_TOLERANCE)).sum())
     rescued = rescue(search, outcome.bound) if fit < len(unverified) else None
-    if rescued is not None:  # the last calibrated bound covers what the limit left unverified
+    if rescued is not None:  # the last calibrated bound covers what the budget left unverified
         outcome.calibration, outcome.bound = rescued
         outcome.certified = True
     elif fit < len(unverified):
         outcome.stopped = search.limit_reason("while verifying the remaining nodes")
     else:
-        outcome.certified = True
+        outcome.certified, outcome.finish = True, why
         outcome.bound = exhaustive_bound(search, options.theta, options.alpha)
     row = history_row(round_index, "verify_rest", fit, hits, search, outcome.bound, certified=outcome.certified)
-    outcome.history.append(row)
-    say(f"round {round_index}: verified the {fit} remaining nodes exactly")
+    outcome.history.append({**row, "why": why})
+    say(f"round {round_index}: verified the {fit} remaining nodes exactly ({why})")
 
 
 def _verify_flagged(
@@ -239,7 +268,7 @@ def _verify_flagged(
     next_cost = n_pairs * (next_samples * unit + 2) + calibration_cost(search)
     cap = max(next_cost, float(search.verify_cost(flagged[:1])[-1]) if len(flagged) else 0.0)
     within = int((search.verify_cost(flagged) <= cap).sum()) if len(flagged) else 0
-    if float(search.verify_cost(unverified)[-1]) <= next_cost:
+    if float(search.verify_cost(unverified)[-1]) <= next_cost or not search.may_call():
         within = 0  # the next round verifies everything left at once: no separate pass over the flagged
     chunk = flagged[:within]
     fit = search.affordable(chunk)
@@ -248,8 +277,6 @@ def _verify_flagged(
     effects = search.verify(chunk[:fit], "verify_bound_order")  # [K, P]
     outcome.not_ruled_out[chunk[:fit]] = False
     outcome.p_next = measured_p(search, bound, chunk[:fit], effects)
-    if fit == len(flagged) and len(flagged):
-        outcome.reuse = bound  # every node it could not rule out is now exact: it bounds the rest below θ
     hits = int((effects.mean(1).abs() >= theta * (1 - THETA_TOLERANCE)).sum())
     # Nodes just verified leave the sum of squares the next bound's noise comes from (at most 4x less).
     removed = float((effects**2).sum(0).mean()) if len(effects) else 0.0
@@ -258,6 +285,11 @@ def _verify_flagged(
         f"round {round_index}: bound {bound.max_effect_upper:.3g} >= {theta:g} ({len(flagged)} nodes not ruled out, "
         f"{bound.info['samples']} samples, p {bound.info['p']:.3g}); verified {fit}, {hits} with |c| >= {theta:g}"
     )
+    if len(flagged) and fit == len(flagged) and search.may_call():
+        # Every node it could not rule out is now exact, so it bounds the rest below θ: calibrate it in this round
+        # (its intervals are unspent: no round certified on them) instead of paying for a new bound.
+        verified = (chunk[:fit], effects)  # they measure the interaction with the calibration's sample
+        return _calibrate(search, outcome, bound, round_index, bound.alpha, sum_sq, options, say, verified)
     return max(sum_sq - removed, sum_sq / 4)
 
 
@@ -301,76 +333,6 @@ def exhaustive_bound(search: Search, theta: float, alpha: float) -> FalseNegativ
         cost=Cost(),
         direction=search.job.direction,
         info={"samples": 0, "p": None},
-    )
-
-
-def localization(
-    search: Search, outcome: Outcome, estimate_method: str, options: FindOptions, info: dict[str, Any]
-) -> Localization:
-    """The ``Localization`` of a finished (or stopped) search; ``info``: the options and resume facts it records."""
-    theta, alpha, bound, certified = options.theta, options.alpha, outcome.bound, outcome.certified
-    n_pairs = search.job.n_pairs
-    effects = torch.stack(search.effects) if search.effects else torch.zeros(0, n_pairs, dtype=torch.float64)
-    mean = effects.mean(1)  # [N verified]
-    threshold = theta * (1 - THETA_TOLERANCE)
-    strong = torch.nonzero(mean.abs() >= threshold)[:, 0]
-    strong = strong[torch.sort(mean[strong].abs(), descending=True, stable=True).indices]
-    verified_nodes = search.verified_nodes()
-    graph = search.facts.naming(search.job.model)  # what names the nodes without the model
-    verification = Verification(
-        nodes=verified_nodes,
-        effects=effects,
-        estimate_scores=search.estimate_score[torch.tensor(search.order, dtype=torch.long)]
-        if search.order
-        else torch.zeros(0, dtype=torch.float64),
-        node_types=list(search.node_types),
-        direction=search.job.direction,
-        metric=search.job.pairs.metric_name,
-        model_id=search.job.model.model_id,
-        cost=search.cost.get("verify_estimate_order", Cost())
-        + search.cost.get("calibrate", Cost())
-        + search.cost.get("verify_bound_order", Cost())
-        + search.cost.get("verify_rest", Cost()),
-        base_metric=search.base_metric if search.base_metric is not None else torch.zeros(n_pairs),
-        info={
-            "estimate_method": estimate_method,
-            "stage": list(search.stage_of),
-            "n_nodes": len(search.weight),
-            **graph,
-        },
-    )
-    left = {
-        "n_unverified": int((~search.verified).sum()),
-        "n_not_ruled_out": int((outcome.not_ruled_out & ~search.verified).sum()),
-        "max_effect_upper": None if bound is None else float(bound.max_effect_upper),
-        "budget_left": None if search.options.budget is None else max(0.0, search.options.budget - search.spent),
-        # exhaustive patching + the estimate + 2P per extra verification call: what the search never spends past
-        "cost_ceiling": None if math.isinf(search.limit) else search.limit,
-    }
-    return Localization(
-        nodes=[verified_nodes[i] for i in strong.tolist()],
-        effects=mean[strong].clone(),
-        verified=verification,
-        bound=bound,
-        certified=certified,
-        theta=float(theta),
-        alpha=float(alpha),
-        cost={stage: search.cost[stage] for stage in STAGES if stage in search.cost},
-        history=outcome.history,
-        exhaustive_cost=n_pairs * (2.0 + float(search.weight.sum())),
-        node_types=list(search.node_types),
-        estimator=estimate_method,
-        direction=search.job.direction,
-        metric=search.job.pairs.metric_name,
-        model_id=search.job.model.model_id,
-        info={
-            "stopped": "certified" if certified else outcome.stopped,
-            "left": left,
-            **({"fallback": outcome.fallback} if outcome.fallback else {}),
-            **({"calibration": outcome.calibration.to_dict()} if outcome.calibration is not None else {}),
-            **info,
-            **graph,
-        },
     )
 
 

@@ -64,10 +64,10 @@ class Search:
     stage_of: list[str] = field(default_factory=list)
     base_metric: torch.Tensor | None = None
     cost: dict[str, Cost] = field(default_factory=dict)
-    # Never spend past this (forward equivalents): exhaustive patching plus the estimate once the estimate ran,
-    # plus 2P per verification call made (the base and source runs a split verification repeats).
+    # Never spend past this (forward equivalents): the estimate plus (1 + max_overspend) x exhaustive patching,
+    # set once the estimate ran (``find.loop``). Every step that verification of the rest does not need (a bound,
+    # the base and source runs of another verification call) is taken only while the rest still fits after it.
     ceiling: float = math.inf
-    calls: int = 0  # verification calls made
 
     def __post_init__(self) -> None:
         self.layout = NodeLayout(self.shapes)  # the flat node axis: node types end to end
@@ -81,17 +81,40 @@ class Search:
     @property
     def limit(self) -> float:
         """What the search may spend in all: ``budget``, and never more than ``ceiling``."""
-        return min(self.options.limit, self.ceiling + 2.0 * self.job.n_pairs * self.calls)
+        return min(self.options.limit, self.ceiling)
 
     @property
     def left(self) -> float:
         return self.limit - self.spent
 
+    @property
+    def budget_left(self) -> float:
+        """What the user's ``budget`` leaves (inf without one)."""
+        return self.options.limit - self.spent
+
+    @property
+    def rest_cost(self) -> float:
+        """Forward equivalents of verifying every unverified node in one call (0 when none is left)."""
+        unverified = torch.nonzero(~self.verified)[:, 0]
+        return float(self.verify_cost(unverified)[-1]) if len(unverified) else 0.0
+
+    @property
+    def slack(self) -> float:
+        """What a gamble may cost: the ceiling less what is spent and what verifying the rest would cost.
+
+        A step the exhaustive finish does not need (a bound, or the 2P base and source runs of one more
+        verification call) is taken only when it costs at most this; then, whatever it finds, verifying every
+        node left still fits the ceiling, so the search can always end certified (by exhaustion).
+        """
+        return self.ceiling - self.spent - self.rest_cost
+
+    def may_call(self) -> bool:
+        """Whether one more verification call (2P forwards of base and source runs beyond the nodes) fits the slack."""
+        return self.slack >= 2.0 * self.job.n_pairs - 1e-9
+
     def limit_reason(self, where: str) -> str:
-        """Why the search stopped at its limit (``where``: what it was doing)."""
-        if self.limit < self.options.limit:
-            return f"reached the cost of exhaustive patching plus the estimate ({self.limit:g}) {where}"
-        return f"budget spent {where}"
+        """Why the search stopped at the user's budget (``where``: what it was doing)."""
+        return f"budget={self.options.limit:g} spent {where}"
 
     def add_cost(self, stage: str, cost: Cost) -> None:
         self.cost[stage] = self.cost.get(stage, Cost()) + cost
@@ -105,9 +128,9 @@ class Search:
         return self.job.n_pairs * (2.0 + self.weight[flat].cumsum(0))
 
     def affordable(self, flat: torch.Tensor, ceiling: bool = True) -> int:
-        """How many of ``flat`` (in order) one verify call can patch within the budget (and the ``ceiling``, unless
-        ``ceiling`` is False: a bound's calibration, planned with the bound, is never cut short by it)."""
-        left = self.left if ceiling else self.options.limit - self.spent
+        """How many of ``flat`` (in order) one verify call can patch within the budget and (unless ``ceiling`` is
+        False: the exhaustive finish, which the slack always leaves room for) the ceiling."""
+        left = self.left if ceiling else self.budget_left
         if math.isinf(left) or len(flat) == 0:
             return len(flat)
         return int((self.verify_cost(flat) <= left + 1e-9).sum())
@@ -151,7 +174,6 @@ class Search:
             self.base_metric = tensors["base_metric"]
             effects = tensors["effects"]  # [k, P], rows in the order of flat
         self.verified[flat] = True
-        self.calls += 1
         self.order.extend(int(i) for i in flat)
         self.effects.extend(effects)
         self.stage_of.extend([stage] * len(flat))
